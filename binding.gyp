@@ -1,0 +1,28 @@
+{
+  # Two targets from one source list (native/*.sources, shared with CMakeLists.txt):
+  # the N-API addon and the runner executable. Neither links libkrun or libkrunfw.
+  "target_defaults": {
+    "cflags!": ["-fno-exceptions"],
+    "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
+    "cflags": ["-fvisibility=hidden", "-fstack-protector-strong", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    "cflags_cc": ["-std=c++17", "-fexceptions", "-fvisibility=hidden", "-fstack-protector-strong", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    "defines": ["_FORTIFY_SOURCE=2"],
+    "libraries": ["-ldl"]
+  },
+  "targets": [
+    {
+      "target_name": "microvm",
+      "sources": ["<!@(cat native/addon.sources)"],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"]
+    },
+    {
+      "target_name": "microvm-runner",
+      "type": "executable",
+      "sources": ["<!@(cat native/runner.sources)"],
+      "ldflags": ["-Wl,-z,relro,-z,now", "-pie"],
+      "cflags": ["-fPIE"],
+      "cflags_cc": ["-fPIE"]
+    }
+  ]
+}

@@ -1,0 +1,77 @@
+/**
+ * Error types. Every error this package throws on purpose carries a stable `code`
+ * (`ERR_MICROVM_*` for our own conditions, an errno name such as `EINVAL` for libkrun failures)
+ * and, where one exists, the original error as `cause`.
+ */
+
+/** Base class of the package's coded errors. */
+export class MicrovmError extends Error {
+  /** Stable machine-readable code, e.g. `ERR_MICROVM_LIBKRUNFW_NOT_FOUND`. */
+  readonly code: string;
+
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'MicrovmError';
+    this.code = code;
+  }
+}
+
+/**
+ * A libkrun call returned a negative errno. `code` is the errno name (`EINVAL`), `errno` the
+ * negative number libkrun returned (Node's convention for system errors), and `syscall` the
+ * libkrun function that failed (`krun_set_vm_config`).
+ */
+export class KrunError extends MicrovmError {
+  readonly errno: number;
+  readonly syscall: string;
+
+  constructor(code: string, errno: number, syscall: string, message: string, options?: { cause?: unknown }) {
+    super(code, message, options);
+    this.name = 'KrunError';
+    this.errno = errno;
+    this.syscall = syscall;
+  }
+}
+
+/** Shape of the errors the addon throws (plain Error with extra fields). */
+interface NativeErrorFields {
+  code?: unknown;
+  errno?: unknown;
+  syscall?: unknown;
+}
+
+/**
+ * Re-throws a native error as a typed error created here, so its stack shows the caller's frames.
+ * libkrun failures (`syscall` set) become {@link KrunError}; other coded native errors become
+ * {@link MicrovmError}; anything else is returned unchanged.
+ */
+export function fromNativeError(err: unknown): unknown {
+  // No `instanceof Error`: errors created by the addon may come from another realm (vm contexts).
+  if (typeof err !== 'object' || err === null || typeof (err as { message?: unknown }).message !== 'string') return err;
+  const e = err as Error & NativeErrorFields;
+  if (typeof e.syscall === 'string' && typeof e.errno === 'number' && typeof e.code === 'string') {
+    return new KrunError(e.code, e.errno, e.syscall, e.message, { cause: err });
+  }
+  if (typeof e.code === 'string' && e.code.startsWith('ERR_MICROVM_')) {
+    return new MicrovmError(e.code, e.message, { cause: err });
+  }
+  return err;
+}
+
+/** Runs `fn`, converting native errors with {@link fromNativeError}. */
+export function callNative<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    throw fromNativeError(err);
+  }
+}
+
+/** Awaits `promise`, converting native errors with {@link fromNativeError}. */
+export async function awaitNative<T>(promise: Promise<T>): Promise<T> {
+  try {
+    return await promise;
+  } catch (err) {
+    throw fromNativeError(err);
+  }
+}

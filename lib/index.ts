@@ -1,0 +1,60 @@
+/**
+ * node-microvm: turn an OCI image into a lightweight VM. This entry point exports the native core
+ * (libkrun binding, firmware and runtime resolution, launch plans, the runner) — grouped under
+ * {@link native} and also as named exports — and the error types.
+ */
+import { errnoName } from './errno';
+import { KrunContext, KrunFeature } from './krun-context';
+import { addonPath } from './native';
+import { buildLaunchPlan, serializeLaunchPlan, validateLaunchPlan } from './plan';
+import { readFirmwareKernel, resolveFirmware } from './resolve/firmware';
+import { resolveRunner, resolveRuntime } from './resolve/runtime';
+import { startRunner } from './runner';
+
+export { KrunError, MicrovmError } from './errors';
+export { errnoName } from './errno';
+export { KrunContext, KrunFeature, type CreateContextOptions } from './krun-context';
+export {
+  buildLaunchPlan,
+  LOG_LEVELS,
+  serializeLaunchPlan,
+  validateLaunchPlan,
+  type ExecInput,
+  type KrunLogLevel,
+  type LaunchPlan,
+  type LaunchPlanInput,
+  type NetDeviceInput,
+  type PortMapInput,
+  type PortMapping,
+  type RlimitInput,
+  type VirtiofsMount,
+  type VsockPortInput,
+} from './plan';
+export {
+  FIRMWARE_INSTALL_HINT,
+  LIBKRUNFW_ABI_VERSION,
+  LIBKRUNFW_SONAME,
+  readFirmwareKernel,
+  resolveFirmware,
+  type FirmwareInfo,
+  type ResolveFirmwareOptions,
+} from './resolve/firmware';
+export { LIBKRUN_SONAME, resolveRunner, resolveRuntime, type ResolveRuntimeOptions, type RuntimeInfo } from './resolve/runtime';
+export { RunnerExit, startRunner, type RunnerExitStatus, type RunnerHandle, type StartRunnerOptions } from './runner';
+
+/** The native core in one namespace: `require('node-microvm').native.resolveFirmware({ dir })`. */
+export const native = {
+  resolveFirmware,
+  resolveRuntime,
+  resolveRunner,
+  readFirmwareKernel,
+  KrunContext,
+  KrunFeature,
+  buildLaunchPlan,
+  serializeLaunchPlan,
+  validateLaunchPlan,
+  startRunner,
+  errnoName,
+  /** Path of the addon binary in use (prebuild or local build). */
+  addonPath,
+} as const;

@@ -1,0 +1,122 @@
+/**
+ * The one file that loads the native addon (through node-gyp-build: a matching prebuild under
+ * `prebuilds/` first, then the local `build/Release`). Everything else imports the typed
+ * {@link NativeAddon} from here: no `any` crosses the boundary.
+ *
+ * The addon never links libkrun: it dlopen()s the library path it is given. Loading this module
+ * therefore works on machines without libkrun or KVM.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { MicrovmError } from './errors';
+
+/** What the addon reports about a libkrunfw library it opened. */
+export interface NativeFirmwareProbe {
+  /** The file the dynamic loader actually opened. */
+  path: string;
+  /** `krunfw_get_version()`. */
+  abiVersion: number;
+  /** Size in bytes of the raw kernel image `krunfw_get_kernel()` returns. */
+  kernelSize: number;
+  /** Guest-physical load address of the kernel. */
+  loadAddress: number;
+  /** Guest-physical entry point. */
+  entryAddress: number;
+}
+
+/** A libkrun library the addon loaded. */
+export interface NativeLibkrunProbe {
+  path: string;
+  /** Whether the library exports `krun_has_feature`. */
+  hasFeatureCall: boolean;
+  /** KRUN_FEATURE_* numbers the library reports as built in. */
+  features: number[];
+}
+
+/** One libkrun configuration context, as the addon exposes it. Arguments arrive validated. */
+export interface NativeKrunContext {
+  readonly id: number;
+  readonly freed: boolean;
+  readonly libkrunPath: string;
+  setLogLevel(level: number): void;
+  setVmConfig(cpus: number, memoryMiB: number): void;
+  setRoot(path: string): void;
+  addVirtiofs(tag: string, path: string, readOnly: boolean): void;
+  setPortMap(map: 'all' | 'none' | string[]): void;
+  setExec(path: string, args: string[], env: string[] | null): void;
+  setEnv(env: string[]): void;
+  setWorkdir(path: string): void;
+  setRlimits(rlimits: string[]): void;
+  setConsoleOutput(path: string): void;
+  addNet(kind: 'unixstream' | 'unixgram', path: string | null, fd: number, mac: number[], features: number, flags: number): void;
+  addVsockPort(port: number, path: string, listen: boolean | undefined): void;
+  hasFeature(feature: number): boolean;
+  free(): void;
+}
+
+/** The addon's exports. */
+export interface NativeAddon {
+  /** Version of this interface; bumped when the native surface changes. */
+  readonly abiVersion: number;
+  errnoName(errno: number): string;
+  probeFirmware(candidate: string): Promise<NativeFirmwareProbe>;
+  readFirmwareKernel(path: string): Promise<NativeFirmwareProbe & { kernel: Buffer }>;
+  probeLibkrun(path: string): Promise<NativeLibkrunProbe>;
+  createContext(libkrunPath: string, firmwarePath: string): Promise<NativeKrunContext>;
+  checkPlan(planJson: string): void;
+  validatePlan(planJson: string): Promise<void>;
+}
+
+/** The package root (holds package.json, build/ and prebuilds/). */
+export const packageRoot: string = findPackageRoot(__dirname);
+
+function findPackageRoot(start: string): string {
+  let dir = start;
+  for (;;) {
+    if (fs.existsSync(path.join(dir, 'binding.gyp'))) return dir;
+    const parent = path.dirname(dir);
+    if (parent === dir) return path.resolve(start, '..');
+    dir = parent;
+  }
+}
+
+const EXPECTED_ABI = 1;
+let cached: NativeAddon | undefined;
+let loadedFrom: string | undefined;
+
+/**
+ * Loads (once) and returns the addon. Throws `ERR_MICROVM_ADDON_LOAD` with the loader's reason
+ * and the fix when no usable binary exists.
+ */
+export function addon(): NativeAddon {
+  if (cached) return cached;
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const load = require('node-gyp-build') as ((dir: string) => unknown) & { resolve?: (dir: string) => string };
+  let mod: unknown;
+  try {
+    loadedFrom = load.resolve ? load.resolve(packageRoot) : undefined;
+    mod = load(packageRoot);
+  } catch (err) {
+    throw new MicrovmError(
+      'ERR_MICROVM_ADDON_LOAD',
+      `Cannot load the node-microvm native addon from ${packageRoot}: ${(err as Error).message}. ` +
+        'Build it with `npm run build:native` (needs python3, make and a C++ compiler).',
+      { cause: err },
+    );
+  }
+  const a = mod as NativeAddon;
+  if (a.abiVersion !== EXPECTED_ABI) {
+    throw new MicrovmError(
+      'ERR_MICROVM_ADDON_LOAD',
+      `The native addon at ${loadedFrom ?? packageRoot} has interface version ${String(a.abiVersion)}, expected ${EXPECTED_ABI}; rebuild it with \`npm run build:native\`.`,
+    );
+  }
+  cached = a;
+  return a;
+}
+
+/** Path of the addon binary that was loaded (prebuild or local build), for diagnostics. */
+export function addonPath(): string | undefined {
+  addon();
+  return loadedFrom;
+}

@@ -1,0 +1,101 @@
+/**
+ * Option validation helpers. Messages name the option and show what was received, e.g.
+ * "Expected an integer 1–255 for cpus but received 0".
+ */
+
+/** Short, safe rendering of a received value for error messages. */
+export function describe(value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(value.length > 80 ? `${value.slice(0, 77)}...` : value);
+  if (typeof value === 'number' || typeof value === 'boolean' || typeof value === 'bigint') return String(value);
+  if (value === null) return 'null';
+  if (value === undefined) return 'undefined';
+  if (Array.isArray(value)) return `an array of length ${value.length}`;
+  if (typeof value === 'function') return 'a function';
+  return `an object (${Object.prototype.toString.call(value).slice(8, -1)})`;
+}
+
+/** An integer in [min, max]. Throws TypeError for non-numbers, RangeError otherwise. */
+export function integer(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value !== 'number' || Number.isNaN(value)) {
+    throw new TypeError(`Expected an integer ${min}–${max} for ${name} but received ${describe(value)}`);
+  }
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw new RangeError(`Expected an integer ${min}–${max} for ${name} but received ${describe(value)}`);
+  }
+  return value;
+}
+
+/** A string with no NUL byte; non-empty unless `allowEmpty`. */
+export function string(name: string, value: unknown, opts: { allowEmpty?: boolean; maxLength?: number } = {}): string {
+  if (typeof value !== 'string') {
+    throw new TypeError(`Expected a string for ${name} but received ${describe(value)}`);
+  }
+  if (!opts.allowEmpty && value.length === 0) {
+    throw new RangeError(`Expected a non-empty string for ${name} but received ""`);
+  }
+  if (value.includes('\0')) {
+    throw new RangeError(`Expected ${name} to contain no NUL character but received ${describe(value)}`);
+  }
+  if (opts.maxLength !== undefined && Buffer.byteLength(value) > opts.maxLength) {
+    throw new RangeError(`Expected at most ${opts.maxLength} bytes for ${name} but received ${Buffer.byteLength(value)}`);
+  }
+  return value;
+}
+
+/** An absolute path (string, no NUL, starts with "/"). */
+export function absolutePath(name: string, value: unknown): string {
+  const s = string(name, value);
+  if (!s.startsWith('/')) {
+    throw new RangeError(`Expected an absolute path for ${name} but received ${describe(s)}`);
+  }
+  if (Buffer.byteLength(s) >= 4096) {
+    throw new RangeError(`Expected a path shorter than 4096 bytes for ${name}`);
+  }
+  return s;
+}
+
+/** A boolean. */
+export function boolean(name: string, value: unknown): boolean {
+  if (typeof value !== 'boolean') {
+    throw new TypeError(`Expected a boolean for ${name} but received ${describe(value)}`);
+  }
+  return value;
+}
+
+/** An array of strings, each validated with {@link string}. */
+export function stringArray(name: string, value: unknown, opts: { allowEmptyItems?: boolean } = {}): string[] {
+  if (!Array.isArray(value)) {
+    throw new TypeError(`Expected an array of strings for ${name} but received ${describe(value)}`);
+  }
+  return value.map((item, i) => string(`${name}[${i}]`, item, { allowEmpty: opts.allowEmptyItems }));
+}
+
+/** A plain object (not null, not an array). */
+export function object(name: string, value: unknown): Record<string, unknown> {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw new TypeError(`Expected an object for ${name} but received ${describe(value)}`);
+  }
+  return value as Record<string, unknown>;
+}
+
+/** Rejects keys of `value` that are not in `allowed` (catches typos such as `memoryMb`). */
+export function knownKeys(name: string, value: Record<string, unknown>, allowed: readonly string[]): void {
+  for (const key of Object.keys(value)) {
+    if (!allowed.includes(key)) {
+      throw new TypeError(`Unknown option ${name}.${key} (known: ${allowed.join(', ')})`);
+    }
+  }
+}
+
+/** `KEY=VALUE` environment entries; KEY must be a valid variable name. */
+export function envEntries(name: string, value: unknown): string[] {
+  const items = stringArray(name, value);
+  items.forEach((item, i) => {
+    const eq = item.indexOf('=');
+    const key = eq < 0 ? '' : item.slice(0, eq);
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) {
+      throw new RangeError(`Expected KEY=VALUE with a valid variable name for ${name}[${i}] but received ${describe(item)}`);
+    }
+  });
+  return items;
+}

@@ -1,0 +1,562 @@
+// The N-API addon: the only native surface Node sees. lib/native.ts is the only file that loads
+// it and gives it TypeScript types. Policy (search order, defaults, validation) lives in
+// TypeScript; this file receives validated values and acts.
+//
+// Exports:
+//   errnoName(errno)                       -> "EINVAL"
+//   probeFirmware(candidate)               -> Promise<FirmwareProbe>   (off the JS thread)
+//   readFirmwareKernel(path)               -> Promise<{ ...FirmwareProbe, kernel: Buffer }>
+//   probeLibkrun(path)                     -> Promise<{ path, features }>
+//   createContext(libkrunPath, fwPath)     -> Promise<KrunContext>
+//   checkPlan(planJson)                    -> undefined or throws (parse only, no libkrun)
+//   validatePlan(planJson)                 -> Promise<undefined> (create ctx, apply, free)
+//   KrunContext                            -> class; one libkrun configuration context
+#include <napi.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "errno_names.h"
+#include "firmware.h"
+#include "krun_api.h"
+#include "plan.h"
+
+namespace microvm {
+namespace {
+
+// ---- errors ----------------------------------------------------------------------------------
+
+Napi::Error KrunErrorFor(Napi::Env env, const KrunFailure& f) {
+  int err = -f.rc;
+  std::string message = f.syscall + " failed: " + ErrnoName(err) + " (" + std::strerror(err) + ")";
+  if (!f.detail.empty()) message += ": " + f.detail;
+  Napi::Error e = Napi::Error::New(env, message);
+  e.Set("code", Napi::String::New(env, ErrnoName(err)));
+  e.Set("errno", Napi::Number::New(env, f.rc));
+  e.Set("syscall", Napi::String::New(env, f.syscall));
+  return e;
+}
+
+Napi::Error CodedError(Napi::Env env, const char* code, const std::string& message) {
+  Napi::Error e = Napi::Error::New(env, message);
+  e.Set("code", Napi::String::New(env, code));
+  return e;
+}
+
+// ---- live contexts ---------------------------------------------------------------------------
+// Every context the addon created, by a process-unique token. A context is freed exactly once:
+// by free(), by the JS finalizer, or by the environment cleanup hook (worker exit, process exit),
+// whichever comes first. Tokens (not pointers) are handed to the hook so nothing dangles.
+
+struct LiveContext {
+  const KrunApi* api;
+  uint32_t ctx;
+};
+
+std::mutex g_live_mutex;
+std::map<uint64_t, LiveContext>& Live() {
+  static auto* live = new std::map<uint64_t, LiveContext>();
+  return *live;
+}
+std::atomic<uint64_t> g_next_token{1};
+
+uint64_t Register(const KrunApi* api, uint32_t ctx) {
+  uint64_t token = g_next_token++;
+  std::lock_guard<std::mutex> lock(g_live_mutex);
+  Live()[token] = LiveContext{api, ctx};
+  return token;
+}
+
+// Frees the context behind `token` if it is still live. Returns false with `failure` only when
+// libkrun itself refused.
+bool Release(uint64_t token, KrunFailure* failure) {
+  LiveContext lc;
+  {
+    std::lock_guard<std::mutex> lock(g_live_mutex);
+    auto it = Live().find(token);
+    if (it == Live().end()) return true;
+    lc = it->second;
+    Live().erase(it);
+  }
+  return KrunFreeCtx(*lc.api, lc.ctx, failure);
+}
+
+void CleanupHook(void* arg) {
+  KrunFailure ignored;
+  Release(static_cast<uint64_t>(reinterpret_cast<uintptr_t>(arg)), &ignored);
+}
+
+// ---- KrunContext -----------------------------------------------------------------------------
+
+struct AddonData {
+  Napi::FunctionReference context_ctor;
+};
+
+class KrunContextWrap : public Napi::ObjectWrap<KrunContextWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(
+        env, "KrunContext",
+        {
+            InstanceAccessor<&KrunContextWrap::GetId>("id"),
+            InstanceAccessor<&KrunContextWrap::GetFreed>("freed"),
+            InstanceAccessor<&KrunContextWrap::GetLibkrunPath>("libkrunPath"),
+            InstanceMethod<&KrunContextWrap::SetLogLevel>("setLogLevel"),
+            InstanceMethod<&KrunContextWrap::SetVmConfig>("setVmConfig"),
+            InstanceMethod<&KrunContextWrap::SetRoot>("setRoot"),
+            InstanceMethod<&KrunContextWrap::AddVirtiofs>("addVirtiofs"),
+            InstanceMethod<&KrunContextWrap::SetPortMap>("setPortMap"),
+            InstanceMethod<&KrunContextWrap::SetExec>("setExec"),
+            InstanceMethod<&KrunContextWrap::SetEnv>("setEnv"),
+            InstanceMethod<&KrunContextWrap::SetWorkdir>("setWorkdir"),
+            InstanceMethod<&KrunContextWrap::SetRlimits>("setRlimits"),
+            InstanceMethod<&KrunContextWrap::SetConsoleOutput>("setConsoleOutput"),
+            InstanceMethod<&KrunContextWrap::AddNet>("addNet"),
+            InstanceMethod<&KrunContextWrap::AddVsockPort>("addVsockPort"),
+            InstanceMethod<&KrunContextWrap::HasFeature>("hasFeature"),
+            InstanceMethod<&KrunContextWrap::Free>("free"),
+        });
+  }
+
+  // Only createContext() constructs instances: new KrunContext(External<Adopt>).
+  struct Adopt {
+    const KrunApi* api;
+    uint32_t ctx;
+  };
+
+  explicit KrunContextWrap(const Napi::CallbackInfo& info)
+      : Napi::ObjectWrap<KrunContextWrap>(info) {
+    if (info.Length() != 1 || !info[0].IsExternal()) {
+      throw Napi::TypeError::New(info.Env(), "KrunContext is created by createContext()");
+    }
+    Adopt* adopt = info[0].As<Napi::External<Adopt>>().Data();
+    api_ = adopt->api;
+    ctx_ = adopt->ctx;
+    token_ = Register(api_, ctx_);
+    env_ = info.Env();
+    napi_add_env_cleanup_hook(env_, CleanupHook,
+                              reinterpret_cast<void*>(static_cast<uintptr_t>(token_)));
+  }
+
+  ~KrunContextWrap() override {
+    if (!freed_) {
+      KrunFailure ignored;
+      Release(token_, &ignored);
+      napi_remove_env_cleanup_hook(env_, CleanupHook,
+                                   reinterpret_cast<void*>(static_cast<uintptr_t>(token_)));
+    }
+  }
+
+ private:
+  void Live(Napi::Env env) const {
+    if (freed_) throw CodedError(env, "ERR_MICROVM_CONTEXT_FREED", "this KrunContext was freed");
+  }
+  void Ok(Napi::Env env, bool ok, const KrunFailure& f) const {
+    if (!ok) throw KrunErrorFor(env, f);
+  }
+  static std::vector<std::string> Strings(const Napi::Value& v) {
+    std::vector<std::string> out;
+    Napi::Array arr = v.As<Napi::Array>();
+    out.reserve(arr.Length());
+    for (uint32_t i = 0; i < arr.Length(); i++) {
+      out.push_back(arr.Get(i).As<Napi::String>().Utf8Value());
+    }
+    return out;
+  }
+
+  Napi::Value GetId(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), ctx_);
+  }
+  Napi::Value GetFreed(const Napi::CallbackInfo& info) {
+    return Napi::Boolean::New(info.Env(), freed_);
+  }
+  Napi::Value GetLibkrunPath(const Napi::CallbackInfo& info) {
+    return Napi::String::New(info.Env(), api_->path);
+  }
+
+  // setLogLevel(level: 0..5)
+  void SetLogLevel(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    KrunFailure f;
+    Ok(info.Env(), KrunSetLogLevel(*api_, info[0].As<Napi::Number>().Uint32Value(), &f), f);
+  }
+  // setVmConfig(cpus: 1..255, memoryMiB: uint32)
+  void SetVmConfig(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    KrunFailure f;
+    uint8_t cpus = static_cast<uint8_t>(info[0].As<Napi::Number>().Uint32Value());
+    uint32_t mem = info[1].As<Napi::Number>().Uint32Value();
+    Ok(info.Env(), KrunSetVmConfig(*api_, ctx_, cpus, mem, &f), f);
+  }
+  // setRoot(path)
+  void SetRoot(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    KrunFailure f;
+    Ok(info.Env(), KrunSetRoot(*api_, ctx_, info[0].As<Napi::String>().Utf8Value(), &f), f);
+  }
+  // addVirtiofs(tag, path, readOnly)
+  void AddVirtiofs(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    VirtiofsMount m;
+    m.tag = info[0].As<Napi::String>().Utf8Value();
+    m.path = info[1].As<Napi::String>().Utf8Value();
+    m.read_only = info[2].As<Napi::Boolean>().Value();
+    KrunFailure f;
+    Ok(info.Env(), KrunAddVirtiofs(*api_, ctx_, m, &f), f);
+  }
+  // setPortMap("all" | "none" | string[])
+  void SetPortMap(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    PortMap map;
+    if (info[0].IsString()) {
+      map.kind = info[0].As<Napi::String>().Utf8Value() == "none" ? PortMapKind::kNone
+                                                                   : PortMapKind::kAll;
+    } else {
+      map.kind = PortMapKind::kList;
+      map.entries = Strings(info[0]);
+    }
+    KrunFailure f;
+    Ok(info.Env(), KrunSetPortMap(*api_, ctx_, map, &f), f);
+  }
+  // setExec(path, args: string[], env: string[] | null)
+  void SetExec(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    ExecSpec e;
+    e.path = info[0].As<Napi::String>().Utf8Value();
+    e.args = Strings(info[1]);
+    e.has_env = !info[2].IsNull();
+    if (e.has_env) e.env = Strings(info[2]);
+    KrunFailure f;
+    Ok(info.Env(), KrunSetExec(*api_, ctx_, e, &f), f);
+  }
+  // setEnv(env: string[])
+  void SetEnv(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    KrunFailure f;
+    Ok(info.Env(), KrunSetEnv(*api_, ctx_, Strings(info[0]), &f), f);
+  }
+  // setWorkdir(path)
+  void SetWorkdir(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    KrunFailure f;
+    Ok(info.Env(), KrunSetWorkdir(*api_, ctx_, info[0].As<Napi::String>().Utf8Value(), &f), f);
+  }
+  // setRlimits(["RES=CUR:MAX", ...])
+  void SetRlimits(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    KrunFailure f;
+    Ok(info.Env(), KrunSetRlimits(*api_, ctx_, Strings(info[0]), &f), f);
+  }
+  // setConsoleOutput(path)
+  void SetConsoleOutput(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    KrunFailure f;
+    Ok(info.Env(),
+       KrunSetConsoleOutput(*api_, ctx_, info[0].As<Napi::String>().Utf8Value(), &f), f);
+  }
+  // addNet(kind: "unixstream"|"unixgram", path: string|null, fd: int (-1), mac: number[6],
+  //        features: uint32, flags: uint32)
+  void AddNet(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    NetDevice n;
+    n.kind = info[0].As<Napi::String>().Utf8Value() == "unixgram" ? NetKind::kUnixGram
+                                                                   : NetKind::kUnixStream;
+    if (!info[1].IsNull()) n.path = info[1].As<Napi::String>().Utf8Value();
+    n.fd = info[2].As<Napi::Number>().Int32Value();
+    Napi::Array mac = info[3].As<Napi::Array>();
+    for (uint32_t i = 0; i < 6; i++) {
+      n.mac[i] = static_cast<uint8_t>(mac.Get(i).As<Napi::Number>().Uint32Value());
+    }
+    n.features = info[4].As<Napi::Number>().Uint32Value();
+    n.flags = info[5].As<Napi::Number>().Uint32Value();
+    KrunFailure f;
+    Ok(info.Env(), KrunAddNet(*api_, ctx_, n, &f), f);
+  }
+  // addVsockPort(port, path, listen: boolean | undefined)
+  void AddVsockPort(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    VsockPort p;
+    p.port = info[0].As<Napi::Number>().Uint32Value();
+    p.path = info[1].As<Napi::String>().Utf8Value();
+    p.has_listen = info[2].IsBoolean();
+    if (p.has_listen) p.listen = info[2].As<Napi::Boolean>().Value();
+    KrunFailure f;
+    Ok(info.Env(), KrunAddVsockPort(*api_, ctx_, p, &f), f);
+  }
+  // hasFeature(feature: number) -> boolean
+  Napi::Value HasFeature(const Napi::CallbackInfo& info) {
+    KrunFailure f;
+    bool present = false;
+    uint64_t feature = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+    Ok(info.Env(), KrunHasFeature(*api_, feature, &present, &f), f);
+    return Napi::Boolean::New(info.Env(), present);
+  }
+  // free(): idempotent.
+  void Free(const Napi::CallbackInfo& info) {
+    if (freed_) return;
+    freed_ = true;
+    napi_remove_env_cleanup_hook(env_, CleanupHook,
+                                 reinterpret_cast<void*>(static_cast<uintptr_t>(token_)));
+    KrunFailure f;
+    Ok(info.Env(), Release(token_, &f), f);
+  }
+
+  const KrunApi* api_ = nullptr;
+  uint32_t ctx_ = 0;
+  uint64_t token_ = 0;
+  bool freed_ = false;
+  napi_env env_ = nullptr;
+};
+
+// ---- async work ------------------------------------------------------------------------------
+// A worker that runs Execute() off the JS thread and then settles a promise with whatever
+// Settle() builds (it may throw a Napi::Error to reject).
+
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  explicit PromiseWorker(Napi::Env env)
+      : Napi::AsyncWorker(env, "node-microvm"), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+ protected:
+  virtual Napi::Value Settle(Napi::Env env) = 0;
+
+ private:
+  void OnOK() override {
+    Napi::Env env = Env();
+    try {
+      deferred_.Resolve(Settle(env));
+    } catch (const Napi::Error& e) {
+      deferred_.Reject(e.Value());
+    }
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+  Napi::Promise::Deferred deferred_;
+};
+
+Napi::Object FirmwareObject(Napi::Env env, const FirmwareInfo& fw) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("path", fw.path);
+  o.Set("abiVersion", fw.abi_version);
+  o.Set("kernelSize", static_cast<double>(fw.kernel_size));
+  o.Set("loadAddress", static_cast<double>(fw.load_address));
+  o.Set("entryAddress", static_cast<double>(fw.entry_address));
+  return o;
+}
+
+class ProbeFirmwareWorker : public PromiseWorker {
+ public:
+  ProbeFirmwareWorker(Napi::Env env, std::string candidate, bool with_kernel)
+      : PromiseWorker(env), candidate_(std::move(candidate)), with_kernel_(with_kernel) {}
+  void Execute() override {
+    ok_ = ProbeFirmware(candidate_, &info_, with_kernel_ ? &kernel_ : nullptr, &error_);
+  }
+  Napi::Value Settle(Napi::Env env) override {
+    if (!ok_) throw CodedError(env, "ERR_MICROVM_LIBKRUNFW_LOAD", error_);
+    Napi::Object o = FirmwareObject(env, info_);
+    if (with_kernel_) o.Set("kernel", Napi::Buffer<uint8_t>::Copy(env, kernel_.data(), kernel_.size()));
+    return o;
+  }
+
+ private:
+  std::string candidate_;
+  bool with_kernel_;
+  bool ok_ = false;
+  FirmwareInfo info_;
+  std::vector<uint8_t> kernel_;
+  std::string error_;
+};
+
+class ProbeLibkrunWorker : public PromiseWorker {
+ public:
+  ProbeLibkrunWorker(Napi::Env env, std::string path) : PromiseWorker(env), path_(std::move(path)) {}
+  void Execute() override {
+    api_ = LoadKrunApi(path_, &error_);
+    if (api_ == nullptr || api_->has_feature == nullptr) return;
+    // KRUN_FEATURE_* numbers 0..11 (see docs/native.md); unknown ones answer -EINVAL.
+    for (uint64_t f = 0; f <= 11; f++) {
+      if (api_->has_feature(f) == 1) features_.push_back(static_cast<uint32_t>(f));
+    }
+  }
+  Napi::Value Settle(Napi::Env env) override {
+    if (api_ == nullptr) throw CodedError(env, "ERR_MICROVM_LIBKRUN_LOAD", error_);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("path", api_->resolved);
+    o.Set("hasFeatureCall", api_->has_feature != nullptr);
+    Napi::Array arr = Napi::Array::New(env, features_.size());
+    for (uint32_t i = 0; i < features_.size(); i++) arr.Set(i, features_[i]);
+    o.Set("features", arr);
+    return o;
+  }
+
+ private:
+  std::string path_;
+  const KrunApi* api_ = nullptr;
+  std::vector<uint32_t> features_;
+  std::string error_;
+};
+
+// Loads firmware (when given) and libkrun, and creates a context. Shared by createContext and
+// validatePlan. On failure sets either `code`+`error` or `failure`.
+struct Opened {
+  const KrunApi* api = nullptr;
+  uint32_t ctx = 0;
+  bool ok = false;
+  const char* code = nullptr;
+  std::string error;
+  KrunFailure failure;
+};
+
+void OpenContext(const std::string& libkrun_path, const std::string& firmware_path, Opened* out) {
+  if (!firmware_path.empty() && !PreloadFirmware(firmware_path, &out->error)) {
+    out->code = "ERR_MICROVM_LIBKRUNFW_LOAD";
+    return;
+  }
+  out->api = LoadKrunApi(libkrun_path, &out->error);
+  if (out->api == nullptr) {
+    out->code = "ERR_MICROVM_LIBKRUN_LOAD";
+    return;
+  }
+  out->ok = KrunCreateCtx(*out->api, &out->ctx, &out->failure);
+}
+
+Napi::Error OpenedError(Napi::Env env, const Opened& o) {
+  if (o.code != nullptr) return CodedError(env, o.code, o.error);
+  return KrunErrorFor(env, o.failure);
+}
+
+class CreateContextWorker : public PromiseWorker {
+ public:
+  CreateContextWorker(Napi::Env env, std::string libkrun, std::string firmware)
+      : PromiseWorker(env), libkrun_(std::move(libkrun)), firmware_(std::move(firmware)) {}
+  void Execute() override { OpenContext(libkrun_, firmware_, &opened_); }
+  Napi::Value Settle(Napi::Env env) override {
+    if (!opened_.ok) throw OpenedError(env, opened_);
+    KrunContextWrap::Adopt adopt{opened_.api, opened_.ctx};
+    AddonData* data = env.GetInstanceData<AddonData>();
+    // The constructor copies what it needs out of `adopt` before returning.
+    return data->context_ctor.New({Napi::External<KrunContextWrap::Adopt>::New(env, &adopt)});
+  }
+
+ private:
+  std::string libkrun_, firmware_;
+  Opened opened_;
+};
+
+class ValidatePlanWorker : public PromiseWorker {
+ public:
+  ValidatePlanWorker(Napi::Env env, LaunchPlan plan) : PromiseWorker(env), plan_(std::move(plan)) {}
+  void Execute() override {
+    OpenContext(plan_.libkrun_path, plan_.firmware_path, &opened_);
+    if (!opened_.ok) return;
+    applied_ = ApplyPlan(*opened_.api, opened_.ctx, plan_, &failure_);
+    KrunFailure ignored;
+    KrunFreeCtx(*opened_.api, opened_.ctx, &ignored);
+  }
+  Napi::Value Settle(Napi::Env env) override {
+    if (!opened_.ok) throw OpenedError(env, opened_);
+    if (!applied_) throw KrunErrorFor(env, failure_);
+    return env.Undefined();
+  }
+
+ private:
+  LaunchPlan plan_;
+  Opened opened_;
+  bool applied_ = false;
+  KrunFailure failure_;
+};
+
+// ---- module functions ------------------------------------------------------------------------
+
+std::string StringArg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  if (!info[i].IsString()) throw Napi::TypeError::New(info.Env(), std::string(name) + " must be a string");
+  return info[i].As<Napi::String>().Utf8Value();
+}
+
+Napi::Value ErrnoNameFn(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), ErrnoName(info[0].As<Napi::Number>().Int32Value()));
+}
+
+Napi::Value ProbeFirmwareFn(const Napi::CallbackInfo& info) {
+  auto* w = new ProbeFirmwareWorker(info.Env(), StringArg(info, 0, "candidate"), false);
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+Napi::Value ReadFirmwareKernelFn(const Napi::CallbackInfo& info) {
+  auto* w = new ProbeFirmwareWorker(info.Env(), StringArg(info, 0, "path"), true);
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+Napi::Value ProbeLibkrunFn(const Napi::CallbackInfo& info) {
+  auto* w = new ProbeLibkrunWorker(info.Env(), StringArg(info, 0, "path"));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+Napi::Value CreateContextFn(const Napi::CallbackInfo& info) {
+  auto* w = new CreateContextWorker(info.Env(), StringArg(info, 0, "libkrunPath"),
+                                    StringArg(info, 1, "firmwarePath"));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+LaunchPlan ParsePlanArg(const Napi::CallbackInfo& info) {
+  LaunchPlan plan;
+  std::string error;
+  if (!ParsePlanText(StringArg(info, 0, "plan"), &plan, &error)) {
+    throw CodedError(info.Env(), "ERR_MICROVM_PLAN_INVALID", error);
+  }
+  return plan;
+}
+
+Napi::Value CheckPlanFn(const Napi::CallbackInfo& info) {
+  ParsePlanArg(info);
+  return info.Env().Undefined();
+}
+
+Napi::Value ValidatePlanFn(const Napi::CallbackInfo& info) {
+  auto* w = new ValidatePlanWorker(info.Env(), ParsePlanArg(info));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  Napi::Function ctor = KrunContextWrap::Define(env);
+  data->context_ctor = Napi::Persistent(ctor);
+  env.SetInstanceData<AddonData>(data);
+
+  exports.Set("errnoName", Napi::Function::New<ErrnoNameFn>(env, "errnoName"));
+  exports.Set("probeFirmware", Napi::Function::New<ProbeFirmwareFn>(env, "probeFirmware"));
+  exports.Set("readFirmwareKernel",
+              Napi::Function::New<ReadFirmwareKernelFn>(env, "readFirmwareKernel"));
+  exports.Set("probeLibkrun", Napi::Function::New<ProbeLibkrunFn>(env, "probeLibkrun"));
+  exports.Set("createContext", Napi::Function::New<CreateContextFn>(env, "createContext"));
+  exports.Set("checkPlan", Napi::Function::New<CheckPlanFn>(env, "checkPlan"));
+  exports.Set("validatePlan", Napi::Function::New<ValidatePlanFn>(env, "validatePlan"));
+  exports.Set("KrunContext", ctor);
+  exports.Set("abiVersion", Napi::Number::New(env, 1));
+  return exports;
+}
+
+}  // namespace
+}  // namespace microvm
+
+static Napi::Object InitMicrovm(Napi::Env env, Napi::Object exports) {
+  return microvm::Init(env, exports);
+}
+
+NODE_API_MODULE(microvm, InitMicrovm)

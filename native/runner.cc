@@ -1,0 +1,184 @@
+// microvm-runner: a small native executable (no Node inside) that owns one libkrun VM.
+//
+//   microvm-runner (--plan PATH | --plan-fd N) [--ready-fd N] [--die-with-parent]
+//
+// It reads a launch plan (JSON, see plan.h), preloads libkrunfw from the plan's firmwarePath,
+// dlopens libkrun from the plan's libkrunPath, creates a context, applies the plan with the same
+// ApplyPlan() the addon uses, writes one byte 'C' ("configured") to --ready-fd and closes it, and
+// then calls krun_start_enter(), which takes over this process and never returns on success: the
+// VMM _exit()s with the guest's exit code.
+//
+// Failures before the VM starts are reported as ONE JSON line on stderr,
+//   {"microvmRunnerError":{"stage":"...","code":"...","message":"...","errno":-22,"syscall":"..."}}
+// and one of these exit codes (lib/runner.ts maps them to coded errors):
+//   64 usage error          65 plan is not valid          66 plan cannot be read
+//   69 libkrun/libkrunfw cannot be loaded                 70 a krun_* configuration call failed
+//   71 krun_start_enter returned (the VM did not start)
+// Once 'C' was written, the exit status is the guest's (or 71 with the JSON line).
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "errno_names.h"
+#include "json.h"
+#include "krun_api.h"
+#include "plan.h"
+
+namespace {
+
+using microvm::ErrnoName;
+using microvm::JsonQuote;
+using microvm::KrunFailure;
+
+constexpr int kExitUsage = 64;
+constexpr int kExitPlanInvalid = 65;
+constexpr int kExitPlanUnreadable = 66;
+constexpr int kExitUnavailable = 69;
+constexpr int kExitConfigure = 70;
+constexpr int kExitStart = 71;
+constexpr size_t kMaxPlanBytes = 1 << 20;
+
+[[noreturn]] void Die(int status, const char* stage, const std::string& code,
+                      const std::string& message, const KrunFailure* failure = nullptr) {
+  std::string line = "{\"microvmRunnerError\":{\"stage\":";
+  JsonQuote(stage, &line);
+  line += ",\"code\":";
+  JsonQuote(code, &line);
+  line += ",\"message\":";
+  JsonQuote(message, &line);
+  if (failure != nullptr) {
+    line += ",\"errno\":" + std::to_string(failure->rc) + ",\"syscall\":";
+    JsonQuote(failure->syscall, &line);
+  }
+  line += "}}\n";
+  ssize_t ignored = write(STDERR_FILENO, line.data(), line.size());
+  (void)ignored;
+  _exit(status);
+}
+
+[[noreturn]] void DieKrun(int status, const char* stage, const KrunFailure& f) {
+  int err = -f.rc;
+  std::string message =
+      f.syscall + " failed: " + ErrnoName(err) + " (" + std::strerror(err) + ")";
+  if (!f.detail.empty()) message += ": " + f.detail;
+  Die(status, stage, ErrnoName(err), message, &f);
+}
+
+bool ParseFd(const char* text, int* fd) {
+  char* end = nullptr;
+  errno = 0;
+  long v = std::strtol(text, &end, 10);
+  if (errno != 0 || end == text || *end != '\0' || v < 0 || v > 1 << 20) return false;
+  *fd = static_cast<int>(v);
+  return true;
+}
+
+bool ReadAll(int fd, std::string* out, std::string* error) {
+  char buf[65536];
+  while (true) {
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      *error = std::strerror(errno);
+      return false;
+    }
+    if (n == 0) return true;
+    out->append(buf, static_cast<size_t>(n));
+    if (out->size() > kMaxPlanBytes) {
+      *error = "plan larger than 1 MiB";
+      return false;
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string plan_path;
+  int plan_fd = -1;
+  int ready_fd = -1;
+  bool die_with_parent = false;
+  for (int i = 1; i < argc; i++) {
+    std::string a = argv[i];
+    if (a == "--plan" && i + 1 < argc) {
+      plan_path = argv[++i];
+    } else if (a == "--plan-fd" && i + 1 < argc) {
+      if (!ParseFd(argv[++i], &plan_fd)) Die(kExitUsage, "usage", "ERR_MICROVM_RUNNER_USAGE", "bad --plan-fd");
+    } else if (a == "--ready-fd" && i + 1 < argc) {
+      if (!ParseFd(argv[++i], &ready_fd)) Die(kExitUsage, "usage", "ERR_MICROVM_RUNNER_USAGE", "bad --ready-fd");
+    } else if (a == "--die-with-parent") {
+      die_with_parent = true;
+    } else if (a == "--version") {
+      std::printf("microvm-runner plan-version 1\n");
+      return 0;
+    } else {
+      Die(kExitUsage, "usage", "ERR_MICROVM_RUNNER_USAGE",
+          "usage: microvm-runner (--plan PATH | --plan-fd N) [--ready-fd N] [--die-with-parent]; "
+          "unexpected argument: " + a);
+    }
+  }
+  if (plan_path.empty() == (plan_fd < 0)) {
+    Die(kExitUsage, "usage", "ERR_MICROVM_RUNNER_USAGE", "exactly one of --plan and --plan-fd is required");
+  }
+  if (die_with_parent) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() == 1) _exit(kExitUsage);  // the parent is already gone
+  }
+  if (ready_fd >= 0) fcntl(ready_fd, F_SETFD, FD_CLOEXEC);
+
+  // 1. Read the plan.
+  std::string text, error;
+  int fd = plan_fd;
+  if (!plan_path.empty()) {
+    fd = open(plan_path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      Die(kExitPlanUnreadable, "plan", "ERR_MICROVM_PLAN_UNREADABLE",
+          "cannot open plan " + plan_path + ": " + std::strerror(errno));
+    }
+  }
+  if (!ReadAll(fd, &text, &error)) {
+    Die(kExitPlanUnreadable, "plan", "ERR_MICROVM_PLAN_UNREADABLE", "cannot read plan: " + error);
+  }
+  close(fd);
+
+  // 2. Parse it.
+  microvm::LaunchPlan plan;
+  if (!microvm::ParsePlanText(text, &plan, &error)) {
+    Die(kExitPlanInvalid, "plan", "ERR_MICROVM_PLAN_INVALID", error);
+  }
+
+  // 3. Firmware first, so libkrun's dlopen("libkrunfw.so.5") finds this copy by soname.
+  if (!plan.firmware_path.empty() && !microvm::PreloadFirmware(plan.firmware_path, &error)) {
+    Die(kExitUnavailable, "load", "ERR_MICROVM_LIBKRUNFW_LOAD", error);
+  }
+  const microvm::KrunApi* api = microvm::LoadKrunApi(plan.libkrun_path, &error);
+  if (api == nullptr) Die(kExitUnavailable, "load", "ERR_MICROVM_LIBKRUN_LOAD", error);
+
+  // 4. Create and configure.
+  KrunFailure failure;
+  uint32_t ctx = 0;
+  if (!microvm::KrunCreateCtx(*api, &ctx, &failure)) DieKrun(kExitConfigure, "configure", failure);
+  if (!microvm::ApplyPlan(*api, ctx, plan, &failure)) DieKrun(kExitConfigure, "configure", failure);
+
+  // 5. Tell the parent, then hand the process to libkrun.
+  if (ready_fd >= 0) {
+    const char c = 'C';
+    ssize_t n;
+    do {
+      n = write(ready_fd, &c, 1);
+    } while (n < 0 && errno == EINTR);
+    close(ready_fd);
+  }
+  int32_t rc = api->start_enter(ctx);
+  failure.syscall = "krun_start_enter";
+  failure.rc = rc < 0 ? rc : -EIO;
+  failure.detail.clear();
+  DieKrun(kExitStart, "start", failure);
+}

@@ -1,0 +1,52 @@
+/**
+ * Jest global setup: builds the C test doubles and makes the real libkrunfw available, then
+ * publishes their locations to the test workers through environment variables:
+ *
+ * - MICROVM_TEST_LIBKRUN_DOUBLE_DIR: holds libkrun.so.1, the libkrun RECORDING ABI TEST DOUBLE
+ * - MICROVM_TEST_WRONG_ABI_FW_DIR:   holds libkrunfw.so.5, the WRONG-ABI libkrunfw TEST DOUBLE
+ * - MICROVM_TEST_LIBKRUNFW_DIR:      holds the real libkrunfw.so.5 (Debian sid's libkrunfw5),
+ *                                    fetched by scripts/fetch-libkrunfw.sh when not present
+ */
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+const root = path.resolve(__dirname, '..');
+const artifacts = path.join(root, '.test-artifacts');
+
+function buildSharedObject(source: string, outDir: string, soname: string, extraLibs: string[]): string {
+  fs.mkdirSync(outDir, { recursive: true });
+  const out = path.join(outDir, soname);
+  const src = path.join(root, source);
+  if (!fs.existsSync(out) || fs.statSync(out).mtimeMs < fs.statSync(src).mtimeMs) {
+    const tmp = `${out}.${process.pid}.tmp`;
+    execFileSync('cc', ['-shared', '-fPIC', '-O2', '-Wall', '-Wextra', '-Werror', '-Wno-unused-parameter', '-fvisibility=hidden', `-Wl,-soname,${soname}`, '-o', tmp, src, ...extraLibs], {
+      stdio: 'inherit',
+    });
+    fs.renameSync(tmp, out);
+  }
+  return outDir;
+}
+
+export default function globalSetup(): void {
+  process.env.MICROVM_TEST_LIBKRUN_DOUBLE_DIR = buildSharedObject(
+    'test/fixtures/libkrun-recording-double/libkrun_recording_double.c',
+    path.join(artifacts, 'libkrun-recording-double'),
+    'libkrun.so.1',
+    ['-ldl', '-lpthread'],
+  );
+  process.env.MICROVM_TEST_WRONG_ABI_FW_DIR = buildSharedObject(
+    'test/fixtures/libkrunfw-wrong-abi-double/libkrunfw_wrong_abi_double.c',
+    path.join(artifacts, 'libkrunfw-wrong-abi-double'),
+    'libkrunfw.so.5',
+    [],
+  );
+  // In-process tests steer the double through per-pid control files here (see helpers.ts).
+  const control = path.join(artifacts, 'double-control');
+  fs.mkdirSync(control, { recursive: true });
+  process.env.KRUN_DOUBLE_CONTROL_DIR = control;
+  if (!process.env.MICROVM_TEST_LIBKRUNFW_DIR) {
+    const dir = execFileSync('bash', [path.join(root, 'scripts', 'fetch-libkrunfw.sh')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] }).trim();
+    process.env.MICROVM_TEST_LIBKRUNFW_DIR = dir;
+  }
+}

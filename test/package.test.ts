@@ -1,0 +1,63 @@
+/** The package root works for CommonJS and ESM consumers, with type declarations. */
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { packageRoot } from '../lib/native';
+import { scratch } from './helpers';
+
+const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot, 'package.json'), 'utf8')) as { name: string };
+
+/** Runs `code` in a consumer project whose node_modules/node-microvm links to this checkout. */
+function consumer(file: string, code: string): string {
+  const s = scratch('microvm-consumer-');
+  try {
+    fs.mkdirSync(path.join(s.dir, 'node_modules'));
+    fs.symlinkSync(packageRoot, path.join(s.dir, 'node_modules', pkg.name));
+    fs.writeFileSync(path.join(s.dir, file), code);
+    return execFileSync(process.execPath, [path.join(s.dir, file)], { cwd: s.dir, encoding: 'utf8' });
+  } finally {
+    s.cleanup();
+  }
+}
+
+describe('package entry points', () => {
+  test('built output exists (npm ci runs the prepare script)', () => {
+    for (const f of ['dist/index.js', 'dist/index.mjs', 'dist/index.d.ts', 'dist/index.d.mts']) {
+      expect([f, fs.existsSync(path.join(packageRoot, f))]).toEqual([f, true]);
+    }
+  });
+
+  test("require('node-microvm') from a CommonJS consumer", () => {
+    const out = consumer(
+      'c.cjs',
+      `const m = require('node-microvm');
+       console.log(JSON.stringify({ fw: typeof m.native.resolveFirmware, rt: typeof m.native.resolveRuntime, ctx: typeof m.KrunContext, err: typeof m.KrunError }));`,
+    );
+    expect(JSON.parse(out)).toEqual({ fw: 'function', rt: 'function', ctx: 'function', err: 'function' });
+  });
+
+  test("import from an ESM consumer (named and default)", () => {
+    const out = consumer(
+      'e.mjs',
+      `import m, { native, KrunContext, resolveFirmware } from 'node-microvm';
+       console.log(JSON.stringify({ same: m.native === native, ctx: typeof KrunContext, fw: typeof resolveFirmware }));`,
+    );
+    expect(JSON.parse(out)).toEqual({ same: true, ctx: 'function', fw: 'function' });
+  });
+
+  test('the firmware resolver works from the package root', () => {
+    const dir = process.env.MICROVM_TEST_LIBKRUNFW_DIR as string;
+    const out = consumer(
+      'f.cjs',
+      `require('node-microvm').native.resolveFirmware({ dir: ${JSON.stringify(dir)} }).then((fw) => console.log(JSON.stringify(fw)));`,
+    );
+    expect(JSON.parse(out)).toMatchObject({ abiVersion: 5, path: path.join(dir, 'libkrunfw.so.5') });
+  });
+
+  test('type declarations cover the public API', () => {
+    const dts = fs.readFileSync(path.join(packageRoot, 'dist', 'index.d.ts'), 'utf8');
+    for (const name of ['native', 'KrunContext', 'KrunError', 'resolveFirmware', 'resolveRuntime', 'startRunner', 'buildLaunchPlan']) {
+      expect(dts).toContain(name);
+    }
+  });
+});
