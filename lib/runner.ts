@@ -156,6 +156,12 @@ export async function startRunner(options: StartRunnerOptions): Promise<RunnerHa
   // A spawn failure (ENOENT, EACCES) arrives as 'error' and then 'exit' may never come.
   const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
 
+  if (child.pid === undefined) {
+    // Spawning failed (ENOENT, EACCES...): the reason arrives as an 'error' event.
+    const e = await spawnError;
+    throw new MicrovmError('ERR_MICROVM_RUNNER_SPAWN', `Cannot start ${runnerPath}: ${e.message}`, { cause: e });
+  }
+
   const planPipe = child.stdio[3] as Writable;
   const readyPipe = child.stdio[4] as Readable;
   planPipe.on('error', () => {
@@ -193,14 +199,7 @@ export async function startRunner(options: StartRunnerOptions): Promise<RunnerHa
   });
 
   try {
-    const outcome = await Promise.race([
-      configured.then((ok) => (ok ? ('configured' as const) : ('closed' as const))),
-      spawnError.then((e) => e),
-      aborted,
-    ]);
-    if (outcome instanceof Error) {
-      throw new MicrovmError('ERR_MICROVM_RUNNER_SPAWN', `Cannot start ${runnerPath}: ${outcome.message}`, { cause: outcome });
-    }
+    const outcome = await Promise.race([configured.then((ok) => (ok ? ('configured' as const) : ('closed' as const))), aborted]);
     if (outcome === 'aborted') {
       killGroup('SIGKILL');
       await exited;

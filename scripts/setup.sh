@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Prepares a fresh clone: system packages (when missing and we are root), npm dependencies (which
+# build the native addon and the TypeScript), and Debian's libkrunfw. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# command -> Debian package that provides it
+declare -A need=(
+  [cc]=gcc [g++]=g++ [make]=make [python3]=python3 [pkg-config]=pkg-config [strip]=binutils
+)
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  else
+    echo "setup: missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
+# npm ci runs the install script (native build, offline) and prepare (TypeScript build).
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+else
+  npm run --silent build:native >/dev/null
+  npm run --silent build:ts
+fi
+
+# Debian sid's libkrunfw5, unpacked into vendor/ (git-ignored).
+bash scripts/fetch-libkrunfw.sh >/dev/null
+echo "setup: ready (libkrunfw in $(bash scripts/fetch-libkrunfw.sh))" >&2
