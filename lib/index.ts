@@ -58,3 +58,13 @@ export const native = {
   /** Path of the addon binary in use (prebuild or local build). */
   addonPath,
 } as const;
+
+export { run, defaultDataRoot, type RunOptions, type PostBootHook } from './run';
+export { MicroVM, type VmStatus } from './vm';
+export { hooks, type RootfsContext, type RootfsHook, type WriteOptions } from './rootfs/hooks';
+export { cloneRootfs, type CloneStrategy, type ClonedRootfs } from './rootfs/clone';
+export { libkrunBackend, type LibkrunBackendOptions } from './backends/libkrun';
+export type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, ImageRuntimeConfig } from './backends/types';
+export type { NetworkHandle, NetworkProvider } from './network/start';
+export { diskSpaceCheck, kvmCheck, portsCheck, resourcesCheck, userNamespacesCheck, type CheckResult, type PreflightCheck } from './preflight/checks';
+export { SPAN, ATTR } from './telemetry/attributes';

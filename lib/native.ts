@@ -65,6 +65,12 @@ export interface NativeAddon {
   createContext(libkrunPath: string, firmwarePath: string): Promise<NativeKrunContext>;
   checkPlan(planJson: string): void;
   validatePlan(planJson: string): Promise<void>;
+  /**
+   * Writes `data` to root/components... without following any symlink (each component is opened
+   * with O_NOFOLLOW relative to its parent). Missing directories get dirAttrs[i] = [mode, uid, gid]
+   * (uid/gid -1: leave). Replaces the file atomically (rename). Throws with `code` (errno name).
+   */
+  writeFileBeneath(root: string, components: string[], data: Buffer, mode: number, uid: number, gid: number, dirAttrs: [number, number, number][]): void;
 }
 
 /** The package root (holds package.json, build/ and prebuilds/). */

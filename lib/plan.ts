@@ -75,9 +75,21 @@ export interface ExecInput {
   env?: readonly string[] | null;
 }
 
+/**
+ * Runner only: mount an overlay (read-only `lower`, writable `upper`/`work`) on `merged` in a
+ * private mount namespace (plus a user namespace when not root) and serve `merged` as the root.
+ */
+export interface OverlayInput {
+  lower: string;
+  upper: string;
+  work: string;
+  merged: string;
+}
+
 /** Input of {@link buildLaunchPlan}. */
 export interface LaunchPlanInput {
   libkrunPath: string;
+  overlay?: OverlayInput;
   firmwarePath?: string;
   logLevel?: KrunLogLevel | keyof typeof LOG_LEVELS;
   cpus: number;
@@ -98,6 +110,7 @@ export interface LaunchPlanInput {
 export interface LaunchPlan {
   version: 1;
   libkrunPath: string;
+  overlay?: OverlayInput;
   firmwarePath?: string;
   logLevel?: number;
   vm: { cpus: number; memoryMiB: number };
@@ -254,6 +267,7 @@ export function normalizeExec(name: string, value: unknown): NonNullable<LaunchP
 // ---- the plan ----------------------------------------------------------------------------------
 
 const PLAN_KEYS = [
+  'overlay',
   'libkrunPath', 'firmwarePath', 'logLevel', 'cpus', 'memoryMiB', 'root', 'virtiofs', 'net', 'portMap', 'exec', 'env', 'workdir', 'rlimits', 'consoleOutput', 'vsockPorts',
 ] as const;
 
@@ -267,6 +281,18 @@ export function buildLaunchPlan(input: LaunchPlanInput): LaunchPlan {
     vm: normalizeVmConfig(o.cpus, o.memoryMiB),
     root: v.absolutePath('root', o.root),
   };
+  if (o.overlay !== undefined) {
+    const ov = v.object('overlay', o.overlay);
+    v.knownKeys('overlay', ov, ['lower', 'upper', 'work', 'merged']);
+    const dirs = {} as OverlayInput;
+    for (const k of ['lower', 'upper', 'work', 'merged'] as const) {
+      const d = v.absolutePath(`overlay.${k}`, ov[k]);
+      if (/[,:\\]/.test(d)) throw new RangeError(`Expected overlay.${k} without ',', ':' or '\\' (overlayfs option syntax) but received ${v.describe(d)}`);
+      dirs[k] = d;
+    }
+    if (plan.root !== dirs.merged) throw new RangeError('With overlay, root must be overlay.merged');
+    plan.overlay = dirs;
+  }
   if (o.firmwarePath !== undefined) plan.firmwarePath = v.absolutePath('firmwarePath', o.firmwarePath);
   if (o.logLevel !== undefined) plan.logLevel = normalizeLogLevel('logLevel', o.logLevel);
   if (o.virtiofs !== undefined) {

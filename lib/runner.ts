@@ -25,6 +25,7 @@ export const RunnerExit = {
   UNAVAILABLE: 69,
   CONFIGURE: 70,
   START: 71,
+  MOUNT: 72,
 } as const;
 
 /** Options of {@link startRunner}. */

@@ -10,6 +10,8 @@
 //   createContext(libkrunPath, fwPath)     -> Promise<KrunContext>
 //   checkPlan(planJson)                    -> undefined or throws (parse only, no libkrun)
 //   validatePlan(planJson)                 -> Promise<undefined> (create ctx, apply, free)
+//   writeFileBeneath(root, components, data, mode, uid, gid, dirAttrs)
+//                                          -> undefined or throws (no symlink is ever followed)
 //   KrunContext                            -> class; one libkrun configuration context
 #include <napi.h>
 
@@ -21,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "beneath.h"
 #include "errno_names.h"
 #include "firmware.h"
 #include "krun_api.h"
@@ -533,6 +536,41 @@ Napi::Value ValidatePlanFn(const Napi::CallbackInfo& info) {
   return p;
 }
 
+// writeFileBeneath(root: string, components: string[], data: Buffer, mode: number, uid: number,
+//                  gid: number, dirAttrs: [mode, uid, gid][])   (uid/gid -1: leave)
+Napi::Value WriteFileBeneathFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string root = StringArg(info, 0, "root");
+  Napi::Array comps = info[1].As<Napi::Array>();
+  std::vector<std::string> components;
+  for (uint32_t i = 0; i < comps.Length(); i++) components.push_back(comps.Get(i).As<Napi::String>().Utf8Value());
+  Napi::Buffer<uint8_t> data = info[2].As<Napi::Buffer<uint8_t>>();
+  auto num = [](const Napi::Value& v) { return static_cast<int64_t>(v.As<Napi::Number>().Int64Value()); };
+  mode_t mode = static_cast<mode_t>(num(info[3]));
+  uid_t uid = static_cast<uid_t>(num(info[4]));
+  gid_t gid = static_cast<gid_t>(num(info[5]));
+  std::vector<DirAttrs> dirs;
+  Napi::Array attrs = info[6].As<Napi::Array>();
+  for (uint32_t i = 0; i < attrs.Length(); i++) {
+    Napi::Array a = attrs.Get(i).As<Napi::Array>();
+    DirAttrs d;
+    d.mode = static_cast<mode_t>(num(a.Get(0u)));
+    d.uid = static_cast<uid_t>(num(a.Get(1u)));
+    d.gid = static_cast<gid_t>(num(a.Get(2u)));
+    dirs.push_back(d);
+  }
+  std::string failed_at;
+  int err = WriteFileBeneath(root, components, data.Data(), data.Length(), mode, uid, gid, dirs, &failed_at);
+  if (err != 0) {
+    Napi::Error e = Napi::Error::New(env, std::string("writing beneath ") + root + " failed at " + failed_at + ": " + ErrnoName(err) + " (" + std::strerror(err) + ")");
+    e.Set("code", Napi::String::New(env, ErrnoName(err)));
+    e.Set("errno", Napi::Number::New(env, -err));
+    e.Set("path", Napi::String::New(env, failed_at));
+    throw e;
+  }
+  return env.Undefined();
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   Napi::Function ctor = KrunContextWrap::Define(env);
@@ -547,6 +585,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("createContext", Napi::Function::New<CreateContextFn>(env, "createContext"));
   exports.Set("checkPlan", Napi::Function::New<CheckPlanFn>(env, "checkPlan"));
   exports.Set("validatePlan", Napi::Function::New<ValidatePlanFn>(env, "validatePlan"));
+  exports.Set("writeFileBeneath", Napi::Function::New<WriteFileBeneathFn>(env, "writeFileBeneath"));
   exports.Set("KrunContext", ctor);
   exports.Set("abiVersion", Napi::Number::New(env, 1));
   return exports;

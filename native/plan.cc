@@ -230,7 +230,7 @@ bool ParsePlan(const JsonValue& j, LaunchPlan* p, std::string* error) {
   if (!OnlyKeys(j, "",
                 {"version", "libkrunPath", "firmwarePath", "logLevel", "vm", "root", "virtiofs",
                  "net", "portMap", "exec", "env", "workdir", "rlimits", "consoleOutput",
-                 "vsockPorts"},
+                 "vsockPorts", "overlay"},
                 error)) {
     return false;
   }
@@ -262,6 +262,23 @@ bool ParsePlan(const JsonValue& j, LaunchPlan* p, std::string* error) {
 
   if ((v = j.Get("root")) == nullptr) return Fail(error, "root", "missing");
   if (!ReadString(*v, "root", &p->root, error)) return false;
+
+  if ((v = j.Get("overlay"))) {
+    if (!OnlyKeys(*v, "overlay", {"lower", "upper", "work", "merged"}, error)) return false;
+    p->has_overlay = true;
+    const char* keys[] = {"lower", "upper", "work", "merged"};
+    std::string* slots[] = {&p->overlay.lower, &p->overlay.upper, &p->overlay.work, &p->overlay.merged};
+    for (int i = 0; i < 4; i++) {
+      const JsonValue* x = v->Get(keys[i]);
+      std::string where = std::string("overlay.") + keys[i];
+      if (x == nullptr) return Fail(error, where, "missing");
+      if (!ReadString(*x, where, slots[i], error)) return false;
+      // Overlay options are comma-separated: these characters would change their meaning.
+      if (slots[i]->find_first_of(",:\\") != std::string::npos || slots[i]->empty() || (*slots[i])[0] != '/') {
+        return Fail(error, where, "must be an absolute path without ',', ':' or '\\'");
+      }
+    }
+  }
 
   if ((v = j.Get("virtiofs"))) {
     if (!v->is_array()) return Fail(error, "virtiofs", "expected an array");

@@ -56,8 +56,16 @@ struct ExecSpec {
   std::vector<std::string> env;
 };
 
+// Runner only (not a libkrun call): mount an overlay in a private mount namespace (plus a user
+// namespace when not root) before configuring libkrun, and serve `merged` as the root.
+struct OverlaySpec {
+  std::string lower, upper, work, merged;
+};
+
 struct LaunchPlan {
   std::string libkrun_path;
+  bool has_overlay = false;
+  OverlaySpec overlay;
   std::string firmware_path;  // empty: let libkrun's own loader search find libkrunfw
   int log_level = -1;         // -1: leave libkrun's default
   uint8_t cpus = 1;

@@ -14,9 +14,12 @@
 //   64 usage error          65 plan is not valid          66 plan cannot be read
 //   69 libkrun/libkrunfw cannot be loaded                 70 a krun_* configuration call failed
 //   71 krun_start_enter returned (the VM did not start)
+//   72 the overlay root could not be mounted (plan.overlay)
 // Once 'C' was written, the exit status is the guest's (or 71 with the JSON line).
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -43,6 +46,7 @@ constexpr int kExitPlanUnreadable = 66;
 constexpr int kExitUnavailable = 69;
 constexpr int kExitConfigure = 70;
 constexpr int kExitStart = 71;
+constexpr int kExitMount = 72;
 constexpr size_t kMaxPlanBytes = 1 << 20;
 
 [[noreturn]] void Die(int status, const char* stage, const std::string& code,
@@ -95,6 +99,51 @@ bool ReadAll(int fd, std::string* out, std::string* error) {
       *error = "plan larger than 1 MiB";
       return false;
     }
+  }
+}
+
+bool WriteFile(const char* path, const std::string& text) {
+  int fd = open(path, O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  bool ok = write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  close(fd);
+  return ok;
+}
+
+// Mounts plan.overlay in a private mount namespace. Unprivileged: also a new user namespace that
+// maps our uid/gid to 0, so files we own look root-owned to the guest (as in a container).
+void MountOverlay(const microvm::OverlaySpec& o) {
+  uid_t uid = geteuid();
+  gid_t gid = getegid();
+  int flags = CLONE_NEWNS | (uid == 0 ? 0 : CLONE_NEWUSER);
+  if (unshare(flags) != 0) {
+    Die(kExitMount, "mount", ErrnoName(errno),
+        std::string("unshare(") + (uid == 0 ? "CLONE_NEWNS" : "CLONE_NEWUSER|CLONE_NEWNS") +
+            ") failed: " + std::strerror(errno) +
+            (uid == 0 ? "" : "; are unprivileged user namespaces disabled (kernel.unprivileged_userns_clone)?"));
+  }
+  if (uid != 0) {
+    WriteFile("/proc/self/setgroups", "deny");
+    if (!WriteFile("/proc/self/uid_map", "0 " + std::to_string(uid) + " 1\n") ||
+        !WriteFile("/proc/self/gid_map", "0 " + std::to_string(gid) + " 1\n")) {
+      Die(kExitMount, "mount", ErrnoName(errno), std::string("writing the user namespace id maps failed: ") + std::strerror(errno));
+    }
+  }
+  // Keep our mounts out of the parent namespace.
+  if (mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+    Die(kExitMount, "mount", ErrnoName(errno), std::string("making / private failed: ") + std::strerror(errno));
+  }
+  std::string data = "lowerdir=" + o.lower + ",upperdir=" + o.upper + ",workdir=" + o.work;
+  if (uid != 0) data += ",userxattr";
+  if (mount("overlay", o.merged.c_str(), "overlay", 0, data.c_str()) != 0) {
+    int err = errno;
+    // Older kernels (< 5.11) lack userxattr; try once without it.
+    if (uid != 0 && err == EINVAL) {
+      data = "lowerdir=" + o.lower + ",upperdir=" + o.upper + ",workdir=" + o.work;
+      if (mount("overlay", o.merged.c_str(), "overlay", 0, data.c_str()) == 0) return;
+      err = errno;
+    }
+    Die(kExitMount, "mount", ErrnoName(err), "mounting the overlay root on " + o.merged + " failed: " + std::strerror(err));
   }
 }
 
@@ -154,20 +203,23 @@ int main(int argc, char** argv) {
     Die(kExitPlanInvalid, "plan", "ERR_MICROVM_PLAN_INVALID", error);
   }
 
-  // 3. Firmware first, so libkrun's dlopen("libkrunfw.so.5") finds this copy by soname.
+  // 3. The root: an overlay of the shared image (read-only lower) and this VM's layer.
+  if (plan.has_overlay) MountOverlay(plan.overlay);
+
+  // 4. Firmware first, so libkrun's dlopen("libkrunfw.so.5") finds this copy by soname.
   if (!plan.firmware_path.empty() && !microvm::PreloadFirmware(plan.firmware_path, &error)) {
     Die(kExitUnavailable, "load", "ERR_MICROVM_LIBKRUNFW_LOAD", error);
   }
   const microvm::KrunApi* api = microvm::LoadKrunApi(plan.libkrun_path, &error);
   if (api == nullptr) Die(kExitUnavailable, "load", "ERR_MICROVM_LIBKRUN_LOAD", error);
 
-  // 4. Create and configure.
+  // 5. Create and configure.
   KrunFailure failure;
   uint32_t ctx = 0;
   if (!microvm::KrunCreateCtx(*api, &ctx, &failure)) DieKrun(kExitConfigure, "configure", failure);
   if (!microvm::ApplyPlan(*api, ctx, plan, &failure)) DieKrun(kExitConfigure, "configure", failure);
 
-  // 5. Tell the parent, then hand the process to libkrun.
+  // 6. Tell the parent, then hand the process to libkrun.
   if (ready_fd >= 0) {
     const char c = 'C';
     ssize_t n;

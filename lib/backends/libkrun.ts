@@ -1,0 +1,92 @@
+/**
+ * The libkrun backend. BackendPrepare writes `/.krun_config.json` (read by libkrun's built-in guest
+ * init: Cmd, Env, WorkingDir) into the VM's writable layer. backend.Start resolves libkrun and the
+ * runner (microvm.backend.ResolveRuntime) and libkrunfw (microvm.backend.ResolveFirmware), builds
+ * the launch plan, dry-runs it in-process against the real libkrun, and starts the runner, which
+ * mounts the overlay root (when cloned that way), configures libkrun and calls krun_start_enter.
+ */
+import { buildLaunchPlan, type LaunchPlanInput, validateLaunchPlan } from '../plan';
+import { resolveFirmware, type ResolveFirmwareOptions } from '../resolve/firmware';
+import { resolveRuntime, type ResolveRuntimeOptions } from '../resolve/runtime';
+import { rootfsContext } from '../rootfs/hooks';
+import { startRunner } from '../runner';
+import { ATTR, SPAN } from '../telemetry/attributes';
+import { inSpan } from '../telemetry/tracer';
+import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput } from './types';
+
+/** Default PATH for the guest when the image sets none. */
+export const DEFAULT_GUEST_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+
+/** Options of {@link libkrunBackend}. */
+export interface LibkrunBackendOptions {
+  runtime?: ResolveRuntimeOptions;
+  firmware?: ResolveFirmwareOptions;
+  /** Dry-run the plan in-process before starting the runner. Default true. */
+  validatePlan?: boolean;
+  /** Environment of the runner process. Default: process.env. */
+  env?: NodeJS.ProcessEnv;
+}
+
+/** The guest's Cmd/Env/WorkingDir, merged from the image config and the run options. */
+export function guestConfig(input: BackendPrepareInput): { Cmd: string[]; Env: string[]; WorkingDir: string } {
+  const cmd = input.initOverride ?? [...input.image.entrypoint, ...input.image.cmd];
+  if (cmd.length === 0) {
+    throw Object.assign(new TypeError('Nothing to run: the image has no Entrypoint or Cmd; pass initOverride'), { code: 'ERR_MICROVM_NO_COMMAND' });
+  }
+  const env = new Map<string, string>();
+  for (const e of [DEFAULT_GUEST_PATH, ...input.image.env, ...input.env]) {
+    const i = e.indexOf('=');
+    env.set(e.slice(0, i), e);
+  }
+  return { Cmd: cmd, Env: [...env.values()], WorkingDir: input.workdir ?? (input.image.workingDir || '/') };
+}
+
+/** Creates the libkrun backend. */
+export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
+  return {
+    name: 'libkrun',
+    supportsOverlay: true,
+    async prepareRootfs(input: BackendPrepareInput): Promise<void> {
+      const config = guestConfig(input);
+      rootfsContext(input.vmId, input.rootfs).writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
+    },
+    async start(input: BackendStartInput): Promise<BackendHandle> {
+      return inSpan(input.scope, SPAN.BACKEND_START, { [ATTR.BACKEND]: 'libkrun' }, async (span, scope) => {
+        const runtime = await inSpan(scope, SPAN.BACKEND_RESOLVE_RUNTIME, undefined, async (s) => {
+          const rt = await resolveRuntime(options.runtime);
+          s.setAttribute(ATTR.RUNTIME_LIBKRUN_PATH, rt.libkrunPath);
+          s.setAttribute(ATTR.RUNTIME_RUNNER_PATH, rt.runnerPath);
+          return rt;
+        });
+        const firmware = await inSpan(scope, SPAN.BACKEND_RESOLVE_FIRMWARE, undefined, async (s) => {
+          const fw = await resolveFirmware({ runtimeLibDir: runtime.libDir, ...options.firmware });
+          s.setAttribute(ATTR.FIRMWARE_PATH, fw.path);
+          s.setAttribute(ATTR.FIRMWARE_ABI, fw.abiVersion);
+          return fw;
+        });
+        const planInput: LaunchPlanInput = {
+          libkrunPath: runtime.libkrunPath,
+          firmwarePath: firmware.path,
+          logLevel: input.logLevel as LaunchPlanInput['logLevel'],
+          cpus: input.cpus,
+          memoryMiB: input.memoryMiB,
+          root: input.rootfs.rootPath,
+          consoleOutput: input.consoleLogPath,
+          virtiofs: input.virtiofs,
+        };
+        if (input.rootfs.overlay) planInput.overlay = input.rootfs.overlay;
+        if (input.network) {
+          planInput.net = [{ kind: input.network.kind, path: input.network.socketPath, mac: input.network.mac }];
+        } else {
+          planInput.portMap = input.ports;
+        }
+        const plan = buildLaunchPlan(planInput);
+        if (options.validatePlan !== false) await validateLaunchPlan(plan);
+        input.signal?.throwIfAborted();
+        const runner = await startRunner({ runnerPath: runtime.runnerPath, plan, logPath: input.logPath, env: options.env, signal: input.signal });
+        span.setAttribute(ATTR.VM_PID, runner.pid);
+        return { pid: runner.pid, executable: runtime.runnerPath, exited: runner.exited, kill: (sig) => runner.kill(sig) };
+      });
+    },
+  };
+}

@@ -1,0 +1,74 @@
+/**
+ * The Backend interface: how a VM is actually started. `libkrun` (lib/backends/libkrun.ts) is the
+ * built-in one; other backends plug in by implementing this and passing the object as
+ * `run(image, { backend })`.
+ */
+import type { SpanScope } from '../telemetry/tracer';
+import type { ClonedRootfs } from '../rootfs/clone';
+
+/** The image's runtime configuration (OCI `config` section), as far as the VM needs it. */
+export interface ImageRuntimeConfig {
+  entrypoint: string[];
+  cmd: string[];
+  env: string[];
+  workingDir: string;
+}
+
+/** Input of {@link Backend.prepareRootfs} (stage microvm.BackendPrepare). */
+export interface BackendPrepareInput {
+  vmId: string;
+  dataDir: string;
+  rootfs: ClonedRootfs;
+  image: ImageRuntimeConfig;
+  /** argv replacing the image's Entrypoint+Cmd. */
+  initOverride?: string[];
+  /** Extra "KEY=VALUE" entries (after the image's). */
+  env: string[];
+  workdir?: string;
+  scope: SpanScope;
+  signal?: AbortSignal;
+}
+
+/** Input of {@link Backend.start} (stage microvm.VMSpawn, span microvm.backend.Start). */
+export interface BackendStartInput {
+  vmId: string;
+  name: string;
+  dataDir: string;
+  rootfs: ClonedRootfs;
+  cpus: number;
+  memoryMiB: number;
+  ports: { host: number; guest: number }[];
+  virtiofs: { tag: string; hostPath: string; readOnly: boolean }[];
+  logLevel: number;
+  /** Guest console output file. */
+  consoleLogPath: string;
+  /** The VMM's own stdout/stderr. */
+  logPath: string;
+  /** Set when a network provider replaced TSI (virtio-net over a unix socket). */
+  network?: { kind: 'unixstream' | 'unixgram'; socketPath: string; mac: string };
+  scope: SpanScope;
+  signal?: AbortSignal;
+}
+
+/** A started VM as a backend sees it. */
+export interface BackendHandle {
+  /** The process that owns the VM (its process group when detached). */
+  readonly pid: number;
+  /** Path of the executable behind `pid`, for the PID-reuse guard. */
+  readonly executable: string;
+  /** Settles with the exit status of the VM process. */
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** Signals the VM's process group. */
+  kill(signal: NodeJS.Signals): boolean;
+}
+
+export interface Backend {
+  /** Short name, reported as the `microvm.backend` attribute. */
+  readonly name: string;
+  /** Whether `start` can serve an overlay root it mounts itself (O(1) clone). */
+  readonly supportsOverlay: boolean;
+  /** Writes what the guest needs into the VM's writable rootfs layer. */
+  prepareRootfs(input: BackendPrepareInput): Promise<void>;
+  /** Starts the VM; resolves once it is configured and starting. */
+  start(input: BackendStartInput): Promise<BackendHandle>;
+}

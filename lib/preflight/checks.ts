@@ -1,0 +1,167 @@
+/**
+ * Preflight checks run by microvm.preflight.RunAll (one microvm.preflight.Check span each).
+ * A required check that fails stops run() with ERR_MICROVM_PREFLIGHT, listing every failure and
+ * its remediation; an advisory one is recorded on its span and logged.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import { userNamespacesAvailable } from '../rootfs/clone';
+
+/** A check's outcome: `ok: false` with what is wrong and how to fix it. */
+export interface CheckResult {
+  ok: boolean;
+  message?: string;
+  remediation?: string;
+}
+
+/** One preflight check. */
+export interface PreflightCheck {
+  name: string;
+  description: string;
+  /** Required checks stop the run when they fail; others are advisory. */
+  required: boolean;
+  run(signal?: AbortSignal): Promise<CheckResult> | CheckResult;
+}
+
+/** /dev/kvm exists, is a character device, and opens read-write. */
+export function kvmCheck(device = '/dev/kvm'): PreflightCheck {
+  return {
+    name: 'kvm',
+    description: `${device} is usable`,
+    required: true,
+    run() {
+      let st: fs.Stats;
+      try {
+        st = fs.statSync(device);
+      } catch {
+        return { ok: false, message: `${device} does not exist`, remediation: "Enable virtualization (VT-x/AMD-V) in firmware, load the kvm_intel or kvm_amd module, or use backend: 'qemu' (runs without KVM)." };
+      }
+      if (!st.isCharacterDevice()) return { ok: false, message: `${device} is not a character device`, remediation: 'Check the device node (major 10, minor 232).' };
+      try {
+        fs.closeSync(fs.openSync(device, fs.constants.O_RDWR));
+        return { ok: true };
+      } catch (err) {
+        return { ok: false, message: `${device} cannot be opened read-write: ${(err as Error).message}`, remediation: `Add your user to the group that owns ${device} (usually 'kvm': sudo usermod -aG kvm $USER, then log in again).` };
+      }
+    },
+  };
+}
+
+/** Free disk space in a directory (advisory). */
+export function diskSpaceCheck(dir: string, minBytes = 1024 ** 3): PreflightCheck {
+  return {
+    name: 'disk-space',
+    description: `at least ${Math.round(minBytes / 1024 ** 2)} MiB free in ${dir}`,
+    required: false,
+    run() {
+      try {
+        const s = fs.statfsSync(dir);
+        const free = s.bavail * s.bsize;
+        return free >= minBytes ? { ok: true } : { ok: false, message: `only ${Math.round(free / 1024 ** 2)} MiB free in ${dir}`, remediation: 'Free space or choose another dataDir.' };
+      } catch (err) {
+        return { ok: false, message: `cannot stat ${dir}: ${(err as Error).message}` };
+      }
+    },
+  };
+}
+
+/** Requested CPUs and memory fit the host (advisory). */
+export function resourcesCheck(cpus: number, memoryMiB: number): PreflightCheck {
+  return {
+    name: 'resources',
+    description: `${cpus} vCPU(s) and ${memoryMiB} MiB fit this host`,
+    required: false,
+    run() {
+      const hostCpus = os.availableParallelism?.() ?? os.cpus().length;
+      const freeMiB = Math.floor(os.freemem() / 1024 ** 2);
+      const problems: string[] = [];
+      if (cpus > hostCpus) problems.push(`${cpus} vCPUs requested, host has ${hostCpus}`);
+      if (memoryMiB > freeMiB) problems.push(`${memoryMiB} MiB requested, ${freeMiB} MiB free`);
+      return problems.length ? { ok: false, message: problems.join('; '), remediation: 'Lower cpus or memoryMiB.' } : { ok: true };
+    },
+  };
+}
+
+function holderOf(port: number): string | undefined {
+  // /proc/net/tcp lists listening sockets with inode numbers; map them to a process via /proc/*/fd.
+  try {
+    const hex = port.toString(16).toUpperCase().padStart(4, '0');
+    const inodes = new Set<string>();
+    for (const file of ['/proc/net/tcp', '/proc/net/tcp6']) {
+      for (const line of fs.readFileSync(file, 'utf8').split('\n').slice(1)) {
+        const f = line.trim().split(/\s+/);
+        if (f.length > 9 && f[1].endsWith(`:${hex}`) && f[3] === '0A') inodes.add(f[9]);
+      }
+    }
+    for (const pid of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+      try {
+        for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+          const link = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
+          const m = /^socket:\[(\d+)\]$/.exec(link);
+          if (m && inodes.has(m[1])) return `${fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim()} (pid ${pid})`;
+        }
+      } catch {
+        /* not ours to read */
+      }
+    }
+  } catch {
+    /* no /proc */
+  }
+  return undefined;
+}
+
+/** The host ports to forward are free on 127.0.0.1. */
+export function portsCheck(ports: readonly number[]): PreflightCheck {
+  return {
+    name: 'ports',
+    description: `host ports ${ports.join(', ') || '(none)'} are free`,
+    required: true,
+    async run() {
+      const busy: string[] = [];
+      for (const port of ports) {
+        const free = await new Promise<boolean>((resolve) => {
+          const srv = net.createServer();
+          srv.once('error', () => resolve(false));
+          srv.listen({ port, host: '127.0.0.1', exclusive: true }, () => srv.close(() => resolve(true)));
+        });
+        if (!free) {
+          const who = holderOf(port);
+          busy.push(`${port}${who ? ` (held by ${who})` : ''}`);
+        }
+      }
+      return busy.length ? { ok: false, message: `host port(s) in use: ${busy.join(', ')}`, remediation: 'Stop what holds them or forward other host ports.' } : { ok: true };
+    },
+  };
+}
+
+/** User namespaces can be created (needed by the unprivileged overlay clone). */
+export function userNamespacesCheck(): PreflightCheck {
+  return {
+    name: 'user-namespaces',
+    description: 'unprivileged user namespaces are available (overlay rootfs clone)',
+    required: false,
+    run() {
+      return userNamespacesAvailable()
+        ? { ok: true }
+        : { ok: false, message: 'user namespaces are disabled', remediation: 'sysctl -w kernel.unprivileged_userns_clone=1 (the rootfs will be copied instead: slower)' };
+    },
+  };
+}
+
+/** A check that runs an async probe and turns a thrown error into a failure with remediation. */
+export function probeCheck(name: string, description: string, remediation: string, probe: () => Promise<unknown>): PreflightCheck {
+  return {
+    name,
+    description,
+    required: true,
+    async run() {
+      try {
+        await probe();
+        return { ok: true };
+      } catch (err) {
+        return { ok: false, message: (err as Error).message.split('\n')[0], remediation };
+      }
+    },
+  };
+}

@@ -1,0 +1,47 @@
+/**
+ * microvm.preflight.RunAll: runs checks in order, one microvm.preflight.Check span each, and
+ * combines required failures into one ERR_MICROVM_PREFLIGHT error.
+ */
+import { MicrovmError } from '../errors';
+import { ATTR, SPAN } from '../telemetry/attributes';
+import { inSpan, type SpanScope } from '../telemetry/tracer';
+import type { CheckResult, PreflightCheck } from './checks';
+
+/** One failed check in an ERR_MICROVM_PREFLIGHT error. */
+export interface PreflightFailure {
+  name: string;
+  required: boolean;
+  message: string;
+  remediation?: string;
+}
+
+/** Runs `checks`; resolves with the advisory failures, rejects when a required one failed. */
+export async function runAllChecks(scope: SpanScope, checks: readonly PreflightCheck[], signal?: AbortSignal): Promise<PreflightFailure[]> {
+  return inSpan(scope, SPAN.PREFLIGHT_RUN_ALL, { [ATTR.PREFLIGHT_CHECK_COUNT]: checks.length }, async (_span, inner) => {
+    const failures: PreflightFailure[] = [];
+    for (const check of checks) {
+      signal?.throwIfAborted();
+      await inSpan(inner, SPAN.PREFLIGHT_CHECK, { [ATTR.PREFLIGHT_CHECK_NAME]: check.name, [ATTR.PREFLIGHT_CHECK_REQUIRED]: check.required }, async (span) => {
+        let result: CheckResult;
+        try {
+          result = await check.run(signal);
+        } catch (err) {
+          result = { ok: false, message: `check threw: ${(err as Error).message}` };
+        }
+        span.setAttribute(ATTR.PREFLIGHT_CHECK_PASSED, result.ok);
+        if (!result.ok) {
+          failures.push({ name: check.name, required: check.required, message: result.message ?? 'failed', remediation: result.remediation });
+          if (check.required) throw new MicrovmError('ERR_MICROVM_PREFLIGHT_CHECK', `${check.name}: ${result.message ?? 'failed'}`);
+        }
+      }).catch((err: unknown) => {
+        if ((err as MicrovmError).code !== 'ERR_MICROVM_PREFLIGHT_CHECK') throw err;
+      });
+    }
+    const required = failures.filter((f) => f.required);
+    if (required.length > 0) {
+      const lines = required.map((f) => `  - ${f.name}: ${f.message}${f.remediation ? `\n    fix: ${f.remediation}` : ''}`);
+      throw Object.assign(new MicrovmError('ERR_MICROVM_PREFLIGHT', `Preflight failed:\n${lines.join('\n')}`), { failures });
+    }
+    return failures;
+  });
+}

@@ -1,0 +1,276 @@
+/**
+ * run(image, options): one call from an image to a started VM, with a span around every stage:
+ *
+ *   microvm.Run
+ *     microvm.Preflight        (microvm.preflight.RunAll -> microvm.preflight.Check per check)
+ *     microvm.ImagePull
+ *     microvm.RootfsClone      (microvm.rootfs.clone_strategy)
+ *     microvm.RootfsHooks
+ *     microvm.BackendPrepare
+ *     microvm.NetworkStart
+ *     microvm.VMSpawn          (microvm.backend.Start -> ResolveRuntime, ResolveFirmware)
+ *     microvm.PostBoot
+ *
+ * A failed or aborted stage marks its span and microvm.Run ERROR and undoes what earlier stages
+ * started (the VM process, the network provider, the VM's data directory).
+ */
+import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { context, type TracerProvider, trace } from '@opentelemetry/api';
+import { libkrunBackend } from './backends/libkrun';
+import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
+import { MicrovmError } from './errors';
+import { resolveImage } from './image/pull';
+import type { NetworkHandle, NetworkProvider } from './network/start';
+import { normalizeLogLevel, normalizePortMap, normalizeVirtiofs, type KrunLogLevel, type LOG_LEVELS } from './plan';
+import { diskSpaceCheck, kvmCheck, portsCheck, type PreflightCheck, probeCheck, resourcesCheck, userNamespacesCheck } from './preflight/checks';
+import { runAllChecks } from './preflight/run-all';
+import { resolveFirmware, FIRMWARE_INSTALL_HINT } from './resolve/firmware';
+import { LIBKRUN_INSTALL_HINT, resolveRuntime } from './resolve/runtime';
+import { type CloneStrategy, cloneRootfs, type ClonedRootfs } from './rootfs/clone';
+import { type RootfsHook, rootfsContext } from './rootfs/hooks';
+import { writeState, processStartTime, terminateRecorded } from './state';
+import { ATTR, SPAN } from './telemetry/attributes';
+import { endSpan, getTracer, inSpan, type SpanScope } from './telemetry/tracer';
+import * as v from './validate';
+import { MicroVM } from './vm';
+
+/** A function run with the started VM (stage microvm.PostBoot). */
+export type PostBootHook = (vm: MicroVM, scope: SpanScope) => void | Promise<void>;
+
+/** Options of {@link run}. Defaults in parentheses. */
+export interface RunOptions {
+  /** VM name, unique per data dir (`vm-<id>`). */
+  name?: string;
+  /** vCPUs, 1–255 (1). */
+  cpus?: number;
+  /** Memory in MiB (512). */
+  memoryMiB?: number;
+  /** Host→guest TCP forwards on 127.0.0.1 ([]). */
+  ports?: readonly { host: number; guest: number }[];
+  /** Command replacing the image's Entrypoint+Cmd. */
+  initOverride?: readonly string[];
+  /** Extra guest environment: "K=V" list or record. */
+  env?: readonly string[] | Record<string, string>;
+  /** Guest working directory (the image's, else /). */
+  workdir?: string;
+  /** An unpacked root filesystem to boot (skips the pull). Never modified. */
+  rootfsPath?: string;
+  /** Runtime config for a rootfsPath (Entrypoint, Cmd, Env, WorkingDir). */
+  imageConfig?: Partial<ImageRuntimeConfig>;
+  /** Hooks that write into the VM's rootfs before boot ([]). */
+  rootfsHooks?: readonly RootfsHook[];
+  /** Hooks run with the started VM ([]). */
+  postBoot?: readonly PostBootHook[];
+  /** Replace the built-in preflight checks. */
+  preflight?: readonly PreflightCheck[];
+  /** Add checks after the built-in ones. */
+  preflightChecks?: readonly PreflightCheck[];
+  /** Extra virtio-fs shares ([]). */
+  virtiofs?: readonly { tag: string; hostPath: string; readOnly?: boolean }[];
+  /** Data root ($MICROVM_DATA_DIR, else $XDG_DATA_HOME/node-microvm, else ~/.local/share/node-microvm). */
+  dataDir?: string;
+  /** Remove a leftover VM directory of the same name first, stopping its VM if still running (false). */
+  cleanDataDir?: boolean;
+  /** Image cache directory (used by image pulls; reserved until they land). */
+  imageCache?: string;
+  /** libkrun log level ('error'). */
+  logLevel?: KrunLogLevel | keyof typeof LOG_LEVELS;
+  /** 'auto' | 'libkrun' | a Backend object ('auto': libkrun). */
+  backend?: 'auto' | 'libkrun' | Backend;
+  /** Rootfs clone strategies to try, in order (overlay, reflink, copy). */
+  cloneStrategies?: readonly CloneStrategy[];
+  /** Network provider replacing TSI. */
+  network?: NetworkProvider;
+  /** Tracer provider (the global one). */
+  tracerProvider?: TracerProvider;
+  /** Cancels the start; everything started so far is undone. */
+  signal?: AbortSignal;
+}
+
+const RUN_KEYS = [
+  'name', 'cpus', 'memoryMiB', 'ports', 'initOverride', 'env', 'workdir', 'rootfsPath', 'imageConfig', 'rootfsHooks', 'postBoot', 'preflight', 'preflightChecks',
+  'virtiofs', 'dataDir', 'cleanDataDir', 'imageCache', 'logLevel', 'backend', 'cloneStrategies', 'network', 'tracerProvider', 'signal',
+] as const;
+
+/** The data root when none is given. */
+export function defaultDataRoot(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.MICROVM_DATA_DIR) return env.MICROVM_DATA_DIR;
+  const xdg = env.XDG_DATA_HOME || path.join(os.homedir(), '.local', 'share');
+  return path.join(xdg, 'node-microvm');
+}
+
+function functions<T>(name: string, value: unknown): T[] {
+  if (value === undefined) return [];
+  if (!Array.isArray(value) || value.some((f) => typeof f !== 'function')) throw new TypeError(`Expected an array of functions for ${name} but received ${v.describe(value)}`);
+  return value as T[];
+}
+
+function checks(name: string, value: unknown): PreflightCheck[] {
+  if (value === undefined) return [];
+  if (!Array.isArray(value)) throw new TypeError(`Expected an array of checks for ${name} but received ${v.describe(value)}`);
+  return value.map((c: unknown, i) => {
+    const o = v.object(`${name}[${i}]`, c);
+    v.string(`${name}[${i}].name`, o.name);
+    if (typeof o.run !== 'function') throw new TypeError(`Expected a run function for ${name}[${i}].run`);
+    return { description: '', required: true, ...(o as object) } as PreflightCheck;
+  });
+}
+
+/** Validates options and fills in defaults. */
+function normalize(image: string, options: RunOptions) {
+  const o = v.object('options', options);
+  v.knownKeys('options', o, RUN_KEYS);
+  v.string('image', image);
+  const id = randomBytes(6).toString('hex');
+  const name = o.name === undefined ? `vm-${id}` : v.string('name', o.name);
+  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(name)) throw new RangeError(`Expected 1–63 letters, digits, '_', '.' or '-' for name but received ${v.describe(name)}`);
+  let env: string[] = [];
+  if (Array.isArray(o.env)) env = v.envEntries('env', o.env);
+  else if (o.env !== undefined) env = v.envEntries('env', Object.entries(v.object('env', o.env)).map(([k, val]) => `${k}=${v.string(`env.${k}`, val, { allowEmpty: true })}`));
+  let backend: Backend;
+  if (o.backend === undefined || o.backend === 'auto' || o.backend === 'libkrun') backend = libkrunBackend();
+  else if (typeof o.backend === 'object' && o.backend !== null && typeof (o.backend as Backend).start === 'function') backend = o.backend as Backend;
+  else throw new TypeError(`Expected 'auto', 'libkrun' or a Backend object for backend but received ${v.describe(o.backend)}`);
+  const ports = o.ports === undefined ? [] : (normalizePortMap('ports', o.ports) as string[]).map((p) => {
+    const [host, guest] = p.split(':').map(Number);
+    return { host, guest };
+  });
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new TypeError('Expected an AbortSignal for signal');
+  return {
+    id,
+    name,
+    cpus: o.cpus === undefined ? 1 : v.integer('cpus', o.cpus, 1, 255),
+    memoryMiB: o.memoryMiB === undefined ? 512 : v.integer('memoryMiB', o.memoryMiB, 32, 4_194_304),
+    ports,
+    initOverride: o.initOverride === undefined ? undefined : v.stringArray('initOverride', o.initOverride, { allowEmptyItems: true }),
+    env,
+    workdir: o.workdir === undefined ? undefined : v.string('workdir', o.workdir),
+    rootfsPath: o.rootfsPath === undefined ? undefined : v.absolutePath('rootfsPath', o.rootfsPath),
+    imageConfig: o.imageConfig === undefined ? undefined : (v.object('imageConfig', o.imageConfig) as Partial<ImageRuntimeConfig>),
+    rootfsHooks: functions<RootfsHook>('rootfsHooks', o.rootfsHooks),
+    postBoot: functions<PostBootHook>('postBoot', o.postBoot),
+    preflight: o.preflight === undefined ? undefined : checks('preflight', o.preflight),
+    preflightChecks: checks('preflightChecks', o.preflightChecks),
+    virtiofs: o.virtiofs === undefined ? [] : (o.virtiofs as unknown[]).map((m, i) => normalizeVirtiofs(`virtiofs[${i}]`, m)).map((m) => ({ tag: m.tag, hostPath: m.path, readOnly: m.readOnly })),
+    dataRoot: o.dataDir === undefined ? defaultDataRoot() : v.absolutePath('dataDir', o.dataDir),
+    cleanDataDir: o.cleanDataDir === undefined ? false : v.boolean('cleanDataDir', o.cleanDataDir),
+    logLevel: o.logLevel === undefined ? 1 : normalizeLogLevel('logLevel', o.logLevel),
+    backend,
+    cloneStrategies: o.cloneStrategies as CloneStrategy[] | undefined,
+    network: o.network as NetworkProvider | undefined,
+    tracerProvider: o.tracerProvider as TracerProvider | undefined,
+    signal: o.signal as AbortSignal | undefined,
+  };
+}
+
+function defaultChecks(backend: Backend, dataRoot: string, cpus: number, memoryMiB: number, ports: number[]): PreflightCheck[] {
+  const list: PreflightCheck[] = [];
+  if (backend.name === 'libkrun') {
+    list.push(kvmCheck());
+    list.push(probeCheck('libkrun', 'libkrun 1.x can be loaded', LIBKRUN_INSTALL_HINT, () => resolveRuntime()));
+    list.push(probeCheck('libkrunfw', 'libkrunfw 5 can be loaded', FIRMWARE_INSTALL_HINT, () => resolveFirmware()));
+  }
+  list.push(diskSpaceCheck(fs.existsSync(dataRoot) ? dataRoot : path.dirname(dataRoot)), resourcesCheck(cpus, memoryMiB), portsCheck(ports));
+  if (backend.supportsOverlay) list.push(userNamespacesCheck());
+  return list;
+}
+
+/** Boots `image` as a VM. See {@link RunOptions}; resolves to a started {@link MicroVM}. */
+export async function run(image: string, options: RunOptions = {}): Promise<MicroVM> {
+  const o = normalize(image, options);
+  const tracer = getTracer(o.tracerProvider);
+  const root = tracer.startSpan(SPAN.RUN, { attributes: { [ATTR.IMAGE]: image, [ATTR.NAME]: o.name, [ATTR.CPUS]: o.cpus, [ATTR.MEMORY]: o.memoryMiB, [ATTR.VM_ID]: o.id, [ATTR.BACKEND]: o.backend.name } }, context.active());
+  const scope: SpanScope = { tracer, ctx: trace.setSpan(context.active(), root) };
+  const signal = o.signal;
+  const vmDir = path.join(o.dataRoot, 'vms', o.name);
+  const undo: Array<() => Promise<void>> = [];
+  let handle: BackendHandle | undefined;
+  try {
+    signal?.throwIfAborted();
+
+    await inSpan(scope, SPAN.PREFLIGHT, undefined, (_s, inner) =>
+      runAllChecks(inner, o.preflight ?? [...defaultChecks(o.backend, o.dataRoot, o.cpus, o.memoryMiB, o.ports.map((p) => p.host)), ...o.preflightChecks], signal),
+    );
+
+    const pulled = await inSpan(scope, SPAN.IMAGE_PULL, undefined, (span) => resolveImage(image, o.rootfsPath, o.imageConfig, span));
+
+    // The VM's directory: a leftover one is an error unless cleanDataDir says to replace it.
+    await fsp.mkdir(path.join(o.dataRoot, 'vms'), { recursive: true, mode: 0o700 });
+    if (fs.existsSync(vmDir)) {
+      if (!o.cleanDataDir) throw new MicrovmError('ERR_MICROVM_NAME_IN_USE', `A VM named ${o.name} already has a data directory (${vmDir}); pick another name or pass cleanDataDir: true`);
+      await terminateRecorded(vmDir);
+      await fsp.rm(vmDir, { recursive: true, force: true });
+    }
+    await fsp.mkdir(vmDir, { mode: 0o700 });
+    undo.push(() => fsp.rm(vmDir, { recursive: true, force: true }));
+
+    const rootfs: ClonedRootfs = await inSpan(scope, SPAN.ROOTFS_CLONE, undefined, async (span) => {
+      const r = await cloneRootfs({ sourceDir: pulled.rootfsDir, vmDir, overlaySupported: o.backend.supportsOverlay, strategies: o.cloneStrategies, signal });
+      span.setAttribute(ATTR.ROOTFS_CLONE_STRATEGY, r.strategy);
+      return r;
+    });
+
+    await inSpan(scope, SPAN.ROOTFS_HOOKS, { [ATTR.ROOTFS_HOOK_COUNT]: o.rootfsHooks.length }, async () => {
+      const ctx = rootfsContext(o.id, rootfs);
+      for (const hook of o.rootfsHooks) {
+        signal?.throwIfAborted();
+        await hook(ctx);
+      }
+    });
+
+    await inSpan(scope, SPAN.BACKEND_PREPARE, { [ATTR.BACKEND]: o.backend.name }, (_s, inner) =>
+      o.backend.prepareRootfs({ vmId: o.id, dataDir: vmDir, rootfs, image: pulled.config, initOverride: o.initOverride, env: o.env, workdir: o.workdir, scope: inner, signal }),
+    );
+
+    const network: NetworkHandle | undefined = await inSpan(scope, SPAN.NETWORK_START, { [ATTR.NETWORK_PROVIDER]: o.network?.name ?? 'tsi', [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`) }, async () => {
+      signal?.throwIfAborted();
+      if (!o.network) return undefined;
+      const n = await o.network.start({ vmId: o.id, dataDir: vmDir, ports: o.ports, signal });
+      undo.push(() => n.stop());
+      return n;
+    });
+
+    const consoleLogPath = path.join(vmDir, 'console.log');
+    const logPath = path.join(vmDir, 'vm.log');
+    handle = await inSpan(scope, SPAN.VM_SPAWN, undefined, (_s, inner) =>
+      o.backend.start({
+        vmId: o.id, name: o.name, dataDir: vmDir, rootfs, cpus: o.cpus, memoryMiB: o.memoryMiB, ports: o.ports, virtiofs: o.virtiofs, logLevel: o.logLevel,
+        consoleLogPath, logPath, network: network ? { kind: network.kind, socketPath: network.socketPath, mac: network.mac } : undefined, scope: inner, signal,
+      }),
+    );
+    const started = handle;
+    undo.push(async () => {
+      started.kill('SIGKILL');
+      await started.exited;
+    });
+    root.setAttribute(ATTR.VM_PID, started.pid);
+    await writeState(vmDir, {
+      id: o.id, name: o.name, backend: o.backend.name, pid: started.pid, pidStartTime: processStartTime(started.pid) ?? '', executable: started.executable,
+      image, cpus: o.cpus, memoryMiB: o.memoryMiB, ports: o.ports, rootfsPath: rootfs.rootPath, cloneStrategy: rootfs.strategy, createdAt: new Date().toISOString(),
+    });
+
+    const vm = new MicroVM(
+      { id: o.id, name: o.name, backend: o.backend.name, dataDir: vmDir, rootfsPath: rootfs.rootPath, cloneStrategy: rootfs.strategy, ports: o.ports, consoleLogPath, logPath },
+      started,
+      network ? [() => network.stop()] : [],
+    );
+
+    await inSpan(scope, SPAN.POST_BOOT, { [ATTR.POST_BOOT_HOOK_COUNT]: o.postBoot.length }, async (_s, inner) => {
+      for (const hook of o.postBoot) {
+        signal?.throwIfAborted();
+        await hook(vm, inner);
+      }
+    });
+
+    endSpan(root);
+    return vm;
+  } catch (err) {
+    for (const fn of undo.reverse()) await fn().catch(() => undefined);
+    endSpan(root, err);
+    throw err;
+  }
+}

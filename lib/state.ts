@@ -1,0 +1,123 @@
+/**
+ * Per-VM state in `<dataDir>/state.json`, written atomically (temp file, fsync, rename) under a
+ * lock file, and the PID-reuse guard used before signalling a recorded VM process.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+/** What state.json holds. */
+export interface VmState {
+  id: string;
+  name: string;
+  backend: string;
+  pid: number;
+  /** Field 22 of /proc/PID/stat (clock ticks since boot), to detect PID reuse. */
+  pidStartTime: string;
+  /** The executable behind pid (/proc/PID/exe). */
+  executable: string;
+  image: string;
+  cpus: number;
+  memoryMiB: number;
+  ports: { host: number; guest: number }[];
+  rootfsPath: string;
+  cloneStrategy: string;
+  createdAt: string;
+}
+
+/** Start time of a process (field 22 of /proc/PID/stat), or undefined when it is gone. */
+export function processStartTime(pid: number): string | undefined {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // The command name (field 2) may contain spaces and parentheses: split after its last ')'.
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether `pid` is still the process recorded in `state` (same executable, same start time). */
+export function isRecordedProcess(state: Pick<VmState, 'pid' | 'pidStartTime' | 'executable'>): boolean {
+  if (processStartTime(state.pid) !== state.pidStartTime) return false;
+  try {
+    return fs.readlinkSync(`/proc/${state.pid}/exe`) === fs.realpathSync(state.executable);
+  } catch {
+    return false;
+  }
+}
+
+/** Runs `fn` holding `<dir>/state.lock` (O_EXCL; a lock left by a dead process is taken over). */
+export async function withStateLock<T>(dir: string, fn: () => Promise<T> | T): Promise<T> {
+  const lock = path.join(dir, 'state.lock');
+  for (let attempt = 0; ; attempt++) {
+    try {
+      fs.writeFileSync(lock, String(process.pid), { flag: 'wx', mode: 0o600 });
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const holder = Number(fs.readFileSync(lock, 'utf8').trim());
+      let alive = false;
+      try {
+        process.kill(holder, 0);
+        alive = true;
+      } catch {
+        /* gone */
+      }
+      if (!alive || attempt > 400) fs.rmSync(lock, { force: true });
+      else await new Promise((r) => setTimeout(r, 5));
+    }
+  }
+  try {
+    return await fn();
+  } finally {
+    fs.rmSync(lock, { force: true });
+  }
+}
+
+/** Writes state.json atomically. */
+export async function writeState(dir: string, state: VmState): Promise<void> {
+  await withStateLock(dir, () => {
+    const tmp = path.join(dir, `.state.json.${process.pid}.tmp`);
+    const fd = fs.openSync(tmp, 'w', 0o600);
+    try {
+      fs.writeSync(fd, `${JSON.stringify(state, null, 2)}\n`);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, path.join(dir, 'state.json'));
+  });
+}
+
+/** Reads state.json, or undefined when absent or unreadable. */
+export function readState(dir: string): VmState | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(dir, 'state.json'), 'utf8')) as VmState;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Terminates the VM recorded in `dir` if (and only if) its PID still names the same process:
+ * SIGTERM to its process group, then SIGKILL after `timeoutMs`. Returns whether it signalled.
+ */
+export async function terminateRecorded(dir: string, timeoutMs = 5000): Promise<boolean> {
+  const state = readState(dir);
+  if (!state || !isRecordedProcess(state)) return false;
+  const signal = (sig: NodeJS.Signals): void => {
+    try {
+      process.kill(-state.pid, sig);
+    } catch {
+      try {
+        process.kill(state.pid, sig);
+      } catch {
+        /* gone */
+      }
+    }
+  };
+  signal('SIGTERM');
+  const deadline = Date.now() + timeoutMs;
+  while (isRecordedProcess(state) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  if (isRecordedProcess(state)) signal('SIGKILL');
+  return true;
+}

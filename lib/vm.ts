@@ -1,0 +1,127 @@
+/**
+ * The handle run() resolves to: a started VM. `stop()` is idempotent and safe to call
+ * concurrently; `await using vm = await run(...)` stops and removes it at scope exit.
+ */
+import { EventEmitter } from 'node:events';
+import * as fsp from 'node:fs/promises';
+import type { BackendHandle } from './backends/types';
+import * as v from './validate';
+
+/** What {@link MicroVM.status} reports. */
+export interface VmStatus {
+  state: 'running' | 'exited';
+  backend: string;
+  pid: number;
+  exitCode: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+/** Fixed facts about a VM, set when it starts. */
+export interface MicroVMInfo {
+  id: string;
+  name: string;
+  backend: string;
+  dataDir: string;
+  rootfsPath: string;
+  cloneStrategy: string;
+  ports: { host: number; guest: number }[];
+  consoleLogPath: string;
+  logPath: string;
+}
+
+export class MicroVM extends EventEmitter implements AsyncDisposable {
+  readonly id: string;
+  readonly name: string;
+  readonly backend: string;
+  readonly dataDir: string;
+  readonly rootfsPath: string;
+  readonly cloneStrategy: string;
+  readonly ports: readonly { host: number; guest: number }[];
+  readonly consoleLogPath: string;
+  readonly logPath: string;
+  readonly #handle: BackendHandle;
+  readonly #exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  #result: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+  #stopping: Promise<void> | undefined;
+  #onExit: Array<() => Promise<void>> = [];
+
+  /** @internal Created by run(). */
+  constructor(info: MicroVMInfo, handle: BackendHandle, onExit: Array<() => Promise<void>> = []) {
+    super();
+    this.id = info.id;
+    this.name = info.name;
+    this.backend = info.backend;
+    this.dataDir = info.dataDir;
+    this.rootfsPath = info.rootfsPath;
+    this.cloneStrategy = info.cloneStrategy;
+    this.ports = info.ports;
+    this.consoleLogPath = info.consoleLogPath;
+    this.logPath = info.logPath;
+    this.#handle = handle;
+    this.#onExit = onExit;
+    this.#exited = handle.exited.then(async (r) => {
+      this.#result = r;
+      for (const fn of this.#onExit) await fn().catch(() => undefined);
+      this.emit('exit', r.code, r.signal);
+      return r;
+    });
+  }
+
+  /** PID of the process that owns the VM. */
+  get pid(): number {
+    return this.#handle.pid;
+  }
+
+  status(): VmStatus {
+    return {
+      state: this.#result ? 'exited' : 'running',
+      backend: this.backend,
+      pid: this.pid,
+      exitCode: this.#result?.code ?? null,
+      signal: this.#result?.signal ?? null,
+    };
+  }
+
+  /** Resolves with the guest's exit code (null when the VM was killed by a signal). */
+  async wait(): Promise<number | null> {
+    return (await this.#exited).code;
+  }
+
+  /**
+   * Stops the VM: SIGTERM to its process group, SIGKILL after `timeoutMs` (default 5000).
+   * Idempotent; concurrent calls share one stop.
+   */
+  stop(options: { timeoutMs?: number } = {}): Promise<void> {
+    const o = v.object('options', options);
+    v.knownKeys('options', o, ['timeoutMs']);
+    const timeoutMs = o.timeoutMs === undefined ? 5000 : v.integer('options.timeoutMs', o.timeoutMs, 0, 3_600_000);
+    this.#stopping ??= (async () => {
+      if (this.#result) return;
+      this.#handle.kill('SIGTERM');
+      let timer: NodeJS.Timeout | undefined;
+      const timedOut = await Promise.race([
+        this.#exited.then(() => false),
+        new Promise<boolean>((resolve) => {
+          timer = setTimeout(() => resolve(true), timeoutMs);
+        }),
+      ]);
+      clearTimeout(timer);
+      if (timedOut) {
+        this.#handle.kill('SIGKILL');
+        await this.#exited;
+      }
+    })();
+    return this.#stopping;
+  }
+
+  /** Stops the VM and deletes its data directory (never the shared image cache). */
+  async remove(): Promise<void> {
+    await this.stop();
+    await fsp.rm(this.dataDir, { recursive: true, force: true });
+  }
+
+  /** `await using`: stop and remove. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.remove();
+  }
+}

@@ -1,0 +1,129 @@
+#include "beneath.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <random>
+
+namespace microvm {
+
+namespace {
+
+class Fd {
+ public:
+  explicit Fd(int fd = -1) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  void reset(int fd) {
+    if (fd_ >= 0) close(fd_);
+    fd_ = fd;
+  }
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+bool ValidComponent(const std::string& c) {
+  return !c.empty() && c != "." && c != ".." && c.find('/') == std::string::npos &&
+         c.find('\0') == std::string::npos && c.size() < 256;
+}
+
+}  // namespace
+
+int WriteFileBeneath(const std::string& root, const std::vector<std::string>& components,
+                     const void* data, size_t size, mode_t mode, uid_t uid, gid_t gid,
+                     const std::vector<DirAttrs>& dir_attrs, std::string* failed_at) {
+  if (components.empty()) return EINVAL;
+  for (const auto& c : components) {
+    if (!ValidComponent(c)) {
+      *failed_at = c;
+      return EINVAL;
+    }
+  }
+  Fd dir(open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir.get() < 0) {
+    *failed_at = root;
+    return errno;
+  }
+  for (size_t i = 0; i + 1 < components.size(); i++) {
+    const std::string& c = components[i];
+    DirAttrs attrs = i < dir_attrs.size() ? dir_attrs[i] : DirAttrs();
+    bool created = false;
+    if (mkdirat(dir.get(), c.c_str(), attrs.mode & 07777) == 0) {
+      created = true;
+    } else if (errno != EEXIST) {
+      *failed_at = c;
+      return errno;
+    }
+    // O_NOFOLLOW + O_DIRECTORY: a symlink (or anything but a directory) here is refused.
+    int next = openat(dir.get(), c.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (next < 0) {
+      int err = errno;
+      *failed_at = c;
+      // Linux reports ENOTDIR for O_DIRECTORY|O_NOFOLLOW on a symlink: name it for what it is.
+      struct stat lst;
+      if (fstatat(dir.get(), c.c_str(), &lst, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(lst.st_mode)) return ELOOP;
+      return err;
+    }
+    if (created) {
+      fchmod(next, attrs.mode & 07777);  // not subject to the umask
+      if (attrs.uid != static_cast<uid_t>(-1) || attrs.gid != static_cast<gid_t>(-1)) {
+        if (fchown(next, attrs.uid, attrs.gid) != 0 && geteuid() == 0) {
+          int err = errno;
+          close(next);
+          *failed_at = c;
+          return err;
+        }
+      }
+    }
+    dir.reset(next);
+  }
+
+  const std::string& name = components.back();
+  // Refuse to replace a symlink or a directory at the target itself.
+  struct stat st;
+  if (fstatat(dir.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISREG(st.st_mode)) {
+    *failed_at = name;
+    return S_ISLNK(st.st_mode) ? ELOOP : EISDIR;
+  }
+  std::random_device rd;
+  std::string tmp = "." + name.substr(0, 200) + ".microvm-" + std::to_string(rd());
+  Fd file(openat(dir.get(), tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (file.get() < 0) {
+    *failed_at = name;
+    return errno;
+  }
+  const char* p = static_cast<const char*>(data);
+  size_t left = size;
+  int err = 0;
+  while (left > 0) {
+    ssize_t n = write(file.get(), p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      err = errno;
+      break;
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+  if (err == 0 && fchmod(file.get(), mode & 07777) != 0) err = errno;
+  if (err == 0 && (uid != static_cast<uid_t>(-1) || gid != static_cast<gid_t>(-1)) &&
+      fchown(file.get(), uid, gid) != 0 && geteuid() == 0) {
+    err = errno;
+  }
+  if (err == 0 && renameat(dir.get(), tmp.c_str(), dir.get(), name.c_str()) != 0) err = errno;
+  if (err != 0) {
+    unlinkat(dir.get(), tmp.c_str(), 0);
+    *failed_at = name;
+  }
+  return err;
+}
+
+}  // namespace microvm

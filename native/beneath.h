@@ -1,0 +1,26 @@
+// Writing a file under a root directory without ever following a symlink: every path component
+// is opened relative to its parent with O_NOFOLLOW (kernel-enforced; no string checks), so a
+// symlink planted anywhere in the rootfs cannot redirect the write outside it.
+#pragma once
+
+#include <string>
+#include <sys/types.h>
+#include <vector>
+
+namespace microvm {
+
+struct DirAttrs {
+  mode_t mode = 0755;
+  uid_t uid = static_cast<uid_t>(-1);  // -1: leave as created
+  gid_t gid = static_cast<gid_t>(-1);
+};
+
+// Creates or replaces root/components... with `data`. Missing directories are created with
+// dir_attrs[i] (one per intermediate component). The final file is written to a temporary name
+// beside it and renamed into place. Returns 0 or a positive errno, with `failed_at` naming the
+// component where it failed.
+int WriteFileBeneath(const std::string& root, const std::vector<std::string>& components,
+                     const void* data, size_t size, mode_t mode, uid_t uid, gid_t gid,
+                     const std::vector<DirAttrs>& dir_attrs, std::string* failed_at);
+
+}  // namespace microvm

@@ -1,0 +1,259 @@
+/**
+ * run() end to end over the libkrun RECORDING ABI TEST DOUBLE (the runner is a real process whose
+ * "VM" runs until SIGTERM) with Debian's real libkrunfw, spans captured by the OTel SDK.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { trace } from '@opentelemetry/api';
+import { BasicTracerProvider, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { hooks, libkrunBackend, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
+import { alive, doubleDir, firmwareDir, readCalls, scratch } from '../helpers';
+
+let s: ReturnType<typeof scratch>;
+let exporter: InMemorySpanExporter;
+let provider: BasicTracerProvider;
+let calls: string;
+const started: MicroVM[] = [];
+
+/** A small image tree: /etc/passwd, /root (0700), /bin/sh as a file. */
+function makeImage(dir: string): string {
+  const img = path.join(dir, 'image');
+  if (fs.existsSync(img)) return img;
+  fs.mkdirSync(path.join(img, 'etc'), { recursive: true });
+  fs.mkdirSync(path.join(img, 'root'), { mode: 0o700 });
+  fs.mkdirSync(path.join(img, 'bin'));
+  fs.writeFileSync(path.join(img, 'etc', 'passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
+  fs.writeFileSync(path.join(img, 'etc', 'hostname'), 'image\n');
+  fs.writeFileSync(path.join(img, 'bin', 'sh'), '#!fake\n', { mode: 0o755 });
+  return img;
+}
+
+function options(extra: RunOptions = {}): RunOptions {
+  return {
+    rootfsPath: makeImage(s.dir),
+    dataDir: path.join(s.dir, 'data'),
+    initOverride: ['/bin/sh', '-c', 'echo hi'],
+    preflight: [],
+    backend: libkrunBackend({
+      runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
+      firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
+      env: { PATH: process.env.PATH, KRUN_DOUBLE_LOG: calls },
+    }),
+    tracerProvider: provider,
+    ...extra,
+  };
+}
+
+const byName = (name: string): ReadableSpan[] => exporter.getFinishedSpans().filter((sp) => sp.name === name);
+const one = (name: string): ReadableSpan => {
+  const list = byName(name);
+  if (list.length !== 1) throw new Error(`expected one ${name} span, got ${list.length}`);
+  return list[0];
+};
+const parentOf = (sp: ReadableSpan): string | undefined => sp.parentSpanContext?.spanId;
+
+beforeEach(() => {
+  s = scratch('microvm-run-');
+  calls = path.join(s.dir, 'calls.jsonl');
+  exporter = new InMemorySpanExporter();
+  provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+});
+
+afterEach(async () => {
+  for (const vm of started.splice(0)) await vm.remove().catch(() => undefined);
+  s.cleanup();
+});
+
+describe('run() over the libkrun double', () => {
+  test('the full span tree: names, parents, attributes; the runner got the plan', async () => {
+    const vm = await run('example.org/busybox:1', options({ name: 'spans', cpus: 2, memoryMiB: 256, ports: [{ host: 40022, guest: 22 }], rootfsHooks: [hooks.injectFile('/etc/motd', 'hello\n')] }));
+    started.push(vm);
+    const rootSpan = one(SPAN.RUN);
+    expect(rootSpan.attributes).toMatchObject({ image: 'example.org/busybox:1', name: 'spans', cpus: 2, memory: 256 });
+    expect(parentOf(rootSpan)).toBeUndefined();
+    const stages = [SPAN.PREFLIGHT, SPAN.IMAGE_PULL, SPAN.ROOTFS_CLONE, SPAN.ROOTFS_HOOKS, SPAN.BACKEND_PREPARE, SPAN.NETWORK_START, SPAN.VM_SPAWN, SPAN.POST_BOOT];
+    for (const name of stages) expect([name, parentOf(one(name))]).toEqual([name, rootSpan.spanContext().spanId]);
+    // Stages ran in order.
+    const startTimes = stages.map((n) => one(n).startTime);
+    const asNs = startTimes.map(([sec, ns]) => sec * 1e9 + ns);
+    expect([...asNs].sort((a, b) => a - b)).toEqual(asNs);
+    expect(parentOf(one(SPAN.PREFLIGHT_RUN_ALL))).toBe(one(SPAN.PREFLIGHT).spanContext().spanId);
+    const start = one(SPAN.BACKEND_START);
+    expect(parentOf(start)).toBe(one(SPAN.VM_SPAWN).spanContext().spanId);
+    expect(parentOf(one(SPAN.BACKEND_RESOLVE_RUNTIME))).toBe(start.spanContext().spanId);
+    expect(parentOf(one(SPAN.BACKEND_RESOLVE_FIRMWARE))).toBe(start.spanContext().spanId);
+    expect(one(SPAN.BACKEND_RESOLVE_FIRMWARE).attributes['microvm.firmware.abi_version']).toBe(5);
+    expect(one(SPAN.ROOTFS_CLONE).attributes['microvm.rootfs.clone_strategy']).toBe(vm.cloneStrategy);
+    expect(exporter.getFinishedSpans().every((sp) => sp.status.code !== 2)).toBe(true);
+
+    // The runner (vm.pid) applied the plan: vm config, root, port map, console.
+    const recorded = readCalls(calls).filter((c) => c.pid === vm.pid);
+    expect(recorded.find((c) => c.fn === 'krun_set_vm_config')?.args).toMatchObject({ num_vcpus: 2, ram_mib: 256 });
+    expect(recorded.find((c) => c.fn === 'krun_set_root')?.args.root_path).toBe(vm.rootfsPath);
+    expect(recorded.find((c) => c.fn === 'krun_set_port_map')?.args.port_map).toEqual(['40022:22']);
+    expect(recorded.find((c) => c.fn === 'krun_set_console_output')?.args.c_filepath).toBe(vm.consoleLogPath);
+    expect(recorded[recorded.length - 1].fn).toBe('krun_start_enter');
+    expect(vm.status()).toMatchObject({ state: 'running', backend: 'libkrun', pid: vm.pid });
+    const state = JSON.parse(fs.readFileSync(path.join(vm.dataDir, 'state.json'), 'utf8'));
+    expect(state).toMatchObject({ name: 'spans', pid: vm.pid, cpus: 2, memoryMiB: 256 });
+  });
+
+  test('the guest sees .krun_config.json and hook files; the shared tree is untouched', async () => {
+    const img = makeImage(s.dir);
+    const before = fs.readdirSync(img, { recursive: true }).sort();
+    const vm = await run('img', options({ rootfsPath: img, env: { GREETING: 'hi there' }, workdir: '/root', rootfsHooks: [hooks.injectAuthorizedKeys('ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample test@host')] }));
+    started.push(vm);
+    // Read the guest's root as the runner (the VMM) sees it: /proc/PID/root enters its mount namespace.
+    const guest = (p: string): string => path.join(`/proc/${vm.pid}/root`, vm.rootfsPath, p);
+    const config = JSON.parse(fs.readFileSync(guest('.krun_config.json'), 'utf8'));
+    expect(config).toEqual({ Cmd: ['/bin/sh', '-c', 'echo hi'], Env: [expect.stringMatching(/^PATH=/), 'GREETING=hi there'], WorkingDir: '/root' });
+    expect(fs.readFileSync(guest('root/.ssh/authorized_keys'), 'utf8')).toContain('ssh-ed25519 AAAAC3');
+    expect(fs.statSync(guest('root/.ssh')).mode & 0o777).toBe(0o700);
+    expect(fs.statSync(guest('root')).mode & 0o777).toBe(0o700);
+    expect(fs.readFileSync(guest('etc/hostname'), 'utf8')).toBe('image\n');
+    expect(fs.readdirSync(img, { recursive: true }).sort()).toEqual(before);
+  });
+
+  test.each(['overlay', 'copy'] as const)('clone strategy %s', async (strategy) => {
+    const vm = await run('img', options({ cloneStrategies: [strategy] }));
+    started.push(vm);
+    expect(vm.cloneStrategy).toBe(strategy);
+    expect(fs.readFileSync(path.join(`/proc/${vm.pid}/root`, vm.rootfsPath, 'etc/hostname'), 'utf8')).toBe('image\n');
+  });
+
+  test('a rootfs hook cannot follow a symlink in the image out of the rootfs', async () => {
+    const img = makeImage(s.dir);
+    const outside = path.join(s.dir, 'outside');
+    fs.mkdirSync(outside);
+    fs.symlinkSync(outside, path.join(img, 'escape'));
+    fs.symlinkSync('/etc', path.join(img, 'etc2'));
+    for (const strategy of ['copy', 'overlay'] as const) {
+      for (const target of ['/escape/pwned', '/etc2/pwned']) {
+        const err = await run('img', options({ rootfsPath: img, cloneStrategies: [strategy], rootfsHooks: [hooks.injectFile(target, 'x')] })).catch((e: unknown) => e);
+        if (strategy === 'copy') expect(err).toMatchObject({ code: 'ERR_MICROVM_ROOTFS_SYMLINK' });
+        // Overlay: the write lands in the VM's own upper layer (a real directory shadows the link), or is refused.
+        if (!(err instanceof Error)) started.push(err as MicroVM);
+      }
+    }
+    expect(fs.readdirSync(outside)).toEqual([]);
+    expect(fs.existsSync('/etc/pwned')).toBe(false);
+  });
+
+  test.each([
+    [SPAN.PREFLIGHT, (): RunOptions => ({ preflight: [{ name: 'always-fails', description: 'x', required: true, run: () => ({ ok: false, message: 'nope', remediation: 'do the thing' }) }] }), 'ERR_MICROVM_PREFLIGHT'],
+    [SPAN.IMAGE_PULL, (): RunOptions => ({ rootfsPath: '/nonexistent/rootfs' }), 'ERR_MICROVM_ROOTFS_NOT_FOUND'],
+    [SPAN.ROOTFS_HOOKS, (): RunOptions => ({ rootfsHooks: [() => { throw Object.assign(new Error('hook failed'), { code: 'E_HOOK' }); }] }), 'E_HOOK'],
+    [SPAN.BACKEND_PREPARE, (): RunOptions => ({ initOverride: undefined }), 'ERR_MICROVM_NO_COMMAND'],
+    [SPAN.VM_SPAWN, (): RunOptions => ({ cpus: 200 }), 'EINVAL'],
+    [SPAN.POST_BOOT, (): RunOptions => ({ postBoot: [async () => { throw Object.assign(new Error('post boot failed'), { code: 'E_POST' }); }] }), 'E_POST'],
+  ])('a failure in %s: ERROR on that span and on microvm.Run, nothing left behind', async (stage, extra, code) => {
+    const opts = options(extra());
+    if (stage === SPAN.VM_SPAWN) {
+      // Make libkrun (the double) refuse the VM config inside the runner.
+      opts.backend = libkrunBackend({
+        runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
+        firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
+        validatePlan: false,
+        env: { PATH: process.env.PATH, KRUN_DOUBLE_LOG: calls, KRUN_DOUBLE_FAIL: 'krun_set_vm_config:22' },
+      });
+    }
+    const err = await run('img', opts).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code });
+    expect(one(stage).status.code).toBe(2);
+    expect(one(SPAN.RUN).status.code).toBe(2);
+    expect(one(SPAN.RUN).attributes['error.type']).toBe(code);
+    // No VM process and no VM directory remain.
+    for (const pid of new Set(readCalls(calls).map((c) => c.pid))) if (pid !== process.pid) expect(alive(pid)).toBe(false);
+    const vms = path.join(s.dir, 'data', 'vms');
+    expect(fs.existsSync(vms) ? fs.readdirSync(vms) : []).toEqual([]);
+  });
+
+  test('the preflight error lists each failed required check with its fix', async () => {
+    const err = await run('img', options({ preflight: [
+      { name: 'a', description: '', required: true, run: () => ({ ok: false, message: 'A is missing', remediation: 'install A' }) },
+      { name: 'b', description: '', required: false, run: () => ({ ok: false, message: 'B is slow' }) },
+      { name: 'c', description: '', required: true, run: () => { throw new Error('C exploded'); } },
+    ] })).catch((e: Error) => e);
+    expect(err).toMatchObject({ code: 'ERR_MICROVM_PREFLIGHT' });
+    expect((err as Error).message).toContain('a: A is missing\n    fix: install A');
+    expect((err as Error).message).toContain('c: check threw: C exploded');
+    expect((err as Error).message).not.toContain('B is slow');
+    expect(byName(SPAN.PREFLIGHT_CHECK).map((sp) => [sp.attributes['check.name'], sp.attributes['check.passed']])).toEqual([['a', false], ['b', false], ['c', false]]);
+  });
+
+  test('abort during a stage undoes everything', async () => {
+    const ac = new AbortController();
+    const err = await run('img', options({ signal: ac.signal, rootfsHooks: [() => ac.abort()] })).catch((e: unknown) => e);
+    expect(err).toMatchObject({ name: 'AbortError' });
+    expect(fs.readdirSync(path.join(s.dir, 'data', 'vms'))).toEqual([]);
+    expect(one(SPAN.RUN).status.code).toBe(2);
+  });
+
+  test('stop() is idempotent and concurrent calls share one stop; wait() gives the exit code', async () => {
+    const vm = await run('img', options());
+    started.push(vm);
+    const exits: unknown[] = [];
+    vm.on('exit', (code) => exits.push(code));
+    await Promise.all([vm.stop(), vm.stop(), vm.stop({ timeoutMs: 1000 })]);
+    await vm.stop();
+    expect(await vm.wait()).toBe(0);
+    expect(exits).toEqual([0]);
+    expect(vm.status().state).toBe('exited');
+    expect(alive(vm.pid)).toBe(false);
+  });
+
+  test('await using: the VM is stopped and its directory removed, the image is not', async () => {
+    const img = makeImage(s.dir);
+    let pid = 0;
+    let dir = '';
+    {
+      await using vm = await run('img', options({ rootfsPath: img }));
+      pid = vm.pid;
+      dir = vm.dataDir;
+    }
+    expect(alive(pid)).toBe(false);
+    expect(fs.existsSync(dir)).toBe(false);
+    expect(fs.existsSync(path.join(img, 'etc', 'hostname'))).toBe(true);
+  });
+
+  test('a name in use is refused; cleanDataDir stops the recorded VM first', async () => {
+    const first = await run('img', options({ name: 'dup' }));
+    started.push(first);
+    await expect(run('img', options({ name: 'dup' }))).rejects.toMatchObject({ code: 'ERR_MICROVM_NAME_IN_USE' });
+    const second = await run('img', options({ name: 'dup', cleanDataDir: true }));
+    started.push(second);
+    expect(await first.wait()).toBe(0); // stopped by SIGTERM through the PID-reuse guard
+    expect(alive(second.pid)).toBe(true);
+  });
+
+  test('cleanDataDir never signals a recycled PID (different start time)', async () => {
+    const vm = await run('img', options({ name: 'guarded' }));
+    started.push(vm);
+    const stateFile = path.join(vm.dataDir, 'state.json');
+    const state = JSON.parse(fs.readFileSync(stateFile, 'utf8'));
+    // Pretend the recorded process started at another time: the PID now belongs to someone else.
+    fs.writeFileSync(stateFile, JSON.stringify({ ...state, pidStartTime: '1' }));
+    const second = await run('img', options({ name: 'guarded', cleanDataDir: true }));
+    started.push(second);
+    expect(alive(vm.pid)).toBe(true);
+    await vm.stop();
+  });
+
+  test('options are validated with messages naming the option', async () => {
+    await expect(run('img', options({ cpus: 0 }))).rejects.toThrow('Expected an integer 1–255 for cpus but received 0');
+    await expect(run('img', options({ name: 'bad name' }))).rejects.toThrow(/for name/);
+    await expect(run('img', { ...options(), memoryMb: 1 } as never)).rejects.toThrow(/Unknown option options.memoryMb/);
+    await expect(run('img', options({ backend: 'firecracker' as never }))).rejects.toThrow(/for backend/);
+  });
+});
+
+describe('tracing without a provider', () => {
+  test('no provider registered: run() works and records nothing', async () => {
+    const opts = options();
+    delete opts.tracerProvider;
+    trace.disable();
+    const vm = await run('img', opts);
+    started.push(vm);
+    expect(exporter.getFinishedSpans()).toEqual([]);
+  });
+});
