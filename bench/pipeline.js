@@ -1,0 +1,147 @@
+#!/usr/bin/env node
+// Startup pipeline benchmark over the libkrun RECORDING ABI TEST DOUBLE (no KVM here), on a
+// generated rootfs tree. Prints tables; nothing is asserted.
+//
+//   1. run() start -> VMSpawn done (runner configured), warm (image already unpacked), N runs,
+//      per clone strategy, with the per-stage breakdown from the spans;
+//   2. RootfsClone vs `cp -a` of the same tree, measured in the same run;
+//   3. tracing cost: SDK + in-memory exporter vs no provider, and the no-op cost per span.
+//
+// Usage: node bench/pipeline.js [runs=20] [files=20000] [fileKiB=15]     (after `npm run compile`
+// and a test run, which builds the double)
+'use strict';
+const { execFileSync } = require('node:child_process');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { trace } = require('@opentelemetry/api');
+const { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } = require('@opentelemetry/sdk-trace-base');
+
+const root = path.resolve(__dirname, '..');
+const m = require(root);
+const runs = Number(process.argv[2] || 20);
+const files = Number(process.argv[3] || 20000);
+const fileKiB = Number(process.argv[4] || 15);
+
+const doubleDir = path.join(root, '.test-artifacts', 'libkrun-recording-double');
+if (!fs.existsSync(path.join(doubleDir, 'libkrun.so.1'))) {
+  console.error('Build the libkrun double first: bash scripts/test.sh (or npx jest)');
+  process.exit(1);
+}
+const fwDir = execFileSync('bash', [path.join(root, 'scripts/fetch-libkrunfw.sh')], { encoding: 'utf8' }).trim();
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-bench-'));
+const ms = (t) => Number(t) / 1e6;
+const pct = (xs, p) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length - 1) * p))];
+
+function makeTree(dir) {
+  const chunk = Buffer.alloc(fileKiB * 1024, 7);
+  for (let i = 0; i < files; i++) {
+    const d = path.join(dir, `d${i % 200}`, `e${i % 7}`);
+    if (i < 1400) fs.mkdirSync(d, { recursive: true });
+    fs.writeFileSync(path.join(d, `f${i}`), chunk);
+  }
+  fs.mkdirSync(path.join(dir, 'etc'), { recursive: true });
+  fs.writeFileSync(path.join(dir, 'etc', 'passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
+}
+
+function backend() {
+  return m.libkrunBackend({
+    runtime: { libDir: doubleDir, pkgConfig: false, systemDirs: [], loaderSearch: false },
+    firmware: { dir: fwDir, systemDirs: [], loaderSearch: false },
+    env: { PATH: process.env.PATH },
+  });
+}
+
+async function timedRun(image, strategy, provider) {
+  const exporter = provider ? provider._exporter : undefined;
+  const t0 = process.hrtime.bigint();
+  const vm = await m.run('bench', {
+    rootfsPath: image, dataDir: path.join(work, 'data'), initOverride: ['/bin/true'], preflight: [],
+    cloneStrategies: [strategy], backend: backend(), tracerProvider: provider ? provider.p : undefined,
+  });
+  const total = ms(process.hrtime.bigint() - t0);
+  const spans = exporter ? exporter.getFinishedSpans() : [];
+  exporter?.reset();
+  await vm.remove();
+  return { total, spans };
+}
+
+(async () => {
+  const image = path.join(work, 'image');
+  console.log(`Generating ${files} files x ${fileKiB} KiB ...`);
+  makeTree(image);
+  const bytes = Number(execFileSync('du', ['-sb', image], { encoding: 'utf8' }).split('\t')[0]);
+
+  // 2. cp -a baseline, then each strategy's clone alone (from spans).
+  const cpDest = path.join(work, 'cp-a');
+  const tcp = process.hrtime.bigint();
+  execFileSync('cp', ['-a', image, cpDest]);
+  const cpMs = ms(process.hrtime.bigint() - tcp);
+  fs.rmSync(cpDest, { recursive: true, force: true });
+
+  const exporter = new InMemorySpanExporter();
+  const p = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+  const sdk = { p, _exporter: exporter };
+  const stages = ['microvm.Preflight', 'microvm.ImagePull', 'microvm.RootfsClone', 'microvm.RootfsHooks', 'microvm.BackendPrepare', 'microvm.NetworkStart', 'microvm.VMSpawn'];
+  const results = {};
+  for (const strategy of ['overlay', 'copy']) {
+    const n = strategy === 'copy' ? Math.min(3, runs) : runs;
+    const totals = [];
+    const perStage = Object.fromEntries(stages.map((s) => [s, []]));
+    for (let i = 0; i < n; i++) {
+      const { spans } = await timedRun(image, strategy, sdk);
+      const rootSpan = spans.find((s) => s.name === 'microvm.Run');
+      const spawn = spans.find((s) => s.name === 'microvm.VMSpawn');
+      const t = (hr) => hr[0] * 1e3 + hr[1] / 1e6;
+      totals.push(t(spawn.endTime) - t(rootSpan.startTime));
+      for (const s of stages) perStage[s].push(t(spans.find((x) => x.name === s).endTime) - t(spans.find((x) => x.name === s).startTime));
+    }
+    results[strategy] = { n, totals, perStage };
+  }
+
+  console.log(`\nTree: ${files} files, ${(bytes / 1e6).toFixed(0)} MB. Node ${process.version}, ${os.cpus().length} CPUs.`);
+  console.log('\n1. run() start -> VMSpawn done (runner configured), warm image');
+  console.log('| strategy | runs | median ms | p90 ms |');
+  console.log('|---|---:|---:|---:|');
+  for (const [k, r] of Object.entries(results)) console.log(`| ${k} | ${r.n} | ${pct(r.totals, 0.5).toFixed(1)} | ${pct(r.totals, 0.9).toFixed(1)} |`);
+  console.log('\n   per stage, median ms (overlay):');
+  console.log('| stage | ms |');
+  console.log('|---|---:|');
+  for (const s of stages) console.log(`| ${s} | ${pct(results.overlay.perStage[s], 0.5).toFixed(2)} |`);
+
+  console.log('\n2. RootfsClone vs cp -a (same tree, same run)');
+  console.log('| method | ms | vs cp -a |');
+  console.log('|---|---:|---:|');
+  console.log(`| cp -a (baseline) | ${cpMs.toFixed(0)} | 1.000 |`);
+  for (const k of ['overlay', 'copy']) {
+    const c = pct(results[k].perStage['microvm.RootfsClone'], 0.5);
+    console.log(`| RootfsClone ${k} | ${c.toFixed(1)} | ${(c / cpMs).toFixed(4)} |`);
+  }
+
+  // 3. Tracing cost on the overlay pipeline and per no-op span.
+  const withSdk = [];
+  const without = [];
+  for (let i = 0; i < runs; i++) {
+    withSdk.push((await timedRun(image, 'overlay', sdk)).total);
+    without.push((await timedRun(image, 'overlay', undefined)).total);
+  }
+  trace.disable();
+  const tracer = trace.getTracer('bench');
+  const N = 1e6;
+  const t3 = process.hrtime.bigint();
+  for (let i = 0; i < N; i++) tracer.startSpan('x').end();
+  const noopNs = Number(process.hrtime.bigint() - t3) / N;
+  const a = pct(without, 0.5);
+  const b = pct(withSdk, 0.5);
+  console.log('\n3. Tracing cost (overlay pipeline, run() total)');
+  console.log('| mode | median ms |');
+  console.log('|---|---:|');
+  console.log(`| no provider (baseline) | ${a.toFixed(2)} |`);
+  console.log(`| SDK + in-memory exporter | ${b.toFixed(2)} (${(((b - a) / a) * 100).toFixed(1)}%) |`);
+  console.log(`| no-op startSpan+end | ${noopNs.toFixed(0)} ns/span |`);
+  fs.rmSync(work, { recursive: true, force: true });
+})().catch((e) => {
+  console.error(e);
+  fs.rmSync(work, { recursive: true, force: true });
+  process.exit(1);
+});
