@@ -116,7 +116,9 @@ function checks(name: string, value: unknown): PreflightCheck[] {
     const o = v.object(`${name}[${i}]`, c);
     v.string(`${name}[${i}].name`, o.name);
     if (typeof o.run !== 'function') throw new TypeError(`Expected a run function for ${name}[${i}].run`);
-    return { description: '', required: true, ...(o as object) } as PreflightCheck;
+    if (o.required !== undefined) v.boolean(`${name}[${i}].required`, o.required);
+    // Kept as given (a class instance keeps its prototype); a missing `required` counts as true.
+    return o as unknown as PreflightCheck;
   });
 }
 

@@ -21,7 +21,8 @@ export async function runAllChecks(scope: SpanScope, checks: readonly PreflightC
     const failures: PreflightFailure[] = [];
     for (const check of checks) {
       signal?.throwIfAborted();
-      await inSpan(inner, SPAN.PREFLIGHT_CHECK, { [ATTR.PREFLIGHT_CHECK_NAME]: check.name, [ATTR.PREFLIGHT_CHECK_REQUIRED]: check.required }, async (span) => {
+      const required = check.required !== false;
+      await inSpan(inner, SPAN.PREFLIGHT_CHECK, { [ATTR.PREFLIGHT_CHECK_NAME]: check.name, [ATTR.PREFLIGHT_CHECK_REQUIRED]: required }, async (span) => {
         let result: CheckResult;
         try {
           result = await check.run(signal);
@@ -30,16 +31,16 @@ export async function runAllChecks(scope: SpanScope, checks: readonly PreflightC
         }
         span.setAttribute(ATTR.PREFLIGHT_CHECK_PASSED, result.ok);
         if (!result.ok) {
-          failures.push({ name: check.name, required: check.required, message: result.message ?? 'failed', remediation: result.remediation });
-          if (check.required) throw new MicrovmError('ERR_MICROVM_PREFLIGHT_CHECK', `${check.name}: ${result.message ?? 'failed'}`);
+          failures.push({ name: check.name, required, message: result.message ?? 'failed', remediation: result.remediation });
+          if (required) throw new MicrovmError('ERR_MICROVM_PREFLIGHT_CHECK', `${check.name}: ${result.message ?? 'failed'}`);
         }
       }).catch((err: unknown) => {
         if ((err as MicrovmError).code !== 'ERR_MICROVM_PREFLIGHT_CHECK') throw err;
       });
     }
-    const required = failures.filter((f) => f.required);
-    if (required.length > 0) {
-      const lines = required.map((f) => `  - ${f.name}: ${f.message}${f.remediation ? `\n    fix: ${f.remediation}` : ''}`);
+    const blocking = failures.filter((f) => f.required);
+    if (blocking.length > 0) {
+      const lines = blocking.map((f) => `  - ${f.name}: ${f.message}${f.remediation ? `\n    fix: ${f.remediation}` : ''}`);
       throw Object.assign(new MicrovmError('ERR_MICROVM_PREFLIGHT', `Preflight failed:\n${lines.join('\n')}`), { failures });
     }
     return failures;

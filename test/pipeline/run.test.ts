@@ -181,6 +181,19 @@ describe('run() over the libkrun double', () => {
     expect(byName(SPAN.PREFLIGHT_CHECK).map((sp) => [sp.attributes['check.name'], sp.attributes['check.passed']])).toEqual([['a', false], ['b', false], ['c', false]]);
   });
 
+  test('a check given as a class instance keeps its methods; a missing `required` counts as required', async () => {
+    class Failing {
+      name = 'class-check';
+      description = 'a class-based check';
+      run(): { ok: boolean; message: string } {
+        return { ok: false, message: `from ${this.name}` };
+      }
+    }
+    const err = await run('img', options({ preflight: [new Failing() as never] })).catch((e: Error) => e);
+    expect(err).toMatchObject({ code: 'ERR_MICROVM_PREFLIGHT' });
+    expect((err as Error).message).toContain('class-check: from class-check');
+  });
+
   test('abort during a stage undoes everything', async () => {
     const ac = new AbortController();
     const err = await run('img', options({ signal: ac.signal, rootfsHooks: [() => ac.abort()] })).catch((e: unknown) => e);
