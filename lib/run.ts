@@ -19,7 +19,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { context, type TracerProvider, trace } from '@opentelemetry/api';
+import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
@@ -190,15 +190,23 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
   const signal = o.signal;
   const vmDir = path.join(o.dataRoot, 'vms', o.name);
   const undo: Array<() => Promise<void>> = [];
-  let handle: BackendHandle | undefined;
+  // Every stage: a span under microvm.Run; the signal is checked before and after it, so an abort
+  // during a stage fails that stage.
+  const stage = <T>(name: string, attributes: Attributes | undefined, fn: (span: Span, inner: SpanScope) => Promise<T> | T): Promise<T> =>
+    inSpan(scope, name, attributes, async (span, inner) => {
+      signal?.throwIfAborted();
+      const result = await fn(span, inner);
+      signal?.throwIfAborted();
+      return result;
+    });
   try {
     signal?.throwIfAborted();
 
-    await inSpan(scope, SPAN.PREFLIGHT, undefined, (_s, inner) =>
+    await stage(SPAN.PREFLIGHT, undefined, (_s, inner) =>
       runAllChecks(inner, o.preflight ?? [...defaultChecks(o.backend, o.dataRoot, o.cpus, o.memoryMiB, o.ports.map((p) => p.host)), ...o.preflightChecks], signal),
     );
 
-    const pulled = await inSpan(scope, SPAN.IMAGE_PULL, undefined, (span) => resolveImage(image, o.rootfsPath, o.imageConfig, span));
+    const pulled = await stage(SPAN.IMAGE_PULL, undefined, (span) => resolveImage(image, o.rootfsPath, o.imageConfig, span));
 
     // The VM's directory: a leftover one is an error unless cleanDataDir says to replace it.
     await fsp.mkdir(path.join(o.dataRoot, 'vms'), { recursive: true, mode: 0o700 });
@@ -210,13 +218,13 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     await fsp.mkdir(vmDir, { mode: 0o700 });
     undo.push(() => fsp.rm(vmDir, { recursive: true, force: true }));
 
-    const rootfs: ClonedRootfs = await inSpan(scope, SPAN.ROOTFS_CLONE, undefined, async (span) => {
+    const rootfs: ClonedRootfs = await stage(SPAN.ROOTFS_CLONE, undefined, async (span) => {
       const r = await cloneRootfs({ sourceDir: pulled.rootfsDir, vmDir, overlaySupported: o.backend.supportsOverlay, strategies: o.cloneStrategies, signal });
       span.setAttribute(ATTR.ROOTFS_CLONE_STRATEGY, r.strategy);
       return r;
     });
 
-    await inSpan(scope, SPAN.ROOTFS_HOOKS, { [ATTR.ROOTFS_HOOK_COUNT]: o.rootfsHooks.length }, async () => {
+    await stage(SPAN.ROOTFS_HOOKS, { [ATTR.ROOTFS_HOOK_COUNT]: o.rootfsHooks.length }, async () => {
       const ctx = rootfsContext(o.id, rootfs);
       for (const hook of o.rootfsHooks) {
         signal?.throwIfAborted();
@@ -224,11 +232,11 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       }
     });
 
-    await inSpan(scope, SPAN.BACKEND_PREPARE, { [ATTR.BACKEND]: o.backend.name }, (_s, inner) =>
+    await stage(SPAN.BACKEND_PREPARE, { [ATTR.BACKEND]: o.backend.name }, (_s, inner) =>
       o.backend.prepareRootfs({ vmId: o.id, dataDir: vmDir, rootfs, image: pulled.config, initOverride: o.initOverride, env: o.env, workdir: o.workdir, scope: inner, signal }),
     );
 
-    const network: NetworkHandle | undefined = await inSpan(scope, SPAN.NETWORK_START, { [ATTR.NETWORK_PROVIDER]: o.network?.name ?? 'tsi', [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`) }, async () => {
+    const network: NetworkHandle | undefined = await stage(SPAN.NETWORK_START, { [ATTR.NETWORK_PROVIDER]: o.network?.name ?? 'tsi', [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`) }, async () => {
       signal?.throwIfAborted();
       if (!o.network) return undefined;
       const n = await o.network.start({ vmId: o.id, dataDir: vmDir, ports: o.ports, signal });
@@ -238,16 +246,17 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
 
     const consoleLogPath = path.join(vmDir, 'console.log');
     const logPath = path.join(vmDir, 'vm.log');
-    handle = await inSpan(scope, SPAN.VM_SPAWN, undefined, (_s, inner) =>
-      o.backend.start({
+    const started: BackendHandle = await stage(SPAN.VM_SPAWN, undefined, async (_s, inner) => {
+      const h = await o.backend.start({
         vmId: o.id, name: o.name, dataDir: vmDir, rootfs, cpus: o.cpus, memoryMiB: o.memoryMiB, ports: o.ports, virtiofs: o.virtiofs, logLevel: o.logLevel,
         consoleLogPath, logPath, network: network ? { kind: network.kind, socketPath: network.socketPath, mac: network.mac } : undefined, scope: inner, signal,
-      }),
-    );
-    const started = handle;
-    undo.push(async () => {
-      started.kill('SIGKILL');
-      await started.exited;
+      });
+      // Registered before anything else can fail, so the VM never outlives a failed run().
+      undo.push(async () => {
+        h.kill('SIGKILL');
+        await h.exited;
+      });
+      return h;
     });
     root.setAttribute(ATTR.VM_PID, started.pid);
     await writeState(vmDir, {
@@ -261,7 +270,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       network ? [() => network.stop()] : [],
     );
 
-    await inSpan(scope, SPAN.POST_BOOT, { [ATTR.POST_BOOT_HOOK_COUNT]: o.postBoot.length }, async (_s, inner) => {
+    await stage(SPAN.POST_BOOT, { [ATTR.POST_BOOT_HOOK_COUNT]: o.postBoot.length }, async (_s, inner) => {
       for (const hook of o.postBoot) {
         signal?.throwIfAborted();
         await hook(vm, inner);

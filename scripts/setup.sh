@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # command -> Debian package that provides it
 declare -A need=(
   [cc]=gcc [g++]=g++ [make]=make [python3]=python3 [pkg-config]=pkg-config [strip]=binutils
+  [mkfs.xfs]=xfsprogs [losetup]=mount
 )
 missing=()
 for cmd in "${!need[@]}"; do

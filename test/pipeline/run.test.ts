@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { trace } from '@opentelemetry/api';
 import { BasicTracerProvider, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
-import { hooks, libkrunBackend, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
+import { type Backend, hooks, libkrunBackend, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
 import { alive, doubleDir, firmwareDir, readCalls, scratch } from '../helpers';
 
 let s: ReturnType<typeof scratch>;
@@ -142,8 +142,10 @@ describe('run() over the libkrun double', () => {
   test.each([
     [SPAN.PREFLIGHT, (): RunOptions => ({ preflight: [{ name: 'always-fails', description: 'x', required: true, run: () => ({ ok: false, message: 'nope', remediation: 'do the thing' }) }] }), 'ERR_MICROVM_PREFLIGHT'],
     [SPAN.IMAGE_PULL, (): RunOptions => ({ rootfsPath: '/nonexistent/rootfs' }), 'ERR_MICROVM_ROOTFS_NOT_FOUND'],
+    [SPAN.ROOTFS_CLONE, (): RunOptions => ({ cloneStrategies: ['overlay'], backend: { ...(options().backend as Backend), supportsOverlay: false } }), 'ERR_MICROVM_CLONE_UNSUPPORTED'],
     [SPAN.ROOTFS_HOOKS, (): RunOptions => ({ rootfsHooks: [() => { throw Object.assign(new Error('hook failed'), { code: 'E_HOOK' }); }] }), 'E_HOOK'],
     [SPAN.BACKEND_PREPARE, (): RunOptions => ({ initOverride: undefined }), 'ERR_MICROVM_NO_COMMAND'],
+    [SPAN.NETWORK_START, (): RunOptions => ({ network: { name: 'broken', start: async () => { throw Object.assign(new Error('no passt'), { code: 'E_NET' }); } } }), 'E_NET'],
     [SPAN.VM_SPAWN, (): RunOptions => ({ cpus: 200 }), 'EINVAL'],
     [SPAN.POST_BOOT, (): RunOptions => ({ postBoot: [async () => { throw Object.assign(new Error('post boot failed'), { code: 'E_POST' }); }] }), 'E_POST'],
   ])('a failure in %s: ERROR on that span and on microvm.Run, nothing left behind', async (stage, extra, code) => {
@@ -192,6 +194,32 @@ describe('run() over the libkrun double', () => {
     const err = await run('img', options({ preflight: [new Failing() as never] })).catch((e: Error) => e);
     expect(err).toMatchObject({ code: 'ERR_MICROVM_PREFLIGHT' });
     expect((err as Error).message).toContain('class-check: from class-check');
+  });
+
+  test.each([
+    [SPAN.PREFLIGHT, (ac: AbortController): RunOptions => ({ preflight: [{ name: 'aborts', description: '', required: false, run: () => { ac.abort(); return { ok: true }; } }] })],
+    [SPAN.ROOTFS_HOOKS, (ac: AbortController): RunOptions => ({ rootfsHooks: [() => ac.abort()] })],
+    [SPAN.BACKEND_PREPARE, (ac: AbortController): RunOptions => {
+      const b = options().backend as Backend;
+      return { backend: { ...b, prepareRootfs: async (input) => { await b.prepareRootfs(input); ac.abort(); } } };
+    }],
+    [SPAN.NETWORK_START, (ac: AbortController): RunOptions => ({
+      network: { name: 'aborting', start: async () => { ac.abort(); return { kind: 'unixstream', socketPath: '/tmp/none.sock', mac: '5a:94:ef:e4:0c:ee', stop: async () => undefined }; } },
+    })],
+    [SPAN.VM_SPAWN, (ac: AbortController): RunOptions => {
+      const b = options().backend as Backend;
+      return { backend: { ...b, start: async (input) => { const h = await b.start(input); ac.abort(); return h; } } };
+    }],
+    [SPAN.POST_BOOT, (ac: AbortController): RunOptions => ({ postBoot: [() => ac.abort()] })],
+  ])('abort during %s: AbortError, that span ERROR, nothing left behind', async (stage, extra) => {
+    const ac = new AbortController();
+    const err = await run('img', options({ signal: ac.signal, ...extra(ac) })).catch((e: unknown) => e);
+    expect(err).toMatchObject({ name: 'AbortError' });
+    expect(one(stage).status.code).toBe(2);
+    expect(one(SPAN.RUN).status.code).toBe(2);
+    for (const pid of new Set(readCalls(calls).map((c) => c.pid))) if (pid !== process.pid) expect(alive(pid)).toBe(false);
+    const vms = path.join(s.dir, 'data', 'vms');
+    expect(fs.existsSync(vms) ? fs.readdirSync(vms) : []).toEqual([]);
   });
 
   test('abort during a stage undoes everything', async () => {
