@@ -15,7 +15,7 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 const { trace } = require('@opentelemetry/api');
-const { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } = require('@opentelemetry/sdk-trace-base');
+const { BasicTracerProvider, BatchSpanProcessor, InMemorySpanExporter, SimpleSpanProcessor } = require('@opentelemetry/sdk-trace-base');
 
 const root = path.resolve(__dirname, '..');
 const m = require(root);
@@ -70,6 +70,7 @@ async function timedRun(image, strategy, provider) {
   const image = path.join(work, 'image');
   console.log(`Generating ${files} files x ${fileKiB} KiB ...`);
   makeTree(image);
+  execFileSync('sync'); // start every measurement with no dirty pages from the generator
   const bytes = Number(execFileSync('du', ['-sb', image], { encoding: 'utf8' }).split('\t')[0]);
 
   // 2. cp -a baseline, then each strategy's clone alone (from spans).
@@ -78,6 +79,7 @@ async function timedRun(image, strategy, provider) {
   execFileSync('cp', ['-a', image, cpDest]);
   const cpMs = ms(process.hrtime.bigint() - tcp);
   fs.rmSync(cpDest, { recursive: true, force: true });
+  execFileSync('sync');
 
   const exporter = new InMemorySpanExporter();
   const p = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
@@ -118,27 +120,46 @@ async function timedRun(image, strategy, provider) {
     console.log(`| RootfsClone ${k} | ${c.toFixed(1)} | ${(c / cpMs).toFixed(4)} |`);
   }
 
-  // 3. Tracing cost on the overlay pipeline and per no-op span.
-  const withSdk = [];
-  const without = [];
-  for (let i = 0; i < runs; i++) {
-    withSdk.push((await timedRun(image, 'overlay', sdk)).total);
-    without.push((await timedRun(image, 'overlay', undefined)).total);
+  // 3. Tracing cost on the overlay pipeline (interleaved runs), and per span.
+  const batchExporter = new InMemorySpanExporter();
+  const batch = { p: new BasicTracerProvider({ spanProcessors: [new BatchSpanProcessor(batchExporter)] }), _exporter: batchExporter };
+  const modes = { none: [], simple: [], batch: [] };
+  for (let i = 0; i < runs * 2; i++) {
+    modes.none.push((await timedRun(image, 'overlay', undefined)).total);
+    modes.simple.push((await timedRun(image, 'overlay', sdk)).total);
+    modes.batch.push((await timedRun(image, 'overlay', batch)).total);
   }
+  const perSpan = (proc) => {
+    const e = new InMemorySpanExporter();
+    const t = new BasicTracerProvider({ spanProcessors: [proc(e)] }).getTracer('x');
+    for (let i = 0; i < 2000; i++) t.startSpan('w').end();
+    const n = 20000;
+    const t0 = process.hrtime.bigint();
+    for (let i = 0; i < n; i++) {
+      t.startSpan('s', { attributes: { a: 1 } }).end();
+      if (i % 1000 === 0) e.reset();
+    }
+    return Number(process.hrtime.bigint() - t0) / n;
+  };
   trace.disable();
   const tracer = trace.getTracer('bench');
   const N = 1e6;
   const t3 = process.hrtime.bigint();
   for (let i = 0; i < N; i++) tracer.startSpan('x').end();
   const noopNs = Number(process.hrtime.bigint() - t3) / N;
-  const a = pct(without, 0.5);
-  const b = pct(withSdk, 0.5);
-  console.log('\n3. Tracing cost (overlay pipeline, run() total)');
-  console.log('| mode | median ms |');
-  console.log('|---|---:|');
-  console.log(`| no provider (baseline) | ${a.toFixed(2)} |`);
-  console.log(`| SDK + in-memory exporter | ${b.toFixed(2)} (${(((b - a) / a) * 100).toFixed(1)}%) |`);
-  console.log(`| no-op startSpan+end | ${noopNs.toFixed(0)} ns/span |`);
+  const a = pct(modes.none, 0.5);
+  const spansPerRun = 17;
+  console.log(`\n3. Tracing cost (overlay pipeline, run() total, ${runs * 2} interleaved runs each)`);
+  console.log('| mode | median ms | vs none | SDK cost per span |');
+  console.log('|---|---:|---:|---:|');
+  console.log(`| no provider (baseline) | ${a.toFixed(2)} | - | ${noopNs.toFixed(0)} ns (no-op) |`);
+  for (const [label, key, proc] of [
+    ['SDK, SimpleSpanProcessor + in-memory', 'simple', (e) => new SimpleSpanProcessor(e)],
+    ['SDK, BatchSpanProcessor + in-memory', 'batch', (e) => new BatchSpanProcessor(e)],
+  ]) {
+    const b = pct(modes[key], 0.5);
+    console.log(`| ${label} | ${b.toFixed(2)} | ${(((b - a) / a) * 100).toFixed(1)}% | ${(perSpan(proc) / 1000).toFixed(1)} µs x ${spansPerRun} spans |`);
+  }
   fs.rmSync(work, { recursive: true, force: true });
 })().catch((e) => {
   console.error(e);
