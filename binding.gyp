@@ -1,6 +1,6 @@
 {
-  # Two targets from one source list (native/*.sources, shared with CMakeLists.txt):
-  # the N-API addon and the runner executable. Neither links libkrun or libkrunfw.
+  # Three targets from the source lists native/*.sources (shared with CMakeLists.txt): the N-API
+  # addon, the runner executable, and the QEMU backend's guest init. None links libkrun or libkrunfw.
   "target_defaults": {
     "cflags!": ["-fno-exceptions"],
     "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
@@ -23,6 +23,14 @@
       "ldflags": ["-Wl,-z,relro,-z,now", "-pie"],
       "cflags": ["-fPIE"],
       "cflags_cc": ["-fPIE"]
+    },
+    {
+      # PID 1 of VMs booted by the QEMU backend: static, so it runs in any image.
+      "target_name": "microvm-guest-init",
+      "type": "executable",
+      "sources": ["<!@(cat native/guest-init.sources)"],
+      "ldflags": ["-static"],
+      "libraries!": ["-ldl"]
     }
   ]
 }

@@ -59,11 +59,13 @@ export const native = {
   addonPath,
 } as const;
 
-export { run, defaultDataRoot, type RunOptions, type PostBootHook } from './run';
+export { run, chooseBackend, defaultDataRoot, type RunOptions, type PostBootHook } from './run';
 export { MicroVM, type VmStatus } from './vm';
 export { hooks, type RootfsContext, type RootfsHook, type WriteOptions } from './rootfs/hooks';
 export { cloneRootfs, type CloneStrategy, type ClonedRootfs } from './rootfs/clone';
 export { libkrunBackend, type LibkrunBackendOptions } from './backends/libkrun';
+export { qemuBackend, resolveQemuRuntime, type QemuBackendOptions, type QemuRuntime } from './backends/qemu';
+export { buildPvhElf, findPvhEntry } from './backends/qemu/kernel';
 export type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, ImageRuntimeConfig } from './backends/types';
 export type { NetworkHandle, NetworkProvider } from './network/start';
 export { diskSpaceCheck, kvmCheck, portsCheck, resourcesCheck, userNamespacesCheck, type CheckResult, type PreflightCheck } from './preflight/checks';

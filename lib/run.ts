@@ -21,6 +21,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
+import { kvmUsable, qemuBackend } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
 import { resolveImage } from './image/pull';
@@ -79,8 +80,8 @@ export interface RunOptions {
   imageCache?: string;
   /** libkrun log level ('error'). */
   logLevel?: KrunLogLevel | keyof typeof LOG_LEVELS;
-  /** 'auto' | 'libkrun' | a Backend object ('auto': libkrun). */
-  backend?: 'auto' | 'libkrun' | Backend;
+  /** 'auto' | 'libkrun' | 'qemu' | a Backend object ('auto': libkrun when /dev/kvm and libkrun are usable, else qemu). */
+  backend?: 'auto' | 'libkrun' | 'qemu' | Backend;
   /** Rootfs clone strategies to try, in order (overlay, reflink, copy). */
   cloneStrategies?: readonly CloneStrategy[];
   /** Network provider replacing TSI. */
@@ -133,10 +134,12 @@ function normalize(image: string, options: RunOptions) {
   let env: string[] = [];
   if (Array.isArray(o.env)) env = v.envEntries('env', o.env);
   else if (o.env !== undefined) env = v.envEntries('env', Object.entries(v.object('env', o.env)).map(([k, val]) => `${k}=${v.string(`env.${k}`, val, { allowEmpty: true })}`));
-  let backend: Backend;
-  if (o.backend === undefined || o.backend === 'auto' || o.backend === 'libkrun') backend = libkrunBackend();
+  let backend: Backend | 'auto';
+  if (o.backend === undefined || o.backend === 'auto') backend = 'auto';
+  else if (o.backend === 'libkrun') backend = libkrunBackend();
+  else if (o.backend === 'qemu') backend = qemuBackend();
   else if (typeof o.backend === 'object' && o.backend !== null && typeof (o.backend as Backend).start === 'function') backend = o.backend as Backend;
-  else throw new TypeError(`Expected 'auto', 'libkrun' or a Backend object for backend but received ${v.describe(o.backend)}`);
+  else throw new TypeError(`Expected 'auto', 'libkrun', 'qemu' or a Backend object for backend but received ${v.describe(o.backend)}`);
   const ports = o.ports === undefined ? [] : (normalizePortMap('ports', o.ports) as string[]).map((p) => {
     const [host, guest] = p.split(':').map(Number);
     return { host, guest };
@@ -181,9 +184,23 @@ function defaultChecks(backend: Backend, dataRoot: string, cpus: number, memoryM
   return list;
 }
 
+/** 'auto': libkrun when /dev/kvm opens read-write and libkrun loads; otherwise QEMU. */
+export async function chooseBackend(): Promise<Backend> {
+  if (kvmUsable()) {
+    try {
+      await resolveRuntime();
+      return libkrunBackend();
+    } catch {
+      /* no libkrun: QEMU (with KVM) */
+    }
+  }
+  return qemuBackend();
+}
+
 /** Boots `image` as a VM. See {@link RunOptions}; resolves to a started {@link MicroVM}. */
 export async function run(image: string, options: RunOptions = {}): Promise<MicroVM> {
-  const o = normalize(image, options);
+  const n = normalize(image, options);
+  const o = { ...n, backend: n.backend === 'auto' ? await chooseBackend() : n.backend };
   const tracer = getTracer(o.tracerProvider);
   const root = tracer.startSpan(SPAN.RUN, { attributes: { [ATTR.IMAGE]: image, [ATTR.NAME]: o.name, [ATTR.CPUS]: o.cpus, [ATTR.MEMORY]: o.memoryMiB, [ATTR.VM_ID]: o.id, [ATTR.BACKEND]: o.backend.name } }, context.active());
   const scope: SpanScope = { tracer, ctx: trace.setSpan(context.active(), root) };

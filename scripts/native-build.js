@@ -80,13 +80,15 @@ if (mode === 'gyp') {
   const gyp = nodeGypScript();
   if (gyp) env.PREBUILD_NODE_GYP = gyp;
   const secs = run(process.execPath, [prebuildify, '--napi', '--strip'], env);
-  // prebuildify copies only .node files; the runner ships beside the addon.
+  // prebuildify copies only .node files; the runner and the guest init ship beside the addon.
   const dest = path.join(root, 'prebuilds', `${process.platform}-${process.arch}`);
   fs.mkdirSync(dest, { recursive: true });
-  const runner = path.join(dest, 'microvm-runner');
-  fs.copyFileSync(path.join(root, 'build', 'Release', 'microvm-runner'), runner);
-  fs.chmodSync(runner, 0o755);
-  run('strip', ['--strip-all', runner], env);
+  for (const exe of ['microvm-runner', 'microvm-guest-init']) {
+    const out = path.join(dest, exe);
+    fs.copyFileSync(path.join(root, 'build', 'Release', exe), out);
+    fs.chmodSync(out, 0o755);
+    run('strip', ['--strip-all', out], env);
+  }
   console.log(`native-build: prebuild done in ${secs.toFixed(1)} s -> ${path.relative(root, dest)}`);
 } else {
   console.error(`native-build: unknown mode ${mode} (gyp, cmake, prebuild)`);

@@ -5,14 +5,15 @@
  *
  * Search order: `dir`, then `dirs`, then `$MICROVM_LIBKRUNFW_DIR` (colon-separated), then the
  * runtime's lib dir (libkrunfw is normally installed next to libkrun), then the system library
- * directories, then the dynamic loader's own search (LD_LIBRARY_PATH, ld.so.cache).
+ * directories, then the copy `scripts/fetch-libkrunfw.sh` put in this package's `vendor/`, then the
+ * dynamic loader's own search (LD_LIBRARY_PATH, ld.so.cache).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { awaitNative, MicrovmError } from '../errors';
-import { addon } from '../native';
+import { addon, packageRoot } from '../native';
 import * as v from '../validate';
-import { formatAttempts, type SearchAttempt, splitDirs, systemLibraryDirs } from './search';
+import { formatAttempts, multiarchTriplet, type SearchAttempt, splitDirs, systemLibraryDirs } from './search';
 
 /** The soname libkrun 1.x loads. */
 export const LIBKRUNFW_SONAME = 'libkrunfw.so.5';
@@ -29,7 +30,7 @@ export interface ResolveFirmwareOptions {
   runtimeLibDir?: string;
   /** Environment to read `MICROVM_LIBKRUNFW_DIR` from. Default: `process.env`. */
   env?: NodeJS.ProcessEnv;
-  /** Replace the system library directories (mainly for tests). */
+  /** Replace the system library directories and this package's fetched copy (mainly for tests). */
   systemDirs?: readonly string[];
   /** Also try the dynamic loader's own search by soname. Default: true. */
   loaderSearch?: boolean;
@@ -66,6 +67,10 @@ function candidates(opts: ResolveFirmwareOptions): { source: string; candidate: 
   for (const d of splitDirs(env.MICROVM_LIBKRUNFW_DIR)) add('MICROVM_LIBKRUNFW_DIR', d);
   if (opts.runtimeLibDir !== undefined) add('libkrun lib dir', v.absolutePath('runtimeLibDir', opts.runtimeLibDir));
   for (const d of opts.systemDirs ?? systemLibraryDirs()) add('system', d);
+  if (opts.systemDirs === undefined) {
+    const triplet = multiarchTriplet();
+    if (triplet) add('fetched into this package', path.join(packageRoot, 'vendor', 'libkrunfw', 'usr', 'lib', triplet));
+  }
   if (opts.loaderSearch !== false) out.push({ source: 'dynamic loader search', candidate: LIBKRUNFW_SONAME });
   // The same file can come up twice (e.g. env and system): try it once.
   const seen = new Set<string>();

@@ -1,0 +1,232 @@
+// microvm-guest-init: PID 1 inside VMs booted by the QEMU backend (libkrun brings its own init).
+//
+// It does what libkrun's built-in init does for a container image, for QEMU's user-mode network:
+//   1. mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run;
+//   2. brings up lo and eth0 (10.0.2.15/24, gateway 10.0.2.2) and, when the image has none,
+//      writes /etc/resolv.conf (nameserver 10.0.2.3);
+//   3. reads /.krun_config.json (or $KRUN_CONFIG): Cmd, Env, WorkingDir;
+//   4. runs Cmd as a child, reaping every orphan while it runs;
+//   5. reports the command's exit status to the host on the virtio-serial port named
+//      "microvm.exit" as "EXIT <code>\n" (125: setup failed, 126: cannot execute, 127: not found,
+//      128+N: killed by signal N), then powers off.
+// Statically linked, so it runs in any image.
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "json.h"
+
+namespace {
+
+void Log(const std::string& msg) {
+  std::string line = "microvm-init: " + msg + "\n";
+  ssize_t ignored = write(STDERR_FILENO, line.data(), line.size());
+  (void)ignored;
+}
+
+void MountFs(const char* source, const char* target, const char* type, unsigned long flags, const char* data) {
+  mkdir(target, 0755);
+  if (mount(source, target, type, flags, data) != 0 && errno != EBUSY) {
+    Log(std::string("mount ") + target + ": " + std::strerror(errno));
+  }
+}
+
+bool SetFlags(int sock, const char* ifname, short flags) {
+  struct ifreq ifr;
+  std::memset(&ifr, 0, sizeof ifr);
+  std::snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+  if (ioctl(sock, SIOCGIFFLAGS, &ifr) != 0) return false;
+  ifr.ifr_flags |= flags;
+  return ioctl(sock, SIOCSIFFLAGS, &ifr) == 0;
+}
+
+bool SetAddr(int sock, const char* ifname, unsigned long request, const char* addr) {
+  struct ifreq ifr;
+  std::memset(&ifr, 0, sizeof ifr);
+  std::snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+  auto* sin = reinterpret_cast<struct sockaddr_in*>(&ifr.ifr_addr);
+  sin->sin_family = AF_INET;
+  inet_pton(AF_INET, addr, &sin->sin_addr);
+  return ioctl(sock, request, &ifr) == 0;
+}
+
+void Network() {
+  int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (sock < 0) return;
+  SetFlags(sock, "lo", IFF_UP);
+  if (SetAddr(sock, "eth0", SIOCSIFADDR, "10.0.2.15") && SetAddr(sock, "eth0", SIOCSIFNETMASK, "255.255.255.0") &&
+      SetFlags(sock, "eth0", IFF_UP | IFF_RUNNING)) {
+    struct rtentry rt;
+    std::memset(&rt, 0, sizeof rt);
+    auto* gw = reinterpret_cast<struct sockaddr_in*>(&rt.rt_gateway);
+    gw->sin_family = AF_INET;
+    inet_pton(AF_INET, "10.0.2.2", &gw->sin_addr);
+    reinterpret_cast<struct sockaddr_in*>(&rt.rt_dst)->sin_family = AF_INET;
+    reinterpret_cast<struct sockaddr_in*>(&rt.rt_genmask)->sin_family = AF_INET;
+    rt.rt_flags = RTF_UP | RTF_GATEWAY;
+    char dev[] = "eth0";
+    rt.rt_dev = dev;
+    if (ioctl(sock, SIOCADDRT, &rt) != 0 && errno != EEXIST) Log(std::string("default route: ") + std::strerror(errno));
+  }
+  close(sock);
+  struct stat st;
+  if (stat("/etc/resolv.conf", &st) != 0 || st.st_size == 0) {
+    mkdir("/etc", 0755);
+    int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd >= 0) {
+      static const char kResolv[] = "nameserver 10.0.2.3\n";
+      ssize_t ignored = write(fd, kResolv, sizeof kResolv - 1);
+      (void)ignored;
+      close(fd);
+    }
+  }
+}
+
+// The /dev/vportNpM whose /sys/class/virtio-ports/<port>/name is "microvm.exit".
+std::string ExitPort() {
+  DIR* d = opendir("/sys/class/virtio-ports");
+  if (d == nullptr) return "";
+  std::string found;
+  while (struct dirent* e = readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::string name_file = std::string("/sys/class/virtio-ports/") + e->d_name + "/name";
+    FILE* f = std::fopen(name_file.c_str(), "re");
+    if (f == nullptr) continue;
+    char buf[64] = {0};
+    if (std::fgets(buf, sizeof buf, f) != nullptr && std::strncmp(buf, "microvm.exit", 12) == 0) {
+      found = std::string("/dev/") + e->d_name;
+    }
+    std::fclose(f);
+  }
+  closedir(d);
+  return found;
+}
+
+[[noreturn]] void Finish(int code) {
+  std::string port = ExitPort();
+  if (!port.empty()) {
+    int fd = open(port.c_str(), O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      std::string line = "EXIT " + std::to_string(code) + "\n";
+      ssize_t ignored = write(fd, line.data(), line.size());
+      (void)ignored;
+      fsync(fd);
+      close(fd);
+    }
+  } else {
+    Log("no microvm.exit port; exit status " + std::to_string(code));
+  }
+  sync();
+  reboot(RB_POWER_OFF);
+  for (;;) pause();  // the host stops the VM once it read the status
+}
+
+bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, std::string* workdir) {
+  const char* path = getenv("KRUN_CONFIG");
+  if (path == nullptr) path = "/.krun_config.json";
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    Log(std::string("cannot open ") + path + ": " + std::strerror(errno));
+    return false;
+  }
+  std::string text;
+  char buf[8192];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof buf)) > 0) text.append(buf, static_cast<size_t>(n));
+  close(fd);
+  microvm::JsonValue json;
+  std::string error;
+  if (!microvm::JsonValue::Parse(text, &json, &error)) {
+    Log(std::string(path) + ": " + error);
+    return false;
+  }
+  auto strings = [](const microvm::JsonValue* v, std::vector<std::string>* out) {
+    if (v == nullptr || !v->is_array()) return;
+    for (const auto& item : v->array_items()) {
+      if (item.is_string()) out->push_back(item.string_value());
+    }
+  };
+  strings(json.Get("Cmd"), cmd);
+  strings(json.Get("Env"), env);
+  const microvm::JsonValue* wd = json.Get("WorkingDir");
+  if (wd != nullptr && wd->is_string() && !wd->string_value().empty()) *workdir = wd->string_value();
+  if (cmd->empty()) {
+    Log(std::string(path) + ": no Cmd");
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+int main() {
+  if (getpid() != 1) {
+    std::fprintf(stderr, "microvm-guest-init runs as PID 1 inside a VM\n");
+    return 125;
+  }
+  MountFs("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr);
+  MountFs("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr);
+  MountFs("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+  MountFs("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+  MountFs("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+  MountFs("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+  if (sethostname("microvm", 7) != 0) Log(std::string("sethostname: ") + std::strerror(errno));
+  Network();
+
+  std::vector<std::string> cmd, env;
+  std::string workdir = "/";
+  if (!ReadConfig(&cmd, &env, &workdir)) Finish(125);
+
+  pid_t child = fork();
+  if (child < 0) Finish(125);
+  if (child == 0) {
+    setsid();
+    ioctl(STDIN_FILENO, TIOCSCTTY, 0);
+    clearenv();
+    for (const auto& e : env) putenv(const_cast<char*>(e.c_str()));
+    if (getenv("HOME") == nullptr) setenv("HOME", "/root", 0);
+    if (chdir(workdir.c_str()) != 0) {
+      Log("chdir " + workdir + ": " + std::strerror(errno));
+      _exit(125);
+    }
+    std::vector<char*> argv;
+    for (auto& a : cmd) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execvp(argv[0], argv.data());
+    int err = errno;
+    Log("cannot execute " + cmd[0] + ": " + std::strerror(err));
+    _exit(err == ENOENT ? 127 : 126);
+  }
+
+  // Reap everything; the VM's status is the command's.
+  for (;;) {
+    int status = 0;
+    pid_t pid = waitpid(-1, &status, 0);
+    if (pid < 0) {
+      if (errno == EINTR) continue;
+      Finish(125);
+    }
+    if (pid == child) {
+      int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      Finish(code);
+    }
+  }
+}
