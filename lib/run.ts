@@ -17,6 +17,7 @@
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
@@ -32,7 +33,9 @@ import { runAllChecks } from './preflight/run-all';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from './resolve/firmware';
 import { LIBKRUN_INSTALL_HINT, resolveRuntime } from './resolve/runtime';
 import { type CloneStrategy, cloneRootfs, type ClonedRootfs } from './rootfs/clone';
-import { type RootfsHook, rootfsContext } from './rootfs/hooks';
+import { hooks, type RootfsHook, rootfsContext } from './rootfs/hooks';
+import { generateKeyPair, type SshKeyPair, writeKeyPair } from './ssh/keys';
+import { waitForReady } from './ssh/wait-ready';
 import { writeState, processStartTime, terminateRecorded } from './state';
 import { ATTR, SPAN } from './telemetry/attributes';
 import { endSpan, getTracer, inSpan, type SpanScope } from './telemetry/tracer';
@@ -86,6 +89,13 @@ export interface RunOptions {
   cloneStrategies?: readonly CloneStrategy[];
   /** Network provider replacing TSI. */
   network?: NetworkProvider;
+  /**
+   * SSH into the guest: generates a key, injects it into `~user/.ssh/authorized_keys`, forwards
+   * `hostPort` (a free one) to `guestPort` (22), and (unless `waitReady: false`) waits in PostBoot
+   * until a handshake with authentication succeeds; then `vm.ssh` / `vm.exec()` work. The image
+   * must start an SSH server.
+   */
+  ssh?: { user?: string; guestPort?: number; hostPort?: number; waitReady?: boolean; timeoutMs?: number };
   /** Tracer provider (the global one). */
   tracerProvider?: TracerProvider;
   /** Cancels the start; everything started so far is undone. */
@@ -94,8 +104,20 @@ export interface RunOptions {
 
 const RUN_KEYS = [
   'name', 'cpus', 'memoryMiB', 'ports', 'initOverride', 'env', 'workdir', 'rootfsPath', 'imageConfig', 'rootfsHooks', 'postBoot', 'preflight', 'preflightChecks',
-  'virtiofs', 'dataDir', 'cleanDataDir', 'imageCache', 'logLevel', 'backend', 'cloneStrategies', 'network', 'tracerProvider', 'signal',
+  'virtiofs', 'dataDir', 'cleanDataDir', 'imageCache', 'logLevel', 'backend', 'cloneStrategies', 'network', 'tracerProvider', 'signal', 'ssh',
 ] as const;
+
+/** A free TCP port on 127.0.0.1 (bound and released). */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
 
 /** The data root when none is given. */
 export function defaultDataRoot(env: NodeJS.ProcessEnv = process.env): string {
@@ -145,6 +167,18 @@ function normalize(image: string, options: RunOptions) {
     return { host, guest };
   });
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new TypeError('Expected an AbortSignal for signal');
+  let ssh: { user: string; guestPort: number; hostPort?: number; waitReady: boolean; timeoutMs: number } | undefined;
+  if (o.ssh !== undefined) {
+    const so = v.object('ssh', o.ssh);
+    v.knownKeys('ssh', so, ['user', 'guestPort', 'hostPort', 'waitReady', 'timeoutMs']);
+    ssh = {
+      user: so.user === undefined ? 'root' : v.string('ssh.user', so.user),
+      guestPort: so.guestPort === undefined ? 22 : v.integer('ssh.guestPort', so.guestPort, 1, 65535),
+      hostPort: so.hostPort === undefined ? undefined : v.integer('ssh.hostPort', so.hostPort, 1, 65535),
+      waitReady: so.waitReady === undefined ? true : v.boolean('ssh.waitReady', so.waitReady),
+      timeoutMs: so.timeoutMs === undefined ? 60000 : v.integer('ssh.timeoutMs', so.timeoutMs, 1, 3_600_000),
+    };
+  }
   return {
     id,
     name,
@@ -169,6 +203,7 @@ function normalize(image: string, options: RunOptions) {
     network: o.network as NetworkProvider | undefined,
     tracerProvider: o.tracerProvider as TracerProvider | undefined,
     signal: o.signal as AbortSignal | undefined,
+    ssh,
   };
 }
 
@@ -201,6 +236,15 @@ export async function chooseBackend(): Promise<Backend> {
 export async function run(image: string, options: RunOptions = {}): Promise<MicroVM> {
   const n = normalize(image, options);
   const o = { ...n, backend: n.backend === 'auto' ? await chooseBackend() : n.backend };
+  let sshSetup: { key: SshKeyPair; hostPort: number; user: string; timeoutMs: number; waitReady: boolean } | undefined;
+  if (o.ssh) {
+    const hostPort = o.ssh.hostPort ?? (await freePort());
+    if (o.ports.some((p) => p.host === hostPort)) throw new RangeError(`ssh.hostPort ${hostPort} is also in ports`);
+    const key = generateKeyPair({ comment: `node-microvm ${o.name}` });
+    sshSetup = { key, hostPort, user: o.ssh.user, timeoutMs: o.ssh.timeoutMs, waitReady: o.ssh.waitReady };
+    o.ports = [...o.ports, { host: hostPort, guest: o.ssh.guestPort }];
+    o.rootfsHooks = [...o.rootfsHooks, hooks.injectAuthorizedKeys(key.publicKey, { user: o.ssh.user })];
+  }
   const tracer = getTracer(o.tracerProvider);
   const root = tracer.startSpan(SPAN.RUN, { attributes: { [ATTR.IMAGE]: image, [ATTR.NAME]: o.name, [ATTR.CPUS]: o.cpus, [ATTR.MEMORY]: o.memoryMiB, [ATTR.VM_ID]: o.id, [ATTR.BACKEND]: o.backend.name } }, context.active());
   const scope: SpanScope = { tracer, ctx: trace.setSpan(context.active(), root) };
@@ -288,6 +332,20 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     );
 
     await stage(SPAN.POST_BOOT, { [ATTR.POST_BOOT_HOOK_COUNT]: o.postBoot.length }, async (_s, inner) => {
+      if (sshSetup) {
+        const sshDir = path.join(vmDir, 'ssh');
+        writeKeyPair(sshSetup.key, sshDir);
+        if (sshSetup.waitReady) {
+          vm.ssh = await waitForReady(
+            {
+              host: '127.0.0.1', port: sshSetup.hostPort, username: sshSetup.user, privateKey: sshSetup.key.privateKey,
+              hostKey: { knownHostsFile: path.join(sshDir, 'known_hosts') }, timeoutMs: sshSetup.timeoutMs, signal,
+            },
+            inner,
+          );
+          undo.push(async () => vm.ssh?.close());
+        }
+      }
       for (const hook of o.postBoot) {
         signal?.throwIfAborted();
         await hook(vm, inner);

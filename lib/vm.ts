@@ -5,6 +5,8 @@
 import { EventEmitter } from 'node:events';
 import * as fsp from 'node:fs/promises';
 import type { BackendHandle } from './backends/types';
+import { MicrovmError } from './errors';
+import type { ExecOptions, ExecResult, SshClient } from './ssh/client';
 import * as v from './validate';
 
 /** What {@link MicroVM.status} reports. */
@@ -44,6 +46,8 @@ export class MicroVM extends EventEmitter implements AsyncDisposable {
   #result: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   #stopping: Promise<void> | undefined;
   #onExit: Array<() => Promise<void>> = [];
+  /** Connected SSH client, when run() was given `ssh` (set by the SSHWaitReady post-boot hook). */
+  ssh: SshClient | undefined;
 
   /** @internal Created by run(). */
   constructor(info: MicroVMInfo, handle: BackendHandle, onExit: Array<() => Promise<void>> = []) {
@@ -82,6 +86,12 @@ export class MicroVM extends EventEmitter implements AsyncDisposable {
     };
   }
 
+  /** Runs a command in the guest over SSH (needs `run(image, { ssh })`). */
+  async exec(command: string, options: ExecOptions = {}): Promise<ExecResult> {
+    if (!this.ssh) throw new MicrovmError('ERR_MICROVM_SSH_UNAVAILABLE', 'This VM was started without ssh; pass run(image, { ssh: {} })');
+    return this.ssh.exec(command, options);
+  }
+
   /** Resolves with the guest's exit code (null when the VM was killed by a signal). */
   async wait(): Promise<number | null> {
     return (await this.#exited).code;
@@ -96,6 +106,7 @@ export class MicroVM extends EventEmitter implements AsyncDisposable {
     v.knownKeys('options', o, ['timeoutMs']);
     const timeoutMs = o.timeoutMs === undefined ? 5000 : v.integer('options.timeoutMs', o.timeoutMs, 0, 3_600_000);
     this.#stopping ??= (async () => {
+      this.ssh?.close();
       if (this.#result) return;
       this.#handle.kill('SIGTERM');
       let timer: NodeJS.Timeout | undefined;

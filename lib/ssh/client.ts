@@ -1,0 +1,285 @@
+/**
+ * An SSH client for the guest, on ssh2: key authentication, host-key pinning or trust on first use
+ * (a known-hosts file in the VM's data dir), exec with exit codes and signals, streaming exec,
+ * file copy (SFTP when the server offers it, else `cat` over exec), one reused connection, and
+ * AbortSignal support. Keys never appear in errors, logs or spans.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import type { Readable, Writable } from 'node:stream';
+import { Client, type ClientChannel, type ConnectConfig, type SFTPWrapper, utils } from 'ssh2';
+import { MicrovmError } from '../errors';
+import * as v from '../validate';
+
+/** How the server's host key is checked. */
+export type HostKeyPolicy =
+  | { expected: string } // an OpenSSH public key line ("ssh-ed25519 AAAA...")
+  | { knownHostsFile: string } // trust on first use, then pin
+  | { insecureAcceptAny: true };
+
+/** Options of {@link SshClient.connect}. */
+export interface SshConnectOptions {
+  host: string;
+  port: number;
+  username: string;
+  /** OpenSSH or PEM private key text. */
+  privateKey: string;
+  hostKey: HostKeyPolicy;
+  /** Handshake timeout in ms (10000). */
+  readyTimeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+/** Result of {@link SshClient.exec}. */
+export interface ExecResult {
+  stdout: string;
+  stderr: string;
+  /** Exit code, or null when the command was killed by a signal. */
+  exitCode: number | null;
+  /** Signal name (without "SIG") when killed by one. */
+  signal: string | null;
+}
+
+/** Options of {@link SshClient.exec}. */
+export interface ExecOptions {
+  signal?: AbortSignal;
+  /** Written to the command's stdin, then closed. */
+  stdin?: string | Buffer;
+  /** Environment (many servers only accept a few variables; prefer `env K=V cmd`). */
+  env?: Record<string, string>;
+}
+
+function keyBlob(line: string): Buffer {
+  const parsed = utils.parseKey(line);
+  if (parsed instanceof Error || Array.isArray(parsed)) throw new TypeError(`Expected one OpenSSH public key line for hostKey.expected`);
+  return parsed.getPublicSSH();
+}
+
+function classify(err: Error & { level?: string }, hostKeyRejected: string | undefined, target: string): MicrovmError {
+  if (hostKeyRejected) return new MicrovmError('ERR_MICROVM_SSH_HOSTKEY', `The host key of ${target} does not match: ${hostKeyRejected}`, { cause: err });
+  if (err.level === 'client-authentication') return new MicrovmError('ERR_MICROVM_SSH_AUTH', `SSH authentication to ${target} was refused`, { cause: err });
+  if (err.level === 'client-timeout') return new MicrovmError('ERR_MICROVM_SSH_CONNECT', `SSH handshake with ${target} timed out`, { cause: err });
+  return new MicrovmError('ERR_MICROVM_SSH_CONNECT', `SSH connection to ${target} failed: ${err.message}`, { cause: err });
+}
+
+/** A connected SSH client. */
+export class SshClient {
+  readonly #conn: Client;
+  readonly #target: string;
+  #sftp: Promise<SFTPWrapper | undefined> | undefined;
+  #closed = false;
+
+  private constructor(conn: Client, target: string) {
+    this.#conn = conn;
+    this.#target = target;
+    conn.on('close', () => {
+      this.#closed = true;
+    });
+    conn.on('error', () => {
+      /* reported to the pending operation */
+    });
+  }
+
+  /** Connects and authenticates. Rejects with ERR_MICROVM_SSH_HOSTKEY / _AUTH / _CONNECT. */
+  static connect(options: SshConnectOptions): Promise<SshClient> {
+    const o = v.object('options', options);
+    v.knownKeys('options', o, ['host', 'port', 'username', 'privateKey', 'hostKey', 'readyTimeoutMs', 'signal']);
+    const host = v.string('host', o.host);
+    const port = v.integer('port', o.port, 1, 65535);
+    const username = v.string('username', o.username);
+    const privateKey = v.string('privateKey', o.privateKey);
+    const policy = v.object('hostKey', o.hostKey) as HostKeyPolicy;
+    const target = `${username}@${host}:${port}`;
+    const signal = options.signal;
+    signal?.throwIfAborted();
+    const knownHostsName = port === 22 ? host : `[${host}]:${port}`;
+    let rejected: string | undefined;
+
+    const hostVerifier = (key: Buffer): boolean => {
+      if ('insecureAcceptAny' in policy) return true;
+      const parsed = utils.parseKey(key);
+      const line = parsed instanceof Error || Array.isArray(parsed) ? undefined : `${parsed.type} ${key.toString('base64')}`;
+      if ('expected' in policy) {
+        if (keyBlob(policy.expected).equals(key)) return true;
+        rejected = `expected ${policy.expected.split(' ').slice(0, 2).join(' ').slice(0, 60)}…, got ${line?.slice(0, 60) ?? 'an unknown key type'}…`;
+        return false;
+      }
+      const file = v.absolutePath('hostKey.knownHostsFile', policy.knownHostsFile);
+      const lines = fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n') : [];
+      for (const l of lines) {
+        const [name, type, b64] = l.trim().split(/\s+/);
+        if (name !== knownHostsName || !type || !b64) continue;
+        if (Buffer.from(b64, 'base64').equals(key)) return true;
+        rejected = `${file} pins another ${type} key for ${knownHostsName}`;
+        return false;
+      }
+      if (!line) {
+        rejected = 'unsupported host key type';
+        return false;
+      }
+      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+      fs.appendFileSync(file, `${knownHostsName} ${line}\n`, { mode: 0o600 });
+      return true;
+    };
+
+    return new Promise((resolve, reject) => {
+      const conn = new Client();
+      let settled = false;
+      const onAbort = (): void => {
+        if (settled) return;
+        settled = true;
+        conn.end();
+        reject(signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      conn.once('ready', () => {
+        signal?.removeEventListener('abort', onAbort);
+        if (settled) return;
+        settled = true;
+        resolve(new SshClient(conn, target));
+      });
+      // 'on', not 'once': ssh2 can emit several errors for one failed connection.
+      conn.on('error', (err: Error & { level?: string }) => {
+        signal?.removeEventListener('abort', onAbort);
+        if (settled) return;
+        settled = true;
+        conn.end();
+        reject(classify(err, rejected, target));
+      });
+      conn.once('close', () => {
+        if (settled) return;
+        settled = true;
+        signal?.removeEventListener('abort', onAbort);
+        reject(classify(new Error('connection closed during the handshake'), rejected, target));
+      });
+      const config: ConnectConfig = {
+        host,
+        port,
+        username,
+        privateKey,
+        readyTimeout: o.readyTimeoutMs === undefined ? 10000 : v.integer('readyTimeoutMs', o.readyTimeoutMs, 1, 600000),
+        hostVerifier,
+        keepaliveInterval: 0,
+      };
+      conn.connect(config);
+    });
+  }
+
+  /** Whether the connection is closed. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Starts `command` and returns its channel: stdout/stdin on it, `.stderr`, 'exit' (code, signal). */
+  spawn(command: string, options: { env?: Record<string, string>; signal?: AbortSignal } = {}): Promise<ClientChannel> {
+    v.string('command', command);
+    options.signal?.throwIfAborted();
+    return new Promise((resolve, reject) => {
+      this.#conn.exec(command, { env: options.env }, (err, stream) => {
+        if (err) return reject(new MicrovmError('ERR_MICROVM_SSH_EXEC', `Cannot run a command on ${this.#target}: ${err.message}`, { cause: err }));
+        if (options.signal) {
+          const onAbort = (): void => {
+            stream.signal('KILL');
+            stream.close();
+          };
+          options.signal.addEventListener('abort', onAbort, { once: true });
+          stream.once('close', () => options.signal?.removeEventListener('abort', onAbort));
+        }
+        resolve(stream);
+      });
+    });
+  }
+
+  /** Runs `command` to completion and collects its output. */
+  async exec(command: string, options: ExecOptions = {}): Promise<ExecResult> {
+    const o = v.object('options', options);
+    v.knownKeys('options', o, ['signal', 'stdin', 'env']);
+    const stream = await this.spawn(command, { env: options.env, signal: options.signal });
+    return new Promise((resolve, reject) => {
+      const out: Buffer[] = [];
+      const err: Buffer[] = [];
+      let exitCode: number | null = null;
+      let sig: string | null = null;
+      stream.on('data', (d: Buffer) => out.push(d));
+      stream.stderr.on('data', (d: Buffer) => err.push(d));
+      stream.on('exit', (code: number | null, signalName?: string) => {
+        exitCode = typeof code === 'number' ? code : null;
+        sig = signalName ?? null;
+      });
+      stream.on('close', () => {
+        if (options.signal?.aborted) {
+          reject(options.signal.reason instanceof Error ? options.signal.reason : new DOMException('The operation was aborted', 'AbortError'));
+          return;
+        }
+        resolve({ stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8'), exitCode, signal: sig });
+      });
+      stream.on('error', reject);
+      if (options.stdin !== undefined) stream.end(options.stdin);
+      else stream.end();
+    });
+  }
+
+  #sftpSession(): Promise<SFTPWrapper | undefined> {
+    this.#sftp ??= new Promise((resolve) => {
+      this.#conn.sftp((err, sftp) => resolve(err ? undefined : sftp));
+    });
+    return this.#sftp;
+  }
+
+  /** Copies a host file into the guest (SFTP, else `cat >`). */
+  async copyTo(localPath: string, remotePath: string, options: { mode?: number } = {}): Promise<void> {
+    v.absolutePath('localPath', localPath);
+    v.string('remotePath', remotePath);
+    const mode = options.mode === undefined ? fs.statSync(localPath).mode & 0o777 : v.integer('options.mode', options.mode, 0, 0o7777);
+    const sftp = await this.#sftpSession();
+    if (sftp) {
+      await new Promise<void>((resolve, reject) => sftp.fastPut(localPath, remotePath, { mode }, (e) => (e ? reject(e) : resolve())));
+      return;
+    }
+    const q = shellQuote(remotePath);
+    const stream = await this.spawn(`cat > ${q} && chmod ${mode.toString(8)} ${q}`);
+    await pipeThrough(fs.createReadStream(localPath), stream, stream);
+  }
+
+  /** Copies a guest file to the host (SFTP, else `cat`). */
+  async copyFrom(remotePath: string, localPath: string): Promise<void> {
+    v.string('remotePath', remotePath);
+    v.absolutePath('localPath', localPath);
+    const sftp = await this.#sftpSession();
+    if (sftp) {
+      await new Promise<void>((resolve, reject) => sftp.fastGet(remotePath, localPath, (e) => (e ? reject(e) : resolve())));
+      return;
+    }
+    const stream = await this.spawn(`cat ${shellQuote(remotePath)}`);
+    stream.end();
+    await pipeThrough(stream, fs.createWriteStream(localPath), stream);
+  }
+
+  /** Closes the connection. Idempotent. */
+  close(): void {
+    if (!this.#closed) this.#conn.end();
+    this.#closed = true;
+  }
+}
+
+function shellQuote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+/** Pipes `from` into `to`; resolves when `channel` closed with exit code 0. */
+function pipeThrough(from: Readable, to: Writable, channel: ClientChannel): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let code: number | null = null;
+    const errs: Buffer[] = [];
+    channel.stderr.on('data', (d: Buffer) => errs.push(d));
+    channel.on('exit', (c: number | null) => {
+      code = c;
+    });
+    from.on('error', reject);
+    to.on('error', reject);
+    const done = (): void => (code === 0 ? resolve() : reject(new MicrovmError('ERR_MICROVM_SSH_COPY', `copy failed (exit ${String(code)}): ${Buffer.concat(errs).toString().trim()}`)));
+    if (to === channel) channel.on('close', done);
+    else to.on('finish', () => (code === null ? channel.once('close', done) : done()));
+    from.pipe(to);
+  });
+}
