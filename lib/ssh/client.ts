@@ -5,8 +5,9 @@
  * AbortSignal support. Keys never appear in errors, logs or spans.
  */
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as path from 'node:path';
-import type { Readable, Writable } from 'node:stream';
+import { Duplex, type Readable, type Writable } from 'node:stream';
 import { Client, type ClientChannel, type ConnectConfig, type SFTPWrapper, utils } from 'ssh2';
 import { MicrovmError } from '../errors';
 import * as v from '../validate';
@@ -27,7 +28,74 @@ export interface SshConnectOptions {
   hostKey: HostKeyPolicy;
   /** Handshake timeout in ms (10000). */
   readyTimeoutMs?: number;
+  /**
+   * Give up early when the server's "SSH-" identification line does not arrive within this many
+   * ms. Behind a user-mode NAT (QEMU) a TCP connect succeeds before the guest is up, and such a
+   * connection only fails at `readyTimeoutMs`; this lets a readiness probe fail fast instead.
+   */
+  bannerTimeoutMs?: number;
   signal?: AbortSignal;
+}
+
+/**
+ * Connects, waits for the server's identification line, and returns a stream that replays what was
+ * read and then passes the socket through (for ssh2's `sock` option).
+ */
+function connectWithBanner(host: string, port: number, timeoutMs: number, signal?: AbortSignal): Promise<Duplex> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host, port });
+    let head = Buffer.alloc(0);
+    let done = false;
+    const fail = (err: Error): void => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      socket.destroy();
+      reject(err);
+    };
+    const timer = setTimeout(() => fail(Object.assign(new Error(`no SSH identification from ${host}:${port} within ${timeoutMs} ms`), { level: 'client-banner' })), timeoutMs);
+    signal?.addEventListener('abort', () => fail(signal.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError')), { once: true });
+    socket.on('error', fail);
+    socket.on('close', () => fail(new Error('connection closed before the SSH identification')));
+    const onData = (chunk: Buffer): void => {
+      head = Buffer.concat([head, chunk]);
+      if (!head.includes(0x0a)) {
+        if (head.length > 8192) fail(new Error('no SSH identification line in the first 8 KiB'));
+        return;
+      }
+      done = true;
+      clearTimeout(timer);
+      socket.removeListener('data', onData);
+      socket.removeAllListeners('close');
+      socket.removeListener('error', fail);
+      socket.pause();
+      const stream = new Duplex({
+        read() {
+          socket.resume();
+        },
+        write(c: Buffer, _enc, cb) {
+          socket.write(c, cb);
+        },
+        final(cb) {
+          socket.end();
+          cb();
+        },
+        destroy(err, cb) {
+          socket.destroy(err ?? undefined);
+          cb(err);
+        },
+      });
+      stream.push(head);
+      socket.on('data', (c: Buffer) => {
+        if (!stream.push(c)) socket.pause();
+      });
+      socket.on('end', () => stream.push(null));
+      socket.on('error', (e) => stream.destroy(e));
+      socket.on('close', () => stream.destroy());
+      resolve(stream);
+    };
+    socket.on('data', onData);
+  });
 }
 
 /** Result of {@link SshClient.exec}. */
@@ -83,7 +151,8 @@ export class SshClient {
   /** Connects and authenticates. Rejects with ERR_MICROVM_SSH_HOSTKEY / _AUTH / _CONNECT. */
   static connect(options: SshConnectOptions): Promise<SshClient> {
     const o = v.object('options', options);
-    v.knownKeys('options', o, ['host', 'port', 'username', 'privateKey', 'hostKey', 'readyTimeoutMs', 'signal']);
+    v.knownKeys('options', o, ['host', 'port', 'username', 'privateKey', 'hostKey', 'readyTimeoutMs', 'bannerTimeoutMs', 'signal']);
+    const bannerTimeoutMs = o.bannerTimeoutMs === undefined ? undefined : v.integer('bannerTimeoutMs', o.bannerTimeoutMs, 1, 600000);
     const host = v.string('host', o.host);
     const port = v.integer('port', o.port, 1, 65535);
     const username = v.string('username', o.username);
@@ -122,7 +191,8 @@ export class SshClient {
       return true;
     };
 
-    return new Promise((resolve, reject) => {
+    const sockPromise = bannerTimeoutMs === undefined ? Promise.resolve(undefined) : connectWithBanner(host, port, bannerTimeoutMs, signal);
+    return sockPromise.then((sock) => new Promise<SshClient>((resolve, reject) => {
       const conn = new Client();
       let settled = false;
       const onAbort = (): void => {
@@ -161,7 +231,11 @@ export class SshClient {
         hostVerifier,
         keepaliveInterval: 0,
       };
+      if (sock) config.sock = sock as unknown as ConnectConfig['sock'];
       conn.connect(config);
+    }), (err: Error & { level?: string }) => {
+      if (err.name === 'AbortError') throw err;
+      throw classify(err, undefined, target);
     });
   }
 

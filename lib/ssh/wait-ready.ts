@@ -46,6 +46,8 @@ export interface WaitForReadyOptions extends Omit<SshConnectOptions, 'signal'> {
   maxIntervalMs?: number;
   /** Interval growth factor (1.5). */
   backoff?: number;
+  /** Per probe: how long to wait for the server's identification line (300 ms; see SshConnectOptions). */
+  bannerTimeoutMs?: number;
   signal?: AbortSignal;
   clock?: Clock;
   /** Parent for the span; without it the global tracer provider's no-op or real tracer is used. */
@@ -64,7 +66,8 @@ export async function waitForReady(options: WaitForReadyOptions, scope?: SpanSco
   if (typeof backoff !== 'number' || !(backoff >= 1)) throw new RangeError(`Expected a number >= 1 for backoff but received ${v.describe(o.backoff)}`);
   const clock = options.clock ?? systemClock;
   const connect = options.connect ?? ((c: SshConnectOptions) => SshClient.connect(c));
-  const { timeoutMs: _t, initialIntervalMs: _i, maxIntervalMs: _m, backoff: _b, clock: _c, scope: _s, connect: _k, signal, ...connectOptions } = options;
+  const { timeoutMs: _t, initialIntervalMs: _i, maxIntervalMs: _m, backoff: _b, clock: _c, scope: _s, connect: _k, signal, bannerTimeoutMs: _bt, ...connectOptions } = options;
+  const bannerTimeoutMs = o.bannerTimeoutMs === undefined ? 300 : v.integer('bannerTimeoutMs', o.bannerTimeoutMs, 1, 600000);
   const s = scope ?? options.scope ?? { tracer: getTracer(), ctx: context.active() };
   const attrs = { 'ssh.host': options.host, 'ssh.port': options.port, 'ssh.user': options.username };
   const body = async (span: Span): Promise<SshClient> => {
@@ -78,7 +81,7 @@ export async function waitForReady(options: WaitForReadyOptions, scope?: SpanSco
         probes++;
         try {
           const readyTimeoutMs = Math.max(1, Math.min(options.readyTimeoutMs ?? 5000, Math.ceil(deadline - clock.now())));
-          const client = await connect({ ...connectOptions, readyTimeoutMs, signal });
+          const client = await connect({ ...connectOptions, readyTimeoutMs, bannerTimeoutMs: Math.min(bannerTimeoutMs, readyTimeoutMs), signal });
           return client;
         } catch (err) {
           const code = (err as MicrovmError).code;
