@@ -7,12 +7,18 @@ cd "$(dirname "$0")/.."
 # command -> Debian package that provides it
 declare -A need=(
   [cc]=gcc [g++]=g++ [make]=make [python3]=python3 [pkg-config]=pkg-config [strip]=binutils
-  [mkfs.xfs]=xfsprogs [losetup]=mount
+  [mkfs.xfs]=xfsprogs [losetup]=mount [file]=file
+  [qemu-system-x86_64]=qemu-system-x86 [dropbear]=dropbear-bin [dropbearkey]=dropbear-bin
+  [unshare]=util-linux [setpriv]=util-linux [sshd]=openssh-server
 )
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
+# The test image needs a statically linked busybox (the busybox package is dynamic).
+if ! { command -v busybox >/dev/null && command -v file >/dev/null && file -L "$(command -v busybox)" | grep -q 'statically linked'; }; then
+  missing+=(busybox-static)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${missing[*]}" >&2

@@ -45,6 +45,16 @@ export default function globalSetup(): void {
   const control = path.join(artifacts, 'double-control');
   fs.mkdirSync(control, { recursive: true });
   process.env.KRUN_DOUBLE_CONTROL_DIR = control;
+  // A small guest image (busybox-static + dropbear) for the QEMU end-to-end tests, when the tools exist.
+  const image = path.join(artifacts, 'test-image');
+  if (!fs.existsSync(image)) {
+    try {
+      execFileSync('bash', [path.join(root, 'scripts', 'make-test-image.sh'), image], { stdio: ['ignore', 'ignore', 'pipe'] });
+    } catch (err) {
+      process.env.MICROVM_TEST_IMAGE_ERROR = String((err as { stderr?: Buffer }).stderr ?? err).trim();
+    }
+  }
+  if (fs.existsSync(image)) process.env.MICROVM_TEST_IMAGE = image;
   if (!process.env.MICROVM_TEST_LIBKRUNFW_DIR) {
     const dir = execFileSync('bash', [path.join(root, 'scripts', 'fetch-libkrunfw.sh')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] }).trim();
     process.env.MICROVM_TEST_LIBKRUNFW_DIR = dir;

@@ -1,0 +1,131 @@
+/**
+ * Real VMs: the QEMU backend boots Debian's libkrunfw kernel (TCG here: no KVM) on a virtio-fs
+ * root cloned from a busybox-static + dropbear image, with the guest init built by this project.
+ * These must run in CI; they skip only when QEMU or the image tools are missing, and say which.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { BasicTracerProvider, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { hooks, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
+import { packageRoot } from '../../lib/native';
+import { alive, firmwareDir, scratch } from '../helpers';
+
+function missing(): string | undefined {
+  try {
+    execFileSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' });
+  } catch {
+    return 'qemu-system-x86_64 is not installed';
+  }
+  if (!process.env.MICROVM_TEST_IMAGE) return `no test image (${process.env.MICROVM_TEST_IMAGE_ERROR ?? 'scripts/make-test-image.sh failed'})`;
+  return undefined;
+}
+const skip = missing();
+
+let s: ReturnType<typeof scratch>;
+const vms: MicroVM[] = [];
+beforeEach(() => {
+  s = scratch('microvm-e2e-');
+});
+afterEach(async () => {
+  for (const vm of vms.splice(0)) await vm.remove().catch(() => undefined);
+  s.cleanup();
+});
+
+const DROPBEAR = ['/usr/sbin/dropbear', '-F', '-E', '-r', '/etc/dropbear/dropbear_ed25519_host_key', '-p', '22'];
+const base = (extra: RunOptions = {}): RunOptions => ({
+  rootfsPath: process.env.MICROVM_TEST_IMAGE,
+  backend: 'qemu',
+  dataDir: path.join(s.dir, 'data'),
+  ...extra,
+});
+process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
+
+(skip ? describe.skip : describe)(`QEMU backend, real VMs${skip ? ` [skipped: ${skip}]` : ''}`, () => {
+  test('a command as the VM init: its output on the console and its exit code from wait()', async () => {
+    const vm = await run('test-image', base({ initOverride: ['/bin/sh', '-c', 'echo hi; exit 3'] }));
+    vms.push(vm);
+    expect(vm.backend).toBe('qemu');
+    expect(await vm.wait()).toBe(3);
+    expect(fs.readFileSync(vm.consoleLogPath, 'utf8')).toMatch(/^hi\r?$/m); // the console tty adds \r
+    expect(vm.status()).toMatchObject({ state: 'exited', exitCode: 3, backend: 'qemu' });
+  });
+
+  test('SSH end to end with the complete span tree of a real boot', async () => {
+    const exporter = new InMemorySpanExporter();
+    const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+    const vm = await run('test-image', base({ initOverride: DROPBEAR, ssh: { timeoutMs: 60000 }, rootfsHooks: [hooks.injectFile('/etc/from-hook', 'written by a rootfs hook\n')], tracerProvider: provider }));
+    vms.push(vm);
+    const uname = await vm.exec('uname -a');
+    expect(uname).toMatchObject({ exitCode: 0 });
+    expect(uname.stdout).toMatch(/^Linux microvm .* x86_64/);
+    expect((await vm.exec('cat /etc/from-hook')).stdout).toBe('written by a rootfs hook\n');
+    expect(await vm.exec('exit 7')).toMatchObject({ exitCode: 7 });
+    await vm.stop();
+
+    const spans = exporter.getFinishedSpans();
+    const one = (name: string): ReadableSpan => {
+      const l = spans.filter((x) => x.name === name);
+      expect([name, l.length]).toEqual([name, 1]);
+      return l[0];
+    };
+    const id = (x: ReadableSpan): string => x.spanContext().spanId;
+    const parent = (x: ReadableSpan): string | undefined => x.parentSpanContext?.spanId;
+    const root = one(SPAN.RUN);
+    for (const stage of [SPAN.PREFLIGHT, SPAN.IMAGE_PULL, SPAN.ROOTFS_CLONE, SPAN.ROOTFS_HOOKS, SPAN.BACKEND_PREPARE, SPAN.NETWORK_START, SPAN.VM_SPAWN, SPAN.POST_BOOT]) {
+      expect([stage, parent(one(stage))]).toEqual([stage, id(root)]);
+    }
+    expect(parent(one(SPAN.PREFLIGHT_RUN_ALL))).toBe(id(one(SPAN.PREFLIGHT)));
+    expect(spans.filter((x) => x.name === SPAN.PREFLIGHT_CHECK).every((x) => parent(x) === id(one(SPAN.PREFLIGHT_RUN_ALL)))).toBe(true);
+    expect(parent(one(SPAN.BACKEND_START))).toBe(id(one(SPAN.VM_SPAWN)));
+    expect(parent(one(SPAN.BACKEND_RESOLVE_RUNTIME))).toBe(id(one(SPAN.BACKEND_START)));
+    expect(parent(one(SPAN.BACKEND_RESOLVE_FIRMWARE))).toBe(id(one(SPAN.BACKEND_START)));
+    const wait = one(SPAN.SSH_WAIT_READY);
+    expect(parent(wait)).toBe(id(one(SPAN.POST_BOOT)));
+    expect(wait.attributes).toMatchObject({ 'ssh.host': '127.0.0.1', 'ssh.user': 'root' });
+    const probes = wait.attributes['ssh.probes_total'] as number;
+    expect(probes).toBeGreaterThanOrEqual(1);
+    expect(wait.events.filter((e) => e.name === 'ssh.probe_failed')).toHaveLength(probes - 1);
+    expect(root.attributes).toMatchObject({ image: 'test-image', 'microvm.backend': 'qemu' });
+    expect(spans.every((x) => x.status.code !== 2)).toBe(true);
+  });
+
+  test('two VMs at once', async () => {
+    const [a, b] = await Promise.all([
+      run('test-image', base({ name: 'a', initOverride: ['/bin/sh', '-c', 'echo I am a; exit 5'] })),
+      run('test-image', base({ name: 'b', initOverride: ['/bin/sh', '-c', 'echo I am b; exit 6'] })),
+    ]);
+    vms.push(a, b);
+    expect(await Promise.all([a.wait(), b.wait()])).toEqual([5, 6]);
+    expect(fs.readFileSync(a.consoleLogPath, 'utf8')).toContain('I am a');
+    expect(fs.readFileSync(b.consoleLogPath, 'utf8')).toContain('I am b');
+  });
+
+  test('kill -9 of the process that owns a VM leaves no QEMU or virtiofsd behind', async () => {
+    const dataDir = path.join(s.dir, 'owned');
+    const script = `
+      process.env.MICROVM_LIBKRUNFW_DIR = ${JSON.stringify(firmwareDir())};
+      const m = require(${JSON.stringify(packageRoot)});
+      m.run('test-image', { rootfsPath: ${JSON.stringify(process.env.MICROVM_TEST_IMAGE)}, backend: 'qemu', dataDir: ${JSON.stringify(dataDir)},
+                            initOverride: ['/bin/sh', '-c', 'sleep 600'] })
+        .then((vm) => console.log(vm.pid), (e) => { console.error(e); process.exit(1); });`;
+    const owner = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const pid = await new Promise<number>((resolve, reject) => {
+      owner.stdout.once('data', (d: Buffer) => resolve(Number(String(d).trim())));
+      owner.once('exit', (code) => reject(new Error(`owner exited early with ${String(code)}`)));
+    });
+    const related = (): number[] =>
+      fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).map(Number).filter((p) => {
+        try {
+          return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(dataDir);
+        } catch {
+          return false;
+        }
+      });
+    expect(alive(pid)).toBe(true);
+    expect(related().length).toBeGreaterThanOrEqual(2); // QEMU and virtiofsd
+    owner.kill('SIGKILL');
+    for (let i = 0; i < 200 && related().length > 0; i++) await new Promise((r) => setTimeout(r, 25));
+    expect(related()).toEqual([]);
+  });
+});
