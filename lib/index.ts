@@ -70,3 +70,4 @@ export type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, Im
 export type { NetworkHandle, NetworkProvider } from './network/start';
 export { diskSpaceCheck, kvmCheck, portsCheck, resourcesCheck, userNamespacesCheck, type CheckResult, type PreflightCheck } from './preflight/checks';
 export { SPAN, ATTR } from './telemetry/attributes';
+export { formatSpanTree, type SpanLike } from './telemetry/tree';

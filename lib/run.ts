@@ -22,7 +22,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
-import { kvmUsable, qemuBackend } from './backends/qemu';
+import { kvmUsable, qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
 import { resolveImage } from './image/pull';
@@ -212,6 +212,11 @@ function defaultChecks(backend: Backend, dataRoot: string, cpus: number, memoryM
   if (backend.name === 'libkrun') {
     list.push(kvmCheck());
     list.push(probeCheck('libkrun', 'libkrun 1.x can be loaded', LIBKRUN_INSTALL_HINT, () => resolveRuntime()));
+  }
+  if (backend.name === 'qemu') {
+    list.push(probeCheck('qemu', 'qemu-system-x86_64, virtiofsd and the guest init are present', 'apt-get install qemu-system-x86 (Debian 12 includes virtiofsd); npm run build:native', async () => resolveQemuRuntime()));
+  }
+  if (backend.name === 'libkrun' || backend.name === 'qemu') {
     list.push(probeCheck('libkrunfw', 'libkrunfw 5 can be loaded', FIRMWARE_INSTALL_HINT, () => resolveFirmware()));
   }
   list.push(diskSpaceCheck(fs.existsSync(dataRoot) ? dataRoot : path.dirname(dataRoot)), resourcesCheck(cpus, memoryMiB), portsCheck(ports));
