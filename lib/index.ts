@@ -71,3 +71,6 @@ export type { NetworkHandle, NetworkProvider } from './network/start';
 export { diskSpaceCheck, kvmCheck, portsCheck, resourcesCheck, userNamespacesCheck, type CheckResult, type PreflightCheck } from './preflight/checks';
 export { SPAN, ATTR } from './telemetry/attributes';
 export { formatSpanTree, type SpanLike } from './telemetry/tree';
+export { generateKeyPair, loadKeyPair, writeKeyPair, type SshKeyPair } from './ssh/keys';
+export { SshClient, type ExecOptions, type ExecResult, type HostKeyPolicy, type SshConnectOptions } from './ssh/client';
+export { waitForReady, systemClock, type Clock, type WaitForReadyOptions } from './ssh/wait-ready';

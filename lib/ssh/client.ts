@@ -104,7 +104,7 @@ export interface ExecResult {
   stderr: string;
   /** Exit code, or null when the command was killed by a signal. */
   exitCode: number | null;
-  /** Signal name (without "SIG") when killed by one. */
+  /** Signal name ("SIGTERM") when killed by one. */
   signal: string | null;
 }
 
@@ -244,7 +244,10 @@ export class SshClient {
     return this.#closed;
   }
 
-  /** Starts `command` and returns its channel: stdout/stdin on it, `.stderr`, 'exit' (code, signal). */
+  /**
+   * Starts `command` and returns its channel: stdout/stdin on it, `.stderr`, and 'close'
+   * (code, signal) — use 'close' rather than 'exit', which may fire before you listen.
+   */
   spawn(command: string, options: { env?: Record<string, string>; signal?: AbortSignal } = {}): Promise<ClientChannel> {
     v.string('command', command);
     options.signal?.throwIfAborted();
@@ -280,7 +283,13 @@ export class SshClient {
         exitCode = typeof code === 'number' ? code : null;
         sig = signalName ?? null;
       });
-      stream.on('close', () => {
+      // A fast command's exit status can arrive before these listeners exist; ssh2 repeats it as
+      // the arguments of 'close'.
+      stream.on('close', (code?: number | null, signalName?: string) => {
+        if (exitCode === null && sig === null) {
+          exitCode = typeof code === 'number' ? code : null;
+          sig = typeof signalName === 'string' ? signalName : null;
+        }
         if (options.signal?.aborted) {
           reject(options.signal.reason instanceof Error ? options.signal.reason : new DOMException('The operation was aborted', 'AbortError'));
           return;
@@ -294,8 +303,13 @@ export class SshClient {
   }
 
   #sftpSession(): Promise<SFTPWrapper | undefined> {
+    // Some servers never answer an unsupported subsystem request: give up after 5 s and use exec.
     this.#sftp ??= new Promise((resolve) => {
-      this.#conn.sftp((err, sftp) => resolve(err ? undefined : sftp));
+      const timer = setTimeout(() => resolve(undefined), 5000);
+      this.#conn.sftp((err, sftp) => {
+        clearTimeout(timer);
+        resolve(err ? undefined : sftp);
+      });
     });
     return this.#sftp;
   }
@@ -345,14 +359,23 @@ function pipeThrough(from: Readable, to: Writable, channel: ClientChannel): Prom
   return new Promise((resolve, reject) => {
     let code: number | null = null;
     const errs: Buffer[] = [];
-    channel.stderr.on('data', (d: Buffer) => errs.push(d));
+    channel.stderr.on('data', (d: Buffer) => {
+      if (errs.length < 64) errs.push(d);
+    });
     channel.on('exit', (c: number | null) => {
       code = c;
+    });
+    channel.on('close', (c?: number | null) => {
+      if (code === null && typeof c === 'number') code = c;
     });
     from.on('error', reject);
     to.on('error', reject);
     const done = (): void => (code === 0 ? resolve() : reject(new MicrovmError('ERR_MICROVM_SSH_COPY', `copy failed (exit ${String(code)}): ${Buffer.concat(errs).toString().trim()}`)));
-    if (to === channel) channel.on('close', done);
+    if (to === channel) {
+      channel.resume(); // drain its stdout, or it never ends and never closes
+      channel.stderr.resume();
+      channel.on('close', done);
+    }
     else to.on('finish', () => (code === null ? channel.once('close', done) : done()));
     from.pipe(to);
   });

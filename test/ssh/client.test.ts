@@ -1,0 +1,206 @@
+/** The SSH client and readiness wait against real servers (ssh2 in-process, OpenSSH sshd). */
+import { createHash, randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { trace } from '@opentelemetry/api';
+import { type Clock, generateKeyPair, loadKeyPair, SshClient, type SshConnectOptions, waitForReady, writeKeyPair } from '../../lib';
+import { scratch } from '../helpers';
+import { freePort, startSsh2Server, startSshd, type TestServer } from './servers';
+
+const key = generateKeyPair();
+const otherKey = generateKeyPair({ type: 'ecdsa' });
+
+describe('keys', () => {
+  test('ed25519 and ECDSA pairs in OpenSSH format, written 0600, loaded back', () => {
+    const s = scratch();
+    try {
+      expect(key.publicKey).toMatch(/^ssh-ed25519 AAAA\S+ node-microvm$/);
+      expect(otherKey.publicKey).toMatch(/^ecdsa-sha2-nistp256 AAAA/);
+      const { privateKeyPath, publicKeyPath } = writeKeyPair(key, s.dir);
+      expect(fs.statSync(privateKeyPath).mode & 0o777).toBe(0o600);
+      expect(fs.readFileSync(privateKeyPath, 'utf8')).toContain('BEGIN OPENSSH PRIVATE KEY');
+      expect(fs.readFileSync(publicKeyPath, 'utf8').trim()).toBe(key.publicKey);
+      expect(loadKeyPair(privateKeyPath).publicKey).toBe(key.publicKey);
+      fs.writeFileSync(path.join(s.dir, 'bad'), 'not a key');
+      expect(() => loadKeyPair(path.join(s.dir, 'bad'))).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_SSH_KEY' }));
+      // The error never echoes key material.
+      try {
+        loadKeyPair(path.join(s.dir, 'bad'));
+      } catch (e) {
+        expect((e as Error).message).not.toContain('not a key');
+      }
+    } finally {
+      s.cleanup();
+    }
+  });
+});
+
+const factories: [string, (k: string) => Promise<TestServer>][] = [
+  ['ssh2 server', (k) => startSsh2Server(k)],
+  ['OpenSSH sshd', (k) => startSshd(k)],
+];
+
+describe.each(factories)('SshClient against %s', (_name, start) => {
+  let server: TestServer;
+  let client: SshClient;
+  const opts = (extra: Partial<SshConnectOptions> = {}): SshConnectOptions => ({
+    host: '127.0.0.1', port: server.port, username: server.user, privateKey: key.privateKey, hostKey: { expected: server.hostKey }, ...extra,
+  });
+  beforeAll(async () => {
+    server = await start(key.publicKey);
+    client = await SshClient.connect(opts());
+  });
+  afterAll(async () => {
+    client?.close();
+    await server?.close();
+  });
+
+  test('exec: stdout, stderr and exit codes; one connection reused', async () => {
+    expect(await client.exec('echo out; echo err >&2; exit 3')).toEqual({ stdout: 'out\n', stderr: 'err\n', exitCode: 3, signal: null });
+    expect(await client.exec('true')).toMatchObject({ exitCode: 0 });
+  });
+
+  test('exec: a command killed by a signal', async () => {
+    const r = await client.exec('kill -TERM $$');
+    expect(r).toMatchObject({ exitCode: null, signal: 'SIGTERM' });
+  });
+
+  test('exec: stdin', async () => {
+    expect((await client.exec('tr a-z A-Z', { stdin: 'hello\n' })).stdout).toBe('HELLO\n');
+  });
+
+  test('streaming exec: 20 MB of output arrives whole', async () => {
+    const stream = await client.spawn('head -c 20000000 /dev/zero | tr "\\000" a');
+    let bytes = 0;
+    const closed = new Promise<number>((resolve) => stream.on('close', (code: number) => resolve(code)));
+    stream.on('data', (d: Buffer) => (bytes += d.length));
+    stream.end();
+    expect(await closed).toBe(0);
+    expect(bytes).toBe(20_000_000);
+  });
+
+  test('copyTo and copyFrom: 10 MB of binary data both ways', async () => {
+    const s = scratch();
+    try {
+      const data = randomBytes(10 * 1024 * 1024);
+      const src = path.join(s.dir, 'src.bin');
+      fs.writeFileSync(src, data);
+      const remote = path.join(s.dir, 'remote.bin'); // same machine: the server's filesystem is ours
+      await client.copyTo(src, remote, { mode: 0o640 });
+      expect(createHash('sha256').update(fs.readFileSync(remote)).digest('hex')).toBe(createHash('sha256').update(data).digest('hex'));
+      expect(fs.statSync(remote).mode & 0o777).toBe(0o640);
+      const back = path.join(s.dir, 'back.bin');
+      await client.copyFrom(remote, back);
+      expect(fs.readFileSync(back).equals(data)).toBe(true);
+    } finally {
+      s.cleanup();
+    }
+  });
+
+  test('a wrong pinned host key is refused', async () => {
+    await expect(SshClient.connect(opts({ hostKey: { expected: otherKey.publicKey } }))).rejects.toMatchObject({ code: 'ERR_MICROVM_SSH_HOSTKEY' });
+  });
+
+  test('trust on first use: the key is recorded, then pinned', async () => {
+    const s = scratch();
+    try {
+      const file = path.join(s.dir, 'known_hosts');
+      (await SshClient.connect(opts({ hostKey: { knownHostsFile: file } }))).close();
+      expect(fs.readFileSync(file, 'utf8')).toContain(`[127.0.0.1]:${server.port} ${server.hostKey.split(' ').slice(0, 2).join(' ')}`);
+      (await SshClient.connect(opts({ hostKey: { knownHostsFile: file } }))).close();
+      fs.writeFileSync(file, `[127.0.0.1]:${server.port} ${otherKey.publicKey.split(' ').slice(0, 2).join(' ')}\n`);
+      await expect(SshClient.connect(opts({ hostKey: { knownHostsFile: file } }))).rejects.toMatchObject({ code: 'ERR_MICROVM_SSH_HOSTKEY' });
+    } finally {
+      s.cleanup();
+    }
+  });
+
+  test('a key the server does not accept: ERR_MICROVM_SSH_AUTH, with no key in the message', async () => {
+    const err = await SshClient.connect(opts({ privateKey: otherKey.privateKey })).catch((e: Error) => e);
+    expect(err).toMatchObject({ code: 'ERR_MICROVM_SSH_AUTH' });
+    expect((err as Error).message).not.toContain('PRIVATE KEY');
+  });
+});
+
+describe('waitForReady', () => {
+  test('a server that appears after a delay: ready, with one probe_failed event per failed probe', async () => {
+    const port = await freePort();
+    const exporter = new InMemorySpanExporter();
+    const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+    let server: TestServer | undefined;
+    const timer = setTimeout(() => {
+      void startSsh2Server(key.publicKey, port).then((srv) => (server = srv));
+    }, 400);
+    try {
+      const client = await waitForReady(
+        { host: '127.0.0.1', port, username: 'tester', privateKey: key.privateKey, hostKey: { insecureAcceptAny: true }, timeoutMs: 20000 },
+        { tracer: provider.getTracer('t'), ctx: trace.setSpan(require('@opentelemetry/api').context.active(), trace.wrapSpanContext({ traceId: '0'.repeat(31) + '1', spanId: '0'.repeat(15) + '1', traceFlags: 1 })) },
+      );
+      client.close();
+      const span = exporter.getFinishedSpans().find((x) => x.name === 'microvm.SSHWaitReady');
+      expect(span).toBeDefined();
+      const probes = span?.attributes['ssh.probes_total'] as number;
+      const failed = span?.events.filter((e) => e.name === 'ssh.probe_failed') ?? [];
+      expect(probes).toBeGreaterThan(1);
+      expect(failed).toHaveLength(probes - 1);
+      expect(failed.map((e) => e.attributes?.['ssh.probe_count'])).toEqual(failed.map((_, i) => i + 1));
+      expect(span?.attributes).toMatchObject({ 'ssh.host': '127.0.0.1', 'ssh.port': port, 'ssh.user': 'tester' });
+    } finally {
+      clearTimeout(timer);
+      await server?.close();
+    }
+  });
+
+  test('a server that accepts TCP but never speaks SSH: ERR_MICROVM_SSH_TIMEOUT with the probe count and last error', async () => {
+    const mute = net.createServer(() => undefined);
+    await new Promise<void>((r) => mute.listen(0, '127.0.0.1', () => r()));
+    const port = (mute.address() as net.AddressInfo).port;
+    try {
+      const err = await waitForReady({ host: '127.0.0.1', port, username: 'x', privateKey: key.privateKey, hostKey: { insecureAcceptAny: true }, timeoutMs: 1500 }).catch((e: Error) => e);
+      expect(err).toMatchObject({ code: 'ERR_MICROVM_SSH_TIMEOUT' });
+      expect((err as Error).message).toMatch(/after 1500 ms and \d+ probes; last error: .*no SSH identification/);
+    } finally {
+      mute.close();
+    }
+  });
+
+  test('cancellation mid-wait', async () => {
+    const port = await freePort();
+    const ac = new AbortController();
+    setTimeout(() => ac.abort(), 200);
+    await expect(waitForReady({ host: '127.0.0.1', port, username: 'x', privateKey: key.privateKey, hostKey: { insecureAcceptAny: true }, timeoutMs: 30000, signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
+  });
+
+  test('schedule (injected clock): first probe at once, growing intervals up to the cap, one probe in flight', async () => {
+    let now = 0;
+    const sleeps: number[] = [];
+    const clock: Clock = { now: () => now, sleep: async (ms) => { sleeps.push(ms); now += ms; } };
+    let inFlight = 0;
+    let maxInFlight = 0;
+    let calls = 0;
+    const connect = async (): Promise<SshClient> => {
+      inFlight++;
+      maxInFlight = Math.max(maxInFlight, inFlight);
+      await new Promise((r) => setImmediate(r));
+      inFlight--;
+      calls++;
+      if (calls < 8) throw new Error('ECONNREFUSED');
+      return { close: () => undefined } as unknown as SshClient;
+    };
+    await waitForReady({ host: 'h', port: 1, username: 'u', privateKey: 'k', hostKey: { insecureAcceptAny: true }, clock, connect, initialIntervalMs: 10, maxIntervalMs: 50, backoff: 1.5 });
+    expect(sleeps).toEqual([10, 15, 22.5, 33.75, 50, 50, 50]);
+    expect(maxInFlight).toBe(1);
+  });
+
+  test('a refused key stops the wait at once instead of retrying', async () => {
+    const server = await startSsh2Server(key.publicKey);
+    try {
+      const err = await waitForReady({ host: '127.0.0.1', port: server.port, username: 'tester', privateKey: otherKey.privateKey, hostKey: { insecureAcceptAny: true }, timeoutMs: 20000 }).catch((e: Error) => e);
+      expect(err).toMatchObject({ code: 'ERR_MICROVM_SSH_AUTH' });
+    } finally {
+      await server.close();
+    }
+  });
+});
