@@ -44,6 +44,7 @@ export interface SshConnectOptions {
 function connectWithBanner(host: string, port: number, timeoutMs: number, signal?: AbortSignal): Promise<Duplex> {
   return new Promise((resolve, reject) => {
     const socket = net.connect({ host, port });
+    socket.setNoDelay(true);
     let head = Buffer.alloc(0);
     let done = false;
     const fail = (err: Error): void => {
@@ -233,6 +234,9 @@ export class SshClient {
       };
       if (sock) config.sock = sock as unknown as ConnectConfig['sock'];
       conn.connect(config);
+      // The handshake is a series of small request/response messages: Nagle + delayed ACKs would
+      // add ~40 ms to several of them.
+      conn.setNoDelay(true);
     }), (err: Error & { level?: string }) => {
       if (err.name === 'AbortError') throw err;
       throw classify(err, undefined, target);

@@ -1,0 +1,83 @@
+/** The PVH ELF wrapper around libkrunfw's raw kernel, read back with readelf (binutils). */
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { buildPvhElf, findPvhEntry, readFirmwareKernel, resolveFirmware, resolveQemuRuntime } from '../../lib';
+import { pvhKernelFor } from '../../lib/backends/qemu/kernel';
+import { firmwareDir, firmwarePath, scratch } from '../helpers';
+
+describe('PVH kernel', () => {
+  test('finds the Xen PVH entry note in the real libkrunfw kernel', async () => {
+    const { kernel, loadAddress } = await readFirmwareKernel(firmwarePath());
+    const entry = findPvhEntry(kernel);
+    expect(entry).toBeDefined();
+    expect(entry as number).toBeGreaterThanOrEqual(loadAddress);
+    expect(entry as number).toBeLessThan(loadAddress + kernel.length);
+  });
+
+  test('a synthetic image: the note (descsz 8) is found; none means undefined', () => {
+    const img = Buffer.alloc(4096);
+    const at = 1000;
+    img.writeUInt32LE(4, at);
+    img.writeUInt32LE(8, at + 4);
+    img.writeUInt32LE(18, at + 8);
+    img.write('Xen\0', at + 12, 'latin1');
+    img.writeBigUInt64LE(0x1234567n, at + 16);
+    expect(findPvhEntry(img)).toBe(0x1234567);
+    img.writeUInt32LE(17, at + 8); // another note type
+    expect(findPvhEntry(img)).toBeUndefined();
+  });
+
+  test('the ELF has one PT_LOAD at the load address with the kernel bytes, and the PVH note', () => {
+    const s = scratch();
+    try {
+      const kernel = Buffer.alloc(10000, 0xab);
+      const elf = buildPvhElf(kernel, 0x1000000, 0x1000123);
+      const file = path.join(s.dir, 'k.elf');
+      fs.writeFileSync(file, elf);
+      const headers = execFileSync('readelf', ['-lnW', file], { encoding: 'utf8' });
+      expect(headers).toMatch(/Entry point 0x1000123/);
+      expect(headers).toMatch(/LOAD\s+0x001000 0x0000000001000000 0x0000000001000000 0x002710 0x002710 RWE/);
+      expect(headers).toMatch(/Xen\s+0x00000004\s+Unknown note type: \(0x00000012\)/);
+      expect(elf.subarray(0x1000).equals(kernel)).toBe(true);
+    } finally {
+      s.cleanup();
+    }
+  });
+
+  test('pvhKernelFor caches one file per firmware', async () => {
+    const s = scratch();
+    try {
+      const fw = await resolveFirmware({ dir: firmwareDir(), systemDirs: [], loaderSearch: false });
+      const a = await pvhKernelFor(fw, s.dir);
+      const mtime = fs.statSync(a).mtimeMs;
+      const b = await pvhKernelFor(fw, s.dir);
+      expect(b).toBe(a);
+      expect(fs.statSync(b).mtimeMs).toBe(mtime);
+      expect(fs.readdirSync(s.dir)).toEqual([path.basename(a)]);
+      expect(fs.statSync(a).size).toBeGreaterThan(fw.kernelSize);
+    } finally {
+      s.cleanup();
+    }
+  });
+});
+
+describe('QEMU runtime resolution', () => {
+  test('a missing QEMU or virtiofsd names the package to install', () => {
+    expect(() => resolveQemuRuntime({ qemuPath: '/nonexistent/qemu' })).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_QEMU_NOT_FOUND', message: expect.stringContaining('apt-get install qemu-system-x86') }));
+    expect(() => resolveQemuRuntime({ virtiofsdPath: '/nonexistent/virtiofsd', qemuPath: '/bin/true' })).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_VIRTIOFSD_NOT_FOUND' }));
+  });
+
+  test('accel can be forced; auto follows /dev/kvm', () => {
+    expect(resolveQemuRuntime({ qemuPath: '/bin/true', virtiofsdPath: '/bin/true', accel: 'tcg' }).accel).toBe('tcg');
+    const auto = resolveQemuRuntime({ qemuPath: '/bin/true', virtiofsdPath: '/bin/true' }).accel;
+    let kvm = false;
+    try {
+      fs.closeSync(fs.openSync('/dev/kvm', 'r+'));
+      kvm = true;
+    } catch {
+      /* none */
+    }
+    expect(auto).toBe(kvm ? 'kvm' : 'tcg');
+  });
+});
