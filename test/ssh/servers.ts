@@ -38,7 +38,7 @@ export async function startSsh2Server(authorizedKey: string, port?: number): Pro
   const allowedBlob = allowed.getPublicSSH();
   const children = new Set<ChildProcess>();
   const server = new Server({ hostKeys: [host.private] }, (client) => {
-    client.setNoDelay(true); // as OpenSSH and dropbear do
+    (client as unknown as { setNoDelay(on: boolean): void }).setNoDelay(true); // as OpenSSH and dropbear do
     client.on('error', () => undefined);
     client.on('authentication', (ctx) => {
       if (ctx.method === 'publickey' && ctx.key.data.equals(allowedBlob)) {
