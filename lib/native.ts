@@ -71,6 +71,18 @@ export interface NativeAddon {
    * (uid/gid -1: leave). Replaces the file atomically (rename). Throws with `code` (errno name).
    */
   writeFileBeneath(root: string, components: string[], data: Buffer, mode: number, uid: number, gid: number, dirAttrs: [number, number, number][]): void;
+  /**
+   * Layer extraction, never following a symlink under `root` (see native/extract.h). Creates the
+   * entry (replacing what is there; a directory stays a directory) and for 'file' returns an open
+   * write fd, else -1.
+   */
+  extractEntry(root: string, components: string[], kind: 'file' | 'dir' | 'symlink' | 'hardlink', linkTarget: string, hardlinkComponents: string[], createParents: boolean): number;
+  /** mode, owner (chown) or the user.containers.override_stat xattr, and mtime. */
+  setEntryAttrs(root: string, components: string[], kind: 'file' | 'dir' | 'symlink' | 'hardlink', mode: number, uid: number, gid: number, mtimeSec: number, mtimeNsec: number, chown: boolean, overrideXattr: boolean): void;
+  /** Removes an entry recursively (whiteout); missing is fine. */
+  removeEntry(root: string, components: string[]): void;
+  /** Removes every child except `keep` (opaque whiteout); [] components = root itself. */
+  clearDirectory(root: string, components: string[], keep: string[]): void;
 }
 
 /** The package root (holds package.json, build/ and prebuilds/). */

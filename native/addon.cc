@@ -25,6 +25,7 @@
 
 #include "beneath.h"
 #include "errno_names.h"
+#include "extract.h"
 #include "firmware.h"
 #include "krun_api.h"
 #include "plan.h"
@@ -571,6 +572,73 @@ Napi::Value WriteFileBeneathFn(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ---- layer extraction ----------------------------------------------------------------------
+
+std::vector<std::string> ComponentsArg(const Napi::Value& v) {
+  std::vector<std::string> out;
+  Napi::Array a = v.As<Napi::Array>();
+  for (uint32_t i = 0; i < a.Length(); i++) out.push_back(a.Get(i).As<Napi::String>().Utf8Value());
+  return out;
+}
+
+EntryKind KindArg(const Napi::Value& v) {
+  std::string k = v.As<Napi::String>().Utf8Value();
+  if (k == "dir") return EntryKind::kDir;
+  if (k == "symlink") return EntryKind::kSymlink;
+  if (k == "hardlink") return EntryKind::kHardlink;
+  return EntryKind::kFile;
+}
+
+void ThrowPathError(Napi::Env env, const char* what, int err, const std::string& failed_at) {
+  Napi::Error e = Napi::Error::New(env, std::string(what) + " failed at " + failed_at + ": " + ErrnoName(err) + " (" + std::strerror(err) + ")");
+  e.Set("code", Napi::String::New(env, ErrnoName(err)));
+  e.Set("errno", Napi::Number::New(env, -err));
+  e.Set("path", Napi::String::New(env, failed_at));
+  throw e;
+}
+
+// extractEntry(root, components, kind, linkTarget, hardlinkComponents, createParents) -> fd | -1
+Napi::Value ExtractEntryFn(const Napi::CallbackInfo& info) {
+  int fd = -1;
+  std::string failed_at;
+  int err = ExtractEntry(StringArg(info, 0, "root"), ComponentsArg(info[1]), KindArg(info[2]), info[3].As<Napi::String>().Utf8Value(),
+                         ComponentsArg(info[4]), info[5].As<Napi::Boolean>().Value(), &fd, &failed_at);
+  if (err != 0) ThrowPathError(info.Env(), "extract", err, failed_at);
+  return Napi::Number::New(info.Env(), fd);
+}
+
+// setEntryAttrs(root, components, kind, mode, uid, gid, mtimeSec, mtimeNsec, chown, overrideXattr)
+Napi::Value SetEntryAttrsFn(const Napi::CallbackInfo& info) {
+  EntryAttrs a;
+  a.mode = static_cast<mode_t>(info[3].As<Napi::Number>().Uint32Value());
+  a.uid = static_cast<uid_t>(info[4].As<Napi::Number>().Uint32Value());
+  a.gid = static_cast<gid_t>(info[5].As<Napi::Number>().Uint32Value());
+  a.mtime_sec = info[6].As<Napi::Number>().Int64Value();
+  a.mtime_nsec = static_cast<long>(info[7].As<Napi::Number>().Int64Value());
+  a.chown = info[8].As<Napi::Boolean>().Value();
+  a.override_xattr = info[9].As<Napi::Boolean>().Value();
+  std::string failed_at;
+  int err = SetEntryAttrs(StringArg(info, 0, "root"), ComponentsArg(info[1]), KindArg(info[2]), a, &failed_at);
+  if (err != 0) ThrowPathError(info.Env(), "setting attributes", err, failed_at);
+  return info.Env().Undefined();
+}
+
+// removeEntry(root, components)
+Napi::Value RemoveEntryFn(const Napi::CallbackInfo& info) {
+  std::string failed_at;
+  int err = RemoveEntry(StringArg(info, 0, "root"), ComponentsArg(info[1]), &failed_at);
+  if (err != 0) ThrowPathError(info.Env(), "remove", err, failed_at);
+  return info.Env().Undefined();
+}
+
+// clearDirectory(root, components, keepNames)
+Napi::Value ClearDirectoryFn(const Napi::CallbackInfo& info) {
+  std::string failed_at;
+  int err = ClearDirectory(StringArg(info, 0, "root"), ComponentsArg(info[1]), ComponentsArg(info[2]), &failed_at);
+  if (err != 0) ThrowPathError(info.Env(), "opaque whiteout", err, failed_at);
+  return info.Env().Undefined();
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   Napi::Function ctor = KrunContextWrap::Define(env);
@@ -586,6 +654,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("checkPlan", Napi::Function::New<CheckPlanFn>(env, "checkPlan"));
   exports.Set("validatePlan", Napi::Function::New<ValidatePlanFn>(env, "validatePlan"));
   exports.Set("writeFileBeneath", Napi::Function::New<WriteFileBeneathFn>(env, "writeFileBeneath"));
+  exports.Set("extractEntry", Napi::Function::New<ExtractEntryFn>(env, "extractEntry"));
+  exports.Set("setEntryAttrs", Napi::Function::New<SetEntryAttrsFn>(env, "setEntryAttrs"));
+  exports.Set("removeEntry", Napi::Function::New<RemoveEntryFn>(env, "removeEntry"));
+  exports.Set("clearDirectory", Napi::Function::New<ClearDirectoryFn>(env, "clearDirectory"));
   exports.Set("KrunContext", ctor);
   exports.Set("abiVersion", Napi::Number::New(env, 1));
   return exports;

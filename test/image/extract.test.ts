@@ -1,0 +1,160 @@
+/** Layer extraction: fidelity against GNU tar archives, OCI whiteouts, hostile layers, limits. */
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Readable } from 'node:stream';
+import { applyLayer, type ExtractLimits, type ExtractState } from '../../lib/image/extract';
+import { scratch } from '../helpers';
+import { gzip, type Member, tar } from './tar-writer';
+
+let s: ReturnType<typeof scratch>;
+let root: string;
+let outside: string;
+beforeEach(() => {
+  s = scratch('microvm-extract-');
+  root = path.join(s.dir, 'rootfs');
+  outside = path.join(s.dir, 'outside');
+  fs.mkdirSync(root);
+  fs.mkdirSync(outside);
+  fs.writeFileSync(path.join(outside, 'victim'), 'untouched');
+});
+afterEach(() => s.cleanup());
+
+const newState = (): ExtractState => ({ bytes: 0, entries: 0, warnings: [] });
+const apply = (archive: Buffer | Uint8Array, state = newState(), limits?: ExtractLimits, mediaType?: string): Promise<void> =>
+  applyLayer(root, Readable.from([archive]), { state, limits, mediaType });
+const layer = (members: Member[]): Buffer => gzip(tar(members));
+
+/** Everything under `dir` as [relative path, type, mode, size, link target], sorted. */
+function listing(dir: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string): void => {
+    for (const name of fs.readdirSync(d).sort()) {
+      const p = path.join(d, name);
+      const st = fs.lstatSync(p);
+      const rel = path.relative(dir, p);
+      if (st.isSymbolicLink()) out.push(`${rel} l ${fs.readlinkSync(p)}`);
+      else if (st.isDirectory()) {
+        out.push(`${rel} d ${(st.mode & 0o7777).toString(8)}`);
+        walk(p);
+      } else out.push(`${rel} f ${(st.mode & 0o7777).toString(8)} ${st.size} ${st.nlink}`);
+    }
+  };
+  walk(dir);
+  return out;
+}
+
+describe('fidelity', () => {
+  test.each(['gzip', 'zstd', 'none'] as const)('a GNU tar layer (%s) extracts to the same tree', async (compression) => {
+    const src = path.join(s.dir, 'src');
+    fs.mkdirSync(path.join(src, 'usr/bin'), { recursive: true });
+    fs.mkdirSync(path.join(src, 'tmp'), { mode: 0o1777 });
+    fs.chmodSync(path.join(src, 'tmp'), 0o1777);
+    fs.writeFileSync(path.join(src, 'usr/bin/tool'), 'x'.repeat(100000));
+    fs.chmodSync(path.join(src, 'usr/bin/tool'), 0o4755);
+    fs.linkSync(path.join(src, 'usr/bin/tool'), path.join(src, 'usr/bin/tool-hard'));
+    fs.symlinkSync('/usr/bin/tool', path.join(src, 'usr/bin/abs-link'));
+    fs.symlinkSync('tool', path.join(src, 'usr/bin/rel-link'));
+    fs.mkdirSync(path.join(src, 'deep/' + 'n'.repeat(120)), { recursive: true });
+    fs.writeFileSync(path.join(src, 'deep/' + 'n'.repeat(120) + '/long-name-file-' + 'y'.repeat(90)), 'long');
+    const archive = path.join(s.dir, 'layer.tar');
+    execFileSync('tar', ['--format=pax', '-C', src, '-cf', archive, '.']);
+    let data: Buffer = fs.readFileSync(archive);
+    if (compression === 'gzip') data = gzip(data);
+    if (compression === 'zstd') data = execFileSync('zstd', ['-c', '-q', archive]);
+    await apply(data);
+    expect(listing(root)).toEqual(listing(src));
+    // PAX keeps sub-second mtimes.
+    expect(Math.abs(fs.statSync(path.join(root, 'usr/bin/tool')).mtimeMs - fs.statSync(path.join(src, 'usr/bin/tool')).mtimeMs)).toBeLessThan(1);
+  });
+});
+
+describe('OCI whiteouts', () => {
+  test('.wh.NAME removes lower entries; .wh..wh..opq empties a directory of lower entries only', async () => {
+    await apply(layer([{ path: 'a', type: 'dir' }, { path: 'a/b', data: '1' }, { path: 'a/c', data: '2' }, { path: 'd', data: '3' }, { path: 'o', type: 'dir' }, { path: 'o/old', data: 'x' }]));
+    await apply(layer([
+      { path: 'a/.wh.b' },
+      { path: '.wh.d' },
+      { path: 'o/new', data: 'same layer' },
+      { path: 'o/.wh..wh..opq' },
+      { path: 'e', data: 'made here' },
+      { path: '.wh.e' }, // a whiteout never hides an entry of its own layer
+    ]));
+    expect(listing(root)).toEqual(['a d 755', 'a/c f 644 1 1', 'e f 644 9 1', 'o d 755', 'o/new f 644 10 1']);
+  });
+});
+
+describe('hostile layers: nothing outside the root is ever touched', () => {
+  afterEach(() => {
+    expect(fs.readdirSync(outside)).toEqual(['victim']);
+    expect(fs.readFileSync(path.join(outside, 'victim'), 'utf8')).toBe('untouched');
+  });
+
+  test("'..' in a path is refused", async () => {
+    await expect(apply(layer([{ path: '../outside/victim', data: 'pwned' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+    await expect(apply(layer([{ path: 'a/../../outside/x', data: 'pwned' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+  });
+
+  test('absolute paths land inside the root', async () => {
+    await apply(layer([{ path: `${outside}/victim`, data: 'contained' }]));
+    expect(fs.readFileSync(path.join(root, outside, 'victim'), 'utf8')).toBe('contained');
+  });
+
+  test('a parent made a symlink (absolute or climbing) resolves inside the root', async () => {
+    await apply(layer([
+      { path: outside, type: 'dir' }, // the same path, inside the root
+      { path: 'evil', type: 'symlink', linkpath: outside },
+      { path: 'up', type: 'symlink', linkpath: '../../../../../../../..' + outside },
+    ]));
+    await apply(layer([{ path: 'evil/victim', data: 'pwned-1' }, { path: 'up/victim2', data: 'pwned-2' }]));
+    expect(fs.readFileSync(path.join(root, outside, 'victim'), 'utf8')).toBe('pwned-1');
+    expect(fs.readFileSync(path.join(root, outside, 'victim2'), 'utf8')).toBe('pwned-2');
+    // A dangling symlinked parent is an error, not a write anywhere else.
+    await expect(apply(layer([{ path: 'dangling', type: 'symlink', linkpath: '/nowhere' }, { path: 'dangling/x', data: 'x' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+  });
+
+  test('a symlink leaf is replaced, never written through', async () => {
+    await apply(layer([{ path: 'leaf', type: 'symlink', linkpath: path.join(outside, 'victim') }, { path: 'leaf', data: 'replaced' }]));
+    expect(fs.lstatSync(path.join(root, 'leaf')).isFile()).toBe(true);
+  });
+
+  test('hard links to outside or through symlinks stay inside (or fail)', async () => {
+    const before = fs.statSync(path.join(outside, 'victim')).nlink;
+    await expect(apply(layer([{ path: 'hl', type: 'hardlink', linkpath: path.join(outside, 'victim') }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+    await expect(apply(layer([{ path: 'sl', type: 'symlink', linkpath: outside }, { path: 'hl2', type: 'hardlink', linkpath: 'sl/victim' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+    expect(fs.statSync(path.join(outside, 'victim')).nlink).toBe(before);
+  });
+
+  test('whiteouts aimed outside remove nothing there', async () => {
+    await apply(layer([{ path: 'evil', type: 'symlink', linkpath: outside }]));
+    await apply(layer([{ path: 'evil/.wh.victim' }, { path: `${outside}/.wh.victim` }]));
+    await expect(apply(layer([{ path: '../outside/.wh.victim' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+  });
+
+  test('device nodes and FIFOs are skipped with a warning; duplicates: the last wins', async () => {
+    const state = newState();
+    await apply(layer([{ path: 'dev/null', type: 'char' }, { path: 'pipe', type: 'fifo' }, { path: 'dup', data: 'first' }, { path: 'dup', data: 'second' }]), state);
+    expect(state.warnings).toEqual([expect.stringContaining('skipped char dev/null'), expect.stringContaining('skipped fifo pipe')]);
+    expect(fs.existsSync(path.join(root, 'dev/null'))).toBe(false);
+    expect(fs.readFileSync(path.join(root, 'dup'), 'utf8')).toBe('second');
+  });
+});
+
+describe('limits and damage', () => {
+  test('entry count, total size and decompression ratio caps', async () => {
+    const many = layer(Array.from({ length: 20 }, (_, i) => ({ path: `f${i}`, data: 'x' })));
+    await expect(apply(many, newState(), { maxEntries: 10 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT', message: expect.stringContaining('entry count') });
+    await expect(apply(layer([{ path: 'big', data: Buffer.alloc(100000) }]), newState(), { maxBytes: 50000 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT' });
+    const bomb = layer([{ path: 'zeros', data: Buffer.alloc(20 * 1024 * 1024) }]);
+    await expect(apply(bomb, newState(), { maxRatio: 100 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT', message: expect.stringContaining('ratio') });
+  });
+
+  test('a truncated or corrupt archive is an error', async () => {
+    const full = tar([{ path: 'f', data: 'x'.repeat(5000) }]);
+    await expect(apply(gzip(full.subarray(0, 2048)))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
+    const corrupt = Buffer.from(full);
+    corrupt[10] ^= 0xff;
+    await expect(apply(gzip(corrupt))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER', message: expect.stringContaining('checksum') });
+    await expect(apply(Buffer.from('not gzip at all, really'), newState(), undefined, 'application/vnd.oci.image.layer.v1.tar+gzip')).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
+  });
+});
