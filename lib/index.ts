@@ -74,3 +74,12 @@ export { formatSpanTree, type SpanLike } from './telemetry/tree';
 export { generateKeyPair, loadKeyPair, writeKeyPair, type SshKeyPair } from './ssh/keys';
 export { SshClient, type ExecOptions, type ExecResult, type HostKeyPolicy, type SshConnectOptions } from './ssh/client';
 export { waitForReady, systemClock, type Clock, type WaitForReadyOptions } from './ssh/wait-ready';
+export { pull, type PullOptions, type PullProgress, type PullResult } from './image/pull';
+export { parseReference, type ImageReference } from './image/reference';
+export { list as listImages, evict as evictImages, gc as gcImages, purge as purgeImages, type CachedImage } from './image/cache';
+export { hostPlatform, type Platform } from './image/oci';
+
+import { pull as pullImage } from './image/pull';
+import { evict, gc, list, purge } from './image/cache';
+/** Image functions in one namespace: `image.pull(ref, { cacheDir })`, `image.list(cacheDir)`, ... */
+export const image = { pull: pullImage, list, evict, gc, purge } as const;

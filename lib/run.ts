@@ -25,7 +25,7 @@ import { libkrunBackend } from './backends/libkrun';
 import { kvmUsable, qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
-import { resolveImage } from './image/pull';
+import { localRootfs, pull, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
 import { normalizeLogLevel, normalizePortMap, normalizeVirtiofs, type KrunLogLevel, type LOG_LEVELS } from './plan';
 import { diskSpaceCheck, kvmCheck, portsCheck, type PreflightCheck, probeCheck, resourcesCheck, userNamespacesCheck } from './preflight/checks';
@@ -79,7 +79,7 @@ export interface RunOptions {
   dataDir?: string;
   /** Remove a leftover VM directory of the same name first, stopping its VM if still running (false). */
   cleanDataDir?: boolean;
-  /** Image cache directory (used by image pulls; reserved until they land). */
+  /** Image cache directory (`<dataDir>/images`). */
   imageCache?: string;
   /** libkrun log level ('error'). */
   logLevel?: KrunLogLevel | keyof typeof LOG_LEVELS;
@@ -196,6 +196,7 @@ function normalize(image: string, options: RunOptions) {
     preflightChecks: checks('preflightChecks', o.preflightChecks),
     virtiofs: o.virtiofs === undefined ? [] : (o.virtiofs as unknown[]).map((m, i) => normalizeVirtiofs(`virtiofs[${i}]`, m)).map((m) => ({ tag: m.tag, hostPath: m.path, readOnly: m.readOnly })),
     dataRoot: o.dataDir === undefined ? defaultDataRoot() : v.absolutePath('dataDir', o.dataDir),
+    imageCache: o.imageCache === undefined ? path.join(o.dataDir === undefined ? defaultDataRoot() : (o.dataDir as string), 'images') : v.absolutePath('imageCache', o.imageCache),
     cleanDataDir: o.cleanDataDir === undefined ? false : v.boolean('cleanDataDir', o.cleanDataDir),
     logLevel: o.logLevel === undefined ? 1 : normalizeLogLevel('logLevel', o.logLevel),
     backend,
@@ -272,7 +273,15 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       runAllChecks(inner, o.preflight ?? [...defaultChecks(o.backend, o.dataRoot, o.cpus, o.memoryMiB, o.ports.map((p) => p.host)), ...o.preflightChecks], signal),
     );
 
-    const pulled = await stage(SPAN.IMAGE_PULL, undefined, (span) => resolveImage(image, o.rootfsPath, o.imageConfig, span));
+    const pulled: PulledImage = await stage(SPAN.IMAGE_PULL, undefined, async (span, inner) => {
+      if (o.rootfsPath !== undefined) return localRootfs(o.rootfsPath, o.imageConfig, span);
+      const r = await pull(image, { cacheDir: o.imageCache, signal, scope: inner });
+      span.setAttribute(ATTR.IMAGE_SOURCE, 'pull');
+      span.setAttribute(ATTR.IMAGE_DIGEST, r.digest);
+      span.setAttribute(ATTR.IMAGE_CACHE_HIT, r.fromCache);
+      const cfg = runtimeConfig(r.config);
+      return { rootfsDir: r.path, config: { ...cfg, ...o.imageConfig }, source: 'pull' };
+    });
 
     // The VM's directory: a leftover one is an error unless cleanDataDir says to replace it.
     await fsp.mkdir(path.join(o.dataRoot, 'vms'), { recursive: true, mode: 0o700 });

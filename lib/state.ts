@@ -45,32 +45,48 @@ export function isRecordedProcess(state: Pick<VmState, 'pid' | 'pidStartTime' | 
   }
 }
 
-/** Runs `fn` holding `<dir>/state.lock` (O_EXCL; a lock left by a dead process is taken over). */
-export async function withStateLock<T>(dir: string, fn: () => Promise<T> | T): Promise<T> {
-  const lock = path.join(dir, 'state.lock');
-  for (let attempt = 0; ; attempt++) {
+/**
+ * Runs `fn` holding the lock file `lockPath` (created O_EXCL with our pid; a lock left by a dead
+ * process is taken over). Waits while another live process holds it, up to `timeoutMs`.
+ */
+export async function withFileLock<T>(lockPath: string, fn: () => Promise<T> | T, timeoutMs = 600_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
     try {
-      fs.writeFileSync(lock, String(process.pid), { flag: 'wx', mode: 0o600 });
+      fs.writeFileSync(lockPath, String(process.pid), { flag: 'wx', mode: 0o600 });
       break;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      const holder = Number(fs.readFileSync(lock, 'utf8').trim());
+      let holder = NaN;
+      try {
+        holder = Number(fs.readFileSync(lockPath, 'utf8').trim());
+      } catch {
+        continue; // released meanwhile
+      }
       let alive = false;
       try {
-        process.kill(holder, 0);
-        alive = true;
+        if (Number.isInteger(holder) && holder > 0) {
+          process.kill(holder, 0);
+          alive = true;
+        }
       } catch {
         /* gone */
       }
-      if (!alive || attempt > 400) fs.rmSync(lock, { force: true });
-      else await new Promise((r) => setTimeout(r, 5));
+      if (!alive) fs.rmSync(lockPath, { force: true });
+      else if (Date.now() > deadline) throw Object.assign(new Error(`Timed out waiting for the lock ${lockPath} held by pid ${holder}`), { code: 'ERR_MICROVM_LOCK_TIMEOUT' });
+      else await new Promise((r) => setTimeout(r, 10));
     }
   }
   try {
     return await fn();
   } finally {
-    fs.rmSync(lock, { force: true });
+    fs.rmSync(lockPath, { force: true });
   }
+}
+
+/** Runs `fn` holding `<dir>/state.lock`. */
+export function withStateLock<T>(dir: string, fn: () => Promise<T> | T): Promise<T> {
+  return withFileLock(path.join(dir, 'state.lock'), fn);
 }
 
 /** Writes state.json atomically. */

@@ -10,6 +10,7 @@ declare -A need=(
   [mkfs.xfs]=xfsprogs [losetup]=mount [file]=file
   [qemu-system-x86_64]=qemu-system-x86 [dropbear]=dropbear-bin [dropbearkey]=dropbear-bin
   [unshare]=util-linux [setpriv]=util-linux [sshd]=openssh-server
+  [umoci]=umoci [skopeo]=skopeo [zstd]=zstd [readelf]=binutils
 )
 missing=()
 for cmd in "${!need[@]}"; do

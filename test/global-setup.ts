@@ -55,6 +55,16 @@ export default function globalSetup(): void {
     }
   }
   if (fs.existsSync(image)) process.env.MICROVM_TEST_IMAGE = image;
+  // The same tree as a two-layer OCI image layout (umoci), for pulls and boots from an image.
+  const layout = path.join(artifacts, 'test-layout');
+  if (fs.existsSync(image) && !fs.existsSync(layout)) {
+    try {
+      execFileSync('bash', [path.join(root, 'scripts', 'make-test-layout.sh'), image, layout, 'test'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    } catch (err) {
+      process.env.MICROVM_TEST_LAYOUT_ERROR = String((err as { stderr?: Buffer }).stderr ?? err).trim();
+    }
+  }
+  if (fs.existsSync(layout)) process.env.MICROVM_TEST_LAYOUT = layout;
   if (!process.env.MICROVM_TEST_LIBKRUNFW_DIR) {
     const dir = execFileSync('bash', [path.join(root, 'scripts', 'fetch-libkrunfw.sh')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] }).trim();
     process.env.MICROVM_TEST_LIBKRUNFW_DIR = dir;

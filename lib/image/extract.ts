@@ -98,7 +98,13 @@ const OPAQUE = '.wh..wh..opq';
  * this layer's byte and entry counts; rejects with ERR_MICROVM_IMAGE_LIMIT,
  * ERR_MICROVM_IMAGE_UNSAFE_ENTRY or ERR_MICROVM_IMAGE_LAYER.
  */
-export async function applyLayer(root: string, input: Readable, options: { mediaType?: string; limits?: ExtractLimits; state: ExtractState; privileged?: boolean; signal?: AbortSignal }): Promise<void> {
+export async function applyLayer(
+  root: string,
+  input: Readable,
+  options: { mediaType?: string; limits?: ExtractLimits; state: ExtractState; privileged?: boolean; signal?: AbortSignal; onBytes?: (compressedBytesRead: number) => void },
+): Promise<void> {
+  const signal = options.signal;
+  signal?.throwIfAborted();
   const native = addon();
   const maxBytes = options.limits?.maxBytes ?? 30 * 1024 ** 3;
   const maxEntries = options.limits?.maxEntries ?? 1_000_000;
@@ -115,11 +121,14 @@ export async function applyLayer(root: string, input: Readable, options: { media
     (async function* () {
       if (first.done) return;
       compressedBytes += first.value.length;
+      options.onBytes?.(compressedBytes);
       yield first.value;
       for (;;) {
+        signal?.throwIfAborted();
         const r = await iter.next();
         if (r.done) return;
         compressedBytes += r.value.length;
+        options.onBytes?.(compressedBytes);
         yield r.value;
       }
     })(),
@@ -213,9 +222,10 @@ export async function applyLayer(root: string, input: Readable, options: { media
       const onAbort = (): void => {
         input.destroy();
         output.destroy();
-        reject(options.signal?.reason instanceof Error ? options.signal.reason : new DOMException('The operation was aborted', 'AbortError'));
+        reject(signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
       };
-      options.signal?.addEventListener('abort', onAbort, { once: true });
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener('abort', onAbort, { once: true });
       output.on('data', (chunk: Buffer) => {
         try {
           reader.feed(chunk);
@@ -226,7 +236,7 @@ export async function applyLayer(root: string, input: Readable, options: { media
           reject(err);
         }
       });
-      output.on('error', (e) => reject(e instanceof MicrovmError ? e : new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `Cannot decompress layer: ${e.message}`, { cause: e })));
+      output.on('error', (e) => reject(e instanceof MicrovmError || e.name === 'AbortError' ? e : new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `Cannot decompress layer: ${e.message}`, { cause: e })));
       output.on('end', () => {
         try {
           reader.end();
@@ -242,7 +252,7 @@ export async function applyLayer(root: string, input: Readable, options: { media
     for (const [comps, h] of dirAttrs.reverse()) applyAttrs(comps, h, 'dir');
   } catch (err) {
     const e = err as Error & { code?: string; path?: string };
-    if (e.code && !e.code.startsWith('ERR_') && e.path !== undefined) {
+    if (typeof e.code === 'string' && !e.code.startsWith('ERR_') && e.path !== undefined) {
       throw new MicrovmError('ERR_MICROVM_IMAGE_UNSAFE_ENTRY', `Layer entry could not be applied safely: ${e.message}`, { cause: err });
     }
     throw err;

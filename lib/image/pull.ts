@@ -1,32 +1,165 @@
 /**
- * Stage microvm.ImagePull. Registry pulls, the content-addressed cache and layer extraction are
- * the image issue's work (#3); until they land, run() takes an already unpacked tree through
- * `rootfsPath` (and optionally its runtime config through `imageConfig`), and this stage records
- * that as the source.
+ * Stage microvm.ImagePull: `pull(ref)` turns a reference into an unpacked root filesystem in the
+ * content-addressed cache, with the seed's sub-spans:
+ *
+ *   microvm.image.CacheLookup  (cache_hit)    ref -> digest -> complete entry: zero network
+ *   microvm.image.Fetch                       resolve manifest (+ platform) and config
+ *   microvm.image.Extract      (layered)      layers applied in order into a temporary tree
+ *   microvm.image.CacheStore                  fsync + rename into place; ref recorded
+ *
+ * Concurrent pulls of one image (in any number of processes) extract it once: a per-digest lock,
+ * re-checked after it is taken. A failed or aborted pull leaves nothing in the cache.
  */
+import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { context, type Span } from '@opentelemetry/api';
 import type { ImageRuntimeConfig } from '../backends/types';
 import { MicrovmError } from '../errors';
-import { ATTR } from '../telemetry/attributes';
-import type { Span } from '@opentelemetry/api';
+import { withFileLock } from '../state';
+import { ATTR, SPAN } from '../telemetry/attributes';
+import { getTracer, inSpan, type SpanScope } from '../telemetry/tracer';
+import * as v from '../validate';
+import { type CacheEntry, paths, publish, readEntry, readRefs, setRef, treeSummary } from './cache';
+import { applyLayer, type ExtractLimits, type ExtractState } from './extract';
+import { hostPlatform, type ImageConfigFile, type Platform } from './oci';
+import { parseReference } from './reference';
+import { type ResolvedImage, resolveOciLayout } from './source';
+
+/** Progress of a pull, per layer. */
+export interface PullProgress {
+  layer: number;
+  layers: number;
+  digest: string;
+  /** Compressed bytes read so far / in total. */
+  bytes: number;
+  total: number;
+}
+
+/** Options of {@link pull}. */
+export interface PullOptions {
+  /** Cache directory (default `<dataDir>/images`). */
+  cacheDir?: string;
+  /** Platform to select from multi-platform images (linux + the host architecture). */
+  platform?: Platform;
+  /** Registries reached over plain HTTP besides loopback ones. */
+  insecureRegistries?: string[];
+  limits?: ExtractLimits;
+  /** 'full' re-walks a cached tree and compares it with its integrity summary ('fast'). */
+  verify?: 'fast' | 'full';
+  onProgress?: (p: PullProgress) => void;
+  signal?: AbortSignal;
+  /** Parent span scope (run() passes microvm.ImagePull's). */
+  scope?: SpanScope;
+}
+
+/** A pulled image. */
+export interface PullResult {
+  /** The unpacked root filesystem (shared: never modify it). */
+  path: string;
+  /** Manifest digest. */
+  digest: string;
+  config: ImageConfigFile;
+  fromCache: boolean;
+  reference: string;
+  warnings: string[];
+}
+
+async function resolveSource(ref: ReturnType<typeof parseReference>, platform: Platform, options: PullOptions): Promise<ResolvedImage> {
+  if (ref.kind === 'oci-layout') return resolveOciLayout(ref.path, ref.tag, platform);
+  const { resolveRegistryImage } = await import('./registry');
+  return resolveRegistryImage(ref, platform, { insecureRegistries: options.insecureRegistries, signal: options.signal });
+}
+
+/** Pulls `reference` into the cache (or finds it there). */
+export async function pull(reference: string, options: PullOptions & { cacheDir: string }): Promise<PullResult> {
+  const o = v.object('options', options);
+  v.knownKeys('options', o, ['cacheDir', 'platform', 'insecureRegistries', 'limits', 'verify', 'onProgress', 'signal', 'scope']);
+  const cacheDir = v.absolutePath('cacheDir', o.cacheDir);
+  const ref = parseReference(reference);
+  const platform = options.platform ?? hostPlatform();
+  const verify = options.verify ?? 'fast';
+  const scope = options.scope ?? { tracer: getTracer(), ctx: context.active() };
+  // One reference can name different images per platform: the index key includes it.
+  const refKey = `${ref.canonical}#${platform.os}/${platform.architecture}${platform.variant ? `/${platform.variant}` : ''}`;
+  const signal = options.signal;
+  signal?.throwIfAborted();
+
+  const hit = await inSpan(scope, SPAN.IMAGE_CACHE_LOOKUP, { [ATTR.IMAGE]: ref.canonical }, (span) => {
+    const digest = ref.kind === 'registry' && ref.digest ? ref.digest : readRefs(cacheDir)[refKey]?.digest;
+    const entry = digest ? readEntry(cacheDir, digest, verify) : undefined;
+    span.setAttribute(ATTR.IMAGE_CACHE_HIT, !!entry);
+    if (entry) span.setAttribute(ATTR.IMAGE_DIGEST, entry.digest);
+    return entry;
+  });
+  if (hit) return { path: paths(cacheDir, hit.digest).rootfs, digest: hit.digest, config: hit.config, fromCache: true, reference: ref.canonical, warnings: [] };
+
+  const image = await inSpan(scope, SPAN.IMAGE_FETCH, { [ATTR.IMAGE]: ref.canonical }, async (span) => {
+    const r = await resolveSource(ref, platform, options);
+    span.setAttribute(ATTR.IMAGE_DIGEST, r.digest);
+    span.setAttribute('microvm.image.layers', r.manifest.layers.length);
+    span.setAttribute('microvm.image.bytes', r.manifest.layers.reduce((n, l) => n + (l.size ?? 0), 0));
+    return r;
+  });
+
+  await fsp.mkdir(paths(cacheDir).images, { recursive: true, mode: 0o755 });
+  await fsp.mkdir(paths(cacheDir).tmp, { recursive: true, mode: 0o700 });
+  const p = paths(cacheDir, image.digest);
+  let warnings: string[] = [];
+  const entry = await withFileLock(p.lock, async () => {
+    // Someone else may have extracted it while we waited (or under another reference).
+    const existing = readEntry(cacheDir, image.digest, verify);
+    if (existing) return { entry: existing, extracted: false };
+    const staged = path.join(paths(cacheDir).tmp, `x-${process.pid}-${randomBytes(4).toString('hex')}`);
+    const rootfs = path.join(staged, 'rootfs');
+    try {
+      await fsp.mkdir(rootfs, { recursive: true, mode: 0o755 });
+      const state: ExtractState = { bytes: 0, entries: 0, warnings: [] };
+      await inSpan(scope, SPAN.IMAGE_EXTRACT, { [ATTR.IMAGE_LAYERED]: image.manifest.layers.length > 1, 'microvm.image.layers': image.manifest.layers.length }, async (span: Span) => {
+        const layers = image.manifest.layers;
+        for (let i = 0; i < layers.length; i++) {
+          signal?.throwIfAborted();
+          const d = layers[i];
+          const blob = await image.openBlob(d, signal);
+          const onBytes = options.onProgress ? (read: number) => options.onProgress?.({ layer: i + 1, layers: layers.length, digest: d.digest, bytes: read, total: d.size }) : undefined;
+          await applyLayer(rootfs, blob, { mediaType: d.mediaType, limits: options.limits, state, signal, onBytes });
+        }
+        span.setAttribute('microvm.image.entries', state.entries);
+        span.setAttribute('microvm.image.uncompressed_bytes', state.bytes);
+      });
+      warnings = state.warnings;
+      return await inSpan(scope, SPAN.IMAGE_CACHE_STORE, { [ATTR.IMAGE_DIGEST]: image.digest }, () => {
+        const e: CacheEntry = { digest: image.digest, reference: ref.canonical, manifest: image.manifest, config: image.config, createdAt: new Date().toISOString(), tree: treeSummary(rootfs) };
+        publish(cacheDir, staged, e);
+        return { entry: e, extracted: true };
+      });
+    } catch (err) {
+      await fsp.rm(staged, { recursive: true, force: true });
+      throw err;
+    }
+  });
+  await setRef(cacheDir, refKey, image.digest);
+  return { path: p.rootfs, digest: image.digest, config: entry.entry.config, fromCache: !entry.extracted, reference: ref.canonical, warnings };
+}
+
+/** The runtime config run() needs from an image config file. */
+export function runtimeConfig(config: ImageConfigFile): ImageRuntimeConfig {
+  const c = config.config ?? {};
+  return { entrypoint: c.Entrypoint ?? [], cmd: c.Cmd ?? [], env: c.Env ?? [], workingDir: c.WorkingDir ?? '' };
+}
 
 /** The result of the image stage: an unpacked root tree and its runtime config. */
 export interface PulledImage {
   rootfsDir: string;
   config: ImageRuntimeConfig;
-  source: 'rootfsPath';
+  source: 'rootfsPath' | 'pull';
 }
 
 export const EMPTY_IMAGE_CONFIG: ImageRuntimeConfig = { entrypoint: [], cmd: [], env: [], workingDir: '' };
 
-/** Resolves the image for run(): today only a given rootfsPath. */
-export function resolveImage(image: string, rootfsPath: string | undefined, config: Partial<ImageRuntimeConfig> | undefined, span: Span): PulledImage {
-  if (rootfsPath === undefined) {
-    throw new MicrovmError(
-      'ERR_MICROVM_IMAGE_PULL_UNAVAILABLE',
-      `Pulling ${image} is not implemented yet; pass rootfsPath (an unpacked root filesystem directory).`,
-    );
-  }
+/** A given rootfsPath as the image stage's result. */
+export function localRootfs(rootfsPath: string, config: Partial<ImageRuntimeConfig> | undefined, span: Span): PulledImage {
   let st: fs.Stats;
   try {
     st = fs.statSync(rootfsPath);
@@ -35,6 +168,5 @@ export function resolveImage(image: string, rootfsPath: string | undefined, conf
   }
   if (!st.isDirectory()) throw new MicrovmError('ERR_MICROVM_ROOTFS_NOT_FOUND', `rootfsPath ${rootfsPath} is not a directory`);
   span.setAttribute(ATTR.IMAGE_SOURCE, 'rootfsPath');
-  span.setAttribute(ATTR.IMAGE_CACHE_HIT, true);
   return { rootfsDir: rootfsPath, config: { ...EMPTY_IMAGE_CONFIG, ...config }, source: 'rootfsPath' };
 }

@@ -90,6 +90,29 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
     expect(spans.every((x) => x.status.code !== 2)).toBe(true);
   });
 
+  test('boots from an OCI image layout: pulled, unpacked, its config (Env) applied', async () => {
+    if (!process.env.MICROVM_TEST_LAYOUT) throw new Error(`no test layout: ${process.env.MICROVM_TEST_LAYOUT_ERROR ?? ''}`);
+    const exporter = new InMemorySpanExporter();
+    const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+    const vm = await run(`oci:${process.env.MICROVM_TEST_LAYOUT}:test`, {
+      backend: 'qemu',
+      dataDir: path.join(s.dir, 'data'),
+      initOverride: ['/bin/sh', '-c', 'cat /etc/layer2; echo "GREETING=$GREETING"; test -e /etc/motd || echo whiteout-applied; exit 4'],
+      tracerProvider: provider,
+    });
+    vms.push(vm);
+    expect(await vm.wait()).toBe(4);
+    const out = fs.readFileSync(vm.consoleLogPath, 'utf8');
+    expect(out).toContain('from layer 2');
+    expect(out).toContain('GREETING=from-image');
+    expect(out).toContain('whiteout-applied');
+    const spans = exporter.getFinishedSpans();
+    const pullSpan = spans.find((x) => x.name === SPAN.IMAGE_PULL) as ReadableSpan;
+    for (const name of [SPAN.IMAGE_CACHE_LOOKUP, SPAN.IMAGE_FETCH, SPAN.IMAGE_EXTRACT, SPAN.IMAGE_CACHE_STORE]) {
+      expect([name, spans.find((x) => x.name === name)?.parentSpanContext?.spanId]).toEqual([name, pullSpan.spanContext().spanId]);
+    }
+  });
+
   test('two VMs at once', async () => {
     const [a, b] = await Promise.all([
       run('test-image', base({ name: 'a', initOverride: ['/bin/sh', '-c', 'echo I am a; exit 5'] })),

@@ -1,0 +1,107 @@
+/**
+ * Where image content comes from. An ImageSource resolves a reference to a manifest (selecting the
+ * platform from an index) and opens blobs as streams whose digest and size are verified as they
+ * are read. `oci-layout` reads an OCI image layout directory; the registry source lives in
+ * registry.ts.
+ */
+import { createHash } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Readable, Transform } from 'node:stream';
+import { MicrovmError } from '../errors';
+import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
+
+/** A reference resolved to one image. */
+export interface ResolvedImage {
+  /** Digest of the (platform-specific) image manifest: the cache key. */
+  digest: string;
+  manifest: ImageManifest;
+  config: ImageConfigFile;
+  /** A stream of the blob's bytes that fails with ERR_MICROVM_IMAGE_DIGEST if they do not match. */
+  openBlob(d: Descriptor, signal?: AbortSignal): Promise<Readable>;
+}
+
+/** Wraps `input` so that its bytes are hashed and counted; the stream errors at the end on a mismatch. */
+export function verifying(input: Readable, d: Descriptor, what: string): Readable {
+  const [alg, want] = d.digest.split(':');
+  const hash = createHash(alg);
+  let size = 0;
+  const t = new Transform({
+    transform(chunk: Buffer, _enc, cb) {
+      size += chunk.length;
+      if (d.size >= 0 && size > d.size) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: more than the ${d.size} bytes its descriptor states`));
+      hash.update(chunk);
+      cb(null, chunk);
+    },
+    flush(cb) {
+      const got = hash.digest('hex');
+      if (got !== want) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: digest mismatch (expected ${d.digest}, got ${alg}:${got})`));
+      if (d.size >= 0 && size !== d.size) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: ${size} bytes, descriptor says ${d.size}`));
+      cb();
+    },
+  });
+  input.on('error', (e) => t.destroy(e));
+  return input.pipe(t);
+}
+
+function blobPath(layout: string, digest: string): string {
+  const m = /^(sha256|sha512):([a-f0-9]+)$/.exec(digest);
+  if (!m) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `bad digest ${JSON.stringify(digest)}`);
+  return path.join(layout, 'blobs', m[1], m[2]);
+}
+
+function readBlob(layout: string, d: Descriptor, what: string, max = 4 * 1024 * 1024): Buffer {
+  let data: Buffer;
+  try {
+    const p = blobPath(layout, d.digest);
+    if (fs.statSync(p).size > max) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} is larger than ${max} bytes`);
+    data = fs.readFileSync(p);
+  } catch (err) {
+    if (String((err as MicrovmError).code).startsWith('ERR_')) throw err;
+    throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${what} (${d.digest}) is missing from the layout`, { cause: err });
+  }
+  verifyDigest(data, d.digest, what);
+  return data;
+}
+
+/** Resolves `oci:PATH[:TAG]`. */
+export function resolveOciLayout(layout: string, tag: string | undefined, platform: Platform): ResolvedImage {
+  const where = `OCI layout ${layout}`;
+  let index: ImageIndex;
+  try {
+    index = parseJson<ImageIndex>(fs.readFileSync(path.join(layout, 'index.json')), `${where} index.json`);
+  } catch (err) {
+    if ((err as MicrovmError).code === 'ERR_MICROVM_IMAGE_MANIFEST') throw err;
+    throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where} has no readable index.json`, { cause: err });
+  }
+  if (!Array.isArray(index.manifests)) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${where} index.json has no manifests`);
+  const tags = index.manifests.map((d) => d.annotations?.['org.opencontainers.image.ref.name']).filter((t): t is string => !!t);
+  let desc: Descriptor | undefined;
+  if (tag) desc = index.manifests.find((d) => d.annotations?.['org.opencontainers.image.ref.name'] === tag);
+  else if (index.manifests.length === 1) desc = index.manifests[0];
+  if (!desc) {
+    throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where} has no image ${tag ? `tagged ${JSON.stringify(tag)}` : 'without a tag'}; tags: ${tags.join(', ') || 'none'}`);
+  }
+  let doc = readBlob(layout, desc, `${where} manifest`);
+  let parsed = parseJson<ImageManifest & ImageIndex>(doc, `${where} manifest`);
+  for (let depth = 0; isIndex(parsed, desc.mediaType); depth++) {
+    if (depth > 4) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${where}: indexes nested too deep`);
+    desc = selectPlatform(parsed, platform, where);
+    doc = readBlob(layout, desc, `${where} manifest`);
+    parsed = parseJson<ImageManifest & ImageIndex>(doc, `${where} manifest`);
+  }
+  const manifest = checkManifest(parsed, `${where} manifest`);
+  const config = parseJson<ImageConfigFile>(readBlob(layout, manifest.config, `${where} config`), `${where} config`);
+  return {
+    digest: desc.digest,
+    manifest,
+    config,
+    async openBlob(d) {
+      const p = blobPath(layout, d.digest);
+      if (!fs.existsSync(p)) throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where}: layer ${d.digest} is missing`);
+      return verifying(fs.createReadStream(p, { highWaterMark: 1 << 20 }), d, `layer ${d.digest}`);
+    },
+  };
+}
+
+export { Readable };

@@ -1,0 +1,169 @@
+/**
+ * pull() from OCI image layouts built by umoci from Debian packages, checked against
+ * `umoci raw unpack` (an oracle nobody here wrote); the cache; faults; spans.
+ */
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { trace } from '@opentelemetry/api';
+import { gcImages, image, listImages, parseReference, pull, SPAN } from '../../lib';
+import { scratch } from '../helpers';
+
+const layout = process.env.MICROVM_TEST_LAYOUT;
+const skip = layout ? undefined : `no test layout (${process.env.MICROVM_TEST_LAYOUT_ERROR ?? 'umoci missing'})`;
+
+describe('references', () => {
+  test.each([
+    ['busybox', { kind: 'registry', registry: 'docker.io', repository: 'library/busybox', tag: 'latest', canonical: 'docker.io/library/busybox:latest' }],
+    ['127.0.0.1:5000/x/y:v1', { registry: '127.0.0.1:5000', repository: 'x/y', tag: 'v1' }],
+    ['localhost/app@sha256:' + 'a'.repeat(64), { registry: 'localhost', repository: 'app', digest: 'sha256:' + 'a'.repeat(64), tag: undefined }],
+    ['ghcr.io/org/app:1.2.3', { registry: 'ghcr.io', repository: 'org/app', tag: '1.2.3' }],
+    ['user/repo', { registry: 'docker.io', repository: 'user/repo', tag: 'latest' }],
+    ['oci:/srv/layout:v2', { kind: 'oci-layout', path: '/srv/layout', tag: 'v2' }],
+    ['oci:/srv/layout', { kind: 'oci-layout', path: '/srv/layout', tag: undefined }],
+  ])('%s', (ref, expected) => {
+    expect(parseReference(ref)).toMatchObject(expected);
+  });
+
+  test.each(['', 'UPPER/case', 'a//b', 'x:bad tag', 'x@sha256:short', 'oci:', 'docker-archive:/x.tar', 'a/b:' + 't'.repeat(200)])('rejects %j', (ref) => {
+    expect(() => parseReference(ref)).toThrow(TypeError);
+  });
+
+  test('a registry reference says it is not pullable yet, with the offline route', async () => {
+    const s = scratch();
+    try {
+      await expect(pull('busybox', { cacheDir: s.dir })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_PULL_UNAVAILABLE', message: expect.stringContaining('skopeo copy') });
+    } finally {
+      s.cleanup();
+    }
+  });
+});
+
+(skip ? describe.skip : describe)(`pull from an OCI layout${skip ? ` [skipped: ${skip}]` : ''}`, () => {
+  let s: ReturnType<typeof scratch>;
+  let cacheDir: string;
+  beforeEach(() => {
+    s = scratch('microvm-pull-');
+    cacheDir = path.join(s.dir, 'cache');
+  });
+  afterEach(() => s.cleanup());
+
+  const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf '%p %y %m %s %l\\n' | sort"], { cwd: dir, encoding: 'utf8' });
+
+  test('the unpacked tree matches umoci raw unpack (two layers with a whiteout)', async () => {
+    const r = await pull(`oci:${layout}:test`, { cacheDir });
+    expect(r.fromCache).toBe(false);
+    const oracle = path.join(s.dir, 'oracle');
+    execFileSync('umoci', ['raw', 'unpack', ...(process.getuid?.() === 0 ? [] : ['--rootless']), '--image', `${layout}:test`, oracle], { stdio: 'ignore' });
+    expect(tree(r.path)).toBe(tree(oracle));
+    expect(fs.existsSync(path.join(r.path, 'etc/motd'))).toBe(false);
+    expect(fs.readFileSync(path.join(r.path, 'etc/layer2'), 'utf8')).toBe('from layer 2\n');
+    expect(r.config.config).toMatchObject({ Entrypoint: ['/bin/sh'], WorkingDir: '/root' });
+  });
+
+  test('the cache: warm pulls need no work; a tampered entry is re-extracted with verify full', async () => {
+    const cold = await pull(`oci:${layout}:test`, { cacheDir });
+    const warm = await pull(`oci:${layout}:test`, { cacheDir });
+    expect(warm).toMatchObject({ fromCache: true, path: cold.path, digest: cold.digest });
+    fs.rmSync(path.join(cold.path, 'etc/passwd'));
+    expect((await pull(`oci:${layout}:test`, { cacheDir })).fromCache).toBe(true); // fast check trusts the entry
+    const fixed = await pull(`oci:${layout}:test`, { cacheDir, verify: 'full' });
+    expect(fixed.fromCache).toBe(false);
+    expect(fs.existsSync(path.join(fixed.path, 'etc/passwd'))).toBe(true);
+    expect(listImages(cacheDir)).toEqual([expect.objectContaining({ digest: cold.digest, references: [`oci:${layout}:test`] })]);
+  });
+
+  test('8 concurrent pulls of one cold image extract it once', async () => {
+    const results = await Promise.all(Array.from({ length: 8 }, () => pull(`oci:${layout}:test`, { cacheDir })));
+    expect(new Set(results.map((r) => r.path)).size).toBe(1);
+    expect(results.filter((r) => !r.fromCache)).toHaveLength(1);
+    expect(fs.readdirSync(path.join(cacheDir, 'tmp'))).toEqual([]);
+  });
+
+  test('a corrupted layer blob: ERR_MICROVM_IMAGE_DIGEST and nothing cached', async () => {
+    const copy = path.join(s.dir, 'layout');
+    execFileSync('cp', ['-a', layout as string, copy]);
+    const manifest = JSON.parse(fs.readFileSync(path.join(copy, 'index.json'), 'utf8')).manifests[0].digest.split(':')[1];
+    const layers = JSON.parse(fs.readFileSync(path.join(copy, 'blobs/sha256', manifest), 'utf8')).layers;
+    const blob = path.join(copy, 'blobs/sha256', layers[1].digest.split(':')[1]);
+    const data = fs.readFileSync(blob);
+    data[data.length - 20] ^= 0xff;
+    fs.writeFileSync(blob, data);
+    await expect(pull(`oci:${copy}:test`, { cacheDir })).rejects.toMatchObject({ code: expect.stringMatching(/ERR_MICROVM_IMAGE_(DIGEST|LAYER)/) });
+    expect(listImages(cacheDir)).toEqual([]);
+    expect(fs.readdirSync(path.join(cacheDir, 'tmp'))).toEqual([]);
+    expect(fs.readdirSync(path.join(cacheDir, 'images')).filter((n) => !n.endsWith('.lock'))).toEqual([]);
+  });
+
+  test('abort mid-layer leaves nothing behind; progress is reported per layer', async () => {
+    const ac = new AbortController();
+    const seen: number[] = [];
+    const err = await pull(`oci:${layout}:test`, {
+      cacheDir,
+      signal: ac.signal,
+      onProgress: (p) => {
+        seen.push(p.layer);
+        if (p.bytes > 0) ac.abort();
+      },
+    }).catch((e: Error) => e);
+    expect(err).toMatchObject({ name: 'AbortError' });
+    expect(seen[0]).toBe(1);
+    expect(listImages(cacheDir)).toEqual([]);
+    expect(fs.readdirSync(path.join(cacheDir, 'tmp'))).toEqual([]);
+  });
+
+  test('zstd layers (skopeo --dest-compress-format zstd)', async () => {
+    const z = path.join(s.dir, 'zlayout');
+    execFileSync('skopeo', ['copy', '--quiet', '--dest-compress-format', 'zstd', '--dest-compress', `oci:${layout}:test`, `oci:${z}:test`], { stdio: 'ignore' });
+    const r = await pull(`oci:${z}:test`, { cacheDir });
+    expect(fs.readFileSync(path.join(r.path, 'etc/layer2'), 'utf8')).toBe('from layer 2\n');
+  });
+
+  test('a multi-platform index: the host platform is selected; a missing one lists what exists', async () => {
+    const multi = path.join(s.dir, 'multi');
+    execFileSync('cp', ['-a', layout as string, multi]);
+    const idx = JSON.parse(fs.readFileSync(path.join(multi, 'index.json'), 'utf8'));
+    const inner = { schemaVersion: 2, mediaType: 'application/vnd.oci.image.index.v1+json', manifests: [
+      { ...idx.manifests[0], annotations: undefined, platform: { os: 'linux', architecture: 'riscv64' } },
+      { ...idx.manifests[0], annotations: undefined, platform: { os: 'linux', architecture: 'amd64' } },
+    ] };
+    const body = Buffer.from(JSON.stringify(inner));
+    const digest = require('node:crypto').createHash('sha256').update(body).digest('hex');
+    fs.writeFileSync(path.join(multi, 'blobs/sha256', digest), body);
+    idx.manifests = [{ mediaType: inner.mediaType, digest: `sha256:${digest}`, size: body.length, annotations: { 'org.opencontainers.image.ref.name': 'multi' } }];
+    fs.writeFileSync(path.join(multi, 'index.json'), JSON.stringify(idx));
+    const r = await pull(`oci:${multi}:multi`, { cacheDir, platform: { os: 'linux', architecture: 'amd64' } });
+    expect(fs.existsSync(path.join(r.path, 'etc/layer2'))).toBe(true);
+    await expect(pull(`oci:${multi}:multi`, { cacheDir, platform: { os: 'linux', architecture: 'arm64' } })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_PLATFORM',
+      message: expect.stringContaining('available: linux/riscv64, linux/amd64'),
+    });
+  });
+
+  test('spans: CacheLookup (cache_hit), Fetch, Extract (layered), CacheStore; then a hit', async () => {
+    const exporter = new InMemorySpanExporter();
+    const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
+    const scope = { tracer, ctx: trace.setSpan(require('@opentelemetry/api').context.active(), tracer.startSpan('parent')) };
+    await image.pull(`oci:${layout}:test`, { cacheDir, scope });
+    const names = exporter.getFinishedSpans().map((x) => x.name);
+    expect(names).toEqual([SPAN.IMAGE_CACHE_LOOKUP, SPAN.IMAGE_FETCH, SPAN.IMAGE_EXTRACT, SPAN.IMAGE_CACHE_STORE]);
+    const spans = exporter.getFinishedSpans();
+    expect(spans[0].attributes.cache_hit).toBe(false);
+    expect(spans[2].attributes.layered).toBe(true);
+    exporter.reset();
+    await image.pull(`oci:${layout}:test`, { cacheDir, scope });
+    expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes.cache_hit])).toEqual([[SPAN.IMAGE_CACHE_LOOKUP, true]]);
+  });
+
+  test('gc removes unreferenced entries and abandoned temp dirs; purge removes everything', async () => {
+    await pull(`oci:${layout}:test`, { cacheDir });
+    fs.mkdirSync(path.join(cacheDir, 'tmp', 'x-999999-dead'), { recursive: true });
+    fs.writeFileSync(path.join(cacheDir, 'refs.json'), '{}');
+    const removed = await gcImages(cacheDir);
+    expect(removed).toContain('tmp/x-999999-dead');
+    expect(listImages(cacheDir)).toEqual([]);
+    image.purge(cacheDir);
+    expect(fs.existsSync(cacheDir)).toBe(false);
+  });
+});
