@@ -1,10 +1,10 @@
 #!/usr/bin/env node
-// The README's main command (after scripts/setup.sh): boots a VM from the test image (busybox-static
-// + dropbear, built from this machine's Debian packages), waits for SSH, runs a command in it over
-// SSH, and prints the output and the startup trace. Backend: libkrun with KVM when available,
+// The README's main command (after scripts/setup.sh): builds a small OCI image (busybox-static +
+// dropbear from this machine's Debian packages, packed by umoci), boots a VM from it, waits for
+// SSH, runs a command in it over SSH, and prints the output and the startup trace. Backend: libkrun with KVM when available,
 // otherwise QEMU (software emulation when there is no KVM).
 //
-//   node scripts/demo.js [command...]      default command: uname -a; cat /etc/motd
+//   node scripts/demo.js [command...]      default command: uname -a; cat /etc/layer2
 'use strict';
 const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
@@ -15,16 +15,17 @@ const root = path.resolve(__dirname, '..');
 const m = require(root);
 
 (async () => {
-  const image = path.join(root, '.demo', 'image');
-  if (!fs.existsSync(image)) {
-    fs.mkdirSync(path.dirname(image), { recursive: true });
-    execFileSync('bash', [path.join(__dirname, 'make-test-image.sh'), image], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const tree = path.join(root, '.demo', 'rootfs');
+  const layout = path.join(root, '.demo', 'oci');
+  if (!fs.existsSync(layout)) {
+    fs.mkdirSync(path.dirname(tree), { recursive: true });
+    if (!fs.existsSync(tree)) execFileSync('bash', [path.join(__dirname, 'make-test-image.sh'), tree], { stdio: ['ignore', 'ignore', 'inherit'] });
+    execFileSync('bash', [path.join(__dirname, 'make-test-layout.sh'), tree, layout, 'demo'], { stdio: ['ignore', 'ignore', 'inherit'] });
   }
-  const command = process.argv.slice(2).join(' ') || 'uname -a; cat /etc/motd';
+  const command = process.argv.slice(2).join(' ') || 'uname -a; cat /etc/layer2';
   const exporter = new InMemorySpanExporter();
   const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
-  const vm = await m.run('demo-image', {
-    rootfsPath: image,
+  const vm = await m.run(`oci:${layout}:demo`, {
     dataDir: path.join(root, '.demo', 'data'),
     name: 'demo',
     cleanDataDir: true,
