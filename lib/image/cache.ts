@@ -5,6 +5,7 @@
  *   images/<hex>/rootfs/       the unpacked root filesystem (never modified by VMs)
  *   images/<hex>/image.json    manifest, config, and the tree's integrity summary
  *   images/<hex>.lock          held while one process extracts it
+ *   blobs/sha256/<hex>         downloaded layer blobs, verified, by digest
  *   tmp/                       extractions in progress (same filesystem: published by rename)
  *
  * An entry appears only complete: it is extracted under tmp/, fsynced, and renamed into place.

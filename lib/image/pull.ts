@@ -25,6 +25,7 @@ import { type CacheEntry, paths, publish, readEntry, readRefs, setRef, treeSumma
 import { applyLayer, type ExtractLimits, type ExtractState } from './extract';
 import { hostPlatform, type ImageConfigFile, type Platform } from './oci';
 import { parseReference } from './reference';
+import type { RegistryCredentials } from './registry';
 import { type ResolvedImage, resolveOciLayout } from './source';
 
 /** Progress of a pull, per layer. */
@@ -45,6 +46,8 @@ export interface PullOptions {
   platform?: Platform;
   /** Registries reached over plain HTTP besides loopback ones. */
   insecureRegistries?: string[];
+  /** Registry credentials (default: Docker's config.json and credential helpers). Never logged. */
+  credentials?: RegistryCredentials;
   limits?: ExtractLimits;
   /** 'full' re-walks a cached tree and compares it with its integrity summary ('fast'). */
   verify?: 'fast' | 'full';
@@ -69,13 +72,18 @@ export interface PullResult {
 async function resolveSource(ref: ReturnType<typeof parseReference>, platform: Platform, options: PullOptions): Promise<ResolvedImage> {
   if (ref.kind === 'oci-layout') return resolveOciLayout(ref.path, ref.tag, platform);
   const { resolveRegistryImage } = await import('./registry');
-  return resolveRegistryImage(ref, platform, { insecureRegistries: options.insecureRegistries, signal: options.signal });
+  return resolveRegistryImage(ref, platform, {
+    insecureRegistries: options.insecureRegistries,
+    credentials: options.credentials,
+    signal: options.signal,
+    blobDir: path.join(options.cacheDir as string, 'blobs'),
+  });
 }
 
 /** Pulls `reference` into the cache (or finds it there). */
 export async function pull(reference: string, options: PullOptions & { cacheDir: string }): Promise<PullResult> {
   const o = v.object('options', options);
-  v.knownKeys('options', o, ['cacheDir', 'platform', 'insecureRegistries', 'limits', 'verify', 'onProgress', 'signal', 'scope']);
+  v.knownKeys('options', o, ['cacheDir', 'platform', 'insecureRegistries', 'credentials', 'limits', 'verify', 'onProgress', 'signal', 'scope']);
   const cacheDir = v.absolutePath('cacheDir', o.cacheDir);
   const ref = parseReference(reference);
   const platform = options.platform ?? hostPlatform();

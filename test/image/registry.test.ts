@@ -1,0 +1,236 @@
+/**
+ * Pulls from Debian's docker-registry (distribution 2.8) on 127.0.0.1, with images pushed by
+ * skopeo; one instance behind htpasswd basic auth; faults injected by an HTTP proxy in the test.
+ */
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as http from 'node:http';
+import * as path from 'node:path';
+import { listImages, pull } from '../../lib';
+import { scratch } from '../helpers';
+import { freePort } from '../ssh/servers';
+
+const layout = process.env.MICROVM_TEST_LAYOUT;
+function missing(): string | undefined {
+  if (!layout) return `no test layout (${process.env.MICROVM_TEST_LAYOUT_ERROR ?? ''})`;
+  for (const [cmd, arg] of [['docker-registry', '--version'], ['skopeo', '--version'], ['htpasswd', '-h']]) {
+    try {
+      execFileSync(cmd, [arg], { stdio: 'ignore' });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return `${cmd} is not installed`;
+    }
+  }
+  return undefined;
+}
+const skip = missing();
+
+interface Registry {
+  port: number;
+  stop(): Promise<void>;
+}
+
+async function startRegistry(dir: string, auth?: { user: string; password: string }): Promise<Registry> {
+  const port = await freePort();
+  fs.mkdirSync(path.join(dir, 'storage'), { recursive: true });
+  let authBlock = '';
+  if (auth) {
+    execFileSync('htpasswd', ['-Bbc', path.join(dir, 'htpasswd'), auth.user, auth.password], { stdio: 'ignore' });
+    authBlock = `auth:\n  htpasswd:\n    realm: test\n    path: ${path.join(dir, 'htpasswd')}\n`;
+  }
+  fs.writeFileSync(
+    path.join(dir, 'config.yml'),
+    `version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: ${path.join(dir, 'storage')}\nhttp:\n  addr: 127.0.0.1:${port}\n${authBlock}`,
+  );
+  const child: ChildProcess = spawn('docker-registry', ['serve', path.join(dir, 'config.yml')], { stdio: 'ignore' });
+  for (let i = 0; ; i++) {
+    const ok = await fetch(`http://127.0.0.1:${port}/v2/`).then((r) => r.status === 200 || r.status === 401, () => false);
+    if (ok) break;
+    if (i > 200 || child.exitCode !== null) throw new Error('docker-registry did not start');
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  return {
+    port,
+    stop: async () => {
+      child.kill('SIGTERM');
+      if (child.exitCode === null) await new Promise((r) => child.once('exit', r));
+    },
+  };
+}
+
+function push(target: string, creds?: string): void {
+  execFileSync('skopeo', ['copy', '--quiet', '--dest-tls-verify=false', ...(creds ? ['--dest-creds', creds] : []), `oci:${layout}:test`, `docker://${target}`], { stdio: 'ignore' });
+}
+
+const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf '%p %y %m %s %l\\n' | sort"], { cwd: dir, encoding: 'utf8' });
+
+(skip ? describe.skip : describe)(`pull from a registry${skip ? ` [skipped: ${skip}]` : ''}`, () => {
+  let s: ReturnType<typeof scratch>;
+  let open: Registry;
+  let locked: Registry;
+  let reference: string;
+  beforeAll(async () => {
+    s = scratch('microvm-registry-');
+    open = await startRegistry(path.join(s.dir, 'open'));
+    locked = await startRegistry(path.join(s.dir, 'locked'), { user: 'alice', password: 's3cret-pw' });
+    reference = `127.0.0.1:${open.port}/test/img:v1`;
+    push(reference);
+    push(`127.0.0.1:${locked.port}/private/img:v1`, 'alice:s3cret-pw');
+  });
+  afterAll(async () => {
+    await open?.stop();
+    await locked?.stop();
+    s?.cleanup();
+  });
+
+  test('pulls and unpacks the same tree as from the layout; then a zero-network cache hit', async () => {
+    const cacheDir = path.join(s.dir, 'c1');
+    const r = await pull(reference, { cacheDir });
+    const fromLayout = await pull(`oci:${layout}:test`, { cacheDir: path.join(s.dir, 'c1-layout') });
+    expect(tree(r.path)).toBe(tree(fromLayout.path));
+    await open.stop(); // the warm path must not touch the network
+    try {
+      expect(await pull(reference, { cacheDir })).toMatchObject({ fromCache: true, digest: r.digest });
+    } finally {
+      open = await restart(path.join(s.dir, 'open'), open);
+    }
+  });
+
+  test('basic auth: refused without credentials, works with them, and the password is never in an error', async () => {
+    const ref = `127.0.0.1:${locked.port}/private/img:v1`;
+    const err = await pull(ref, { cacheDir: path.join(s.dir, 'c2'), credentials: { username: 'alice', password: 'wrong-pw' } }).catch((e: Error) => e);
+    expect(err).toMatchObject({ code: 'ERR_MICROVM_REGISTRY_AUTH' });
+    expect(JSON.stringify({ m: (err as Error).message, s: (err as Error).stack })).not.toContain('wrong-pw');
+    const cfgDir = path.join(s.dir, 'docker-config');
+    fs.mkdirSync(cfgDir, { recursive: true });
+    fs.writeFileSync(path.join(cfgDir, 'config.json'), JSON.stringify({ auths: { [`127.0.0.1:${locked.port}`]: { auth: Buffer.from('alice:s3cret-pw').toString('base64') } } }));
+    const old = process.env.DOCKER_CONFIG;
+    process.env.DOCKER_CONFIG = cfgDir;
+    try {
+      const r = await pull(ref, { cacheDir: path.join(s.dir, 'c2') });
+      expect(fs.existsSync(path.join(r.path, 'etc/layer2'))).toBe(true);
+    } finally {
+      if (old === undefined) delete process.env.DOCKER_CONFIG;
+      else process.env.DOCKER_CONFIG = old;
+    }
+  });
+
+  test('a missing tag: ERR_MICROVM_IMAGE_NOT_FOUND', async () => {
+    await expect(pull(`127.0.0.1:${open.port}/test/img:nope`, { cacheDir: path.join(s.dir, 'c3') })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_NOT_FOUND' });
+  });
+
+  describe('faults (a proxy between us and the registry)', () => {
+    let proxy: http.Server;
+    let proxyPort: number;
+    let fault: (req: http.IncomingMessage, res: http.ServerResponse, n: number) => boolean = () => false;
+    const counts = new Map<string, number>();
+    beforeAll(async () => {
+      proxyPort = await freePort();
+      proxy = http.createServer((req, res) => {
+        const key = `${req.method} ${String(req.url).replace(/\/blobs\/.*/, '/blobs/*')}`;
+        const n = (counts.get(key) ?? 0) + 1;
+        counts.set(key, n);
+        if (fault(req, res, n)) return;
+        const up = http.request({ host: '127.0.0.1', port: open.port, path: req.url, method: req.method, headers: req.headers }, (ur) => {
+          if (String(req.url).includes('/blobs/') && (fault as unknown as { corrupt?: boolean }).corrupt) {
+            res.writeHead(ur.statusCode ?? 500, ur.headers);
+            let first = true;
+            ur.on('data', (c: Buffer) => {
+              if (first) {
+                c = Buffer.from(c);
+                c[Math.min(100, c.length - 1)] ^= 0xff;
+                first = false;
+              }
+              res.write(c);
+            });
+            ur.on('end', () => res.end());
+            return;
+          }
+          res.writeHead(ur.statusCode ?? 500, ur.headers);
+          ur.pipe(res);
+        });
+        req.pipe(up);
+      });
+      await new Promise<void>((r) => proxy.listen(proxyPort, '127.0.0.1', () => r()));
+    });
+    afterAll(() => new Promise<void>((r) => proxy.close(() => r())));
+    beforeEach(() => {
+      counts.clear();
+      fault = () => false;
+    });
+    const ref = (): string => `127.0.0.1:${proxyPort}/test/img:v1`;
+
+    test('429 with Retry-After, then success', async () => {
+      fault = (req, res, n) => {
+        if (String(req.url).includes('/manifests/') && n === 1) {
+          res.writeHead(429, { 'retry-after': '1' }).end();
+          return true;
+        }
+        return false;
+      };
+      const r = await pull(ref(), { cacheDir: path.join(s.dir, 'f1') });
+      expect(r.fromCache).toBe(false);
+      expect(counts.get('GET /v2/test/img/manifests/v1')).toBe(2); // refused once, asked again
+    });
+
+    test('5xx twice, then success', async () => {
+      fault = (req, res, n) => {
+        if (String(req.url).includes('/blobs/') && n <= 2) {
+          res.writeHead(503).end();
+          return true;
+        }
+        return false;
+      };
+      await expect(pull(ref(), { cacheDir: path.join(s.dir, 'f2') })).resolves.toMatchObject({ fromCache: false });
+    });
+
+    test('a truncated blob: nothing cached', async () => {
+      fault = (req, res) => {
+        if (String(req.url).includes('/blobs/') && req.method === 'GET' && !String(req.url).endsWith('/')) {
+          res.writeHead(200, { 'content-type': 'application/octet-stream' });
+          res.end(Buffer.alloc(10));
+          return true;
+        }
+        return false;
+      };
+      const cacheDir = path.join(s.dir, 'f3');
+      await expect(pull(ref(), { cacheDir })).rejects.toMatchObject({ code: expect.stringMatching(/ERR_MICROVM_IMAGE_(DIGEST|MANIFEST)/) });
+      expect(listImages(cacheDir)).toEqual([]);
+      // Whatever reached the blob cache is whole and verified (named by its content's digest).
+      const blobs = path.join(cacheDir, 'blobs', 'sha256');
+      for (const f of fs.existsSync(blobs) ? fs.readdirSync(blobs).filter((n) => !n.endsWith('.part')) : []) {
+        expect(require('node:crypto').createHash('sha256').update(fs.readFileSync(path.join(blobs, f))).digest('hex')).toBe(f);
+      }
+    });
+
+    test('a corrupted blob: ERR_MICROVM_IMAGE_DIGEST', async () => {
+      fault = Object.assign(() => false, { corrupt: true });
+      const cacheDir = path.join(s.dir, 'f4');
+      await expect(pull(ref(), { cacheDir })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_DIGEST' });
+      expect(listImages(cacheDir)).toEqual([]);
+    });
+
+    test('401 without a challenge we can answer: ERR_MICROVM_REGISTRY_AUTH', async () => {
+      fault = (_req, res) => {
+        res.writeHead(401, { 'www-authenticate': 'Basic realm="x"' }).end();
+        return true;
+      };
+      await expect(pull(ref(), { cacheDir: path.join(s.dir, 'f5') })).rejects.toMatchObject({ code: 'ERR_MICROVM_REGISTRY_AUTH' });
+    });
+  });
+});
+
+async function restart(dir: string, old: Registry): Promise<Registry> {
+  // Same port, same storage.
+  const child = spawn('docker-registry', ['serve', path.join(dir, 'config.yml')], { stdio: 'ignore' });
+  for (let i = 0; i < 200; i++) {
+    if (await fetch(`http://127.0.0.1:${old.port}/v2/`).then((r) => r.ok, () => false)) break;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  return {
+    port: old.port,
+    stop: async () => {
+      child.kill('SIGTERM');
+      if (child.exitCode === null) await new Promise((r) => child.once('exit', r));
+    },
+  };
+}
