@@ -18,6 +18,7 @@ umoci unpack "${rootless[@]}" --image "$work/layout:$tag" "$work/bundle" >/dev/n
 cp -a "$src/." "$work/bundle/rootfs/"
 # --refresh-bundle: the next repack diffs against this layer, giving a second layer.
 umoci repack --refresh-bundle --image "$work/layout:$tag" "$work/bundle"
+mkdir -p "$work/bundle/rootfs/etc"
 rm -f "$work/bundle/rootfs/etc/motd"
 echo "from layer 2" > "$work/bundle/rootfs/etc/layer2"
 umoci repack --image "$work/layout:$tag" "$work/bundle"

@@ -61,7 +61,8 @@ function haveZstd(): boolean {
 /** Decompresses `input` as `compression`; zstd through the system binary (Node 20 has none). */
 function decompress(input: Readable, compression: LayerCompression): { output: Readable; done: Promise<void> } {
   if (compression === 'gzip') {
-    const gunzip = zlib.createGunzip();
+    // 1 MiB output chunks: the default 16 KiB makes decompression ~2x slower here.
+    const gunzip = zlib.createGunzip({ chunkSize: 1 << 20 });
     input.on('error', (e) => gunzip.destroy(e));
     input.pipe(gunzip);
     return { output: gunzip, done: Promise.resolve() };
@@ -210,9 +211,20 @@ export async function applyLayer(
     },
     endEntry() {
       if (fd >= 0) {
-        fs.closeSync(fd);
+        // Attributes through the open descriptor: no second path walk. chown before chmod
+        // (chown clears setuid/setgid); the override xattr needs a path, so unprivileged
+        // extraction still goes through setEntryAttrs.
+        const h = currentHeader as TarHeader;
+        if (privileged) {
+          fs.fchownSync(fd, h.uid, h.gid);
+          fs.fchmodSync(fd, h.mode);
+          fs.futimesSync(fd, h.mtime, h.mtime);
+          fs.closeSync(fd);
+        } else {
+          fs.closeSync(fd);
+          if (current) applyAttrs(current, h, 'file');
+        }
         fd = -1;
-        if (current && currentHeader) applyAttrs(current, currentHeader, 'file');
       }
     },
   });

@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Readable } from 'node:stream';
+import { PassThrough, Readable } from 'node:stream';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { MicrovmError } from '../errors';
 import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, MEDIA, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
@@ -303,20 +303,48 @@ export async function resolveRegistryImage(
     return p;
   };
   const concurrency = Math.max(1, options.concurrency ?? 3);
-  if (blobDir) {
-    // Start the first few now; each openBlob() then starts the next.
-    manifest.layers.slice(0, concurrency).forEach((d) => void download(d));
-  }
+  const layers = manifest.layers;
+  // Layers after the first are prefetched into the blob cache, a few at a time; the one being
+  // extracted streams straight from the registry into the extractor and, at once, into the cache.
+  if (blobDir) layers.slice(1, 1 + concurrency).forEach((d) => void download(d));
+  const streamAndKeep = async (d: Descriptor): Promise<Readable> => {
+    const file = path.join(blobDir as string, d.digest.replace(':', '/'));
+    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o755 });
+    const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.part`;
+    const src = verifying(await client.blob(d), d, `layer ${d.digest}`);
+    const out = fs.createWriteStream(tmp, { mode: 0o644 });
+    const pass = new PassThrough({ highWaterMark: 1 << 20 });
+    src.on('error', (e) => {
+      out.destroy();
+      fs.rmSync(tmp, { force: true });
+      pass.destroy(e);
+    });
+    out.on('error', () => fs.rmSync(tmp, { force: true }));
+    out.on('finish', () => {
+      try {
+        fs.renameSync(tmp, file); // only after the digest was verified (src ended cleanly)
+      } catch {
+        fs.rmSync(tmp, { force: true });
+      }
+    });
+    pass.on('close', () => {
+      if (!src.readableEnded) src.destroy();
+    });
+    src.pipe(out);
+    src.pipe(pass);
+    return pass;
+  };
   return {
     digest: m.digest,
     manifest,
     config,
     async openBlob(d) {
       if (!blobDir) return verifying(await client.blob(d), d, `layer ${d.digest}`);
-      const i = manifest.layers.findIndex((l) => l.digest === d.digest);
-      if (i >= 0 && i + concurrency < manifest.layers.length) void download(manifest.layers[i + concurrency]);
-      const file = await download(d);
-      return fs.createReadStream(file, { highWaterMark: 1 << 20 });
+      const i = layers.findIndex((l) => l.digest === d.digest);
+      if (i >= 0 && i + concurrency < layers.length) void download(layers[i + concurrency]);
+      const file = path.join(blobDir, d.digest.replace(':', '/'));
+      if (!fetched.has(d.digest) && !(fs.existsSync(file) && fs.statSync(file).size === d.size)) return streamAndKeep(d);
+      return fs.createReadStream(await download(d), { highWaterMark: 1 << 20 });
     },
   };
 }

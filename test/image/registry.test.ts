@@ -209,6 +209,28 @@ const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf 
       expect(listImages(cacheDir)).toEqual([]);
     });
 
+    test('bearer token flow: challenge, token from the realm (with scope), then the pull', async () => {
+      const tokenRequests: string[] = [];
+      fault = (req, res) => {
+        const url = String(req.url);
+        if (url.startsWith('/token')) {
+          tokenRequests.push(url);
+          res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ token: 'tok-123' }));
+          return true;
+        }
+        if (url.startsWith('/v2/') && req.headers.authorization !== 'Bearer tok-123') {
+          res.writeHead(401, { 'www-authenticate': `Bearer realm="http://127.0.0.1:${proxyPort}/token",service="test-registry",scope="repository:test/img:pull"` }).end();
+          return true;
+        }
+        return false;
+      };
+      const r = await pull(ref(), { cacheDir: path.join(s.dir, 'f6') });
+      expect(r.fromCache).toBe(false);
+      expect(tokenRequests.length).toBeGreaterThanOrEqual(1);
+      expect(tokenRequests[0]).toContain('service=test-registry');
+      expect(decodeURIComponent(tokenRequests[0])).toContain('scope=repository:test/img:pull');
+    });
+
     test('401 without a challenge we can answer: ERR_MICROVM_REGISTRY_AUTH', async () => {
       fault = (_req, res) => {
         res.writeHead(401, { 'www-authenticate': 'Basic realm="x"' }).end();
