@@ -144,7 +144,7 @@ export async function applyLayer(
   let fd = -1;
   let current: string[] | undefined;
   let currentHeader: TarHeader | undefined;
-  let layerBytes = 0;
+  let decompressedBytes = 0; // actually produced by the decompressor (for the ratio cap)
 
   const unsafe = (path: string, why: string): MicrovmError =>
     new MicrovmError('ERR_MICROVM_IMAGE_UNSAFE_ENTRY', `Refusing layer entry ${JSON.stringify(path.slice(0, 200))}: ${why}`);
@@ -182,8 +182,7 @@ export async function applyLayer(
           dirAttrs.push([comps, h]);
           return;
         case 'file':
-          layerBytes += h.size;
-          state.bytes += h.size;
+          state.bytes += h.size; // what headers claim: fails early, before any data is written
           if (state.bytes > maxBytes) throw limit(`size (${maxBytes} bytes)`);
           fd = native.extractEntry(root, comps, 'file', '', [], true);
           current = comps;
@@ -240,8 +239,9 @@ export async function applyLayer(
       signal?.addEventListener('abort', onAbort, { once: true });
       output.on('data', (chunk: Buffer) => {
         try {
+          decompressedBytes += chunk.length;
+          if (decompressedBytes > (1 << 20) && compressedBytes > 0 && decompressedBytes / compressedBytes > maxRatio) throw limit(`decompression ratio (${maxRatio}:1)`);
           reader.feed(chunk);
-          if (layerBytes > (1 << 20) && compressedBytes > 0 && layerBytes / compressedBytes > maxRatio) throw limit(`decompression ratio (${maxRatio}:1)`);
         } catch (err) {
           output.destroy();
           input.destroy();

@@ -149,6 +149,18 @@ describe('limits and damage', () => {
     await expect(apply(bomb, newState(), { maxRatio: 100 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT', message: expect.stringContaining('ratio') });
   });
 
+  test('the ratio cap counts bytes actually decompressed, not sizes headers claim (slow input)', async () => {
+    const big = layer([{ path: 'random', data: require('node:crypto').randomBytes(20 * 1024 * 1024) }]);
+    async function* trickle(): AsyncGenerator<Buffer> {
+      for (let i = 0; i < big.length; i += 64 * 1024) {
+        yield big.subarray(i, i + 64 * 1024);
+        await new Promise((r) => setImmediate(r));
+      }
+    }
+    await applyLayer(root, Readable.from(trickle()), { state: newState() });
+    expect(fs.statSync(path.join(root, 'random')).size).toBe(20 * 1024 * 1024);
+  });
+
   test('a truncated or corrupt archive is an error', async () => {
     const full = tar([{ path: 'f', data: 'x'.repeat(5000) }]);
     await expect(apply(gzip(full.subarray(0, 2048)))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });

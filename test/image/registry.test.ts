@@ -23,6 +23,7 @@ function missing(): string | undefined {
   return undefined;
 }
 const skip = missing();
+jest.setTimeout(120000); // registries, pushes and pulls share two cores with the VM tests
 
 interface Registry {
   port: number;
@@ -45,7 +46,7 @@ async function startRegistry(dir: string, auth?: { user: string; password: strin
   for (let i = 0; ; i++) {
     const ok = await fetch(`http://127.0.0.1:${port}/v2/`).then((r) => r.status === 200 || r.status === 401, () => false);
     if (ok) break;
-    if (i > 200 || child.exitCode !== null) throw new Error('docker-registry did not start');
+    if (i > 1200 || child.exitCode !== null) throw new Error('docker-registry did not start');
     await new Promise((r) => setTimeout(r, 25));
   }
   return {
@@ -82,17 +83,20 @@ const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf 
     s?.cleanup();
   });
 
-  test('pulls and unpacks the same tree as from the layout; then a zero-network cache hit', async () => {
-    const cacheDir = path.join(s.dir, 'c1');
-    const r = await pull(reference, { cacheDir });
+  test('pulls and unpacks the same tree as from the layout', async () => {
+    const r = await pull(reference, { cacheDir: path.join(s.dir, 'c1') });
     const fromLayout = await pull(`oci:${layout}:test`, { cacheDir: path.join(s.dir, 'c1-layout') });
     expect(tree(r.path)).toBe(tree(fromLayout.path));
-    await open.stop(); // the warm path must not touch the network
-    try {
-      expect(await pull(reference, { cacheDir })).toMatchObject({ fromCache: true, digest: r.digest });
-    } finally {
-      open = await restart(path.join(s.dir, 'open'), open);
-    }
+  });
+
+  test('a warm pull needs no network: it works with the registry gone', async () => {
+    const own = await startRegistry(path.join(s.dir, 'own'));
+    const ref = `127.0.0.1:${own.port}/test/img:v1`;
+    push(ref);
+    const cacheDir = path.join(s.dir, 'c-warm');
+    const cold = await pull(ref, { cacheDir });
+    await own.stop();
+    expect(await pull(ref, { cacheDir })).toMatchObject({ fromCache: true, digest: cold.digest });
   });
 
   test('basic auth: refused without credentials, works with them, and the password is never in an error', async () => {
@@ -241,18 +245,3 @@ const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf 
   });
 });
 
-async function restart(dir: string, old: Registry): Promise<Registry> {
-  // Same port, same storage.
-  const child = spawn('docker-registry', ['serve', path.join(dir, 'config.yml')], { stdio: 'ignore' });
-  for (let i = 0; i < 200; i++) {
-    if (await fetch(`http://127.0.0.1:${old.port}/v2/`).then((r) => r.ok, () => false)) break;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  return {
-    port: old.port,
-    stop: async () => {
-      child.kill('SIGTERM');
-      if (child.exitCode === null) await new Promise((r) => child.once('exit', r));
-    },
-  };
-}
