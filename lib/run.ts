@@ -17,7 +17,6 @@
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
@@ -25,6 +24,7 @@ import { libkrunBackend } from './backends/libkrun';
 import { kvmUsable, qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
+import { freePort } from './net';
 import { localRootfs, pull, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
 import { normalizeLogLevel, normalizePortMap, normalizeVirtiofs, type KrunLogLevel, type LOG_LEVELS } from './plan';
@@ -107,17 +107,6 @@ const RUN_KEYS = [
   'virtiofs', 'dataDir', 'cleanDataDir', 'imageCache', 'logLevel', 'backend', 'cloneStrategies', 'network', 'tracerProvider', 'signal', 'ssh',
 ] as const;
 
-/** A free TCP port on 127.0.0.1 (bound and released). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const port = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 /** The data root when none is given. */
 export function defaultDataRoot(env: NodeJS.ProcessEnv = process.env): string {

@@ -1,4 +1,5 @@
 #include "beneath.h"
+#include "fd.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -12,23 +13,6 @@ namespace microvm {
 
 namespace {
 
-class Fd {
- public:
-  explicit Fd(int fd = -1) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  void reset(int fd) {
-    if (fd_ >= 0) close(fd_);
-    fd_ = fd;
-  }
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
 
 bool ValidComponent(const std::string& c) {
   return !c.empty() && c != "." && c != ".." && c.find('/') == std::string::npos &&

@@ -1,4 +1,5 @@
 #include "extract.h"
+#include "fd.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -16,28 +17,6 @@ namespace microvm {
 
 namespace {
 
-class Fd {
- public:
-  explicit Fd(int fd = -1) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  void reset(int fd) {
-    if (fd_ >= 0) close(fd_);
-    fd_ = fd;
-  }
-  int get() const { return fd_; }
-  int release() {
-    int f = fd_;
-    fd_ = -1;
-    return f;
-  }
-
- private:
-  int fd_;
-};
 
 bool ValidComponent(const std::string& c) {
   return !c.empty() && c != "." && c != ".." && c.find('/') == std::string::npos &&

@@ -19,16 +19,9 @@ export interface TestServer {
   close(): Promise<void>;
 }
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const port = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
+import { freePort } from '../../lib/net';
+
+export { freePort };
 
 /** An ssh2 server accepting `authorizedKey`; exec runs the command with /bin/sh. */
 export async function startSsh2Server(authorizedKey: string, port?: number): Promise<TestServer> {
