@@ -56,7 +56,10 @@ export function diskSpaceCheck(dir: string, minBytes = 1024 ** 3): PreflightChec
     required: false,
     run() {
       try {
-        const s = fs.statfsSync(dir);
+        // The data dir may not exist yet: measure the filesystem it will be created on.
+        let at = dir;
+        while (!fs.existsSync(at) && at !== '/') at = require('node:path').dirname(at);
+        const s = fs.statfsSync(at);
         const free = s.bavail * s.bsize;
         return free >= minBytes ? { ok: true } : { ok: false, message: `only ${Math.round(free / 1024 ** 2)} MiB free in ${dir}`, remediation: 'Free space or choose another dataDir.' };
       } catch (err) {

@@ -42,6 +42,11 @@ export interface QemuBackendOptions {
   kernelCacheDir?: string;
   /** Seconds QEMU may take to come up before start() fails. Default 30. */
   startTimeoutSeconds?: number;
+  /**
+   * QEMU dies with this Node process (parent-death signal), even on kill -9. Default true; false
+   * lets the VM outlive it (`microvm run --detach`); virtiofsd always dies with QEMU.
+   */
+  dieWithParent?: boolean;
 }
 
 function onPath(name: string): string | undefined {
@@ -205,7 +210,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         }
         const unshareArgs = root ? ['-m', '--propagation', 'private'] : ['-U', '-r', '-m', '--propagation', 'private'];
         const logFd = fs.openSync(input.logPath, 'a', 0o640);
-        const child = spawn('unshare', [...unshareArgs, '--', 'setpriv', '--pdeathsig', 'SIGKILL', '--', 'sh', '-c', LAUNCHER, 'microvm-launcher', ...qemuArgs], {
+        const tie = options.dieWithParent === false ? [] : ['setpriv', '--pdeathsig', 'SIGKILL', '--'];
+        const child = spawn('unshare', [...unshareArgs, '--', ...tie, 'sh', '-c', LAUNCHER, 'microvm-launcher', ...qemuArgs], {
           stdio: ['ignore', logFd, logFd],
           detached: true,
           env,
@@ -261,8 +267,12 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         }, 20);
         poll.unref();
         exited.then(() => clearInterval(poll)).catch(() => undefined);
-        // Not unref'd: QEMU dies with this process (parent-death signal), so this process stays
-        // alive while the VM runs; stop() or the guest's exit ends it.
+        // Tied to this process: not unref'd, so this process stays alive while the VM runs (stop() or
+        // the guest's exit ends it). Untied: let this process exit whenever it wants.
+        if (options.dieWithParent === false) {
+          child.unref();
+          poll.unref();
+        }
         span.setAttribute(ATTR.VM_PID, child.pid as number);
         // By now the launcher has exec'd QEMU: /proc/PID/exe is QEMU (for the PID-reuse guard).
         return { pid: child.pid as number, executable: fs.realpathSync(rt.qemuPath), exited, kill };

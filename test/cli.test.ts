@@ -1,0 +1,89 @@
+/** The `microvm` CLI as a child process: exit codes, --json shapes, the --trace tree, doctor, VMs. */
+import { spawnSync } from 'node:child_process';
+import * as path from 'node:path';
+import { packageRoot } from '../lib/native';
+import { scratch } from './helpers';
+
+const bin = path.join(packageRoot, 'bin', 'microvm.js');
+const layout = process.env.MICROVM_TEST_LAYOUT;
+let s: ReturnType<typeof scratch>;
+beforeEach(() => {
+  s = scratch('microvm-cli-');
+});
+afterEach(() => s.cleanup());
+
+function cli(args: string[], timeout = 120000): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', timeout, env: { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR } });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+describe('usage', () => {
+  test('--help for the tool and for run; usage errors exit 2', () => {
+    expect(cli(['--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('Commands:') });
+    expect(cli(['run', '--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('--trace') });
+    expect(cli([]).code).toBe(2);
+    expect(cli(['frobnicate'])).toMatchObject({ code: 2, stderr: expect.stringContaining('unknown command') });
+    expect(cli(['run', 'img', '--cpus', 'two'])).toMatchObject({ code: 2, stderr: expect.stringContaining('--cpus') });
+    expect(cli(['logs', 'nope', '--data-dir', s.dir])).toMatchObject({ code: 1, stderr: expect.stringContaining('ERR_MICROVM_VM_NOT_FOUND') });
+  });
+
+  test('doctor reports what this machine has, and which backend auto picks', () => {
+    const r = cli(['doctor', '--json', '--data-dir', s.dir]);
+    const j = JSON.parse(r.stdout) as { checks: { name: string; ok: boolean }[]; backend: string; ready: boolean };
+    expect(j.checks.map((c) => c.name)).toEqual(['kvm', 'libkrun', 'libkrunfw', 'qemu', 'user-namespaces', 'disk-space']);
+    const kvm = j.checks.find((c) => c.name === 'kvm')?.ok;
+    const libkrun = j.checks.find((c) => c.name === 'libkrun')?.ok;
+    expect(j.backend).toBe(kvm && libkrun ? 'libkrun' : 'qemu');
+    expect(r.code).toBe(j.ready ? 0 : 1);
+    const text = cli(['doctor', '--data-dir', s.dir]).stdout;
+    if (!kvm) expect(text).toMatch(/MISS kvm[\s\S]*fix:[\s\S]*backend 'auto' will use: qemu/);
+  });
+});
+
+(layout ? describe : describe.skip)(`VMs from the CLI${layout ? '' : ' [skipped: no test layout (umoci missing)]'}`, () => {
+  test('run -- CMD: streams the output and exits with the guest code; --trace prints every stage', () => {
+    const r = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--rm', '--trace', '--', '/bin/sh', '-c', 'echo hi from the guest; exit 3']);
+    expect(r.code).toBe(3);
+    expect(r.stdout).toContain('hi from the guest');
+    for (const stage of ['microvm.Run', 'microvm.Preflight', 'microvm.ImagePull', 'microvm.image.Extract', 'microvm.RootfsClone', 'microvm.RootfsHooks', 'microvm.BackendPrepare', 'microvm.NetworkStart', 'microvm.VMSpawn', 'microvm.PostBoot']) {
+      expect([stage, r.stderr.includes(stage)]).toEqual([stage, true]);
+    }
+    // Durations of the stages add up within the root's.
+    const dur = (name: string): number => Number(new RegExp(`^\\s*${name.replace('.', '\\.')}\\s+([\\d.]+) s`, 'm').exec(r.stderr)?.[1]);
+    const stages = ['microvm.Preflight', 'microvm.ImagePull', 'microvm.RootfsClone', 'microvm.RootfsHooks', 'microvm.BackendPrepare', 'microvm.NetworkStart', 'microvm.VMSpawn', 'microvm.PostBoot'];
+    expect(stages.reduce((n, x) => n + dur(x), 0)).toBeLessThanOrEqual(dur('microvm.Run') + 0.001 * stages.length);
+    expect(r.stderr).toContain('◀ largest stage');
+  });
+
+  test('run --json: one JSON object with the exit code, console and spans', () => {
+    const r = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--rm', '--json', '--', '/bin/sh', '-c', 'echo json-out; exit 5']);
+    expect(r.code).toBe(5);
+    const j = JSON.parse(r.stdout) as { exitCode: number; console: string; backend: string; spans: { name: string; parentSpanId?: string }[] };
+    expect(j).toMatchObject({ exitCode: 5, backend: 'qemu' });
+    expect(j.console).toContain('json-out');
+    expect(j.spans.map((x) => x.name)).toContain('microvm.Run');
+  });
+
+  test('pull, images, --detach, ps, logs, stop, rm, cache purge', () => {
+    expect(cli(['pull', `oci:${layout}:test`, '--data-dir', s.dir]).code).toBe(0);
+    const imgs = JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout) as { references: string[] }[];
+    expect(imgs).toEqual([expect.objectContaining({ references: [`oci:${layout}:test`] })]);
+    const started = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--name', 'bg', '--detach', '--', '/bin/sh', '-c', 'echo in the background; sleep 600']);
+    expect(started).toMatchObject({ code: 0, stdout: 'bg\n' });
+    const ps = JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { name: string; running: boolean }[];
+    expect(ps).toEqual([expect.objectContaining({ name: 'bg', running: true })]);
+    // The VM outlived the CLI process that started it; wait for the guest's line, then stop it.
+    let logs = '';
+    for (let i = 0; i < 120 && !logs.includes('in the background'); i++) {
+      logs = cli(['logs', 'bg', '--data-dir', s.dir]).stdout;
+      if (!logs.includes('in the background')) spawnSync('sleep', ['0.25']);
+    }
+    expect(logs).toContain('in the background');
+    expect(cli(['stop', 'bg', '--data-dir', s.dir])).toMatchObject({ code: 0, stdout: expect.stringContaining('stopped') });
+    expect((JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { running: boolean }[])[0].running).toBe(false);
+    expect(cli(['rm', 'bg', '--data-dir', s.dir]).code).toBe(0);
+    expect(JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
+    expect(cli(['cache', 'purge', '--data-dir', s.dir]).code).toBe(0);
+    expect(JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
+  });
+});
