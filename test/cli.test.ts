@@ -64,6 +64,18 @@ describe('usage', () => {
     expect(j.spans.map((x) => x.name)).toContain('microvm.Run');
   });
 
+  test('exec over SSH into a detached VM started with --ssh', () => {
+    const started = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--name', 'sshvm', '--ssh', '--detach', '--',
+      '/usr/sbin/dropbear', '-F', '-E', '-r', '/etc/dropbear/dropbear_ed25519_host_key', '-p', '22']);
+    expect(started.code).toBe(0);
+    try {
+      const r = cli(['exec', 'sshvm', '--data-dir', s.dir, '--', 'sh', '-c', 'cat /etc/layer2; exit 6']);
+      expect(r).toMatchObject({ code: 6, stdout: 'from layer 2\n' });
+    } finally {
+      cli(['rm', 'sshvm', '--data-dir', s.dir]);
+    }
+  });
+
   test('pull, images, --detach, ps, logs, stop, rm, cache purge', () => {
     expect(cli(['pull', `oci:${layout}:test`, '--data-dir', s.dir]).code).toBe(0);
     const imgs = JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout) as { references: string[] }[];

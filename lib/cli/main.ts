@@ -14,6 +14,7 @@ import { qemuBackend, resolveQemuRuntime } from '../backends/qemu';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from '../resolve/firmware';
 import { LIBKRUN_INSTALL_HINT, resolveRuntime } from '../resolve/runtime';
 import { isRecordedProcess, readState, terminateRecorded } from '../state';
+import { SshClient } from '../ssh/client';
 import { formatSpanTree } from '../telemetry/tree';
 
 const USAGE: Record<string, string> = {
@@ -28,6 +29,7 @@ Commands:
   cache gc|purge          remove unreferenced entries / everything
   ps                      list VMs
   logs NAME [-f]          print a VM's console output
+  exec NAME -- CMD...     run a command in a VM started with --ssh (exit code: the command's)
   stop NAME               stop a VM
   rm NAME                 stop a VM and remove its data
   doctor                  check this machine and say how to fix what is missing
@@ -133,6 +135,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     if (values['trace-json']) fs.writeFileSync(values['trace-json'], `${JSON.stringify(spansJson(spans), null, 2)}\n`);
   };
   if (values.detach) {
+    vm.ssh?.close(); // the readiness connection would keep this process alive
     emitTrace();
     out({ name: vm.name, id: vm.id, pid: vm.pid, backend: vm.backend, dataDir: vm.dataDir, ports: vm.ports }, vm.name);
     return 0;
@@ -290,6 +293,31 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'doctor':
         return await cmdDoctor(dataDir, out);
+      case 'exec': {
+        const dash = rest.indexOf('--');
+        const name = rest.slice(0, dash < 0 ? undefined : dash).filter((a, i, arr) => !a.startsWith('-') && arr[i - 1] !== '--data-dir')[0];
+        const words = dash < 0 ? [] : rest.slice(dash + 1);
+        if (!name || words.length === 0) throw new UsageError('exec takes NAME -- CMD...');
+        const dir = vmDir(dataDir, name);
+        const st = readState(dir);
+        if (!st || !isRecordedProcess(st)) throw Object.assign(new Error(`no running VM named ${name}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
+        const port = st.ports.find((p) => p.guest === 22)?.host;
+        const keyFile = path.join(dir, 'ssh', 'id_ed25519');
+        if (!port || !fs.existsSync(keyFile)) throw Object.assign(new Error(`${name} was not started with --ssh`), { code: 'ERR_MICROVM_SSH_UNAVAILABLE' });
+        const client = await SshClient.connect({ host: '127.0.0.1', port, username: 'root', privateKey: fs.readFileSync(keyFile, 'utf8'), hostKey: { knownHostsFile: path.join(dir, 'ssh', 'known_hosts') } });
+        try {
+          const quoted = words.map((w) => (/^[A-Za-z0-9_./:=@%+-]+$/.test(w) ? w : `'${w.replace(/'/g, `'\\''`)}'`)).join(' ');
+          const r = await client.exec(quoted);
+          if (json) out(r, '');
+          else {
+            process.stdout.write(r.stdout);
+            process.stderr.write(r.stderr);
+          }
+          return r.exitCode ?? 128 + 15;
+        } finally {
+          client.close();
+        }
+      }
       default:
         throw new UsageError(`unknown command ${JSON.stringify(command)}`);
     }
