@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { BasicTracerProvider, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { BasicTracerProvider, BatchSpanProcessor, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor, type SpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { chooseBackend, defaultDataRoot, run, type RunOptions } from '../run';
 import { gc, list, purge } from '../image/cache';
 import { pull } from '../image/pull';
@@ -50,6 +50,8 @@ Options:
   --detach            return once the VM started (print its name)
   --trace             print the startup span tree to stderr
   --trace-json FILE   write the spans as JSON
+  --otlp URL          export spans over OTLP/HTTP to URL (base, e.g. http://127.0.0.1:4318);
+                      also OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_SERVICE_NAME
   --log-level L       libkrun log level (off, error, warn, info, debug, trace)
   --json              print one JSON object instead of text
 The exit code is the guest command's.`,
@@ -92,13 +94,26 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     options: {
       name: { type: 'string' }, cpus: { type: 'string' }, memory: { type: 'string' }, p: { type: 'string', short: 'p', multiple: true },
       e: { type: 'string', short: 'e', multiple: true }, backend: { type: 'string' }, 'data-dir': { type: 'string' }, rm: { type: 'boolean' },
-      ssh: { type: 'boolean' }, detach: { type: 'boolean' }, trace: { type: 'boolean' }, 'trace-json': { type: 'string' }, 'log-level': { type: 'string' },
+      ssh: { type: 'boolean' }, detach: { type: 'boolean' }, trace: { type: 'boolean' }, 'trace-json': { type: 'string' }, 'log-level': { type: 'string' }, otlp: { type: 'string' },
       json: { type: 'boolean' },
     },
   });
   if (positionals.length !== 1) throw new UsageError('run takes one IMAGE (then -- CMD...)');
   const exporter = new InMemorySpanExporter();
-  const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+  const processors: SpanProcessor[] = [new SimpleSpanProcessor(exporter)];
+  const tracesUrl = values.otlp
+    ? `${values.otlp.replace(/\/+$/, '')}/v1/traces`
+    : process.env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ?? (process.env.OTEL_EXPORTER_OTLP_ENDPOINT ? `${process.env.OTEL_EXPORTER_OTLP_ENDPOINT.replace(/\/+$/, '')}/v1/traces` : undefined);
+  if (tracesUrl) {
+    // Loaded only when asked for: the library itself depends on @opentelemetry/api alone.
+    const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-http');
+    processors.push(new BatchSpanProcessor(new OTLPTraceExporter({ url: tracesUrl })));
+  }
+  const { resourceFromAttributes } = await import('@opentelemetry/resources');
+  const tracerProvider = new BasicTracerProvider({ spanProcessors: processors, resource: resourceFromAttributes({ 'service.name': process.env.OTEL_SERVICE_NAME ?? 'microvm' }) });
+  const flush = (): Promise<void> => tracerProvider.forceFlush().then(() => tracerProvider.shutdown()).catch((e: Error) => {
+    process.stderr.write(`microvm: exporting spans failed: ${e.message}\n`);
+  });
   const num = (name: string, v: string | undefined): number | undefined => {
     if (v === undefined) return undefined;
     if (!/^\d+$/.test(v)) throw new UsageError(`--${name} takes a whole number, not ${JSON.stringify(v)}`);
@@ -129,14 +144,16 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
   opts.signal = ac.signal;
   const vm = await run(positionals[0], opts);
   process.removeListener('SIGINT', onSignal);
-  const emitTrace = (): void => {
-    const spans = exporter.getFinishedSpans();
+  let finished: ReadableSpan[] = [];
+  const emitTrace = async (): Promise<void> => {
+    const spans = (finished = [...exporter.getFinishedSpans()]); // before shutdown clears them
+    await flush();
     if (values.trace) process.stderr.write(`${formatSpanTree(spans)}\n`);
     if (values['trace-json']) fs.writeFileSync(values['trace-json'], `${JSON.stringify(spansJson(spans), null, 2)}\n`);
   };
   if (values.detach) {
     vm.ssh?.close(); // the readiness connection would keep this process alive
-    emitTrace();
+    await emitTrace();
     out({ name: vm.name, id: vm.id, pid: vm.pid, backend: vm.backend, dataDir: vm.dataDir, ports: vm.ports }, vm.name);
     return 0;
   }
@@ -166,12 +183,12 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
   pump();
   process.removeListener('SIGINT', stopOnSignal);
   process.removeListener('SIGTERM', stopOnSignal);
-  emitTrace();
+  await emitTrace();
   const status = vm.status();
   const consoleText = values.json && fs.existsSync(vm.consoleLogPath) ? fs.readFileSync(vm.consoleLogPath, 'utf8') : '';
   if (values.rm) await vm.remove();
   if (values.json) {
-    out({ name: vm.name, backend: vm.backend, exitCode: code, signal: status.signal, console: consoleText, spans: spansJson(exporter.getFinishedSpans()) }, '');
+    out({ name: vm.name, backend: vm.backend, exitCode: code, signal: status.signal, console: consoleText, spans: spansJson(finished) }, '');
   }
   return code ?? 128 + 9;
 }

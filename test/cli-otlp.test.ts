@@ -1,0 +1,48 @@
+/** `microvm run --otlp URL` exports the spans over OTLP/HTTP to a receiver in this test. */
+import * as http from 'node:http';
+import * as path from 'node:path';
+import { packageRoot } from '../lib/native';
+import { scratch } from './helpers';
+
+const layout = process.env.MICROVM_TEST_LAYOUT;
+
+(layout ? test : test.skip)(`OTLP export${layout ? '' : ' [skipped: no test layout (umoci missing)]'}`, async () => {
+  const received: { service?: string; spans: string[] }[] = [];
+  const server = http.createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      if (req.url === '/v1/traces' && String(req.headers['content-type']).includes('json')) {
+        const body = JSON.parse(Buffer.concat(chunks).toString('utf8')) as {
+          resourceSpans: { resource: { attributes: { key: string; value: { stringValue?: string } }[] }; scopeSpans: { spans: { name: string }[] }[] }[];
+        };
+        for (const rs of body.resourceSpans) {
+          received.push({
+            service: rs.resource.attributes.find((a) => a.key === 'service.name')?.value.stringValue,
+            spans: rs.scopeSpans.flatMap((ss) => ss.spans.map((sp) => sp.name)),
+          });
+        }
+      }
+      res.writeHead(200, { 'content-type': 'application/json' }).end('{}');
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const port = (server.address() as { port: number }).port;
+  const s = scratch();
+  try {
+    const child = await new Promise<{ code: number | null }>((resolve) => {
+      const p = require('node:child_process').spawn(process.execPath, [path.join(packageRoot, 'bin', 'microvm.js'), 'run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--rm', '--otlp', `http://127.0.0.1:${port}`, '--', '/bin/sh', '-c', 'exit 0'], {
+        env: { ...process.env, OTEL_SERVICE_NAME: 'otlp-test', MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR },
+        stdio: 'ignore',
+      });
+      p.on('exit', (code: number | null) => resolve({ code }));
+    });
+    expect(child.code).toBe(0);
+    const names = received.flatMap((r) => r.spans);
+    for (const n of ['microvm.Run', 'microvm.ImagePull', 'microvm.VMSpawn', 'microvm.backend.ResolveFirmware']) expect(names).toContain(n);
+    expect(received.every((r) => r.service === 'otlp-test')).toBe(true);
+  } finally {
+    s.cleanup();
+    server.close();
+  }
+});
