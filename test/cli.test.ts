@@ -55,6 +55,16 @@ describe('usage', () => {
     expect(r.stderr).toContain('◀ largest stage');
   });
 
+  test('bench: per-stage p50/p90 from the spans', () => {
+    const r = cli(['bench', `oci:${layout}:test`, '-n', '2', '--backend', 'qemu', '--data-dir', s.dir, '--json']);
+    expect(r.code).toBe(0);
+    const rows = JSON.parse(r.stdout) as { span: string; runs: number; p50: number; p90: number }[];
+    const run = rows.find((x) => x.span === 'microvm.Run');
+    expect(run).toMatchObject({ runs: 2 });
+    expect((run as { p90: number }).p90).toBeGreaterThanOrEqual((run as { p50: number }).p50);
+    expect(rows.map((x) => x.span)).toEqual(expect.arrayContaining(['microvm.ImagePull', 'microvm.VMSpawn', 'microvm.backend.ResolveFirmware']));
+  });
+
   test('run --json: one JSON object with the exit code, console and spans', () => {
     const r = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--rm', '--json', '--', '/bin/sh', '-c', 'echo json-out; exit 5']);
     expect(r.code).toBe(5);

@@ -33,6 +33,8 @@ Commands:
   stop NAME               stop a VM
   rm NAME                 stop a VM and remove its data
   doctor                  check this machine and say how to fix what is missing
+  bench IMAGE [-n N] [--backend B] [-- CMD...]
+                          boot IMAGE N times (5); per-stage p50/p90 from the spans
 
 Global options: --data-dir DIR (default $MICROVM_DATA_DIR or ~/.local/share/node-microvm), --json, --help
 Exit codes: run -> the guest command's exit code; otherwise 0 ok, 1 failed, 2 usage error.`,
@@ -193,6 +195,39 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
   return code ?? 128 + 9;
 }
 
+async function cmdBench(argv: string[], dataDir: string, out: (o: unknown, text: string) => void): Promise<number> {
+  const dash = argv.indexOf('--');
+  const cmd = dash >= 0 ? argv.slice(dash + 1) : ['/bin/sh', '-c', 'exit 0'];
+  const { values, positionals } = parseArgs({
+    args: dash >= 0 ? argv.slice(0, dash) : argv,
+    allowPositionals: true,
+    options: { n: { type: 'string', short: 'n' }, backend: { type: 'string' }, 'data-dir': { type: 'string' }, json: { type: 'boolean' } },
+  });
+  if (positionals.length !== 1) throw new UsageError('bench takes one IMAGE');
+  const n = values.n === undefined ? 5 : Number(values.n);
+  if (!Number.isInteger(n) || n < 1 || n > 1000) throw new UsageError('-n takes a whole number 1-1000');
+  const samples = new Map<string, number[]>();
+  const ms = (h: [number, number]): number => h[0] * 1e3 + h[1] / 1e6;
+  for (let i = 0; i < n; i++) {
+    const exporter = new InMemorySpanExporter();
+    const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+    const vm = await run(positionals[0], { dataDir, name: `bench-${process.pid}-${i}`, initOverride: cmd, backend: (values.backend ?? 'auto') as RunOptions['backend'], tracerProvider });
+    await vm.wait();
+    await vm.remove();
+    for (const sp of exporter.getFinishedSpans()) {
+      if (sp.name === 'microvm.preflight.Check') continue;
+      const list = samples.get(sp.name) ?? [];
+      list.push(ms(sp.endTime) - ms(sp.startTime));
+      samples.set(sp.name, list);
+    }
+  }
+  const pct = (xs: number[], p: number): number => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length - 1) * p))];
+  const rows = [...samples.entries()].map(([name, xs]) => ({ span: name, runs: xs.length, p50: pct(xs, 0.5), p90: pct(xs, 0.9) }));
+  const text = [`${positionals[0]}, ${n} runs, backend ${values.backend ?? 'auto'}`, '| span | p50 ms | p90 ms |', '|---|---:|---:|', ...rows.map((r) => `| ${r.span} | ${r.p50.toFixed(1)} | ${r.p90.toFixed(1)} |`)].join('\n');
+  out(rows, text);
+  return 0;
+}
+
 async function cmdDoctor(dataDir: string, out: (o: unknown, text: string) => void): Promise<number> {
   const checks: PreflightCheck[] = [
     kvmCheck(),
@@ -310,6 +345,8 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'doctor':
         return await cmdDoctor(dataDir, out);
+      case 'bench':
+        return await cmdBench(rest, dataDir, out);
       case 'exec': {
         const dash = rest.indexOf('--');
         const name = rest.slice(0, dash < 0 ? undefined : dash).filter((a, i, arr) => !a.startsWith('-') && arr[i - 1] !== '--data-dir')[0];
