@@ -11,7 +11,7 @@ declare -A need=(
   [qemu-system-x86_64]=qemu-system-x86 [dropbear]=dropbear-bin [dropbearkey]=dropbear-bin
   [unshare]=util-linux [setpriv]=util-linux [sshd]=openssh-server
   [umoci]=umoci [skopeo]=skopeo [zstd]=zstd [readelf]=binutils
-  [docker-registry]=docker-registry [htpasswd]=apache2-utils
+  [docker-registry]=docker-registry [htpasswd]=apache2-utils [script]=bsdutils
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -55,6 +55,17 @@ describe('usage', () => {
     expect(r.stderr).toContain('◀ largest stage');
   });
 
+  test('pull shows per-layer progress bars on a terminal (script gives it a pty), plain output otherwise', () => {
+    const cmd = `${process.execPath} ${bin} pull oci:${layout}:test --data-dir ${s.dir}`;
+    const tty = spawnSync('script', ['-qec', cmd, '/dev/null'], { encoding: 'utf8', env: process.env });
+    expect(tty.status).toBe(0);
+    expect(tty.stdout).toMatch(/\rlayer 1\/2 \[[#.]{20}\] \d+%/);
+    expect(tty.stdout).toMatch(/layer 2\/2 \[#{20}\] 100%/);
+    const plain = cli(['pull', `oci:${layout}:test`, '--data-dir', path.join(s.dir, 'plain')]);
+    expect(plain.stderr).not.toContain('layer 1/2');
+    expect(plain.stdout).toMatch(/^sha256:[a-f0-9]{64} {2}pulled/);
+  });
+
   test('bench: per-stage p50/p90 from the spans', () => {
     const r = cli(['bench', `oci:${layout}:test`, '-n', '2', '--backend', 'qemu', '--data-dir', s.dir, '--json']);
     expect(r.code).toBe(0);
