@@ -104,4 +104,3 @@ export function resolveOciLayout(layout: string, tag: string | undefined, platfo
   };
 }
 
-export { Readable };
