@@ -73,8 +73,11 @@ export interface RunOptions {
   preflight?: readonly PreflightCheck[];
   /** Add checks after the built-in ones. */
   preflightChecks?: readonly PreflightCheck[];
-  /** Extra virtio-fs shares ([]). */
-  virtiofs?: readonly { tag: string; hostPath: string; readOnly?: boolean }[];
+  /**
+   * Extra virtio-fs shares ([]). With `guestPath`, the QEMU backend's guest init mounts the share
+   * there (with libkrun, mount the tag yourself: `mount -t virtiofs TAG PATH`).
+   */
+  virtiofs?: readonly { tag: string; hostPath: string; readOnly?: boolean; guestPath?: string }[];
   /** Data root ($MICROVM_DATA_DIR, else $XDG_DATA_HOME/node-microvm, else ~/.local/share/node-microvm). */
   dataDir?: string;
   /** Remove a leftover VM directory of the same name first, stopping its VM if still running (false). */
@@ -113,6 +116,10 @@ export function defaultDataRoot(env: NodeJS.ProcessEnv = process.env): string {
   if (env.MICROVM_DATA_DIR) return env.MICROVM_DATA_DIR;
   const xdg = env.XDG_DATA_HOME || path.join(os.homedir(), '.local', 'share');
   return path.join(xdg, 'node-microvm');
+}
+
+function typeError(name: string, value: unknown): never {
+  throw new TypeError(`Expected an array for ${name} but received ${v.describe(value)}`);
 }
 
 function functions<T>(name: string, value: unknown): T[] {
@@ -183,7 +190,12 @@ function normalize(image: string, options: RunOptions) {
     postBoot: functions<PostBootHook>('postBoot', o.postBoot),
     preflight: o.preflight === undefined ? undefined : checks('preflight', o.preflight),
     preflightChecks: checks('preflightChecks', o.preflightChecks),
-    virtiofs: o.virtiofs === undefined ? [] : (o.virtiofs as unknown[]).map((m, i) => normalizeVirtiofs(`virtiofs[${i}]`, m)).map((m) => ({ tag: m.tag, hostPath: m.path, readOnly: m.readOnly })),
+    virtiofs: o.virtiofs === undefined ? [] : (Array.isArray(o.virtiofs) ? (o.virtiofs as unknown[]) : typeError('virtiofs', o.virtiofs)).map((m, i) => {
+      const { guestPath, ...share } = v.object(`virtiofs[${i}]`, m);
+      const n = normalizeVirtiofs(`virtiofs[${i}]`, share);
+      const gp = guestPath === undefined ? undefined : v.absolutePath(`virtiofs[${i}].guestPath`, guestPath);
+      return { tag: n.tag, hostPath: n.path, readOnly: n.readOnly, guestPath: gp };
+    }),
     dataRoot: o.dataDir === undefined ? defaultDataRoot() : v.absolutePath('dataDir', o.dataDir),
     imageCache: o.imageCache === undefined ? path.join(o.dataDir === undefined ? defaultDataRoot() : (o.dataDir as string), 'images') : v.absolutePath('imageCache', o.imageCache),
     cleanDataDir: o.cleanDataDir === undefined ? false : v.boolean('cleanDataDir', o.cleanDataDir),
@@ -297,7 +309,10 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     });
 
     await stage(SPAN.BACKEND_PREPARE, { [ATTR.BACKEND]: o.backend.name }, (_s, inner) =>
-      o.backend.prepareRootfs({ vmId: o.id, dataDir: vmDir, rootfs, image: pulled.config, initOverride: o.initOverride, env: o.env, workdir: o.workdir, scope: inner, signal }),
+      o.backend.prepareRootfs({
+        vmId: o.id, dataDir: vmDir, rootfs, image: pulled.config, initOverride: o.initOverride, env: o.env, workdir: o.workdir, scope: inner, signal,
+        mounts: o.virtiofs.filter((m) => m.guestPath).map((m) => ({ tag: m.tag, guestPath: m.guestPath as string, readOnly: m.readOnly })),
+      }),
     );
 
     const network: NetworkHandle | undefined = await stage(SPAN.NETWORK_START, { [ATTR.NETWORK_PROVIDER]: o.network?.name ?? 'tsi', [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`) }, async () => {

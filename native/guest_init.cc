@@ -4,7 +4,8 @@
 //   1. mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run;
 //   2. brings up lo and eth0 (10.0.2.15/24, gateway 10.0.2.2) and, when the image has none,
 //      writes /etc/resolv.conf (nameserver 10.0.2.3);
-//   3. reads /.krun_config.json (or $KRUN_CONFIG): Cmd, Env, WorkingDir;
+//   3. reads /.krun_config.json (or $KRUN_CONFIG): Cmd, Env, WorkingDir, and mounts the virtio-fs
+//      shares listed in MicrovmMounts ([{tag, target, readOnly}]);
 //   4. runs Cmd as a child, reaping every orphan while it runs;
 //   5. reports the command's exit status to the host on the virtio-serial port named
 //      "microvm.exit" as "EXIT <code>\n" (125: setup failed, 126: cannot execute, 127: not found,
@@ -139,7 +140,19 @@ std::string ExitPort() {
   for (;;) pause();  // the host stops the VM once it read the status
 }
 
-bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, std::string* workdir) {
+struct ShareMount {
+  std::string tag, target;
+  bool read_only = false;
+};
+
+void MkdirP(const std::string& path) {
+  for (size_t i = 1; i <= path.size(); i++) {
+    if (i == path.size() || path[i] == '/') mkdir(path.substr(0, i).c_str(), 0755);
+  }
+}
+
+bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, std::string* workdir,
+                std::vector<ShareMount>* mounts) {
   const char* path = getenv("KRUN_CONFIG");
   if (path == nullptr) path = "/.krun_config.json";
   int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -166,6 +179,19 @@ bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, st
   };
   strings(json.Get("Cmd"), cmd);
   strings(json.Get("Env"), env);
+  const microvm::JsonValue* ms = json.Get("MicrovmMounts");
+  if (ms != nullptr && ms->is_array()) {
+    for (const auto& m : ms->array_items()) {
+      const microvm::JsonValue* tag = m.Get("tag");
+      const microvm::JsonValue* target = m.Get("target");
+      const microvm::JsonValue* ro = m.Get("readOnly");
+      if (tag == nullptr || target == nullptr || !tag->is_string() || !target->is_string() || target->string_value().empty() ||
+          target->string_value()[0] != '/') {
+        continue;
+      }
+      mounts->push_back({tag->string_value(), target->string_value(), ro != nullptr && ro->is_bool() && ro->bool_value()});
+    }
+  }
   const microvm::JsonValue* wd = json.Get("WorkingDir");
   if (wd != nullptr && wd->is_string() && !wd->string_value().empty()) *workdir = wd->string_value();
   if (cmd->empty()) {
@@ -193,7 +219,15 @@ int main() {
 
   std::vector<std::string> cmd, env;
   std::string workdir = "/";
-  if (!ReadConfig(&cmd, &env, &workdir)) Finish(125);
+  std::vector<ShareMount> mounts;
+  if (!ReadConfig(&cmd, &env, &workdir, &mounts)) Finish(125);
+  for (const auto& m : mounts) {
+    MkdirP(m.target);
+    if (mount(m.tag.c_str(), m.target.c_str(), "virtiofs", m.read_only ? MS_RDONLY : 0, nullptr) != 0) {
+      Log("mount " + m.tag + " on " + m.target + ": " + std::strerror(errno));
+      Finish(125);
+    }
+  }
 
   pid_t child = fork();
   if (child < 0) Finish(125);

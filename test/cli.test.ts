@@ -21,6 +21,9 @@ describe('usage', () => {
   test('--help for the tool and for run; usage errors exit 2', () => {
     expect(cli(['--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('Commands:') });
     expect(cli(['run', '--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('--trace') });
+    for (const c of ['pull', 'images', 'cache', 'ps', 'logs', 'stop', 'rm', 'exec', 'doctor', 'bench']) {
+      expect([c, cli([c, '--help']).stdout.startsWith(`microvm ${c}`)]).toEqual([c, true]);
+    }
     expect(cli([]).code).toBe(2);
     expect(cli(['frobnicate'])).toMatchObject({ code: 2, stderr: expect.stringContaining('unknown command') });
     expect(cli(['run', 'img', '--cpus', 'two'])).toMatchObject({ code: 2, stderr: expect.stringContaining('--cpus') });
@@ -62,8 +65,24 @@ describe('usage', () => {
     expect(tty.stdout).toMatch(/\rlayer 1\/2 \[[#.]{20}\] \d+%/);
     expect(tty.stdout).toMatch(/layer 2\/2 \[#{20}\] 100%/);
     const plain = cli(['pull', `oci:${layout}:test`, '--data-dir', path.join(s.dir, 'plain')]);
-    expect(plain.stderr).not.toContain('layer 1/2');
+    expect(plain.stderr).toMatch(/^layer 1\/2 sha256:[a-f0-9]{12} [\d.]+ MB\nlayer 2\/2 /);
+    expect(plain.stderr).not.toContain('[');
     expect(plain.stdout).toMatch(/^sha256:[a-f0-9]{64} {2}pulled/);
+  });
+
+  test('-v shares host directories: read-write writes through, :ro is refused', () => {
+    const rw = path.join(s.dir, 'rw');
+    const ro = path.join(s.dir, 'ro');
+    require('node:fs').mkdirSync(rw);
+    require('node:fs').mkdirSync(ro);
+    require('node:fs').writeFileSync(path.join(ro, 'in'), 'from the host\n');
+    const r = cli(['run', `oci:${layout}:test`, '--data-dir', path.join(s.dir, 'd'), '--backend', 'qemu', '--rm', '-v', `${rw}:/mnt/rw`, '-v', `${ro}:/mnt/ro:ro`, '--',
+      '/bin/sh', '-c', 'cat /mnt/ro/in; echo from the guest > /mnt/rw/out; touch /mnt/ro/nope 2>/dev/null && exit 9; exit 0']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain('from the host');
+    expect(require('node:fs').readFileSync(path.join(rw, 'out'), 'utf8')).toBe('from the guest\n');
+    expect(require('node:fs').existsSync(path.join(ro, 'nope'))).toBe(false);
+    expect(cli(['run', 'img', '-v', 'nocolon'])).toMatchObject({ code: 2, stderr: expect.stringContaining('-v takes HOST:GUEST') });
   });
 
   test('bench: per-stage p50/p90 from the spans', () => {

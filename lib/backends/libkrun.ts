@@ -28,7 +28,7 @@ export interface LibkrunBackendOptions {
 }
 
 /** The guest's Cmd/Env/WorkingDir, merged from the image config and the run options. */
-export function guestConfig(input: BackendPrepareInput): { Cmd: string[]; Env: string[]; WorkingDir: string } {
+export function guestConfig(input: BackendPrepareInput): { Cmd: string[]; Env: string[]; WorkingDir: string; MicrovmMounts?: { tag: string; target: string; readOnly: boolean }[] } {
   const cmd = input.initOverride ?? [...input.image.entrypoint, ...input.image.cmd];
   if (cmd.length === 0) {
     throw Object.assign(new TypeError('Nothing to run: the image has no Entrypoint or Cmd; pass initOverride'), { code: 'ERR_MICROVM_NO_COMMAND' });
@@ -38,7 +38,10 @@ export function guestConfig(input: BackendPrepareInput): { Cmd: string[]; Env: s
     const i = e.indexOf('=');
     env.set(e.slice(0, i), e);
   }
-  return { Cmd: cmd, Env: [...env.values()], WorkingDir: input.workdir ?? (input.image.workingDir || '/') };
+  const config: ReturnType<typeof guestConfig> = { Cmd: cmd, Env: [...env.values()], WorkingDir: input.workdir ?? (input.image.workingDir || '/') };
+  // Read by microvm-guest-init (QEMU backend); libkrun's own init ignores it (mount the tags yourself).
+  if (input.mounts?.length) config.MicrovmMounts = input.mounts.map((m) => ({ tag: m.tag, target: m.guestPath, readOnly: m.readOnly }));
+  return config;
 }
 
 /** Creates the libkrun backend. */
@@ -72,7 +75,7 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
           memoryMiB: input.memoryMiB,
           root: input.rootfs.rootPath,
           consoleOutput: input.consoleLogPath,
-          virtiofs: input.virtiofs,
+          virtiofs: input.virtiofs.map(({ tag, hostPath, readOnly }) => ({ tag, hostPath, readOnly })),
         };
         if (input.rootfs.overlay) planInput.overlay = input.rootfs.overlay;
         if (input.network) {

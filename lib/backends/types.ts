@@ -25,6 +25,8 @@ export interface BackendPrepareInput {
   /** Extra "KEY=VALUE" entries (after the image's). */
   env: string[];
   workdir?: string;
+  /** virtio-fs shares the guest should mount (by tag) at a path; see guest init. */
+  mounts?: { tag: string; guestPath: string; readOnly: boolean }[];
   scope: SpanScope;
   signal?: AbortSignal;
 }
@@ -38,7 +40,7 @@ export interface BackendStartInput {
   cpus: number;
   memoryMiB: number;
   ports: { host: number; guest: number }[];
-  virtiofs: { tag: string; hostPath: string; readOnly: boolean }[];
+  virtiofs: { tag: string; hostPath: string; readOnly: boolean; guestPath?: string }[];
   logLevel: number;
   /** Guest console output file. */
   consoleLogPath: string;

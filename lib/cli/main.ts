@@ -46,6 +46,8 @@ Options:
   --cpus N            vCPUs (1)            --memory MIB   memory in MiB (512)
   -p HOST:GUEST       forward a TCP port on 127.0.0.1 (repeatable)
   -e KEY=VALUE        guest environment (repeatable)
+  -v HOST:GUEST[:ro]  share a host directory at GUEST over virtio-fs (repeatable; the QEMU backend
+                      mounts it; with libkrun mount tag volN yourself)
   --backend B         auto | libkrun | qemu (auto)
   --rm                remove the VM's data when it exits
   --ssh               inject a key and wait for SSH on guest port 22
@@ -57,6 +59,38 @@ Options:
   --log-level L       libkrun log level (off, error, warn, info, debug, trace)
   --json              print one JSON object instead of text
 The exit code is the guest command's.`,
+  pull: `microvm pull IMAGE [--data-dir DIR] [--json]
+
+Pulls IMAGE (registry reference or oci:DIR:TAG) into <data-dir>/images. Progress bars per layer on a
+terminal, one line per finished layer otherwise, nothing but JSON with --json.`,
+  images: `microvm images [--data-dir DIR] [--json]
+
+Lists cached images: digest, size, references.`,
+  cache: `microvm cache gc|purge [--data-dir DIR] [--json]
+
+gc: remove unreferenced or incomplete entries and abandoned temporary extractions. purge: remove the whole cache.`,
+  ps: `microvm ps [--data-dir DIR] [--json]
+
+Lists VMs in the data dir and whether each is running (PID and start time checked).`,
+  logs: `microvm logs NAME [-f] [--data-dir DIR]
+
+Prints the VM's console output; -f follows it.`,
+  stop: `microvm stop NAME [--data-dir DIR] [--json]
+
+SIGTERM to the VM, SIGKILL after 5 s (only if its PID still is that VM).`,
+  rm: `microvm rm NAME [--data-dir DIR] [--json]
+
+Stops the VM and removes its data directory (never the image cache).`,
+  exec: `microvm exec NAME [--data-dir DIR] [--json] -- CMD...
+
+Runs CMD over SSH in a VM started with --ssh; exits with its exit code.`,
+  doctor: `microvm doctor [--data-dir DIR] [--json]
+
+Checks KVM, libkrun, libkrunfw, QEMU, user namespaces and disk space; says how to fix what is
+missing and which backend 'auto' will use. Exit 0 when some backend can run.`,
+  bench: `microvm bench IMAGE [-n N] [--backend B] [--data-dir DIR] [--json] [-- CMD...]
+
+Boots IMAGE N times (5) running CMD (exit 0) and prints p50/p90 per span.`,
 };
 
 class UsageError extends Error {}
@@ -95,7 +129,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     allowPositionals: true,
     options: {
       name: { type: 'string' }, cpus: { type: 'string' }, memory: { type: 'string' }, p: { type: 'string', short: 'p', multiple: true },
-      e: { type: 'string', short: 'e', multiple: true }, backend: { type: 'string' }, 'data-dir': { type: 'string' }, rm: { type: 'boolean' },
+      e: { type: 'string', short: 'e', multiple: true }, v: { type: 'string', short: 'v', multiple: true }, backend: { type: 'string' }, 'data-dir': { type: 'string' }, rm: { type: 'boolean' },
       ssh: { type: 'boolean' }, detach: { type: 'boolean' }, trace: { type: 'boolean' }, 'trace-json': { type: 'string' }, 'log-level': { type: 'string' }, otlp: { type: 'string' },
       json: { type: 'boolean' },
     },
@@ -131,6 +165,11 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       return { host: Number(m[1]), guest: Number(m[2]) };
     }),
     env: values.e ?? [],
+    virtiofs: (values.v ?? []).map((spec, i) => {
+      const m = /^([^:]+):(\/[^:]*)(?::(ro|rw))?$/.exec(spec);
+      if (!m) throw new UsageError(`-v takes HOST:GUEST[:ro], not ${JSON.stringify(spec)}`);
+      return { tag: `vol${i}`, hostPath: path.resolve(m[1]), guestPath: m[2], readOnly: m[3] === 'ro' };
+    }),
     backend: values.detach && (values.backend === 'qemu' || (values.backend ?? 'auto') === 'auto')
       ? await detachedBackend(values.backend ?? 'auto')
       : ((values.backend ?? 'auto') as RunOptions['backend']),
@@ -274,12 +313,17 @@ export async function main(argv: string[]): Promise<number> {
       case 'pull': {
         if (positional.length !== 1) throw new UsageError('pull takes one IMAGE');
         const tty = process.stderr.isTTY && !json;
+        const doneLayers = new Set<number>();
         const r = await pull(positional[0], {
           cacheDir,
           onProgress: (p) => {
             const pct = p.total > 0 ? Math.min(100, Math.floor((p.bytes / p.total) * 100)) : 0;
             const bar = `${'#'.repeat(Math.floor(pct / 5)).padEnd(20, '.')}`;
             if (tty) process.stderr.write(`\rlayer ${p.layer}/${p.layers} [${bar}] ${pct}%   `);
+            else if (!json && p.bytes >= p.total && !doneLayers.has(p.layer)) {
+              doneLayers.add(p.layer);
+              process.stderr.write(`layer ${p.layer}/${p.layers} ${p.digest.slice(0, 19)} ${(p.total / 1e6).toFixed(1)} MB\n`);
+            }
           },
         });
         if (tty) process.stderr.write('\n');

@@ -127,11 +127,26 @@ if [ -n "\${MVM_OVERLAY_LOWER:-}" ]; then
   fi
 fi
 setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$MVM_FS_SOCK" -o source="$MVM_ROOT" -o cache=auto &
-i=0
-while [ ! -S "$MVM_FS_SOCK" ]; do
-  i=$((i + 1))
-  if [ "$i" -gt 1000 ]; then echo "microvm: virtiofsd did not create $MVM_FS_SOCK" >&2; exit 70; fi
-  sleep 0.01
+# Extra shares: MVM_SHARE_<n>_{SRC,SOCK,RO,MNT}. Read-only ones are served from a read-only bind
+# mount in this namespace (kernel-enforced; this virtiofsd has no read-only option).
+n=0
+while [ "$n" -lt "\${MVM_SHARES:-0}" ]; do
+  eval "src=\\\${MVM_SHARE_\${n}_SRC} sock=\\\${MVM_SHARE_\${n}_SOCK} ro=\\\${MVM_SHARE_\${n}_RO} mnt=\\\${MVM_SHARE_\${n}_MNT}"
+  if [ "$ro" = 1 ]; then
+    mount --bind "$src" "$mnt"
+    mount -o remount,bind,ro "$mnt"
+    src=$mnt
+  fi
+  setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$sock" -o source="$src" -o cache=auto &
+  n=$((n + 1))
+done
+for sock in "$MVM_FS_SOCK" \${MVM_SHARE_SOCKS:-}; do
+  i=0
+  while [ ! -S "$sock" ]; do
+    i=$((i + 1))
+    if [ "$i" -gt 1000 ]; then echo "microvm: virtiofsd did not create $sock" >&2; exit 70; fi
+    sleep 0.01
+  done
 done
 exec "$@"
 `;
@@ -194,7 +209,10 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
           '-device', 'virtio-net-device,netdev=n0',
           '-device', 'virtio-rng-device',
         ];
-        if (input.virtiofs.length > 0) throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', 'Extra virtio-fs shares are not supported by the QEMU backend yet');
+        input.virtiofs.forEach((share, n) => {
+          qemuArgs.push('-chardev', `socket,id=fs${n + 1},path=${path.join(input.dataDir, `share-${n}.sock`)}`);
+          qemuArgs.push('-device', `vhost-user-fs-device,chardev=fs${n + 1},tag=${share.tag}`);
+        });
         const root = process.getuid?.() === 0;
         const env: NodeJS.ProcessEnv = {
           PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
@@ -202,6 +220,22 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
           MVM_FS_SOCK: fsSock,
           MVM_VIRTIOFSD: rt.virtiofsdPath,
         };
+        env.MVM_SHARES = String(input.virtiofs.length);
+        const socks: string[] = [];
+        input.virtiofs.forEach((share, n) => {
+          const sock = path.join(input.dataDir, `share-${n}.sock`);
+          const mnt = path.join(input.dataDir, 'shares', String(n));
+          fs.rmSync(sock, { force: true });
+          fs.mkdirSync(mnt, { recursive: true });
+          env[`MVM_SHARE_${n}_SRC`] = share.hostPath;
+          env[`MVM_SHARE_${n}_SOCK`] = sock;
+          env[`MVM_SHARE_${n}_RO`] = share.readOnly ? '1' : '0';
+          env[`MVM_SHARE_${n}_MNT`] = mnt;
+          socks.push(sock);
+        });
+        // Socket paths are ours (data dir), without spaces: safe to split in the launcher.
+        if (socks.some((x) => /\s/.test(x))) throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', 'The data dir path must not contain white space');
+        env.MVM_SHARE_SOCKS = socks.join(' ');
         if (input.rootfs.overlay) {
           env.MVM_OVERLAY_LOWER = input.rootfs.overlay.lower;
           env.MVM_OVERLAY_UPPER = input.rootfs.overlay.upper;
