@@ -26,7 +26,7 @@ import { applyLayer, type ExtractLimits, type ExtractState } from './extract';
 import { hostPlatform, type ImageConfigFile, type Platform } from './oci';
 import { parseReference } from './reference';
 import type { RegistryCredentials } from './registry';
-import { type ResolvedImage, resolveOciLayout } from './source';
+import { type ResolvedImage, resolveArchive, resolveOciLayout } from './source';
 
 /** Progress of a pull, per layer. */
 export interface PullProgress {
@@ -71,6 +71,10 @@ export interface PullResult {
 
 async function resolveSource(ref: ReturnType<typeof parseReference>, platform: Platform, options: PullOptions): Promise<ResolvedImage> {
   if (ref.kind === 'oci-layout') return resolveOciLayout(ref.path, ref.tag, platform);
+  if (ref.kind === 'oci-archive' || ref.kind === 'docker-archive') {
+    const scratchDir = path.join(options.cacheDir as string, 'tmp', `a-${process.pid}-${randomBytes(4).toString('hex')}`);
+    return resolveArchive(ref.kind, ref.path, ref.tag, platform, scratchDir);
+  }
   const { resolveRegistryImage } = await import('./registry');
   return resolveRegistryImage(ref, platform, {
     insecureRegistries: options.insecureRegistries,
@@ -111,6 +115,23 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
     return r;
   });
 
+  try {
+    return await store(cacheDir, ref.canonical, refKey, image, options, verify, scope, signal);
+  } finally {
+    image.close?.();
+  }
+}
+
+async function store(
+  cacheDir: string,
+  canonical: string,
+  refKey: string,
+  image: ResolvedImage,
+  options: PullOptions,
+  verify: 'fast' | 'full',
+  scope: SpanScope,
+  signal: AbortSignal | undefined,
+): Promise<PullResult> {
   await fsp.mkdir(paths(cacheDir).images, { recursive: true, mode: 0o755 });
   await fsp.mkdir(paths(cacheDir).tmp, { recursive: true, mode: 0o700 });
   const p = paths(cacheDir, image.digest);
@@ -138,7 +159,7 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
       });
       warnings = state.warnings;
       return await inSpan(scope, SPAN.IMAGE_CACHE_STORE, { [ATTR.IMAGE_DIGEST]: image.digest }, () => {
-        const e: CacheEntry = { digest: image.digest, reference: ref.canonical, manifest: image.manifest, config: image.config, createdAt: new Date().toISOString(), tree: treeSummary(rootfs) };
+        const e: CacheEntry = { digest: image.digest, reference: canonical, manifest: image.manifest, config: image.config, createdAt: new Date().toISOString(), tree: treeSummary(rootfs) };
         publish(cacheDir, staged, e);
         return { entry: e, extracted: true };
       });
@@ -148,7 +169,7 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
     }
   });
   await setRef(cacheDir, refKey, image.digest);
-  return { path: p.rootfs, digest: image.digest, config: entry.entry.config, fromCache: !entry.extracted, reference: ref.canonical, warnings };
+  return { path: p.rootfs, digest: image.digest, config: entry.entry.config, fromCache: !entry.extracted, reference: canonical, warnings };
 }
 
 /** The runtime config run() needs from an image config file. */

@@ -9,7 +9,9 @@ import * as v from '../validate';
 /** A parsed reference. */
 export type ImageReference =
   | { kind: 'registry'; registry: string; repository: string; tag?: string; digest?: string; canonical: string }
-  | { kind: 'oci-layout'; path: string; tag?: string; canonical: string };
+  | { kind: 'oci-layout'; path: string; tag?: string; canonical: string }
+  | { kind: 'oci-archive'; path: string; tag?: string; canonical: string }
+  | { kind: 'docker-archive'; path: string; tag?: string; canonical: string };
 
 const COMPONENT = /^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$/;
 const TAG = /^[\w][\w.-]{0,127}$/;
@@ -36,8 +38,28 @@ export function parseReference(ref: string): ImageReference {
     const abs = path.resolve(p);
     return { kind: 'oci-layout', path: abs, tag, canonical: `oci:${abs}${tag ? `:${tag}` : ''}` };
   }
-  if (ref.startsWith('oci-archive:') || ref.startsWith('docker-archive:')) {
-    throw invalid(ref, `${ref.split(':')[0]} is not supported yet; unpack it to an OCI layout (skopeo copy ${ref} oci:DIR)`);
+  for (const kind of ['oci-archive', 'docker-archive'] as const) {
+    if (!ref.startsWith(`${kind}:`)) continue;
+    let p = ref.slice(kind.length + 1);
+    let tag: string | undefined;
+    if (kind === 'oci-archive') {
+      // oci-archive:FILE[:TAG]
+      const colon = p.lastIndexOf(':');
+      if (colon > 0 && TAG.test(p.slice(colon + 1))) {
+        tag = p.slice(colon + 1);
+        p = p.slice(0, colon);
+      }
+    } else {
+      // docker-archive:FILE[:REPO:TAG] — FILE ends in .tar (or .tar.gz)
+      const m = /^(.*?\.tar(?:\.gz)?):(.+)$/.exec(p);
+      if (m) {
+        p = m[1];
+        tag = m[2];
+      }
+    }
+    if (!p) throw invalid(ref, 'empty archive path');
+    const abs = path.resolve(p);
+    return { kind, path: abs, tag, canonical: `${kind}:${abs}${tag ? `:${tag}` : ''}` };
   }
   let rest = ref;
   let digest: string | undefined;

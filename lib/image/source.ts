@@ -19,6 +19,8 @@ export interface ResolvedImage {
   config: ImageConfigFile;
   /** A stream of the blob's bytes that fails with ERR_MICROVM_IMAGE_DIGEST if they do not match. */
   openBlob(d: Descriptor, signal?: AbortSignal): Promise<Readable>;
+  /** Releases temporary files (archives are unpacked first). */
+  close?(): void;
 }
 
 /** Wraps `input` so that its bytes are hashed and counted; the stream errors at the end on a mismatch. */
@@ -104,3 +106,47 @@ export function resolveOciLayout(layout: string, tag: string | undefined, platfo
   };
 }
 
+
+/**
+ * Archives: the archive (a tar) is unpacked with the same hostile-input rules as layers into
+ * `scratchDir`, then read as an OCI layout (`oci-archive:`) or as `docker save` output
+ * (`docker-archive:`: manifest.json + config + uncompressed layer tars, each layer verified against
+ * the config's rootfs.diff_ids).
+ */
+export async function resolveArchive(kind: 'oci-archive' | 'docker-archive', file: string, tag: string | undefined, platform: Platform, scratchDir: string): Promise<ResolvedImage> {
+  const { applyLayer } = await import('./extract');
+  if (!fs.existsSync(file)) throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${kind} ${file} does not exist`);
+  fs.mkdirSync(scratchDir, { recursive: true, mode: 0o700 });
+  const close = (): void => fs.rmSync(scratchDir, { recursive: true, force: true });
+  try {
+    await applyLayer(scratchDir, fs.createReadStream(file, { highWaterMark: 1 << 20 }), { state: { bytes: 0, entries: 0, warnings: [] }, privileged: false });
+    if (kind === 'oci-archive') return { ...resolveOciLayout(scratchDir, tag, platform), close };
+    const where = `docker-archive ${file}`;
+    const entries = parseJson<{ Config: string; RepoTags?: string[]; Layers: string[] }[]>(fs.readFileSync(path.join(scratchDir, 'manifest.json')), `${where} manifest.json`);
+    const wanted = tag ? entries.find((e) => (e.RepoTags ?? []).some((t) => t === tag || t.endsWith(`/${tag}`))) : entries.length === 1 ? entries[0] : undefined;
+    if (!wanted) throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where} has no image ${tag ? JSON.stringify(tag) : 'without a reference'}; images: ${entries.flatMap((e) => e.RepoTags ?? []).join(', ') || 'untagged'}`);
+    const inside = (rel: string): string => {
+      const p = path.resolve(scratchDir, rel);
+      if (!p.startsWith(`${scratchDir}${path.sep}`)) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${where}: path ${JSON.stringify(rel)} leaves the archive`);
+      return p;
+    };
+    const configBytes = fs.readFileSync(inside(wanted.Config));
+    const configDigest = `sha256:${createHash('sha256').update(configBytes).digest('hex')}`;
+    const config = parseJson<ImageConfigFile & { rootfs?: { diff_ids?: string[] } }>(configBytes, `${where} config`);
+    const diffIds = config.rootfs?.diff_ids ?? [];
+    if (diffIds.length !== wanted.Layers.length) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${where}: ${wanted.Layers.length} layers but ${diffIds.length} diff_ids`);
+    const layers: Descriptor[] = wanted.Layers.map((l, i) => ({ mediaType: 'application/vnd.docker.image.rootfs.diff.tar', digest: diffIds[i], size: fs.statSync(inside(l)).size, annotations: { file: l } }));
+    return {
+      digest: configDigest, // docker save has no manifest digest: the image ID keys the cache
+      manifest: { config: { digest: configDigest, size: configBytes.length }, layers },
+      config,
+      async openBlob(d) {
+        return verifying(fs.createReadStream(inside(d.annotations?.file ?? ''), { highWaterMark: 1 << 20 }), d, `layer ${d.digest}`);
+      },
+      close,
+    };
+  } catch (err) {
+    close();
+    throw err;
+  }
+}

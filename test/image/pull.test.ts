@@ -22,11 +22,13 @@ describe('references', () => {
     ['user/repo', { registry: 'docker.io', repository: 'user/repo', tag: 'latest' }],
     ['oci:/srv/layout:v2', { kind: 'oci-layout', path: '/srv/layout', tag: 'v2' }],
     ['oci:/srv/layout', { kind: 'oci-layout', path: '/srv/layout', tag: undefined }],
+    ['oci-archive:/srv/a.tar:v1', { kind: 'oci-archive', path: '/srv/a.tar', tag: 'v1' }],
+    ['docker-archive:/srv/d.tar:team/app:v2', { kind: 'docker-archive', path: '/srv/d.tar', tag: 'team/app:v2' }],
   ])('%s', (ref, expected) => {
     expect(parseReference(ref)).toMatchObject(expected);
   });
 
-  test.each(['', 'UPPER/case', 'a//b', 'x:bad tag', 'x@sha256:short', 'oci:', 'docker-archive:/x.tar', 'a/b:' + 't'.repeat(200)])('rejects %j', (ref) => {
+  test.each(['', 'UPPER/case', 'a//b', 'x:bad tag', 'x@sha256:short', 'oci:', 'docker-archive:', 'a/b:' + 't'.repeat(200)])('rejects %j', (ref) => {
     expect(() => parseReference(ref)).toThrow(TypeError);
   });
 
@@ -146,6 +148,29 @@ describe('references', () => {
     exporter.reset();
     await image.pull(`oci:${layout}:test`, { cacheDir, scope });
     expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes.cache_hit])).toEqual([[SPAN.IMAGE_CACHE_LOOKUP, true]]);
+  });
+
+  test('archives: oci-archive and docker-archive (skopeo) unpack to the same tree; a tampered layer is refused', async () => {
+    const oa = path.join(s.dir, 'o.tar');
+    const da = path.join(s.dir, 'd.tar');
+    execFileSync('skopeo', ['copy', '--quiet', `oci:${layout}:test`, `oci-archive:${oa}:test`], { stdio: 'ignore' });
+    execFileSync('skopeo', ['copy', '--quiet', `oci:${layout}:test`, `docker-archive:${da}:test/img:v1`], { stdio: 'ignore' });
+    const fromLayout = await pull(`oci:${layout}:test`, { cacheDir });
+    const fromOci = await pull(`oci-archive:${oa}:test`, { cacheDir });
+    const fromDocker = await pull(`docker-archive:${da}:test/img:v1`, { cacheDir });
+    expect(fromOci.digest).toBe(fromLayout.digest);
+    expect(tree(fromDocker.path)).toBe(tree(fromLayout.path));
+    expect(fs.readdirSync(path.join(cacheDir, 'tmp'))).toEqual([]);
+    // Rewrite one layer inside the docker archive: its diff_id no longer matches.
+    const x = path.join(s.dir, 'x');
+    fs.mkdirSync(x);
+    execFileSync('tar', ['xf', da, '-C', x]);
+    const manifest = JSON.parse(fs.readFileSync(path.join(x, 'manifest.json'), 'utf8'))[0];
+    fs.appendFileSync(path.join(x, manifest.Layers[1]), Buffer.alloc(1024));
+    const bad = path.join(s.dir, 'bad.tar');
+    execFileSync('tar', ['cf', bad, '-C', x, '.']);
+    await expect(pull(`docker-archive:${bad}`, { cacheDir: path.join(s.dir, 'c-bad') })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_DIGEST' });
+    expect(listImages(path.join(s.dir, 'c-bad'))).toEqual([]);
   });
 
   test('gc removes unreferenced entries and abandoned temp dirs; purge removes everything', async () => {
