@@ -85,6 +85,31 @@ describe('usage', () => {
     expect(cli(['run', 'img', '-v', 'nocolon'])).toMatchObject({ code: 2, stderr: expect.stringContaining('-v takes HOST:GUEST') });
   });
 
+  test('logs -f follows the console of a running VM', async () => {
+    const started = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--name', 'ticker', '--detach', '--',
+      '/bin/sh', '-c', 'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done']);
+    expect(started.code).toBe(0);
+    const follower = require('node:child_process').spawn(process.execPath, [bin, 'logs', 'ticker', '-f', '--data-dir', s.dir], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      const seen = await new Promise<string>((resolve, reject) => {
+        let text = '';
+        const timer = setTimeout(() => reject(new Error(`only saw: ${text}`)), 60000);
+        follower.stdout.on('data', (d: Buffer) => {
+          text += d.toString();
+          // A line that appeared after the follower started proves it follows, not just prints.
+          if (/tick [5-9]\d*/.test(text)) {
+            clearTimeout(timer);
+            resolve(text);
+          }
+        });
+      });
+      expect(seen).toMatch(/tick 0/);
+    } finally {
+      follower.kill('SIGTERM');
+      cli(['rm', 'ticker', '--data-dir', s.dir]);
+    }
+  });
+
   test('bench: per-stage p50/p90 from the spans', () => {
     const r = cli(['bench', `oci:${layout}:test`, '-n', '2', '--backend', 'qemu', '--data-dir', s.dir, '--json']);
     expect(r.code).toBe(0);

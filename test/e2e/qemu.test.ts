@@ -113,6 +113,13 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
     }
   });
 
+  test('guest timers work (sleep returns; uptime advances)', async () => {
+    const vm = await run('test-image', base({ initOverride: ['/bin/sh', '-c', 'a=$(cut -d. -f1 /proc/uptime); sleep 2; b=$(cut -d. -f1 /proc/uptime); echo "slept $((b - a))"; exit 0'] }));
+    vms.push(vm);
+    expect(await vm.wait()).toBe(0);
+    expect(fs.readFileSync(vm.consoleLogPath, 'utf8')).toMatch(/slept [23]/);
+  });
+
   test('two VMs at once', async () => {
     const [a, b] = await Promise.all([
       run('test-image', base({ name: 'a', initOverride: ['/bin/sh', '-c', 'echo I am a; exit 5'] })),

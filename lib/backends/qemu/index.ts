@@ -188,7 +188,10 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         const hostfwd = input.ports.map((p) => `,hostfwd=tcp:127.0.0.1:${p.host}-:${p.guest}`).join('');
         const qemuArgs = [
           rt.qemuPath,
-          '-M', 'microvm,x-option-roms=off,pit=on,pic=off,rtc=on,isa-serial=off,acpi=off,memory-backend=mem',
+          // pic=on: with pic=off the PIT tick never reaches the guest, the kernel disables its APIC
+          // timer ("verification failure") and every sleep in the guest hangs under TCG.
+          '-M',
+          'microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=off,acpi=off,memory-backend=mem',
           '-global', 'virtio-mmio.force-legacy=false',
           '-accel', rt.accel,
           '-cpu', rt.accel === 'kvm' ? 'host' : 'max',
