@@ -71,18 +71,53 @@ export interface NativeAddon {
    * (uid/gid -1: leave). Replaces the file atomically (rename). Throws with `code` (errno name).
    */
   writeFileBeneath(root: string, components: string[], data: Buffer, mode: number, uid: number, gid: number, dirAttrs: [number, number, number][]): void;
-  /**
-   * Layer extraction, never following a symlink under `root` (see native/extract.h). Creates the
-   * entry (replacing what is there; a directory stays a directory) and for 'file' returns an open
-   * write fd, else -1.
-   */
-  extractEntry(root: string, components: string[], kind: 'file' | 'dir' | 'symlink' | 'hardlink', linkTarget: string, hardlinkComponents: string[], createParents: boolean): number;
-  /** mode, owner (chown) or the user.containers.override_stat xattr, and mtime. */
-  setEntryAttrs(root: string, components: string[], kind: 'file' | 'dir' | 'symlink' | 'hardlink', mode: number, uid: number, gid: number, mtimeSec: number, mtimeNsec: number, chown: boolean, overrideXattr: boolean): void;
-  /** Removes an entry recursively (whiteout); missing is fine. */
-  removeEntry(root: string, components: string[]): void;
-  /** Removes every child except `keep` (opaque whiteout); [] components = root itself. */
-  clearDirectory(root: string, components: string[], keep: string[]): void;
+  /** Applies one image layer under `root`, never leaving it (see NativeLayerExtractor). */
+  LayerExtractor: new (root: string, options: NativeExtractOptions) => NativeLayerExtractor;
+}
+
+/** What a layer extractor was told (native/layer_extract.h). */
+export interface NativeExtractOptions {
+  /** The input is gzip (else the tar itself). */
+  gzip: boolean;
+  /** Set owners (privileged). */
+  chown: boolean;
+  /** Record uid:gid:mode in user.containers.override_stat instead. */
+  overrideXattr: boolean;
+  maxBytes: number;
+  maxEntries: number;
+  /** Uncompressed / compressed cap (gzip only; 0: none). */
+  maxRatio: number;
+  /** Totals of the image's earlier layers (the caps are per image). */
+  bytesBefore: number;
+  entriesBefore: number;
+}
+
+/** A layer applied: image totals including it, its own byte counts, and what was skipped. */
+export interface NativeExtractResult {
+  bytes: number;
+  entries: number;
+  compressed: number;
+  uncompressed: number;
+  warnings: string[];
+}
+
+/**
+ * One layer, from its bytes to files under a root, on the addon's threads (gunzip + tar parsing
+ * + the layer rules on one, filesystem calls on another; native/layer_extract.h). Failures carry
+ * `code`: an ERR_MICROVM_IMAGE_* code for a refused layer, or an errno name with `path` (the entry)
+ * when a filesystem call failed.
+ */
+export interface NativeLayerExtractor {
+  /** Queues input (copied); returns the input bytes queued. Throws the first failure. */
+  write(chunk: Buffer): number;
+  /** No more input. */
+  end(): void;
+  /** Resolves once at most `lowBytes` of input are queued; rejects with the first failure. */
+  wait(lowBytes: number): Promise<void>;
+  /** Resolves once the layer is completely applied (after end()). */
+  done(): Promise<NativeExtractResult>;
+  /** Stops both threads and drops what is queued: nothing is written after it returns. */
+  close(): void;
 }
 
 /** The package root (holds package.json, build/ and prebuilds/). */
@@ -98,7 +133,7 @@ function findPackageRoot(start: string): string {
   }
 }
 
-const EXPECTED_ABI = 1;
+const EXPECTED_ABI = 2;
 let cached: NativeAddon | undefined;
 let loadedFrom: string | undefined;
 

@@ -26,6 +26,7 @@
 #include "beneath.h"
 #include "errno_names.h"
 #include "extract.h"
+#include "layer_extract.h"
 #include "firmware.h"
 #include "krun_api.h"
 #include "plan.h"
@@ -574,21 +575,6 @@ Napi::Value WriteFileBeneathFn(const Napi::CallbackInfo& info) {
 
 // ---- layer extraction ----------------------------------------------------------------------
 
-std::vector<std::string> ComponentsArg(const Napi::Value& v) {
-  std::vector<std::string> out;
-  Napi::Array a = v.As<Napi::Array>();
-  for (uint32_t i = 0; i < a.Length(); i++) out.push_back(a.Get(i).As<Napi::String>().Utf8Value());
-  return out;
-}
-
-EntryKind KindArg(const Napi::Value& v) {
-  std::string k = v.As<Napi::String>().Utf8Value();
-  if (k == "dir") return EntryKind::kDir;
-  if (k == "symlink") return EntryKind::kSymlink;
-  if (k == "hardlink") return EntryKind::kHardlink;
-  return EntryKind::kFile;
-}
-
 void ThrowPathError(Napi::Env env, const char* what, int err, const std::string& failed_at) {
   Napi::Error e = Napi::Error::New(env, std::string(what) + " failed at " + failed_at + ": " + ErrnoName(err) + " (" + std::strerror(err) + ")");
   e.Set("code", Napi::String::New(env, ErrnoName(err)));
@@ -597,47 +583,154 @@ void ThrowPathError(Napi::Env env, const char* what, int err, const std::string&
   throw e;
 }
 
-// extractEntry(root, components, kind, linkTarget, hardlinkComponents, createParents) -> fd | -1
-Napi::Value ExtractEntryFn(const Napi::CallbackInfo& info) {
-  int fd = -1;
-  std::string failed_at;
-  int err = ExtractEntry(StringArg(info, 0, "root"), ComponentsArg(info[1]), KindArg(info[2]), info[3].As<Napi::String>().Utf8Value(),
-                         ComponentsArg(info[4]), info[5].As<Napi::Boolean>().Value(), &fd, &failed_at);
-  if (err != 0) ThrowPathError(info.Env(), "extract", err, failed_at);
-  return Napi::Number::New(info.Env(), fd);
+Napi::Error ExtractError(Napi::Env env, const ExtractFailure& f) {
+  if (!f.code.empty()) return CodedError(env, f.code.c_str(), f.message);
+  Napi::Error e = Napi::Error::New(env, f.message + ": " + ErrnoName(f.err) + " (" + std::strerror(f.err) + ")");
+  e.Set("code", Napi::String::New(env, ErrnoName(f.err)));
+  e.Set("errno", Napi::Number::New(env, -f.err));
+  e.Set("path", Napi::String::New(env, f.entry));
+  return e;
 }
 
-// setEntryAttrs(root, components, kind, mode, uid, gid, mtimeSec, mtimeNsec, chown, overrideXattr)
-Napi::Value SetEntryAttrsFn(const Napi::CallbackInfo& info) {
-  EntryAttrs a;
-  a.mode = static_cast<mode_t>(info[3].As<Napi::Number>().Uint32Value());
-  a.uid = static_cast<uid_t>(info[4].As<Napi::Number>().Uint32Value());
-  a.gid = static_cast<gid_t>(info[5].As<Napi::Number>().Uint32Value());
-  a.mtime_sec = info[6].As<Napi::Number>().Int64Value();
-  a.mtime_nsec = static_cast<long>(info[7].As<Napi::Number>().Int64Value());
-  a.chown = info[8].As<Napi::Boolean>().Value();
-  a.override_xattr = info[9].As<Napi::Boolean>().Value();
-  std::string failed_at;
-  int err = SetEntryAttrs(StringArg(info, 0, "root"), ComponentsArg(info[1]), KindArg(info[2]), a, &failed_at);
-  if (err != 0) ThrowPathError(info.Env(), "setting attributes", err, failed_at);
-  return info.Env().Undefined();
-}
+// new LayerExtractor(root, options): one layer applied under root (see layer_extract.h).
+//   write(chunk) -> bytes of input queued (copied: the chunk is free at once); throws the first
+//                   failure, so the caller stops feeding
+//   end()          no more input
+//   wait(low)   -> Promise: at most `low` input bytes queued (or failed: rejects)
+//   done()      -> Promise<{ bytes, entries, compressed, uncompressed, warnings }> once everything
+//                   is applied (call end() first)
+//   close()        stops both threads, drops what is queued; nothing is written after it returns
+class LayerExtractorWrap : public Napi::ObjectWrap<LayerExtractorWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "LayerExtractor",
+                       {
+                           InstanceMethod<&LayerExtractorWrap::Write>("write"),
+                           InstanceMethod<&LayerExtractorWrap::End>("end"),
+                           InstanceMethod<&LayerExtractorWrap::Wait>("wait"),
+                           InstanceMethod<&LayerExtractorWrap::Done>("done"),
+                           InstanceMethod<&LayerExtractorWrap::Close>("close"),
+                       });
+  }
 
-// removeEntry(root, components)
-Napi::Value RemoveEntryFn(const Napi::CallbackInfo& info) {
-  std::string failed_at;
-  int err = RemoveEntry(StringArg(info, 0, "root"), ComponentsArg(info[1]), &failed_at);
-  if (err != 0) ThrowPathError(info.Env(), "remove", err, failed_at);
-  return info.Env().Undefined();
-}
+  explicit LayerExtractorWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<LayerExtractorWrap>(info) {
+    Napi::Object o = info[1].As<Napi::Object>();
+    auto num = [&o](const char* k) { return o.Get(k).As<Napi::Number>().DoubleValue(); };
+    ExtractOptions opts;
+    opts.gzip = o.Get("gzip").As<Napi::Boolean>().Value();
+    opts.chown = o.Get("chown").As<Napi::Boolean>().Value();
+    opts.override_xattr = o.Get("overrideXattr").As<Napi::Boolean>().Value();
+    opts.max_bytes = static_cast<uint64_t>(num("maxBytes"));
+    opts.max_entries = static_cast<uint64_t>(num("maxEntries"));
+    opts.max_ratio = num("maxRatio");
+    opts.bytes_before = static_cast<uint64_t>(num("bytesBefore"));
+    opts.entries_before = static_cast<uint64_t>(num("entriesBefore"));
+    std::string failed_at;
+    int err = LayerExtractor::Open(StringArg(info, 0, "root"), opts, &extractor_, &failed_at);
+    if (err != 0) ThrowPathError(info.Env(), "opening the layer root", err, failed_at);
+  }
 
-// clearDirectory(root, components, keepNames)
-Napi::Value ClearDirectoryFn(const Napi::CallbackInfo& info) {
-  std::string failed_at;
-  int err = ClearDirectory(StringArg(info, 0, "root"), ComponentsArg(info[1]), ComponentsArg(info[2]), &failed_at);
-  if (err != 0) ThrowPathError(info.Env(), "opaque whiteout", err, failed_at);
-  return info.Env().Undefined();
-}
+ private:
+  void Check(Napi::Env env) {
+    if (!extractor_) throw CodedError(env, "ERR_MICROVM_EXTRACTOR_CLOSED", "the layer extractor is closed");
+  }
+  Napi::Error Stopped(Napi::Env env) {
+    ExtractFailure f;
+    if (extractor_->Failure(&f)) return ExtractError(env, f);
+    return CodedError(env, "ERR_MICROVM_EXTRACTOR_CLOSED", "the layer extractor was closed");
+  }
+
+  Napi::Value Write(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    Napi::Buffer<char> b = info[0].As<Napi::Buffer<char>>();
+    size_t queued = 0;
+    if (!extractor_->Write(b.Data(), b.Length(), &queued)) throw Stopped(info.Env());
+    return Napi::Number::New(info.Env(), static_cast<double>(queued));
+  }
+
+  Napi::Value End(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    extractor_->End();
+    return info.Env().Undefined();
+  }
+
+  // A waiter: the outcome is read where the extractor is certainly alive (a worker thread or
+  // Cancel()) and handed to the JS thread by value, through a thread-safe function that exists
+  // only while someone waits (an idle extractor keeps no event loop alive).
+  struct WaitState {
+    Napi::Promise::Deferred deferred;
+    bool with_result = false;
+    bool failed = false;
+    bool cancelled = false;
+    ExtractFailure failure;
+    ExtractResult result;
+  };
+  static void Settle(Napi::Env env, WaitState* s) {
+    if (s->failed) {
+      s->deferred.Reject(ExtractError(env, s->failure).Value());
+    } else if (s->cancelled) {
+      s->deferred.Reject(CodedError(env, "ERR_MICROVM_EXTRACTOR_CLOSED", "the layer extractor was closed").Value());
+    } else if (s->with_result) {
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("bytes", Napi::Number::New(env, static_cast<double>(s->result.bytes)));
+      r.Set("entries", Napi::Number::New(env, static_cast<double>(s->result.entries)));
+      r.Set("compressed", Napi::Number::New(env, static_cast<double>(s->result.compressed)));
+      r.Set("uncompressed", Napi::Number::New(env, static_cast<double>(s->result.uncompressed)));
+      Napi::Array w = Napi::Array::New(env, s->result.warnings.size());
+      for (size_t i = 0; i < s->result.warnings.size(); i++) w.Set(static_cast<uint32_t>(i), s->result.warnings[i]);
+      r.Set("warnings", w);
+      s->deferred.Resolve(r);
+    } else {
+      s->deferred.Resolve(env.Undefined());
+    }
+    delete s;
+  }
+  static void Capture(LayerExtractor* x, WaitState* s) {
+    s->failed = x->Failure(&s->failure);
+    s->cancelled = x->Cancelled();
+    if (s->with_result) s->result = x->Result();
+  }
+  Napi::Value Await(const Napi::CallbackInfo& info, size_t low, bool done) {
+    Napi::Env env = info.Env();
+    auto* state = new WaitState{Napi::Promise::Deferred::New(env), done, false, false, ExtractFailure(), ExtractResult()};
+    Napi::Promise promise = state->deferred.Promise();
+    if (!extractor_) {
+      state->cancelled = true;
+      Settle(env, state);
+      return promise;
+    }
+    LayerExtractor* x = extractor_.get();
+    auto tsfn = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}),
+                                              "microvm.LayerExtractor.wait", 0, 1);
+    int now = x->Wait(low, done, [tsfn, state, x]() mutable {
+      Capture(x, state);
+      tsfn.BlockingCall(state, [](Napi::Env env, Napi::Function, WaitState* s) { Settle(env, s); });
+      tsfn.Release();
+    });
+    if (now < 0) {
+      tsfn.Release();
+      delete state;
+      throw CodedError(env, "ERR_MICROVM_EXTRACTOR_BUSY", "the layer extractor already has a waiter");
+    }
+    if (now == 1) {
+      tsfn.Release();
+      Capture(x, state);
+      Settle(env, state);
+    }
+    return promise;
+  }
+  Napi::Value Wait(const Napi::CallbackInfo& info) {
+    return Await(info, static_cast<size_t>(info[0].As<Napi::Number>().Int64Value()), false);
+  }
+  Napi::Value Done(const Napi::CallbackInfo& info) { return Await(info, 0, true); }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    if (extractor_) extractor_->Cancel();
+    return info.Env().Undefined();
+  }
+
+  std::unique_ptr<LayerExtractor> extractor_;
+};
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
@@ -654,12 +747,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("checkPlan", Napi::Function::New<CheckPlanFn>(env, "checkPlan"));
   exports.Set("validatePlan", Napi::Function::New<ValidatePlanFn>(env, "validatePlan"));
   exports.Set("writeFileBeneath", Napi::Function::New<WriteFileBeneathFn>(env, "writeFileBeneath"));
-  exports.Set("extractEntry", Napi::Function::New<ExtractEntryFn>(env, "extractEntry"));
-  exports.Set("setEntryAttrs", Napi::Function::New<SetEntryAttrsFn>(env, "setEntryAttrs"));
-  exports.Set("removeEntry", Napi::Function::New<RemoveEntryFn>(env, "removeEntry"));
-  exports.Set("clearDirectory", Napi::Function::New<ClearDirectoryFn>(env, "clearDirectory"));
+  exports.Set("LayerExtractor", LayerExtractorWrap::Define(env));
   exports.Set("KrunContext", ctor);
-  exports.Set("abiVersion", Napi::Number::New(env, 1));
+  exports.Set("abiVersion", Napi::Number::New(env, 2));
   return exports;
 }
 

@@ -11,7 +11,9 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <functional>
 #include <set>
+#include <thread>
 
 namespace microvm {
 
@@ -62,27 +64,22 @@ int OpenDirInRoot(int root_fd, const std::string& path) {
 
 // Opens the directory that holds components.back() (see OpenDirInRoot), creating missing parents
 // when asked. The final component is never resolved: callers act on it with *at() calls.
-int OpenParent(const std::string& root, const std::vector<std::string>& components, bool create, Fd* out,
-               std::string* failed_at) {
-  Fd root_fd(open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (root_fd.get() < 0) {
-    *failed_at = root;
-    return errno;
-  }
+int OpenParentAt(int root_fd, const std::vector<std::string>& components, bool create, Fd* out,
+                 std::string* failed_at) {
   if (components.size() == 1) {
-    out->reset(root_fd.release());
-    return 0;
+    out->reset(dup(root_fd));
+    return out->get() < 0 ? errno : 0;
   }
   std::string path;
   for (size_t i = 0; i + 1 < components.size(); i++) path += (i ? "/" : "") + components[i];
-  int fd = OpenDirInRoot(root_fd.get(), path);
+  int fd = OpenDirInRoot(root_fd, path);
   if (fd < 0 && errno == ENOENT && create) {
     // Create the missing ones, one level at a time, each resolved in the root again.
     std::string prefix;
     for (size_t i = 0; i + 1 < components.size(); i++) {
       std::string parent = prefix;
       prefix += (i ? "/" : "") + components[i];
-      int pfd = parent.empty() ? dup(root_fd.get()) : OpenDirInRoot(root_fd.get(), parent);
+      int pfd = parent.empty() ? dup(root_fd) : OpenDirInRoot(root_fd, parent);
       if (pfd < 0) {
         *failed_at = parent;
         return errno;
@@ -95,13 +92,22 @@ int OpenParent(const std::string& root, const std::vector<std::string>& componen
       }
       close(pfd);
     }
-    fd = OpenDirInRoot(root_fd.get(), path);
+    fd = OpenDirInRoot(root_fd, path);
   }
   if (fd < 0) {
     *failed_at = path;
     return errno;
   }
   out->reset(fd);
+  return 0;
+}
+
+int OpenRoot(const std::string& root, Fd* out, std::string* failed_at) {
+  out->reset(open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (out->get() < 0) {
+    *failed_at = root;
+    return errno;
+  }
   return 0;
 }
 
@@ -142,42 +148,317 @@ int RemoveAt(int dirfd, const char* name, int depth) {
   return 0;
 }
 
+
+// Applies mode, owner (or the override xattr) and mtime to the entry `name` in `dirfd`.
+int SetAttrsAt(int dirfd, const std::string& name, EntryKind kind, const EntryAttrs& a) {
+  if (a.chown && fchownat(dirfd, name.c_str(), a.uid, a.gid, AT_SYMLINK_NOFOLLOW) != 0) return errno;
+  if (kind != EntryKind::kSymlink) {
+    // After chown (which clears setuid/setgid). An O_PATH|O_NOFOLLOW handle pins exactly this
+    // entry (a mode 0000 file cannot be opened for reading when unprivileged); setxattr and chmod
+    // go through its /proc/self/fd link, the xattr first (a user xattr needs write permission).
+    Fd self(openat(dirfd, name.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+    if (self.get() < 0) return errno;
+    struct stat st;
+    if (fstat(self.get(), &st) != 0) return errno;
+    if (S_ISLNK(st.st_mode)) return ELOOP;
+    char proc[64];
+    std::snprintf(proc, sizeof proc, "/proc/self/fd/%d", self.get());
+    if (a.override_xattr) {
+      char value[64];
+      std::snprintf(value, sizeof value, "%u:%u:0%o", static_cast<unsigned>(a.uid), static_cast<unsigned>(a.gid),
+                    static_cast<unsigned>(a.mode & 07777));
+      // Best effort: filesystems without user xattrs refuse it.
+      setxattr(proc, "user.containers.override_stat", value, std::char_traits<char>::length(value), 0);
+    }
+    if (chmod(proc, a.mode & 07777) != 0) return errno;
+  }
+  struct timespec ts[2];
+  ts[0].tv_sec = a.mtime_sec;
+  ts[0].tv_nsec = a.mtime_nsec;
+  ts[1] = ts[0];
+  if (utimensat(dirfd, name.c_str(), ts, AT_SYMLINK_NOFOLLOW) != 0) return errno;
+  return 0;
+}
+
+// The same for a regular file being written, through its open descriptor.
+int SetFileAttrs(int fd, const EntryAttrs& a) {
+  if (a.chown && fchown(fd, a.uid, a.gid) != 0) return errno;
+  if (a.override_xattr) {
+    char value[64];
+    std::snprintf(value, sizeof value, "%u:%u:0%o", static_cast<unsigned>(a.uid), static_cast<unsigned>(a.gid),
+                  static_cast<unsigned>(a.mode & 07777));
+    fsetxattr(fd, "user.containers.override_stat", value, std::char_traits<char>::length(value), 0);
+  }
+  if (fchmod(fd, a.mode & 07777) != 0) return errno;
+  struct timespec ts[2];
+  ts[0].tv_sec = a.mtime_sec;
+  ts[0].tv_nsec = a.mtime_nsec;
+  ts[1] = ts[0];
+  return futimens(fd, ts) == 0 ? 0 : errno;
+}
+
 }  // namespace
 
-int ExtractEntry(const std::string& root, const std::vector<std::string>& components, EntryKind kind,
-                 const std::string& link_target, const std::vector<std::string>& hardlink_components,
-                 bool create_parents, int* fd, std::string* failed_at) {
-  int err = Validate(components, failed_at);
-  if (err != 0) return err;
-  Fd dir;
-  if ((err = OpenParent(root, components, create_parents, &dir, failed_at)) != 0) return err;
-  const std::string& name = components.back();
-  *failed_at = name;
-  struct stat st;
-  bool exists = fstatat(dir.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0;
+// ---- LayerWriter -------------------------------------------------------------------------------
 
-  if (kind == EntryKind::kDir) {
-    if (exists && S_ISDIR(st.st_mode)) return 0;
-    if (exists && (err = RemoveAt(dir.get(), name.c_str(), 0)) != 0) return err;
-    return mkdirat(dir.get(), name.c_str(), 0700) == 0 ? 0 : errno;
-  }
-  // Everything else replaces what is there (a directory included, with its contents).
-  if (exists && (err = RemoveAt(dir.get(), name.c_str(), 0)) != 0) return err;
-  switch (kind) {
-    case EntryKind::kFile: {
-      int f = openat(dir.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-      if (f < 0) return errno;
-      *fd = f;
-      return 0;
+int LayerWriter::Open(const std::string& root, bool chown, bool override_xattr, std::unique_ptr<LayerWriter>* out,
+                      std::string* failed_at) {
+  Fd root_fd;
+  int err = OpenRoot(root, &root_fd, failed_at);
+  if (err != 0) return err;
+  out->reset(new LayerWriter(root_fd.release(), chown, override_xattr));
+  return 0;
+}
+
+LayerWriter::LayerWriter(int root_fd, bool chown, bool override_xattr)
+    : root_fd_(root_fd), chown_(chown), override_xattr_(override_xattr) {
+  thread_ = std::thread([this] { Run(); });
+}
+
+LayerWriter::~LayerWriter() {
+  Cancel();
+  if (root_fd_ >= 0) close(root_fd_);
+}
+
+size_t LayerWriter::Cost(const Op& op) {
+  // Data bytes plus a flat charge, so that a flood of tiny entries is bounded as well.
+  return op.size + 256;
+}
+
+bool LayerWriter::Push(Op&& op) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (failed_ || cancelled_) return false;
+  queued_bytes_ += Cost(op);
+  queue_.push_back(std::move(op));
+  cv_.notify_one();
+  return true;
+}
+
+size_t LayerWriter::QueuedBytes() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return queued_bytes_;
+}
+
+bool LayerWriter::Failure(WriterFailure* f) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (failed_) *f = failure_;
+  return failed_;
+}
+
+bool LayerWriter::Cancelled() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return cancelled_;
+}
+
+bool LayerWriter::Satisfied() const {
+  if (failed_ || cancelled_) return true;
+  return wait_idle_ ? queue_.empty() && !busy_ : queued_bytes_ <= wait_low_;
+}
+
+int LayerWriter::Wait(size_t low, bool idle, std::function<void()> on_ready) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (waiter_) return -1;
+  wait_low_ = low;
+  wait_idle_ = idle;
+  if (Satisfied()) return 1;
+  waiter_ = std::move(on_ready);
+  return 0;
+}
+
+void LayerWriter::FireWaiter(std::unique_lock<std::mutex>& lock) {
+  if (!waiter_ || !Satisfied()) return;
+  std::function<void()> cb = std::move(waiter_);
+  waiter_ = nullptr;
+  lock.unlock();
+  cb();
+  lock.lock();
+}
+
+void LayerWriter::Cancel() {
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!cancelled_) {
+      cancelled_ = true;
+      queue_.clear();
+      queued_bytes_ = 0;
+      cv_.notify_all();
+      FireWaiter(lock);
     }
-    case EntryKind::kSymlink:
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+void LayerWriter::Run() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    cv_.wait(lock, [this] { return cancelled_ || !queue_.empty(); });
+    if (cancelled_) break;
+    Op op = std::move(queue_.front());
+    queue_.pop_front();
+    busy_ = true;
+    lock.unlock();
+    std::string failed_at;
+    int err = failed_ ? 0 : Apply(op, &failed_at);
+    lock.lock();
+    busy_ = false;
+    queued_bytes_ -= Cost(op);
+    if (err != 0 && !failed_) {
+      failed_ = true;
+      failure_.err = err;
+      failure_.what = OpName(op.kind);
+      std::string entry;
+      for (const auto& c : op.path) entry += (entry.empty() ? "" : "/") + c;
+      failure_.entry = entry;
+      failure_.failed_at = failed_at;
+      queue_.clear();
+      queued_bytes_ = 0;
+    }
+    FireWaiter(lock);
+  }
+  current_.reset(-1);
+  parent_.reset(-1);
+}
+
+const char* LayerWriter::OpName(OpKind k) {
+  switch (k) {
+    case OpKind::kDir: return "creating a directory";
+    case OpKind::kFile: return "creating a file";
+    case OpKind::kData: return "writing a file";
+    case OpKind::kEndFile: return "setting file attributes";
+    case OpKind::kSymlink: return "creating a symlink";
+    case OpKind::kHardlink: return "creating a hard link";
+    case OpKind::kRemove: return "whiteout";
+    case OpKind::kClear: return "opaque whiteout";
+    case OpKind::kAttrs: return "setting attributes";
+  }
+  return "extract";
+}
+
+// The parent directory of `path` (cached: files of one directory usually come in a row). The
+// cache only ever holds a directory resolved in the root; anything that removes an entry drops
+// it, since only a removal can change what a path resolves to.
+int LayerWriter::Parent(const std::vector<std::string>& path, bool create, int* dirfd, std::string* failed_at) {
+  if (path.size() == 1) {
+    *dirfd = root_fd_;
+    return 0;
+  }
+  std::string key;
+  for (size_t i = 0; i + 1 < path.size(); i++) key += (i ? "/" : "") + path[i];
+  if (parent_.get() < 0 || key != parent_key_) {
+    parent_.reset(-1);
+    int err = OpenParentAt(root_fd_, path, create, &parent_, failed_at);
+    if (err != 0) return err;
+    parent_key_ = key;
+  }
+  *dirfd = parent_.get();
+  return 0;
+}
+
+int LayerWriter::Replace(int dirfd, const std::string& name, bool keep_dir, bool* kept) {
+  struct stat st;
+  *kept = false;
+  if (fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) return errno == ENOENT ? 0 : errno;
+  if (keep_dir && S_ISDIR(st.st_mode)) {
+    *kept = true;
+    return 0;
+  }
+  // A removal in another directory may cut through the cached parent's path; one inside the
+  // cached parent itself cannot.
+  if (dirfd != parent_.get()) parent_.reset(-1);
+  return RemoveAt(dirfd, name.c_str(), 0);
+}
+
+int LayerWriter::Apply(Op& op, std::string* failed_at) {
+  int err;
+  if (op.kind == OpKind::kData) {
+    if (current_.get() < 0) return EBADF;
+    size_t off = 0;
+    while (off < op.size) {
+      ssize_t n = write(current_.get(), op.data.get() + off, op.size - off);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return errno;
+      off += static_cast<size_t>(n);
+    }
+    return 0;
+  }
+  if (op.kind == OpKind::kEndFile) {
+    if (current_.get() < 0) return EBADF;
+    op.attrs.chown = chown_;
+    op.attrs.override_xattr = override_xattr_;
+    err = SetFileAttrs(current_.get(), op.attrs);
+    current_.reset(-1);
+    return err;
+  }
+  if (op.kind == OpKind::kClear) {
+    parent_.reset(-1);
+    Fd dir;
+    if (op.path.empty()) {
+      dir.reset(dup(root_fd_));
+      if (dir.get() < 0) return errno;
+    } else {
+      if ((err = Validate(op.path, failed_at)) != 0) return err;
+      Fd parent;
+      if ((err = OpenParentAt(root_fd_, op.path, false, &parent, failed_at)) != 0) return err == ENOENT ? 0 : err;
+      dir.reset(openat(parent.get(), op.path.back().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+      if (dir.get() < 0) {
+        *failed_at = op.path.back();
+        return errno == ENOENT ? 0 : errno;
+      }
+    }
+    std::set<std::string> keep(op.names.begin(), op.names.end());
+    return RemoveChildren(dir.get(), &keep, 0);
+  }
+  if ((err = Validate(op.path, failed_at)) != 0) return err;
+  if (op.kind == OpKind::kRemove) {
+    parent_.reset(-1);
+    Fd parent;
+    err = OpenParentAt(root_fd_, op.path, false, &parent, failed_at);
+    if (err == ENOENT) return 0;  // the parent is gone: so is the entry
+    if (err != 0) return err;
+    *failed_at = op.path.back();
+    return RemoveAt(parent.get(), op.path.back().c_str(), 0);
+  }
+  int dirfd;
+  if ((err = Parent(op.path, op.kind != OpKind::kAttrs, &dirfd, failed_at)) != 0) return err;
+  const std::string& name = op.path.back();
+  *failed_at = name;
+  if (op.kind == OpKind::kAttrs) {
+    op.attrs.chown = chown_;
+    op.attrs.override_xattr = override_xattr_;
+    return SetAttrsAt(dirfd, name, op.attr_kind, op.attrs);
+  }
+  // Create first; only an EEXIST costs a look at what is there (and its removal: everything but
+  // a directory replaced by a directory is replaced, a directory with its contents).
+  auto create = [&](const std::function<int()>& make) -> int {
+    if (make() == 0) return 0;
+    if (errno != EEXIST) return errno;
+    bool kept;
+    int e = Replace(dirfd, name, op.kind == OpKind::kDir, &kept);
+    if (e != 0 || kept) return e;
+    return make() == 0 ? 0 : errno;
+  };
+  switch (op.kind) {
+    case OpKind::kDir:
+      return create([&] { return mkdirat(dirfd, name.c_str(), 0700); });
+    case OpKind::kFile:
+      return create([&] {
+        int f = openat(dirfd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        int e = errno;
+        current_.reset(f);
+        errno = e;
+        return f < 0 ? -1 : 0;
+      });
+    case OpKind::kSymlink:
       // The target is stored as text and never resolved here (absolute targets resolve in the guest).
-      return symlinkat(link_target.c_str(), dir.get(), name.c_str()) == 0 ? 0 : errno;
-    case EntryKind::kHardlink: {
-      if ((err = Validate(hardlink_components, failed_at)) != 0) return err;
+      if ((err = create([&] { return symlinkat(op.text.c_str(), dirfd, name.c_str()); })) != 0) return err;
+      op.attrs.chown = chown_;
+      op.attrs.override_xattr = false;
+      return SetAttrsAt(dirfd, name, EntryKind::kSymlink, op.attrs);
+    case OpKind::kHardlink: {
+      if ((err = Validate(op.names, failed_at)) != 0) return err;
       Fd src_dir;
-      if ((err = OpenParent(root, hardlink_components, false, &src_dir, failed_at)) != 0) return err;
-      const std::string& src = hardlink_components.back();
+      if ((err = OpenParentAt(root_fd_, op.names, false, &src_dir, failed_at)) != 0) return err;
+      const std::string& src = op.names.back();
       struct stat sst;
       if (fstatat(src_dir.get(), src.c_str(), &sst, AT_SYMLINK_NOFOLLOW) != 0) {
         *failed_at = src;
@@ -187,82 +468,13 @@ int ExtractEntry(const std::string& root, const std::vector<std::string>& compon
         *failed_at = src;
         return EPERM;  // no hard links to directories
       }
+      *failed_at = name;
       // flags 0: a symlink source is linked as the symlink itself, never followed.
-      if (linkat(src_dir.get(), src.c_str(), dir.get(), name.c_str(), 0) != 0) return errno;
-      return 0;
+      return create([&] { return linkat(src_dir.get(), src.c_str(), dirfd, name.c_str(), 0); });
     }
     default:
       return EINVAL;
   }
-}
-
-int SetEntryAttrs(const std::string& root, const std::vector<std::string>& components, EntryKind kind,
-                  const EntryAttrs& a, std::string* failed_at) {
-  int err = Validate(components, failed_at);
-  if (err != 0) return err;
-  Fd dir;
-  if ((err = OpenParent(root, components, false, &dir, failed_at)) != 0) return err;
-  const std::string& name = components.back();
-  *failed_at = name;
-  if (a.chown && fchownat(dir.get(), name.c_str(), a.uid, a.gid, AT_SYMLINK_NOFOLLOW) != 0) return errno;
-  if (kind != EntryKind::kSymlink) {
-    // After chown (which clears setuid/setgid). An O_PATH|O_NOFOLLOW handle pins exactly this
-    // entry (a mode 0000 file cannot be opened for reading when unprivileged); chmod and setxattr
-    // go through its /proc/self/fd link.
-    Fd self(openat(dir.get(), name.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
-    if (self.get() < 0) return errno;
-    struct stat st;
-    if (fstat(self.get(), &st) != 0) return errno;
-    if (S_ISLNK(st.st_mode)) return ELOOP;
-    char proc[64];
-    std::snprintf(proc, sizeof proc, "/proc/self/fd/%d", self.get());
-    if (chmod(proc, a.mode & 07777) != 0) return errno;
-    if (a.override_xattr) {
-      char value[64];
-      std::snprintf(value, sizeof value, "%u:%u:0%o", static_cast<unsigned>(a.uid), static_cast<unsigned>(a.gid),
-                    static_cast<unsigned>(a.mode & 07777));
-      // Best effort: filesystems without user xattrs refuse it.
-      setxattr(proc, "user.containers.override_stat", value, std::char_traits<char>::length(value), 0);
-    }
-  }
-  struct timespec ts[2];
-  ts[0].tv_sec = a.mtime_sec;
-  ts[0].tv_nsec = a.mtime_nsec;
-  ts[1] = ts[0];
-  if (utimensat(dir.get(), name.c_str(), ts, AT_SYMLINK_NOFOLLOW) != 0) return errno;
-  return 0;
-}
-
-int RemoveEntry(const std::string& root, const std::vector<std::string>& components, std::string* failed_at) {
-  int err = Validate(components, failed_at);
-  if (err != 0) return err;
-  Fd dir;
-  err = OpenParent(root, components, false, &dir, failed_at);
-  if (err == ENOENT) return 0;  // the parent is gone: so is the entry
-  if (err != 0) return err;
-  *failed_at = components.back();
-  return RemoveAt(dir.get(), components.back().c_str(), 0);
-}
-
-int ClearDirectory(const std::string& root, const std::vector<std::string>& components,
-                   const std::vector<std::string>& keep, std::string* failed_at) {
-  Fd dir;
-  int err;
-  if (components.empty()) {
-    dir.reset(open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (dir.get() < 0) return errno;
-  } else {
-    if ((err = Validate(components, failed_at)) != 0) return err;
-    Fd parent;
-    if ((err = OpenParent(root, components, false, &parent, failed_at)) != 0) return err == ENOENT ? 0 : err;
-    dir.reset(openat(parent.get(), components.back().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-    if (dir.get() < 0) {
-      *failed_at = components.back();
-      return errno == ENOENT ? 0 : errno;
-    }
-  }
-  std::set<std::string> k(keep.begin(), keep.end());
-  return RemoveChildren(dir.get(), &k, 0);
 }
 
 }  // namespace microvm

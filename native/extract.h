@@ -1,14 +1,27 @@
-// Layer extraction primitives that never leave the root directory: every path is given as
-// components, each parent is opened relative to the previous one with O_NOFOLLOW|O_DIRECTORY
-// (a symlink anywhere in the path is refused by the kernel, ELOOP/ENOTDIR), and the final
-// operation uses the *at() call on that parent directory fd. Nothing here resolves a symlink
-// target: symlinks are created with their target text as given, and hard links are made between
-// two paths that are both resolved this way.
+// Layer extraction that never leaves the root directory. Every parent directory is opened with
+// openat2(RESOLVE_IN_ROOT) on a descriptor of the root (an O_NOFOLLOW component walk on kernels
+// before 5.6), so a symlink met on the way resolves *inside* the root, as the guest will see it;
+// the final operation uses the *at() call on that parent with the leaf never followed. Nothing here
+// resolves a symlink target: symlinks are created with their target text as given, and hard links
+// are made between two paths that are both resolved this way.
+//
+// LayerWriter applies a layer's entries, in the order they are pushed, on its own thread: the JS
+// thread parses the archive and decides what each entry may do; this thread makes the system
+// calls (creates, writes, attributes, removals), so decompression, parsing and disk work overlap.
 #pragma once
 
-#include <string>
 #include <sys/types.h>
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <vector>
+
+#include "fd.h"
 
 namespace microvm {
 
@@ -24,23 +37,89 @@ struct EntryAttrs {
   bool override_xattr = false;
 };
 
-// Creates (replacing what is there, except that a directory stays a directory) the entry at
-// components under root. Parent directories must exist (tar lists them) unless create_parents.
-// For kFile returns an open O_WRONLY fd in *fd (the caller writes and closes it).
-// Returns 0 or a positive errno; *failed_at names the component.
-int ExtractEntry(const std::string& root, const std::vector<std::string>& components, EntryKind kind,
-                 const std::string& link_target, const std::vector<std::string>& hardlink_components,
-                 bool create_parents, int* fd, std::string* failed_at);
+// The first error a writer met: errno, what it was doing, the entry, and the component at fault.
+struct WriterFailure {
+  int err = 0;
+  std::string what;
+  std::string entry;
+  std::string failed_at;
+};
 
-// Applies mode, owner (or the user.containers.override_stat xattr) and mtime to an entry.
-int SetEntryAttrs(const std::string& root, const std::vector<std::string>& components, EntryKind kind,
-                  const EntryAttrs& attrs, std::string* failed_at);
+class LayerWriter {
+ public:
+  enum class OpKind {
+    kDir,      // path: a directory (an existing directory stays, with its contents)
+    kFile,     // path: a new regular file, open for the kData ops that follow
+    kData,     // data/size: bytes appended to the open file
+    kEndFile,  // attrs: applied through the open file, which is then closed
+    kSymlink,  // path, text (target, stored as given), attrs
+    kHardlink, // path -> names (the target's components)
+    kRemove,   // path: whiteout (recursive; missing is fine)
+    kClear,    // path (empty: the root): opaque whiteout, every child but `names` removed
+    kAttrs,    // path, attr_kind, attrs: mode/owner/mtime of an existing entry (directories, last)
+  };
+  struct Op {
+    OpKind kind = OpKind::kDir;
+    std::vector<std::string> path;
+    std::vector<std::string> names;
+    std::string text;
+    std::shared_ptr<const char> data;  // kData: the bytes (shares the buffer they live in)
+    size_t size = 0;
+    EntryKind attr_kind = EntryKind::kFile;
+    EntryAttrs attrs;
+  };
 
-// Removes the entry (recursively for a directory). A missing entry is not an error.
-int RemoveEntry(const std::string& root, const std::vector<std::string>& components, std::string* failed_at);
+  // Opens `root` and starts the thread. `chown`: set owners (privileged); `override_xattr`: record
+  // uid:gid:mode in user.containers.override_stat instead. Returns 0 or an errno.
+  static int Open(const std::string& root, bool chown, bool override_xattr, std::unique_ptr<LayerWriter>* out,
+                  std::string* failed_at);
+  ~LayerWriter();  // Cancel()
 
-// Removes every child of the directory except the names in `keep` (opaque whiteout).
-int ClearDirectory(const std::string& root, const std::vector<std::string>& components,
-                   const std::vector<std::string>& keep, std::string* failed_at);
+  // Queues an op; false (op dropped) once the writer failed or was cancelled.
+  bool Push(Op&& op);
+  // Bytes queued and not yet applied (data plus a flat charge per op).
+  size_t QueuedBytes();
+  // Calls on_ready (on the writer's thread) when the queue is down to `low` bytes — with `idle`,
+  // when every op has been applied — or the writer failed or was cancelled. Returns 0 (on_ready
+  // will be called), 1 (already so: on_ready is not called) or -1 (another waiter is pending).
+  int Wait(size_t low, bool idle, std::function<void()> on_ready);
+  bool Failure(WriterFailure* f);
+  bool Cancelled();
+  // Drops what is queued, fires a pending waiter, and joins the thread: nothing is written after
+  // this returns. Idempotent.
+  void Cancel();
+
+ private:
+  LayerWriter(int root_fd, bool chown, bool override_xattr);
+  static size_t Cost(const Op& op);
+  static const char* OpName(OpKind k);
+  void Run();
+  int Apply(Op& op, std::string* failed_at);
+  int Parent(const std::vector<std::string>& path, bool create, int* dirfd, std::string* failed_at);
+  int Replace(int dirfd, const std::string& name, bool keep_dir, bool* kept);
+  bool Satisfied() const;
+  void FireWaiter(std::unique_lock<std::mutex>& lock);
+
+  const int root_fd_;
+  const bool chown_;
+  const bool override_xattr_;
+  // Writer thread only:
+  Fd current_;              // the file being written
+  Fd parent_;               // cached parent directory...
+  std::string parent_key_;  // ...and its path
+  // Shared, under mutex_:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<Op> queue_;
+  size_t queued_bytes_ = 0;
+  bool busy_ = false;
+  bool failed_ = false;
+  bool cancelled_ = false;
+  WriterFailure failure_;
+  std::function<void()> waiter_;
+  size_t wait_low_ = 0;
+  bool wait_idle_ = false;
+  std::thread thread_;
+};
 
 }  // namespace microvm

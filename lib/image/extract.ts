@@ -1,18 +1,17 @@
 /**
- * Applying image layers to a root directory. Layers are hostile input: every filesystem change goes
- * through the addon's root-scoped primitives (native/extract.h), so whatever an archive holds —
- * absolute paths, `..`, symlinked parents, hardlinks or whiteouts aimed outside — nothing outside
- * the root is created, changed or removed. Paths with `..` are refused outright; device nodes are
- * skipped (with a warning). Caps on total bytes, entry count and decompression ratio stop
- * decompression bombs. OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) affect lower layers only.
+ * Applying image layers to a root directory. Layers are hostile input: the addon's LayerExtractor
+ * (native/layer_extract.h) parses them and makes every filesystem change through root-scoped
+ * primitives (native/extract.h), so whatever an archive holds — absolute paths, `..`, symlinked
+ * parents, hardlinks or whiteouts aimed outside — nothing outside the root is created, changed or
+ * removed. Paths with `..` are refused outright; device nodes are skipped (with a warning). Caps
+ * on total bytes, entry count and decompression ratio stop decompression bombs. OCI whiteouts
+ * (`.wh.NAME`, `.wh..wh..opq`) affect lower layers only. This module picks the decompression,
+ * moves the bytes, and turns native failures into MicrovmErrors.
  */
 import { spawn } from 'node:child_process';
-import * as fs from 'node:fs';
 import { Readable } from 'node:stream';
-import * as zlib from 'node:zlib';
 import { MicrovmError } from '../errors';
-import { addon } from '../native';
-import { type TarHeader, TarReader } from './tar';
+import { addon, type NativeLayerExtractor } from '../native';
 
 /** Limits for one image (all its layers together). */
 export interface ExtractLimits {
@@ -58,46 +57,61 @@ function haveZstd(): boolean {
   return zstdBinary;
 }
 
-/** Decompresses `input` as `compression`; zstd through the system binary (Node 20 has none). */
-function decompress(input: Readable, compression: LayerCompression): { output: Readable; done: Promise<void> } {
-  if (compression === 'gzip') {
-    // 1 MiB output chunks: the default 16 KiB makes decompression ~2x slower here.
-    const gunzip = zlib.createGunzip({ chunkSize: 1 << 20 });
-    input.on('error', (e) => gunzip.destroy(e));
-    input.pipe(gunzip);
-    return { output: gunzip, done: Promise.resolve() };
-  }
-  if (compression === 'zstd') {
-    if (!haveZstd()) throw new MicrovmError('ERR_MICROVM_IMAGE_ZSTD', 'This layer is zstd-compressed; install the zstd binary (apt-get install zstd)');
-    const child = spawn('zstd', ['-dc', '--no-progress'], { stdio: ['pipe', 'pipe', 'pipe'] });
-    let err = '';
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    input.on('error', (e) => child.stdout.destroy(e));
-    input.pipe(child.stdin);
-    child.stdin.on('error', () => undefined);
-    const done = new Promise<void>((resolve, reject) =>
-      child.on('close', (code) => (code === 0 ? resolve() : reject(new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `zstd failed: ${err.trim() || `exit ${String(code)}`}`)))),
-    );
-    return { output: child.stdout, done };
-  }
-  return { output: input, done: Promise.resolve() };
+/** The zstd binary as a decompressor (Node 20 has no zstd). */
+interface Zstd {
+  input: NodeJS.WritableStream & { write(chunk: Buffer): boolean; end(): void };
+  output: Readable;
+  /** Settles with the child's exit status. */
+  done: Promise<void>;
+  destroy(): void;
 }
 
-/** Splits an archive path into safe components, or explains why it is refused. */
-export function entryComponents(p: string): string[] | string {
-  if (p.includes('\0')) return 'NUL in path';
-  const parts = p.split('/').filter((c) => c !== '' && c !== '.');
-  if (parts.some((c) => c === '..')) return "'..' in path";
-  return parts;
+function zstdDecompressor(): Zstd {
+  if (!haveZstd()) throw new MicrovmError('ERR_MICROVM_IMAGE_ZSTD', 'This layer is zstd-compressed; install the zstd binary (apt-get install zstd)');
+  const child = spawn('zstd', ['-dc', '--no-progress'], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let err = '';
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  child.stdin.on('error', () => undefined); // EPIPE when we stop early: the exit status says more
+  const done = new Promise<void>((resolve, reject) =>
+    child.on('close', (code, sig) => (code === 0 ? resolve() : reject(new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `zstd failed: ${err.trim() || (sig ? `killed by ${sig}` : `exit ${String(code)}`)}`)))),
+  );
+  done.catch(() => undefined);
+  return {
+    input: child.stdin,
+    output: child.stdout,
+    done,
+    destroy: () => {
+      child.stdin.destroy();
+      child.stdout.destroy();
+      child.kill('SIGKILL');
+    },
+  };
 }
 
-const WH = '.wh.';
-const OPAQUE = '.wh..wh..opq';
+/** Input queued in the extractor (bytes): above HIGH the source pauses until LOW. */
+const HIGH_WATER = 8 << 20;
+const LOW_WATER = 2 << 20;
+
+/** A native failure as the extraction error it means. */
+function fromNative(err: unknown): unknown {
+  const e = err as Error & { code?: string; path?: string };
+  if (e && typeof e.code === 'string' && !e.code.startsWith('ERR_') && e.path !== undefined) {
+    // A filesystem call under the root failed: a path that would leave it (ELOOP, EXDEV, a
+    // dangling parent...), or a tree the layer cannot be applied to.
+    return new MicrovmError('ERR_MICROVM_IMAGE_UNSAFE_ENTRY', `Layer entry could not be applied safely: ${e.message}`, { cause: err });
+  }
+  if (e && (e.code === 'ERR_MICROVM_IMAGE_LIMIT' || e.code === 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' || e.code === 'ERR_MICROVM_IMAGE_LAYER')) {
+    return new MicrovmError(e.code, e.message);
+  }
+  return err;
+}
 
 /**
- * Extracts one layer into `root`. `compressedSize` (when known) feeds the ratio cap. Resolves with
- * this layer's byte and entry counts; rejects with ERR_MICROVM_IMAGE_LIMIT,
- * ERR_MICROVM_IMAGE_UNSAFE_ENTRY or ERR_MICROVM_IMAGE_LAYER.
+ * Extracts one layer into `root`. The JS thread only moves bytes: the addon's LayerExtractor
+ * inflates, parses and applies the layer rules on one thread and makes the filesystem changes on
+ * another (native/layer_extract.h); zstd layers are decompressed by the zstd binary first.
+ * Rejects with ERR_MICROVM_IMAGE_LIMIT, ERR_MICROVM_IMAGE_UNSAFE_ENTRY or ERR_MICROVM_IMAGE_LAYER;
+ * once it settles, nothing more is written.
  */
 export async function applyLayer(
   root: string,
@@ -113,162 +127,120 @@ export async function applyLayer(
   const state = options.state;
   const privileged = options.privileged ?? process.geteuid?.() === 0;
 
-  // Take the first chunk to pick the decompressor when the media type does not say, then go on
-  // reading through the same iterator, counting compressed bytes (for the ratio cap).
-  const iter = (input as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
-  const first = await iter.next();
-  let compressedBytes = 0;
-  const counted = Readable.from(
-    (async function* () {
-      if (first.done) return;
-      compressedBytes += first.value.length;
-      options.onBytes?.(compressedBytes);
-      yield first.value;
-      for (;;) {
-        signal?.throwIfAborted();
-        const r = await iter.next();
-        if (r.done) return;
-        compressedBytes += r.value.length;
-        options.onBytes?.(compressedBytes);
-        yield r.value;
-      }
-    })(),
-    { objectMode: false },
-  );
-  const firstBytes: Buffer = first.done ? Buffer.alloc(0) : Buffer.from(first.value);
-  const head = firstBytes.length >= 4 ? firstBytes : Buffer.concat([firstBytes, Buffer.alloc(4)]);
-  const { output, done } = decompress(counted, layerCompression(options.mediaType, head));
-
-  const created = new Set<string>(); // paths this layer made (whiteouts must not touch them)
-  const dirAttrs: [string[], TarHeader][] = [];
-  let fd = -1;
-  let current: string[] | undefined;
-  let currentHeader: TarHeader | undefined;
-  let decompressedBytes = 0; // actually produced by the decompressor (for the ratio cap)
-
-  const unsafe = (path: string, why: string): MicrovmError =>
-    new MicrovmError('ERR_MICROVM_IMAGE_UNSAFE_ENTRY', `Refusing layer entry ${JSON.stringify(path.slice(0, 200))}: ${why}`);
-  const limit = (what: string): MicrovmError => new MicrovmError('ERR_MICROVM_IMAGE_LIMIT', `Image exceeds the ${what} limit`);
-  const applyAttrs = (comps: string[], h: TarHeader, kind: 'file' | 'dir' | 'symlink' | 'hardlink'): void => {
-    const sec = Math.floor(h.mtime);
-    native.setEntryAttrs(root, comps, kind, h.mode, h.uid, h.gid, sec, Math.round((h.mtime - sec) * 1e9), privileged, !privileged);
-  };
-
-  const reader = new TarReader({
-    entry(h) {
-      if (++state.entries > maxEntries) throw limit(`entry count (${maxEntries})`);
-      const comps = entryComponents(h.path);
-      if (typeof comps === 'string') throw unsafe(h.path, comps);
-      if (comps.length === 0) return; // "./" itself
-      const name = comps[comps.length - 1];
-      const key = comps.join('/');
-      if (name === OPAQUE) {
-        const dir = comps.slice(0, -1);
-        const prefix = dir.length ? `${dir.join('/')}/` : '';
-        const keep = [...created].filter((p) => p.startsWith(prefix) && !p.slice(prefix.length).includes('/')).map((p) => p.slice(prefix.length));
-        native.clearDirectory(root, dir, keep);
-        return;
-      }
-      if (name.startsWith(WH)) {
-        const target = [...comps.slice(0, -1), name.slice(WH.length)];
-        if (name.length === WH.length) throw unsafe(h.path, 'empty whiteout');
-        if (!created.has(target.join('/'))) native.removeEntry(root, target);
-        return;
-      }
-      created.add(key);
-      switch (h.type) {
-        case 'dir':
-          native.extractEntry(root, comps, 'dir', '', [], true);
-          dirAttrs.push([comps, h]);
-          return;
-        case 'file':
-          state.bytes += h.size; // what headers claim: fails early, before any data is written
-          if (state.bytes > maxBytes) throw limit(`size (${maxBytes} bytes)`);
-          fd = native.extractEntry(root, comps, 'file', '', [], true);
-          current = comps;
-          currentHeader = h;
-          return;
-        case 'symlink':
-          if (h.linkpath.includes('\0')) throw unsafe(h.path, 'NUL in link target');
-          native.extractEntry(root, comps, 'symlink', h.linkpath, [], true);
-          applyAttrs(comps, h, 'symlink');
-          return;
-        case 'hardlink': {
-          const target = entryComponents(h.linkpath);
-          if (typeof target === 'string' || target.length === 0) throw unsafe(h.path, `hard link target ${JSON.stringify(h.linkpath)}: ${typeof target === 'string' ? target : 'empty'}`);
-          native.extractEntry(root, comps, 'hardlink', '', target, true);
-          return;
-        }
-        default:
-          state.warnings.push(`skipped ${h.type} ${h.path} (device nodes and FIFOs are not created)`);
-          created.delete(key);
-      }
-    },
-    data(chunk) {
-      let off = 0;
-      while (off < chunk.length) off += fs.writeSync(fd, chunk, off, chunk.length - off);
-    },
-    endEntry() {
-      if (fd >= 0) {
-        // Attributes through the open descriptor: no second path walk. chown before chmod
-        // (chown clears setuid/setgid); the override xattr needs a path, so unprivileged
-        // extraction still goes through setEntryAttrs.
-        const h = currentHeader as TarHeader;
-        if (privileged) {
-          fs.fchownSync(fd, h.uid, h.gid);
-          fs.fchmodSync(fd, h.mode);
-          fs.futimesSync(fd, h.mtime, h.mtime);
-          fs.closeSync(fd);
-        } else {
-          fs.closeSync(fd);
-          if (current) applyAttrs(current, h, 'file');
-        }
-        fd = -1;
-      }
-    },
-  });
-
+  let x: NativeLayerExtractor | undefined;
+  let zstd: Zstd | undefined;
   try {
     await new Promise<void>((resolve, reject) => {
-      const onAbort = (): void => {
+      let settled = false;
+      const fail = (err: unknown): void => {
+        if (settled) return;
+        settled = true;
+        signal?.removeEventListener('abort', onAbort);
         input.destroy();
-        output.destroy();
-        reject(signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
+        zstd?.destroy();
+        x?.close();
+        reject(fromNative(err));
       };
-      if (signal?.aborted) return onAbort();
+      const onAbort = (): void => fail(signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
       signal?.addEventListener('abort', onAbort, { once: true });
-      output.on('data', (chunk: Buffer) => {
+
+      const start = (compression: LayerCompression): void => {
+        x = new native.LayerExtractor(root, {
+          gzip: compression === 'gzip',
+          chown: privileged,
+          overrideXattr: !privileged,
+          maxBytes,
+          maxEntries,
+          maxRatio,
+          bytesBefore: state.bytes,
+          entriesBefore: state.entries,
+        });
+      };
+      // Bytes for the extractor; the source is held while more than HIGH_WATER wait there.
+      const feed = (chunk: Buffer, pause: () => void, resume: () => void): void => {
+        let queued: number;
         try {
-          decompressedBytes += chunk.length;
-          if (decompressedBytes > (1 << 20) && compressedBytes > 0 && decompressedBytes / compressedBytes > maxRatio) throw limit(`decompression ratio (${maxRatio}:1)`);
-          reader.feed(chunk);
+          queued = (x as NativeLayerExtractor).write(chunk);
         } catch (err) {
-          output.destroy();
-          input.destroy();
-          reject(err);
+          return fail(err);
+        }
+        if (queued > HIGH_WATER) {
+          pause();
+          (x as NativeLayerExtractor).wait(LOW_WATER).then(() => {
+            if (!settled) resume();
+          }, fail);
+        }
+      };
+      const finish = (): void => {
+        if (settled) return;
+        const ex = x as NativeLayerExtractor;
+        ex.end();
+        ex.done()
+          .then(async (r) => {
+            await zstd?.done;
+            if (settled) return;
+            settled = true;
+            signal?.removeEventListener('abort', onAbort);
+            state.bytes = r.bytes;
+            state.entries = r.entries;
+            state.warnings.push(...r.warnings);
+            resolve();
+          })
+          .catch(fail);
+      };
+
+      let compressedBytes = 0;
+      let zstdBytes = 0;
+      input.on('data', (chunk: Buffer) => {
+        if (settled) return;
+        if (!x) {
+          // The first bytes pick the decompressor when the media type does not say.
+          const head = chunk.length >= 4 ? chunk : Buffer.concat([chunk, Buffer.alloc(4)]);
+          const compression = layerCompression(options.mediaType, head);
+          try {
+            start(compression);
+            if (compression === 'zstd') zstd = zstdDecompressor();
+          } catch (err) {
+            return fail(err);
+          }
+          if (zstd) {
+            const z = zstd;
+            z.output.on('data', (c: Buffer) => {
+              if (settled) return;
+              zstdBytes += c.length;
+              if (zstdBytes > 1 << 20 && zstdBytes / compressedBytes > maxRatio) return fail(new MicrovmError('ERR_MICROVM_IMAGE_LIMIT', `Image exceeds the decompression ratio (${maxRatio}:1) limit`));
+              feed(c, () => z.output.pause(), () => z.output.resume());
+            });
+            z.output.on('end', finish);
+            z.output.on('error', (e) => fail(new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `Cannot decompress layer: ${e.message}`, { cause: e })));
+            z.done.catch(fail);
+          }
+        }
+        compressedBytes += chunk.length;
+        options.onBytes?.(compressedBytes);
+        if (!zstd) return feed(chunk, () => input.pause(), () => input.resume());
+        if (!zstd.input.write(chunk)) {
+          input.pause();
+          (zstd.input as NodeJS.EventEmitter).once('drain', () => {
+            if (!settled) input.resume();
+          });
         }
       });
-      output.on('error', (e) => reject(e instanceof MicrovmError || e.name === 'AbortError' ? e : new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `Cannot decompress layer: ${e.message}`, { cause: e })));
-      output.on('end', () => {
-        try {
-          reader.end();
-          resolve();
-        } catch (err) {
-          reject(err);
+      input.on('end', () => {
+        if (settled) return;
+        if (!x) {
+          try {
+            start(layerCompression(options.mediaType, Buffer.alloc(4)));
+          } catch (err) {
+            return fail(err);
+          }
         }
+        if (zstd) zstd.input.end();
+        else finish();
       });
-      output.resume();
+      input.on('error', (e) => fail(e));
     });
-    await done;
-    // Directory attributes last (their contents changed their mtimes), deepest first.
-    for (const [comps, h] of dirAttrs.reverse()) applyAttrs(comps, h, 'dir');
-  } catch (err) {
-    const e = err as Error & { code?: string; path?: string };
-    if (typeof e.code === 'string' && !e.code.startsWith('ERR_') && e.path !== undefined) {
-      throw new MicrovmError('ERR_MICROVM_IMAGE_UNSAFE_ENTRY', `Layer entry could not be applied safely: ${e.message}`, { cause: err });
-    }
-    throw err;
   } finally {
-    if (fd >= 0) fs.closeSync(fd);
+    x?.close();
   }
 }

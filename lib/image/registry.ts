@@ -1,5 +1,5 @@
 /**
- * A registry client on Node's fetch (no npm client handles OCI indexes, digest verification and
+ * A registry client on node:http/https (./http; no npm client handles OCI indexes, digest verification and
  * Docker credential helpers well; see the environment survey): the /v2/ ping, bearer tokens from
  * `WWW-Authenticate`, basic auth, Docker's config.json (`auths`, `credsStore`, `credHelpers` via
  * `docker-credential-*`), OCI and Docker schema 2 manifests and indexes, platform selection, digest
@@ -12,9 +12,9 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { PassThrough, Readable } from 'node:stream';
-import type { ReadableStream as WebReadableStream } from 'node:stream/web';
+import { Readable, Transform } from 'node:stream';
 import { MicrovmError } from '../errors';
+import { type HttpRequest, type HttpResponse, request } from './http';
 import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, MEDIA, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
 import { type ResolvedImage, verifying } from './source';
 
@@ -83,8 +83,6 @@ export interface RegistryOptions {
   signal?: AbortSignal;
   /** Retries after the first attempt (4). */
   retries?: number;
-  /** fetch to use (tests). */
-  fetch?: typeof fetch;
   env?: NodeJS.ProcessEnv;
 }
 
@@ -120,29 +118,26 @@ export class RegistryClient {
     return `${this.#registry}/${this.#repository}`;
   }
 
-  /** fetch with retries on 429/5xx/network errors; Retry-After honoured (capped at 30 s). */
-  async #fetchRetrying(url: string, init: RequestInit): Promise<Response> {
-    const f = this.#opts.fetch ?? fetch;
+  /** A request with retries on 429/5xx/network errors; Retry-After honoured (capped at 30 s). */
+  async #fetchRetrying(url: string, init: HttpRequest): Promise<HttpResponse> {
     const retries = this.#opts.retries ?? 4;
     let lastErr: unknown;
     for (let attempt = 0; ; attempt++) {
       this.#opts.signal?.throwIfAborted();
       try {
-        const res = await f(url, { ...init, signal: this.#opts.signal, redirect: 'follow' });
+        const res = await request(url, { ...init, signal: this.#opts.signal });
         if ((res.status === 429 || res.status >= 500) && attempt < retries) {
-          const ra = Number(res.headers.get('retry-after'));
-          await res.body?.cancel();
+          const ra = Number(res.header('retry-after'));
+          res.discard();
           await sleep(Number.isFinite(ra) && ra > 0 ? Math.min(ra * 1000, 30000) : 200 * 2 ** attempt, this.#opts.signal);
           continue;
         }
         return res;
       } catch (err) {
-        if ((err as Error).name === 'AbortError' || attempt >= retries) {
-          if ((err as Error).name === 'AbortError') throw err;
-          lastErr = err;
-          break;
-        }
+        if ((err as Error).name === 'AbortError') throw err;
+        if ((err as MicrovmError).code === 'ERR_MICROVM_REGISTRY') throw err; // redirect refused: final
         lastErr = err;
+        if (attempt >= retries) break;
         await sleep(200 * 2 ** attempt, this.#opts.signal);
       }
     }
@@ -160,28 +155,36 @@ export class RegistryClient {
     const creds = await this.#creds();
     const headers: Record<string, string> = {};
     if (creds && 'username' in creds) headers.authorization = `Basic ${Buffer.from(`${creds.username}:${creds.password}`).toString('base64')}`;
-    let res: Response;
+    let res: HttpResponse;
     if (creds && 'identityToken' in creds) {
       const body = new URLSearchParams({ grant_type: 'refresh_token', refresh_token: creds.identityToken, service: params.service ?? '', scope: url.searchParams.get('scope') ?? '' });
-      res = await this.#fetchRetrying(params.realm, { method: 'POST', body, headers: { 'content-type': 'application/x-www-form-urlencoded' } });
+      res = await this.#fetchRetrying(params.realm, { method: 'POST', body: body.toString(), headers: { 'content-type': 'application/x-www-form-urlencoded' } });
     } else {
       res = await this.#fetchRetrying(url.toString(), { headers });
     }
-    if (!res.ok) throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} refused a token for ${this.#repository} (HTTP ${res.status})`);
-    const j = (await res.json()) as { token?: string; access_token?: string };
+    if (!res.ok) {
+      res.discard();
+      throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} refused a token for ${this.#repository} (HTTP ${res.status})`);
+    }
+    let j: { token?: string; access_token?: string };
+    try {
+      j = JSON.parse((await res.buffer(1 << 20)).toString('utf8')) as { token?: string; access_token?: string };
+    } catch (err) {
+      throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} answered the token request with something other than JSON`, { cause: err });
+    }
     const t = j.token ?? j.access_token;
     if (!t) throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} returned no token`);
     return `Bearer ${t}`;
   }
 
   /** GET with authentication; one re-try after answering a 401 challenge. */
-  async get(pathname: string, accept?: string): Promise<Response> {
+  async get(pathname: string, accept?: string): Promise<HttpResponse> {
     const url = `${this.#base}/v2/${pathname}`;
     const headers = (): Record<string, string> => ({ ...(accept ? { accept } : {}), ...(this.#auth ? { authorization: this.#auth } : {}) });
     let res = await this.#fetchRetrying(url, { headers: headers() });
     if (res.status === 401) {
-      const challenge = res.headers.get('www-authenticate') ?? '';
-      await res.body?.cancel();
+      const challenge = res.header('www-authenticate') ?? '';
+      res.discard();
       if (/^bearer/i.test(challenge)) this.#auth = await this.#token(challenge);
       else {
         const creds = await this.#creds();
@@ -190,7 +193,7 @@ export class RegistryClient {
       }
       res = await this.#fetchRetrying(url, { headers: headers() });
       if (res.status === 401 || res.status === 403) {
-        await res.body?.cancel();
+        res.discard();
         throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#where()}: access denied (HTTP ${res.status}); check your credentials`);
       }
     }
@@ -201,34 +204,38 @@ export class RegistryClient {
   async manifest(reference: string): Promise<{ body: Buffer; mediaType: string; digest: string }> {
     const res = await this.get(`${this.#repository}/manifests/${reference}`, ACCEPT);
     if (res.status === 404) {
-      await res.body?.cancel();
+      res.discard();
       throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${this.#where()}:${reference} was not found`);
     }
     if (!res.ok) {
-      await res.body?.cancel();
+      res.discard();
       throw new MicrovmError('ERR_MICROVM_REGISTRY', `${this.#where()}: manifest ${reference}: HTTP ${res.status}`);
     }
-    const body = Buffer.from(await res.arrayBuffer());
-    if (body.length > 4 * 1024 * 1024) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', 'manifest larger than 4 MiB');
+    let body: Buffer;
+    try {
+      body = await res.buffer(4 * 1024 * 1024);
+    } catch (err) {
+      throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${this.#where()}: manifest ${reference}: ${(err as Error).message}`, { cause: err });
+    }
     const digest = `sha256:${createHash('sha256').update(body).digest('hex')}`;
     if (reference.includes(':')) verifyDigest(body, reference, `manifest ${reference}`);
-    const header = res.headers.get('docker-content-digest');
+    const header = res.header('docker-content-digest');
     if (header && header.startsWith('sha256:') && header !== digest) throw new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `manifest ${reference}: the registry says ${header}, the content hashes to ${digest}`);
-    return { body, mediaType: (res.headers.get('content-type') ?? '').split(';')[0], digest };
+    return { body, mediaType: (res.header('content-type') ?? '').split(';')[0], digest };
   }
 
   /** A blob as a stream (not yet verified: wrap it with `verifying`). */
   async blob(d: Descriptor): Promise<Readable> {
     const res = await this.get(`${this.#repository}/blobs/${d.digest}`);
     if (res.status === 404) {
-      await res.body?.cancel();
+      res.discard();
       throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${this.#where()}: blob ${d.digest} was not found`);
     }
-    if (!res.ok || !res.body) {
-      await res.body?.cancel();
+    if (!res.ok) {
+      res.discard();
       throw new MicrovmError('ERR_MICROVM_REGISTRY', `${this.#where()}: blob ${d.digest}: HTTP ${res.status}`);
     }
-    return Readable.fromWeb(res.body as unknown as WebReadableStream<Uint8Array>);
+    return res.body;
   }
 }
 
@@ -307,32 +314,57 @@ export async function resolveRegistryImage(
   // Layers after the first are prefetched into the blob cache, a few at a time; the one being
   // extracted streams straight from the registry into the extractor and, at once, into the cache.
   if (blobDir) layers.slice(1, 1 + concurrency).forEach((d) => void download(d));
+  // One pass over the bytes: hash and count them (verification), copy them into the blob cache
+  // (published by rename only once the digest matched), and hand them to the extractor.
   const streamAndKeep = async (d: Descriptor): Promise<Readable> => {
     const file = path.join(blobDir as string, d.digest.replace(':', '/'));
     fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o755 });
     const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.part`;
-    const src = verifying(await client.blob(d), d, `layer ${d.digest}`);
+    const src = await client.blob(d);
+    const [alg, want] = d.digest.split(':');
+    const hash = createHash(alg);
+    let size = 0;
+    let verified = false;
+    let copyFailed = false;
+    const what = `layer ${d.digest}`;
     const out = fs.createWriteStream(tmp, { mode: 0o644 });
-    const pass = new PassThrough({ highWaterMark: 1 << 20 });
-    src.on('error', (e) => {
-      out.destroy();
-      fs.rmSync(tmp, { force: true });
-      pass.destroy(e);
+    out.on('error', () => {
+      copyFailed = true; // the cache copy is optional: extraction goes on without it
     });
-    out.on('error', () => fs.rmSync(tmp, { force: true }));
-    out.on('finish', () => {
-      try {
-        fs.renameSync(tmp, file); // only after the digest was verified (src ended cleanly)
-      } catch {
-        fs.rmSync(tmp, { force: true });
-      }
+    out.on('close', () => {
+      if (!verified || copyFailed) fs.rmSync(tmp, { force: true });
     });
-    pass.on('close', () => {
-      if (!src.readableEnded) src.destroy();
+    const t = new Transform({
+      highWaterMark: 1 << 20,
+      transform(chunk: Buffer, _enc, cb) {
+        size += chunk.length;
+        if (size > d.size) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: more than the ${d.size} bytes its descriptor states`));
+        hash.update(chunk);
+        if (copyFailed || out.write(chunk)) return cb(null, chunk);
+        out.once('drain', () => cb(null, chunk));
+      },
+      flush(cb) {
+        const got = hash.digest('hex');
+        if (got !== want) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: digest mismatch (expected ${d.digest}, got ${alg}:${got})`));
+        if (size !== d.size) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: ${size} bytes, descriptor says ${d.size}`));
+        verified = true;
+        out.end(() => {
+          if (copyFailed) return;
+          try {
+            fs.renameSync(tmp, file);
+          } catch {
+            fs.rmSync(tmp, { force: true });
+          }
+        });
+        cb();
+      },
     });
-    src.pipe(out);
-    src.pipe(pass);
-    return pass;
+    src.on('error', (e) => t.destroy(e));
+    t.on('close', () => {
+      if (!src.destroyed) src.destroy();
+      if (!verified) out.destroy();
+    });
+    return src.pipe(t);
   };
   return {
     digest: m.digest,
