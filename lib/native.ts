@@ -90,6 +90,8 @@ export interface NativeExtractOptions {
   /** Totals of the image's earlier layers (the caps are per image). */
   bytesBefore: number;
   entriesBefore: number;
+  /** Also write the input bytes to this descriptor (-1: no); it stays open (the caller's). */
+  teeFd: number;
 }
 
 /** A layer applied: image totals including it, its own byte counts, and what was skipped. */
@@ -98,6 +100,8 @@ export interface NativeExtractResult {
   entries: number;
   compressed: number;
   uncompressed: number;
+  /** Every input byte reached teeFd. */
+  teeOk: boolean;
   warnings: string[];
 }
 

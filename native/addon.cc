@@ -625,6 +625,7 @@ class LayerExtractorWrap : public Napi::ObjectWrap<LayerExtractorWrap> {
     opts.max_ratio = num("maxRatio");
     opts.bytes_before = static_cast<uint64_t>(num("bytesBefore"));
     opts.entries_before = static_cast<uint64_t>(num("entriesBefore"));
+    opts.tee_fd = static_cast<int>(num("teeFd"));
     std::string failed_at;
     int err = LayerExtractor::Open(StringArg(info, 0, "root"), opts, &extractor_, &failed_at);
     if (err != 0) ThrowPathError(info.Env(), "opening the layer root", err, failed_at);
@@ -676,6 +677,7 @@ class LayerExtractorWrap : public Napi::ObjectWrap<LayerExtractorWrap> {
       r.Set("entries", Napi::Number::New(env, static_cast<double>(s->result.entries)));
       r.Set("compressed", Napi::Number::New(env, static_cast<double>(s->result.compressed)));
       r.Set("uncompressed", Napi::Number::New(env, static_cast<double>(s->result.uncompressed)));
+      r.Set("teeOk", Napi::Boolean::New(env, s->result.tee_ok));
       Napi::Array w = Napi::Array::New(env, s->result.warnings.size());
       for (size_t i = 0; i < s->result.warnings.size(); i++) w.Set(static_cast<uint32_t>(i), s->result.warnings[i]);
       r.Set("warnings", w);

@@ -1,6 +1,7 @@
 #include "layer_extract.h"
 
 #include <fcntl.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -341,6 +342,18 @@ void LayerExtractor::Run() {
       Notify(lock);
     }
     result_compressed_ += in.size;
+    if (options_.tee_fd >= 0 && tee_ok_) {
+      // The cache copy is optional: a failed write only means the blob is not kept.
+      for (size_t off = 0; off < in.size;) {
+        ssize_t w = write(options_.tee_fd, in.block.get() + off, in.size - off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+          tee_ok_ = false;
+          break;
+        }
+        off += static_cast<size_t>(w);
+      }
+    }
     bool ok = options_.gzip ? Inflate(in) : (result_uncompressed_ += in.size, Parse(in.block, in.block.get(), in.size));
     if (!ok) return;
   }
@@ -695,6 +708,7 @@ bool LayerExtractor::Finish() {
   result_.entries = result_entries_;
   result_.compressed = result_compressed_;
   result_.uncompressed = result_uncompressed_;
+  result_.tee_ok = options_.tee_fd >= 0 && tee_ok_;
   result_.warnings = warnings_;
   done_ = true;
   Notify(lock);

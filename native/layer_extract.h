@@ -66,6 +66,7 @@ struct ExtractOptions {
   uint64_t bytes_before = 0;   // totals of the image's earlier layers (the caps are per image)
   uint64_t entries_before = 0;
   size_t max_metadata = 1 << 20;
+  int tee_fd = -1;             // also write the input bytes here (the blob cache copy); not owned
 };
 
 // The first failure: `code` is an ERR_MICROVM_* code for a refused layer, or empty with `err`
@@ -82,6 +83,7 @@ struct ExtractResult {
   uint64_t entries = 0;
   uint64_t compressed = 0;
   uint64_t uncompressed = 0;
+  bool tee_ok = false;   // every input byte reached tee_fd
   std::vector<std::string> warnings;
 };
 
@@ -162,6 +164,7 @@ class LayerExtractor {
   LayerWriter::Op end_file_;
   uint64_t result_bytes_ = 0, result_entries_ = 0, result_compressed_ = 0, result_uncompressed_ = 0;
   std::vector<std::string> warnings_;
+  bool tee_ok_ = true;
   std::set<std::string> created_;
   std::vector<std::pair<std::vector<std::string>, EntryAttrs>> dir_attrs_;
 

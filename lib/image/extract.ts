@@ -12,6 +12,7 @@ import { spawn } from 'node:child_process';
 import { Readable } from 'node:stream';
 import { MicrovmError } from '../errors';
 import { addon, type NativeLayerExtractor } from '../native';
+import type { SocketBody } from './http';
 
 /** Limits for one image (all its layers together). */
 export interface ExtractLimits {
@@ -22,6 +23,12 @@ export interface ExtractLimits {
   /** Uncompressed / compressed, checked once past 1 MiB (250). */
   maxRatio?: number;
 }
+
+/**
+ * A layer's bytes: a stream, or a SocketBody whose chunks are valid only during 'data' handlers
+ * (`transient`) and which may ask for a copy of its bytes on a descriptor (`tee`).
+ */
+export type LayerInput = Readable | SocketBody;
 
 /** Running totals across the layers of one image. */
 export interface ExtractState {
@@ -115,7 +122,7 @@ function fromNative(err: unknown): unknown {
  */
 export async function applyLayer(
   root: string,
-  input: Readable,
+  input: LayerInput,
   options: { mediaType?: string; limits?: ExtractLimits; state: ExtractState; privileged?: boolean; signal?: AbortSignal; onBytes?: (compressedBytesRead: number) => void },
 ): Promise<void> {
   const signal = options.signal;
@@ -129,6 +136,8 @@ export async function applyLayer(
 
   let x: NativeLayerExtractor | undefined;
   let zstd: Zstd | undefined;
+  const transient = 'transient' in input && input.transient;
+  const tee = 'tee' in input ? input.tee : undefined;
   try {
     await new Promise<void>((resolve, reject) => {
       let settled = false;
@@ -154,6 +163,7 @@ export async function applyLayer(
           maxRatio,
           bytesBefore: state.bytes,
           entriesBefore: state.entries,
+          teeFd: tee && compression !== 'zstd' ? tee.fd : -1,
         });
       };
       // Bytes for the extractor; the source is held while more than HIGH_WATER wait there.
@@ -184,6 +194,7 @@ export async function applyLayer(
             state.bytes = r.bytes;
             state.entries = r.entries;
             state.warnings.push(...r.warnings);
+            tee?.commit(r.teeOk);
             resolve();
           })
           .catch(fail);
@@ -219,7 +230,7 @@ export async function applyLayer(
         compressedBytes += chunk.length;
         options.onBytes?.(compressedBytes);
         if (!zstd) return feed(chunk, () => input.pause(), () => input.resume());
-        if (!zstd.input.write(chunk)) {
+        if (!zstd.input.write(transient ? Buffer.from(chunk) : chunk)) {
           input.pause();
           (zstd.input as NodeJS.EventEmitter).once('drain', () => {
             if (!settled) input.resume();
@@ -238,9 +249,11 @@ export async function applyLayer(
         if (zstd) zstd.input.end();
         else finish();
       });
-      input.on('error', (e) => fail(e));
+      input.on('error', (e: Error) => fail(e));
+      input.resume(); // a SocketBody starts paused
     });
   } finally {
     x?.close();
+    tee?.commit(false); // no-op after a commit
   }
 }

@@ -6,8 +6,11 @@
  * object storage), credentials are dropped when a redirect leaves the origin, an https -> http
  * downgrade is refused, and a silent connection times out.
  */
+import { createHash, type Hash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import * as http from 'node:http';
 import * as https from 'node:https';
+import * as net from 'node:net';
 import { MicrovmError } from '../errors';
 
 /** A response whose body has not been read yet. */
@@ -104,4 +107,178 @@ export async function request(target: string, init: HttpRequest = {}): Promise<H
       discard: () => res.destroy(),
     };
   }
+}
+
+/**
+ * A blob body read straight off a plain-HTTP socket into one reused buffer. Each 'data' chunk is
+ * valid only during its handler (`transient`): consumers copy what they keep. Bytes are hashed
+ * and counted on the way; 'end' comes only once `size` bytes hashed to `digest`, else 'error'.
+ * Starts paused: attach listeners, then resume().
+ *
+ * Why: every byte that node:http hands over lands in freshly allocated memory twice (the
+ * socket read and the parser's body copy), and a first touch of a page costs more here than
+ * inflating into it (bench/pull.js); a loopback registry or mirror is where that shows.
+ */
+export class SocketBody extends EventEmitter {
+  readonly transient = true;
+  /** A copy of the bytes for the blob cache, written by whoever consumes them (see applyLayer). */
+  tee?: { fd: number; commit(ok: boolean): void };
+  #socket: net.Socket;
+  #hash: Hash;
+  #want: string;
+  #size: number;
+  #got = 0;
+  #paused = true;
+  #leftover: Buffer | undefined;
+  #done = false;
+
+  constructor(socket: net.Socket, leftover: Buffer, size: number, digest: string) {
+    super();
+    this.#socket = socket;
+    const [alg, want] = digest.split(':');
+    this.#hash = createHash(alg);
+    this.#want = want;
+    this.#size = size;
+    this.#leftover = leftover.length ? leftover : undefined;
+  }
+
+  /** Called by the socket's onread with a view of the shared buffer; false pauses the socket. */
+  onRead(chunk: Buffer): boolean {
+    if (this.#done) return false;
+    this.#got += chunk.length;
+    if (this.#got > this.#size) {
+      this.#fail(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `blob ${this.#want.slice(0, 12)}: more than the ${this.#size} bytes its descriptor states`));
+      return false;
+    }
+    this.#hash.update(chunk);
+    this.emit('data', chunk);
+    if (this.#got === this.#size) this.#finish();
+    return !this.#paused;
+  }
+
+  /** The socket ended or closed. */
+  onClose(err?: Error): void {
+    if (this.#done) return;
+    this.#fail(new MicrovmError('ERR_MICROVM_REGISTRY', `the registry closed the connection after ${this.#got} of ${this.#size} bytes${err ? ` (${err.message})` : ''}`, { cause: err }));
+  }
+
+  #finish(): void {
+    this.#done = true;
+    this.#socket.destroy();
+    const got = this.#hash.digest('hex');
+    if (got !== this.#want) {
+      this.emit('error', new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `blob: digest mismatch (expected ${this.#want}, got ${got})`));
+      return;
+    }
+    this.emit('end');
+  }
+
+  #fail(err: Error): void {
+    this.#done = true;
+    this.#socket.destroy();
+    this.emit('error', err);
+  }
+
+  pause(): this {
+    this.#paused = true;
+    this.#socket.pause();
+    return this;
+  }
+
+  resume(): this {
+    if (this.#done) return this;
+    this.#paused = false;
+    const first = this.#leftover;
+    this.#leftover = undefined;
+    if (first && !this.onRead(first)) return this;
+    if (!this.#done && !this.#paused) this.#socket.resume();
+    return this;
+  }
+
+  destroy(): this {
+    if (!this.#done) {
+      this.#done = true;
+      this.#socket.destroy();
+    }
+    return this;
+  }
+}
+
+/**
+ * GET over plain HTTP into a SocketBody, when the answer is a plain 200 with a Content-Length
+ * that matches `size`. Anything else (a redirect, 401, an error status, chunked or encoded
+ * bodies) resolves undefined, and the caller takes the general path.
+ */
+export function fastGet(target: URL, headers: Record<string, string>, size: number, digest: string, signal?: AbortSignal): Promise<SocketBody | undefined> {
+  return new Promise((resolve, reject) => {
+    if (target.protocol !== 'http:' || Object.values(headers).some((v) => /[\r\n]/.test(v))) return resolve(undefined);
+    let head: Buffer[] = [];
+    let headBytes = 0;
+    let body: SocketBody | undefined;
+    let settled = false;
+    const settle = (v: SocketBody | undefined, err?: Error): void => {
+      if (settled) return;
+      settled = true;
+      signal?.removeEventListener('abort', onAbort);
+      if (err) reject(err);
+      else resolve(v);
+    };
+    const onAbort = (): void => {
+      socket.destroy();
+      body?.destroy();
+      settle(undefined, signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
+    };
+    const socket = net.connect({
+      host: target.hostname.replace(/^\[|\]$/g, ''),
+      port: Number(target.port || 80),
+      noDelay: true,
+      onread: {
+        buffer: Buffer.allocUnsafe(256 * 1024),
+        callback: (n: number, buf: Uint8Array): boolean => {
+          const chunk = Buffer.from(buf.buffer, buf.byteOffset, n);
+          if (body) return body.onRead(chunk);
+          head.push(Buffer.from(chunk)); // the header is small: copied
+          headBytes += n;
+          const all = Buffer.concat(head);
+          const end = all.indexOf('\r\n\r\n');
+          if (end < 0) {
+            if (headBytes > 64 * 1024) {
+              socket.destroy();
+              settle(undefined);
+            }
+            return true;
+          }
+          head = [];
+          const lines = all.toString('latin1', 0, end).split('\r\n');
+          const status = /^HTTP\/1\.[01] (\d{3})/.exec(lines[0] ?? '');
+          const h: Record<string, string> = {};
+          for (const l of lines.slice(1)) {
+            const i = l.indexOf(':');
+            if (i > 0) h[l.slice(0, i).trim().toLowerCase()] = l.slice(i + 1).trim();
+          }
+          const plain = status?.[1] === '200' && h['content-length'] === String(size) && !h['transfer-encoding'] && (!h['content-encoding'] || h['content-encoding'] === 'identity');
+          if (!plain) {
+            socket.destroy();
+            settle(undefined);
+            return false;
+          }
+          body = new SocketBody(socket, all.subarray(end + 4), size, digest);
+          socket.on('close', () => body?.onClose());
+          settle(body);
+          return false; // paused until the consumer resumes
+        },
+      },
+    } as net.NetConnectOpts);
+    socket.setTimeout(60_000, () => socket.destroy(new Error('no data for 60 s')));
+    socket.on('error', (e) => {
+      if (body) body.onClose(e);
+      else settle(undefined); // the general path will report it (with retries)
+    });
+    socket.on('close', () => settle(undefined));
+    signal?.addEventListener('abort', onAbort, { once: true });
+    const path = `${target.pathname}${target.search}`;
+    const lines = [`GET ${path} HTTP/1.1`, `Host: ${target.host}`, 'User-Agent: node-microvm', 'Accept-Encoding: identity', 'Connection: close'];
+    for (const [k, v] of Object.entries(headers)) lines.push(`${k}: ${v}`);
+    socket.write(`${lines.join('\r\n')}\r\n\r\n`);
+  });
 }

@@ -14,7 +14,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import { MicrovmError } from '../errors';
-import { type HttpRequest, type HttpResponse, request } from './http';
+import { fastGet, type HttpRequest, type HttpResponse, request, type SocketBody } from './http';
 import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, MEDIA, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
 import { type ResolvedImage, verifying } from './source';
 
@@ -224,6 +224,17 @@ export class RegistryClient {
     return { body, mediaType: (res.header('content-type') ?? '').split(';')[0], digest };
   }
 
+  /**
+   * A blob over plain HTTP into one reused buffer (see SocketBody: verified as it is read), or
+   * undefined when the registry is not plain HTTP or answers anything but a plain 200.
+   */
+  async fastBlob(d: Descriptor): Promise<SocketBody | undefined> {
+    if (!this.#base.startsWith('http:') || !/^sha256:[a-f0-9]{64}$/.test(d.digest) || !(d.size >= 0)) return undefined;
+    if (!this.#auth && (await this.#creds())) return undefined; // let the general path answer the challenge
+    const url = new URL(`${this.#base}/v2/${this.#repository}/blobs/${d.digest}`);
+    return fastGet(url, this.#auth ? { authorization: this.#auth } : {}, d.size, d.digest, this.#opts.signal);
+  }
+
   /** A blob as a stream (not yet verified: wrap it with `verifying`). */
   async blob(d: Descriptor): Promise<Readable> {
     const res = await this.get(`${this.#repository}/blobs/${d.digest}`);
@@ -366,6 +377,36 @@ export async function resolveRegistryImage(
     });
     return src.pipe(t);
   };
+  // Plain HTTP (a loopback registry or mirror): off the socket into one reused buffer, with the
+  // cache copy written by the extractor (SocketBody.tee).
+  const fastAndKeep = async (d: Descriptor): Promise<SocketBody | undefined> => {
+    const body = await client.fastBlob(d);
+    if (!body) return undefined;
+    const file = path.join(blobDir as string, d.digest.replace(':', '/'));
+    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o755 });
+    const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.part`;
+    let fd = -1;
+    try {
+      fd = fs.openSync(tmp, 'wx', 0o644);
+    } catch {
+      return body; // no cache copy, still a fast read
+    }
+    body.tee = {
+      fd,
+      commit(ok) {
+        if (fd < 0) return;
+        fs.closeSync(fd);
+        fd = -1;
+        try {
+          if (ok) fs.renameSync(tmp, file); // the body ended: its digest matched
+          else fs.rmSync(tmp, { force: true });
+        } catch {
+          fs.rmSync(tmp, { force: true });
+        }
+      },
+    };
+    return body;
+  };
   return {
     digest: m.digest,
     manifest,
@@ -375,7 +416,7 @@ export async function resolveRegistryImage(
       const i = layers.findIndex((l) => l.digest === d.digest);
       if (i >= 0 && i + concurrency < layers.length) void download(layers[i + concurrency]);
       const file = path.join(blobDir, d.digest.replace(':', '/'));
-      if (!fetched.has(d.digest) && !(fs.existsSync(file) && fs.statSync(file).size === d.size)) return streamAndKeep(d);
+      if (!fetched.has(d.digest) && !(fs.existsSync(file) && fs.statSync(file).size === d.size)) return (await fastAndKeep(d)) ?? streamAndKeep(d);
       return fs.createReadStream(await download(d), { highWaterMark: 1 << 20 });
     },
   };

@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import { MicrovmError } from '../errors';
+import type { LayerInput } from './extract';
 import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
 
 /** A reference resolved to one image. */
@@ -18,7 +19,7 @@ export interface ResolvedImage {
   manifest: ImageManifest;
   config: ImageConfigFile;
   /** A stream of the blob's bytes that fails with ERR_MICROVM_IMAGE_DIGEST if they do not match. */
-  openBlob(d: Descriptor, signal?: AbortSignal): Promise<Readable>;
+  openBlob(d: Descriptor, signal?: AbortSignal): Promise<LayerInput>;
   /** Releases temporary files (archives are unpacked first). */
   close?(): void;
 }
