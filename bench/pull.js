@@ -4,7 +4,7 @@
 //   - GNU `tar xzf` of the same layer blob (baseline)
 //   - `skopeo copy` + `umoci raw unpack` (what a user might pick instead)
 //   - node-microvm cold pull + extract (in a child process, for its peak RSS), and warm ref hits
-// Prints a table; asserts nothing.   Usage: node bench/pull.js [runs=3]   (after scripts/setup.sh)
+// Prints a table; asserts nothing.   Usage: node bench/pull.js [runs=6]   (after scripts/setup.sh)
 'use strict';
 const { execFileSync, spawn, spawnSync } = require('node:child_process');
 const crypto = require('node:crypto');
@@ -14,7 +14,7 @@ const os = require('node:os');
 const path = require('node:path');
 
 const root = path.resolve(__dirname, '..');
-const runs = Number(process.argv[2] || 3);
+const runs = Number(process.argv[2] || 6);
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-pull-bench-'));
 const ms = (t) => Number(t) / 1e6;
 const now = () => process.hrtime.bigint();
@@ -59,27 +59,41 @@ function freePort() {
   execFileSync('skopeo', ['copy', '--quiet', '--dest-tls-verify=false', `oci:${layout}:bench`, `docker://${ref}`], { stdio: 'ignore' });
 
   const rows = { tar: [], skopeoUmoci: [], cold: [], rss: [] };
+  // The three methods take turns going first (a run's first writer meets the least leftover
+  // writeback from the one before); each starts after a sync.
+  const methods = {
+    tar(r) {
+      const out = path.join(work, `tar-${r}`);
+      fs.mkdirSync(out);
+      const t = now();
+      for (const b of layerBlobs) execFileSync('tar', ['xzf', b, '-C', out]);
+      rows.tar.push(ms(now() - t));
+      return [out];
+    },
+    skopeoUmoci(r) {
+      const t = now();
+      execFileSync('skopeo', ['copy', '--quiet', '--src-tls-verify=false', `docker://${ref}`, `oci:${path.join(work, `sk-${r}`)}:x`], { stdio: 'ignore' });
+      execFileSync('umoci', ['raw', 'unpack', ...(process.getuid() === 0 ? [] : ['--rootless']), '--image', `${path.join(work, `sk-${r}`)}:x`, path.join(work, `um-${r}`)], { stdio: 'ignore' });
+      rows.skopeoUmoci.push(ms(now() - t));
+      return [path.join(work, `sk-${r}`), path.join(work, `um-${r}`)];
+    },
+    cold(r) {
+      // node-microvm, cold, in a child for its peak RSS (timed from after the package loaded)
+      const script = `const m=require(${JSON.stringify(root)});const t=process.hrtime.bigint();m.pull(${JSON.stringify(ref)},{cacheDir:${JSON.stringify(path.join(work, `cache-${r}`))}}).then(()=>{console.log(JSON.stringify({ms:Number(process.hrtime.bigint()-t)/1e6,rss:process.resourceUsage().maxRSS}))})`;
+      const res = JSON.parse(spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' }).stdout);
+      rows.cold.push(res.ms);
+      rows.rss.push(res.rss / 1024);
+      return [];
+    },
+  };
+  const order = Object.keys(methods);
   for (let r = 0; r < runs; r++) {
-    execFileSync('sync');
-    // GNU tar of the same blobs
-    const out = path.join(work, `tar-${r}`);
-    fs.mkdirSync(out);
-    let t = now();
-    for (const b of layerBlobs) execFileSync('tar', ['xzf', b, '-C', out]);
-    rows.tar.push(ms(now() - t));
-    // skopeo + umoci
-    execFileSync('sync');
-    t = now();
-    execFileSync('skopeo', ['copy', '--quiet', '--src-tls-verify=false', `docker://${ref}`, `oci:${path.join(work, `sk-${r}`)}:x`], { stdio: 'ignore' });
-    execFileSync('umoci', ['raw', 'unpack', ...(process.getuid() === 0 ? [] : ['--rootless']), '--image', `${path.join(work, `sk-${r}`)}:x`, path.join(work, `um-${r}`)], { stdio: 'ignore' });
-    rows.skopeoUmoci.push(ms(now() - t));
-    // node-microvm, cold, in a child for its peak RSS
-    execFileSync('sync');
-    const script = `const m=require(${JSON.stringify(root)});const t=process.hrtime.bigint();m.pull(${JSON.stringify(ref)},{cacheDir:${JSON.stringify(path.join(work, `cache-${r}`))}}).then(()=>{console.log(JSON.stringify({ms:Number(process.hrtime.bigint()-t)/1e6,rss:process.resourceUsage().maxRSS}))})`;
-    const res = JSON.parse(spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' }).stdout);
-    rows.cold.push(res.ms);
-    rows.rss.push(res.rss / 1024);
-    for (const d of [out, path.join(work, `sk-${r}`), path.join(work, `um-${r}`)]) fs.rmSync(d, { recursive: true, force: true });
+    const trash = [];
+    for (let k = 0; k < order.length; k++) {
+      execFileSync('sync');
+      trash.push(...methods[order[(r + k) % order.length]](r));
+    }
+    for (const d of trash) fs.rmSync(d, { recursive: true, force: true });
   }
   // Warm: the ref index answers with no network.
   const m = require(root);

@@ -139,7 +139,7 @@ class LayerExtractor {
 
   const ExtractOptions options_;
   BlockPool in_pool_{256 * 1024, 0};
-  BlockPool out_pool_{1 << 20, 16};
+  BlockPool out_pool_{1 << 20, 8};
   std::unique_ptr<LayerWriter> writer_;
 
   // Parse thread only.

@@ -96,8 +96,8 @@ function zstdDecompressor(): Zstd {
 }
 
 /** Input queued in the extractor (bytes): above HIGH the source pauses until LOW. */
-const HIGH_WATER = 8 << 20;
-const LOW_WATER = 2 << 20;
+const HIGH_WATER = 4 << 20;
+const LOW_WATER = 1 << 20;
 
 /** A native failure as the extraction error it means. */
 function fromNative(err: unknown): unknown {
