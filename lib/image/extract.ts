@@ -202,49 +202,60 @@ export async function applyLayer(
 
       let compressedBytes = 0;
       let zstdBytes = 0;
-      input.on('data', (chunk: Buffer) => {
-        if (settled) return;
-        if (!x) {
-          // The first bytes pick the decompressor when the media type does not say.
-          const head = chunk.length >= 4 ? chunk : Buffer.concat([chunk, Buffer.alloc(4)]);
-          const compression = layerCompression(options.mediaType, head);
-          try {
-            start(compression);
-            if (compression === 'zstd') zstd = zstdDecompressor();
-          } catch (err) {
-            return fail(err);
-          }
-          if (zstd) {
-            const z = zstd;
-            z.output.on('data', (c: Buffer) => {
-              if (settled) return;
-              zstdBytes += c.length;
-              if (zstdBytes > 1 << 20 && zstdBytes / compressedBytes > maxRatio) return fail(new MicrovmError('ERR_MICROVM_IMAGE_LIMIT', `Image exceeds the decompression ratio (${maxRatio}:1) limit`));
-              feed(c, () => z.output.pause(), () => z.output.resume());
-            });
-            z.output.on('end', finish);
-            z.output.on('error', (e) => fail(new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `Cannot decompress layer: ${e.message}`, { cause: e })));
-            z.done.catch(fail);
-          }
+      // The first bytes pick the decompressor when the media type does not say.
+      const begin = (head: Buffer): boolean => {
+        const compression = layerCompression(options.mediaType, head.length >= 4 ? head : Buffer.concat([head, Buffer.alloc(4)]));
+        try {
+          start(compression);
+          if (compression === 'zstd') zstd = zstdDecompressor();
+        } catch (err) {
+          fail(err);
+          return false;
         }
+        if (zstd) {
+          const z = zstd;
+          z.output.on('data', (c: Buffer) => {
+            if (settled) return;
+            zstdBytes += c.length;
+            if (zstdBytes > 1 << 20 && zstdBytes / compressedBytes > maxRatio) return fail(new MicrovmError('ERR_MICROVM_IMAGE_LIMIT', `Image exceeds the decompression ratio (${maxRatio}:1) limit`));
+            feed(c, () => z.output.pause(), () => z.output.resume());
+          });
+          z.output.on('end', finish);
+          z.output.on('error', (e) => fail(new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `Cannot decompress layer: ${e.message}`, { cause: e })));
+          z.done.catch(fail);
+        }
+        return true;
+      };
+      const push = (chunk: Buffer, owned: boolean): void => {
         compressedBytes += chunk.length;
         options.onBytes?.(compressedBytes);
         if (!zstd) return feed(chunk, () => input.pause(), () => input.resume());
-        if (!zstd.input.write(transient ? Buffer.from(chunk) : chunk)) {
+        if (!zstd.input.write(owned ? chunk : Buffer.from(chunk))) {
           input.pause();
           (zstd.input as NodeJS.EventEmitter).once('drain', () => {
             if (!settled) input.resume();
           });
         }
+      };
+      let early: Buffer[] = [];
+      let earlyBytes = 0;
+      input.on('data', (chunk: Buffer) => {
+        if (settled) return;
+        if (x) return push(chunk, !transient);
+        early.push(Buffer.from(chunk)); // a SocketBody's chunk lives only for this call
+        earlyBytes += chunk.length;
+        if (earlyBytes < 4) return;
+        const head = Buffer.concat(early);
+        early = [];
+        if (begin(head)) push(head, true);
       });
       input.on('end', () => {
         if (settled) return;
         if (!x) {
-          try {
-            start(layerCompression(options.mediaType, Buffer.alloc(4)));
-          } catch (err) {
-            return fail(err);
-          }
+          const head = Buffer.concat(early);
+          if (!begin(head)) return;
+          if (head.length) push(head, true);
+          if (settled) return;
         }
         if (zstd) zstd.input.end();
         else finish();

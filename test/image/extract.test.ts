@@ -170,3 +170,58 @@ describe('limits and damage', () => {
     await expect(apply(Buffer.from('not gzip at all, really'), newState(), undefined, 'application/vnd.oci.image.layer.v1.tar+gzip')).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
   });
 });
+
+describe('the native extractor', () => {
+  test('file contents survive the pooled 1 MiB blocks byte for byte, in any input chunking', async () => {
+    const crypto = require('node:crypto') as typeof import('node:crypto');
+    const big = crypto.randomBytes(3 * 1024 * 1024 + 12345);
+    const small = crypto.randomBytes(777);
+    const archive = layer([{ path: 'd', type: 'dir' }, { path: 'd/big', data: big }, { path: 'd/small', data: small }, { path: 'empty', data: '' }]);
+    // 1-byte, odd-sized and whole chunks all give the same tree.
+    for (const size of [1, 4099, archive.length]) {
+      fs.rmSync(root, { recursive: true, force: true });
+      fs.mkdirSync(root);
+      const chunks: Buffer[] = [];
+      for (let i = 0; i < archive.length; i += size) chunks.push(archive.subarray(i, i + size));
+      await applyLayer(root, Readable.from(size === 1 ? chunks.slice(0, 300).concat([archive.subarray(300)]) : chunks), { state: newState() });
+      expect(fs.readFileSync(path.join(root, 'd/big')).equals(big)).toBe(true);
+      expect(fs.readFileSync(path.join(root, 'd/small')).equals(small)).toBe(true);
+      expect(fs.statSync(path.join(root, 'empty')).size).toBe(0);
+    }
+  });
+
+  test('a gzip stream of several members is read through, as gzip -d does', async () => {
+    const whole = tar([{ path: 'a', data: 'first' }, { path: 'b', data: 'second' }]);
+    const cut = 1024; // a header boundary: members are just bytes of one stream
+    await apply(Buffer.concat([gzip(whole.subarray(0, cut)), gzip(whole.subarray(cut))]));
+    expect(fs.readFileSync(path.join(root, 'a'), 'utf8')).toBe('first');
+    expect(fs.readFileSync(path.join(root, 'b'), 'utf8')).toBe('second');
+  });
+
+  test('a gzip stream cut short is an error, and state totals are kept across layers', async () => {
+    const g = layer([{ path: 'f', data: 'x'.repeat(100000) }]);
+    await expect(apply(g.subarray(0, g.length - 8))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER', message: expect.stringContaining('decompress') });
+    const state = newState();
+    await apply(layer([{ path: 'one', data: '12345' }]), state);
+    await apply(layer([{ path: 'two', data: '678' }]), state);
+    expect(state).toMatchObject({ bytes: 8, entries: 2 });
+    await expect(apply(layer([{ path: 'three', data: '9' }]), state, { maxEntries: 2 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT' });
+  });
+
+  test('abort mid-layer: the promise rejects and nothing is written after it settles', async () => {
+    const archive = layer(Array.from({ length: 400 }, (_, i) => ({ path: `f${i}`, data: Buffer.alloc(64 * 1024, i) })));
+    const ac = new AbortController();
+    async function* slow(): AsyncGenerator<Buffer> {
+      for (let i = 0; i < archive.length; i += 16 * 1024) {
+        if (i > archive.length / 3) ac.abort();
+        yield archive.subarray(i, i + 16 * 1024);
+        await new Promise((r) => setImmediate(r));
+      }
+    }
+    await expect(applyLayer(root, Readable.from(slow()), { state: newState(), signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
+    const after = fs.readdirSync(root).length;
+    expect(after).toBeLessThan(400);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(fs.readdirSync(root).length).toBe(after);
+  });
+});
