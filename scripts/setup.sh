@@ -17,6 +17,8 @@ missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
+# zlib.h for the cmake-js build of the addon (node-gyp builds use Node's own copy).
+[ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
 # The test image needs a statically linked busybox (the busybox package is dynamic).
 if ! { command -v busybox >/dev/null && command -v file >/dev/null && file -L "$(command -v busybox)" | grep -q 'statically linked'; }; then
   missing+=(busybox-static)
