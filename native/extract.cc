@@ -11,6 +11,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <set>
 #include <thread>
@@ -149,6 +150,13 @@ int RemoveAt(int dirfd, const char* name, int depth) {
 }
 
 
+// The user.containers.override_stat value libkrun's virtio-fs reads: "uid:gid:0mode".
+void OverrideValue(const EntryAttrs& a, char (&value)[64]) {
+  std::snprintf(value, sizeof value, "%u:%u:0%o", static_cast<unsigned>(a.uid), static_cast<unsigned>(a.gid),
+                static_cast<unsigned>(a.mode & 07777));
+}
+const char kOverrideXattr[] = "user.containers.override_stat";
+
 // Applies mode, owner (or the override xattr) and mtime to the entry `name` in `dirfd`.
 int SetAttrsAt(int dirfd, const std::string& name, EntryKind kind, const EntryAttrs& a) {
   if (a.chown && fchownat(dirfd, name.c_str(), a.uid, a.gid, AT_SYMLINK_NOFOLLOW) != 0) return errno;
@@ -165,10 +173,8 @@ int SetAttrsAt(int dirfd, const std::string& name, EntryKind kind, const EntryAt
     std::snprintf(proc, sizeof proc, "/proc/self/fd/%d", self.get());
     if (a.override_xattr) {
       char value[64];
-      std::snprintf(value, sizeof value, "%u:%u:0%o", static_cast<unsigned>(a.uid), static_cast<unsigned>(a.gid),
-                    static_cast<unsigned>(a.mode & 07777));
-      // Best effort: filesystems without user xattrs refuse it.
-      setxattr(proc, "user.containers.override_stat", value, std::char_traits<char>::length(value), 0);
+      OverrideValue(a, value);
+      setxattr(proc, kOverrideXattr, value, std::strlen(value), 0);  // best effort: not every fs has user xattrs
     }
     if (chmod(proc, a.mode & 07777) != 0) return errno;
   }
@@ -185,9 +191,8 @@ int SetFileAttrs(int fd, const EntryAttrs& a) {
   if (a.chown && fchown(fd, a.uid, a.gid) != 0) return errno;
   if (a.override_xattr) {
     char value[64];
-    std::snprintf(value, sizeof value, "%u:%u:0%o", static_cast<unsigned>(a.uid), static_cast<unsigned>(a.gid),
-                  static_cast<unsigned>(a.mode & 07777));
-    fsetxattr(fd, "user.containers.override_stat", value, std::char_traits<char>::length(value), 0);
+    OverrideValue(a, value);
+    fsetxattr(fd, kOverrideXattr, value, std::strlen(value), 0);  // best effort, as above
   }
   if (fchmod(fd, a.mode & 07777) != 0) return errno;
   struct timespec ts[2];
@@ -220,23 +225,12 @@ LayerWriter::~LayerWriter() {
   if (root_fd_ >= 0) close(root_fd_);
 }
 
-size_t LayerWriter::Cost(const Op& op) {
-  // Data bytes plus a flat charge, so that a flood of tiny entries is bounded as well.
-  return op.size + 256;
-}
-
 bool LayerWriter::Push(Op&& op) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (failed_ || cancelled_) return false;
-  queued_bytes_ += Cost(op);
   queue_.push_back(std::move(op));
-  cv_.notify_one();
+  cv_.notify_all();
   return true;
-}
-
-size_t LayerWriter::QueuedBytes() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return queued_bytes_;
 }
 
 bool LayerWriter::Failure(WriterFailure* f) {
@@ -245,33 +239,9 @@ bool LayerWriter::Failure(WriterFailure* f) {
   return failed_;
 }
 
-bool LayerWriter::Cancelled() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return cancelled_;
-}
-
-bool LayerWriter::Satisfied() const {
-  if (failed_ || cancelled_) return true;
-  return wait_idle_ ? queue_.empty() && !busy_ : queued_bytes_ <= wait_low_;
-}
-
-int LayerWriter::Wait(size_t low, bool idle, std::function<void()> on_ready) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (waiter_) return -1;
-  wait_low_ = low;
-  wait_idle_ = idle;
-  if (Satisfied()) return 1;
-  waiter_ = std::move(on_ready);
-  return 0;
-}
-
-void LayerWriter::FireWaiter(std::unique_lock<std::mutex>& lock) {
-  if (!waiter_ || !Satisfied()) return;
-  std::function<void()> cb = std::move(waiter_);
-  waiter_ = nullptr;
-  lock.unlock();
-  cb();
-  lock.lock();
+void LayerWriter::Drain() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  cv_.wait(lock, [this] { return failed_ || cancelled_ || (queue_.empty() && !busy_); });
 }
 
 void LayerWriter::Cancel() {
@@ -280,9 +250,7 @@ void LayerWriter::Cancel() {
     if (!cancelled_) {
       cancelled_ = true;
       queue_.clear();
-      queued_bytes_ = 0;
       cv_.notify_all();
-      FireWaiter(lock);
     }
   }
   if (thread_.joinable()) thread_.join();
@@ -301,7 +269,6 @@ void LayerWriter::Run() {
     int err = failed_ ? 0 : Apply(op, &failed_at);
     lock.lock();
     busy_ = false;
-    queued_bytes_ -= Cost(op);
     if (err != 0 && !failed_) {
       failed_ = true;
       failure_.err = err;
@@ -311,9 +278,8 @@ void LayerWriter::Run() {
       failure_.entry = entry;
       failure_.failed_at = failed_at;
       queue_.clear();
-      queued_bytes_ = 0;
     }
-    FireWaiter(lock);
+    cv_.notify_all();  // Drain()
   }
   current_.reset(-1);
   parent_.reset(-1);

@@ -77,28 +77,19 @@ class LayerWriter {
 
   // Queues an op; false (op dropped) once the writer failed or was cancelled.
   bool Push(Op&& op);
-  // Bytes queued and not yet applied (data plus a flat charge per op).
-  size_t QueuedBytes();
-  // Calls on_ready (on the writer's thread) when the queue is down to `low` bytes — with `idle`,
-  // when every op has been applied — or the writer failed or was cancelled. Returns 0 (on_ready
-  // will be called), 1 (already so: on_ready is not called) or -1 (another waiter is pending).
-  int Wait(size_t low, bool idle, std::function<void()> on_ready);
+  // Returns once every queued op was applied, or the writer failed or was cancelled.
+  void Drain();
   bool Failure(WriterFailure* f);
-  bool Cancelled();
-  // Drops what is queued, fires a pending waiter, and joins the thread: nothing is written after
-  // this returns. Idempotent.
+  // Drops what is queued and joins the thread: nothing is written after this returns. Idempotent.
   void Cancel();
 
  private:
   LayerWriter(int root_fd, bool chown, bool override_xattr);
-  static size_t Cost(const Op& op);
   static const char* OpName(OpKind k);
   void Run();
   int Apply(Op& op, std::string* failed_at);
   int Parent(const std::vector<std::string>& path, bool create, int* dirfd, std::string* failed_at);
   int Replace(int dirfd, const std::string& name, bool keep_dir, bool* kept);
-  bool Satisfied() const;
-  void FireWaiter(std::unique_lock<std::mutex>& lock);
 
   const int root_fd_;
   const bool chown_;
@@ -111,14 +102,10 @@ class LayerWriter {
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Op> queue_;
-  size_t queued_bytes_ = 0;
   bool busy_ = false;
   bool failed_ = false;
   bool cancelled_ = false;
   WriterFailure failure_;
-  std::function<void()> waiter_;
-  size_t wait_low_ = 0;
-  bool wait_idle_ = false;
   std::thread thread_;
 };
 

@@ -496,20 +496,15 @@ bool LayerExtractor::HeaderBlock(const unsigned char* h) {
   if (!Number(h, 100, 8, &n, &why, "mode")) return bad(why);
   hd.mode = static_cast<uint32_t>(n & 07777);
   const uint64_t kMaxId = 0xffffffffu;
-  if (get("uid", &v)) {
-    if (!Decimal(v, kMaxId, &n)) return bad("bad uid/gid");
-  } else if (!Number(h, 108, 8, &n, &why, "uid")) {
-    return bad(why);
-  }
-  if (n > kMaxId) return bad("bad uid/gid");
-  hd.uid = static_cast<uint32_t>(n);
-  if (get("gid", &v)) {
-    if (!Decimal(v, kMaxId, &n)) return bad("bad uid/gid");
-  } else if (!Number(h, 116, 8, &n, &why, "gid")) {
-    return bad(why);
-  }
-  if (n > kMaxId) return bad("bad uid/gid");
-  hd.gid = static_cast<uint32_t>(n);
+  // uid/gid: PAX decimal text, else the header's numeric field; both must fit 32 bits.
+  auto id = [&](const char* key, size_t offset, uint32_t* out) {
+    uint64_t x;
+    if (get(key, &v) ? !Decimal(v, kMaxId, &x) : !Number(h, offset, 8, &x, &why, key)) return false;
+    if (x > kMaxId) return false;
+    *out = static_cast<uint32_t>(x);
+    return true;
+  };
+  if (!id("uid", 108, &hd.uid) || !id("gid", 116, &hd.gid)) return bad(why.empty() ? "bad uid/gid" : why);
   if (get("size", &v)) {
     if (!Decimal(v, UINT64_C(1) << 53, &size)) return bad("bad size");
   }
@@ -687,19 +682,7 @@ bool LayerExtractor::Finish() {
     op.attrs = it->second;
     if (!Push(std::move(op))) return false;
   }
-  // Wait for the writer to apply everything.
-  std::mutex m;
-  std::condition_variable cv;
-  bool ready = false;
-  int w = writer_->Wait(0, true, [&] {
-    std::lock_guard<std::mutex> lock(m);
-    ready = true;
-    cv.notify_all();
-  });
-  if (w == 0) {
-    std::unique_lock<std::mutex> lock(m);
-    cv.wait(lock, [&] { return ready; });
-  }
+  writer_->Drain();
   WriterFailure wf;
   if (writer_->Failure(&wf)) return FailFromWriter();
   std::unique_lock<std::mutex> lock(mutex_);
