@@ -71,6 +71,11 @@ export interface NativeAddon {
    * (uid/gid -1: leave). Replaces the file atomically (rename). Throws with `code` (errno name).
    */
   writeFileBeneath(root: string, components: string[], data: Buffer, mode: number, uid: number, gid: number, dirAttrs: [number, number, number][]): void;
+  /**
+   * The entries under `root` and the bytes of its regular files, never following a symlink.
+   * Throws an Error with `code` (an errno name) and `path` (relative to root).
+   */
+  summarizeTree(root: string): { entries: number; bytes: number };
   /** Applies one image layer under `root`, never leaving it (see NativeLayerExtractor). */
   LayerExtractor: new (root: string, options: NativeExtractOptions) => NativeLayerExtractor;
 }
@@ -92,6 +97,8 @@ export interface NativeExtractOptions {
   entriesBefore: number;
   /** Also write the input bytes to this descriptor (-1: no); it stays open (the caller's). */
   teeFd: number;
+  /** Check each gzip member's trailer, CRC-32 and length (false only when the caller verifies the input's digest). */
+  checkTrailer: boolean;
 }
 
 /** A layer applied: image totals including it, its own byte counts, and what was skipped. */
@@ -137,7 +144,7 @@ function findPackageRoot(start: string): string {
   }
 }
 
-const EXPECTED_ABI = 2;
+const EXPECTED_ABI = 3;
 let cached: NativeAddon | undefined;
 let loadedFrom: string | undefined;
 

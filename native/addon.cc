@@ -573,6 +573,27 @@ Napi::Value WriteFileBeneathFn(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// summarizeTree(root) -> { entries, bytes }: the entries under root and the bytes of its regular
+// files, never following a symlink (a cache entry's integrity summary; see beneath.h).
+Napi::Value SummarizeTreeFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string root = StringArg(info, 0, "root");
+  TreeTotals totals;
+  std::string failed_at;
+  int err = SummarizeTree(root, &totals, &failed_at);
+  if (err != 0) {
+    Napi::Error e = Napi::Error::New(env, std::string("summarizing ") + root + " failed at " + failed_at + ": " + ErrnoName(err) + " (" + std::strerror(err) + ")");
+    e.Set("code", Napi::String::New(env, ErrnoName(err)));
+    e.Set("errno", Napi::Number::New(env, -err));
+    e.Set("path", Napi::String::New(env, failed_at));
+    throw e;
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("entries", Napi::Number::New(env, static_cast<double>(totals.entries)));
+  o.Set("bytes", Napi::Number::New(env, static_cast<double>(totals.bytes)));
+  return o;
+}
+
 // ---- layer extraction ----------------------------------------------------------------------
 
 void ThrowPathError(Napi::Env env, const char* what, int err, const std::string& failed_at) {
@@ -626,6 +647,7 @@ class LayerExtractorWrap : public Napi::ObjectWrap<LayerExtractorWrap> {
     opts.bytes_before = static_cast<uint64_t>(num("bytesBefore"));
     opts.entries_before = static_cast<uint64_t>(num("entriesBefore"));
     opts.tee_fd = static_cast<int>(num("teeFd"));
+    opts.check_trailer = o.Get("checkTrailer").As<Napi::Boolean>().Value();
     std::string failed_at;
     int err = LayerExtractor::Open(StringArg(info, 0, "root"), opts, &extractor_, &failed_at);
     if (err != 0) ThrowPathError(info.Env(), "opening the layer root", err, failed_at);
@@ -749,9 +771,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("checkPlan", Napi::Function::New<CheckPlanFn>(env, "checkPlan"));
   exports.Set("validatePlan", Napi::Function::New<ValidatePlanFn>(env, "validatePlan"));
   exports.Set("writeFileBeneath", Napi::Function::New<WriteFileBeneathFn>(env, "writeFileBeneath"));
+  exports.Set("summarizeTree", Napi::Function::New<SummarizeTreeFn>(env, "summarizeTree"));
   exports.Set("LayerExtractor", LayerExtractorWrap::Define(env));
   exports.Set("KrunContext", ctor);
-  exports.Set("abiVersion", Napi::Number::New(env, 2));
+  exports.Set("abiVersion", Napi::Number::New(env, 3));
   return exports;
 }
 

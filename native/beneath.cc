@@ -1,12 +1,16 @@
 #include "beneath.h"
 #include "fd.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <linux/openat2.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <random>
 
 namespace microvm {
@@ -108,6 +112,63 @@ int WriteFileBeneath(const std::string& root, const std::vector<std::string>& co
     *failed_at = name;
   }
   return err;
+}
+
+int SummarizeTree(const std::string& root, TreeTotals* out, std::string* failed_at) {
+  *out = TreeTotals();
+  Fd root_fd(open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (root_fd.get() < 0) {
+    *failed_at = root;
+    return errno;
+  }
+  std::vector<std::string> pending{"."};
+  while (!pending.empty()) {
+    std::string rel = std::move(pending.back());
+    pending.pop_back();
+    struct open_how how = {};
+    how.flags = O_RDONLY | O_DIRECTORY | O_CLOEXEC;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    long fd = syscall(SYS_openat2, root_fd.get(), rel.c_str(), &how, sizeof how);
+    if (fd < 0) {
+      *failed_at = rel;
+      return errno;
+    }
+    DIR* d = fdopendir(static_cast<int>(fd));
+    if (d == nullptr) {
+      int err = errno;
+      close(static_cast<int>(fd));
+      *failed_at = rel;
+      return err;
+    }
+    errno = 0;
+    while (struct dirent* e = readdir(d)) {
+      if (std::strcmp(e->d_name, ".") == 0 || std::strcmp(e->d_name, "..") == 0) continue;
+      out->entries++;
+      unsigned char type = e->d_type;
+      struct stat st;
+      bool have_stat = false;
+      if (type == DT_UNKNOWN || type == DT_REG) {
+        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+          int err = errno;
+          closedir(d);
+          *failed_at = rel + "/" + e->d_name;
+          return err;
+        }
+        have_stat = true;
+        type = S_ISDIR(st.st_mode) ? DT_DIR : S_ISREG(st.st_mode) ? DT_REG : DT_UNKNOWN;
+      }
+      if (type == DT_DIR) pending.push_back(rel == "." ? std::string(e->d_name) : rel + "/" + e->d_name);
+      else if (type == DT_REG && have_stat) out->bytes += static_cast<uint64_t>(st.st_size);
+      errno = 0;
+    }
+    int err = errno;
+    closedir(d);
+    if (err != 0) {
+      *failed_at = rel;
+      return err;
+    }
+  }
+  return 0;
 }
 
 }  // namespace microvm

@@ -3,6 +3,7 @@
 // symlink planted anywhere in the rootfs cannot redirect the write outside it.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <sys/types.h>
 #include <vector>
@@ -22,5 +23,17 @@ struct DirAttrs {
 int WriteFileBeneath(const std::string& root, const std::vector<std::string>& components,
                      const void* data, size_t size, mode_t mode, uid_t uid, gid_t gid,
                      const std::vector<DirAttrs>& dir_attrs, std::string* failed_at);
+
+// What a tree holds: its entries (not counting the root) and the bytes of its regular files.
+struct TreeTotals {
+  uint64_t entries = 0;
+  uint64_t bytes = 0;
+};
+
+// Walks `root` without following a symlink anywhere: each directory is opened relative to the
+// root with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), one descriptor open at a time (no
+// depth limit from the descriptor table). Returns 0 or a positive errno, with `failed_at` naming
+// the directory (relative to the root) where it failed.
+int SummarizeTree(const std::string& root, TreeTotals* out, std::string* failed_at);
 
 }  // namespace microvm

@@ -328,6 +328,7 @@ void LayerExtractor::Run() {
       return;
     }
     zs_init_ = true;
+    if (!options_.check_trailer) inflateValidate(&zs_, 0);  // kept across inflateReset (next member)
   }
   for (;;) {
     Input in;

@@ -12,6 +12,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { addon } from '../native';
 import { withFileLock } from '../state';
 import type { ImageConfigFile, ImageManifest } from './oci';
 
@@ -71,20 +72,9 @@ export async function setRef(cacheDir: string, reference: string, digest: string
   });
 }
 
-/** Counts entries and regular-file bytes under `dir` (without following symlinks). */
+/** Counts entries and regular-file bytes under `dir` (without following symlinks; in the addon). */
 export function treeSummary(dir: string): { entries: number; bytes: number } {
-  let entries = 0;
-  let bytes = 0;
-  const walk = (d: string): void => {
-    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
-      entries++;
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) walk(p);
-      else if (e.isFile()) bytes += fs.lstatSync(p).size;
-    }
-  };
-  walk(dir);
-  return { entries, bytes };
+  return addon().summarizeTree(dir);
 }
 
 /** The cache entry for `digest` if it is complete (and, with verify 'full', intact). */
@@ -98,7 +88,12 @@ export function readEntry(cacheDir: string, digest: string, verify: 'fast' | 'fu
     return undefined;
   }
   if (verify === 'full') {
-    const now = treeSummary(p.rootfs);
+    let now: { entries: number; bytes: number };
+    try {
+      now = treeSummary(p.rootfs);
+    } catch {
+      return undefined; // unreadable: re-extract
+    }
     if (now.entries !== entry.tree.entries || now.bytes !== entry.tree.bytes) return undefined;
   }
   return entry;

@@ -13,6 +13,7 @@ import { Readable } from 'node:stream';
 import { MicrovmError } from '../errors';
 import { addon, type NativeLayerExtractor } from '../native';
 import type { SocketBody } from './http';
+import { verifiesDigest } from './oci';
 
 /** Limits for one image (all its layers together). */
 export interface ExtractLimits {
@@ -164,6 +165,8 @@ export async function applyLayer(
           bytesBefore: state.bytes,
           entriesBefore: state.entries,
           teeFd: tee && compression !== 'zstd' ? tee.fd : -1,
+          // A digest-verified input errors before anything is trusted: gzip's trailer is redundant.
+          checkTrailer: !verifiesDigest(input),
         });
       };
       // Bytes for the extractor; the source is held while more than HIGH_WATER wait there.

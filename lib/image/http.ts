@@ -12,6 +12,7 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import * as net from 'node:net';
 import { MicrovmError } from '../errors';
+import { VERIFIES_DIGEST } from './oci';
 
 /** A response whose body has not been read yet. */
 export interface HttpResponse {
@@ -121,6 +122,7 @@ export async function request(target: string, init: HttpRequest = {}): Promise<H
  */
 export class SocketBody extends EventEmitter {
   readonly transient = true;
+  readonly [VERIFIES_DIGEST] = true;
   /** A copy of the bytes for the blob cache, written by whoever consumes them (see applyLayer). */
   tee?: { fd: number; commit(ok: boolean): void };
   #socket: net.Socket;

@@ -11,6 +11,24 @@ export const MEDIA = {
   DOCKER_MANIFEST: 'application/vnd.docker.distribution.manifest.v2+json',
 } as const;
 
+/**
+ * Marks a stream that errors (instead of ending) unless its bytes match their descriptor's digest
+ * and size. Consumers that discard everything on an error may then skip weaker checks of the same
+ * bytes (the extractor skips gzip's trailer: CRC-32 and length).
+ */
+export const VERIFIES_DIGEST: unique symbol = Symbol('microvm.verifiesDigest');
+
+/** Whether `stream` carries the VERIFIES_DIGEST mark. */
+export function verifiesDigest(stream: object): boolean {
+  return (stream as { [VERIFIES_DIGEST]?: boolean })[VERIFIES_DIGEST] === true;
+}
+
+/** Sets the VERIFIES_DIGEST mark on `stream` and returns it. */
+export function markVerifying<T extends object>(stream: T): T {
+  (stream as { [VERIFIES_DIGEST]?: boolean })[VERIFIES_DIGEST] = true;
+  return stream;
+}
+
 export interface Descriptor {
   mediaType?: string;
   digest: string;

@@ -15,7 +15,7 @@ import * as path from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import { MicrovmError } from '../errors';
 import { fastGet, type HttpRequest, type HttpResponse, request, type SocketBody } from './http';
-import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, MEDIA, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
+import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, markVerifying, MEDIA, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
 import { type ResolvedImage, verifying } from './source';
 
 const ACCEPT = [MEDIA.OCI_INDEX, MEDIA.OCI_MANIFEST, MEDIA.DOCKER_LIST, MEDIA.DOCKER_MANIFEST].join(', ');
@@ -280,13 +280,31 @@ export async function resolveRegistryImage(
     parsed = parseJson<ImageManifest & ImageIndex>(m.body, `manifest of ${ref.canonical}`);
   }
   const manifest = checkManifest(parsed, `manifest of ${ref.canonical}`);
-  const cfgStream = verifying(await client.blob(manifest.config), manifest.config, `config of ${ref.canonical}`);
-  const chunks: Buffer[] = [];
-  for await (const c of cfgStream) chunks.push(c as Buffer);
-  const config = parseJson<ImageConfigFile>(Buffer.concat(chunks), `config of ${ref.canonical}`);
+  const blobDir = options.blobDir;
+  const layers = manifest.layers;
+  const cached = (d: Descriptor): boolean => {
+    const file = path.join(blobDir as string, d.digest.replace(':', '/'));
+    return fs.existsSync(file) && fs.statSync(file).size === d.size;
+  };
+  // The first layer's request goes out with the config's (a registry answers blobs in a few ms
+  // each, a loopback one included): its body waits, paused, until extraction takes it.
+  let early: Promise<SocketBody | undefined> | undefined = blobDir && layers.length > 0 && !cached(layers[0]) ? client.fastBlob(layers[0]).catch(() => undefined) : undefined;
+  const dropEarly = (): void => {
+    void early?.then((b) => b?.destroy());
+    early = undefined;
+  };
+  let config: ImageConfigFile;
+  try {
+    const cfgStream = verifying(await client.blob(manifest.config), manifest.config, `config of ${ref.canonical}`);
+    const chunks: Buffer[] = [];
+    for await (const c of cfgStream) chunks.push(c as Buffer);
+    config = parseJson<ImageConfigFile>(Buffer.concat(chunks), `config of ${ref.canonical}`);
+  } catch (err) {
+    dropEarly();
+    throw err;
+  }
 
   // Prefetch layers into the blob cache, a few at a time, each verified before it is published.
-  const blobDir = options.blobDir;
   const fetched = new Map<string, Promise<string>>();
   const download = (d: Descriptor): Promise<string> => {
     const existing = fetched.get(d.digest);
@@ -321,7 +339,6 @@ export async function resolveRegistryImage(
     return p;
   };
   const concurrency = Math.max(1, options.concurrency ?? 3);
-  const layers = manifest.layers;
   // Layers after the first are prefetched into the blob cache, a few at a time; the one being
   // extracted streams straight from the registry into the extractor and, at once, into the cache.
   if (blobDir) layers.slice(1, 1 + concurrency).forEach((d) => void download(d));
@@ -375,12 +392,18 @@ export async function resolveRegistryImage(
       if (!src.destroyed) src.destroy();
       if (!verified) out.destroy();
     });
-    return src.pipe(t);
+    return markVerifying(src.pipe(t));
   };
   // Plain HTTP (a loopback registry or mirror): off the socket into one reused buffer, with the
   // cache copy written by the extractor (SocketBody.tee).
   const fastAndKeep = async (d: Descriptor): Promise<SocketBody | undefined> => {
-    const body = await client.fastBlob(d);
+    let body: SocketBody | undefined;
+    if (early && d.digest === layers[0].digest) {
+      body = await early;
+      early = undefined;
+    } else {
+      body = await client.fastBlob(d);
+    }
     if (!body) return undefined;
     const file = path.join(blobDir as string, d.digest.replace(':', '/'));
     fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o755 });
@@ -415,9 +438,9 @@ export async function resolveRegistryImage(
       if (!blobDir) return verifying(await client.blob(d), d, `layer ${d.digest}`);
       const i = layers.findIndex((l) => l.digest === d.digest);
       if (i >= 0 && i + concurrency < layers.length) void download(layers[i + concurrency]);
-      const file = path.join(blobDir, d.digest.replace(':', '/'));
-      if (!fetched.has(d.digest) && !(fs.existsSync(file) && fs.statSync(file).size === d.size)) return (await fastAndKeep(d)) ?? streamAndKeep(d);
+      if (!fetched.has(d.digest) && !cached(d)) return (await fastAndKeep(d)) ?? streamAndKeep(d);
       return fs.createReadStream(await download(d), { highWaterMark: 1 << 20 });
     },
+    close: dropEarly,
   };
 }

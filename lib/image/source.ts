@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import { MicrovmError } from '../errors';
 import type { LayerInput } from './extract';
-import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
+import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, markVerifying, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
 
 /** A reference resolved to one image. */
 export interface ResolvedImage {
@@ -44,7 +44,7 @@ export function verifying(input: Readable, d: Descriptor, what: string): Readabl
     },
   });
   input.on('error', (e) => t.destroy(e));
-  return input.pipe(t);
+  return markVerifying(input.pipe(t));
 }
 
 function blobPath(layout: string, digest: string): string {

@@ -3,7 +3,9 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Readable } from 'node:stream';
+import { treeSummary } from '../../lib/image/cache';
 import { applyLayer, type ExtractLimits, type ExtractState } from '../../lib/image/extract';
+import { markVerifying } from '../../lib/image/oci';
 import { scratch } from '../helpers';
 import { gzip, type Member, tar } from './tar-writer';
 
@@ -223,5 +225,56 @@ describe('the native extractor', () => {
     expect(after).toBeLessThan(400);
     await new Promise((r) => setTimeout(r, 100));
     expect(fs.readdirSync(root).length).toBe(after);
+  });
+
+  test("gzip's trailer (CRC-32, length) is checked unless the input verifies its own digest", async () => {
+    const g = layer([{ path: 'f', data: 'payload '.repeat(1000) }]);
+    const badCrc = Buffer.from(g);
+    badCrc[badCrc.length - 8] ^= 0x01; // trailer: CRC-32, then ISIZE
+    await expect(apply(badCrc)).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER', message: expect.stringContaining('decompress') });
+    expect(fs.existsSync(path.join(root, 'f'))).toBe(false);
+    // A digest-verifying stream errors at its end on any changed byte: the CRC adds nothing there.
+    await applyLayer(root, markVerifying(Readable.from([badCrc])), { state: newState() });
+    expect(fs.readFileSync(path.join(root, 'f'), 'utf8')).toBe('payload '.repeat(1000));
+    const badLength = Buffer.from(g);
+    badLength[badLength.length - 4] ^= 0x01;
+    fs.rmSync(path.join(root, 'f'));
+    await expect(apply(badLength)).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
+    // and in a later member of a multi-member stream too
+    const two = Buffer.concat([gzip(tar([{ path: 'a', data: 'A' }]).subarray(0, 1024)), gzip(tar([{ path: 'a', data: 'A' }]).subarray(1024))]);
+    const twoBad = Buffer.from(two);
+    twoBad[twoBad.length - 8] ^= 0x01;
+    await expect(apply(twoBad)).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
+  });
+});
+
+describe('tree summary (the cache entry integrity check)', () => {
+  test('counts entries and regular-file bytes, never following a symlink', () => {
+    fs.mkdirSync(path.join(root, 'a/b/c'), { recursive: true });
+    fs.writeFileSync(path.join(root, 'a/one'), '12345');
+    fs.writeFileSync(path.join(root, 'a/b/c/two'), Buffer.alloc(70000));
+    fs.linkSync(path.join(root, 'a/one'), path.join(root, 'hard'));
+    fs.symlinkSync(outside, path.join(root, 'out')); // a directory outside, holding 'victim'
+    fs.symlinkSync('a', path.join(root, 'a-link'));
+    // a, a/b, a/b/c, a/one, a/b/c/two, hard, out, a-link
+    expect(treeSummary(root)).toEqual({ entries: 8, bytes: 5 + 70000 + 5 });
+    // the same as a JavaScript walk would say
+    let entries = 0;
+    let bytes = 0;
+    const walk = (d: string): void => {
+      for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+        entries++;
+        if (e.isDirectory()) walk(path.join(d, e.name));
+        else if (e.isFile()) bytes += fs.lstatSync(path.join(d, e.name)).size;
+      }
+    };
+    walk(root);
+    expect(treeSummary(root)).toEqual({ entries, bytes });
+  });
+
+  test('a root that is missing (or a symlink inside it that replaced a directory) is an error with code and path', () => {
+    expect(() => treeSummary(path.join(s.dir, 'nope'))).toThrow(expect.objectContaining({ code: 'ENOENT' }));
+    fs.mkdirSync(path.join(root, 'd'));
+    expect(treeSummary(root).entries).toBe(1);
   });
 });
