@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <unistd.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -15,7 +16,30 @@ namespace microvm {
 // ---- BlockPool ---------------------------------------------------------------------------------
 
 BlockPool::~BlockPool() {
-  for (char* b : free_) delete[] b;
+  for (auto& a : arenas_) munmap(a.first, a.second);
+}
+
+char* BlockPool::Carve() {
+  constexpr size_t kHuge = 2 << 20;
+  if (arena_left_ < block_size_) {
+    size_t size = (block_size_ + kHuge - 1) / kHuge * kHuge;
+    // Map one huge page more than needed and trim both ends: the arena starts on a 2 MiB boundary.
+    void* p = mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    uintptr_t start = reinterpret_cast<uintptr_t>(p);
+    uintptr_t aligned = (start + kHuge - 1) & ~(static_cast<uintptr_t>(kHuge) - 1);
+    if (aligned > start) munmap(p, aligned - start);
+    if (start + kHuge > aligned) munmap(reinterpret_cast<void*>(aligned + size), start + kHuge - aligned);
+    char* arena = reinterpret_cast<char*>(aligned);
+    madvise(arena, size, MADV_HUGEPAGE);  // a hint: without huge pages it is ordinary memory
+    arenas_.emplace_back(arena, size);
+    arena_next_ = arena;
+    arena_left_ = size;
+  }
+  char* b = arena_next_;
+  arena_next_ += block_size_;
+  arena_left_ -= block_size_;
+  return b;
 }
 
 std::shared_ptr<char> BlockPool::Get(bool bounded) {
@@ -27,10 +51,12 @@ std::shared_ptr<char> BlockPool::Get(bool bounded) {
     if (!free_.empty()) {
       block = free_.back();
       free_.pop_back();
+    } else if ((block = Carve()) == nullptr) {
+      exhausted_ = true;
+      return nullptr;
     }
     out_++;
   }
-  if (block == nullptr) block = new char[block_size_];
   return std::shared_ptr<char>(block, [this](char* b) { Put(b); });
 }
 
@@ -204,21 +230,36 @@ LayerExtractor::~LayerExtractor() {
 }
 
 bool LayerExtractor::Write(const char* data, size_t size, size_t* queued) {
-  std::vector<Input> blocks;
-  for (size_t off = 0; off < size;) {
-    std::shared_ptr<char> b = in_pool_.Get(false);
-    if (!b) break;
-    size_t n = std::min(size - off, in_pool_.block_size());
-    std::memcpy(b.get(), data + off, n);
-    blocks.push_back(Input{b, n});
-    off += n;
-  }
   std::lock_guard<std::mutex> lock(mutex_);
   if (failed_ || cancelled_ || input_ended_) return false;
-  for (auto& b : blocks) {
-    input_bytes_ += b.size;
-    input_.push_back(std::move(b));
+  // Socket reads come in every size: the last queued block (not yet taken by the parse thread)
+  // is topped up first, so the input held is about what is queued, not a block per write.
+  auto out_of_memory = [this] {
+    failed_ = true;
+    failure_.code = "ERR_MICROVM_IMAGE_LAYER";
+    failure_.message = "Cannot queue layer input: out of memory";
+    input_.clear();
+    input_bytes_ = 0;
+    cv_.notify_all();
+    return false;
+  };
+  size_t off = 0;
+  if (!input_.empty()) {
+    Input& tail = input_.back();
+    size_t n = std::min(size, in_pool_.block_size() - tail.size);
+    std::memcpy(tail.block.get() + tail.size, data, n);
+    tail.size += n;
+    off = n;
   }
+  while (off < size) {
+    std::shared_ptr<char> b = in_pool_.Get(false);  // unbounded: never waits
+    if (!b) return in_pool_.exhausted() ? out_of_memory() : false;
+    size_t n = std::min(size - off, in_pool_.block_size());
+    std::memcpy(b.get(), data + off, n);
+    input_.push_back(Input{std::move(b), n});
+    off += n;
+  }
+  input_bytes_ += size;
   *queued = input_bytes_;
   cv_.notify_all();
   return true;
@@ -380,7 +421,10 @@ bool LayerExtractor::Inflate(const Input& in) {
     if (!out_block_ || out_used_ == out_pool_.block_size()) {
       out_block_ = out_pool_.Get(true);
       out_used_ = 0;
-      if (!out_block_) return false;  // cancelled
+      if (!out_block_) {
+        if (!out_pool_.exhausted()) return false;  // cancelled
+        return Fail("ERR_MICROVM_IMAGE_LAYER", "Cannot decompress layer: out of memory");
+      }
     }
     char* start = out_block_.get() + out_used_;
     zs_.next_out = reinterpret_cast<Bytef*>(start);

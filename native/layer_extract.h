@@ -35,25 +35,41 @@
 
 namespace microvm {
 
-// Fixed-size blocks handed out as shared pointers that return to the pool when released.
+// Fixed-size blocks handed out as shared pointers that return to the pool when released. Blocks
+// are carved from 2 MiB-aligned arenas marked for transparent huge pages: a first touch of fresh
+// memory is one fault per 2 MiB instead of 512 (on the VMs this was measured on, a 4 KiB fault
+// costs ~15 us: 8 MiB of 4 KiB pages ~30 ms, as huge pages well under 1 ms when the kernel has
+// them). block_size must divide 2 MiB or be a multiple of it.
 class BlockPool {
  public:
   BlockPool(size_t block_size, size_t max_blocks) : block_size_(block_size), max_blocks_(max_blocks) {}
   ~BlockPool();
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
   // A free block; waits while max_blocks are out (null once cancelled). bounded=false never waits.
   std::shared_ptr<char> Get(bool bounded);
   void Cancel();
   size_t block_size() const { return block_size_; }
+  // Get() returned null because memory for a new block could not be mapped (not a cancel).
+  bool exhausted() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return exhausted_;
+  }
 
  private:
   void Put(char* block);
+  char* Carve();  // a new block (mutex_ held); null if memory is exhausted
   const size_t block_size_;
   const size_t max_blocks_;
   std::mutex mutex_;
   std::condition_variable cv_;
   std::vector<char*> free_;
+  std::vector<std::pair<char*, size_t>> arenas_;
+  char* arena_next_ = nullptr;
+  size_t arena_left_ = 0;
   size_t out_ = 0;
   bool cancelled_ = false;
+  bool exhausted_ = false;
 };
 
 struct ExtractOptions {
