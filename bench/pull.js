@@ -105,6 +105,7 @@ function freePort() {
   }
   reg.kill('SIGTERM');
 
+  if (process.env.BENCH_VERBOSE) console.log(JSON.stringify(rows));
   const tarMs = median(rows.tar);
   const suMs = median(rows.skopeoUmoci);
   const coldMs = median(rows.cold);

@@ -76,6 +76,11 @@ export interface NativeAddon {
    * Throws an Error with `code` (an errno name) and `path` (relative to root).
    */
   summarizeTree(root: string): { entries: number; bytes: number };
+  /**
+   * Sets FS_TOPDIR_FL (`chattr +T`) on `dir`, so that ext4 gives each new subdirectory a block
+   * group of its own. Returns null, or the errno name when the filesystem has no such attribute.
+   */
+  markTopDirectory(dir: string): string | null;
   /** Applies one image layer under `root`, never leaving it (see NativeLayerExtractor). */
   LayerExtractor: new (root: string, options: NativeExtractOptions) => NativeLayerExtractor;
 }

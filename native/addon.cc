@@ -594,6 +594,14 @@ Napi::Value SummarizeTreeFn(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// markTopDirectory(dir) -> null, or the errno name why the attribute could not be set (best
+// effort: see beneath.h).
+Napi::Value MarkTopDirectoryFn(const Napi::CallbackInfo& info) {
+  int err = MarkTopDirectory(StringArg(info, 0, "dir"));
+  if (err == 0) return info.Env().Null();
+  return Napi::String::New(info.Env(), ErrnoName(err));
+}
+
 // ---- layer extraction ----------------------------------------------------------------------
 
 void ThrowPathError(Napi::Env env, const char* what, int err, const std::string& failed_at) {
@@ -772,6 +780,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("validatePlan", Napi::Function::New<ValidatePlanFn>(env, "validatePlan"));
   exports.Set("writeFileBeneath", Napi::Function::New<WriteFileBeneathFn>(env, "writeFileBeneath"));
   exports.Set("summarizeTree", Napi::Function::New<SummarizeTreeFn>(env, "summarizeTree"));
+  exports.Set("markTopDirectory", Napi::Function::New<MarkTopDirectoryFn>(env, "markTopDirectory"));
   exports.Set("LayerExtractor", LayerExtractorWrap::Define(env));
   exports.Set("KrunContext", ctor);
   exports.Set("abiVersion", Napi::Number::New(env, 3));

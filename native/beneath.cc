@@ -3,7 +3,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <linux/openat2.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -169,6 +171,16 @@ int SummarizeTree(const std::string& root, TreeTotals* out, std::string* failed_
     }
   }
   return 0;
+}
+
+int MarkTopDirectory(const std::string& dir) {
+  Fd fd(open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (fd.get() < 0) return errno;
+  int flags = 0;  // the kernel reads and writes an int, whatever the ioctl's declared type
+  if (ioctl(fd.get(), FS_IOC_GETFLAGS, &flags) != 0) return errno;
+  if (flags & FS_TOPDIR_FL) return 0;
+  flags |= FS_TOPDIR_FL;
+  return ioctl(fd.get(), FS_IOC_SETFLAGS, &flags) == 0 ? 0 : errno;
 }
 
 }  // namespace microvm

@@ -36,4 +36,10 @@ struct TreeTotals {
 // the directory (relative to the root) where it failed.
 int SummarizeTree(const std::string& root, TreeTotals* out, std::string* failed_at);
 
+// Sets the "top of a directory hierarchy" attribute (FS_TOPDIR_FL, `chattr +T`) on `dir`: ext4's
+// Orlov allocator then places each new subdirectory, with the files that follow it, in a block
+// group of its own instead of the parent's. Returns 0 or a positive errno (ENOTTY, EOPNOTSUPP:
+// the filesystem has no such attribute).
+int MarkTopDirectory(const std::string& dir);
+
 }  // namespace microvm

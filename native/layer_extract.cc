@@ -73,6 +73,74 @@ void BlockPool::Cancel() {
   cv_.notify_all();
 }
 
+// ---- TeeWriter ---------------------------------------------------------------------------------
+
+TeeWriter::TeeWriter(int fd) : fd_(fd) {
+  thread_ = std::thread([this] { Run(); });
+}
+
+TeeWriter::~TeeWriter() { Cancel(); }
+
+void TeeWriter::Push(std::shared_ptr<char> block, size_t size) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  cv_.wait(lock, [this] { return cancelled_ || queued_ < (8u << 20); });
+  if (cancelled_ || !ok_) return;
+  queued_ += size;
+  queue_.emplace_back(std::move(block), size);
+  cv_.notify_all();
+}
+
+void TeeWriter::Run() {
+  for (;;) {
+    std::pair<std::shared_ptr<char>, size_t> item;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      cv_.wait(lock, [this] { return cancelled_ || !queue_.empty(); });
+      if (cancelled_) return;
+      item = std::move(queue_.front());
+      queue_.pop_front();
+      writing_ = true;
+    }
+    bool ok = true;
+    for (size_t off = 0; off < item.second;) {
+      ssize_t w = write(fd_, item.first.get() + off, item.second - off);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) {
+        ok = false;
+        break;
+      }
+      off += static_cast<size_t>(w);
+    }
+    item.first.reset();  // the block goes back to its pool before the producer is woken
+    std::lock_guard<std::mutex> lock(mutex_);
+    writing_ = false;
+    queued_ -= item.second;
+    if (!ok) {
+      ok_ = false;
+      queue_.clear();
+      queued_ = 0;
+    }
+    cv_.notify_all();
+  }
+}
+
+bool TeeWriter::Finish() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  cv_.wait(lock, [this] { return cancelled_ || (queue_.empty() && !writing_); });
+  return ok_ && !cancelled_;
+}
+
+void TeeWriter::Cancel() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cancelled_ = true;
+    queue_.clear();
+    queued_ = 0;
+    cv_.notify_all();
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
 // ---- helpers -----------------------------------------------------------------------------------
 
 namespace {
@@ -220,6 +288,7 @@ LayerExtractor::LayerExtractor(const ExtractOptions& options, std::unique_ptr<La
     : options_(options), writer_(std::move(writer)) {
   result_.bytes = result_bytes_ = options.bytes_before;
   result_.entries = result_entries_ = options.entries_before;
+  if (options.tee_fd >= 0) tee_ = std::make_unique<TeeWriter>(options.tee_fd);
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -325,6 +394,7 @@ void LayerExtractor::Cancel() {
   in_pool_.Cancel();
   out_pool_.Cancel();
   writer_->Cancel();  // drops its queue (and the blocks it holds); wakes a parse thread waiting on it
+  if (tee_) tee_->Cancel();  // likewise
   if (thread_.joinable()) thread_.join();
 }
 
@@ -384,18 +454,7 @@ void LayerExtractor::Run() {
       Notify(lock);
     }
     result_compressed_ += in.size;
-    if (options_.tee_fd >= 0 && tee_ok_) {
-      // The cache copy is optional: a failed write only means the blob is not kept.
-      for (size_t off = 0; off < in.size;) {
-        ssize_t w = write(options_.tee_fd, in.block.get() + off, in.size - off);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) {
-          tee_ok_ = false;
-          break;
-        }
-        off += static_cast<size_t>(w);
-      }
-    }
+    if (tee_) tee_->Push(in.block, in.size);  // the cache copy, written on the tee's thread
     bool ok = options_.gzip ? Inflate(in) : (result_uncompressed_ += in.size, Parse(in.block, in.block.get(), in.size));
     if (!ok) return;
   }
@@ -730,13 +789,14 @@ bool LayerExtractor::Finish() {
   writer_->Drain();
   WriterFailure wf;
   if (writer_->Failure(&wf)) return FailFromWriter();
+  bool tee_ok = tee_ && tee_->Finish();
   std::unique_lock<std::mutex> lock(mutex_);
   if (cancelled_) return false;
   result_.bytes = result_bytes_;
   result_.entries = result_entries_;
   result_.compressed = result_compressed_;
   result_.uncompressed = result_uncompressed_;
-  result_.tee_ok = options_.tee_fd >= 0 && tee_ok_;
+  result_.tee_ok = tee_ok;
   result_.warnings = warnings_;
   done_ = true;
   Notify(lock);

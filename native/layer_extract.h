@@ -72,6 +72,36 @@ class BlockPool {
   bool exhausted_ = false;
 };
 
+// Writes blocks to a descriptor on its own thread (the blob cache copy of a layer's compressed
+// bytes), so the parse thread only parses; at most 8 MiB wait. Best effort: a failed write stops
+// the copy, never the extraction.
+class TeeWriter {
+ public:
+  explicit TeeWriter(int fd);
+  ~TeeWriter();  // Cancel()
+  TeeWriter(const TeeWriter&) = delete;
+  TeeWriter& operator=(const TeeWriter&) = delete;
+  // Queues a block (shared, not copied); waits while 8 MiB are queued.
+  void Push(std::shared_ptr<char> block, size_t size);
+  // Waits until everything queued is written; true if every byte reached the descriptor (and
+  // nothing was cancelled).
+  bool Finish();
+  // Drops what is queued and joins the thread: nothing is written after this returns.
+  void Cancel();
+
+ private:
+  void Run();
+  const int fd_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<std::pair<std::shared_ptr<char>, size_t>> queue_;
+  size_t queued_ = 0;
+  bool writing_ = false;
+  bool cancelled_ = false;
+  bool ok_ = true;
+  std::thread thread_;  // joined only by Cancel() (from the owner's thread)
+};
+
 struct ExtractOptions {
   bool gzip = true;            // else the input is the tar itself
   bool chown = false;          // privileged: set owners
@@ -184,7 +214,7 @@ class LayerExtractor {
   LayerWriter::Op end_file_;
   uint64_t result_bytes_ = 0, result_entries_ = 0, result_compressed_ = 0, result_uncompressed_ = 0;
   std::vector<std::string> warnings_;
-  bool tee_ok_ = true;
+  std::unique_ptr<TeeWriter> tee_;  // when options_.tee_fd >= 0
   std::set<std::string> created_;
   std::vector<std::pair<std::vector<std::string>, EntryAttrs>> dir_attrs_;
 

@@ -17,6 +17,7 @@ import * as path from 'node:path';
 import { context, type Span } from '@opentelemetry/api';
 import type { ImageRuntimeConfig } from '../backends/types';
 import { MicrovmError } from '../errors';
+import { addon } from '../native';
 import { withFileLock } from '../state';
 import { ATTR, SPAN } from '../telemetry/attributes';
 import { getTracer, inSpan, type SpanScope } from '../telemetry/tracer';
@@ -134,6 +135,12 @@ async function store(
 ): Promise<PullResult> {
   await fsp.mkdir(paths(cacheDir).images, { recursive: true, mode: 0o755 });
   await fsp.mkdir(paths(cacheDir).tmp, { recursive: true, mode: 0o700 });
+  // Each extraction then starts in a block group of its own (ext4's Orlov allocator treats
+  // subdirectories of a "top" directory like those of /): not in the group where earlier
+  // extractions were just deleted, whose freed inodes a journal-less ext4 skips one by one for
+  // every new file (measured here: a cold pull right after three extracted trees were deleted
+  // took 0.59-0.62 s, 0.27-0.33 s with the attribute). Elsewhere it is a no-op.
+  addon().markTopDirectory(paths(cacheDir).tmp);
   const p = paths(cacheDir, image.digest);
   let warnings: string[] = [];
   const entry = await withFileLock(p.lock, async () => {

@@ -278,3 +278,33 @@ describe('tree summary (the cache entry integrity check)', () => {
     expect(treeSummary(root).entries).toBe(1);
   });
 });
+
+describe('block group placement', () => {
+  test("markTopDirectory sets ext4's top-of-hierarchy attribute (chattr +T), or says why not", () => {
+    const { addon } = require('../../lib/native') as typeof import('../../lib/native');
+    const dir = path.join(s.dir, 'top');
+    fs.mkdirSync(dir);
+    const err = addon().markTopDirectory(dir);
+    const attrs = (d = dir): string => execFileSync('lsattr', ['-d', d], { encoding: 'utf8' }).split(/\s+/)[0];
+    let supported = true;
+    try {
+      attrs();
+    } catch {
+      supported = false; // lsattr: the filesystem has no attributes at all (tmpfs)
+    }
+    if (supported) {
+      expect(err).toBeNull();
+      expect(attrs()).toContain('T');
+      expect(addon().markTopDirectory(dir)).toBeNull(); // idempotent
+    } else {
+      expect(typeof err).toBe('string');
+    }
+    expect(addon().markTopDirectory(path.join(s.dir, 'missing'))).toBe('ENOENT');
+    // never through a symlink (Linux says ENOTDIR for O_DIRECTORY | O_NOFOLLOW on one)
+    const other = path.join(s.dir, 'other');
+    fs.mkdirSync(other);
+    fs.symlinkSync(other, path.join(s.dir, 'link'));
+    expect(['ELOOP', 'ENOTDIR']).toContain(addon().markTopDirectory(path.join(s.dir, 'link')));
+    if (supported) expect(attrs(other)).not.toContain('T');
+  });
+});
