@@ -5,6 +5,7 @@
 //   - `skopeo copy` + `umoci raw unpack` (what a user might pick instead)
 //   - node-microvm cold pull + extract (in a child process, for its peak RSS), and warm ref hits
 // Prints a table; asserts nothing.   Usage: node bench/pull.js [runs=6]   (after scripts/setup.sh)
+// BENCH_VERBOSE=1 also prints every run's numbers.
 'use strict';
 const { execFileSync, spawn, spawnSync } = require('node:child_process');
 const crypto = require('node:crypto');
@@ -18,7 +19,11 @@ const runs = Number(process.argv[2] || 6);
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-pull-bench-'));
 const ms = (t) => Number(t) / 1e6;
 const now = () => process.hrtime.bigint();
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
 
 function freePort() {
   return new Promise((resolve) => {

@@ -139,19 +139,43 @@ export async function applyLayer(
   let zstd: Zstd | undefined;
   const transient = 'transient' in input && input.transient;
   const tee = 'tee' in input ? input.tee : undefined;
+  const verified = verifiesDigest(input);
   try {
     await new Promise<void>((resolve, reject) => {
       let settled = false;
-      const fail = (err: unknown): void => {
-        if (settled) return;
+      let inputEnded = false;
+      // A malformed layer from a digest-verified input: its bytes are read out (not extracted)
+      // to learn whether they were what the descriptor says. If not, the digest error is the
+      // answer (a blob damaged in transit), else this one (a blob that is malformed as published).
+      let draining: unknown;
+      const settle = (err: unknown): void => {
         settled = true;
         signal?.removeEventListener('abort', onAbort);
         input.destroy();
         zstd?.destroy();
         x?.close();
-        reject(fromNative(err));
+        reject(err);
       };
-      const onAbort = (): void => fail(signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
+      // A failure of the extraction (native, zstd); ignored while the input is read out.
+      const fail = (err: unknown): void => {
+        if (settled || draining !== undefined) return;
+        const e = fromNative(err);
+        if (verified && !inputEnded && (e as { code?: string }).code === 'ERR_MICROVM_IMAGE_LAYER') {
+          draining = e;
+          zstd?.destroy();
+          x?.close();
+          input.resume();
+          return;
+        }
+        settle(e);
+      };
+      // A failure of the input (its digest, the network) or an abort: always the answer.
+      const failInput = (err: unknown): void => {
+        if (settled) return;
+        if (draining !== undefined) return settle(err);
+        fail(err);
+      };
+      const onAbort = (): void => failInput(signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
       signal?.addEventListener('abort', onAbort, { once: true });
 
       const start = (compression: LayerCompression): void => {
@@ -185,7 +209,7 @@ export async function applyLayer(
         }
       };
       const finish = (): void => {
-        if (settled) return;
+        if (settled || draining !== undefined) return;
         const ex = x as NativeLayerExtractor;
         ex.end();
         ex.done()
@@ -218,7 +242,7 @@ export async function applyLayer(
         if (zstd) {
           const z = zstd;
           z.output.on('data', (c: Buffer) => {
-            if (settled) return;
+            if (settled || draining !== undefined) return;
             zstdBytes += c.length;
             if (zstdBytes > 1 << 20 && zstdBytes / compressedBytes > maxRatio) return fail(new MicrovmError('ERR_MICROVM_IMAGE_LIMIT', `Image exceeds the decompression ratio (${maxRatio}:1) limit`));
             feed(c, () => z.output.pause(), () => z.output.resume());
@@ -243,7 +267,7 @@ export async function applyLayer(
       let early: Buffer[] = [];
       let earlyBytes = 0;
       input.on('data', (chunk: Buffer) => {
-        if (settled) return;
+        if (settled || draining !== undefined) return;
         if (x) return push(chunk, !transient);
         early.push(Buffer.from(chunk)); // a SocketBody's chunk lives only for this call
         earlyBytes += chunk.length;
@@ -253,7 +277,9 @@ export async function applyLayer(
         if (begin(head)) push(head, true);
       });
       input.on('end', () => {
+        inputEnded = true;
         if (settled) return;
+        if (draining !== undefined) return settle(draining); // the bytes were right: the layer is not
         if (!x) {
           const head = Buffer.concat(early);
           if (!begin(head)) return;
@@ -263,7 +289,7 @@ export async function applyLayer(
         if (zstd) zstd.input.end();
         else finish();
       });
-      input.on('error', (e: Error) => fail(e));
+      input.on('error', (e: Error) => failInput(e));
       input.resume(); // a SocketBody starts paused
     });
   } finally {

@@ -3,7 +3,8 @@
  * content-addressed cache, with the seed's sub-spans:
  *
  *   microvm.image.CacheLookup  (cache_hit)    ref -> digest -> complete entry: zero network
- *   microvm.image.Fetch                       resolve manifest (+ platform) and config
+ *   microvm.image.Fetch                       resolve manifest (+ platform); the config of a
+ *                                             registry image downloads during Extract
  *   microvm.image.Extract      (layered)      layers applied in order into a temporary tree
  *   microvm.image.CacheStore                  fsync + rename into place; ref recorded
  *
@@ -165,8 +166,9 @@ async function store(
         span.setAttribute('microvm.image.uncompressed_bytes', state.bytes);
       });
       warnings = state.warnings;
+      const config = await image.config;
       return await inSpan(scope, SPAN.IMAGE_CACHE_STORE, { [ATTR.IMAGE_DIGEST]: image.digest }, () => {
-        const e: CacheEntry = { digest: image.digest, reference: canonical, manifest: image.manifest, config: image.config, createdAt: new Date().toISOString(), tree: treeSummary(rootfs) };
+        const e: CacheEntry = { digest: image.digest, reference: canonical, manifest: image.manifest, config, createdAt: new Date().toISOString(), tree: treeSummary(rootfs) };
         publish(cacheDir, staged, e);
         return { entry: e, extracted: true };
       });

@@ -293,16 +293,14 @@ export async function resolveRegistryImage(
     void early?.then((b) => b?.destroy());
     early = undefined;
   };
-  let config: ImageConfigFile;
-  try {
+  // The config is only needed once the tree is stored: it downloads while layers extract.
+  const config = (async (): Promise<ImageConfigFile> => {
     const cfgStream = verifying(await client.blob(manifest.config), manifest.config, `config of ${ref.canonical}`);
     const chunks: Buffer[] = [];
     for await (const c of cfgStream) chunks.push(c as Buffer);
-    config = parseJson<ImageConfigFile>(Buffer.concat(chunks), `config of ${ref.canonical}`);
-  } catch (err) {
-    dropEarly();
-    throw err;
-  }
+    return parseJson<ImageConfigFile>(Buffer.concat(chunks), `config of ${ref.canonical}`);
+  })();
+  config.catch(() => undefined); // awaited by the caller; never an unhandled rejection meanwhile
 
   // Prefetch layers into the blob cache, a few at a time, each verified before it is published.
   const fetched = new Map<string, Promise<string>>();

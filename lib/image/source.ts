@@ -17,7 +17,8 @@ export interface ResolvedImage {
   /** Digest of the (platform-specific) image manifest: the cache key. */
   digest: string;
   manifest: ImageManifest;
-  config: ImageConfigFile;
+  /** The image config, or its download (a registry's comes while the first layer extracts). */
+  config: ImageConfigFile | Promise<ImageConfigFile>;
   /** A stream of the blob's bytes that fails with ERR_MICROVM_IMAGE_DIGEST if they do not match. */
   openBlob(d: Descriptor, signal?: AbortSignal): Promise<LayerInput>;
   /** Releases temporary files (archives are unpacked first). */

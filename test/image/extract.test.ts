@@ -248,6 +248,25 @@ describe('the native extractor', () => {
   });
 });
 
+describe('a malformed layer from a digest-verified stream', () => {
+  const { verifying } = require('../../lib/image/source') as typeof import('../../lib/image/source');
+  const sha = (b: Buffer): string => `sha256:${require('node:crypto').createHash('sha256').update(b).digest('hex')}`;
+  const chunks = (b: Buffer): Buffer[] => Array.from({ length: Math.ceil(b.length / 4096) }, (_, i) => b.subarray(i * 4096, (i + 1) * 4096));
+  const good = layer(Array.from({ length: 50 }, (_, i) => ({ path: `f${i}`, data: require('node:crypto').randomBytes(8192) })));
+  const damaged = Buffer.from(good);
+  damaged[100] ^= 0xff; // inflate fails long before the end
+
+  test('bytes damaged in transit: the digest error, not the decompression error', async () => {
+    const input = verifying(Readable.from(chunks(damaged)), { digest: sha(good), size: good.length }, 'layer');
+    await expect(applyLayer(root, input, { state: newState() })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_DIGEST' });
+  });
+
+  test('a blob malformed as published (its digest matches): the decompression error', async () => {
+    const input = verifying(Readable.from(chunks(damaged)), { digest: sha(damaged), size: damaged.length }, 'layer');
+    await expect(applyLayer(root, input, { state: newState() })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
+  });
+});
+
 describe('tree summary (the cache entry integrity check)', () => {
   test('counts entries and regular-file bytes, never following a symlink', () => {
     fs.mkdirSync(path.join(root, 'a/b/c'), { recursive: true });
