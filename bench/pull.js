@@ -85,7 +85,9 @@ function freePort() {
     cold(r) {
       // node-microvm, cold, in a child for its peak RSS (timed from after the package loaded)
       const script = `const m=require(${JSON.stringify(root)});const t=process.hrtime.bigint();m.pull(${JSON.stringify(ref)},{cacheDir:${JSON.stringify(path.join(work, `cache-${r}`))}}).then(()=>{console.log(JSON.stringify({ms:Number(process.hrtime.bigint()-t)/1e6,rss:process.resourceUsage().maxRSS}))})`;
-      const res = JSON.parse(spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' }).stdout);
+      const child = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' });
+      if (child.status !== 0) throw new Error(`the cold pull failed (exit ${child.status}): ${child.stderr}`);
+      const res = JSON.parse(child.stdout);
       rows.cold.push(res.ms);
       rows.rss.push(res.rss / 1024);
       return [];

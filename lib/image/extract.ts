@@ -11,7 +11,7 @@
 import { spawn } from 'node:child_process';
 import { Readable } from 'node:stream';
 import { MicrovmError } from '../errors';
-import { addon, type NativeLayerExtractor } from '../native';
+import { addon, type NativeExtractResult, type NativeLayerExtractor } from '../native';
 import type { SocketBody } from './http';
 import { verifiesDigest } from './oci';
 
@@ -193,7 +193,9 @@ export async function applyLayer(
           checkTrailer: !verifiesDigest(input),
         });
       };
-      // Bytes for the extractor; the source is held while more than HIGH_WATER wait there.
+      // Bytes for the extractor; the source is held while more than HIGH_WATER wait there. The
+      // extractor takes one waiter at a time: a source may still deliver (or end) while held.
+      let waiting: Promise<void> | undefined;
       const feed = (chunk: Buffer, pause: () => void, resume: () => void): void => {
         let queued: number;
         try {
@@ -203,16 +205,32 @@ export async function applyLayer(
         }
         if (queued > HIGH_WATER) {
           pause();
-          (x as NativeLayerExtractor).wait(LOW_WATER).then(() => {
-            if (!settled) resume();
-          }, fail);
+          if (waiting) return;
+          try {
+            waiting = (x as NativeLayerExtractor).wait(LOW_WATER).then(() => {
+              waiting = undefined;
+              if (!settled) resume();
+            }, fail);
+          } catch (err) {
+            fail(err);
+          }
         }
       };
       const finish = (): void => {
         if (settled || draining !== undefined) return;
+        if (waiting) {
+          void waiting.then(finish); // the end came while the source was held
+          return;
+        }
         const ex = x as NativeLayerExtractor;
         ex.end();
-        ex.done()
+        let done: Promise<NativeExtractResult>;
+        try {
+          done = ex.done();
+        } catch (err) {
+          return fail(err);
+        }
+        done
           .then(async (r) => {
             await zstd?.done;
             if (settled) return;

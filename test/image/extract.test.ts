@@ -227,6 +227,35 @@ describe('the native extractor', () => {
     expect(fs.readdirSync(root).length).toBe(after);
   });
 
+  test('a source that ends (or delivers more) while it is held for backpressure, as a socket body can', async () => {
+    const crypto = require('node:crypto') as typeof import('node:crypto');
+    const data = crypto.randomBytes(6 * 1024 * 1024);
+    const archive = layer([{ path: 'big', data }]);
+    // Ignores pause(): two chunks over the 4 MiB high-water mark, then 'end', all in one tick.
+    class Burst extends (require('node:events') as typeof import('node:events')).EventEmitter {
+      sent = false;
+      pause(): this {
+        return this;
+      }
+      resume(): this {
+        if (!this.sent) {
+          this.sent = true;
+          setImmediate(() => {
+            this.emit('data', archive.subarray(0, archive.length - 1000));
+            this.emit('data', archive.subarray(archive.length - 1000));
+            this.emit('end');
+          });
+        }
+        return this;
+      }
+      destroy(): this {
+        return this;
+      }
+    }
+    await applyLayer(root, new Burst() as unknown as Readable, { state: newState() });
+    expect(fs.readFileSync(path.join(root, 'big')).equals(data)).toBe(true);
+  });
+
   test("gzip's trailer (CRC-32, length) is checked unless the input verifies its own digest", async () => {
     const g = layer([{ path: 'f', data: 'payload '.repeat(1000) }]);
     const badCrc = Buffer.from(g);
