@@ -132,7 +132,7 @@ export interface NativeLayerExtractor {
   wait(lowBytes: number): Promise<void>;
   /** Resolves once the layer is completely applied (after end()). */
   done(): Promise<NativeExtractResult>;
-  /** Stops both threads and drops what is queued: nothing is written after it returns. */
+  /** Stops its threads and drops what is queued: nothing is written after it returns. */
   close(): void;
 }
 

@@ -155,7 +155,7 @@ class LayerExtractor {
   bool Failure(ExtractFailure* f);
   bool Cancelled();
   ExtractResult Result();
-  // Stops both threads and drops everything queued: nothing is written after this returns.
+  // Stops every thread and drops everything queued: nothing is written after this returns.
   void Cancel();
 
  private:
