@@ -8,8 +8,9 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { Duplex, type Readable, type Writable } from 'node:stream';
-import { Client, type ClientChannel, type ConnectConfig, type SFTPWrapper, utils } from 'ssh2';
+import type { Client, ClientChannel, ConnectConfig, SFTPWrapper } from 'ssh2';
 import { MicrovmError } from '../errors';
+import { ssh2 } from './lazy';
 import * as v from '../validate';
 
 /** How the server's host key is checked. */
@@ -119,7 +120,7 @@ export interface ExecOptions {
 }
 
 function keyBlob(line: string): Buffer {
-  const parsed = utils.parseKey(line);
+  const parsed = ssh2().utils.parseKey(line);
   if (parsed instanceof Error || Array.isArray(parsed)) throw new TypeError(`Expected one OpenSSH public key line for hostKey.expected`);
   return parsed.getPublicSSH();
 }
@@ -167,7 +168,7 @@ export class SshClient {
 
     const hostVerifier = (key: Buffer): boolean => {
       if ('insecureAcceptAny' in policy) return true;
-      const parsed = utils.parseKey(key);
+      const parsed = ssh2().utils.parseKey(key);
       const line = parsed instanceof Error || Array.isArray(parsed) ? undefined : `${parsed.type} ${key.toString('base64')}`;
       if ('expected' in policy) {
         if (keyBlob(policy.expected).equals(key)) return true;
@@ -194,7 +195,7 @@ export class SshClient {
 
     const sockPromise = bannerTimeoutMs === undefined ? Promise.resolve(undefined) : connectWithBanner(host, port, bannerTimeoutMs, signal);
     return sockPromise.then((sock) => new Promise<SshClient>((resolve, reject) => {
-      const conn = new Client();
+      const conn = new (ssh2().Client)();
       let settled = false;
       const onAbort = (): void => {
         if (settled) return;

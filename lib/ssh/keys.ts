@@ -4,8 +4,8 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { utils } from 'ssh2';
 import { MicrovmError } from '../errors';
+import { ssh2 } from './lazy';
 import * as v from '../validate';
 
 /** A key pair: the private key (OpenSSH PEM) and the `authorized_keys` line. */
@@ -22,7 +22,7 @@ export function generateKeyPair(options: { type?: 'ed25519' | 'ecdsa'; comment?:
   const type = o.type === undefined ? 'ed25519' : o.type;
   if (type !== 'ed25519' && type !== 'ecdsa') throw new RangeError(`Expected 'ed25519' or 'ecdsa' for type but received ${v.describe(type)}`);
   const comment = o.comment === undefined ? 'node-microvm' : v.string('comment', o.comment);
-  const pair = type === 'ed25519' ? utils.generateKeyPairSync('ed25519', { comment }) : utils.generateKeyPairSync('ecdsa', { bits: 256, comment });
+  const pair = type === 'ed25519' ? ssh2().utils.generateKeyPairSync('ed25519', { comment }) : ssh2().utils.generateKeyPairSync('ecdsa', { bits: 256, comment });
   return { type, privateKey: pair.private, publicKey: pair.public.trim() };
 }
 
@@ -48,7 +48,7 @@ export function writeKeyPair(pair: SshKeyPair, dir: string, name = `id_${pair.ty
 export function loadKeyPair(privateKeyPath: string, passphrase?: string): SshKeyPair {
   v.absolutePath('privateKeyPath', privateKeyPath);
   const text = fs.readFileSync(privateKeyPath, 'utf8');
-  const parsed = utils.parseKey(text, passphrase);
+  const parsed = ssh2().utils.parseKey(text, passphrase);
   if (parsed instanceof Error || Array.isArray(parsed)) {
     // The parser's message never contains key material; the file path is enough to act on.
     throw new MicrovmError('ERR_MICROVM_SSH_KEY', `Cannot read the private key in ${privateKeyPath}: ${parsed instanceof Error ? parsed.message : 'several keys in one file'}`);
