@@ -168,8 +168,8 @@ async function store(
         span.setAttribute('microvm.image.uncompressed_bytes', state.bytes);
       });
       warnings = state.warnings;
-      const config = await image.config;
-      return await inSpan(scope, SPAN.IMAGE_CACHE_STORE, { [ATTR.IMAGE_DIGEST]: image.digest }, () => {
+      return await inSpan(scope, SPAN.IMAGE_CACHE_STORE, { [ATTR.IMAGE_DIGEST]: image.digest }, async () => {
+        const config = await image.config; // a registry's downloads while the layers extract
         const e: CacheEntry = { digest: image.digest, reference: canonical, manifest: image.manifest, config, createdAt: new Date().toISOString(), tree: treeSummary(rootfs) };
         publish(cacheDir, staged, e);
         return { entry: e, extracted: true };
