@@ -81,21 +81,25 @@ export interface NativeAddon {
    * group of its own. Returns null, or the errno name when the filesystem has no such attribute.
    */
   markTopDirectory(dir: string): string | null;
+  /** Whether libzstd.so.1 can be loaded (then LayerExtractor decompresses zstd itself). */
+  zstdAvailable(): boolean;
   /** Applies one image layer under `root`, never leaving it (see NativeLayerExtractor). */
   LayerExtractor: new (root: string, options: NativeExtractOptions) => NativeLayerExtractor;
 }
 
 /** What a layer extractor was told (native/layer_extract.h). */
 export interface NativeExtractOptions {
-  /** The input is gzip (else the tar itself). */
+  /** The input is gzip (else the tar itself, or zstd). */
   gzip: boolean;
+  /** The input is zstd frames, decompressed with libzstd (only when zstdAvailable()). */
+  zstd: boolean;
   /** Set owners (privileged). */
   chown: boolean;
   /** Record uid:gid:mode in user.containers.override_stat instead. */
   overrideXattr: boolean;
   maxBytes: number;
   maxEntries: number;
-  /** Uncompressed / compressed cap (gzip only; 0: none). */
+  /** Uncompressed / compressed cap (gzip and zstd; 0: none). */
   maxRatio: number;
   /** Totals of the image's earlier layers (the caps are per image). */
   bytesBefore: number;
@@ -149,7 +153,7 @@ function findPackageRoot(start: string): string {
   }
 }
 
-const EXPECTED_ABI = 3;
+const EXPECTED_ABI = 4;
 let cached: NativeAddon | undefined;
 let loadedFrom: string | undefined;
 

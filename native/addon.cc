@@ -27,6 +27,7 @@
 #include "errno_names.h"
 #include "extract.h"
 #include "layer_extract.h"
+#include "zstd_api.h"
 #include "firmware.h"
 #include "krun_api.h"
 #include "plan.h"
@@ -602,6 +603,9 @@ Napi::Value MarkTopDirectoryFn(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), ErrnoName(err));
 }
 
+// zstdAvailable() -> whether libzstd.so.1 could be loaded (LayerExtractor's zstd option).
+Napi::Value ZstdAvailableFn(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), Zstd() != nullptr); }
+
 // ---- layer extraction ----------------------------------------------------------------------
 
 void ThrowPathError(Napi::Env env, const char* what, int err, const std::string& failed_at) {
@@ -647,6 +651,10 @@ class LayerExtractorWrap : public Napi::ObjectWrap<LayerExtractorWrap> {
     auto num = [&o](const char* k) { return o.Get(k).As<Napi::Number>().DoubleValue(); };
     ExtractOptions opts;
     opts.gzip = o.Get("gzip").As<Napi::Boolean>().Value();
+    opts.zstd = o.Get("zstd").As<Napi::Boolean>().Value();
+    if (opts.zstd && (opts.gzip || Zstd() == nullptr)) {
+      throw CodedError(info.Env(), "ERR_MICROVM_IMAGE_ZSTD", "zstd layers need libzstd.so.1 (zstdAvailable() is false)");
+    }
     opts.chown = o.Get("chown").As<Napi::Boolean>().Value();
     opts.override_xattr = o.Get("overrideXattr").As<Napi::Boolean>().Value();
     opts.max_bytes = static_cast<uint64_t>(num("maxBytes"));
@@ -781,9 +789,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("writeFileBeneath", Napi::Function::New<WriteFileBeneathFn>(env, "writeFileBeneath"));
   exports.Set("summarizeTree", Napi::Function::New<SummarizeTreeFn>(env, "summarizeTree"));
   exports.Set("markTopDirectory", Napi::Function::New<MarkTopDirectoryFn>(env, "markTopDirectory"));
+  exports.Set("zstdAvailable", Napi::Function::New<ZstdAvailableFn>(env, "zstdAvailable"));
   exports.Set("LayerExtractor", LayerExtractorWrap::Define(env));
   exports.Set("KrunContext", ctor);
-  exports.Set("abiVersion", Napi::Number::New(env, 3));
+  exports.Set("abiVersion", Napi::Number::New(env, 4));
   return exports;
 }
 

@@ -1,5 +1,7 @@
 #include "layer_extract.h"
 
+#include "zstd_api.h"
+
 #include <fcntl.h>
 #include <unistd.h>
 #include <sys/mman.h>
@@ -296,6 +298,7 @@ LayerExtractor::~LayerExtractor() {
   Cancel();
   writer_.reset();  // its queue holds blocks of the pools: empty it first
   if (zs_init_) inflateEnd(&zs_);
+  if (zds_ != nullptr) Zstd()->free_dstream(zds_);
 }
 
 bool LayerExtractor::Write(const char* data, size_t size, size_t* queued) {
@@ -440,6 +443,13 @@ void LayerExtractor::Run() {
     }
     zs_init_ = true;
     if (!options_.check_trailer) inflateValidate(&zs_, 0);  // kept across inflateReset (next member)
+  } else if (options_.zstd) {
+    // The decoder's default window limit (128 MiB) refuses frames that would need more memory.
+    zds_ = Zstd() ? Zstd()->create_dstream() : nullptr;
+    if (zds_ == nullptr) {
+      Fail("ERR_MICROVM_IMAGE_LAYER", "Cannot decompress layer: libzstd would not start");
+      return;
+    }
   }
   for (;;) {
     Input in;
@@ -455,7 +465,9 @@ void LayerExtractor::Run() {
     }
     result_compressed_ += in.size;
     if (tee_) tee_->Push(in.block, in.size);  // the cache copy, written on the tee's thread
-    bool ok = options_.gzip ? Inflate(in) : (result_uncompressed_ += in.size, Parse(in.block, in.block.get(), in.size));
+    bool ok = options_.gzip   ? Inflate(in)
+              : options_.zstd ? Unzstd(in)
+                              : (result_uncompressed_ += in.size, Parse(in.block, in.block.get(), in.size));
     if (!ok) return;
   }
   Finish();
@@ -477,14 +489,7 @@ bool LayerExtractor::Inflate(const Input& in) {
       inflateReset(&zs_);
       member_ended_ = false;
     }
-    if (!out_block_ || out_used_ == out_pool_.block_size()) {
-      out_block_ = out_pool_.Get(true);
-      out_used_ = 0;
-      if (!out_block_) {
-        if (!out_pool_.exhausted()) return false;  // cancelled
-        return Fail("ERR_MICROVM_IMAGE_LAYER", "Cannot decompress layer: out of memory");
-      }
-    }
+    if (!OutBlock()) return false;
     char* start = out_block_.get() + out_used_;
     zs_.next_out = reinterpret_cast<Bytef*>(start);
     zs_.avail_out = static_cast<uInt>(out_pool_.block_size() - out_used_);
@@ -497,20 +502,54 @@ bool LayerExtractor::Inflate(const Input& in) {
       return Fail("ERR_MICROVM_IMAGE_LAYER", std::string("Cannot decompress layer: ") + (zs_.msg ? zs_.msg : "invalid data"));
     }
     if (produced > 0) {
-      out_used_ += produced;
-      result_uncompressed_ += produced;
-      if (options_.max_ratio > 0 && result_uncompressed_ > (1u << 20) &&
-          static_cast<double>(result_uncompressed_) / static_cast<double>(result_compressed_) > options_.max_ratio) {
-        char msg[96];
-        std::snprintf(msg, sizeof msg, "Image exceeds the decompression ratio (%g:1) limit", options_.max_ratio);
-        return Fail("ERR_MICROVM_IMAGE_LIMIT", msg);
-      }
-      if (!Parse(out_block_, start, produced)) return false;
+      if (!Produced(start, produced)) return false;
     } else if (rc == Z_BUF_ERROR) {
       break;  // needs more input
     }
   }
   return true;
+}
+
+bool LayerExtractor::Unzstd(const Input& in) {
+  const ZstdApi* z = Zstd();
+  ZstdInBuffer zin{in.block.get(), in.size, 0};
+  bool pending = false;  // the output filled up: the decoder may hold more without new input
+  while (zin.pos < zin.size || pending) {
+    if (!OutBlock()) return false;
+    char* start = out_block_.get() + out_used_;
+    ZstdOutBuffer zout{start, out_pool_.block_size() - out_used_, 0};
+    size_t rc = z->decompress_stream(zds_, &zout, &zin);
+    if (z->is_error(rc)) return Fail("ERR_MICROVM_IMAGE_LAYER", std::string("Cannot decompress layer: ") + z->error_name(rc));
+    zstd_frame_done_ = rc == 0;  // frames may follow one another: the next call starts the next
+    pending = zout.pos == zout.size;
+    if (zout.pos > 0) {
+      if (!Produced(start, zout.pos)) return false;
+    } else if (zin.pos == zin.size) {
+      break;
+    }
+  }
+  return true;
+}
+
+bool LayerExtractor::OutBlock() {
+  if (out_block_ && out_used_ < out_pool_.block_size()) return true;
+  out_block_ = out_pool_.Get(true);
+  out_used_ = 0;
+  if (out_block_) return true;
+  if (!out_pool_.exhausted()) return false;  // cancelled
+  return Fail("ERR_MICROVM_IMAGE_LAYER", "Cannot decompress layer: out of memory");
+}
+
+bool LayerExtractor::Produced(char* start, size_t n) {
+  out_used_ += n;
+  result_uncompressed_ += n;
+  if (options_.max_ratio > 0 && result_uncompressed_ > (1u << 20) &&
+      static_cast<double>(result_uncompressed_) / static_cast<double>(result_compressed_) > options_.max_ratio) {
+    char msg[96];
+    std::snprintf(msg, sizeof msg, "Image exceeds the decompression ratio (%g:1) limit", options_.max_ratio);
+    return Fail("ERR_MICROVM_IMAGE_LIMIT", msg);
+  }
+  return Parse(out_block_, start, n);
 }
 
 bool LayerExtractor::Parse(const std::shared_ptr<char>& block, const char* p, size_t n) {
@@ -770,7 +809,7 @@ bool LayerExtractor::Entry(const Header& h) {
 }
 
 bool LayerExtractor::Finish() {
-  if (options_.gzip && !member_ended_) {
+  if ((options_.gzip && !member_ended_) || (options_.zstd && !zstd_frame_done_)) {
     return Fail("ERR_MICROVM_IMAGE_LAYER", "Cannot decompress layer: unexpected end of file");
   }
   if (remaining_ > 0 || padding_ > 0 || (hdr_len_ > 0 && !ended_)) {

@@ -103,12 +103,13 @@ class TeeWriter {
 };
 
 struct ExtractOptions {
-  bool gzip = true;            // else the input is the tar itself
+  bool gzip = true;            // else the input is the tar itself (or zstd)
+  bool zstd = false;           // zstd frames, through libzstd (Zstd() must not be null)
   bool chown = false;          // privileged: set owners
   bool override_xattr = false; // else: user.containers.override_stat
   uint64_t max_bytes = 0;
   uint64_t max_entries = 0;
-  double max_ratio = 0;        // gzip only; 0: no cap
+  double max_ratio = 0;        // gzip and zstd; 0: no cap
   uint64_t bytes_before = 0;   // totals of the image's earlier layers (the caps are per image)
   uint64_t entries_before = 0;
   size_t max_metadata = 1 << 20;
@@ -179,6 +180,9 @@ class LayerExtractor {
   bool FailFromWriter();
   bool Push(LayerWriter::Op&& op);
   bool Inflate(const Input& in);
+  bool Unzstd(const Input& in);
+  bool OutBlock();                        // a block with room in out_block_ (false: cancelled or failed)
+  bool Produced(char* start, size_t n);  // decompressed bytes at start: counted, capped, parsed
   bool Parse(const std::shared_ptr<char>& block, const char* p, size_t n);
   bool HeaderBlock(const unsigned char* h);
   bool FinishMember();
@@ -197,6 +201,8 @@ class LayerExtractor {
   bool zs_init_ = false;
   bool member_ended_ = false;  // between gzip members (or after the last)
   bool trailing_ = false;      // bytes after the last member: ignored
+  void* zds_ = nullptr;        // ZSTD_DStream
+  bool zstd_frame_done_ = false;  // the last zstd call completed a frame (false before any)
   std::shared_ptr<char> out_block_;
   size_t out_used_ = 0;
   unsigned char hdr_[512];

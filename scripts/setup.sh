@@ -19,6 +19,9 @@ for cmd in "${!need[@]}"; do
 done
 # zlib.h for the cmake-js build of the addon (node-gyp builds use Node's own copy).
 [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+# libzstd.so.1: the addon decompresses zstd layers with it (loaded at run time; the zstd binary
+# is the fallback). Part of every Debian base system; listed for minimal images.
+ldconfig -p 2>/dev/null | grep -q 'libzstd\.so\.1 ' || missing+=(libzstd1)
 # The test image needs a statically linked busybox (the busybox package is dynamic).
 if ! { command -v busybox >/dev/null && command -v file >/dev/null && file -L "$(command -v busybox)" | grep -q 'statically linked'; }; then
   missing+=(busybox-static)

@@ -65,7 +65,10 @@ function haveZstd(): boolean {
   return zstdBinary;
 }
 
-/** The zstd binary as a decompressor (Node 20 has no zstd). */
+/**
+ * The zstd binary as a decompressor: the fallback when libzstd.so.1 cannot be loaded into the
+ * addon (Node 20 has no zstd of its own).
+ */
 interface Zstd {
   input: NodeJS.WritableStream & { write(chunk: Buffer): boolean; end(): void };
   output: Readable;
@@ -75,7 +78,7 @@ interface Zstd {
 }
 
 function zstdDecompressor(): Zstd {
-  if (!haveZstd()) throw new MicrovmError('ERR_MICROVM_IMAGE_ZSTD', 'This layer is zstd-compressed; install the zstd binary (apt-get install zstd)');
+  if (!haveZstd()) throw new MicrovmError('ERR_MICROVM_IMAGE_ZSTD', 'This layer is zstd-compressed: install libzstd1 or the zstd binary (apt-get install zstd)');
   const child = spawn('zstd', ['-dc', '--no-progress'], { stdio: ['pipe', 'pipe', 'pipe'] });
   let err = '';
   child.stderr.on('data', (d: Buffer) => (err += d.toString()));
@@ -116,15 +119,25 @@ function fromNative(err: unknown): unknown {
 
 /**
  * Extracts one layer into `root`. The JS thread only moves bytes: the addon's LayerExtractor
- * inflates, parses and applies the layer rules on one thread and makes the filesystem changes on
- * another (native/layer_extract.h); zstd layers are decompressed by the zstd binary first.
+ * decompresses (zlib; libzstd, loaded at run time), parses and applies the layer rules on one
+ * thread and makes the filesystem changes on another (native/layer_extract.h); without libzstd,
+ * zstd layers go through the zstd binary first.
  * Rejects with ERR_MICROVM_IMAGE_LIMIT, ERR_MICROVM_IMAGE_UNSAFE_ENTRY or ERR_MICROVM_IMAGE_LAYER;
  * once it settles, nothing more is written.
  */
 export async function applyLayer(
   root: string,
   input: LayerInput,
-  options: { mediaType?: string; limits?: ExtractLimits; state: ExtractState; privileged?: boolean; signal?: AbortSignal; onBytes?: (compressedBytesRead: number) => void },
+  options: {
+    mediaType?: string;
+    limits?: ExtractLimits;
+    state: ExtractState;
+    privileged?: boolean;
+    signal?: AbortSignal;
+    onBytes?: (compressedBytesRead: number) => void;
+    /** zstd layers: libzstd in the addon when it loads, else the zstd binary ('binary': always; for tests). */
+    zstd?: 'auto' | 'binary';
+  },
 ): Promise<void> {
   const signal = options.signal;
   signal?.throwIfAborted();
@@ -178,9 +191,11 @@ export async function applyLayer(
       const onAbort = (): void => failInput(signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
       signal?.addEventListener('abort', onAbort, { once: true });
 
+      const nativeZstd = options.zstd !== 'binary' && native.zstdAvailable();
       const start = (compression: LayerCompression): void => {
         x = new native.LayerExtractor(root, {
           gzip: compression === 'gzip',
+          zstd: compression === 'zstd' && nativeZstd,
           chown: privileged,
           overrideXattr: !privileged,
           maxBytes,
@@ -188,7 +203,7 @@ export async function applyLayer(
           maxRatio,
           bytesBefore: state.bytes,
           entriesBefore: state.entries,
-          teeFd: tee && compression !== 'zstd' ? tee.fd : -1,
+          teeFd: tee && (compression !== 'zstd' || nativeZstd) ? tee.fd : -1,
           // A digest-verified input errors before anything is trusted: gzip's trailer is redundant.
           checkTrailer: !verifiesDigest(input),
         });
@@ -252,7 +267,7 @@ export async function applyLayer(
         const compression = layerCompression(options.mediaType, head.length >= 4 ? head : Buffer.concat([head, Buffer.alloc(4)]));
         try {
           start(compression);
-          if (compression === 'zstd') zstd = zstdDecompressor();
+          if (compression === 'zstd' && !nativeZstd) zstd = zstdDecompressor();
         } catch (err) {
           fail(err);
           return false;

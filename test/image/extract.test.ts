@@ -47,7 +47,7 @@ function listing(dir: string): string[] {
 }
 
 describe('fidelity', () => {
-  test.each(['gzip', 'zstd', 'none'] as const)('a GNU tar layer (%s) extracts to the same tree', async (compression) => {
+  test.each(['gzip', 'zstd', 'zstd-binary', 'none'] as const)('a GNU tar layer (%s) extracts to the same tree', async (compression) => {
     const src = path.join(s.dir, 'src');
     fs.mkdirSync(path.join(src, 'usr/bin'), { recursive: true });
     fs.mkdirSync(path.join(src, 'tmp'), { mode: 0o1777 });
@@ -63,8 +63,9 @@ describe('fidelity', () => {
     execFileSync('tar', ['--format=pax', '-C', src, '-cf', archive, '.']);
     let data: Buffer = fs.readFileSync(archive);
     if (compression === 'gzip') data = gzip(data);
-    if (compression === 'zstd') data = execFileSync('zstd', ['-c', '-q', archive]);
-    await apply(data);
+    if (compression.startsWith('zstd')) data = execFileSync('zstd', ['-c', '-q', archive]);
+    // zstd: libzstd in the addon; zstd-binary: the fallback when libzstd cannot be loaded
+    await applyLayer(root, Readable.from([data]), { state: newState(), zstd: compression === 'zstd-binary' ? 'binary' : 'auto' });
     expect(listing(root)).toEqual(listing(src));
     // PAX keeps sub-second mtimes.
     expect(Math.abs(fs.statSync(path.join(root, 'usr/bin/tool')).mtimeMs - fs.statSync(path.join(src, 'usr/bin/tool')).mtimeMs)).toBeLessThan(1);
@@ -254,6 +255,21 @@ describe('the native extractor', () => {
     }
     await applyLayer(root, new Burst() as unknown as Readable, { state: newState() });
     expect(fs.readFileSync(path.join(root, 'big')).equals(data)).toBe(true);
+  });
+
+  test('zstd in the addon: frames read through, a cut stream or trailing junk refused, the ratio capped', async () => {
+    const { addon } = require('../../lib/native') as typeof import('../../lib/native');
+    expect(addon().zstdAvailable()).toBe(true); // libzstd1 is on every machine that runs this (setup.sh)
+    const zstd = (b: Buffer): Buffer => execFileSync('zstd', ['-c', '-q'], { input: b });
+    const whole = tar([{ path: 'a', data: 'first' }, { path: 'b', data: Buffer.alloc(300000, 7) }]);
+    await apply(Buffer.concat([zstd(whole.subarray(0, 1024)), zstd(whole.subarray(1024))]));
+    expect(fs.readFileSync(path.join(root, 'a'), 'utf8')).toBe('first');
+    expect(fs.readFileSync(path.join(root, 'b')).equals(Buffer.alloc(300000, 7))).toBe(true);
+    const z = zstd(whole);
+    await expect(apply(z.subarray(0, z.length - 5))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER', message: expect.stringContaining('end of file') });
+    await expect(apply(Buffer.concat([z, Buffer.from('junk after the frame')]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
+    const bomb = zstd(tar([{ path: 'zeros', data: Buffer.alloc(20 * 1024 * 1024) }]));
+    await expect(apply(bomb, newState(), { maxRatio: 100 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT', message: expect.stringContaining('ratio') });
   });
 
   test("gzip's trailer (CRC-32, length) is checked unless the input verifies its own digest", async () => {
