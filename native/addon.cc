@@ -54,6 +54,16 @@ Napi::Error CodedError(Napi::Env env, const char* code, const std::string& messa
   return e;
 }
 
+// A failed filesystem call: "<what>: ENAME (strerror)", with code (the errno name), errno
+// (negative, as Node's own errors) and path (where it failed).
+Napi::Error PathError(Napi::Env env, const std::string& what, int err, const std::string& path) {
+  Napi::Error e = Napi::Error::New(env, what + ": " + ErrnoName(err) + " (" + std::strerror(err) + ")");
+  e.Set("code", Napi::String::New(env, ErrnoName(err)));
+  e.Set("errno", Napi::Number::New(env, -err));
+  e.Set("path", Napi::String::New(env, path));
+  return e;
+}
+
 // ---- live contexts ---------------------------------------------------------------------------
 // Every context the addon created, by a process-unique token. A context is freed exactly once:
 // by free(), by the JS finalizer, or by the environment cleanup hook (worker exit, process exit),
@@ -564,13 +574,7 @@ Napi::Value WriteFileBeneathFn(const Napi::CallbackInfo& info) {
   }
   std::string failed_at;
   int err = WriteFileBeneath(root, components, data.Data(), data.Length(), mode, uid, gid, dirs, &failed_at);
-  if (err != 0) {
-    Napi::Error e = Napi::Error::New(env, std::string("writing beneath ") + root + " failed at " + failed_at + ": " + ErrnoName(err) + " (" + std::strerror(err) + ")");
-    e.Set("code", Napi::String::New(env, ErrnoName(err)));
-    e.Set("errno", Napi::Number::New(env, -err));
-    e.Set("path", Napi::String::New(env, failed_at));
-    throw e;
-  }
+  if (err != 0) throw PathError(env, "writing beneath " + root + " failed at " + failed_at, err, failed_at);
   return env.Undefined();
 }
 
@@ -582,13 +586,7 @@ Napi::Value SummarizeTreeFn(const Napi::CallbackInfo& info) {
   TreeTotals totals;
   std::string failed_at;
   int err = SummarizeTree(root, &totals, &failed_at);
-  if (err != 0) {
-    Napi::Error e = Napi::Error::New(env, std::string("summarizing ") + root + " failed at " + failed_at + ": " + ErrnoName(err) + " (" + std::strerror(err) + ")");
-    e.Set("code", Napi::String::New(env, ErrnoName(err)));
-    e.Set("errno", Napi::Number::New(env, -err));
-    e.Set("path", Napi::String::New(env, failed_at));
-    throw e;
-  }
+  if (err != 0) throw PathError(env, "summarizing " + root + " failed at " + failed_at, err, failed_at);
   Napi::Object o = Napi::Object::New(env);
   o.Set("entries", Napi::Number::New(env, static_cast<double>(totals.entries)));
   o.Set("bytes", Napi::Number::New(env, static_cast<double>(totals.bytes)));
@@ -608,21 +606,9 @@ Napi::Value ZstdAvailableFn(const Napi::CallbackInfo& info) { return Napi::Boole
 
 // ---- layer extraction ----------------------------------------------------------------------
 
-void ThrowPathError(Napi::Env env, const char* what, int err, const std::string& failed_at) {
-  Napi::Error e = Napi::Error::New(env, std::string(what) + " failed at " + failed_at + ": " + ErrnoName(err) + " (" + std::strerror(err) + ")");
-  e.Set("code", Napi::String::New(env, ErrnoName(err)));
-  e.Set("errno", Napi::Number::New(env, -err));
-  e.Set("path", Napi::String::New(env, failed_at));
-  throw e;
-}
-
 Napi::Error ExtractError(Napi::Env env, const ExtractFailure& f) {
   if (!f.code.empty()) return CodedError(env, f.code.c_str(), f.message);
-  Napi::Error e = Napi::Error::New(env, f.message + ": " + ErrnoName(f.err) + " (" + std::strerror(f.err) + ")");
-  e.Set("code", Napi::String::New(env, ErrnoName(f.err)));
-  e.Set("errno", Napi::Number::New(env, -f.err));
-  e.Set("path", Napi::String::New(env, f.entry));
-  return e;
+  return PathError(env, f.message, f.err, f.entry);
 }
 
 // new LayerExtractor(root, options): one layer applied under root (see layer_extract.h).
@@ -666,7 +652,7 @@ class LayerExtractorWrap : public Napi::ObjectWrap<LayerExtractorWrap> {
     opts.check_trailer = o.Get("checkTrailer").As<Napi::Boolean>().Value();
     std::string failed_at;
     int err = LayerExtractor::Open(StringArg(info, 0, "root"), opts, &extractor_, &failed_at);
-    if (err != 0) ThrowPathError(info.Env(), "opening the layer root", err, failed_at);
+    if (err != 0) throw PathError(info.Env(), "opening the layer root failed at " + failed_at, err, failed_at);
   }
 
  private:

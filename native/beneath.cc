@@ -90,19 +90,7 @@ int WriteFileBeneath(const std::string& root, const std::vector<std::string>& co
     *failed_at = name;
     return errno;
   }
-  const char* p = static_cast<const char*>(data);
-  size_t left = size;
-  int err = 0;
-  while (left > 0) {
-    ssize_t n = write(file.get(), p, left);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      err = errno;
-      break;
-    }
-    p += n;
-    left -= static_cast<size_t>(n);
-  }
+  int err = WriteAll(file.get(), static_cast<const char*>(data), size);
   if (err == 0 && fchmod(file.get(), mode & 07777) != 0) err = errno;
   if (err == 0 && (uid != static_cast<uid_t>(-1) || gid != static_cast<gid_t>(-1)) &&
       fchown(file.get(), uid, gid) != 0 && geteuid() == 0) {

@@ -338,14 +338,7 @@ int LayerWriter::Apply(Op& op, std::string* failed_at) {
   int err;
   if (op.kind == OpKind::kData) {
     if (current_.get() < 0) return EBADF;
-    size_t off = 0;
-    while (off < op.size) {
-      ssize_t n = write(current_.get(), op.data.get() + off, op.size - off);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return errno;
-      off += static_cast<size_t>(n);
-    }
-    return 0;
+    return WriteAll(current_.get(), op.data.get(), op.size);
   }
   if (op.kind == OpKind::kEndFile) {
     if (current_.get() < 0) return EBADF;

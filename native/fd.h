@@ -3,6 +3,9 @@
 
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstddef>
+
 namespace microvm {
 
 class Fd {
@@ -27,5 +30,19 @@ class Fd {
  private:
   int fd_;
 };
+
+// Writes all `size` bytes at `data` (retrying short writes and EINTR). Returns 0 or an errno
+// (EIO if the descriptor took nothing).
+inline int WriteAll(int fd, const char* data, size_t size) {
+  while (size > 0) {
+    ssize_t n = write(fd, data, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno;
+    if (n == 0) return EIO;
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+  return 0;
+}
 
 }  // namespace microvm

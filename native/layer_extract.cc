@@ -103,16 +103,7 @@ void TeeWriter::Run() {
       queue_.pop_front();
       writing_ = true;
     }
-    bool ok = true;
-    for (size_t off = 0; off < item.second;) {
-      ssize_t w = write(fd_, item.first.get() + off, item.second - off);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) {
-        ok = false;
-        break;
-      }
-      off += static_cast<size_t>(w);
-    }
+    bool ok = WriteAll(fd_, item.first.get(), item.second) == 0;
     item.first.reset();  // the block goes back to its pool before the producer is woken
     std::lock_guard<std::mutex> lock(mutex_);
     writing_ = false;
@@ -302,19 +293,10 @@ LayerExtractor::~LayerExtractor() {
 }
 
 bool LayerExtractor::Write(const char* data, size_t size, size_t* queued) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
   if (failed_ || cancelled_ || input_ended_) return false;
   // Socket reads come in every size: the last queued block (not yet taken by the parse thread)
   // is topped up first, so the input held is about what is queued, not a block per write.
-  auto out_of_memory = [this] {
-    failed_ = true;
-    failure_.code = "ERR_MICROVM_IMAGE_LAYER";
-    failure_.message = "Cannot queue layer input: out of memory";
-    input_.clear();
-    input_bytes_ = 0;
-    cv_.notify_all();
-    return false;
-  };
   size_t off = 0;
   if (!input_.empty()) {
     Input& tail = input_.back();
@@ -325,7 +307,10 @@ bool LayerExtractor::Write(const char* data, size_t size, size_t* queued) {
   }
   while (off < size) {
     std::shared_ptr<char> b = in_pool_.Get(false);  // unbounded: never waits
-    if (!b) return in_pool_.exhausted() ? out_of_memory() : false;
+    if (!b) {
+      if (in_pool_.exhausted()) SetFailure("ERR_MICROVM_IMAGE_LAYER", "Cannot queue layer input: out of memory", lock);
+      return false;
+    }
     size_t n = std::min(size - off, in_pool_.block_size());
     std::memcpy(b.get(), data + off, n);
     input_.push_back(Input{std::move(b), n});
@@ -403,15 +388,20 @@ void LayerExtractor::Cancel() {
 
 bool LayerExtractor::Fail(const std::string& code, const std::string& message) {
   std::unique_lock<std::mutex> lock(mutex_);
+  SetFailure(code, message, lock);
+  return false;
+}
+
+void LayerExtractor::SetFailure(const std::string& code, const std::string& message, std::unique_lock<std::mutex>& lock) {
   if (!failed_ && !cancelled_) {
     failed_ = true;
     failure_.code = code;
     failure_.message = message;
     input_.clear();
     input_bytes_ = 0;
+    cv_.notify_all();
   }
   Notify(lock);
-  return false;
 }
 
 bool LayerExtractor::FailFromWriter() {

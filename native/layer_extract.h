@@ -177,6 +177,8 @@ class LayerExtractor {
   LayerExtractor(const ExtractOptions& options, std::unique_ptr<LayerWriter> writer);
   void Run();
   bool Fail(const std::string& code, const std::string& message);
+  // Records the first failure and wakes everyone (mutex_ held through `lock`).
+  void SetFailure(const std::string& code, const std::string& message, std::unique_lock<std::mutex>& lock);
   bool FailFromWriter();
   bool Push(LayerWriter::Op&& op);
   bool Inflate(const Input& in);

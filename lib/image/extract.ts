@@ -161,9 +161,12 @@ export async function applyLayer(
       // to learn whether they were what the descriptor says. If not, the digest error is the
       // answer (a blob damaged in transit), else this one (a blob that is malformed as published).
       let draining: unknown;
-      const settle = (err: unknown): void => {
+      const detach = (): void => {
         settled = true;
         signal?.removeEventListener('abort', onAbort);
+      };
+      const settle = (err: unknown): void => {
+        detach();
         input.destroy();
         zstd?.destroy();
         x?.close();
@@ -205,7 +208,7 @@ export async function applyLayer(
           entriesBefore: state.entries,
           teeFd: tee && (compression !== 'zstd' || nativeZstd) ? tee.fd : -1,
           // A digest-verified input errors before anything is trusted: gzip's trailer is redundant.
-          checkTrailer: !verifiesDigest(input),
+          checkTrailer: !verified,
         });
       };
       // Bytes for the extractor; the source is held while more than HIGH_WATER wait there. The
@@ -249,8 +252,7 @@ export async function applyLayer(
           .then(async (r) => {
             await zstd?.done;
             if (settled) return;
-            settled = true;
-            signal?.removeEventListener('abort', onAbort);
+            detach();
             state.bytes = r.bytes;
             state.entries = r.entries;
             state.warnings.push(...r.warnings);

@@ -282,9 +282,16 @@ export async function resolveRegistryImage(
   const manifest = checkManifest(parsed, `manifest of ${ref.canonical}`);
   const blobDir = options.blobDir;
   const layers = manifest.layers;
+  const blobFile = (d: Descriptor): string => path.join(blobDir as string, d.digest.replace(':', '/'));
   const cached = (d: Descriptor): boolean => {
-    const file = path.join(blobDir as string, d.digest.replace(':', '/'));
+    const file = blobFile(d);
     return fs.existsSync(file) && fs.statSync(file).size === d.size;
+  };
+  // Where a blob goes, and the temporary name it is written under until its digest matched.
+  const staging = (d: Descriptor): { file: string; tmp: string } => {
+    const file = blobFile(d);
+    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o755 });
+    return { file, tmp: `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.part` };
   };
   // The first layer's request goes out with the config's (a registry answers blobs in a few ms
   // each, a loopback one included): its body waits, paused, until extraction takes it.
@@ -309,10 +316,8 @@ export async function resolveRegistryImage(
     if (existing) return existing;
     const p = (async () => {
       if (!blobDir) throw new Error('no blob cache');
-      const file = path.join(blobDir, d.digest.replace(':', '/'));
-      if (fs.existsSync(file) && fs.statSync(file).size === d.size) return file;
-      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o755 });
-      const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.part`;
+      if (cached(d)) return blobFile(d);
+      const { file, tmp } = staging(d);
       try {
         const stream = verifying(await client.blob(d), d, `layer ${d.digest}`);
         await new Promise<void>((resolve, reject) => {
@@ -343,9 +348,7 @@ export async function resolveRegistryImage(
   // One pass over the bytes: hash and count them (verification), copy them into the blob cache
   // (published by rename only once the digest matched), and hand them to the extractor.
   const streamAndKeep = async (d: Descriptor): Promise<Readable> => {
-    const file = path.join(blobDir as string, d.digest.replace(':', '/'));
-    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o755 });
-    const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.part`;
+    const { file, tmp } = staging(d);
     const src = await client.blob(d);
     const [alg, want] = d.digest.split(':');
     const hash = createHash(alg);
@@ -403,9 +406,7 @@ export async function resolveRegistryImage(
       body = await client.fastBlob(d);
     }
     if (!body) return undefined;
-    const file = path.join(blobDir as string, d.digest.replace(':', '/'));
-    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o755 });
-    const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.part`;
+    const { file, tmp } = staging(d);
     let fd = -1;
     try {
       fd = fs.openSync(tmp, 'wx', 0o644);
