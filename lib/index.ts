@@ -60,13 +60,14 @@ export const native = {
 } as const;
 
 export { run, chooseBackend, defaultDataRoot, type RunOptions, type PostBootHook } from './run';
-export { MicroVM, type VmStatus } from './vm';
+export { MicroVM, describeExit, type VmStatus } from './vm';
+export { probeKvm, decideAccel, readKvmVerdict, type AccelChoice, type AccelDecision, type HostProbePaths, type KvmKind, type KvmProbe, type KvmVerdict } from './host/kvm';
 export { hooks, type RootfsContext, type RootfsHook, type WriteOptions } from './rootfs/hooks';
 export { cloneRootfs, type CloneStrategy, type ClonedRootfs } from './rootfs/clone';
 export { libkrunBackend, type LibkrunBackendOptions } from './backends/libkrun';
 export { qemuBackend, resolveQemuRuntime, type QemuBackendOptions, type QemuRuntime } from './backends/qemu';
 export { buildPvhElf, findPvhEntry } from './backends/qemu/kernel';
-export type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, ImageRuntimeConfig } from './backends/types';
+export type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, ImageRuntimeConfig, VmExit } from './backends/types';
 export type { NetworkHandle, NetworkProvider } from './network/start';
 export { diskSpaceCheck, kvmCheck, portsCheck, resourcesCheck, userNamespacesCheck, type CheckResult, type PreflightCheck } from './preflight/checks';
 export { SPAN, ATTR } from './telemetry/attributes';

@@ -21,9 +21,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
-import { kvmUsable, qemuBackend, resolveQemuRuntime } from './backends/qemu';
+import { qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
+import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
 import { freePort } from './net';
 import { localRootfs, pull, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
@@ -40,7 +41,7 @@ import { writeState, processStartTime, terminateRecorded } from './state';
 import { ATTR, SPAN } from './telemetry/attributes';
 import { endSpan, getTracer, inSpan, type SpanScope } from './telemetry/tracer';
 import * as v from './validate';
-import { MicroVM } from './vm';
+import { describeExit, MicroVM } from './vm';
 
 /** A function run with the started VM (stage microvm.PostBoot). */
 export type PostBootHook = (vm: MicroVM, scope: SpanScope) => void | Promise<void>;
@@ -86,8 +87,19 @@ export interface RunOptions {
   imageCache?: string;
   /** libkrun log level ('error'). */
   logLevel?: KrunLogLevel | keyof typeof LOG_LEVELS;
-  /** 'auto' | 'libkrun' | 'qemu' | a Backend object ('auto': libkrun when /dev/kvm and libkrun are usable, else qemu). */
+  /**
+   * 'auto' | 'libkrun' | 'qemu' | a Backend object. 'auto': libkrun when the host has hardware KVM
+   * (not a PVM or other software /dev/kvm) and libkrun loads, else qemu.
+   */
   backend?: 'auto' | 'libkrun' | 'qemu' | Backend;
+  /**
+   * QEMU accelerator: 'auto' (hardware KVM when usable, else TCG; a KVM that fails to boot falls
+   * back to TCG once), 'kvm' or 'tcg'. Default `$MICROVM_ACCEL`, else 'auto'. For backend 'auto'
+   * or 'qemu' only; 'tcg' makes 'auto' pick QEMU.
+   */
+  accel?: AccelChoice;
+  /** Deadlines. `boot`: ms until the guest shows a sign of life, else ERR_MICROVM_BOOT_TIMEOUT (60000). */
+  timeouts?: { boot?: number };
   /** Rootfs clone strategies to try, in order (overlay, reflink, copy). */
   cloneStrategies?: readonly CloneStrategy[];
   /** Network provider replacing TSI. */
@@ -107,7 +119,7 @@ export interface RunOptions {
 
 const RUN_KEYS = [
   'name', 'cpus', 'memoryMiB', 'ports', 'initOverride', 'env', 'workdir', 'rootfsPath', 'imageConfig', 'rootfsHooks', 'postBoot', 'preflight', 'preflightChecks',
-  'virtiofs', 'dataDir', 'cleanDataDir', 'imageCache', 'logLevel', 'backend', 'cloneStrategies', 'network', 'tracerProvider', 'signal', 'ssh',
+  'virtiofs', 'dataDir', 'cleanDataDir', 'imageCache', 'logLevel', 'backend', 'cloneStrategies', 'network', 'tracerProvider', 'signal', 'ssh', 'accel', 'timeouts',
 ] as const;
 
 
@@ -152,12 +164,22 @@ function normalize(image: string, options: RunOptions) {
   let env: string[] = [];
   if (Array.isArray(o.env)) env = v.envEntries('env', o.env);
   else if (o.env !== undefined) env = v.envEntries('env', Object.entries(v.object('env', o.env)).map(([k, val]) => `${k}=${v.string(`env.${k}`, val, { allowEmpty: true })}`));
+  const accel = o.accel === undefined ? undefined : parseAccel('accel', o.accel);
   let backend: Backend | 'auto';
   if (o.backend === undefined || o.backend === 'auto') backend = 'auto';
   else if (o.backend === 'libkrun') backend = libkrunBackend();
-  else if (o.backend === 'qemu') backend = qemuBackend();
+  else if (o.backend === 'qemu') backend = qemuBackend({ accel });
   else if (typeof o.backend === 'object' && o.backend !== null && typeof (o.backend as Backend).start === 'function') backend = o.backend as Backend;
   else throw new TypeError(`Expected 'auto', 'libkrun', 'qemu' or a Backend object for backend but received ${v.describe(o.backend)}`);
+  if (accel !== undefined && backend !== 'auto' && backend.name !== 'qemu') {
+    throw Object.assign(new RangeError(`accel applies to backend 'auto' or 'qemu', not ${backend.name === 'libkrun' ? "'libkrun' (always hardware KVM)" : 'a Backend object (configure it there)'}`), { code: 'ERR_MICROVM_INVALID_ACCEL' });
+  }
+  let bootTimeoutMs = 60000;
+  if (o.timeouts !== undefined) {
+    const t = v.object('timeouts', o.timeouts);
+    v.knownKeys('timeouts', t, ['boot']);
+    if (t.boot !== undefined) bootTimeoutMs = v.integer('timeouts.boot', t.boot, 1, 3_600_000);
+  }
   const ports = o.ports === undefined ? [] : (normalizePortMap('ports', o.ports) as string[]).map((p) => {
     const [host, guest] = p.split(':').map(Number);
     return { host, guest };
@@ -201,6 +223,8 @@ function normalize(image: string, options: RunOptions) {
     cleanDataDir: o.cleanDataDir === undefined ? false : v.boolean('cleanDataDir', o.cleanDataDir),
     logLevel: o.logLevel === undefined ? 1 : normalizeLogLevel('logLevel', o.logLevel),
     backend,
+    accel,
+    bootTimeoutMs,
     cloneStrategies: o.cloneStrategies as CloneStrategy[] | undefined,
     network: o.network as NetworkProvider | undefined,
     tracerProvider: o.tracerProvider as TracerProvider | undefined,
@@ -226,9 +250,14 @@ function defaultChecks(backend: Backend, dataRoot: string, cpus: number, memoryM
   return list;
 }
 
-/** 'auto': libkrun when /dev/kvm opens read-write and libkrun loads; otherwise QEMU. */
-export async function chooseBackend(): Promise<Backend> {
-  if (kvmUsable()) {
+/**
+ * 'auto': libkrun when the host has hardware KVM (a PVM or other software /dev/kvm does not count,
+ * nor a KVM that already failed on this host boot) and libkrun loads; otherwise QEMU, which then
+ * uses KVM or TCG by the same rule. `accel: 'tcg'` always means QEMU.
+ */
+export async function chooseBackend(options: { accel?: AccelChoice; dataRoot?: string } = {}): Promise<Backend> {
+  const accel = options.accel ?? (process.env.MICROVM_ACCEL ? parseAccel('MICROVM_ACCEL', process.env.MICROVM_ACCEL) : 'auto');
+  if (accel !== 'tcg' && decideAccel('auto', { dataRoot: options.dataRoot }).accel === 'kvm') {
     try {
       await resolveRuntime();
       return libkrunBackend();
@@ -236,13 +265,13 @@ export async function chooseBackend(): Promise<Backend> {
       /* no libkrun: QEMU (with KVM) */
     }
   }
-  return qemuBackend();
+  return qemuBackend({ accel: options.accel });
 }
 
 /** Boots `image` as a VM. See {@link RunOptions}; resolves to a started {@link MicroVM}. */
 export async function run(image: string, options: RunOptions = {}): Promise<MicroVM> {
   const n = normalize(image, options);
-  const o = { ...n, backend: n.backend === 'auto' ? await chooseBackend() : n.backend };
+  const o = { ...n, backend: n.backend === 'auto' ? await chooseBackend({ accel: n.accel, dataRoot: n.dataRoot }) : n.backend };
   let sshSetup: { key: SshKeyPair; hostPort: number; user: string; timeoutMs: number; waitReady: boolean } | undefined;
   if (o.ssh) {
     const hostPort = o.ssh.hostPort ?? (await freePort());
@@ -325,16 +354,19 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
 
     const consoleLogPath = path.join(vmDir, 'console.log');
     const logPath = path.join(vmDir, 'vm.log');
-    const started: BackendHandle = await stage(SPAN.VM_SPAWN, undefined, async (_s, inner) => {
+    const stdoutPath = path.join(vmDir, 'stdout.log');
+    const stderrPath = path.join(vmDir, 'stderr.log');
+    const started: BackendHandle = await stage(SPAN.VM_SPAWN, undefined, async (spawnSpan, inner) => {
       const h = await o.backend.start({
         vmId: o.id, name: o.name, dataDir: vmDir, rootfs, cpus: o.cpus, memoryMiB: o.memoryMiB, ports: o.ports, virtiofs: o.virtiofs, logLevel: o.logLevel,
-        consoleLogPath, logPath, network: network ? { kind: network.kind, socketPath: network.socketPath, mac: network.mac } : undefined, scope: inner, signal,
+        consoleLogPath, stdoutPath, stderrPath, logPath, bootTimeoutMs: o.bootTimeoutMs, network: network ? { kind: network.kind, socketPath: network.socketPath, mac: network.mac } : undefined, scope: inner, signal,
       });
       // Registered before anything else can fail, so the VM never outlives a failed run().
       undo.push(async () => {
         h.kill('SIGKILL');
         await h.exited;
       });
+      spawnSpan.setAttribute(ATTR.VM_PID, h.pid);
       return h;
     });
     root.setAttribute(ATTR.VM_PID, started.pid);
@@ -349,7 +381,22 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       network ? [() => network.stop()] : [],
     );
 
+    // From here every wait races the VM's end: a VM that dies or fails during PostBoot ends the
+    // wait at once with a coded error (the hypervisor's, or ERR_MICROVM_VM_EXITED).
+    const life = new AbortController();
+    void vm.wait().then((exit) => {
+      life.abort(exit.reason === 'failed' ? exit.error : new MicrovmError('ERR_MICROVM_VM_EXITED', `The VM ended before it was ready: ${describeExit(exit)}. Console: ${consoleLogPath}`));
+    });
+    const postBootSignal = signal ? AbortSignal.any([signal, life.signal]) : life.signal;
     await stage(SPAN.POST_BOOT, { [ATTR.POST_BOOT_HOOK_COUNT]: o.postBoot.length }, async (_s, inner) => {
+      try {
+        await postBoot(inner);
+      } catch (err) {
+        if (life.signal.aborted && !signal?.aborted) throw life.signal.reason;
+        throw err;
+      }
+    });
+    async function postBoot(inner: SpanScope): Promise<void> {
       if (sshSetup) {
         const sshDir = path.join(vmDir, 'ssh');
         writeKeyPair(sshSetup.key, sshDir);
@@ -357,18 +404,25 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
           vm.ssh = await waitForReady(
             {
               host: '127.0.0.1', port: sshSetup.hostPort, username: sshSetup.user, privateKey: sshSetup.key.privateKey,
-              hostKey: { knownHostsFile: path.join(sshDir, 'known_hosts') }, timeoutMs: sshSetup.timeoutMs, signal,
+              hostKey: { knownHostsFile: path.join(sshDir, 'known_hosts') }, timeoutMs: sshSetup.timeoutMs, signal: postBootSignal,
             },
             inner,
           );
           undo.push(async () => vm.ssh?.close());
         }
       }
+      // A hook need not watch the signal itself: the VM's end (or the caller's abort) ends the wait.
+      const ended = new Promise<never>((_, reject) => {
+        const onAbort = (): void => reject(postBootSignal.reason);
+        if (postBootSignal.aborted) onAbort();
+        else postBootSignal.addEventListener('abort', onAbort, { once: true });
+      });
+      ended.catch(() => undefined);
       for (const hook of o.postBoot) {
-        signal?.throwIfAborted();
-        await hook(vm, inner);
+        postBootSignal.throwIfAborted();
+        await Promise.race([hook(vm, inner), ended]);
       }
-    });
+    }
 
     endSpan(root);
     return vm;

@@ -59,6 +59,8 @@ export interface RunnerHandle {
   readonly exited: Promise<RunnerExitStatus>;
   /** Sends a signal to the runner's process group (or the process when not detached). */
   kill(signal?: NodeJS.Signals): boolean;
+  /** Size of the log file when this runner started: its own lines come after. */
+  readonly logStart: number;
 }
 
 interface RunnerErrorLine {
@@ -85,7 +87,8 @@ export function parseRunnerError(log: string): RunnerErrorLine | undefined {
   return undefined;
 }
 
-function readTail(file: string, offset: number): string {
+/** The log text after `offset` (at most the last 64 KiB). */
+export function readTail(file: string, offset: number): string {
   try {
     const fd = fs.openSync(file, 'r');
     try {
@@ -221,5 +224,6 @@ export async function startRunner(options: StartRunnerOptions): Promise<RunnerHa
     pid,
     exited,
     kill: (sig: NodeJS.Signals = 'SIGTERM') => killGroup(sig),
+    logStart,
   };
 }

@@ -4,7 +4,7 @@
  */
 import { EventEmitter } from 'node:events';
 import * as fsp from 'node:fs/promises';
-import type { BackendHandle } from './backends/types';
+import type { BackendHandle, VmExit } from './backends/types';
 import { MicrovmError } from './errors';
 import type { ExecOptions, ExecResult, SshClient } from './ssh/client';
 import * as v from './validate';
@@ -14,8 +14,20 @@ export interface VmStatus {
   state: 'running' | 'exited';
   backend: string;
   pid: number;
+  /** How it ended (see {@link VmExit}); undefined while running. */
+  reason?: VmExit['reason'];
   exitCode: number | null;
   signal: NodeJS.Signals | null;
+  /** The coded error when the hypervisor failed. */
+  error?: MicrovmError;
+}
+
+/** Reads a backend's exit value; the older `{ code, signal }` shape still works. */
+export function toVmExit(r: Awaited<BackendHandle['exited']>): VmExit {
+  if ('reason' in r) return r;
+  if (r.code !== null) return { reason: 'exited', exitCode: r.code, signal: null };
+  if (r.signal) return { reason: 'stopped', exitCode: null, signal: r.signal };
+  return { reason: 'failed', exitCode: null, signal: null, error: new MicrovmError('ERR_MICROVM_HYPERVISOR_FAILED', 'The VM process ended with neither an exit code nor a signal') };
 }
 
 /** Fixed facts about a VM, set when it starts. */
@@ -31,6 +43,13 @@ export interface MicroVMInfo {
   logPath: string;
 }
 
+/** One-line description of how a VM ended. */
+export function describeExit(exit: VmExit): string {
+  if (exit.reason === 'exited') return `the guest command exited with code ${exit.exitCode}`;
+  if (exit.reason === 'stopped') return `the VM was stopped by ${exit.signal}`;
+  return `the hypervisor failed: [${exit.error.code}] ${exit.error.message}`;
+}
+
 export class MicroVM extends EventEmitter implements AsyncDisposable {
   readonly id: string;
   readonly name: string;
@@ -40,10 +59,16 @@ export class MicroVM extends EventEmitter implements AsyncDisposable {
   readonly cloneStrategy: string;
   readonly ports: readonly { host: number; guest: number }[];
   readonly consoleLogPath: string;
+  /**
+   * Where the guest command's stdout and stderr go when the backend keeps them apart from the
+   * console (QEMU backend); undefined otherwise (libkrun: both are on the console).
+   */
+  readonly stdoutPath: string | undefined;
+  readonly stderrPath: string | undefined;
   readonly logPath: string;
   readonly #handle: BackendHandle;
-  readonly #exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  #result: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+  readonly #exited: Promise<VmExit>;
+  #result: VmExit | undefined;
   #stopping: Promise<void> | undefined;
   #onExit: Array<() => Promise<void>> = [];
   /** Connected SSH client, when run() was given `ssh` (set by the SSHWaitReady post-boot hook). */
@@ -61,12 +86,15 @@ export class MicroVM extends EventEmitter implements AsyncDisposable {
     this.ports = info.ports;
     this.consoleLogPath = info.consoleLogPath;
     this.logPath = info.logPath;
+    this.stdoutPath = handle.stdoutPath;
+    this.stderrPath = handle.stderrPath;
     this.#handle = handle;
     this.#onExit = onExit;
-    this.#exited = handle.exited.then(async (r) => {
+    this.#exited = handle.exited.then(async (raw) => {
+      const r = toVmExit(raw);
       this.#result = r;
       for (const fn of this.#onExit) await fn().catch(() => undefined);
-      this.emit('exit', r.code, r.signal);
+      this.emit('exit', r);
       return r;
     });
   }
@@ -81,8 +109,10 @@ export class MicroVM extends EventEmitter implements AsyncDisposable {
       state: this.#result ? 'exited' : 'running',
       backend: this.backend,
       pid: this.pid,
-      exitCode: this.#result?.code ?? null,
+      reason: this.#result?.reason,
+      exitCode: this.#result?.exitCode ?? null,
       signal: this.#result?.signal ?? null,
+      error: this.#result?.error,
     };
   }
 
@@ -92,9 +122,13 @@ export class MicroVM extends EventEmitter implements AsyncDisposable {
     return this.ssh.exec(command, options);
   }
 
-  /** Resolves with the guest's exit code (null when the VM was killed by a signal). */
-  async wait(): Promise<number | null> {
-    return (await this.#exited).code;
+  /**
+   * Resolves once the VM ended, saying how: `{ reason: 'exited', exitCode }` (the guest command's
+   * own code), `{ reason: 'stopped', signal }` (stop() or a signal), or `{ reason: 'failed', error }`
+   * (the hypervisor failed; `error` is coded and carries its last log lines). Never rejects.
+   */
+  wait(): Promise<VmExit> {
+    return this.#exited;
   }
 
   /**

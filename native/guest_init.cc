@@ -6,10 +6,13 @@
 //      writes /etc/resolv.conf (nameserver 10.0.2.3);
 //   3. reads /.krun_config.json (or $KRUN_CONFIG): Cmd, Env, WorkingDir, and mounts the virtio-fs
 //      shares listed in MicrovmMounts ([{tag, target, readOnly}]);
-//   4. runs Cmd as a child, reaping every orphan while it runs;
-//   5. reports the command's exit status to the host on the virtio-serial port named
-//      "microvm.exit" as "EXIT <code>\n" (125: setup failed, 126: cannot execute, 127: not found,
-//      128+N: killed by signal N), then powers off.
+//   4. says "UP\n" on the virtio-serial port "microvm.exit" as soon as /sys and /dev are mounted
+//      (the host's sign of life: the kernel booted and this init runs);
+//   5. runs Cmd as a child with stdout and stderr on the ports "microvm.stdout"/"microvm.stderr"
+//      when the host provides them (not a tty: no CRLF, no kernel messages mixed in; stdin stays the
+//      console), reaping every orphan while it runs;
+//   6. reports the command's exit status on "microvm.exit" as "EXIT <code>\n" (125: setup failed,
+//      126: cannot execute, 127: not found, 128+N: killed by signal N), then powers off.
 // Statically linked, so it runs in any image.
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -101,8 +104,8 @@ void Network() {
   }
 }
 
-// The /dev/vportNpM whose /sys/class/virtio-ports/<port>/name is "microvm.exit".
-std::string ExitPort() {
+// The /dev/vportNpM whose /sys/class/virtio-ports/<port>/name is `want` ("" when absent).
+std::string FindPort(const char* want) {
   DIR* d = opendir("/sys/class/virtio-ports");
   if (d == nullptr) return "";
   std::string found;
@@ -112,8 +115,9 @@ std::string ExitPort() {
     FILE* f = std::fopen(name_file.c_str(), "re");
     if (f == nullptr) continue;
     char buf[64] = {0};
-    if (std::fgets(buf, sizeof buf, f) != nullptr && std::strncmp(buf, "microvm.exit", 12) == 0) {
-      found = std::string("/dev/") + e->d_name;
+    if (std::fgets(buf, sizeof buf, f) != nullptr) {
+      buf[std::strcspn(buf, "\n")] = '\0';
+      if (std::strcmp(buf, want) == 0) found = std::string("/dev/") + e->d_name;
     }
     std::fclose(f);
   }
@@ -121,20 +125,25 @@ std::string ExitPort() {
   return found;
 }
 
-[[noreturn]] void Finish(int code) {
-  std::string port = ExitPort();
-  if (!port.empty()) {
-    int fd = open(port.c_str(), O_WRONLY | O_CLOEXEC);
-    if (fd >= 0) {
-      std::string line = "EXIT " + std::to_string(code) + "\n";
-      ssize_t ignored = write(fd, line.data(), line.size());
-      (void)ignored;
-      fsync(fd);
-      close(fd);
-    }
-  } else {
-    Log("no microvm.exit port; exit status " + std::to_string(code));
+// The microvm.exit port, opened once (a virtio port takes one opener at a time).
+int g_exit_fd = -1;
+
+void SayToHost(const std::string& line) {
+  if (g_exit_fd < 0) {
+    std::string port = FindPort("microvm.exit");
+    if (!port.empty()) g_exit_fd = open(port.c_str(), O_WRONLY | O_CLOEXEC);
   }
+  if (g_exit_fd < 0) {
+    Log("no microvm.exit port: " + line);
+    return;
+  }
+  std::string text = line + "\n";
+  ssize_t ignored = write(g_exit_fd, text.data(), text.size());  // blocks until the host took it
+  (void)ignored;
+}
+
+[[noreturn]] void Finish(int code) {
+  SayToHost("EXIT " + std::to_string(code));
   sync();
   reboot(RB_POWER_OFF);
   for (;;) pause();  // the host stops the VM once it read the status
@@ -214,6 +223,7 @@ int main() {
   MountFs("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
   MountFs("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
   MountFs("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+  SayToHost("UP");
   if (sethostname("microvm", 7) != 0) Log(std::string("sethostname: ") + std::strerror(errno));
   Network();
 
@@ -234,6 +244,21 @@ int main() {
   if (child == 0) {
     setsid();
     ioctl(STDIN_FILENO, TIOCSCTTY, 0);
+    // The command's own output channels; without them (an older host) it keeps the console.
+    const char* names[2] = {"microvm.stdout", "microvm.stderr"};
+    for (int i = 0; i < 2; i++) {
+      std::string port = FindPort(names[i]);
+      if (port.empty()) continue;
+      int fd = open(port.c_str(), O_WRONLY);
+      if (fd < 0) {
+        Log(port + ": " + std::strerror(errno));
+        continue;
+      }
+      if (fd != STDOUT_FILENO + i) {
+        dup2(fd, STDOUT_FILENO + i);
+        close(fd);
+      }
+    }
     clearenv();
     for (const auto& e : env) putenv(const_cast<char*>(e.c_str()));
     if (getenv("HOME") == nullptr) setenv("HOME", "/root", 0);

@@ -3,6 +3,7 @@ import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
 import { scratch } from './helpers';
+import { makeHost } from './host/fake-host';
 
 const bin = path.join(packageRoot, 'bin', 'microvm.js');
 const layout = process.env.MICROVM_TEST_LAYOUT;
@@ -12,8 +13,8 @@ beforeEach(() => {
 });
 afterEach(() => s.cleanup());
 
-function cli(args: string[], timeout = 120000): { code: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', timeout, env: { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR } });
+function cli(args: string[], timeout = 120000, extraEnv: Record<string, string> = {}): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', timeout, env: { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR, ...extraEnv } });
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -30,17 +31,29 @@ describe('usage', () => {
     expect(cli(['logs', 'nope', '--data-dir', s.dir])).toMatchObject({ code: 1, stderr: expect.stringContaining('ERR_MICROVM_VM_NOT_FOUND') });
   });
 
-  test('doctor reports what this machine has, and which backend auto picks', () => {
-    const r = cli(['doctor', '--json', '--data-dir', s.dir]);
-    const j = JSON.parse(r.stdout) as { checks: { name: string; ok: boolean }[]; backend: string; ready: boolean };
+  test('doctor on a PVM host, a host without /dev/kvm and a hardware-KVM host (fake host trees): the reason, and QEMU with TCG', () => {
+    const env = (root: string): Record<string, string> => ({ MICROVM_HOST_PROBE_ROOT: root });
+    const pvm = path.join(s.dir, 'pvm');
+    makeHost(pvm, { flags: 'fpu sse2 hypervisor', modules: ['kvm', 'kvm_pvm'] });
+    const r = cli(['doctor', '--json', '--data-dir', s.dir], 120000, env(pvm));
+    const j = JSON.parse(r.stdout) as { checks: { name: string; ok: boolean; message?: string }[]; backend: string; accel: { accel: string }; kvm: { kind: string }; ready: boolean };
     expect(j.checks.map((c) => c.name)).toEqual(['kvm', 'libkrun', 'libkrunfw', 'qemu', 'user-namespaces', 'disk-space']);
-    const kvm = j.checks.find((c) => c.name === 'kvm')?.ok;
-    const libkrun = j.checks.find((c) => c.name === 'libkrun')?.ok;
-    expect(j.backend).toBe(kvm && libkrun ? 'libkrun' : 'qemu');
+    expect(j).toMatchObject({ backend: 'qemu', accel: { accel: 'tcg' }, kvm: { kind: 'pvm' } });
     expect(r.code).toBe(j.ready ? 0 : 1);
-    const text = cli(['doctor', '--data-dir', s.dir]).stdout;
-    if (!kvm) expect(text).toMatch(/MISS kvm[\s\S]*fix:[\s\S]*backend 'auto' will use: qemu/);
+    const text = cli(['doctor', '--data-dir', s.dir], 120000, env(pvm)).stdout;
+    expect(text).toContain('/dev/kvm is PVM software virtualization: hardware KVM unavailable; QEMU will use TCG');
+    expect(text).toMatch(/backend 'auto' will use: qemu with TCG/);
+    const none = path.join(s.dir, 'none');
+    makeHost(none, { flags: 'fpu vmx', modules: ['kvm_intel'], device: 'none' });
+    expect(cli(['doctor', '--data-dir', s.dir], 120000, env(none)).stdout).toMatch(/MISS kvm +\S+ does not exist[\s\S]*backend 'auto' will use: qemu with TCG/);
+    const hw = path.join(s.dir, 'hw');
+    makeHost(hw, { flags: 'fpu vmx', modules: ['kvm_intel'] });
+    const h = JSON.parse(cli(['doctor', '--json', '--data-dir', s.dir], 120000, env(hw)).stdout) as { checks: { name: string; ok: boolean }[]; backend: string; accel: { accel: string } };
+    expect(h.checks.find((c) => c.name === 'kvm')?.ok).toBe(true);
+    // With hardware KVM, 'auto' is libkrun where libkrun loads, else QEMU with KVM.
+    expect(h.backend === 'libkrun' || h.accel.accel === 'kvm').toBe(true);
   });
+
 });
 
 (layout ? describe : describe.skip)(`VMs from the CLI${layout ? '' : ' [skipped: no test layout (umoci missing)]'}`, () => {
@@ -120,13 +133,61 @@ describe('usage', () => {
     expect(rows.map((x) => x.span)).toEqual(expect.arrayContaining(['microvm.ImagePull', 'microvm.VMSpawn', 'microvm.backend.ResolveFirmware']));
   });
 
-  test('run --json: one JSON object with the exit code, console and spans', () => {
-    const r = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--rm', '--json', '--', '/bin/sh', '-c', 'echo json-out; exit 5']);
+  test('run --json: one JSON object with how the VM ended, the output and spans', () => {
+    const r = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--rm', '--json', '--', '/bin/sh', '-c', 'echo json-out; echo json-err >&2; exit 5']);
     expect(r.code).toBe(5);
-    const j = JSON.parse(r.stdout) as { exitCode: number; console: string; backend: string; spans: { name: string; parentSpanId?: string }[] };
-    expect(j).toMatchObject({ exitCode: 5, backend: 'qemu' });
-    expect(j.console).toContain('json-out');
+    const j = JSON.parse(r.stdout) as { exitCode: number; stdout: string; backend: string; spans: { name: string; parentSpanId?: string }[] };
+    expect(j).toMatchObject({ reason: 'exited', exitCode: 5, signal: null, error: null, backend: 'qemu', stdout: 'json-out\n', stderr: 'json-err\n' });
     expect(j.spans.map((x) => x.name)).toContain('microvm.Run');
+  });
+
+  test('stdout carries exactly the command\'s stdout: $(microvm run IMG -- cat FILE) is the file, byte for byte', () => {
+    const r = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--rm', '--', '/bin/sh', '-c', 'cat /etc/layer2; printf "no newline\\r\\n"; echo to-stderr >&2']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe('from layer 2\nno newline\r\n');
+    expect(r.stderr).toBe('to-stderr\n');
+  });
+
+  test('SIGINT (Ctrl-C) stops the VM and exits 130; SIGTERM 143; the VM is gone', async () => {
+    for (const [sig, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
+      const data = path.join(s.dir, sig);
+      const child = require('node:child_process').spawn(process.execPath, [bin, 'run', `oci:${layout}:test`, '--data-dir', data, '--json', '--', '/bin/sh', '-c', 'echo up > /dev/console; sleep 600'], {
+        stdio: ['ignore', 'pipe', 'inherit'],
+        env: { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR },
+      });
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      const exited = new Promise<number | null>((resolve) => child.once('exit', (c: number | null) => resolve(c)));
+      // Signal once the guest command runs (its line on the console).
+      const consoleOf = (): string => {
+        try {
+          const vms = require('node:fs').readdirSync(path.join(data, 'vms')) as string[];
+          return vms.length ? require('node:fs').readFileSync(path.join(data, 'vms', vms[0], 'console.log'), 'utf8') : '';
+        } catch {
+          return '';
+        }
+      };
+      for (let i = 0; i < 600 && !consoleOf().includes('up'); i++) await new Promise((r) => setTimeout(r, 100));
+      child.kill(sig);
+      expect([sig, await exited]).toEqual([sig, code]);
+      expect(JSON.parse(out)).toMatchObject({ reason: 'stopped', exitCode: null, interruptedBy: sig });
+      const left = require('node:fs').readdirSync('/proc').filter((p: string) => {
+        try {
+          return /^\d+$/.test(p) && require('node:fs').readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(data);
+        } catch {
+          return false;
+        }
+      });
+      expect([sig, left]).toEqual([sig, []]);
+    }
+  });
+
+  test('--accel kvm where there is no /dev/kvm: a coded error at once, exit 1; a bad --accel is a usage error', () => {
+    const none = path.join(s.dir, 'host');
+    makeHost(none, { flags: 'fpu', modules: [], device: 'none' });
+    const r = cli(['run', `oci:${layout}:test`, '--data-dir', s.dir, '--rm', '--accel', 'kvm', '--', '/bin/true'], 120000, { MICROVM_HOST_PROBE_ROOT: none });
+    expect(r).toMatchObject({ code: 1, stdout: '', stderr: expect.stringContaining('[ERR_MICROVM_KVM_UNAVAILABLE]') });
+    expect(cli(['run', 'img', '--accel', 'fast'])).toMatchObject({ code: 2, stderr: expect.stringContaining('--accel') });
   });
 
   test('exec over SSH into a detached VM started with --ssh', () => {
@@ -135,7 +196,7 @@ describe('usage', () => {
     expect(started.code).toBe(0);
     try {
       const r = cli(['exec', 'sshvm', '--data-dir', s.dir, '--', 'sh', '-c', 'cat /etc/layer2; exit 6']);
-      expect(r).toMatchObject({ code: 6, stdout: 'from layer 2\n' });
+      expect(r).toMatchObject({ code: 6, stdout: 'from layer 2\n', stderr: '' });
     } finally {
       cli(['rm', 'sshvm', '--data-dir', s.dir]);
     }

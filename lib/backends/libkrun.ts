@@ -5,14 +5,15 @@
  * the launch plan, dry-runs it in-process against the real libkrun, and starts the runner, which
  * mounts the overlay root (when cloned that way), configures libkrun and calls krun_start_enter.
  */
+import { MicrovmError } from '../errors';
 import { buildLaunchPlan, type LaunchPlanInput, validateLaunchPlan } from '../plan';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../resolve/firmware';
 import { resolveRuntime, type ResolveRuntimeOptions } from '../resolve/runtime';
 import { rootfsContext } from '../rootfs/hooks';
-import { startRunner } from '../runner';
+import { parseRunnerError, readTail, type RunnerExitStatus, runnerFailure, startRunner } from '../runner';
 import { ATTR, SPAN } from '../telemetry/attributes';
 import { inSpan } from '../telemetry/tracer';
-import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput } from './types';
+import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from './types';
 
 /** Default PATH for the guest when the image sets none. */
 export const DEFAULT_GUEST_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
@@ -42,6 +43,43 @@ export function guestConfig(input: BackendPrepareInput): { Cmd: string[]; Env: s
   // Read by microvm-guest-init (QEMU backend); libkrun's own init ignores it (mount the tags yourself).
   if (input.mounts?.length) config.MicrovmMounts = input.mounts.map((m) => ({ tag: m.tag, target: m.guestPath, readOnly: m.readOnly }));
   return config;
+}
+
+/** Signals that mean "someone stopped it" rather than "it crashed". */
+const STOP_SIGNALS = new Set<NodeJS.Signals>(['SIGTERM', 'SIGKILL', 'SIGINT', 'SIGHUP', 'SIGQUIT']);
+
+/** libkrun log lines that say the VMM (not the guest) failed. */
+const VMM_FAILURE = /\bERROR\b|KVM_EXIT_|panicked at|Couldn't find or load/;
+
+/**
+ * How a libkrun VM ended. The VMM exits with the guest's code, but a VMM failure (for example
+ * KVM_EXIT_INTERNAL_ERROR) also exits, with code 1: the two are told apart by the VMM's own error
+ * lines in the runner's log (logged at level 'error' and above, the default). A VMM failure that
+ * logs nothing at that level cannot be told from a guest exit 1.
+ */
+export function classifyRunnerExit(status: RunnerExitStatus, log: string, logPath: string, sent: NodeJS.Signals | undefined): VmExit {
+  if (sent) return { reason: 'stopped', exitCode: null, signal: sent };
+  if (status.signal && STOP_SIGNALS.has(status.signal)) return { reason: 'stopped', exitCode: null, signal: status.signal };
+  const lines = log.split('\n').map((l) => l.trim()).filter(Boolean);
+  const last = lines.slice(-12).map((l) => `  ${l.replace(/[^\x20-\x7e\u00a0-\uffff]/g, '?')}`).join('\n');
+  if (status.signal) {
+    return { reason: 'failed', exitCode: null, signal: status.signal, error: new MicrovmError('ERR_MICROVM_HYPERVISOR_FAILED', `The libkrun VMM was killed by ${status.signal}; see ${logPath}:\n${last}`) };
+  }
+  // krun_start_enter returned after "configured": the runner's JSON error line says why.
+  if (parseRunnerError(log)) {
+    const error = runnerFailure(status, log, logPath);
+    return { reason: 'failed', exitCode: null, signal: null, error: error instanceof MicrovmError ? error : new MicrovmError('ERR_MICROVM_RUNNER_FAILED', error.message) };
+  }
+  const vmm = lines.filter((l) => VMM_FAILURE.test(l));
+  if (status.code !== 0 && vmm.length > 0) {
+    return {
+      reason: 'failed',
+      exitCode: null,
+      signal: null,
+      error: new MicrovmError('ERR_MICROVM_HYPERVISOR_FAILED', `The libkrun VMM failed (exit ${String(status.code)}): ${vmm[vmm.length - 1]}\nSee ${logPath}:\n${last}`),
+    };
+  }
+  return { reason: 'exited', exitCode: status.code ?? 0, signal: null };
 }
 
 /** Creates the libkrun backend. */
@@ -88,7 +126,14 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
         input.signal?.throwIfAborted();
         const runner = await startRunner({ runnerPath: runtime.runnerPath, plan, logPath: input.logPath, env: options.env, signal: input.signal });
         span.setAttribute(ATTR.VM_PID, runner.pid);
-        return { pid: runner.pid, executable: runtime.runnerPath, exited: runner.exited, kill: (sig) => runner.kill(sig) };
+        let sent: NodeJS.Signals | undefined;
+        const exited = runner.exited.then((status) => classifyRunnerExit(status, readTail(input.logPath, runner.logStart), input.logPath, sent));
+        const kill = (sig: NodeJS.Signals): boolean => {
+          const ok = runner.kill(sig);
+          if (ok) sent = sig;
+          return ok;
+        };
+        return { pid: runner.pid, executable: runtime.runnerPath, exited, kill };
       });
     },
   };

@@ -3,6 +3,7 @@
  * built-in one; other backends plug in by implementing this and passing the object as
  * `run(image, { backend })`.
  */
+import type { MicrovmError } from '../errors';
 import type { SpanScope } from '../telemetry/tracer';
 import type { ClonedRootfs } from '../rootfs/clone';
 
@@ -42,15 +43,35 @@ export interface BackendStartInput {
   ports: { host: number; guest: number }[];
   virtiofs: { tag: string; hostPath: string; readOnly: boolean; guestPath?: string }[];
   logLevel: number;
-  /** Guest console output file. */
+  /** Guest console output file (kernel and init messages; the command's output where not separated). */
   consoleLogPath: string;
+  /** Where a backend that can separate them puts the guest command's stdout and stderr. */
+  stdoutPath: string;
+  stderrPath: string;
   /** The VMM's own stdout/stderr. */
   logPath: string;
+  /**
+   * How long the guest may take to show a sign of life (the QEMU backend: its init started) before
+   * the start fails with ERR_MICROVM_BOOT_TIMEOUT.
+   */
+  bootTimeoutMs: number;
   /** Set when a network provider replaced TSI (virtio-net over a unix socket). */
   network?: { kind: 'unixstream' | 'unixgram'; socketPath: string; mac: string };
   scope: SpanScope;
   signal?: AbortSignal;
 }
+
+/**
+ * How a VM ended, told truthfully:
+ * - `exited`: the guest command exited by itself with `exitCode` (128+N when it died of signal N);
+ * - `stopped`: `stop()` or a signal to the VM's process ended it (`signal` says which);
+ * - `failed`: the hypervisor failed (crashed, paused on an internal error, the guest kernel
+ *   panicked or never booted): `error` is the coded error with the hypervisor's last log lines.
+ */
+export type VmExit =
+  | { reason: 'exited'; exitCode: number; signal: null; error?: undefined }
+  | { reason: 'stopped'; exitCode: null; signal: NodeJS.Signals; error?: undefined }
+  | { reason: 'failed'; exitCode: null; signal: NodeJS.Signals | null; error: MicrovmError };
 
 /** A started VM as a backend sees it. */
 export interface BackendHandle {
@@ -58,8 +79,14 @@ export interface BackendHandle {
   readonly pid: number;
   /** Path of the executable behind `pid`, for the PID-reuse guard. */
   readonly executable: string;
-  /** Settles with the exit status of the VM process. */
-  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /**
+   * Settles with how the VM ended. Backends written for the older `{ code, signal }` shape still
+   * work: a number `code` counts as `exited`, a `signal` as `stopped`.
+   */
+  readonly exited: Promise<VmExit | { code: number | null; signal: NodeJS.Signals | null }>;
+  /** Set when the backend wrote the guest command's stdout/stderr apart from the console. */
+  readonly stdoutPath?: string;
+  readonly stderrPath?: string;
   /** Signals the VM's process group. */
   kill(signal: NodeJS.Signals): boolean;
 }

@@ -3,6 +3,7 @@
  * `exec`); otherwise 0 success, 1 failure (the message carries the error code), 2 usage error.
  */
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { BasicTracerProvider, BatchSpanProcessor, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor, type SpanProcessor } from '@opentelemetry/sdk-trace-base';
@@ -11,6 +12,8 @@ import { gc, list, purge } from '../image/cache';
 import { pull } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
 import { qemuBackend, resolveQemuRuntime } from '../backends/qemu';
+import { type AccelChoice, parseAccel, probeKvm } from '../host/kvm';
+import { describeExit, type MicroVM } from '../vm';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from '../resolve/firmware';
 import { LIBKRUN_INSTALL_HINT, resolveRuntime } from '../resolve/runtime';
 import { isRecordedProcess, readState, terminateRecorded } from '../state';
@@ -49,6 +52,9 @@ Options:
   -v HOST:GUEST[:ro]  share a host directory at GUEST over virtio-fs (repeatable; the QEMU backend
                       mounts it; with libkrun mount tag volN yourself)
   --backend B         auto | libkrun | qemu (auto)
+  --accel A           QEMU accelerator: auto | kvm | tcg (auto: hardware KVM when usable, else TCG;
+                      also MICROVM_ACCEL)
+  --boot-timeout MS   fail when the guest shows no sign of life within MS (60000)
   --rm                remove the VM's data when it exits
   --ssh               inject a key and wait for SSH on guest port 22
   --detach            return once the VM started (print its name)
@@ -58,7 +64,10 @@ Options:
                       also OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_SERVICE_NAME
   --log-level L       libkrun log level (off, error, warn, info, debug, trace)
   --json              print one JSON object instead of text
-The exit code is the guest command's.`,
+stdout carries only the command's stdout (QEMU backend; with libkrun the console, CRLF made LF),
+stderr the command's stderr and microvm's own messages.
+Exit code: the guest command's; 128+N when microvm was interrupted by signal N (SIGINT: 130) or the
+VM was stopped by signal N; 1 with a coded message when the hypervisor failed.`,
   pull: `microvm pull IMAGE [--data-dir DIR] [--json]
 
 Pulls IMAGE (registry reference or oci:DIR:TAG) into <data-dir>/images. Progress bars per layer on a
@@ -72,9 +81,10 @@ gc: remove unreferenced or incomplete entries and abandoned temporary extraction
   ps: `microvm ps [--data-dir DIR] [--json]
 
 Lists VMs in the data dir and whether each is running (PID and start time checked).`,
-  logs: `microvm logs NAME [-f] [--data-dir DIR]
+  logs: `microvm logs NAME [-f] [--console] [--data-dir DIR]
 
-Prints the VM's console output; -f follows it.`,
+Prints the guest command's stdout (to stdout) and stderr (to stderr); with the libkrun backend, or
+with --console, the VM's console (kernel and init messages too). -f follows.`,
   stop: `microvm stop NAME [--data-dir DIR] [--json]
 
 SIGTERM to the VM, SIGKILL after 5 s (only if its PID still is that VM).`,
@@ -116,9 +126,50 @@ function vmDir(dataDir: string, name: string): string {
 }
 
 /** For --detach: a QEMU VM must not die with this CLI process. */
-async function detachedBackend(choice: string): Promise<RunOptions['backend']> {
-  const b = choice === 'qemu' ? qemuBackend() : await chooseBackend();
-  return b.name === 'qemu' ? qemuBackend({ dieWithParent: false }) : b;
+async function detachedBackend(choice: string, accel: AccelChoice | undefined, dataRoot: string): Promise<RunOptions['backend']> {
+  const b = choice === 'qemu' ? qemuBackend({ accel }) : await chooseBackend({ accel, dataRoot });
+  return b.name === 'qemu' ? qemuBackend({ dieWithParent: false, accel }) : b;
+}
+
+const signalNumber = (sig: NodeJS.Signals): number => os.constants.signals[sig] ?? 9;
+
+/** Copies what was appended to `file` since `offset` to `sink`; returns the new offset. */
+function pumpFile(file: string, offset: number, sink: (buf: Buffer) => void): number {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch {
+    return offset; // not there yet
+  }
+  try {
+    const size = fs.fstatSync(fd).size;
+    if (size > offset) {
+      const buf = Buffer.alloc(size - offset);
+      const n = fs.readSync(fd, buf, 0, buf.length, offset);
+      sink(buf.subarray(0, n));
+      return offset + n;
+    }
+    return offset;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** A console stream with CRLF made LF (a CR held back until the next chunk shows what follows). */
+function crlfToLf(sink: (buf: Buffer) => void): { write: (buf: Buffer) => void; end: () => void } {
+  let held = false;
+  return {
+    write(buf) {
+      let text = (held ? '\r' : '') + buf.toString('latin1');
+      held = text.endsWith('\r');
+      if (held) text = text.slice(0, -1);
+      sink(Buffer.from(text.replace(/\r\n/g, '\n'), 'latin1'));
+    },
+    end() {
+      if (held) sink(Buffer.from('\r'));
+      held = false;
+    },
+  };
 }
 
 async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): Promise<number> {
@@ -131,10 +182,17 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       name: { type: 'string' }, cpus: { type: 'string' }, memory: { type: 'string' }, p: { type: 'string', short: 'p', multiple: true },
       e: { type: 'string', short: 'e', multiple: true }, v: { type: 'string', short: 'v', multiple: true }, backend: { type: 'string' }, 'data-dir': { type: 'string' }, rm: { type: 'boolean' },
       ssh: { type: 'boolean' }, detach: { type: 'boolean' }, trace: { type: 'boolean' }, 'trace-json': { type: 'string' }, 'log-level': { type: 'string' }, otlp: { type: 'string' },
-      json: { type: 'boolean' },
+      json: { type: 'boolean' }, accel: { type: 'string' }, 'boot-timeout': { type: 'string' },
     },
   });
   if (positionals.length !== 1) throw new UsageError('run takes one IMAGE (then -- CMD...)');
+  let accel: AccelChoice | undefined;
+  try {
+    accel = values.accel === undefined ? undefined : parseAccel('--accel', values.accel);
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+  const dataRoot = values['data-dir'] ? path.resolve(values['data-dir']) : defaultDataRoot();
   const exporter = new InMemorySpanExporter();
   const processors: SpanProcessor[] = [new SimpleSpanProcessor(exporter)];
   const tracesUrl = values.otlp
@@ -171,20 +229,31 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       return { tag: `vol${i}`, hostPath: path.resolve(m[1]), guestPath: m[2], readOnly: m[3] === 'ro' };
     }),
     backend: values.detach && (values.backend === 'qemu' || (values.backend ?? 'auto') === 'auto')
-      ? await detachedBackend(values.backend ?? 'auto')
+      ? await detachedBackend(values.backend ?? 'auto', accel, dataRoot)
       : ((values.backend ?? 'auto') as RunOptions['backend']),
+    accel: values.detach && (values.backend ?? 'auto') !== 'libkrun' ? undefined : accel,
+    timeouts: values['boot-timeout'] === undefined ? undefined : { boot: num('boot-timeout', values['boot-timeout']) },
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,
     initOverride: cmd.length ? cmd : undefined,
     ssh: values.ssh ? {} : undefined,
     logLevel: values['log-level'] as RunOptions['logLevel'],
     tracerProvider,
   };
+  // Ctrl-C / SIGTERM: abort the start, or stop the running VM; then exit 128+N (never 0).
   const ac = new AbortController();
-  const onSignal = (): void => ac.abort();
-  process.once('SIGINT', onSignal);
+  let interrupted: NodeJS.Signals | undefined;
+  let vm: MicroVM | undefined;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    interrupted ??= sig;
+    ac.abort();
+    void vm?.stop();
+  };
+  const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+  for (const sig of signals) process.on(sig, onSignal);
+  const unlisten = (): void => {
+    for (const sig of signals) process.removeListener(sig, onSignal);
+  };
   opts.signal = ac.signal;
-  const vm = await run(positionals[0], opts);
-  process.removeListener('SIGINT', onSignal);
   let finished: ReadableSpan[] = [];
   const emitTrace = async (): Promise<void> => {
     const spans = (finished = [...exporter.getFinishedSpans()]); // before shutdown clears them
@@ -192,46 +261,67 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     if (values.trace) process.stderr.write(`${formatSpanTree(spans)}\n`);
     if (values['trace-json']) fs.writeFileSync(values['trace-json'], `${JSON.stringify(spansJson(spans), null, 2)}\n`);
   };
+  try {
+    vm = await run(positionals[0], opts);
+  } catch (err) {
+    unlisten();
+    await emitTrace();
+    if (interrupted) {
+      process.stderr.write(`microvm: interrupted by ${interrupted} while starting; nothing is left running\n`);
+      return 128 + signalNumber(interrupted);
+    }
+    throw err;
+  }
   if (values.detach) {
+    unlisten();
     vm.ssh?.close(); // the readiness connection would keep this process alive
     await emitTrace();
     out({ name: vm.name, id: vm.id, pid: vm.pid, backend: vm.backend, dataDir: vm.dataDir, ports: vm.ports }, vm.name);
     return 0;
   }
-  // Stream the console while the guest runs; stop the VM on Ctrl-C.
-  let offset = 0;
-  const pump = (): void => {
-    try {
-      const fd = fs.openSync(vm.consoleLogPath, 'r');
-      const size = fs.fstatSync(fd).size;
-      if (size > offset) {
-        const buf = Buffer.alloc(size - offset);
-        fs.readSync(fd, buf, 0, buf.length, offset);
-        offset = size;
-        if (!values.json) process.stdout.write(buf);
-      }
-      fs.closeSync(fd);
-    } catch {
-      /* not there yet */
+  if (interrupted) void vm.stop(); // the signal came as run() resolved
+  // Stream the guest command's output while it runs: its stdout to ours, its stderr to ours (QEMU
+  // keeps them apart from the console); with libkrun both are on the console.
+  const started = vm;
+  const streams: { file: string; offset: number; write: (b: Buffer) => void; end?: () => void }[] = [];
+  if (!values.json) {
+    if (started.stdoutPath && started.stderrPath) {
+      streams.push({ file: started.stdoutPath, offset: 0, write: (b) => process.stdout.write(b) });
+      streams.push({ file: started.stderrPath, offset: 0, write: (b) => process.stderr.write(b) });
+    } else {
+      const conv = crlfToLf((b) => process.stdout.write(b));
+      streams.push({ file: started.consoleLogPath, offset: 0, write: conv.write, end: conv.end });
     }
+  }
+  const pump = (): void => {
+    for (const st of streams) st.offset = pumpFile(st.file, st.offset, st.write);
   };
   const timer = setInterval(pump, 50);
-  const stopOnSignal = (): void => void vm.stop();
-  process.once('SIGINT', stopOnSignal);
-  process.once('SIGTERM', stopOnSignal);
-  const code = await vm.wait();
+  const exit = await started.wait();
   clearInterval(timer);
   pump();
-  process.removeListener('SIGINT', stopOnSignal);
-  process.removeListener('SIGTERM', stopOnSignal);
+  for (const st of streams) st.end?.();
+  unlisten();
   await emitTrace();
-  const status = vm.status();
-  const consoleText = values.json && fs.existsSync(vm.consoleLogPath) ? fs.readFileSync(vm.consoleLogPath, 'utf8') : '';
-  if (values.rm) await vm.remove();
+  const read = (file: string | undefined): string => (values.json && file && fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '');
+  const captured = { stdout: read(started.stdoutPath), stderr: read(started.stderrPath), console: read(started.consoleLogPath) };
+  if (values.rm) await started.remove();
+  let code: number;
+  if (exit.reason === 'exited') code = exit.exitCode;
+  else if (interrupted) code = 128 + signalNumber(interrupted);
+  else if (exit.reason === 'stopped') code = 128 + signalNumber(exit.signal);
+  else code = 1;
   if (values.json) {
-    out({ name: vm.name, backend: vm.backend, exitCode: code, signal: status.signal, console: consoleText, spans: spansJson(finished) }, '');
+    out({
+      name: started.name, backend: started.backend, reason: exit.reason, exitCode: exit.exitCode, signal: exit.signal, interruptedBy: interrupted ?? null,
+      error: exit.error ? { code: exit.error.code, message: exit.error.message } : null, ...captured, spans: spansJson(finished),
+    }, '');
+  } else if (exit.reason === 'failed') {
+    process.stderr.write(`microvm: [${exit.error.code}] ${exit.error.message}\n`);
+  } else if (exit.reason === 'stopped' && !interrupted) {
+    process.stderr.write(`microvm: ${describeExit(exit)}\n`);
   }
-  return code ?? 128 + 9;
+  return code;
 }
 
 async function cmdBench(argv: string[], dataDir: string, out: (o: unknown, text: string) => void): Promise<number> {
@@ -251,8 +341,11 @@ async function cmdBench(argv: string[], dataDir: string, out: (o: unknown, text:
     const exporter = new InMemorySpanExporter();
     const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
     const vm = await run(positionals[0], { dataDir, name: `bench-${process.pid}-${i}`, initOverride: cmd, backend: (values.backend ?? 'auto') as RunOptions['backend'], tracerProvider });
-    await vm.wait();
+    const exit = await vm.wait();
     await vm.remove();
+    if (exit.reason !== 'exited' || exit.exitCode !== 0) {
+      throw Object.assign(new Error(`bench run ${i + 1}: ${describeExit(exit)}; a benchmark of failing boots measures nothing`), { code: exit.error?.code ?? 'ERR_MICROVM_BENCH_RUN_FAILED' });
+    }
     for (const sp of exporter.getFinishedSpans()) {
       if (sp.name === 'microvm.preflight.Check') continue;
       const list = samples.get(sp.name) ?? [];
@@ -278,11 +371,18 @@ async function cmdDoctor(dataDir: string, out: (o: unknown, text: string) => voi
   ];
   const results = [];
   for (const c of checks) results.push({ name: c.name, description: c.description, ...(await c.run()) });
-  const backend = await chooseBackend().then((b) => b.name, () => 'none');
-  const lines = results.map((r) => `${r.ok ? 'ok  ' : 'MISS'} ${r.name.padEnd(16)} ${r.ok ? r.description : `${r.message ?? ''}${r.remediation ? `\n     fix: ${r.remediation}` : ''}`}`);
+  const backend = await chooseBackend({ dataRoot: dataDir }).then((b) => b.name, () => 'none');
+  let accel: { accel: string; reason: string } | undefined;
+  try {
+    const rt = resolveQemuRuntime({}, dataDir);
+    accel = { accel: rt.accel, reason: rt.reason };
+  } catch {
+    accel = undefined;
+  }
+  const lines = results.map((r) => `${r.ok ? 'ok  ' : 'MISS'} ${r.name.padEnd(16)} ${r.ok ? (r.message ?? r.description) : `${r.message ?? ''}${r.remediation ? `\n     fix: ${r.remediation}` : ''}`}`);
   const usable = results.find((r) => r.name === 'libkrunfw')?.ok && (results.find((r) => r.name === 'qemu')?.ok || (results.find((r) => r.name === 'kvm')?.ok && results.find((r) => r.name === 'libkrun')?.ok));
-  lines.push('', `backend 'auto' will use: ${backend}${backend === 'qemu' && !results[0].ok ? ' (no KVM: software emulation, slower but works)' : ''}`);
-  out({ checks: results, backend, ready: !!usable }, lines.join('\n'));
+  lines.push('', `backend 'auto' will use: ${backend}${backend === 'qemu' && accel ? ` with ${accel.accel.toUpperCase()} (${accel.accel === 'tcg' ? `${accel.reason}` : accel.reason})` : ''}`);
+  out({ checks: results, backend, accel: accel ?? null, kvm: probeKvm(), ready: !!usable }, lines.join('\n'));
   return usable ? 0 : 1;
 }
 
@@ -356,25 +456,18 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'logs': {
         if (positional.length !== 1) throw new UsageError('logs takes one NAME');
-        const file = path.join(vmDir(dataDir, positional[0]), 'console.log');
-        if (!fs.existsSync(file)) throw Object.assign(new Error(`no VM named ${positional[0]}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
-        process.stdout.write(fs.readFileSync(file));
-        if (rest.includes('-f')) {
-          let offset = fs.statSync(file).size;
-          await new Promise<void>(() => {
-            setInterval(() => {
-              const size = fs.statSync(file).size;
-              if (size > offset) {
-                const fd = fs.openSync(file, 'r');
-                const buf = Buffer.alloc(size - offset);
-                fs.readSync(fd, buf, 0, buf.length, offset);
-                fs.closeSync(fd);
-                offset = size;
-                process.stdout.write(buf);
-              }
-            }, 200);
-          });
-        }
+        const dir = vmDir(dataDir, positional[0]);
+        if (!fs.existsSync(path.join(dir, 'console.log')) && !fs.existsSync(path.join(dir, 'stdout.log'))) throw Object.assign(new Error(`no VM named ${positional[0]}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
+        // The command's stdout and stderr where the backend kept them apart (QEMU), else the console.
+        const separate = !rest.includes('--console') && fs.existsSync(path.join(dir, 'stdout.log'));
+        const streams = separate
+          ? [{ file: path.join(dir, 'stdout.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }, { file: path.join(dir, 'stderr.log'), offset: 0, write: (b: Buffer) => process.stderr.write(b) }]
+          : [{ file: path.join(dir, 'console.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }];
+        const pump = (): void => {
+          for (const st of streams) st.offset = pumpFile(st.file, st.offset, st.write);
+        };
+        pump();
+        if (rest.includes('-f')) await new Promise<void>(() => setInterval(pump, 200));
         return 0;
       }
       case 'stop':

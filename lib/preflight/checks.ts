@@ -6,6 +6,7 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
+import { type HostProbePaths, probeKvm } from '../host/kvm';
 import { userNamespacesAvailable } from '../rootfs/clone';
 
 /** A check's outcome: `ok: false` with what is wrong and how to fix it. */
@@ -24,26 +25,19 @@ export interface PreflightCheck {
   run(signal?: AbortSignal): Promise<CheckResult> | CheckResult;
 }
 
-/** /dev/kvm exists, is a character device, and opens read-write. */
-export function kvmCheck(device = '/dev/kvm'): PreflightCheck {
+/**
+ * Hardware KVM: /dev/kvm opens read-write AND the CPU has vmx/svm (a PVM or other software
+ * /dev/kvm fails it, with the reason). `probe` is a device path or the probe's paths (tests).
+ */
+export function kvmCheck(probe: string | HostProbePaths = {}): PreflightCheck {
+  const paths = typeof probe === 'string' ? { kvmDevice: probe } : probe;
   return {
     name: 'kvm',
-    description: `${device} is usable`,
+    description: 'hardware KVM is usable',
     required: true,
     run() {
-      let st: fs.Stats;
-      try {
-        st = fs.statSync(device);
-      } catch {
-        return { ok: false, message: `${device} does not exist`, remediation: "Enable virtualization (VT-x/AMD-V) in firmware, load the kvm_intel or kvm_amd module, or use backend: 'qemu' (runs without KVM)." };
-      }
-      if (!st.isCharacterDevice()) return { ok: false, message: `${device} is not a character device`, remediation: 'Check the device node (major 10, minor 232).' };
-      try {
-        fs.closeSync(fs.openSync(device, fs.constants.O_RDWR));
-        return { ok: true };
-      } catch (err) {
-        return { ok: false, message: `${device} cannot be opened read-write: ${(err as Error).message}`, remediation: `Add your user to the group that owns ${device} (usually 'kvm': sudo usermod -aG kvm $USER, then log in again).` };
-      }
+      const r = probeKvm(paths);
+      return r.hardware ? { ok: true, message: r.reason } : { ok: false, message: r.reason, remediation: `${r.remediation ?? ''} Or use backend 'qemu' (runs without KVM).`.trim() };
     },
   };
 }

@@ -53,6 +53,11 @@ export const ATTR = {
   FIRMWARE_PATH: 'microvm.firmware.path',
   FIRMWARE_ABI: 'microvm.firmware.abi_version',
   VM_PID: 'microvm.vm.pid',
+  /** QEMU backend: the accelerator used ('kvm' | 'tcg') and why it was chosen. */
+  QEMU_ACCEL: 'microvm.qemu.accel',
+  QEMU_ACCEL_REASON: 'microvm.qemu.accel_reason',
+  /** How the VM ended (see VmExit): 'exited' | 'stopped' | 'failed'. */
+  VM_EXIT_REASON: 'microvm.vm.exit_reason',
   POST_BOOT_HOOK_COUNT: 'microvm.post_boot.hook_count',
   ERROR_TYPE: 'error.type',
 } as const;

@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { buildPvhElf, findPvhEntry, readFirmwareKernel, resolveFirmware, resolveQemuRuntime } from '../../lib';
 import { pvhKernelFor } from '../../lib/backends/qemu/kernel';
 import { firmwareDir, firmwarePath, scratch } from '../helpers';
+import { makeHost } from '../host/fake-host';
 
 describe('PVH kernel', () => {
   test('finds the Xen PVH entry note in the real libkrunfw kernel', async () => {
@@ -68,16 +69,29 @@ describe('QEMU runtime resolution', () => {
     expect(() => resolveQemuRuntime({ virtiofsdPath: '/nonexistent/virtiofsd', qemuPath: '/bin/true' })).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_VIRTIOFSD_NOT_FOUND' }));
   });
 
-  test('accel can be forced; auto follows /dev/kvm', () => {
-    expect(resolveQemuRuntime({ qemuPath: '/bin/true', virtiofsdPath: '/bin/true', accel: 'tcg' }).accel).toBe('tcg');
-    const auto = resolveQemuRuntime({ qemuPath: '/bin/true', virtiofsdPath: '/bin/true' }).accel;
-    let kvm = false;
+  test('accel can be forced; auto is KVM only on hardware KVM (never a PVM /dev/kvm); kvm on a host without /dev/kvm is a coded error', () => {
+    const s = scratch();
     try {
-      fs.closeSync(fs.openSync('/dev/kvm', 'r+'));
-      kvm = true;
-    } catch {
-      /* none */
+      const tools = { qemuPath: '/bin/true', virtiofsdPath: '/bin/true' };
+      const pvm = makeHost(path.join(s.dir, 'pvm'), { flags: 'fpu sse2 hypervisor', modules: ['kvm', 'kvm_pvm'] });
+      const hw = makeHost(path.join(s.dir, 'hw'), { flags: 'fpu vmx', modules: ['kvm', 'kvm_intel'] });
+      const none = makeHost(path.join(s.dir, 'none'), { flags: 'fpu vmx', modules: ['kvm', 'kvm_intel'], device: 'none' });
+      expect(resolveQemuRuntime({ ...tools, hostProbe: hw, accel: 'tcg' })).toMatchObject({ accel: 'tcg', automatic: false });
+      expect(resolveQemuRuntime({ ...tools, hostProbe: pvm })).toMatchObject({ accel: 'tcg', automatic: true, reason: expect.stringContaining('PVM') });
+      expect(resolveQemuRuntime({ ...tools, hostProbe: hw })).toMatchObject({ accel: 'kvm', automatic: true });
+      expect(resolveQemuRuntime({ ...tools, hostProbe: pvm, accel: 'kvm' })).toMatchObject({ accel: 'kvm', automatic: false });
+      expect(() => resolveQemuRuntime({ ...tools, hostProbe: none, accel: 'kvm' })).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_KVM_UNAVAILABLE' }));
+      expect(() => resolveQemuRuntime({ ...tools, accel: 'fast' as 'kvm' })).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_INVALID_ACCEL', message: expect.stringContaining('accel') }));
+      const env = process.env.MICROVM_ACCEL;
+      process.env.MICROVM_ACCEL = 'tcg';
+      try {
+        expect(resolveQemuRuntime({ ...tools, hostProbe: hw })).toMatchObject({ accel: 'tcg', reason: 'TCG requested' });
+      } finally {
+        if (env === undefined) delete process.env.MICROVM_ACCEL;
+        else process.env.MICROVM_ACCEL = env;
+      }
+    } finally {
+      s.cleanup();
     }
-    expect(auto).toBe(kvm ? 'kvm' : 'tcg');
   });
 });

@@ -42,13 +42,14 @@ const base = (extra: RunOptions = {}): RunOptions => ({
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 
 (skip ? describe.skip : describe)(`QEMU backend, real VMs${skip ? ` [skipped: ${skip}]` : ''}`, () => {
-  test('a command as the VM init: its output on the console and its exit code from wait()', async () => {
-    const vm = await run('test-image', base({ initOverride: ['/bin/sh', '-c', 'echo hi; exit 3'] }));
+  test('a command as the VM init: stdout and stderr apart from the console, byte for byte, and its exit code from wait()', async () => {
+    const vm = await run('test-image', base({ initOverride: ['/bin/sh', '-c', 'echo hi; echo oops >&2; printf "a\\r\\nb"; exit 3'] }));
     vms.push(vm);
     expect(vm.backend).toBe('qemu');
-    expect(await vm.wait()).toBe(3);
-    expect(fs.readFileSync(vm.consoleLogPath, 'utf8')).toMatch(/^hi\r?$/m); // the console tty adds \r
-    expect(vm.status()).toMatchObject({ state: 'exited', exitCode: 3, backend: 'qemu' });
+    expect(await vm.wait()).toEqual({ reason: 'exited', exitCode: 3, signal: null });
+    expect(fs.readFileSync(vm.stdoutPath as string, 'utf8')).toBe('hi\na\r\nb'); // no tty: no CR added, no kernel lines
+    expect(fs.readFileSync(vm.stderrPath as string, 'utf8')).toBe('oops\n');
+    expect(vm.status()).toMatchObject({ state: 'exited', reason: 'exited', exitCode: 3, backend: 'qemu' });
   });
 
   test('SSH end to end with the complete span tree of a real boot', async () => {
@@ -101,8 +102,8 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
       tracerProvider: provider,
     });
     vms.push(vm);
-    expect(await vm.wait()).toBe(4);
-    const out = fs.readFileSync(vm.consoleLogPath, 'utf8');
+    expect(await vm.wait()).toMatchObject({ reason: 'exited', exitCode: 4 });
+    const out = fs.readFileSync(vm.stdoutPath as string, 'utf8');
     expect(out).toContain('from layer 2');
     expect(out).toContain('GREETING=from-image');
     expect(out).toContain('whiteout-applied');
@@ -116,8 +117,8 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
   test('guest timers work (sleep returns; uptime advances)', async () => {
     const vm = await run('test-image', base({ initOverride: ['/bin/sh', '-c', 'a=$(cut -d. -f1 /proc/uptime); sleep 2; b=$(cut -d. -f1 /proc/uptime); echo "slept $((b - a))"; exit 0'] }));
     vms.push(vm);
-    expect(await vm.wait()).toBe(0);
-    expect(fs.readFileSync(vm.consoleLogPath, 'utf8')).toMatch(/slept [23]/);
+    expect(await vm.wait()).toMatchObject({ reason: 'exited', exitCode: 0 });
+    expect(fs.readFileSync(vm.stdoutPath as string, 'utf8')).toMatch(/slept [23]/);
   });
 
   test('two VMs at once', async () => {
@@ -126,9 +127,9 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
       run('test-image', base({ name: 'b', initOverride: ['/bin/sh', '-c', 'echo I am b; exit 6'] })),
     ]);
     vms.push(a, b);
-    expect(await Promise.all([a.wait(), b.wait()])).toEqual([5, 6]);
-    expect(fs.readFileSync(a.consoleLogPath, 'utf8')).toContain('I am a');
-    expect(fs.readFileSync(b.consoleLogPath, 'utf8')).toContain('I am b');
+    expect((await Promise.all([a.wait(), b.wait()])).map((x) => x.exitCode)).toEqual([5, 6]);
+    expect(fs.readFileSync(a.stdoutPath as string, 'utf8')).toBe('I am a\n');
+    expect(fs.readFileSync(b.stdoutPath as string, 'utf8')).toBe('I am b\n');
   });
 
   test('kill -9 of the process that owns a VM leaves no QEMU or virtiofsd behind', async () => {

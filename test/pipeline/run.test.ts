@@ -230,17 +230,37 @@ describe('run() over the libkrun double', () => {
     expect(one(SPAN.RUN).status.code).toBe(2);
   });
 
-  test('stop() is idempotent and concurrent calls share one stop; wait() gives the exit code', async () => {
+  test('stop() is idempotent and concurrent calls share one stop; wait() says it was stopped, not exit 0', async () => {
     const vm = await run('img', options());
     started.push(vm);
     const exits: unknown[] = [];
-    vm.on('exit', (code) => exits.push(code));
+    vm.on('exit', (exit) => exits.push(exit));
     await Promise.all([vm.stop(), vm.stop(), vm.stop({ timeoutMs: 1000 })]);
     await vm.stop();
-    expect(await vm.wait()).toBe(0);
-    expect(exits).toEqual([0]);
-    expect(vm.status().state).toBe('exited');
+    // The double exits 0 on SIGTERM, as a VMM may: still a stop, never "the guest exited 0".
+    expect(await vm.wait()).toEqual({ reason: 'stopped', exitCode: null, signal: 'SIGTERM' });
+    expect(exits).toEqual([{ reason: 'stopped', exitCode: null, signal: 'SIGTERM' }]);
+    expect(vm.status()).toMatchObject({ state: 'exited', reason: 'stopped', exitCode: null, signal: 'SIGTERM' });
     expect(alive(vm.pid)).toBe(false);
+  });
+
+  test('libkrun: a VMM failure (exit 1 with its ERROR line) is a failure, not the guest\'s exit code 1', async () => {
+    const backend = (env: Record<string, string>): RunOptions['backend'] =>
+      libkrunBackend({
+        runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
+        firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
+        env: { PATH: process.env.PATH, ...env },
+      });
+    const failed = await run('img', options({ name: 'vmm', backend: backend({ KRUN_DOUBLE_VMM_FAILURE: '1' }) }));
+    started.push(failed);
+    expect(await failed.wait()).toMatchObject({
+      reason: 'failed',
+      exitCode: null,
+      error: { code: 'ERR_MICROVM_HYPERVISOR_FAILED', message: expect.stringContaining('Received KVM_EXIT_INTERNAL_ERROR signal') },
+    });
+    const guest = await run('img', options({ name: 'guest', backend: backend({ KRUN_DOUBLE_GUEST_EXIT: '1' }) }));
+    started.push(guest);
+    expect(await guest.wait()).toEqual({ reason: 'exited', exitCode: 1, signal: null });
   });
 
   test('await using: the VM is stopped and its directory removed, the image is not', async () => {
@@ -263,7 +283,9 @@ describe('run() over the libkrun double', () => {
     await expect(run('img', options({ name: 'dup' }))).rejects.toMatchObject({ code: 'ERR_MICROVM_NAME_IN_USE' });
     const second = await run('img', options({ name: 'dup', cleanDataDir: true }));
     started.push(second);
-    expect(await first.wait()).toBe(0); // stopped by SIGTERM through the PID-reuse guard
+    // Stopped by SIGTERM from outside (through the PID-reuse guard): the double exits 0, and with
+    // nothing else to tell, that reads as the guest's exit.
+    expect(await first.wait()).toMatchObject({ exitCode: 0 });
     expect(alive(second.pid)).toBe(true);
   });
 

@@ -1,7 +1,8 @@
 /**
  * The QEMU backend: boots the libkrunfw kernel (the one libkrun runs) under QEMU's `microvm`
- * machine, on the same virtio-fs root libkrun would serve, with KVM when /dev/kvm is usable and
- * TCG (software emulation) otherwise. So `run()` works on any Linux host, KVM or not.
+ * machine, on the same virtio-fs root libkrun would serve, with hardware KVM when the host has it
+ * (lib/host/kvm.ts tells it from a PVM or otherwise software /dev/kvm) and TCG (software emulation)
+ * otherwise. So `run()` works on any Linux host, KVM or not.
  *
  * Processes: Node -> `unshare` (a private mount namespace; plus a user namespace when not root)
  * -> `setpriv --pdeathsig SIGKILL` -> `sh` launcher: mounts the overlay root (when cloned that
@@ -9,22 +10,34 @@
  * therefore die with the Node process, even on `kill -9`, and share one process group for stop().
  *
  * The guest runs `microvm-guest-init` (native/guest_init.cc) as PID 1, which reads
- * /.krun_config.json like libkrun's init and reports the command's exit status on the
- * virtio-serial port "microvm.exit"; the backend then stops QEMU (a guest poweroff hangs with this
- * kernel) and `vm.wait()` returns that status.
+ * /.krun_config.json like libkrun's init, says "UP" on the virtio-serial port "microvm.exit" as soon
+ * as it runs, gives the command the ports "microvm.stdout"/"microvm.stderr" as its stdout/stderr
+ * (no tty: no CRLF, no kernel messages mixed in), and reports the command's exit status as
+ * "EXIT <code>"; the backend then stops QEMU (a guest poweroff hangs with this kernel).
+ *
+ * Watching: the backend never waits on what it does not watch. From launch to the end it watches
+ * the QEMU process, QMP (a STOP that leaves the guest paused — a KVM emulation failure does that
+ * and QEMU stays alive —, GUEST_PANICKED, SHUTDOWN) and, until the init said UP, a boot deadline.
+ * Any of them ends the VM at once with a coded error carrying QEMU's and the console's last lines.
+ * When 'auto' chose KVM and the VM fails before UP, it is retried once under TCG and the verdict is
+ * recorded for this host boot, so later runs use TCG at once.
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
+import { trace } from '@opentelemetry/api';
 import { MicrovmError } from '../../errors';
+import { type AccelChoice, type AccelDecision, decideAccel, type HostProbePaths, parseAccel, recordKvmVerdict } from '../../host/kvm';
 import { addonPath } from '../../native';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../libkrun';
-import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput } from '../types';
+import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { pvhKernelFor } from './kernel';
+import { QmpClient } from './qmp';
 
 /** Where the guest init is placed in the VM's rootfs. */
 export const GUEST_INIT_PATH = '/.microvm/init';
@@ -35,8 +48,16 @@ export interface QemuBackendOptions {
   qemuPath?: string;
   /** virtiofsd to use. Default: /usr/libexec/virtiofsd, /usr/lib/qemu/virtiofsd, then PATH. */
   virtiofsdPath?: string;
-  /** 'kvm', 'tcg', or 'auto' (kvm when /dev/kvm opens read-write). Default 'auto'. */
-  accel?: 'auto' | 'kvm' | 'tcg';
+  /**
+   * 'kvm', 'tcg', or 'auto': hardware KVM when /dev/kvm opens read-write and the CPU has vmx/svm (a
+   * PVM /dev/kvm does not count) and KVM has not failed on this host boot; else TCG. Default:
+   * `$MICROVM_ACCEL`, else 'auto'.
+   */
+  accel?: AccelChoice;
+  /** Where the KVM probe reads /dev/kvm, /proc/cpuinfo, /sys/module and the boot id (tests). */
+  hostProbe?: HostProbePaths;
+  /** Extra QEMU arguments, appended after the backend's own. */
+  extraArgs?: readonly string[];
   firmware?: ResolveFirmwareOptions;
   /** Where bootable kernels are cached. Default: `<dataDir>/kernels`. */
   kernelCacheDir?: string;
@@ -62,16 +83,6 @@ function onPath(name: string): string | undefined {
   return undefined;
 }
 
-/** Whether /dev/kvm opens read-write. */
-export function kvmUsable(): boolean {
-  try {
-    fs.closeSync(fs.openSync('/dev/kvm', fs.constants.O_RDWR));
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /** Host TSC frequency in kHz (the microvm guest cannot calibrate it under TCG without a hint). */
 export function hostTscKhz(): number | undefined {
   try {
@@ -90,16 +101,18 @@ export function guestInitPath(): string {
   return found;
 }
 
-/** What the QEMU backend needs on the host. */
-export interface QemuRuntime {
+/** What the QEMU backend needs on the host, and the accelerator it will use (with the reason). */
+export interface QemuRuntime extends AccelDecision {
   qemuPath: string;
   virtiofsdPath: string;
-  accel: 'kvm' | 'tcg';
   guestInit: string;
 }
 
-/** Finds QEMU, virtiofsd and the guest init. Errors name the package to install. */
-export function resolveQemuRuntime(options: QemuBackendOptions = {}): QemuRuntime {
+/**
+ * Finds QEMU, virtiofsd and the guest init (errors name the package to install) and decides the
+ * accelerator. `dataRoot` is where KVM verdicts for this host boot are recorded.
+ */
+export function resolveQemuRuntime(options: QemuBackendOptions = {}, dataRoot?: string): QemuRuntime {
   const qemuPath = options.qemuPath ?? onPath('qemu-system-x86_64');
   if (!qemuPath || !fs.existsSync(qemuPath)) {
     throw new MicrovmError('ERR_MICROVM_QEMU_NOT_FOUND', 'qemu-system-x86_64 was not found. Install it: `apt-get install qemu-system-x86` (Debian/Ubuntu) or `dnf install qemu-system-x86-core` (Fedora).');
@@ -111,8 +124,63 @@ export function resolveQemuRuntime(options: QemuBackendOptions = {}): QemuRuntim
   for (const tool of ['unshare', 'setpriv', 'mount']) {
     if (!onPath(tool)) throw new MicrovmError('ERR_MICROVM_QEMU_NOT_FOUND', `${tool} (util-linux) was not found; install util-linux and mount.`);
   }
-  const accel = options.accel === 'kvm' || options.accel === 'tcg' ? options.accel : kvmUsable() ? 'kvm' : 'tcg';
-  return { qemuPath, virtiofsdPath, accel, guestInit: guestInitPath() };
+  const requested = options.accel !== undefined ? parseAccel('accel', options.accel) : process.env.MICROVM_ACCEL ? parseAccel('MICROVM_ACCEL', process.env.MICROVM_ACCEL) : 'auto';
+  const { probe, ...decision } = decideAccel(requested, { dataRoot, paths: options.hostProbe });
+  if (decision.accel === 'kvm' && !decision.automatic && (probe.kind === 'absent' || probe.kind === 'no-access' || probe.kind === 'not-a-device')) {
+    throw new MicrovmError('ERR_MICROVM_KVM_UNAVAILABLE', `accel 'kvm' was requested but ${probe.reason.split(':')[0]}. ${probe.remediation ?? ''} Or use accel 'tcg'/'auto'.`);
+  }
+  return { qemuPath, virtiofsdPath, guestInit: guestInitPath(), ...decision };
+}
+
+/** The data root of a VM directory (`<dataRoot>/vms/<name>`). */
+function dataRootOf(vmDir: string): string {
+  return path.join(vmDir, '..', '..');
+}
+
+/** The last `max` bytes of a file as text ('' when it cannot be read). */
+function tail(file: string, max = 4000): string {
+  try {
+    const fd = fs.openSync(file, 'r');
+    try {
+      const size = fs.fstatSync(fd).size;
+      const buf = Buffer.alloc(Math.min(max, size));
+      fs.readSync(fd, buf, 0, buf.length, size - buf.length);
+      return buf.toString('utf8');
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch {
+    return '';
+  }
+}
+
+/**
+ * QEMU's and the console's telling lines, for an error message: the error lines first (a KVM
+ * failure is followed by a register dump), then the last lines. Guest text is shown, never trusted.
+ */
+export function lastLines(input: Pick<BackendStartInput, 'logPath' | 'consoleLogPath'>): string {
+  const lines = (t: string): string[] => t.replace(/\r/g, '').replace(/[^\x09\x0a\x20-\x7e\u00a0-\uffff]/g, '?').split('\n').filter((l) => l.trim());
+  const show = (ls: string[]): string => ls.map((l) => `  ${l.slice(0, 300)}`).join('\n');
+  const log = lines(tail(input.logPath, 16000));
+  const errors = log.filter((l) => /error|Assertion|failed|panic|terminating/i.test(l) && !/^virtio_/.test(l)).slice(-6);
+  const rest = log.slice(-8).filter((l) => !errors.includes(l));
+  const con = lines(tail(input.consoleLogPath, 2000)).slice(-8);
+  return `${log.length ? `\nQEMU (${input.logPath}):\n${show([...errors, ...(rest.length ? ['...', ...rest] : [])])}` : ''}${con.length ? `\nconsole (${input.consoleLogPath}):\n${show(con)}` : ''}`;
+}
+
+const SIGNAL_NAMES = new Map(Object.entries(os.constants.signals).map(([name, n]) => [n, name as NodeJS.Signals]));
+/** Signals that mean "someone stopped it" rather than "it crashed". */
+const STOP_SIGNALS = new Set<NodeJS.Signals>(['SIGTERM', 'SIGKILL', 'SIGINT', 'SIGHUP', 'SIGQUIT']);
+
+/** What the guest said on the microvm.exit port: "UP", then "EXIT <code>". Hostile input: capped, strict. */
+export function readExitPort(text: string): { up: boolean; code?: number } {
+  const lines = text.slice(0, 4096).split('\n');
+  const up = lines.includes('UP');
+  for (const l of lines) {
+    const m = /^EXIT (\d{1,3})$/.exec(l);
+    if (m && Number(m[1]) <= 255) return { up: true, code: Number(m[1]) };
+  }
+  return { up };
 }
 
 // The launcher run by `sh -c` inside the new namespace(s). Parameters arrive as environment
@@ -151,8 +219,15 @@ done
 exec "$@"
 `;
 
+/** A failure before the guest init said UP: the start failed (and 'auto' may fall back to TCG). */
+class BootFailure extends MicrovmError {}
+
 /** Creates the QEMU backend. */
 export function qemuBackend(options: QemuBackendOptions = {}): Backend {
+  if (options.accel !== undefined) parseAccel('accel', options.accel);
+  if (options.extraArgs !== undefined && (!Array.isArray(options.extraArgs) || options.extraArgs.some((a) => typeof a !== 'string'))) {
+    throw new TypeError('Expected an array of strings for extraArgs');
+  }
   return {
     name: 'qemu',
     supportsOverlay: true,
@@ -162,159 +237,289 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       ctx.writeFile(GUEST_INIT_PATH, fs.readFileSync(guestInitPath()), { mode: 0o755, uid: 0, gid: 0, parents: { mode: 0o755 } });
     },
     async start(input: BackendStartInput): Promise<BackendHandle> {
+      const spawnSpan = trace.getSpan(input.scope.ctx);
       return inSpan(input.scope, SPAN.BACKEND_START, { [ATTR.BACKEND]: 'qemu' }, async (span, scope) => {
+        const dataRoot = dataRootOf(input.dataDir);
         const rt = await inSpan(scope, SPAN.BACKEND_RESOLVE_RUNTIME, undefined, (s) => {
-          const r = resolveQemuRuntime(options);
+          const r = resolveQemuRuntime(options, dataRoot);
           s.setAttribute(ATTR.RUNTIME_RUNNER_PATH, r.qemuPath);
-          s.setAttribute('microvm.qemu.accel', r.accel);
+          s.setAttribute(ATTR.QEMU_ACCEL, r.accel);
+          s.setAttribute(ATTR.QEMU_ACCEL_REASON, r.reason);
           return r;
         });
         const kernel = await inSpan(scope, SPAN.BACKEND_RESOLVE_FIRMWARE, undefined, async (s) => {
           const fw = await resolveFirmware(options.firmware);
           s.setAttribute(ATTR.FIRMWARE_PATH, fw.path);
           s.setAttribute(ATTR.FIRMWARE_ABI, fw.abiVersion);
-          return pvhKernelFor(fw, options.kernelCacheDir ?? path.join(input.dataDir, '..', '..', 'kernels'));
+          return pvhKernelFor(fw, options.kernelCacheDir ?? path.join(dataRoot, 'kernels'));
         });
         if (input.network) throw new MicrovmError('ERR_MICROVM_QEMU_NETWORK', 'The QEMU backend uses QEMU user networking; network providers are not supported');
         input.signal?.throwIfAborted();
-
-        const fsSock = path.join(input.dataDir, 'virtiofs.sock');
-        const exitFile = path.join(input.dataDir, 'exit-status');
-        for (const f of [fsSock, exitFile, input.consoleLogPath]) fs.rmSync(f, { force: true });
-        const cpus = rt.accel === 'tcg' ? 1 : input.cpus; // this kernel hangs with smp > 1 under TCG
-        const khz = hostTscKhz();
-        const cmdline = [`console=hvc0`, 'rootfstype=virtiofs', 'root=root', 'rw', `init=${GUEST_INIT_PATH}`, 'panic=-1', 'quiet', 'loglevel=3'];
-        if (khz) cmdline.push(`tsc_early_khz=${khz}`);
-        const hostfwd = input.ports.map((p) => `,hostfwd=tcp:127.0.0.1:${p.host}-:${p.guest}`).join('');
-        const qemuArgs = [
-          rt.qemuPath,
-          // pic=on: with pic=off the PIT tick never reaches the guest, the kernel disables its APIC
-          // timer ("verification failure") and every sleep in the guest hangs under TCG.
-          '-M',
-          'microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=off,acpi=off,memory-backend=mem',
-          '-global', 'virtio-mmio.force-legacy=false',
-          '-accel', rt.accel,
-          '-cpu', rt.accel === 'kvm' ? 'host' : 'max',
-          '-smp', String(cpus),
-          '-m', `${input.memoryMiB}M`,
-          '-object', `memory-backend-memfd,id=mem,size=${input.memoryMiB}M,share=on`,
-          '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
-          '-kernel', kernel,
-          '-append', cmdline.join(' '),
-          '-device', 'virtio-serial-device',
-          '-chardev', `file,id=con,path=${input.consoleLogPath}`,
-          '-device', 'virtconsole,chardev=con',
-          '-chardev', `file,id=exit,path=${exitFile}`,
-          '-device', 'virtserialport,chardev=exit,name=microvm.exit',
-          '-chardev', `socket,id=fs,path=${fsSock}`,
-          '-device', 'vhost-user-fs-device,chardev=fs,tag=root',
-          '-netdev', `user,id=n0${hostfwd}`,
-          '-device', 'virtio-net-device,netdev=n0',
-          '-device', 'virtio-rng-device',
-        ];
-        input.virtiofs.forEach((share, n) => {
-          qemuArgs.push('-chardev', `socket,id=fs${n + 1},path=${path.join(input.dataDir, `share-${n}.sock`)}`);
-          qemuArgs.push('-device', `vhost-user-fs-device,chardev=fs${n + 1},tag=${share.tag}`);
-        });
-        const root = process.getuid?.() === 0;
-        const env: NodeJS.ProcessEnv = {
-          PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
-          MVM_ROOT: input.rootfs.rootPath,
-          MVM_FS_SOCK: fsSock,
-          MVM_VIRTIOFSD: rt.virtiofsdPath,
-        };
-        env.MVM_SHARES = String(input.virtiofs.length);
-        const socks: string[] = [];
-        input.virtiofs.forEach((share, n) => {
-          const sock = path.join(input.dataDir, `share-${n}.sock`);
-          const mnt = path.join(input.dataDir, 'shares', String(n));
-          fs.rmSync(sock, { force: true });
-          fs.mkdirSync(mnt, { recursive: true });
-          env[`MVM_SHARE_${n}_SRC`] = share.hostPath;
-          env[`MVM_SHARE_${n}_SOCK`] = sock;
-          env[`MVM_SHARE_${n}_RO`] = share.readOnly ? '1' : '0';
-          env[`MVM_SHARE_${n}_MNT`] = mnt;
-          socks.push(sock);
-        });
-        // Socket paths are ours (data dir), without spaces: safe to split in the launcher.
-        if (socks.some((x) => /\s/.test(x))) throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', 'The data dir path must not contain white space');
-        env.MVM_SHARE_SOCKS = socks.join(' ');
-        if (input.rootfs.overlay) {
-          env.MVM_OVERLAY_LOWER = input.rootfs.overlay.lower;
-          env.MVM_OVERLAY_UPPER = input.rootfs.overlay.upper;
-          env.MVM_OVERLAY_WORK = input.rootfs.overlay.work;
-          if (!root) env.MVM_USERNS = '1';
+        span.setAttribute(ATTR.QEMU_ACCEL, rt.accel);
+        try {
+          const h = await boot(rt, rt.accel, kernel, input);
+          span.setAttribute(ATTR.VM_PID, h.pid);
+          return h;
+        } catch (err) {
+          if (!(err instanceof BootFailure) || rt.accel !== 'kvm' || !rt.automatic || input.signal?.aborted) throw err;
+          // 'auto' chose hardware KVM and it could not boot the guest: remember it for this host
+          // boot, then boot under TCG.
+          recordKvmVerdict(dataRoot, err.message.split('\n')[0], options.hostProbe);
+          spawnSpan?.addEvent('microvm.accel_fallback', {
+            [ATTR.QEMU_ACCEL]: 'tcg',
+            'microvm.qemu.accel.from': 'kvm',
+            [ATTR.QEMU_ACCEL_REASON]: err.message.split('\n')[0],
+            [ATTR.ERROR_TYPE]: err.code,
+          });
+          span.setAttribute(ATTR.QEMU_ACCEL, 'tcg');
+          const h = await boot(rt, 'tcg', kernel, input);
+          span.setAttribute(ATTR.VM_PID, h.pid);
+          return h;
         }
-        const unshareArgs = root ? ['-m', '--propagation', 'private'] : ['-U', '-r', '-m', '--propagation', 'private'];
-        const logFd = fs.openSync(input.logPath, 'a', 0o640);
-        const tie = options.dieWithParent === false ? [] : ['setpriv', '--pdeathsig', 'SIGKILL', '--'];
-        const child = spawn('unshare', [...unshareArgs, '--', ...tie, 'sh', '-c', LAUNCHER, 'microvm-launcher', ...qemuArgs], {
-          stdio: ['ignore', logFd, logFd],
-          detached: true,
-          env,
-        });
-        fs.closeSync(logFd);
-        let guestCode: number | undefined;
-        const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-          child.once('exit', (code, signal) => resolve(guestCode !== undefined ? { code: guestCode, signal: null } : { code, signal }));
-          child.once('error', () => resolve({ code: null, signal: null }));
-        });
-        const kill = (sig: NodeJS.Signals): boolean => {
-          try {
-            process.kill(-(child.pid as number), sig);
-            return true;
-          } catch {
-            return false;
-          }
-        };
-
-        // Up = QEMU opened its chardev files (it parsed its arguments and built the machine).
-        const deadline = Date.now() + (options.startTimeoutSeconds ?? 30) * 1000;
-        let running = true;
-        exited.then(() => (running = false)).catch(() => undefined);
-        while (running && !fs.existsSync(exitFile)) {
-          if (input.signal?.aborted || Date.now() > deadline) break;
-          await new Promise((r) => setTimeout(r, 10));
-        }
-        if (!running || !fs.existsSync(exitFile)) {
-          kill('SIGKILL');
-          const status = await exited;
-          input.signal?.throwIfAborted();
-          let log = '';
-          try {
-            log = fs.readFileSync(input.logPath, 'utf8').slice(-4000);
-          } catch {
-            /* none */
-          }
-          throw Object.assign(new MicrovmError('ERR_MICROVM_QEMU_START', `QEMU did not start (${status.signal ?? `exit ${String(status.code)}`}):\n${log.trim()}`), { exitCode: status.code });
-        }
-
-        // The guest's exit status arrives on the microvm.exit port: then stop QEMU.
-        const poll = setInterval(() => {
-          try {
-            const m = /EXIT (\d+)/.exec(fs.readFileSync(exitFile, 'utf8'));
-            if (m) {
-              guestCode = Number(m[1]);
-              clearInterval(poll);
-              kill('SIGTERM');
-            }
-          } catch {
-            /* not yet */
-          }
-        }, 20);
-        poll.unref();
-        exited.then(() => clearInterval(poll)).catch(() => undefined);
-        // Tied to this process: not unref'd, so this process stays alive while the VM runs (stop() or
-        // the guest's exit ends it). Untied: let this process exit whenever it wants.
-        if (options.dieWithParent === false) {
-          child.unref();
-          poll.unref();
-        }
-        span.setAttribute(ATTR.VM_PID, child.pid as number);
-        // By now the launcher has exec'd QEMU: /proc/PID/exe is QEMU (for the PID-reuse guard).
-        return { pid: child.pid as number, executable: fs.realpathSync(rt.qemuPath), exited, kill };
       });
     },
   };
-}
 
+  /** One launch of QEMU with `accel`; resolves once the guest init said UP. */
+  async function boot(rt: QemuRuntime, accel: 'kvm' | 'tcg', kernel: string, input: BackendStartInput): Promise<BackendHandle> {
+    const fsSock = path.join(input.dataDir, 'virtiofs.sock');
+    const qmpSock = path.join(input.dataDir, 'qmp.sock');
+    const exitFile = path.join(input.dataDir, 'exit-status');
+    for (const f of [fsSock, qmpSock, exitFile, input.consoleLogPath, input.stdoutPath, input.stderrPath]) fs.rmSync(f, { force: true });
+    const cpus = accel === 'tcg' ? 1 : input.cpus; // this kernel hangs with smp > 1 under TCG
+    const khz = hostTscKhz();
+    const cmdline = [`console=hvc0`, 'rootfstype=virtiofs', 'root=root', 'rw', `init=${GUEST_INIT_PATH}`, 'panic=-1', 'quiet', 'loglevel=3'];
+    if (khz) cmdline.push(`tsc_early_khz=${khz}`);
+    const hostfwd = input.ports.map((p) => `,hostfwd=tcp:127.0.0.1:${p.host}-:${p.guest}`).join('');
+    const port = (id: string, file: string, name: string): string[] => ['-chardev', `file,id=${id},path=${file}`, '-device', `virtserialport,chardev=${id},name=${name}`];
+    const qemuArgs = [
+      rt.qemuPath,
+      // pic=on: with pic=off the PIT tick never reaches the guest, the kernel disables its APIC
+      // timer ("verification failure") and every sleep in the guest hangs under TCG.
+      '-M', 'microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=off,acpi=off,memory-backend=mem',
+      '-global', 'virtio-mmio.force-legacy=false',
+      '-accel', accel,
+      '-cpu', accel === 'kvm' ? 'host' : 'max',
+      '-smp', String(cpus),
+      '-m', `${input.memoryMiB}M`,
+      '-object', `memory-backend-memfd,id=mem,size=${input.memoryMiB}M,share=on`,
+      '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
+      '-qmp', `unix:${qmpSock},server=on,wait=off`,
+      '-kernel', kernel,
+      '-append', cmdline.join(' '),
+      '-device', 'virtio-serial-device',
+      '-chardev', `file,id=con,path=${input.consoleLogPath}`,
+      '-device', 'virtconsole,chardev=con',
+      ...port('exit', exitFile, 'microvm.exit'),
+      ...port('out', input.stdoutPath, 'microvm.stdout'),
+      ...port('err', input.stderrPath, 'microvm.stderr'),
+      '-chardev', `socket,id=fs,path=${fsSock}`,
+      '-device', 'vhost-user-fs-device,chardev=fs,tag=root',
+      '-netdev', `user,id=n0${hostfwd}`,
+      '-device', 'virtio-net-device,netdev=n0',
+      '-device', 'virtio-rng-device',
+    ];
+    input.virtiofs.forEach((share, n) => {
+      qemuArgs.push('-chardev', `socket,id=fs${n + 1},path=${path.join(input.dataDir, `share-${n}.sock`)}`);
+      qemuArgs.push('-device', `vhost-user-fs-device,chardev=fs${n + 1},tag=${share.tag}`);
+    });
+    qemuArgs.push(...(options.extraArgs ?? []));
+    const root = process.getuid?.() === 0;
+    const env: NodeJS.ProcessEnv = {
+      PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
+      MVM_ROOT: input.rootfs.rootPath,
+      MVM_FS_SOCK: fsSock,
+      MVM_VIRTIOFSD: rt.virtiofsdPath,
+    };
+    env.MVM_SHARES = String(input.virtiofs.length);
+    const socks: string[] = [];
+    input.virtiofs.forEach((share, n) => {
+      const sock = path.join(input.dataDir, `share-${n}.sock`);
+      const mnt = path.join(input.dataDir, 'shares', String(n));
+      fs.rmSync(sock, { force: true });
+      fs.mkdirSync(mnt, { recursive: true });
+      env[`MVM_SHARE_${n}_SRC`] = share.hostPath;
+      env[`MVM_SHARE_${n}_SOCK`] = sock;
+      env[`MVM_SHARE_${n}_RO`] = share.readOnly ? '1' : '0';
+      env[`MVM_SHARE_${n}_MNT`] = mnt;
+      socks.push(sock);
+    });
+    // Socket paths are ours (data dir), without spaces: safe to split in the launcher.
+    if (socks.some((x) => /\s/.test(x))) throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', 'The data dir path must not contain white space');
+    env.MVM_SHARE_SOCKS = socks.join(' ');
+    if (input.rootfs.overlay) {
+      env.MVM_OVERLAY_LOWER = input.rootfs.overlay.lower;
+      env.MVM_OVERLAY_UPPER = input.rootfs.overlay.upper;
+      env.MVM_OVERLAY_WORK = input.rootfs.overlay.work;
+      if (!root) env.MVM_USERNS = '1';
+    }
+    const unshareArgs = root ? ['-m', '--propagation', 'private'] : ['-U', '-r', '-m', '--propagation', 'private'];
+    const logFd = fs.openSync(input.logPath, 'a', 0o640);
+    const tie = options.dieWithParent === false ? [] : ['setpriv', '--pdeathsig', 'SIGKILL', '--'];
+    const child = spawn('unshare', [...unshareArgs, '--', ...tie, 'sh', '-c', LAUNCHER, 'microvm-launcher', ...qemuArgs], {
+      stdio: ['ignore', logFd, logFd],
+      detached: true,
+      env,
+    });
+    fs.closeSync(logFd);
+
+    // What is known about this VM so far; `exited` classifies the end from it.
+    let up = false;
+    let guestCode: number | undefined;
+    let sent: NodeJS.Signals | undefined; // the last signal this handle sent (stop())
+    let failure: MicrovmError | undefined;
+    let shutdownReason: string | undefined;
+    let qmp: QmpClient | undefined;
+    const processExit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+      child.once('exit', (code, signal) => resolve({ code, signal }));
+      child.once('error', () => resolve({ code: null, signal: null }));
+    });
+    let running = true;
+    const signalGroup = (sig: NodeJS.Signals): boolean => {
+      if (!running) return false;
+      try {
+        process.kill(-(child.pid as number), sig);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    const what = `QEMU (accel ${accel})`;
+    const advice = accel === 'kvm'
+      ? " KVM could not run this guest on this host; use accel 'tcg' (--accel tcg, MICROVM_ACCEL=tcg) or 'auto'."
+      : ` See ${input.logPath}.`;
+    /** Ends the VM because the hypervisor failed; the first failure wins. */
+    const fail = (code: string, message: string): void => {
+      if (failure || guestCode !== undefined || sent) return;
+      const Kind = up ? MicrovmError : BootFailure;
+      failure = new Kind(code, `${message}${advice}${lastLines(input)}`);
+      signalGroup('SIGKILL');
+    };
+    const exited: Promise<VmExit> = processExit.then((status) => {
+      running = false;
+      qmp?.close();
+      if (guestCode !== undefined) return { reason: 'exited', exitCode: guestCode, signal: null };
+      if (failure) return { reason: 'failed', exitCode: null, signal: status.signal, error: failure };
+      if (sent) return { reason: 'stopped', exitCode: null, signal: sent };
+      // Not by us: QEMU logs "terminating on signal N" when someone else stopped it.
+      const m = /terminating on signal (\d+)/.exec(tail(input.logPath, 2000));
+      const by = m ? SIGNAL_NAMES.get(Number(m[1])) : status.signal ?? undefined;
+      if (by && STOP_SIGNALS.has(by)) return { reason: 'stopped', exitCode: null, signal: by };
+      const how = status.signal ? `was killed by ${status.signal}` : `exited with code ${String(status.code)}`;
+      const why = shutdownReason === 'guest-reset' || shutdownReason === 'guest-panic' ? ` after the guest kernel reset itself (${shutdownReason}: a kernel panic reboots with panic=-1)` : '';
+      const Kind = up ? MicrovmError : BootFailure;
+      const before = up ? 'before the guest command reported its exit status' : 'before the guest booted (its init never ran)';
+      const error = new Kind(up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED', `${what} ${how}${why} ${before}.${advice}${lastLines(input)}`);
+      return { reason: 'failed', exitCode: null, signal: status.signal, error };
+    });
+
+    // The guest's words on the microvm.exit port: UP, then EXIT <code> (then stop QEMU).
+    const readPort = (): void => {
+      let text: string;
+      try {
+        text = fs.readFileSync(exitFile, 'utf8');
+      } catch {
+        return;
+      }
+      const r = readExitPort(text);
+      if (r.up) up = true;
+      if (r.code !== undefined && guestCode === undefined && !failure) {
+        guestCode = r.code;
+        signalGroup('SIGTERM');
+      }
+    };
+    const poll = setInterval(readPort, 20);
+    void exited.then(() => clearInterval(poll));
+    const bootTimer = setTimeout(() => {
+      if (!up) fail('ERR_MICROVM_BOOT_TIMEOUT', `${what} started, but the guest showed no sign of life within ${input.bootTimeoutMs} ms (its init never ran).`);
+    }, input.bootTimeoutMs);
+    void exited.then(() => clearTimeout(bootTimer));
+
+    const settle = async (): Promise<never> => {
+      signalGroup('SIGKILL');
+      const end = await exited;
+      input.signal?.throwIfAborted();
+      if (end.reason === 'failed') throw end.error;
+      throw new BootFailure('ERR_MICROVM_BOOT_FAILED', `${what} ended before the guest started (${end.reason}${end.signal ? ` by ${end.signal}` : ''}).${lastLines(input)}`);
+    };
+    const aborted = (): boolean => input.signal?.aborted === true;
+
+    // Up (1): QEMU created its QMP socket (it parsed its arguments); connect and watch it.
+    const deadline = Date.now() + (options.startTimeoutSeconds ?? 30) * 1000;
+    while (running && !fs.existsSync(qmpSock) && !aborted() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    if (!running || aborted()) return settle();
+    if (!fs.existsSync(qmpSock)) {
+      fail('ERR_MICROVM_BOOT_FAILED', `${what} did not start within ${options.startTimeoutSeconds ?? 30} s.`);
+      return settle();
+    }
+    try {
+      qmp = await Promise.race([QmpClient.connect(qmpSock, 5000), exited.then(() => undefined)]);
+    } catch (err) {
+      // Usually QEMU died while we connected: give its exit a moment to say so (exit status, log).
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 1000))]);
+      if (running) fail('ERR_MICROVM_BOOT_FAILED', `${what} started but its QMP socket did not answer: ${(err as Error).message}.`);
+    }
+    if (!qmp || !running) return settle();
+    const watch = qmp;
+    watch.unref();
+    watch.on('event', (ev: { event: string; data?: Record<string, unknown> }) => {
+      if (ev.event === 'SHUTDOWN') shutdownReason = typeof ev.data?.reason === 'string' ? ev.data.reason : undefined;
+      else if (ev.event === 'GUEST_PANICKED') fail(up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED', `The guest kernel panicked (${what}).`);
+      else if (ev.event === 'STOP') {
+        // A pause nobody asked for: a KVM internal error ("emulation failure") or someone's QMP
+        // `stop`. The guest would hang forever: end it.
+        watch.execute('query-status').then(
+          (st) => {
+            const status = (st as { status?: unknown } | undefined)?.status;
+            if (status !== 'running' && status !== 'shutdown' && shutdownReason === undefined) fail(up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED', `${what} paused the guest (status ${JSON.stringify(status)}).`);
+          },
+          () => undefined, // QEMU is going away: its exit tells the rest
+        );
+      }
+    });
+    // The first status: a guest that was never started (-S) or already stopped says so here.
+    watch.execute('query-status').then(
+      (st) => {
+        const status = (st as { status?: unknown } | undefined)?.status;
+        // 'prelaunch' (-S: never started) is left to the boot deadline.
+        if (status !== 'running' && status !== 'shutdown' && status !== 'prelaunch') fail('ERR_MICROVM_BOOT_FAILED', `${what} is not running the guest (status ${JSON.stringify(status)}).`);
+      },
+      () => undefined,
+    );
+
+    // Up (2): the guest init said UP. Races QEMU's exit, QMP, the boot deadline and the caller.
+    await new Promise<void>((resolve) => {
+      const check = setInterval(() => {
+        readPort();
+        if (up || !running || aborted()) {
+          clearInterval(check);
+          resolve();
+        }
+      }, 10);
+      void exited.then(() => {
+        clearInterval(check);
+        resolve();
+      });
+    });
+    if (!up || !running || aborted()) return settle();
+    clearTimeout(bootTimer);
+
+    // Tied to this process: not unref'd, so this process stays alive while the VM runs (stop() or
+    // the guest's exit ends it). Untied: let this process exit whenever it wants.
+    if (options.dieWithParent === false) child.unref();
+    poll.unref();
+    const kill = (sig: NodeJS.Signals): boolean => {
+      if (!running) return false;
+      if (guestCode === undefined && !failure) sent = sig;
+      return signalGroup(sig);
+    };
+    // By now the launcher has exec'd QEMU: /proc/PID/exe is QEMU (for the PID-reuse guard).
+    let executable = rt.qemuPath;
+    try {
+      executable = fs.realpathSync(`/proc/${child.pid as number}/exe`);
+    } catch {
+      executable = fs.realpathSync(rt.qemuPath);
+    }
+    return { pid: child.pid as number, executable, exited, kill, stdoutPath: input.stdoutPath, stderrPath: input.stderrPath };
+  }
+}
