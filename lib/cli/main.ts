@@ -1,6 +1,8 @@
 /**
  * The `microvm` command line. Exit codes: the guest command's own code for `run -- CMD` (and for
- * `exec`); otherwise 0 success, 1 failure (the message carries the error code), 2 usage error.
+ * `exec`), 128+N after signal N (an interrupted `run`, or a VM stopped by a signal), 1 with a coded
+ * message when the hypervisor failed; otherwise 0 success, 1 failure (the message carries the error
+ * code), 2 usage error.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -40,7 +42,8 @@ Commands:
                           boot IMAGE N times (5); per-stage p50/p90 from the spans
 
 Global options: --data-dir DIR (default $MICROVM_DATA_DIR or ~/.local/share/node-microvm), --json, --help
-Exit codes: run -> the guest command's exit code; otherwise 0 ok, 1 failed, 2 usage error.`,
+Exit codes: run -> the guest command's exit code (128+N after signal N, 1 when the hypervisor
+failed); otherwise 0 ok, 1 failed, 2 usage error.`,
   run: `microvm run IMAGE [-- CMD...]
 
 IMAGE is a registry reference (busybox, 127.0.0.1:5000/app:1) or an OCI layout (oci:DIR:TAG).

@@ -456,7 +456,9 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       qmp = await Promise.race([QmpClient.connect(qmpSock, 5000), exited.then(() => undefined)]);
     } catch (err) {
       // Usually QEMU died while we connected: give its exit a moment to say so (exit status, log).
-      await Promise.race([exited, new Promise((r) => setTimeout(r, 1000))]);
+      let grace: NodeJS.Timeout | undefined;
+      await Promise.race([exited, new Promise((r) => (grace = setTimeout(r, 1000)))]);
+      clearTimeout(grace);
       if (running) fail('ERR_MICROVM_BOOT_FAILED', `${what} started but its QMP socket did not answer: ${(err as Error).message}.`);
     }
     if (!qmp || !running) return settle();
