@@ -452,14 +452,24 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       fail('ERR_MICROVM_BOOT_FAILED', `${what} did not start within ${options.startTimeoutSeconds ?? 30} s.`);
       return settle();
     }
-    try {
-      qmp = await Promise.race([QmpClient.connect(qmpSock, 5000), exited.then(() => undefined)]);
-    } catch (err) {
+    // The socket file appears at bind(); QEMU listens a moment later: retry a refused connect.
+    let lastErr: Error | undefined;
+    while (!qmp && running && !aborted() && Date.now() < deadline) {
+      try {
+        qmp = await Promise.race([QmpClient.connect(qmpSock, 5000), exited.then(() => undefined)]);
+      } catch (err) {
+        lastErr = err as Error;
+        const cause = (err as { cause?: NodeJS.ErrnoException }).cause;
+        if (cause?.code !== 'ECONNREFUSED' && cause?.code !== 'ENOENT') break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+    if (!qmp && running && !aborted()) {
       // Usually QEMU died while we connected: give its exit a moment to say so (exit status, log).
       let grace: NodeJS.Timeout | undefined;
       await Promise.race([exited, new Promise((r) => (grace = setTimeout(r, 1000)))]);
       clearTimeout(grace);
-      if (running) fail('ERR_MICROVM_BOOT_FAILED', `${what} started but its QMP socket did not answer: ${(err as Error).message}.`);
+      if (running) fail('ERR_MICROVM_BOOT_FAILED', `${what} started but its QMP socket did not answer: ${lastErr?.message ?? 'timed out'}.`);
     }
     if (!qmp || !running) return settle();
     const watch = qmp;
