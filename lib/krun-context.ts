@@ -58,6 +58,7 @@ export interface CreateContextOptions {
 
 export class KrunContext {
   readonly #native: NativeKrunContext;
+  readonly #tags = new Set<string>();
 
   private constructor(native: NativeKrunContext) {
     this.#native = native;
@@ -113,11 +114,17 @@ export class KrunContext {
   /** `krun_add_virtiofs3` (or `krun_add_virtiofs` on an older libkrun when not read-only). */
   addVirtiofs(mount: VirtiofsMount): this {
     const m = normalizeVirtiofs('mount', mount);
+    // libkrun 1.19 accepts a tag twice; the guest then cannot tell the shares apart.
+    if (this.#tags.has(m.tag)) throw new RangeError(`virtiofs tag ${JSON.stringify(m.tag)} is already added to this context`);
+    this.#tags.add(m.tag);
     callNative(() => this.#native.addVirtiofs(m.tag, m.path, m.readOnly));
     return this;
   }
 
-  /** `krun_set_port_map`: `'all'` (NULL), `'none'` (empty) or a list of forwards. */
+  /**
+   * `krun_set_port_map`: `'none'` (empty list) or a list of forwards. `'all'` (every listening
+   * guest port) is libkrun's default: it makes no call (the header's NULL crashes libkrun 1.19).
+   */
   setPortMap(map: PortMapInput): this {
     const m = normalizePortMap('map', map);
     callNative(() => this.#native.setPortMap(m));

@@ -62,8 +62,11 @@ export interface VsockPortInput {
   listen?: boolean;
 }
 
-/** An rlimit as "RESOURCE=SOFT:HARD" or an object. */
-export type RlimitInput = string | { resource: string; soft: number; hard: number };
+/**
+ * An rlimit as "RESOURCE=SOFT:HARD" or an object; RESOURCE is a name (`NOFILE`, `RLIMIT_NOFILE`) or
+ * its Linux number (7). It always reaches libkrun as the number.
+ */
+export type RlimitInput = string | { resource: keyof typeof RLIMIT_IDS | `RLIMIT_${keyof typeof RLIMIT_IDS}` | number; soft: number; hard: number };
 
 /** What the guest runs (instead of the image's config in /.krun_config.json). */
 export interface ExecInput {
@@ -225,18 +228,24 @@ export function normalizeVsockPort(name: string, value: unknown): NonNullable<La
   return out;
 }
 
-const RLIMIT_RESOURCES = [
-  'CPU', 'FSIZE', 'DATA', 'STACK', 'CORE', 'RSS', 'NPROC', 'NOFILE', 'MEMLOCK', 'AS', 'LOCKS', 'SIGPENDING', 'MSGQUEUE', 'NICE', 'RTPRIO', 'RTTIME',
-] as const;
+/** Linux resource numbers (asm-generic/resource.h; the same on x86_64 and aarch64). */
+export const RLIMIT_IDS = {
+  CPU: 0, FSIZE: 1, DATA: 2, STACK: 3, CORE: 4, RSS: 5, NPROC: 6, NOFILE: 7, MEMLOCK: 8, AS: 9, LOCKS: 10, SIGPENDING: 11, MSGQUEUE: 12, NICE: 13, RTPRIO: 14, RTTIME: 15,
+} as const;
 
+/**
+ * An rlimit for libkrun: "ID=SOFT:HARD" with the NUMERIC resource ID, which is what libkrun's guest
+ * init parses (strtoull). Accepts a name (`NOFILE`, `RLIMIT_NOFILE`) or a number (7), as a string
+ * ("NOFILE=1024:4096", "7=1024:4096") or an object ({ resource, soft, hard }).
+ */
 export function normalizeRlimit(name: string, value: unknown): string {
   let resource: unknown;
   let soft: unknown;
   let hard: unknown;
   if (typeof value === 'string') {
-    const m = /^(?:RLIMIT_)?([A-Z]+)=(\d+):(\d+)$/.exec(value);
+    const m = /^(?:RLIMIT_)?([A-Z]+|\d+)=(\d+):(\d+)$/.exec(value);
     if (!m) throw new RangeError(`Expected "RESOURCE=SOFT:HARD" for ${name} but received ${v.describe(value)}`);
-    [resource, soft, hard] = [m[1], Number(m[2]), Number(m[3])];
+    [resource, soft, hard] = [/^\d+$/.test(m[1]) ? Number(m[1]) : m[1], Number(m[2]), Number(m[3])];
   } else {
     const o = v.object(name, value);
     v.knownKeys(name, o, ['resource', 'soft', 'hard']);
@@ -244,14 +253,22 @@ export function normalizeRlimit(name: string, value: unknown): string {
     soft = o.soft;
     hard = o.hard;
   }
-  const r = v.string(`${name}.resource`, resource);
-  if (!(RLIMIT_RESOURCES as readonly string[]).includes(r)) {
-    throw new RangeError(`Expected one of ${RLIMIT_RESOURCES.join(', ')} for ${name}.resource but received ${v.describe(r)}`);
+  const ids = Object.values(RLIMIT_IDS) as number[];
+  let id: number;
+  if (typeof resource === 'number') {
+    if (!ids.includes(resource)) throw new RangeError(`Expected a resource number 0–15 for ${name}.resource but received ${v.describe(resource)}`);
+    id = resource;
+  } else {
+    const r = v.string(`${name}.resource`, resource);
+    if (!Object.hasOwn(RLIMIT_IDS, r)) {
+      throw new RangeError(`Expected one of ${Object.keys(RLIMIT_IDS).join(', ')} (or its number) for ${name}.resource but received ${v.describe(r)}`);
+    }
+    id = RLIMIT_IDS[r as keyof typeof RLIMIT_IDS];
   }
   const s = v.integer(`${name}.soft`, soft, 0, Number.MAX_SAFE_INTEGER);
   const h = v.integer(`${name}.hard`, hard, 0, Number.MAX_SAFE_INTEGER);
   if (s > h) throw new RangeError(`Expected ${name}.soft (${s}) to be at most ${name}.hard (${h})`);
-  return `RLIMIT_${r}=${s}:${h}`;
+  return `${id}=${s}:${h}`;
 }
 
 export function normalizeExec(name: string, value: unknown): NonNullable<LaunchPlan['exec']> {

@@ -217,6 +217,9 @@ function normalize(image: string, options: RunOptions) {
       const n = normalizeVirtiofs(`virtiofs[${i}]`, share);
       const gp = guestPath === undefined ? undefined : v.absolutePath(`virtiofs[${i}].guestPath`, guestPath);
       return { tag: n.tag, hostPath: n.path, readOnly: n.readOnly, guestPath: gp };
+    }).map((m, i, all) => {
+      if (all.findIndex((x) => x.tag === m.tag) !== i) throw new RangeError(`Expected a unique tag for virtiofs[${i}].tag but ${JSON.stringify(m.tag)} is used twice`);
+      return m;
     }),
     dataRoot: o.dataDir === undefined ? defaultDataRoot() : v.absolutePath('dataDir', o.dataDir),
     imageCache: o.imageCache === undefined ? path.join(o.dataDir === undefined ? defaultDataRoot() : (o.dataDir as string), 'images') : v.absolutePath('imageCache', o.imageCache),

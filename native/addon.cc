@@ -471,7 +471,9 @@ class ValidatePlanWorker : public PromiseWorker {
   void Execute() override {
     OpenContext(plan_.libkrun_path, plan_.firmware_path, &opened_);
     if (!opened_.ok) return;
-    applied_ = ApplyPlan(*opened_.api, opened_.ctx, plan_, &failure_);
+    // The log level is the runner's to apply: installing libkrun's logger here would make the
+    // next run's level (or a second dry run) abort Node.
+    applied_ = ApplyPlan(*opened_.api, opened_.ctx, plan_, &failure_, /*apply_log_level=*/false);
     KrunFailure ignored;
     KrunFreeCtx(*opened_.api, opened_.ctx, &ignored);
   }

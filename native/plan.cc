@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <mutex>
 #include <set>
 
 namespace microvm {
@@ -114,8 +115,24 @@ bool ParseMac(const std::string& text, uint8_t mac[6]) {
 
 // ---- libkrun call wrappers -------------------------------------------------------------------
 
+// libkrun 1.19 installs a process-wide logger on every krun_set_log_level (and krun_init_log)
+// call, and the second one panics and aborts the process. So the level is applied at most once
+// per process: the same level again is a no-op, another level is refused with -EALREADY.
 bool KrunSetLogLevel(const KrunApi& api, uint32_t level, KrunFailure* f) {
-  return Check("krun_set_log_level", api.set_log_level(level), f);
+  static std::mutex mu;
+  static int applied = -1;
+  std::lock_guard<std::mutex> lock(mu);
+  if (applied == static_cast<int>(level)) return true;
+  if (applied >= 0) {
+    f->syscall = "krun_set_log_level";
+    f->rc = -EALREADY;
+    f->detail = "libkrun's log level is set once per process and is already " + std::to_string(applied) +
+                "; a second krun_set_log_level would abort the process";
+    return false;
+  }
+  if (!Check("krun_set_log_level", api.set_log_level(level), f)) return false;
+  applied = static_cast<int>(level);
+  return true;
 }
 
 bool KrunCreateCtx(const KrunApi& api, uint32_t* ctx, KrunFailure* f) {
@@ -163,10 +180,10 @@ bool KrunAddNet(const KrunApi& api, uint32_t ctx, const NetDevice& n, KrunFailur
 }
 
 bool KrunSetPortMap(const KrunApi& api, uint32_t ctx, const PortMap& map, KrunFailure* f) {
+  // "All listening guest ports" is libkrun's default when krun_set_port_map is never called. The
+  // header's NULL for it crashes 1.19.0 (it dereferences the array unchecked): never pass NULL.
+  if (map.kind == PortMapKind::kAll) return true;
   if (api.set_port_map == nullptr) return Missing("krun_set_port_map", f);
-  if (map.kind == PortMapKind::kAll) {
-    return Check("krun_set_port_map", api.set_port_map(ctx, nullptr), f);
-  }
   static const std::vector<std::string> kNone;
   CStringArray arr(map.kind == PortMapKind::kNone ? kNone : map.entries);
   return Check("krun_set_port_map", api.set_port_map(ctx, arr.get()), f);
@@ -372,6 +389,23 @@ bool ParsePlan(const JsonValue& j, LaunchPlan* p, std::string* error) {
   if ((v = j.Get("rlimits"))) {
     p->has_rlimits = true;
     if (!ReadStrings(*v, "rlimits", &p->rlimits, error)) return false;
+    // libkrun's guest init parses the resource with strtoull: it must be a number.
+    for (const auto& r : p->rlimits) {
+      size_t eq = r.find('=');
+      size_t colon = r.find(':');
+      auto digits = [&](size_t from, size_t to) {
+        if (to <= from || to - from > 20) return false;
+        for (size_t i = from; i < to; i++) {
+          if (r[i] < '0' || r[i] > '9') return false;
+        }
+        return true;
+      };
+      if (eq == std::string::npos || colon == std::string::npos || colon < eq || !digits(0, eq) ||
+          !digits(eq + 1, colon) || !digits(colon + 1, r.size())) {
+        *error = "rlimits: expected \"ID=SOFT:HARD\" with a numeric resource ID, got \"" + r + "\"";
+        return false;
+      }
+    }
   }
   if ((v = j.Get("consoleOutput")) &&
       !ReadString(*v, "consoleOutput", &p->console_output, error)) {
@@ -406,8 +440,10 @@ bool ParsePlanText(const std::string& text, LaunchPlan* plan, std::string* error
   return ParsePlan(json, plan, error);
 }
 
-bool ApplyPlan(const KrunApi& api, uint32_t ctx, const LaunchPlan& p, KrunFailure* f) {
-  if (p.log_level >= 0 && !KrunSetLogLevel(api, static_cast<uint32_t>(p.log_level), f)) {
+bool ApplyPlan(const KrunApi& api, uint32_t ctx, const LaunchPlan& p, KrunFailure* f,
+               bool apply_log_level) {
+  if (apply_log_level && p.log_level >= 0 &&
+      !KrunSetLogLevel(api, static_cast<uint32_t>(p.log_level), f)) {
     return false;
   }
   if (!KrunSetVmConfig(api, ctx, p.cpus, p.memory_mib, f)) return false;

@@ -92,7 +92,10 @@ bool ParsePlan(const JsonValue& json, LaunchPlan* plan, std::string* error);
 bool ParsePlanText(const std::string& text, LaunchPlan* plan, std::string* error);
 
 // Applies every setting of `plan` to context `ctx`, in a fixed order. Stops at the first failure.
-bool ApplyPlan(const KrunApi& api, uint32_t ctx, const LaunchPlan& plan, KrunFailure* failure);
+// apply_log_level: the runner (a fresh process) applies the plan's log level; the addon's dry run
+// never does (libkrun's logger can be installed once per process; see KrunSetLogLevel).
+bool ApplyPlan(const KrunApi& api, uint32_t ctx, const LaunchPlan& plan, KrunFailure* failure,
+               bool apply_log_level);
 
 // One wrapper per libkrun call. Return true on success, else fill `failure`.
 bool KrunSetLogLevel(const KrunApi& api, uint32_t level, KrunFailure* failure);

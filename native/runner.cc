@@ -217,7 +217,7 @@ int main(int argc, char** argv) {
   KrunFailure failure;
   uint32_t ctx = 0;
   if (!microvm::KrunCreateCtx(*api, &ctx, &failure)) DieKrun(kExitConfigure, "configure", failure);
-  if (!microvm::ApplyPlan(*api, ctx, plan, &failure)) DieKrun(kExitConfigure, "configure", failure);
+  if (!microvm::ApplyPlan(*api, ctx, plan, &failure, /*apply_log_level=*/true)) DieKrun(kExitConfigure, "configure", failure);
 
   // 6. Tell the parent, then hand the process to libkrun.
   if (ready_fd >= 0) {

@@ -49,11 +49,9 @@ describe('KrunContext.create', () => {
 });
 
 describe('KrunContext methods record the libkrun call they name', () => {
-  test('setLogLevel -> krun_set_log_level', () => {
-    ctx.setLogLevel('debug');
-    expect(last('krun_set_log_level').args).toEqual({ level: 4 });
-    ctx.setLogLevel(0);
-    expect(last('krun_set_log_level').args).toEqual({ level: 0 });
+  // The level itself is applied once per process (libkrun aborts on a second logger): that is
+  // tested in fresh processes in test/libkrun-fidelity.test.ts; here only the validation.
+  test('setLogLevel validates before it calls anything', () => {
     expect(() => ctx.setLogLevel(6 as never)).toThrow(/integer 0–5 for level/);
     expect(() => ctx.setLogLevel('loud' as never)).toThrow(RangeError);
   });
@@ -79,14 +77,16 @@ describe('KrunContext methods record the libkrun call they name', () => {
     expect(last('krun_add_virtiofs3').args).toEqual({ ctx: ctx.id, c_tag: 'data', c_path: '/srv/data', shm_size: 0, read_only: true });
     ctx.addVirtiofs({ tag: 'rw', hostPath: '/srv/rw' });
     expect(last('krun_add_virtiofs3').args.read_only).toBe(false);
-    // libkrun's own rule: a tag is used once.
-    expect(() => ctx.addVirtiofs({ tag: 'data', hostPath: '/srv/other' })).toThrow(expect.objectContaining({ code: 'EEXIST', syscall: 'krun_add_virtiofs3' }));
+    // libkrun 1.19 accepts a tag twice (the guest cannot tell the shares apart): the binding refuses it.
+    const before = rec.calls().length;
+    expect(() => ctx.addVirtiofs({ tag: 'data', hostPath: '/srv/other' })).toThrow(/virtiofs tag "data" is already added/);
+    expect(rec.calls().length).toBe(before);
     expect(() => ctx.addVirtiofs({ tag: 'bad tag', hostPath: '/x' })).toThrow(/mount.tag/);
   });
 
-  test('setPortMap -> krun_set_port_map: all = NULL, none = empty, list = host:guest', () => {
+  test("setPortMap -> krun_set_port_map: none = empty, list = host:guest; 'all' makes no call (NULL crashes libkrun 1.19)", () => {
     ctx.setPortMap('all');
-    expect(last('krun_set_port_map').args.port_map).toBeNull();
+    expect(rec.calls().filter((c) => c.fn === 'krun_set_port_map')).toEqual([]);
     ctx.setPortMap('none');
     expect(last('krun_set_port_map').args.port_map).toEqual([]);
     ctx.setPortMap([{ host: 8080, guest: 80 }, '2222:22']);
@@ -117,7 +117,11 @@ describe('KrunContext methods record the libkrun call they name', () => {
 
   test('setRlimits -> krun_set_rlimits', () => {
     ctx.setRlimits(['NOFILE=1024:4096', { resource: 'RLIMIT_NPROC', soft: 100, hard: 200 }]);
-    expect(last('krun_set_rlimits').args.rlimits).toEqual(['RLIMIT_NOFILE=1024:4096', 'RLIMIT_NPROC=100:200']);
+    // libkrun's guest init parses the resource as a number: names become their Linux numbers.
+    expect(last('krun_set_rlimits').args.rlimits).toEqual(['7=1024:4096', '6=100:200']);
+    ctx.setRlimits(['7=1:2', { resource: 4, soft: 0, hard: 0 }]);
+    expect(last('krun_set_rlimits').args.rlimits).toEqual(['7=1:2', '4=0:0']);
+    expect(() => ctx.setRlimits(['16=1:1'])).toThrow(/resource number 0–15 for rlimits\[0\].resource/);
     expect(() => ctx.setRlimits([{ resource: 'NOFILE', soft: 10, hard: 5 }])).toThrow(/soft \(10\) to be at most/);
     expect(() => ctx.setRlimits(['BOGUS=1:1'])).toThrow(/resource/);
   });
@@ -132,8 +136,8 @@ describe('KrunContext methods record the libkrun call they name', () => {
     expect(last('krun_add_net_unixstream').args).toEqual({ ctx: ctx.id, c_path: '/run/passt.sock', fd: -1, c_mac: '5a:94:ef:e4:0c:ee', features: 3, flags: 0 });
     ctx.addNet({ kind: 'unixgram', fd: 7, mac: '5A:94:EF:E4:0C:EF', flags: 1 });
     expect(last('krun_add_net_unixgram').args).toEqual({ ctx: ctx.id, c_path: null, fd: 7, c_mac: '5a:94:ef:e4:0c:ef', features: 0, flags: 1 });
-    // libkrun: with a virtio-net device, TSI port mapping is not supported.
-    expect(() => ctx.setPortMap(['8080:80'])).toThrow(expect.objectContaining({ code: 'ENOTSUP', errno: -95, syscall: 'krun_set_port_map' }));
+    // libkrun 1.19: with a virtio-net device, a TSI port map is refused with -EINVAL.
+    expect(() => ctx.setPortMap(['8080:80'])).toThrow(expect.objectContaining({ code: 'EINVAL', errno: -22, syscall: 'krun_set_port_map' }));
     expect(() => ctx.addNet({ kind: 'unixstream', path: '/a', fd: 3, mac: '5a:94:ef:e4:0c:ee' })).toThrow(/exactly one of/);
     expect(() => ctx.addNet({ kind: 'unixstream', path: '/a', mac: '01:00:00:00:00:00' })).toThrow(/unicast/);
   });

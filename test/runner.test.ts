@@ -7,6 +7,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { buildLaunchPlan, KrunError, type LaunchPlan, MicrovmError, resolveRunner, RunnerExit, startRunner } from '../lib';
 import { packageRoot } from '../lib/native';
+import { classifyRunnerExit } from '../lib/backends/libkrun';
+import { readTail } from '../lib/runner';
 import { alive, doublePath, firmwareDir, firmwarePath, readCalls, scratch } from './helpers';
 
 let s: ReturnType<typeof scratch>;
@@ -66,17 +68,21 @@ describe('startRunner', () => {
     for (const pid of pids) expect(alive(pid)).toBe(false);
   });
 
-  test('without a resolved firmware, libkrun cannot find libkrunfw by soname: ENOENT from krun_create_ctx', async () => {
+  test('without a resolved firmware: libkrun 1.19 creates the context anyway and fails at krun_start_enter (ENOENT); the VM ends failed, not with a guest code', async () => {
     const noFw: LaunchPlan = { ...plan() };
     delete noFw.firmwarePath;
-    const err = await startRunner({ runnerPath, plan: noFw, logPath: log, env: env() }).catch((e: unknown) => e);
-    expect(err).toMatchObject({ code: 'ENOENT', syscall: 'krun_create_ctx' });
+    const vm = await startRunner({ runnerPath, plan: noFw, logPath: log, env: env() });
+    const status = await vm.exited;
+    expect(status).toEqual({ code: RunnerExit.START, signal: null });
+    const exit = classifyRunnerExit(status, readTail(log, vm.logStart), log, undefined);
+    expect(exit).toMatchObject({ reason: 'failed', error: { code: 'ENOENT', syscall: 'krun_start_enter' } });
+    expect(fs.readFileSync(log, 'utf8')).toContain("Couldn't find or load libkrunfw.so.5");
     // ...and it works when the loader can find it on its own.
     const consoleLog = path.join(s.dir, 'console.log');
-    const vm = await startRunner({ runnerPath, plan: { ...noFw, consoleOutput: consoleLog }, logPath: log, env: env({ LD_LIBRARY_PATH: firmwareDir() }) });
+    const ok = await startRunner({ runnerPath, plan: { ...noFw, consoleOutput: consoleLog }, logPath: log, env: env({ LD_LIBRARY_PATH: firmwareDir() }) });
     await waitRunning(consoleLog);
-    vm.kill();
-    await expect(vm.exited).resolves.toMatchObject({ code: 0 });
+    ok.kill();
+    await expect(ok.exited).resolves.toMatchObject({ code: 0 });
   });
 
   test('an unloadable libkrun: ERR_MICROVM_LIBKRUN_LOAD, exit 69', async () => {
