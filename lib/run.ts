@@ -319,7 +319,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     // The VM's directory: a leftover one is an error unless cleanDataDir says to replace it.
     await fsp.mkdir(path.join(o.dataRoot, 'vms'), { recursive: true, mode: 0o700 });
     if (fs.existsSync(vmDir)) {
-      if (!o.cleanDataDir) throw new MicrovmError('ERR_MICROVM_NAME_IN_USE', `A VM named ${o.name} already has a data directory (${vmDir}); pick another name or pass cleanDataDir: true`);
+      if (!o.cleanDataDir) throw new MicrovmError('ERR_MICROVM_NAME_IN_USE', `A VM named ${o.name} already has a data directory (${vmDir}); pick another name, remove the old one (\`microvm rm ${o.name}\`), or pass cleanDataDir: true to replace it`);
       await terminateRecorded(vmDir);
       await fsp.rm(vmDir, { recursive: true, force: true });
     }

@@ -31,6 +31,25 @@ describe('usage', () => {
     expect(cli(['logs', 'nope', '--data-dir', s.dir])).toMatchObject({ code: 1, stderr: expect.stringContaining('ERR_MICROVM_VM_NOT_FOUND') });
   });
 
+  test('--data-dir=DIR and --data-dir DIR mean the same for every command; an unknown option is a usage error', () => {
+    const fs = require('node:fs') as typeof import('node:fs');
+    const a = path.join(s.dir, 'a');
+    const def = path.join(s.dir, 'default');
+    for (const root of [a, def]) {
+      fs.mkdirSync(path.join(root, 'vms', 'victim'), { recursive: true });
+      fs.writeFileSync(path.join(root, 'vms', 'victim', 'console.log'), 'x');
+    }
+    const env = { MICROVM_DATA_DIR: def };
+    expect(cli(['rm', `--data-dir=${a}`, 'victim'], 120000, env)).toMatchObject({ code: 0 });
+    expect(fs.existsSync(path.join(a, 'vms', 'victim'))).toBe(false);
+    expect(fs.existsSync(path.join(def, 'vms', 'victim'))).toBe(true);
+    expect(JSON.parse(cli(['ps', '--json', `--data-dir=${a}`], 120000, env).stdout)).toEqual([]);
+    expect(JSON.parse(cli(['ps', '--json', '--data-dir', def], 120000, env).stdout)).toEqual([expect.objectContaining({ name: 'victim' })]);
+    expect(cli(['logs', 'victim', `--data-dir=${def}`], 120000, env)).toMatchObject({ code: 0, stdout: 'x' });
+    expect(cli(['rm', '--data-dri', a, 'victim'], 120000, env)).toMatchObject({ code: 2, stderr: expect.stringContaining("Unknown option '--data-dri'") });
+    expect(fs.existsSync(path.join(def, 'vms', 'victim'))).toBe(true);
+  });
+
   test('doctor on a PVM host, a host without /dev/kvm and a hardware-KVM host (fake host trees): the reason, and QEMU with TCG', () => {
     const env = (root: string): Record<string, string> => ({ MICROVM_HOST_PROBE_ROOT: root });
     const pvm = path.join(s.dir, 'pvm');

@@ -390,25 +390,62 @@ async function cmdDoctor(dataDir: string, out: (o: unknown, text: string) => voi
 }
 
 /** Runs the CLI; returns the exit code. */
+/** Options every command takes. */
+const GLOBAL_OPTIONS = { 'data-dir': { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean' } } as const;
+/** Each command's own options (run and bench parse theirs in cmdRun/cmdBench). */
+const COMMAND_OPTIONS: Record<string, Record<string, { type: 'string' | 'boolean'; short?: string }>> = {
+  pull: {}, images: {}, cache: {}, ps: {}, stop: {}, rm: {}, exec: {}, doctor: {},
+  logs: { follow: { type: 'boolean', short: 'f' }, console: { type: 'boolean' } },
+};
+
+/**
+ * One parser for every command (node:util parseArgs, strict): `--opt=value` and `--opt value` mean
+ * the same, an unknown option is a usage error, and nothing after `--` is ever read as ours.
+ */
+function parseCommand(command: string, args: string[]): { values: Record<string, string | boolean | undefined>; positionals: string[]; after: string[] } {
+  const dash = args.indexOf('--');
+  const own = COMMAND_OPTIONS[command] ?? {};
+  const { values, positionals } = parseArgs({ args: dash >= 0 ? args.slice(0, dash) : args, allowPositionals: true, strict: true, options: { ...GLOBAL_OPTIONS, ...own } });
+  return { values: values as Record<string, string | boolean | undefined>, positionals, after: dash >= 0 ? args.slice(dash + 1) : [] };
+}
+
+/** Runs the CLI; returns the exit code. */
 export async function main(argv: string[]): Promise<number> {
-  const json = argv.includes('--json');
+  const command = argv[0] ?? '';
+  const rest = argv.slice(1);
+  const ours = rest.indexOf('--') >= 0 ? rest.slice(0, rest.indexOf('--')) : rest;
+  const json = ours.includes('--json');
   const out = (o: unknown, text: string): void => {
     process.stdout.write(json ? `${JSON.stringify(o)}\n` : text ? `${text}\n` : '');
   };
-  const command = argv[0] ?? '';
-  const rest = argv.slice(1);
   if (!command || command === '--help' || command === '-h' || command === 'help') {
     process.stdout.write(`${USAGE['']}\n`);
     return command ? 0 : 2;
   }
-  if (rest.includes('--help') && (rest.indexOf('--') < 0 || rest.indexOf('--help') < rest.indexOf('--'))) {
+  if (ours.includes('--help')) {
     process.stdout.write(`${USAGE[command] ?? USAGE['']}\n`);
     return 0;
   }
-  const dataIdx = rest.indexOf('--data-dir');
-  const dataDir = dataIdx >= 0 && rest[dataIdx + 1] ? path.resolve(rest[dataIdx + 1]) : defaultDataRoot();
+  let values: Record<string, string | boolean | undefined> = {};
+  let positional: string[] = [];
+  let after: string[] = [];
+  if (command !== 'run' && command !== 'bench') {
+    try {
+      ({ values, positionals: positional, after } = parseCommand(command, rest));
+    } catch (err) {
+      process.stderr.write(`microvm: ${(err as Error).message}\nRun 'microvm ${command} --help'.\n`);
+      return 2;
+    }
+  } else {
+    // run and bench parse everything themselves; the data dir is read the same way.
+    const m = /^--data-dir(?:=(.*))?$/;
+    ours.forEach((a, i) => {
+      const hit = m.exec(a);
+      if (hit) values['data-dir'] = hit[1] ?? ours[i + 1];
+    });
+  }
+  const dataDir = typeof values['data-dir'] === 'string' && values['data-dir'] ? path.resolve(values['data-dir']) : defaultDataRoot();
   const cacheDir = path.join(dataDir, 'images');
-  const positional = rest.filter((a, i) => !a.startsWith('-') && rest[i - 1] !== '--data-dir');
   try {
     switch (command) {
       case 'run':
@@ -462,7 +499,7 @@ export async function main(argv: string[]): Promise<number> {
         const dir = vmDir(dataDir, positional[0]);
         if (!fs.existsSync(path.join(dir, 'console.log')) && !fs.existsSync(path.join(dir, 'stdout.log'))) throw Object.assign(new Error(`no VM named ${positional[0]}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
         // The command's stdout and stderr where the backend kept them apart (QEMU), else the console.
-        const separate = !rest.includes('--console') && fs.existsSync(path.join(dir, 'stdout.log'));
+        const separate = !values.console && fs.existsSync(path.join(dir, 'stdout.log'));
         const streams = separate
           ? [{ file: path.join(dir, 'stdout.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }, { file: path.join(dir, 'stderr.log'), offset: 0, write: (b: Buffer) => process.stderr.write(b) }]
           : [{ file: path.join(dir, 'console.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }];
@@ -470,7 +507,7 @@ export async function main(argv: string[]): Promise<number> {
           for (const st of streams) st.offset = pumpFile(st.file, st.offset, st.write);
         };
         pump();
-        if (rest.includes('-f')) await new Promise<void>(() => setInterval(pump, 200));
+        if (values.follow) await new Promise<void>(() => setInterval(pump, 200));
         return 0;
       }
       case 'stop':
@@ -488,10 +525,9 @@ export async function main(argv: string[]): Promise<number> {
       case 'bench':
         return await cmdBench(rest, dataDir, out);
       case 'exec': {
-        const dash = rest.indexOf('--');
-        const name = rest.slice(0, dash < 0 ? undefined : dash).filter((a, i, arr) => !a.startsWith('-') && arr[i - 1] !== '--data-dir')[0];
-        const words = dash < 0 ? [] : rest.slice(dash + 1);
-        if (!name || words.length === 0) throw new UsageError('exec takes NAME -- CMD...');
+        const name = positional[0];
+        const words = after;
+        if (positional.length !== 1 || words.length === 0) throw new UsageError('exec takes NAME -- CMD...');
         const dir = vmDir(dataDir, name);
         const st = readState(dir);
         if (!st || !isRecordedProcess(st)) throw Object.assign(new Error(`no running VM named ${name}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });

@@ -9,7 +9,7 @@ describe('resolveRuntime (libkrun RECORDING ABI TEST DOUBLE)', () => {
     expect(rt.libkrunPath).toBe(doublePath());
     expect(rt.libDir).toBe(doubleDir());
     expect(fs.statSync(rt.runnerPath).mode & 0o111).not.toBe(0);
-    expect(rt.features).toEqual([KrunFeature.NET, KrunFeature.BLK]);
+    expect(rt.features).toEqual([KrunFeature.NET, KrunFeature.BLK, KrunFeature.INIT_BLOB]); // as libkrun 1.19.0 built with net,blk
   });
 
   test('MICROVM_LIBKRUN_DIR is honoured after libDir', async () => {
