@@ -4,16 +4,16 @@
  * {@link native} and also as named exports — and the error types.
  */
 import { errnoName } from './errno';
-import { KrunContext, KrunFeature } from './krun-context';
+import { KrunContext, KrunFeature } from './backends/libkrun/context';
 import { addonPath } from './native';
-import { buildLaunchPlan, serializeLaunchPlan, validateLaunchPlan } from './plan';
+import { buildLaunchPlan, serializeLaunchPlan, validateLaunchPlan } from './backends/libkrun/plan';
 import { readFirmwareKernel, resolveFirmware } from './resolve/firmware';
 import { resolveRunner, resolveRuntime } from './resolve/runtime';
-import { startRunner } from './runner';
+import { startRunner } from './backends/libkrun/runner';
 
 export { KrunError, MicrovmError } from './errors';
 export { errnoName } from './errno';
-export { KrunContext, KrunFeature, type CreateContextOptions } from './krun-context';
+export { KrunContext, KrunFeature, type CreateContextOptions } from './backends/libkrun/context';
 export {
   buildLaunchPlan,
   LOG_LEVELS,
@@ -29,7 +29,7 @@ export {
   type RlimitInput,
   type VirtiofsMount,
   type VsockPortInput,
-} from './plan';
+} from './backends/libkrun/plan';
 export {
   FIRMWARE_INSTALL_HINT,
   LIBKRUNFW_ABI_VERSION,
@@ -40,7 +40,7 @@ export {
   type ResolveFirmwareOptions,
 } from './resolve/firmware';
 export { LIBKRUN_SONAME, resolveRunner, resolveRuntime, type ResolveRuntimeOptions, type RuntimeInfo } from './resolve/runtime';
-export { RunnerExit, startRunner, type RunnerExitStatus, type RunnerHandle, type StartRunnerOptions } from './runner';
+export { RunnerExit, startRunner, type RunnerExitStatus, type RunnerHandle, type StartRunnerOptions } from './backends/libkrun/runner';
 
 /** The native core in one namespace: `require('node-microvm').native.resolveFirmware({ dir })`. */
 export const native = {

@@ -28,7 +28,7 @@ import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
 import { freePort } from './net';
 import { localRootfs, pull, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
-import { normalizeLogLevel, normalizePortMap, normalizeVirtiofs, type KrunLogLevel, type LOG_LEVELS } from './plan';
+import { normalizeLogLevel, normalizePortMap, normalizeVirtiofs, type KrunLogLevel, type LOG_LEVELS } from './backends/libkrun/plan';
 import { diskSpaceCheck, kvmCheck, portsCheck, type PreflightCheck, probeCheck, resourcesCheck, userNamespacesCheck } from './preflight/checks';
 import { runAllChecks } from './preflight/run-all';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from './resolve/firmware';

@@ -10,7 +10,7 @@
 //
 // Failures before the VM starts are reported as ONE JSON line on stderr,
 //   {"microvmRunnerError":{"stage":"...","code":"...","message":"...","errno":-22,"syscall":"..."}}
-// and one of these exit codes (lib/runner.ts maps them to coded errors):
+// and one of these exit codes (lib/backends/libkrun/runner.ts maps them to coded errors):
 //   64 usage error          65 plan is not valid          66 plan cannot be read
 //   69 libkrun/libkrunfw cannot be loaded                 70 a krun_* configuration call failed
 //   71 krun_start_enter returned (the VM did not start)

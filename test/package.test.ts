@@ -61,3 +61,22 @@ describe('package entry points', () => {
     }
   });
 });
+
+describe('public exports', () => {
+  test('the export list is pinned (a layout change must not add or drop one by accident)', () => {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const m = require('../dist/index.js') as Record<string, unknown> & { native: Record<string, unknown> };
+    expect(Object.keys(m).sort()).toEqual([
+      'ATTR', 'FIRMWARE_INSTALL_HINT', 'KrunContext', 'KrunError', 'KrunFeature', 'LIBKRUNFW_ABI_VERSION', 'LIBKRUNFW_SONAME', 'LIBKRUN_SONAME', 'LOG_LEVELS', 'MicroVM',
+      'MicrovmError', 'RunnerExit', 'SPAN', 'SshClient', 'buildLaunchPlan', 'buildPvhElf', 'chooseBackend', 'cloneRootfs', 'decideAccel', 'defaultDataRoot', 'describeExit',
+      'diskSpaceCheck', 'errnoName', 'evictImages', 'findPvhEntry', 'formatSpanTree', 'gcImages', 'generateKeyPair', 'hooks', 'hostPlatform', 'image', 'kvmCheck',
+      'libkrunBackend', 'listImages', 'loadKeyPair', 'native', 'parseReference', 'portsCheck', 'probeKvm', 'pull', 'purgeImages', 'qemuBackend', 'readFirmwareKernel',
+      'readKvmVerdict', 'resolveFirmware', 'resolveQemuRuntime', 'resolveRunner', 'resolveRuntime', 'resourcesCheck', 'run', 'serializeLaunchPlan', 'startRunner',
+      'systemClock', 'userNamespacesCheck', 'validateLaunchPlan', 'waitForReady', 'writeKeyPair',
+    ]);
+    expect(Object.keys(m.native).sort()).toEqual([
+      'KrunContext', 'KrunFeature', 'addonPath', 'buildLaunchPlan', 'errnoName', 'readFirmwareKernel', 'resolveFirmware', 'resolveRunner', 'resolveRuntime',
+      'serializeLaunchPlan', 'startRunner', 'validateLaunchPlan',
+    ]);
+  });
+});

@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { buildLaunchPlan, KrunError, type LaunchPlan, MicrovmError, resolveRunner, RunnerExit, startRunner } from '../lib';
 import { packageRoot } from '../lib/native';
 import { classifyRunnerExit } from '../lib/backends/libkrun';
-import { readTail } from '../lib/runner';
+import { readTail } from '../lib/backends/libkrun/runner';
 import { alive, doublePath, firmwareDir, firmwarePath, readCalls, scratch } from './helpers';
 
 let s: ReturnType<typeof scratch>;

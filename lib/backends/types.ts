@@ -1,7 +1,7 @@
 /**
- * The Backend interface: how a VM is actually started. `libkrun` (lib/backends/libkrun.ts) is the
- * built-in one; other backends plug in by implementing this and passing the object as
- * `run(image, { backend })`.
+ * The Backend interface: how a VM is actually started. `libkrun` (lib/backends/libkrun/) and
+ * `qemu` (lib/backends/qemu/) are the built-in ones; other backends plug in by implementing this
+ * and passing the object as `run(image, { backend })`.
  */
 import type { MicrovmError } from '../errors';
 import type { SpanScope } from '../telemetry/tracer';

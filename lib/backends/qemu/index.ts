@@ -34,7 +34,7 @@ import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firm
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
-import { guestConfig } from '../libkrun';
+import { guestConfig } from '../guest-config';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { pvhKernelFor } from './kernel';
 import { QmpClient } from './qmp';

@@ -8,8 +8,8 @@
  * over its process and never returns). Contexts are freed by {@link KrunContext.free}, by garbage
  * collection, or when the Node environment (thread) exits.
  */
-import { awaitNative, callNative } from './errors';
-import { addon, type NativeKrunContext } from './native';
+import { awaitNative, callNative } from '../../errors';
+import { addon, type NativeKrunContext } from '../../native';
 import {
   type ExecInput,
   type KrunLogLevel,
@@ -29,7 +29,7 @@ import {
   type VirtiofsMount,
   type VsockPortInput,
 } from './plan';
-import * as v from './validate';
+import * as v from '../../validate';
 
 /** KRUN_FEATURE_* constants for {@link KrunContext.hasFeature}. */
 export const KrunFeature = {

@@ -8,9 +8,9 @@
  * The per-field normalisers below are shared with {@link KrunContext}, so a value accepted by a
  * context method is accepted in a plan and vice versa.
  */
-import { awaitNative, callNative } from './errors';
-import { addon } from './native';
-import * as v from './validate';
+import { awaitNative, callNative } from '../../errors';
+import { addon } from '../../native';
+import * as v from '../../validate';
 
 /** libkrun log levels: 0 off, 1 error, 2 warn, 3 info, 4 debug, 5 trace. */
 export type KrunLogLevel = 0 | 1 | 2 | 3 | 4 | 5;

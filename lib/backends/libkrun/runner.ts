@@ -13,9 +13,9 @@
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import type { Readable, Writable } from 'node:stream';
-import { KrunError, MicrovmError } from './errors';
+import { KrunError, MicrovmError } from '../../errors';
 import { type LaunchPlan, serializeLaunchPlan } from './plan';
-import * as v from './validate';
+import * as v from '../../validate';
 
 /** Exit codes of microvm-runner for failures before the VM starts. */
 export const RunnerExit = {

@@ -5,18 +5,16 @@
  * the launch plan, dry-runs it in-process against the real libkrun, and starts the runner, which
  * mounts the overlay root (when cloned that way), configures libkrun and calls krun_start_enter.
  */
-import { MicrovmError } from '../errors';
-import { buildLaunchPlan, type LaunchPlanInput, validateLaunchPlan } from '../plan';
-import { resolveFirmware, type ResolveFirmwareOptions } from '../resolve/firmware';
-import { resolveRuntime, type ResolveRuntimeOptions } from '../resolve/runtime';
-import { rootfsContext } from '../rootfs/hooks';
-import { parseRunnerError, readTail, type RunnerExitStatus, runnerFailure, startRunner } from '../runner';
-import { ATTR, SPAN } from '../telemetry/attributes';
-import { inSpan } from '../telemetry/tracer';
-import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from './types';
-
-/** Default PATH for the guest when the image sets none. */
-export const DEFAULT_GUEST_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+import { MicrovmError } from '../../errors';
+import { buildLaunchPlan, type LaunchPlanInput, validateLaunchPlan } from './plan';
+import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
+import { resolveRuntime, type ResolveRuntimeOptions } from '../../resolve/runtime';
+import { rootfsContext } from '../../rootfs/hooks';
+import { parseRunnerError, readTail, type RunnerExitStatus, runnerFailure, startRunner } from './runner';
+import { ATTR, SPAN } from '../../telemetry/attributes';
+import { inSpan } from '../../telemetry/tracer';
+import { guestConfig } from '../guest-config';
+import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 
 /** Options of {@link libkrunBackend}. */
 export interface LibkrunBackendOptions {
@@ -26,23 +24,6 @@ export interface LibkrunBackendOptions {
   validatePlan?: boolean;
   /** Environment of the runner process. Default: process.env. */
   env?: NodeJS.ProcessEnv;
-}
-
-/** The guest's Cmd/Env/WorkingDir, merged from the image config and the run options. */
-export function guestConfig(input: BackendPrepareInput): { Cmd: string[]; Env: string[]; WorkingDir: string; MicrovmMounts?: { tag: string; target: string; readOnly: boolean }[] } {
-  const cmd = input.initOverride ?? [...input.image.entrypoint, ...input.image.cmd];
-  if (cmd.length === 0) {
-    throw Object.assign(new TypeError('Nothing to run: the image has no Entrypoint or Cmd; pass initOverride'), { code: 'ERR_MICROVM_NO_COMMAND' });
-  }
-  const env = new Map<string, string>();
-  for (const e of [DEFAULT_GUEST_PATH, ...input.image.env, ...input.env]) {
-    const i = e.indexOf('=');
-    env.set(e.slice(0, i), e);
-  }
-  const config: ReturnType<typeof guestConfig> = { Cmd: cmd, Env: [...env.values()], WorkingDir: input.workdir ?? (input.image.workingDir || '/') };
-  // Read by microvm-guest-init (QEMU backend); libkrun's own init ignores it (mount the tags yourself).
-  if (input.mounts?.length) config.MicrovmMounts = input.mounts.map((m) => ({ tag: m.tag, target: m.guestPath, readOnly: m.readOnly }));
-  return config;
 }
 
 /** Signals that mean "someone stopped it" rather than "it crashed". */
