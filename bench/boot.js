@@ -23,7 +23,17 @@ const t = (hr) => hr[0] * 1e3 + hr[1] / 1e6;
 (async () => {
   const totals = [];
   const rss = [];
-  const stages = ['microvm.Preflight', 'microvm.ImagePull', 'microvm.RootfsClone', 'microvm.RootfsHooks', 'microvm.BackendPrepare', 'microvm.NetworkStart', 'microvm.VMSpawn', 'microvm.PostBoot', 'microvm.SSHWaitReady'];
+  const stages = [
+    'microvm.Preflight',
+    'microvm.ImagePull',
+    'microvm.RootfsClone',
+    'microvm.RootfsHooks',
+    'microvm.BackendPrepare',
+    'microvm.NetworkStart',
+    'microvm.VMSpawn',
+    'microvm.PostBoot',
+    'microvm.SSHWaitReady',
+  ];
   const per = Object.fromEntries(stages.map((s) => [s, []]));
   const probes = [];
   let accel = '';
@@ -31,8 +41,13 @@ const t = (hr) => hr[0] * 1e3 + hr[1] / 1e6;
     const exporter = new InMemorySpanExporter();
     const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
     const vm = await m.run('bench', {
-      rootfsPath: image, backend: 'qemu', dataDir: path.join(work, 'data'), name: `b${i}`, tracerProvider: provider,
-      initOverride: ['/usr/sbin/dropbear', '-F', '-E', '-r', '/etc/dropbear/dropbear_ed25519_host_key', '-p', '22'], ssh: { timeoutMs: 120000 },
+      rootfsPath: image,
+      backend: 'qemu',
+      dataDir: path.join(work, 'data'),
+      name: `b${i}`,
+      tracerProvider: provider,
+      initOverride: ['/usr/sbin/dropbear', '-F', '-E', '-r', '/etc/dropbear/dropbear_ed25519_host_key', '-p', '22'],
+      ssh: { timeoutMs: 120000 },
     });
     const status = fs.readFileSync(`/proc/${vm.pid}/status`, 'utf8');
     rss.push(Number(/VmHWM:\s+(\d+)/.exec(status)[1]) / 1024);
@@ -47,10 +62,14 @@ const t = (hr) => hr[0] * 1e3 + hr[1] / 1e6;
     probes.push(spans.find((x) => x.name === 'microvm.SSHWaitReady').attributes['ssh.probes_total']);
     accel = spans.find((x) => x.name === 'microvm.backend.ResolveRuntime').attributes['microvm.qemu.accel'];
   }
-  console.log(`Boot -> SSH ready, QEMU backend (accel ${accel}), ${boots} boots, ${os.cpus().length} CPUs, ${os.cpus()[0].model}`);
+  console.log(
+    `Boot -> SSH ready, QEMU backend (accel ${accel}), ${boots} boots, ${os.cpus().length} CPUs, ${os.cpus()[0].model}`,
+  );
   console.log('| measure | median | p90 |');
   console.log('|---|---:|---:|');
-  console.log(`| run() start -> SSH ready | ${(pct(totals, 0.5) / 1000).toFixed(2)} s | ${(pct(totals, 0.9) / 1000).toFixed(2)} s |`);
+  console.log(
+    `| run() start -> SSH ready | ${(pct(totals, 0.5) / 1000).toFixed(2)} s | ${(pct(totals, 0.9) / 1000).toFixed(2)} s |`,
+  );
   console.log(`| QEMU peak RSS (VmHWM) | ${pct(rss, 0.5).toFixed(0)} MiB | ${pct(rss, 0.9).toFixed(0)} MiB |`);
   console.log(`| SSH probes | ${pct(probes, 0.5)} | ${pct(probes, 0.9)} |`);
   console.log('\nPer stage (from the spans):');

@@ -17,8 +17,18 @@ const doubleDir = path.join(root, '.test-artifacts', 'libkrun-recording-double')
 const doublePath = path.join(doubleDir, 'libkrun.so.1');
 if (!fs.existsSync(doublePath)) {
   fs.mkdirSync(doubleDir, { recursive: true });
-  execFileSync('cc', ['-shared', '-fPIC', '-O2', '-fvisibility=hidden', '-Wl,-soname,libkrun.so.1', '-o', doublePath,
-    path.join(root, 'test/fixtures/libkrun-recording-double/libkrun_recording_double.c'), '-ldl', '-lpthread']);
+  execFileSync('cc', [
+    '-shared',
+    '-fPIC',
+    '-O2',
+    '-fvisibility=hidden',
+    '-Wl,-soname,libkrun.so.1',
+    '-o',
+    doublePath,
+    path.join(root, 'test/fixtures/libkrun-recording-double/libkrun_recording_double.c'),
+    '-ldl',
+    '-lpthread',
+  ]);
 }
 delete process.env.KRUN_DOUBLE_LOG;
 delete process.env.KRUN_DOUBLE_CONTROL_DIR;
@@ -41,12 +51,22 @@ function time(label, fn) {
   const nativeCtx = await addon().createContext(doublePath, '');
   // Baseline: a JS object whose method does the same validation and stores the result.
   const plan = require(path.join(root, 'dist', 'plan.js'));
-  const baselineObj = { cfg: null, setVmConfig(c) { this.cfg = plan.normalizeVmConfig(c.cpus, c.memoryMiB); return this; } };
+  const baselineObj = {
+    cfg: null,
+    setVmConfig(c) {
+      this.cfg = plan.normalizeVmConfig(c.cpus, c.memoryMiB);
+      return this;
+    },
+  };
 
   const rows = [
-    time('JS method, same validation (baseline)', (i) => baselineObj.setVmConfig({ cpus: 1 + (i & 7), memoryMiB: 512 })),
+    time('JS method, same validation (baseline)', (i) =>
+      baselineObj.setVmConfig({ cpus: 1 + (i & 7), memoryMiB: 512 }),
+    ),
     time('addon method only (no TS validation)', (i) => nativeCtx.setVmConfig(1 + (i & 7), 512)),
-    time('KrunContext.setVmConfig (TS + addon + libkrun ABI)', (i) => ctx.setVmConfig({ cpus: 1 + (i & 7), memoryMiB: 512 })),
+    time('KrunContext.setVmConfig (TS + addon + libkrun ABI)', (i) =>
+      ctx.setVmConfig({ cpus: 1 + (i & 7), memoryMiB: 512 }),
+    ),
     time('KrunContext.setPortMap([2 forwards])', () => ctx.setPortMap(['8080:80', '2222:22'])),
   ];
   ctx.free();

@@ -22,18 +22,36 @@ const runs = Number(process.argv[2] || 3);
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-fail-bench-'));
 const image = path.join(work, 'image');
 execFileSync('bash', [path.join(root, 'scripts', 'make-test-image.sh'), image], { stdio: 'ignore' });
-process.env.MICROVM_LIBKRUNFW_DIR ??= execFileSync('bash', [path.join(root, 'scripts', 'fetch-libkrunfw.sh')], { encoding: 'utf8' }).trim();
+process.env.MICROVM_LIBKRUNFW_DIR ??= execFileSync('bash', [path.join(root, 'scripts', 'fetch-libkrunfw.sh')], {
+  encoding: 'utf8',
+}).trim();
 const real = execFileSync('sh', ['-c', 'command -v qemu-system-x86_64'], { encoding: 'utf8' }).trim();
 const dying = path.join(work, 'qemu-kvm-dies');
-fs.writeFileSync(dying, `#!/bin/sh\ncase " $* " in *" -accel kvm "*) echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69" >&2; kill -ABRT $$ ;; esac\nexec ${real} "$@"\n`, { mode: 0o755 });
+fs.writeFileSync(
+  dying,
+  `#!/bin/sh\ncase " $* " in *" -accel kvm "*) echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69" >&2; kill -ABRT $$ ;; esac\nexec ${real} "$@"\n`,
+  { mode: 0o755 },
+);
 const host = path.join(work, 'host');
-for (const d of ['dev', 'proc/sys/kernel/random', 'sys/module/kvm_intel']) fs.mkdirSync(path.join(host, d), { recursive: true });
+for (const d of ['dev', 'proc/sys/kernel/random', 'sys/module/kvm_intel'])
+  fs.mkdirSync(path.join(host, d), { recursive: true });
 fs.writeFileSync(path.join(host, 'proc/cpuinfo'), 'processor\t: 0\nflags\t\t: fpu vmx sse2\n');
 fs.symlinkSync('/dev/null', path.join(host, 'dev/kvm'));
-const hostProbe = { kvmDevice: path.join(host, 'dev/kvm'), cpuinfo: path.join(host, 'proc/cpuinfo'), sysModule: path.join(host, 'sys/module'), bootId: path.join(host, 'proc/sys/kernel/random/boot_id') };
+const hostProbe = {
+  kvmDevice: path.join(host, 'dev/kvm'),
+  cpuinfo: path.join(host, 'proc/cpuinfo'),
+  sysModule: path.join(host, 'sys/module'),
+  bootId: path.join(host, 'proc/sys/kernel/random/boot_id'),
+};
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
 let n = 0;
-const base = (extra) => ({ rootfsPath: image, dataDir: path.join(work, 'data'), name: `f${n++}`, initOverride: ['/bin/sh', '-c', 'echo out; exit 0'], ...extra });
+const base = (extra) => ({
+  rootfsPath: image,
+  dataDir: path.join(work, 'data'),
+  name: `f${n++}`,
+  initOverride: ['/bin/sh', '-c', 'echo out; exit 0'],
+  ...extra,
+});
 
 /** ms from run() to the coded error (a resolved run counts as a miss). */
 async function toError(options) {
@@ -54,13 +72,19 @@ async function toOutput(options) {
   const exit = await vm.wait();
   const ms = performance.now() - t0;
   await vm.remove();
-  return { ms, code: exit.reason === 'exited' ? `exit ${exit.exitCode}` : exit.error?.code ?? exit.reason };
+  return { ms, code: exit.reason === 'exited' ? `exit ${exit.exitCode}` : (exit.error?.code ?? exit.reason) };
 }
 
 /** ms from a QMP `stop` sent after run() resolved to wait() saying so. */
 async function pausedAfterStart() {
   const sock = path.join(work, `qmp-${n}.sock`);
-  const vm = await m.run('bench', base({ backend: m.qemuBackend({ extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] }), initOverride: ['/bin/sh', '-c', 'sleep 600'] }));
+  const vm = await m.run(
+    'bench',
+    base({
+      backend: m.qemuBackend({ extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] }),
+      initOverride: ['/bin/sh', '-c', 'sleep 600'],
+    }),
+  );
   const c = net.createConnection(sock);
   c.on('error', () => undefined);
   const t0 = performance.now();
@@ -76,15 +100,32 @@ async function pausedAfterStart() {
   const pvm = m.probeKvm().kind === 'pvm';
   const forms = [
     ['baseline: TCG boot, command output', () => toOutput({ backend: 'qemu', accel: 'tcg' })],
-    ['QEMU dies at once (wrapper, MSR + SIGABRT)', () => toError({ backend: m.qemuBackend({ qemuPath: dying, accel: 'kvm' }) })],
-    ['QEMU dies at once (this host\'s PVM, accel kvm)', pvm ? () => toError({ backend: 'qemu', accel: 'kvm' }) : undefined],
-    ['guest paused by KVM emulation failure (PVM, -cpu host,-arch-capabilities)', pvm ? () => toError({ backend: m.qemuBackend({ accel: 'kvm', extraArgs: ['-cpu', 'host,-arch-capabilities'] }) }) : undefined],
-    ['guest never started (-S), boot deadline 3000 ms', () => toError({ backend: m.qemuBackend({ extraArgs: ['-S'] }), timeouts: { boot: 3000 } })],
+    [
+      'QEMU dies at once (wrapper, MSR + SIGABRT)',
+      () => toError({ backend: m.qemuBackend({ qemuPath: dying, accel: 'kvm' }) }),
+    ],
+    [
+      "QEMU dies at once (this host's PVM, accel kvm)",
+      pvm ? () => toError({ backend: 'qemu', accel: 'kvm' }) : undefined,
+    ],
+    [
+      'guest paused by KVM emulation failure (PVM, -cpu host,-arch-capabilities)',
+      pvm
+        ? () => toError({ backend: m.qemuBackend({ accel: 'kvm', extraArgs: ['-cpu', 'host,-arch-capabilities'] }) })
+        : undefined,
+    ],
+    [
+      'guest never started (-S), boot deadline 3000 ms',
+      () => toError({ backend: m.qemuBackend({ extraArgs: ['-S'] }), timeouts: { boot: 3000 } }),
+    ],
     ['paused through QMP after run() resolved (stop -> wait())', pausedAfterStart],
-    ["'auto' fallback: KVM dies -> TCG, command output", () => {
-      fs.writeFileSync(hostProbe.bootId, `${require('node:crypto').randomUUID()}\n`); // a fresh "host boot": no verdict yet
-      return toOutput({ backend: m.qemuBackend({ qemuPath: dying, hostProbe }) });
-    }],
+    [
+      "'auto' fallback: KVM dies -> TCG, command output",
+      () => {
+        fs.writeFileSync(hostProbe.bootId, `${require('node:crypto').randomUUID()}\n`); // a fresh "host boot": no verdict yet
+        return toOutput({ backend: m.qemuBackend({ qemuPath: dying, hostProbe }) });
+      },
+    ],
   ];
   const rows = [];
   for (const [name, fn] of forms) {
@@ -99,13 +140,21 @@ async function pausedAfterStart() {
       samples.push(r.ms);
       code = r.code;
     }
-    rows.push([name, code, median(samples).toFixed(0), `${Math.min(...samples).toFixed(0)}-${Math.max(...samples).toFixed(0)}`]);
+    rows.push([
+      name,
+      code,
+      median(samples).toFixed(0),
+      `${Math.min(...samples).toFixed(0)}-${Math.max(...samples).toFixed(0)}`,
+    ]);
   }
   const baseline = Number(rows[0][2]);
-  console.log(`Failure -> coded error (QEMU backend), ${runs} runs per form (1 for the slow PVM pause), ${os.cpus().length} CPUs, /dev/kvm: ${m.probeKvm().kind}`);
+  console.log(
+    `Failure -> coded error (QEMU backend), ${runs} runs per form (1 for the slow PVM pause), ${os.cpus().length} CPUs, /dev/kvm: ${m.probeKvm().kind}`,
+  );
   console.log('| form | outcome | median ms | range ms | vs TCG boot |');
   console.log('|---|---|---:|---:|---:|');
-  for (const [name, code, med, range] of rows) console.log(`| ${name} | ${code} | ${med} | ${range} | ${med ? `${(Number(med) / baseline).toFixed(2)}x` : ''} |`);
+  for (const [name, code, med, range] of rows)
+    console.log(`| ${name} | ${code} | ${med} | ${range} | ${med ? `${(Number(med) / baseline).toFixed(2)}x` : ''} |`);
   fs.rmSync(work, { recursive: true, force: true });
 })().catch((e) => {
   console.error(e);

@@ -15,7 +15,12 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 const { trace } = require('@opentelemetry/api');
-const { BasicTracerProvider, BatchSpanProcessor, InMemorySpanExporter, SimpleSpanProcessor } = require('@opentelemetry/sdk-trace-base');
+const {
+  BasicTracerProvider,
+  BatchSpanProcessor,
+  InMemorySpanExporter,
+  SimpleSpanProcessor,
+} = require('@opentelemetry/sdk-trace-base');
 
 const root = path.resolve(__dirname, '..');
 const m = require(root);
@@ -56,8 +61,13 @@ async function timedRun(image, strategy, provider) {
   const exporter = provider ? provider._exporter : undefined;
   const t0 = process.hrtime.bigint();
   const vm = await m.run('bench', {
-    rootfsPath: image, dataDir: path.join(work, 'data'), initOverride: ['/bin/true'], preflight: [],
-    cloneStrategies: [strategy], backend: backend(), tracerProvider: provider ? provider.p : undefined,
+    rootfsPath: image,
+    dataDir: path.join(work, 'data'),
+    initOverride: ['/bin/true'],
+    preflight: [],
+    cloneStrategies: [strategy],
+    backend: backend(),
+    tracerProvider: provider ? provider.p : undefined,
   });
   const total = ms(process.hrtime.bigint() - t0);
   const spans = exporter ? exporter.getFinishedSpans() : [];
@@ -84,7 +94,15 @@ async function timedRun(image, strategy, provider) {
   const exporter = new InMemorySpanExporter();
   const p = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
   const sdk = { p, _exporter: exporter };
-  const stages = ['microvm.Preflight', 'microvm.ImagePull', 'microvm.RootfsClone', 'microvm.RootfsHooks', 'microvm.BackendPrepare', 'microvm.NetworkStart', 'microvm.VMSpawn'];
+  const stages = [
+    'microvm.Preflight',
+    'microvm.ImagePull',
+    'microvm.RootfsClone',
+    'microvm.RootfsHooks',
+    'microvm.BackendPrepare',
+    'microvm.NetworkStart',
+    'microvm.VMSpawn',
+  ];
   const results = {};
   for (const strategy of ['overlay', 'copy']) {
     const n = strategy === 'copy' ? Math.min(3, runs) : runs;
@@ -96,16 +114,20 @@ async function timedRun(image, strategy, provider) {
       const spawn = spans.find((s) => s.name === 'microvm.VMSpawn');
       const t = (hr) => hr[0] * 1e3 + hr[1] / 1e6;
       totals.push(t(spawn.endTime) - t(rootSpan.startTime));
-      for (const s of stages) perStage[s].push(t(spans.find((x) => x.name === s).endTime) - t(spans.find((x) => x.name === s).startTime));
+      for (const s of stages)
+        perStage[s].push(t(spans.find((x) => x.name === s).endTime) - t(spans.find((x) => x.name === s).startTime));
     }
     results[strategy] = { n, totals, perStage };
   }
 
-  console.log(`\nTree: ${files} files, ${(bytes / 1e6).toFixed(0)} MB. Node ${process.version}, ${os.cpus().length} CPUs.`);
+  console.log(
+    `\nTree: ${files} files, ${(bytes / 1e6).toFixed(0)} MB. Node ${process.version}, ${os.cpus().length} CPUs.`,
+  );
   console.log('\n1. run() start -> VMSpawn done (runner configured), warm image');
   console.log('| strategy | runs | median ms | p90 ms |');
   console.log('|---|---:|---:|---:|');
-  for (const [k, r] of Object.entries(results)) console.log(`| ${k} | ${r.n} | ${pct(r.totals, 0.5).toFixed(1)} | ${pct(r.totals, 0.9).toFixed(1)} |`);
+  for (const [k, r] of Object.entries(results))
+    console.log(`| ${k} | ${r.n} | ${pct(r.totals, 0.5).toFixed(1)} | ${pct(r.totals, 0.9).toFixed(1)} |`);
   console.log('\n   per stage, median ms (overlay):');
   console.log('| stage | ms |');
   console.log('|---|---:|');
@@ -122,7 +144,10 @@ async function timedRun(image, strategy, provider) {
 
   // 3. Tracing cost on the overlay pipeline (interleaved runs), and per span.
   const batchExporter = new InMemorySpanExporter();
-  const batch = { p: new BasicTracerProvider({ spanProcessors: [new BatchSpanProcessor(batchExporter)] }), _exporter: batchExporter };
+  const batch = {
+    p: new BasicTracerProvider({ spanProcessors: [new BatchSpanProcessor(batchExporter)] }),
+    _exporter: batchExporter,
+  };
   const modes = { none: [], simple: [], batch: [] };
   for (let i = 0; i < runs * 2; i++) {
     modes.none.push((await timedRun(image, 'overlay', undefined)).total);
@@ -158,7 +183,9 @@ async function timedRun(image, strategy, provider) {
     ['SDK, BatchSpanProcessor + in-memory', 'batch', (e) => new BatchSpanProcessor(e)],
   ]) {
     const b = pct(modes[key], 0.5);
-    console.log(`| ${label} | ${b.toFixed(2)} | ${(((b - a) / a) * 100).toFixed(1)}% | ${(perSpan(proc) / 1000).toFixed(1)} µs x ${spansPerRun} spans |`);
+    console.log(
+      `| ${label} | ${b.toFixed(2)} | ${(((b - a) / a) * 100).toFixed(1)}% | ${(perSpan(proc) / 1000).toFixed(1)} µs x ${spansPerRun} spans |`,
+    );
   }
   fs.rmSync(work, { recursive: true, force: true });
 })().catch((e) => {

@@ -47,21 +47,34 @@ function freePort() {
   const layout = path.join(work, 'layout');
   execFileSync('bash', [path.join(root, 'scripts', 'make-test-layout.sh'), tree, layout, 'bench'], { stdio: 'ignore' });
   const index = JSON.parse(fs.readFileSync(path.join(layout, 'index.json'), 'utf8'));
-  const manifest = JSON.parse(fs.readFileSync(path.join(layout, 'blobs/sha256', index.manifests[0].digest.split(':')[1]), 'utf8'));
+  const manifest = JSON.parse(
+    fs.readFileSync(path.join(layout, 'blobs/sha256', index.manifests[0].digest.split(':')[1]), 'utf8'),
+  );
   const layerBlobs = manifest.layers.map((l) => path.join(layout, 'blobs/sha256', l.digest.split(':')[1]));
   const layerBytes = manifest.layers.reduce((n, l) => n + l.size, 0);
 
   // 2. A registry with the image.
   const port = await freePort();
   fs.mkdirSync(path.join(work, 'storage'));
-  fs.writeFileSync(path.join(work, 'reg.yml'), `version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: ${path.join(work, 'storage')}\nhttp:\n  addr: 127.0.0.1:${port}\n`);
+  fs.writeFileSync(
+    path.join(work, 'reg.yml'),
+    `version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: ${path.join(work, 'storage')}\nhttp:\n  addr: 127.0.0.1:${port}\n`,
+  );
   const reg = spawn('docker-registry', ['serve', path.join(work, 'reg.yml')], { stdio: 'ignore' });
   for (let i = 0; i < 400; i++) {
-    if (await fetch(`http://127.0.0.1:${port}/v2/`).then((r) => r.ok, () => false)) break;
+    if (
+      await fetch(`http://127.0.0.1:${port}/v2/`).then(
+        (r) => r.ok,
+        () => false,
+      )
+    )
+      break;
     await new Promise((r) => setTimeout(r, 25));
   }
   const ref = `127.0.0.1:${port}/bench/img:v1`;
-  execFileSync('skopeo', ['copy', '--quiet', '--dest-tls-verify=false', `oci:${layout}:bench`, `docker://${ref}`], { stdio: 'ignore' });
+  execFileSync('skopeo', ['copy', '--quiet', '--dest-tls-verify=false', `oci:${layout}:bench`, `docker://${ref}`], {
+    stdio: 'ignore',
+  });
 
   const rows = { tar: [], skopeoUmoci: [], cold: [], rss: [] };
   // The three methods take turns going first (a run's first writer meets the least leftover
@@ -77,8 +90,23 @@ function freePort() {
     },
     skopeoUmoci(r) {
       const t = now();
-      execFileSync('skopeo', ['copy', '--quiet', '--src-tls-verify=false', `docker://${ref}`, `oci:${path.join(work, `sk-${r}`)}:x`], { stdio: 'ignore' });
-      execFileSync('umoci', ['raw', 'unpack', ...(process.getuid() === 0 ? [] : ['--rootless']), '--image', `${path.join(work, `sk-${r}`)}:x`, path.join(work, `um-${r}`)], { stdio: 'ignore' });
+      execFileSync(
+        'skopeo',
+        ['copy', '--quiet', '--src-tls-verify=false', `docker://${ref}`, `oci:${path.join(work, `sk-${r}`)}:x`],
+        { stdio: 'ignore' },
+      );
+      execFileSync(
+        'umoci',
+        [
+          'raw',
+          'unpack',
+          ...(process.getuid() === 0 ? [] : ['--rootless']),
+          '--image',
+          `${path.join(work, `sk-${r}`)}:x`,
+          path.join(work, `um-${r}`),
+        ],
+        { stdio: 'ignore' },
+      );
       rows.skopeoUmoci.push(ms(now() - t));
       return [path.join(work, `sk-${r}`), path.join(work, `um-${r}`)];
     },
@@ -116,12 +144,16 @@ function freePort() {
   const tarMs = median(rows.tar);
   const suMs = median(rows.skopeoUmoci);
   const coldMs = median(rows.cold);
-  console.log(`Image pull, one ${(layerBytes / 1e6).toFixed(1)} MB gzip layer, local docker-registry, ${runs} runs (median), ${os.cpus().length} CPUs`);
+  console.log(
+    `Image pull, one ${(layerBytes / 1e6).toFixed(1)} MB gzip layer, local docker-registry, ${runs} runs (median), ${os.cpus().length} CPUs`,
+  );
   console.log('| method | ms | vs GNU tar | vs skopeo+umoci |');
   console.log('|---|---:|---:|---:|');
   console.log(`| GNU tar xzf of the blob (baseline) | ${tarMs.toFixed(0)} | 1.00x | ${(tarMs / suMs).toFixed(2)}x |`);
   console.log(`| skopeo copy + umoci raw unpack | ${suMs.toFixed(0)} | ${(suMs / tarMs).toFixed(2)}x | 1.00x |`);
-  console.log(`| node-microvm pull, cold (fetch + verify + extract + store) | ${coldMs.toFixed(0)} | ${(coldMs / tarMs).toFixed(2)}x | ${(coldMs / suMs).toFixed(2)}x |`);
+  console.log(
+    `| node-microvm pull, cold (fetch + verify + extract + store) | ${coldMs.toFixed(0)} | ${(coldMs / tarMs).toFixed(2)}x | ${(coldMs / suMs).toFixed(2)}x |`,
+  );
   console.log(`| node-microvm pull, warm (ref index hit, 20 runs) | ${median(warm).toFixed(2)} | | |`);
   console.log(`\nnode-microvm cold pull peak RSS: ${median(rows.rss).toFixed(0)} MiB`);
   fs.rmSync(work, { recursive: true, force: true });

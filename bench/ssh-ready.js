@@ -55,8 +55,14 @@ async function trial(schedule) {
     }
   };
   const client = await m.waitForReady({
-    host: '127.0.0.1', port, username: 'bench', privateKey: key.privateKey, hostKey: { insecureAcceptAny: true },
-    timeoutMs: 20000, connect, ...schedule,
+    host: '127.0.0.1',
+    port,
+    username: 'bench',
+    privateKey: key.privateKey,
+    hostKey: { insecureAcceptAny: true },
+    timeoutMs: 20000,
+    connect,
+    ...schedule,
   });
   const readyAt = performance.now();
   clearTimeout(timer);
@@ -86,8 +92,13 @@ const pct = (xs, p) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Mat
     rows.push({ label, p50: pct(lat, 0.5), p90: pct(lat, 0.9), max: Math.max(...lat), maxInFlight });
   }
   const base = rows[0].p50;
-  console.log(`SSH readiness detection latency, ${trials} trials each, server start delay 0.2-3 s (ssh2 server, 127.0.0.1)`);
+  console.log(
+    `SSH readiness detection latency, ${trials} trials each, server start delay 0.2-3 s (ssh2 server, 127.0.0.1)`,
+  );
   console.log('| schedule | median ms | p90 ms | max ms | vs default | max probes in flight |');
   console.log('|---|---:|---:|---:|---:|---:|');
-  for (const r of rows) console.log(`| ${r.label} | ${r.p50.toFixed(1)} | ${r.p90.toFixed(1)} | ${r.max.toFixed(1)} | ${(r.p50 / base).toFixed(1)}x | ${r.maxInFlight} |`);
+  for (const r of rows)
+    console.log(
+      `| ${r.label} | ${r.p50.toFixed(1)} | ${r.p90.toFixed(1)} | ${r.max.toFixed(1)} | ${(r.p50 / base).toFixed(1)}x | ${r.maxInFlight} |`,
+    );
 })();

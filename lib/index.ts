@@ -39,8 +39,20 @@ export {
   type FirmwareInfo,
   type ResolveFirmwareOptions,
 } from './resolve/firmware';
-export { LIBKRUN_SONAME, resolveRunner, resolveRuntime, type ResolveRuntimeOptions, type RuntimeInfo } from './resolve/runtime';
-export { RunnerExit, startRunner, type RunnerExitStatus, type RunnerHandle, type StartRunnerOptions } from './backends/libkrun/runner';
+export {
+  LIBKRUN_SONAME,
+  resolveRunner,
+  resolveRuntime,
+  type ResolveRuntimeOptions,
+  type RuntimeInfo,
+} from './resolve/runtime';
+export {
+  RunnerExit,
+  startRunner,
+  type RunnerExitStatus,
+  type RunnerHandle,
+  type StartRunnerOptions,
+} from './backends/libkrun/runner';
 
 /** The native core in one namespace: `require('node-microvm').native.resolveFirmware({ dir })`. */
 export const native = {
@@ -61,15 +73,40 @@ export const native = {
 
 export { run, chooseBackend, defaultDataRoot, type RunOptions, type PostBootHook } from './run';
 export { MicroVM, describeExit, type VmStatus } from './vm';
-export { probeKvm, decideAccel, readKvmVerdict, type AccelChoice, type AccelDecision, type HostProbePaths, type KvmKind, type KvmProbe, type KvmVerdict } from './host/kvm';
+export {
+  probeKvm,
+  decideAccel,
+  readKvmVerdict,
+  type AccelChoice,
+  type AccelDecision,
+  type HostProbePaths,
+  type KvmKind,
+  type KvmProbe,
+  type KvmVerdict,
+} from './host/kvm';
 export { hooks, type RootfsContext, type RootfsHook, type WriteOptions } from './rootfs/hooks';
 export { cloneRootfs, type CloneStrategy, type ClonedRootfs } from './rootfs/clone';
 export { libkrunBackend, type LibkrunBackendOptions } from './backends/libkrun';
 export { qemuBackend, resolveQemuRuntime, type QemuBackendOptions, type QemuRuntime } from './backends/qemu';
 export { buildPvhElf, findPvhEntry } from './backends/qemu/kernel';
-export type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, ImageRuntimeConfig, VmExit } from './backends/types';
+export type {
+  Backend,
+  BackendHandle,
+  BackendPrepareInput,
+  BackendStartInput,
+  ImageRuntimeConfig,
+  VmExit,
+} from './backends/types';
 export type { NetworkHandle, NetworkProvider } from './network/start';
-export { diskSpaceCheck, kvmCheck, portsCheck, resourcesCheck, userNamespacesCheck, type CheckResult, type PreflightCheck } from './preflight/checks';
+export {
+  diskSpaceCheck,
+  kvmCheck,
+  portsCheck,
+  resourcesCheck,
+  userNamespacesCheck,
+  type CheckResult,
+  type PreflightCheck,
+} from './preflight/checks';
 export { SPAN, ATTR } from './telemetry/attributes';
 export { formatSpanTree, type SpanLike } from './telemetry/tree';
 export { generateKeyPair, loadKeyPair, writeKeyPair, type SshKeyPair } from './ssh/keys';
@@ -77,7 +114,13 @@ export { SshClient, type ExecOptions, type ExecResult, type HostKeyPolicy, type 
 export { waitForReady, systemClock, type Clock, type WaitForReadyOptions } from './ssh/wait-ready';
 export { pull, type PullOptions, type PullProgress, type PullResult } from './image/pull';
 export { parseReference, type ImageReference } from './image/reference';
-export { list as listImages, evict as evictImages, gc as gcImages, purge as purgeImages, type CachedImage } from './image/cache';
+export {
+  list as listImages,
+  evict as evictImages,
+  gc as gcImages,
+  purge as purgeImages,
+  type CachedImage,
+} from './image/cache';
 export { hostPlatform, type Platform } from './image/oci';
 
 import { pull as pullImage } from './image/pull';

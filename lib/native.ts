@@ -48,7 +48,14 @@ export interface NativeKrunContext {
   setWorkdir(path: string): void;
   setRlimits(rlimits: string[]): void;
   setConsoleOutput(path: string): void;
-  addNet(kind: 'unixstream' | 'unixgram', path: string | null, fd: number, mac: number[], features: number, flags: number): void;
+  addNet(
+    kind: 'unixstream' | 'unixgram',
+    path: string | null,
+    fd: number,
+    mac: number[],
+    features: number,
+    flags: number,
+  ): void;
   addVsockPort(port: number, path: string, listen: boolean | undefined): void;
   hasFeature(feature: number): boolean;
   free(): void;
@@ -70,7 +77,15 @@ export interface NativeAddon {
    * with O_NOFOLLOW relative to its parent). Missing directories get dirAttrs[i] = [mode, uid, gid]
    * (uid/gid -1: leave). Replaces the file atomically (rename). Throws with `code` (errno name).
    */
-  writeFileBeneath(root: string, components: string[], data: Buffer, mode: number, uid: number, gid: number, dirAttrs: [number, number, number][]): void;
+  writeFileBeneath(
+    root: string,
+    components: string[],
+    data: Buffer,
+    mode: number,
+    uid: number,
+    gid: number,
+    dirAttrs: [number, number, number][],
+  ): void;
   /**
    * The entries under `root` and the bytes of its regular files, never following a symlink.
    * Throws an Error with `code` (an errno name) and `path` (relative to root).

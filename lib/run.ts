@@ -28,8 +28,22 @@ import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
 import { freePort } from './net';
 import { localRootfs, pull, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
-import { normalizeLogLevel, normalizePortMap, normalizeVirtiofs, type KrunLogLevel, type LOG_LEVELS } from './backends/libkrun/plan';
-import { diskSpaceCheck, kvmCheck, portsCheck, type PreflightCheck, probeCheck, resourcesCheck, userNamespacesCheck } from './preflight/checks';
+import {
+  normalizeLogLevel,
+  normalizePortMap,
+  normalizeVirtiofs,
+  type KrunLogLevel,
+  type LOG_LEVELS,
+} from './backends/libkrun/plan';
+import {
+  diskSpaceCheck,
+  kvmCheck,
+  portsCheck,
+  type PreflightCheck,
+  probeCheck,
+  resourcesCheck,
+  userNamespacesCheck,
+} from './preflight/checks';
 import { runAllChecks } from './preflight/run-all';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from './resolve/firmware';
 import { LIBKRUN_INSTALL_HINT, resolveRuntime } from './resolve/runtime';
@@ -118,10 +132,33 @@ export interface RunOptions {
 }
 
 const RUN_KEYS = [
-  'name', 'cpus', 'memoryMiB', 'ports', 'initOverride', 'env', 'workdir', 'rootfsPath', 'imageConfig', 'rootfsHooks', 'postBoot', 'preflight', 'preflightChecks',
-  'virtiofs', 'dataDir', 'cleanDataDir', 'imageCache', 'logLevel', 'backend', 'cloneStrategies', 'network', 'tracerProvider', 'signal', 'ssh', 'accel', 'timeouts',
+  'name',
+  'cpus',
+  'memoryMiB',
+  'ports',
+  'initOverride',
+  'env',
+  'workdir',
+  'rootfsPath',
+  'imageConfig',
+  'rootfsHooks',
+  'postBoot',
+  'preflight',
+  'preflightChecks',
+  'virtiofs',
+  'dataDir',
+  'cleanDataDir',
+  'imageCache',
+  'logLevel',
+  'backend',
+  'cloneStrategies',
+  'network',
+  'tracerProvider',
+  'signal',
+  'ssh',
+  'accel',
+  'timeouts',
 ] as const;
-
 
 /** The data root when none is given. */
 export function defaultDataRoot(env: NodeJS.ProcessEnv = process.env): string {
@@ -136,13 +173,15 @@ function typeError(name: string, value: unknown): never {
 
 function functions<T>(name: string, value: unknown): T[] {
   if (value === undefined) return [];
-  if (!Array.isArray(value) || value.some((f) => typeof f !== 'function')) throw new TypeError(`Expected an array of functions for ${name} but received ${v.describe(value)}`);
+  if (!Array.isArray(value) || value.some((f) => typeof f !== 'function'))
+    throw new TypeError(`Expected an array of functions for ${name} but received ${v.describe(value)}`);
   return value as T[];
 }
 
 function checks(name: string, value: unknown): PreflightCheck[] {
   if (value === undefined) return [];
-  if (!Array.isArray(value)) throw new TypeError(`Expected an array of checks for ${name} but received ${v.describe(value)}`);
+  if (!Array.isArray(value))
+    throw new TypeError(`Expected an array of checks for ${name} but received ${v.describe(value)}`);
   return value.map((c: unknown, i) => {
     const o = v.object(`${name}[${i}]`, c);
     v.string(`${name}[${i}].name`, o.name);
@@ -160,19 +199,35 @@ function normalize(image: string, options: RunOptions) {
   v.string('image', image);
   const id = randomBytes(6).toString('hex');
   const name = o.name === undefined ? `vm-${id}` : v.string('name', o.name);
-  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(name)) throw new RangeError(`Expected 1–63 letters, digits, '_', '.' or '-' for name but received ${v.describe(name)}`);
+  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(name))
+    throw new RangeError(`Expected 1–63 letters, digits, '_', '.' or '-' for name but received ${v.describe(name)}`);
   let env: string[] = [];
   if (Array.isArray(o.env)) env = v.envEntries('env', o.env);
-  else if (o.env !== undefined) env = v.envEntries('env', Object.entries(v.object('env', o.env)).map(([k, val]) => `${k}=${v.string(`env.${k}`, val, { allowEmpty: true })}`));
+  else if (o.env !== undefined)
+    env = v.envEntries(
+      'env',
+      Object.entries(v.object('env', o.env)).map(
+        ([k, val]) => `${k}=${v.string(`env.${k}`, val, { allowEmpty: true })}`,
+      ),
+    );
   const accel = o.accel === undefined ? undefined : parseAccel('accel', o.accel);
   let backend: Backend | 'auto';
   if (o.backend === undefined || o.backend === 'auto') backend = 'auto';
   else if (o.backend === 'libkrun') backend = libkrunBackend();
   else if (o.backend === 'qemu') backend = qemuBackend({ accel });
-  else if (typeof o.backend === 'object' && o.backend !== null && typeof (o.backend as Backend).start === 'function') backend = o.backend as Backend;
-  else throw new TypeError(`Expected 'auto', 'libkrun', 'qemu' or a Backend object for backend but received ${v.describe(o.backend)}`);
+  else if (typeof o.backend === 'object' && o.backend !== null && typeof (o.backend as Backend).start === 'function')
+    backend = o.backend as Backend;
+  else
+    throw new TypeError(
+      `Expected 'auto', 'libkrun', 'qemu' or a Backend object for backend but received ${v.describe(o.backend)}`,
+    );
   if (accel !== undefined && backend !== 'auto' && backend.name !== 'qemu') {
-    throw Object.assign(new RangeError(`accel applies to backend 'auto' or 'qemu', not ${backend.name === 'libkrun' ? "'libkrun' (always hardware KVM)" : 'a Backend object (configure it there)'}`), { code: 'ERR_MICROVM_INVALID_ACCEL' });
+    throw Object.assign(
+      new RangeError(
+        `accel applies to backend 'auto' or 'qemu', not ${backend.name === 'libkrun' ? "'libkrun' (always hardware KVM)" : 'a Backend object (configure it there)'}`,
+      ),
+      { code: 'ERR_MICROVM_INVALID_ACCEL' },
+    );
   }
   let bootTimeoutMs = 60000;
   if (o.timeouts !== undefined) {
@@ -180,11 +235,15 @@ function normalize(image: string, options: RunOptions) {
     v.knownKeys('timeouts', t, ['boot']);
     if (t.boot !== undefined) bootTimeoutMs = v.integer('timeouts.boot', t.boot, 1, 3_600_000);
   }
-  const ports = o.ports === undefined ? [] : (normalizePortMap('ports', o.ports) as string[]).map((p) => {
-    const [host, guest] = p.split(':').map(Number);
-    return { host, guest };
-  });
-  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new TypeError('Expected an AbortSignal for signal');
+  const ports =
+    o.ports === undefined
+      ? []
+      : (normalizePortMap('ports', o.ports) as string[]).map((p) => {
+          const [host, guest] = p.split(':').map(Number);
+          return { host, guest };
+        });
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal))
+    throw new TypeError('Expected an AbortSignal for signal');
   let ssh: { user: string; guestPort: number; hostPort?: number; waitReady: boolean; timeoutMs: number } | undefined;
   if (o.ssh !== undefined) {
     const so = v.object('ssh', o.ssh);
@@ -203,26 +262,41 @@ function normalize(image: string, options: RunOptions) {
     cpus: o.cpus === undefined ? 1 : v.integer('cpus', o.cpus, 1, 255),
     memoryMiB: o.memoryMiB === undefined ? 512 : v.integer('memoryMiB', o.memoryMiB, 32, 4_194_304),
     ports,
-    initOverride: o.initOverride === undefined ? undefined : v.stringArray('initOverride', o.initOverride, { allowEmptyItems: true }),
+    initOverride:
+      o.initOverride === undefined
+        ? undefined
+        : v.stringArray('initOverride', o.initOverride, { allowEmptyItems: true }),
     env,
     workdir: o.workdir === undefined ? undefined : v.string('workdir', o.workdir),
     rootfsPath: o.rootfsPath === undefined ? undefined : v.absolutePath('rootfsPath', o.rootfsPath),
-    imageConfig: o.imageConfig === undefined ? undefined : (v.object('imageConfig', o.imageConfig) as Partial<ImageRuntimeConfig>),
+    imageConfig:
+      o.imageConfig === undefined ? undefined : (v.object('imageConfig', o.imageConfig) as Partial<ImageRuntimeConfig>),
     rootfsHooks: functions<RootfsHook>('rootfsHooks', o.rootfsHooks),
     postBoot: functions<PostBootHook>('postBoot', o.postBoot),
     preflight: o.preflight === undefined ? undefined : checks('preflight', o.preflight),
     preflightChecks: checks('preflightChecks', o.preflightChecks),
-    virtiofs: o.virtiofs === undefined ? [] : (Array.isArray(o.virtiofs) ? (o.virtiofs as unknown[]) : typeError('virtiofs', o.virtiofs)).map((m, i) => {
-      const { guestPath, ...share } = v.object(`virtiofs[${i}]`, m);
-      const n = normalizeVirtiofs(`virtiofs[${i}]`, share);
-      const gp = guestPath === undefined ? undefined : v.absolutePath(`virtiofs[${i}].guestPath`, guestPath);
-      return { tag: n.tag, hostPath: n.path, readOnly: n.readOnly, guestPath: gp };
-    }).map((m, i, all) => {
-      if (all.findIndex((x) => x.tag === m.tag) !== i) throw new RangeError(`Expected a unique tag for virtiofs[${i}].tag but ${JSON.stringify(m.tag)} is used twice`);
-      return m;
-    }),
+    virtiofs:
+      o.virtiofs === undefined
+        ? []
+        : (Array.isArray(o.virtiofs) ? (o.virtiofs as unknown[]) : typeError('virtiofs', o.virtiofs))
+            .map((m, i) => {
+              const { guestPath, ...share } = v.object(`virtiofs[${i}]`, m);
+              const n = normalizeVirtiofs(`virtiofs[${i}]`, share);
+              const gp = guestPath === undefined ? undefined : v.absolutePath(`virtiofs[${i}].guestPath`, guestPath);
+              return { tag: n.tag, hostPath: n.path, readOnly: n.readOnly, guestPath: gp };
+            })
+            .map((m, i, all) => {
+              if (all.findIndex((x) => x.tag === m.tag) !== i)
+                throw new RangeError(
+                  `Expected a unique tag for virtiofs[${i}].tag but ${JSON.stringify(m.tag)} is used twice`,
+                );
+              return m;
+            }),
     dataRoot: o.dataDir === undefined ? defaultDataRoot() : v.absolutePath('dataDir', o.dataDir),
-    imageCache: o.imageCache === undefined ? path.join(o.dataDir === undefined ? defaultDataRoot() : (o.dataDir as string), 'images') : v.absolutePath('imageCache', o.imageCache),
+    imageCache:
+      o.imageCache === undefined
+        ? path.join(o.dataDir === undefined ? defaultDataRoot() : (o.dataDir as string), 'images')
+        : v.absolutePath('imageCache', o.imageCache),
     cleanDataDir: o.cleanDataDir === undefined ? false : v.boolean('cleanDataDir', o.cleanDataDir),
     logLevel: o.logLevel === undefined ? 1 : normalizeLogLevel('logLevel', o.logLevel),
     backend,
@@ -236,19 +310,36 @@ function normalize(image: string, options: RunOptions) {
   };
 }
 
-function defaultChecks(backend: Backend, dataRoot: string, cpus: number, memoryMiB: number, ports: number[]): PreflightCheck[] {
+function defaultChecks(
+  backend: Backend,
+  dataRoot: string,
+  cpus: number,
+  memoryMiB: number,
+  ports: number[],
+): PreflightCheck[] {
   const list: PreflightCheck[] = [];
   if (backend.name === 'libkrun') {
     list.push(kvmCheck());
     list.push(probeCheck('libkrun', 'libkrun 1.x can be loaded', LIBKRUN_INSTALL_HINT, () => resolveRuntime()));
   }
   if (backend.name === 'qemu') {
-    list.push(probeCheck('qemu', 'qemu-system-x86_64, virtiofsd and the guest init are present', 'apt-get install qemu-system-x86 (Debian 12 includes virtiofsd); npm run build:native', async () => resolveQemuRuntime()));
+    list.push(
+      probeCheck(
+        'qemu',
+        'qemu-system-x86_64, virtiofsd and the guest init are present',
+        'apt-get install qemu-system-x86 (Debian 12 includes virtiofsd); npm run build:native',
+        async () => resolveQemuRuntime(),
+      ),
+    );
   }
   if (backend.name === 'libkrun' || backend.name === 'qemu') {
     list.push(probeCheck('libkrunfw', 'libkrunfw 5 can be loaded', FIRMWARE_INSTALL_HINT, () => resolveFirmware()));
   }
-  list.push(diskSpaceCheck(fs.existsSync(dataRoot) ? dataRoot : path.dirname(dataRoot)), resourcesCheck(cpus, memoryMiB), portsCheck(ports));
+  list.push(
+    diskSpaceCheck(fs.existsSync(dataRoot) ? dataRoot : path.dirname(dataRoot)),
+    resourcesCheck(cpus, memoryMiB),
+    portsCheck(ports),
+  );
   if (backend.supportsOverlay) list.push(userNamespacesCheck());
   return list;
 }
@@ -259,7 +350,8 @@ function defaultChecks(backend: Backend, dataRoot: string, cpus: number, memoryM
  * uses KVM or TCG by the same rule. `accel: 'tcg'` always means QEMU.
  */
 export async function chooseBackend(options: { accel?: AccelChoice; dataRoot?: string } = {}): Promise<Backend> {
-  const accel = options.accel ?? (process.env.MICROVM_ACCEL ? parseAccel('MICROVM_ACCEL', process.env.MICROVM_ACCEL) : 'auto');
+  const accel =
+    options.accel ?? (process.env.MICROVM_ACCEL ? parseAccel('MICROVM_ACCEL', process.env.MICROVM_ACCEL) : 'auto');
   if (accel !== 'tcg' && decideAccel('auto', { dataRoot: options.dataRoot }).accel === 'kvm') {
     try {
       await resolveRuntime();
@@ -274,7 +366,10 @@ export async function chooseBackend(options: { accel?: AccelChoice; dataRoot?: s
 /** Boots `image` as a VM. See {@link RunOptions}; resolves to a started {@link MicroVM}. */
 export async function run(image: string, options: RunOptions = {}): Promise<MicroVM> {
   const n = normalize(image, options);
-  const o = { ...n, backend: n.backend === 'auto' ? await chooseBackend({ accel: n.accel, dataRoot: n.dataRoot }) : n.backend };
+  const o = {
+    ...n,
+    backend: n.backend === 'auto' ? await chooseBackend({ accel: n.accel, dataRoot: n.dataRoot }) : n.backend,
+  };
   let sshSetup: { key: SshKeyPair; hostPort: number; user: string; timeoutMs: number; waitReady: boolean } | undefined;
   if (o.ssh) {
     const hostPort = o.ssh.hostPort ?? (await freePort());
@@ -285,14 +380,31 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     o.rootfsHooks = [...o.rootfsHooks, hooks.injectAuthorizedKeys(key.publicKey, { user: o.ssh.user })];
   }
   const tracer = getTracer(o.tracerProvider);
-  const root = tracer.startSpan(SPAN.RUN, { attributes: { [ATTR.IMAGE]: image, [ATTR.NAME]: o.name, [ATTR.CPUS]: o.cpus, [ATTR.MEMORY]: o.memoryMiB, [ATTR.VM_ID]: o.id, [ATTR.BACKEND]: o.backend.name } }, context.active());
+  const root = tracer.startSpan(
+    SPAN.RUN,
+    {
+      attributes: {
+        [ATTR.IMAGE]: image,
+        [ATTR.NAME]: o.name,
+        [ATTR.CPUS]: o.cpus,
+        [ATTR.MEMORY]: o.memoryMiB,
+        [ATTR.VM_ID]: o.id,
+        [ATTR.BACKEND]: o.backend.name,
+      },
+    },
+    context.active(),
+  );
   const scope: SpanScope = { tracer, ctx: trace.setSpan(context.active(), root) };
   const signal = o.signal;
   const vmDir = path.join(o.dataRoot, 'vms', o.name);
   const undo: Array<() => Promise<void>> = [];
   // Every stage: a span under microvm.Run; the signal is checked before and after it, so an abort
   // during a stage fails that stage.
-  const stage = <T>(name: string, attributes: Attributes | undefined, fn: (span: Span, inner: SpanScope) => Promise<T> | T): Promise<T> =>
+  const stage = <T>(
+    name: string,
+    attributes: Attributes | undefined,
+    fn: (span: Span, inner: SpanScope) => Promise<T> | T,
+  ): Promise<T> =>
     inSpan(scope, name, attributes, async (span, inner) => {
       signal?.throwIfAborted();
       const result = await fn(span, inner);
@@ -303,7 +415,20 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     signal?.throwIfAborted();
 
     await stage(SPAN.PREFLIGHT, undefined, (_s, inner) =>
-      runAllChecks(inner, o.preflight ?? [...defaultChecks(o.backend, o.dataRoot, o.cpus, o.memoryMiB, o.ports.map((p) => p.host)), ...o.preflightChecks], signal),
+      runAllChecks(
+        inner,
+        o.preflight ?? [
+          ...defaultChecks(
+            o.backend,
+            o.dataRoot,
+            o.cpus,
+            o.memoryMiB,
+            o.ports.map((p) => p.host),
+          ),
+          ...o.preflightChecks,
+        ],
+        signal,
+      ),
     );
 
     const pulled: PulledImage = await stage(SPAN.IMAGE_PULL, undefined, async (span, inner) => {
@@ -319,7 +444,11 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     // The VM's directory: a leftover one is an error unless cleanDataDir says to replace it.
     await fsp.mkdir(path.join(o.dataRoot, 'vms'), { recursive: true, mode: 0o700 });
     if (fs.existsSync(vmDir)) {
-      if (!o.cleanDataDir) throw new MicrovmError('ERR_MICROVM_NAME_IN_USE', `A VM named ${o.name} already has a data directory (${vmDir}); pick another name, remove the old one (\`microvm rm ${o.name}\`), or pass cleanDataDir: true to replace it`);
+      if (!o.cleanDataDir)
+        throw new MicrovmError(
+          'ERR_MICROVM_NAME_IN_USE',
+          `A VM named ${o.name} already has a data directory (${vmDir}); pick another name, remove the old one (\`microvm rm ${o.name}\`), or pass cleanDataDir: true to replace it`,
+        );
       await terminateRecorded(vmDir);
       await fsp.rm(vmDir, { recursive: true, force: true });
     }
@@ -327,7 +456,13 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     undo.push(() => fsp.rm(vmDir, { recursive: true, force: true }));
 
     const rootfs: ClonedRootfs = await stage(SPAN.ROOTFS_CLONE, undefined, async (span) => {
-      const r = await cloneRootfs({ sourceDir: pulled.rootfsDir, vmDir, overlaySupported: o.backend.supportsOverlay, strategies: o.cloneStrategies, signal });
+      const r = await cloneRootfs({
+        sourceDir: pulled.rootfsDir,
+        vmDir,
+        overlaySupported: o.backend.supportsOverlay,
+        strategies: o.cloneStrategies,
+        signal,
+      });
       span.setAttribute(ATTR.ROOTFS_CLONE_STRATEGY, r.strategy);
       return r;
     });
@@ -342,18 +477,35 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
 
     await stage(SPAN.BACKEND_PREPARE, { [ATTR.BACKEND]: o.backend.name }, (_s, inner) =>
       o.backend.prepareRootfs({
-        vmId: o.id, dataDir: vmDir, rootfs, image: pulled.config, initOverride: o.initOverride, env: o.env, workdir: o.workdir, scope: inner, signal,
-        mounts: o.virtiofs.filter((m) => m.guestPath).map((m) => ({ tag: m.tag, guestPath: m.guestPath as string, readOnly: m.readOnly })),
+        vmId: o.id,
+        dataDir: vmDir,
+        rootfs,
+        image: pulled.config,
+        initOverride: o.initOverride,
+        env: o.env,
+        workdir: o.workdir,
+        scope: inner,
+        signal,
+        mounts: o.virtiofs
+          .filter((m) => m.guestPath)
+          .map((m) => ({ tag: m.tag, guestPath: m.guestPath as string, readOnly: m.readOnly })),
       }),
     );
 
-    const network: NetworkHandle | undefined = await stage(SPAN.NETWORK_START, { [ATTR.NETWORK_PROVIDER]: o.network?.name ?? 'tsi', [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`) }, async () => {
-      signal?.throwIfAborted();
-      if (!o.network) return undefined;
-      const n = await o.network.start({ vmId: o.id, dataDir: vmDir, ports: o.ports, signal });
-      undo.push(() => n.stop());
-      return n;
-    });
+    const network: NetworkHandle | undefined = await stage(
+      SPAN.NETWORK_START,
+      {
+        [ATTR.NETWORK_PROVIDER]: o.network?.name ?? 'tsi',
+        [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`),
+      },
+      async () => {
+        signal?.throwIfAborted();
+        if (!o.network) return undefined;
+        const n = await o.network.start({ vmId: o.id, dataDir: vmDir, ports: o.ports, signal });
+        undo.push(() => n.stop());
+        return n;
+      },
+    );
 
     const consoleLogPath = path.join(vmDir, 'console.log');
     const logPath = path.join(vmDir, 'vm.log');
@@ -361,8 +513,23 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     const stderrPath = path.join(vmDir, 'stderr.log');
     const started: BackendHandle = await stage(SPAN.VM_SPAWN, undefined, async (spawnSpan, inner) => {
       const h = await o.backend.start({
-        vmId: o.id, name: o.name, dataDir: vmDir, rootfs, cpus: o.cpus, memoryMiB: o.memoryMiB, ports: o.ports, virtiofs: o.virtiofs, logLevel: o.logLevel,
-        consoleLogPath, stdoutPath, stderrPath, logPath, bootTimeoutMs: o.bootTimeoutMs, network: network ? { kind: network.kind, socketPath: network.socketPath, mac: network.mac } : undefined, scope: inner, signal,
+        vmId: o.id,
+        name: o.name,
+        dataDir: vmDir,
+        rootfs,
+        cpus: o.cpus,
+        memoryMiB: o.memoryMiB,
+        ports: o.ports,
+        virtiofs: o.virtiofs,
+        logLevel: o.logLevel,
+        consoleLogPath,
+        stdoutPath,
+        stderrPath,
+        logPath,
+        bootTimeoutMs: o.bootTimeoutMs,
+        network: network ? { kind: network.kind, socketPath: network.socketPath, mac: network.mac } : undefined,
+        scope: inner,
+        signal,
       });
       // Registered before anything else can fail, so the VM never outlives a failed run().
       undo.push(async () => {
@@ -374,12 +541,33 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     });
     root.setAttribute(ATTR.VM_PID, started.pid);
     await writeState(vmDir, {
-      id: o.id, name: o.name, backend: o.backend.name, pid: started.pid, pidStartTime: processStartTime(started.pid) ?? '', executable: started.executable,
-      image, cpus: o.cpus, memoryMiB: o.memoryMiB, ports: o.ports, rootfsPath: rootfs.rootPath, cloneStrategy: rootfs.strategy, createdAt: new Date().toISOString(),
+      id: o.id,
+      name: o.name,
+      backend: o.backend.name,
+      pid: started.pid,
+      pidStartTime: processStartTime(started.pid) ?? '',
+      executable: started.executable,
+      image,
+      cpus: o.cpus,
+      memoryMiB: o.memoryMiB,
+      ports: o.ports,
+      rootfsPath: rootfs.rootPath,
+      cloneStrategy: rootfs.strategy,
+      createdAt: new Date().toISOString(),
     });
 
     const vm = new MicroVM(
-      { id: o.id, name: o.name, backend: o.backend.name, dataDir: vmDir, rootfsPath: rootfs.rootPath, cloneStrategy: rootfs.strategy, ports: o.ports, consoleLogPath, logPath },
+      {
+        id: o.id,
+        name: o.name,
+        backend: o.backend.name,
+        dataDir: vmDir,
+        rootfsPath: rootfs.rootPath,
+        cloneStrategy: rootfs.strategy,
+        ports: o.ports,
+        consoleLogPath,
+        logPath,
+      },
       started,
       network ? [() => network.stop()] : [],
     );
@@ -388,7 +576,14 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     // wait at once with a coded error (the hypervisor's, or ERR_MICROVM_VM_EXITED).
     const life = new AbortController();
     void vm.wait().then((exit) => {
-      life.abort(exit.reason === 'failed' ? exit.error : new MicrovmError('ERR_MICROVM_VM_EXITED', `The VM ended before it was ready: ${describeExit(exit)}. Console: ${consoleLogPath}`));
+      life.abort(
+        exit.reason === 'failed'
+          ? exit.error
+          : new MicrovmError(
+              'ERR_MICROVM_VM_EXITED',
+              `The VM ended before it was ready: ${describeExit(exit)}. Console: ${consoleLogPath}`,
+            ),
+      );
     });
     const postBootSignal = signal ? AbortSignal.any([signal, life.signal]) : life.signal;
     await stage(SPAN.POST_BOOT, { [ATTR.POST_BOOT_HOOK_COUNT]: o.postBoot.length }, async (_s, inner) => {
@@ -406,8 +601,13 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         if (sshSetup.waitReady) {
           vm.ssh = await waitForReady(
             {
-              host: '127.0.0.1', port: sshSetup.hostPort, username: sshSetup.user, privateKey: sshSetup.key.privateKey,
-              hostKey: { knownHostsFile: path.join(sshDir, 'known_hosts') }, timeoutMs: sshSetup.timeoutMs, signal: postBootSignal,
+              host: '127.0.0.1',
+              port: sshSetup.hostPort,
+              username: sshSetup.user,
+              privateKey: sshSetup.key.privateKey,
+              hostKey: { knownHostsFile: path.join(sshDir, 'known_hosts') },
+              timeoutMs: sshSetup.timeoutMs,
+              signal: postBootSignal,
             },
             inner,
           );

@@ -73,7 +73,10 @@ export async function withFileLock<T>(lockPath: string, fn: () => Promise<T> | T
         /* gone */
       }
       if (!alive) fs.rmSync(lockPath, { force: true });
-      else if (Date.now() > deadline) throw Object.assign(new Error(`Timed out waiting for the lock ${lockPath} held by pid ${holder}`), { code: 'ERR_MICROVM_LOCK_TIMEOUT' });
+      else if (Date.now() > deadline)
+        throw Object.assign(new Error(`Timed out waiting for the lock ${lockPath} held by pid ${holder}`), {
+          code: 'ERR_MICROVM_LOCK_TIMEOUT',
+        });
       else await new Promise((r) => setTimeout(r, 10));
     }
   }

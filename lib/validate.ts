@@ -37,7 +37,9 @@ export function string(name: string, value: unknown, opts: { allowEmpty?: boolea
     throw new RangeError(`Expected ${name} to contain no NUL character but received ${describe(value)}`);
   }
   if (opts.maxLength !== undefined && Buffer.byteLength(value) > opts.maxLength) {
-    throw new RangeError(`Expected at most ${opts.maxLength} bytes for ${name} but received ${Buffer.byteLength(value)}`);
+    throw new RangeError(
+      `Expected at most ${opts.maxLength} bytes for ${name} but received ${Buffer.byteLength(value)}`,
+    );
   }
   return value;
 }
@@ -94,7 +96,9 @@ export function envEntries(name: string, value: unknown): string[] {
     const eq = item.indexOf('=');
     const key = eq < 0 ? '' : item.slice(0, eq);
     if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) {
-      throw new RangeError(`Expected KEY=VALUE with a valid variable name for ${name}[${i}] but received ${describe(item)}`);
+      throw new RangeError(
+        `Expected KEY=VALUE with a valid variable name for ${name}[${i}] but received ${describe(item)}`,
+      );
     }
   });
   return items;

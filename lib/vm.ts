@@ -27,7 +27,15 @@ export function toVmExit(r: Awaited<BackendHandle['exited']>): VmExit {
   if ('reason' in r) return r;
   if (r.code !== null) return { reason: 'exited', exitCode: r.code, signal: null };
   if (r.signal) return { reason: 'stopped', exitCode: null, signal: r.signal };
-  return { reason: 'failed', exitCode: null, signal: null, error: new MicrovmError('ERR_MICROVM_HYPERVISOR_FAILED', 'The VM process ended with neither an exit code nor a signal') };
+  return {
+    reason: 'failed',
+    exitCode: null,
+    signal: null,
+    error: new MicrovmError(
+      'ERR_MICROVM_HYPERVISOR_FAILED',
+      'The VM process ended with neither an exit code nor a signal',
+    ),
+  };
 }
 
 /** Fixed facts about a VM, set when it starts. */
@@ -118,7 +126,11 @@ export class MicroVM extends EventEmitter implements AsyncDisposable {
 
   /** Runs a command in the guest over SSH (needs `run(image, { ssh })`). */
   async exec(command: string, options: ExecOptions = {}): Promise<ExecResult> {
-    if (!this.ssh) throw new MicrovmError('ERR_MICROVM_SSH_UNAVAILABLE', 'This VM was started without ssh; pass run(image, { ssh: {} })');
+    if (!this.ssh)
+      throw new MicrovmError(
+        'ERR_MICROVM_SSH_UNAVAILABLE',
+        'This VM was started without ssh; pass run(image, { ssh: {} })',
+      );
     return this.ssh.exec(command, options);
   }
 

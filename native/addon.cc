@@ -26,11 +26,11 @@
 #include "beneath.h"
 #include "errno_names.h"
 #include "extract.h"
-#include "layer_extract.h"
-#include "zstd_api.h"
 #include "firmware.h"
 #include "krun_api.h"
+#include "layer_extract.h"
 #include "plan.h"
+#include "zstd_api.h"
 
 namespace microvm {
 namespace {
@@ -116,27 +116,26 @@ struct AddonData {
 class KrunContextWrap : public Napi::ObjectWrap<KrunContextWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(
-        env, "KrunContext",
-        {
-            InstanceAccessor<&KrunContextWrap::GetId>("id"),
-            InstanceAccessor<&KrunContextWrap::GetFreed>("freed"),
-            InstanceAccessor<&KrunContextWrap::GetLibkrunPath>("libkrunPath"),
-            InstanceMethod<&KrunContextWrap::SetLogLevel>("setLogLevel"),
-            InstanceMethod<&KrunContextWrap::SetVmConfig>("setVmConfig"),
-            InstanceMethod<&KrunContextWrap::SetRoot>("setRoot"),
-            InstanceMethod<&KrunContextWrap::AddVirtiofs>("addVirtiofs"),
-            InstanceMethod<&KrunContextWrap::SetPortMap>("setPortMap"),
-            InstanceMethod<&KrunContextWrap::SetExec>("setExec"),
-            InstanceMethod<&KrunContextWrap::SetEnv>("setEnv"),
-            InstanceMethod<&KrunContextWrap::SetWorkdir>("setWorkdir"),
-            InstanceMethod<&KrunContextWrap::SetRlimits>("setRlimits"),
-            InstanceMethod<&KrunContextWrap::SetConsoleOutput>("setConsoleOutput"),
-            InstanceMethod<&KrunContextWrap::AddNet>("addNet"),
-            InstanceMethod<&KrunContextWrap::AddVsockPort>("addVsockPort"),
-            InstanceMethod<&KrunContextWrap::HasFeature>("hasFeature"),
-            InstanceMethod<&KrunContextWrap::Free>("free"),
-        });
+    return DefineClass(env, "KrunContext",
+                       {
+                           InstanceAccessor<&KrunContextWrap::GetId>("id"),
+                           InstanceAccessor<&KrunContextWrap::GetFreed>("freed"),
+                           InstanceAccessor<&KrunContextWrap::GetLibkrunPath>("libkrunPath"),
+                           InstanceMethod<&KrunContextWrap::SetLogLevel>("setLogLevel"),
+                           InstanceMethod<&KrunContextWrap::SetVmConfig>("setVmConfig"),
+                           InstanceMethod<&KrunContextWrap::SetRoot>("setRoot"),
+                           InstanceMethod<&KrunContextWrap::AddVirtiofs>("addVirtiofs"),
+                           InstanceMethod<&KrunContextWrap::SetPortMap>("setPortMap"),
+                           InstanceMethod<&KrunContextWrap::SetExec>("setExec"),
+                           InstanceMethod<&KrunContextWrap::SetEnv>("setEnv"),
+                           InstanceMethod<&KrunContextWrap::SetWorkdir>("setWorkdir"),
+                           InstanceMethod<&KrunContextWrap::SetRlimits>("setRlimits"),
+                           InstanceMethod<&KrunContextWrap::SetConsoleOutput>("setConsoleOutput"),
+                           InstanceMethod<&KrunContextWrap::AddNet>("addNet"),
+                           InstanceMethod<&KrunContextWrap::AddVsockPort>("addVsockPort"),
+                           InstanceMethod<&KrunContextWrap::HasFeature>("hasFeature"),
+                           InstanceMethod<&KrunContextWrap::Free>("free"),
+                       });
   }
 
   // Only createContext() constructs instances: new KrunContext(External<Adopt>).
@@ -145,8 +144,7 @@ class KrunContextWrap : public Napi::ObjectWrap<KrunContextWrap> {
     uint32_t ctx;
   };
 
-  explicit KrunContextWrap(const Napi::CallbackInfo& info)
-      : Napi::ObjectWrap<KrunContextWrap>(info) {
+  explicit KrunContextWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<KrunContextWrap>(info) {
     if (info.Length() != 1 || !info[0].IsExternal()) {
       throw Napi::TypeError::New(info.Env(), "KrunContext is created by createContext()");
     }
@@ -155,16 +153,14 @@ class KrunContextWrap : public Napi::ObjectWrap<KrunContextWrap> {
     ctx_ = adopt->ctx;
     token_ = Register(api_, ctx_);
     env_ = info.Env();
-    napi_add_env_cleanup_hook(env_, CleanupHook,
-                              reinterpret_cast<void*>(static_cast<uintptr_t>(token_)));
+    napi_add_env_cleanup_hook(env_, CleanupHook, reinterpret_cast<void*>(static_cast<uintptr_t>(token_)));
   }
 
   ~KrunContextWrap() override {
     if (!freed_) {
       KrunFailure ignored;
       Release(token_, &ignored);
-      napi_remove_env_cleanup_hook(env_, CleanupHook,
-                                   reinterpret_cast<void*>(static_cast<uintptr_t>(token_)));
+      napi_remove_env_cleanup_hook(env_, CleanupHook, reinterpret_cast<void*>(static_cast<uintptr_t>(token_)));
     }
   }
 
@@ -185,15 +181,9 @@ class KrunContextWrap : public Napi::ObjectWrap<KrunContextWrap> {
     return out;
   }
 
-  Napi::Value GetId(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), ctx_);
-  }
-  Napi::Value GetFreed(const Napi::CallbackInfo& info) {
-    return Napi::Boolean::New(info.Env(), freed_);
-  }
-  Napi::Value GetLibkrunPath(const Napi::CallbackInfo& info) {
-    return Napi::String::New(info.Env(), api_->path);
-  }
+  Napi::Value GetId(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), ctx_); }
+  Napi::Value GetFreed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), freed_); }
+  Napi::Value GetLibkrunPath(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), api_->path); }
 
   // setLogLevel(level: 0..5)
   void SetLogLevel(const Napi::CallbackInfo& info) {
@@ -230,8 +220,7 @@ class KrunContextWrap : public Napi::ObjectWrap<KrunContextWrap> {
     Live(info.Env());
     PortMap map;
     if (info[0].IsString()) {
-      map.kind = info[0].As<Napi::String>().Utf8Value() == "none" ? PortMapKind::kNone
-                                                                   : PortMapKind::kAll;
+      map.kind = info[0].As<Napi::String>().Utf8Value() == "none" ? PortMapKind::kNone : PortMapKind::kAll;
     } else {
       map.kind = PortMapKind::kList;
       map.entries = Strings(info[0]);
@@ -272,16 +261,14 @@ class KrunContextWrap : public Napi::ObjectWrap<KrunContextWrap> {
   void SetConsoleOutput(const Napi::CallbackInfo& info) {
     Live(info.Env());
     KrunFailure f;
-    Ok(info.Env(),
-       KrunSetConsoleOutput(*api_, ctx_, info[0].As<Napi::String>().Utf8Value(), &f), f);
+    Ok(info.Env(), KrunSetConsoleOutput(*api_, ctx_, info[0].As<Napi::String>().Utf8Value(), &f), f);
   }
   // addNet(kind: "unixstream"|"unixgram", path: string|null, fd: int (-1), mac: number[6],
   //        features: uint32, flags: uint32)
   void AddNet(const Napi::CallbackInfo& info) {
     Live(info.Env());
     NetDevice n;
-    n.kind = info[0].As<Napi::String>().Utf8Value() == "unixgram" ? NetKind::kUnixGram
-                                                                   : NetKind::kUnixStream;
+    n.kind = info[0].As<Napi::String>().Utf8Value() == "unixgram" ? NetKind::kUnixGram : NetKind::kUnixStream;
     if (!info[1].IsNull()) n.path = info[1].As<Napi::String>().Utf8Value();
     n.fd = info[2].As<Napi::Number>().Int32Value();
     Napi::Array mac = info[3].As<Napi::Array>();
@@ -316,8 +303,7 @@ class KrunContextWrap : public Napi::ObjectWrap<KrunContextWrap> {
   void Free(const Napi::CallbackInfo& info) {
     if (freed_) return;
     freed_ = true;
-    napi_remove_env_cleanup_hook(env_, CleanupHook,
-                                 reinterpret_cast<void*>(static_cast<uintptr_t>(token_)));
+    napi_remove_env_cleanup_hook(env_, CleanupHook, reinterpret_cast<void*>(static_cast<uintptr_t>(token_)));
     KrunFailure f;
     Ok(info.Env(), Release(token_, &f), f);
   }
@@ -370,9 +356,7 @@ class ProbeFirmwareWorker : public PromiseWorker {
  public:
   ProbeFirmwareWorker(Napi::Env env, std::string candidate, bool with_kernel)
       : PromiseWorker(env), candidate_(std::move(candidate)), with_kernel_(with_kernel) {}
-  void Execute() override {
-    ok_ = ProbeFirmware(candidate_, &info_, with_kernel_ ? &kernel_ : nullptr, &error_);
-  }
+  void Execute() override { ok_ = ProbeFirmware(candidate_, &info_, with_kernel_ ? &kernel_ : nullptr, &error_); }
   Napi::Value Settle(Napi::Env env) override {
     if (!ok_) throw CodedError(env, "ERR_MICROVM_LIBKRUNFW_LOAD", error_);
     Napi::Object o = FirmwareObject(env, info_);
@@ -523,8 +507,7 @@ Napi::Value ProbeLibkrunFn(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value CreateContextFn(const Napi::CallbackInfo& info) {
-  auto* w = new CreateContextWorker(info.Env(), StringArg(info, 0, "libkrunPath"),
-                                    StringArg(info, 1, "firmwarePath"));
+  auto* w = new CreateContextWorker(info.Env(), StringArg(info, 0, "libkrunPath"), StringArg(info, 1, "firmwarePath"));
   Napi::Promise p = w->Promise();
   w->Queue();
   return p;
@@ -604,7 +587,9 @@ Napi::Value MarkTopDirectoryFn(const Napi::CallbackInfo& info) {
 }
 
 // zstdAvailable() -> whether libzstd.so.1 could be loaded (LayerExtractor's zstd option).
-Napi::Value ZstdAvailableFn(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), Zstd() != nullptr); }
+Napi::Value ZstdAvailableFn(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), Zstd() != nullptr);
+}
 
 // ---- layer extraction ----------------------------------------------------------------------
 
@@ -641,7 +626,8 @@ class LayerExtractorWrap : public Napi::ObjectWrap<LayerExtractorWrap> {
     opts.gzip = o.Get("gzip").As<Napi::Boolean>().Value();
     opts.zstd = o.Get("zstd").As<Napi::Boolean>().Value();
     if (opts.zstd && (opts.gzip || Zstd() == nullptr)) {
-      throw CodedError(info.Env(), "ERR_MICROVM_IMAGE_ZSTD", "zstd layers need libzstd.so.1 (zstdAvailable() is false)");
+      throw CodedError(info.Env(), "ERR_MICROVM_IMAGE_ZSTD",
+                       "zstd layers need libzstd.so.1 (zstdAvailable() is false)");
     }
     opts.chown = o.Get("chown").As<Napi::Boolean>().Value();
     opts.override_xattr = o.Get("overrideXattr").As<Napi::Boolean>().Value();
@@ -720,7 +706,8 @@ class LayerExtractorWrap : public Napi::ObjectWrap<LayerExtractorWrap> {
   }
   Napi::Value Await(const Napi::CallbackInfo& info, size_t low, bool done) {
     Napi::Env env = info.Env();
-    auto* state = new WaitState{Napi::Promise::Deferred::New(env), done, false, false, ExtractFailure(), ExtractResult()};
+    auto* state =
+        new WaitState{Napi::Promise::Deferred::New(env), done, false, false, ExtractFailure(), ExtractResult()};
     Napi::Promise promise = state->deferred.Promise();
     if (!extractor_) {
       state->cancelled = true;
@@ -768,8 +755,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
 
   exports.Set("errnoName", Napi::Function::New<ErrnoNameFn>(env, "errnoName"));
   exports.Set("probeFirmware", Napi::Function::New<ProbeFirmwareFn>(env, "probeFirmware"));
-  exports.Set("readFirmwareKernel",
-              Napi::Function::New<ReadFirmwareKernelFn>(env, "readFirmwareKernel"));
+  exports.Set("readFirmwareKernel", Napi::Function::New<ReadFirmwareKernelFn>(env, "readFirmwareKernel"));
   exports.Set("probeLibkrun", Napi::Function::New<ProbeLibkrunFn>(env, "probeLibkrun"));
   exports.Set("createContext", Napi::Function::New<CreateContextFn>(env, "createContext"));
   exports.Set("checkPlan", Napi::Function::New<CheckPlanFn>(env, "checkPlan"));

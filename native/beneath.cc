@@ -19,17 +19,16 @@ namespace microvm {
 
 namespace {
 
-
 bool ValidComponent(const std::string& c) {
-  return !c.empty() && c != "." && c != ".." && c.find('/') == std::string::npos &&
-         c.find('\0') == std::string::npos && c.size() < 256;
+  return !c.empty() && c != "." && c != ".." && c.find('/') == std::string::npos && c.find('\0') == std::string::npos &&
+         c.size() < 256;
 }
 
 }  // namespace
 
-int WriteFileBeneath(const std::string& root, const std::vector<std::string>& components,
-                     const void* data, size_t size, mode_t mode, uid_t uid, gid_t gid,
-                     const std::vector<DirAttrs>& dir_attrs, std::string* failed_at) {
+int WriteFileBeneath(const std::string& root, const std::vector<std::string>& components, const void* data, size_t size,
+                     mode_t mode, uid_t uid, gid_t gid, const std::vector<DirAttrs>& dir_attrs,
+                     std::string* failed_at) {
   if (components.empty()) return EINVAL;
   for (const auto& c : components) {
     if (!ValidComponent(c)) {
@@ -147,8 +146,10 @@ int SummarizeTree(const std::string& root, TreeTotals* out, std::string* failed_
         have_stat = true;
         type = S_ISDIR(st.st_mode) ? DT_DIR : S_ISREG(st.st_mode) ? DT_REG : DT_UNKNOWN;
       }
-      if (type == DT_DIR) pending.push_back(rel == "." ? std::string(e->d_name) : rel + "/" + e->d_name);
-      else if (type == DT_REG && have_stat) out->bytes += static_cast<uint64_t>(st.st_size);
+      if (type == DT_DIR)
+        pending.push_back(rel == "." ? std::string(e->d_name) : rel + "/" + e->d_name);
+      else if (type == DT_REG && have_stat)
+        out->bytes += static_cast<uint64_t>(st.st_size);
       errno = 0;
     }
     int err = errno;

@@ -3,9 +3,9 @@
 // symlink planted anywhere in the rootfs cannot redirect the write outside it.
 #pragma once
 
+#include <sys/types.h>
 #include <cstdint>
 #include <string>
-#include <sys/types.h>
 #include <vector>
 
 namespace microvm {
@@ -20,9 +20,8 @@ struct DirAttrs {
 // dir_attrs[i] (one per intermediate component). The final file is written to a temporary name
 // beside it and renamed into place. Returns 0 or a positive errno, with `failed_at` naming the
 // component where it failed.
-int WriteFileBeneath(const std::string& root, const std::vector<std::string>& components,
-                     const void* data, size_t size, mode_t mode, uid_t uid, gid_t gid,
-                     const std::vector<DirAttrs>& dir_attrs, std::string* failed_at);
+int WriteFileBeneath(const std::string& root, const std::vector<std::string>& components, const void* data, size_t size,
+                     mode_t mode, uid_t uid, gid_t gid, const std::vector<DirAttrs>& dir_attrs, std::string* failed_at);
 
 // What a tree holds: its entries (not counting the root) and the bytes of its regular files.
 struct TreeTotals {

@@ -20,10 +20,9 @@ namespace microvm {
 
 namespace {
 
-
 bool ValidComponent(const std::string& c) {
-  return !c.empty() && c != "." && c != ".." && c.find('/') == std::string::npos &&
-         c.find('\0') == std::string::npos && c.size() < 256;
+  return !c.empty() && c != "." && c != ".." && c.find('/') == std::string::npos && c.find('\0') == std::string::npos &&
+         c.size() < 256;
 }
 
 int Validate(const std::vector<std::string>& components, std::string* failed_at) {
@@ -148,7 +147,6 @@ int RemoveAt(int dirfd, const char* name, int depth) {
   if (unlinkat(dirfd, name, AT_REMOVEDIR) != 0 && errno != ENOENT) return errno;
   return 0;
 }
-
 
 // The user.containers.override_stat value libkrun's virtio-fs reads: "uid:gid:0mode".
 void OverrideValue(const EntryAttrs& a, char (&value)[64]) {
@@ -287,15 +285,24 @@ void LayerWriter::Run() {
 
 const char* LayerWriter::OpName(OpKind k) {
   switch (k) {
-    case OpKind::kDir: return "creating a directory";
-    case OpKind::kFile: return "creating a file";
-    case OpKind::kData: return "writing a file";
-    case OpKind::kEndFile: return "setting file attributes";
-    case OpKind::kSymlink: return "creating a symlink";
-    case OpKind::kHardlink: return "creating a hard link";
-    case OpKind::kRemove: return "whiteout";
-    case OpKind::kClear: return "opaque whiteout";
-    case OpKind::kAttrs: return "setting attributes";
+    case OpKind::kDir:
+      return "creating a directory";
+    case OpKind::kFile:
+      return "creating a file";
+    case OpKind::kData:
+      return "writing a file";
+    case OpKind::kEndFile:
+      return "setting file attributes";
+    case OpKind::kSymlink:
+      return "creating a symlink";
+    case OpKind::kHardlink:
+      return "creating a hard link";
+    case OpKind::kRemove:
+      return "whiteout";
+    case OpKind::kClear:
+      return "opaque whiteout";
+    case OpKind::kAttrs:
+      return "setting attributes";
   }
   return "extract";
 }

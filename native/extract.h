@@ -28,12 +28,12 @@ namespace microvm {
 enum class EntryKind { kFile, kDir, kSymlink, kHardlink };
 
 struct EntryAttrs {
-  mode_t mode = 0644;        // permission bits incl. setuid/setgid/sticky
+  mode_t mode = 0644;  // permission bits incl. setuid/setgid/sticky
   uid_t uid = 0;
   gid_t gid = 0;
   long long mtime_sec = 0;
   long mtime_nsec = 0;
-  bool chown = false;        // privileged: set owner; else record it in the override xattr
+  bool chown = false;  // privileged: set owner; else record it in the override xattr
   bool override_xattr = false;
 };
 
@@ -48,15 +48,15 @@ struct WriterFailure {
 class LayerWriter {
  public:
   enum class OpKind {
-    kDir,      // path: a directory (an existing directory stays, with its contents)
-    kFile,     // path: a new regular file, open for the kData ops that follow
-    kData,     // data/size: bytes appended to the open file
-    kEndFile,  // attrs: applied through the open file, which is then closed
-    kSymlink,  // path, text (target, stored as given), attrs
-    kHardlink, // path -> names (the target's components)
-    kRemove,   // path: whiteout (recursive; missing is fine)
-    kClear,    // path (empty: the root): opaque whiteout, every child but `names` removed
-    kAttrs,    // path, attr_kind, attrs: mode/owner/mtime of an existing entry (directories, last)
+    kDir,       // path: a directory (an existing directory stays, with its contents)
+    kFile,      // path: a new regular file, open for the kData ops that follow
+    kData,      // data/size: bytes appended to the open file
+    kEndFile,   // attrs: applied through the open file, which is then closed
+    kSymlink,   // path, text (target, stored as given), attrs
+    kHardlink,  // path -> names (the target's components)
+    kRemove,    // path: whiteout (recursive; missing is fine)
+    kClear,     // path (empty: the root): opaque whiteout, every child but `names` removed
+    kAttrs,     // path, attr_kind, attrs: mode/owner/mtime of an existing entry (directories, last)
   };
   struct Op {
     OpKind kind = OpKind::kDir;

@@ -12,8 +12,7 @@ using GetKernelFn = char* (*)(size_t* load_addr, size_t* entry_addr, size_t* siz
 using GetVersionFn = int (*)();
 }  // namespace
 
-bool ProbeFirmware(const std::string& candidate, FirmwareInfo* info,
-                   std::vector<uint8_t>* kernel, std::string* error) {
+bool ProbeFirmware(const std::string& candidate, FirmwareInfo* info, std::vector<uint8_t>* kernel, std::string* error) {
   dlerror();
   void* handle = dlopen(candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) {

@@ -19,7 +19,6 @@ struct FirmwareInfo {
 // `candidate` is an absolute path, or a bare soname for the loader's own search. The library is
 // opened RTLD_LOCAL and closed again. If `kernel` is non-null the raw kernel image is copied
 // into it. Returns false with `error` (dlerror text or the missing symbol) on failure.
-bool ProbeFirmware(const std::string& candidate, FirmwareInfo* info,
-                   std::vector<uint8_t>* kernel, std::string* error);
+bool ProbeFirmware(const std::string& candidate, FirmwareInfo* info, std::vector<uint8_t>* kernel, std::string* error);
 
 }  // namespace microvm

@@ -194,11 +194,12 @@ bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, st
       const microvm::JsonValue* tag = m.Get("tag");
       const microvm::JsonValue* target = m.Get("target");
       const microvm::JsonValue* ro = m.Get("readOnly");
-      if (tag == nullptr || target == nullptr || !tag->is_string() || !target->is_string() || target->string_value().empty() ||
-          target->string_value()[0] != '/') {
+      if (tag == nullptr || target == nullptr || !tag->is_string() || !target->is_string() ||
+          target->string_value().empty() || target->string_value()[0] != '/') {
         continue;
       }
-      mounts->push_back({tag->string_value(), target->string_value(), ro != nullptr && ro->is_bool() && ro->bool_value()});
+      mounts->push_back(
+          {tag->string_value(), target->string_value(), ro != nullptr && ro->is_bool() && ro->bool_value()});
     }
   }
   const microvm::JsonValue* wd = json.Get("WorkingDir");

@@ -4,9 +4,9 @@
 // fail with -ENOTSUP (see KrunFailure::missing_symbol).
 #pragma once
 
+#include <sys/types.h>
 #include <cstdint>
 #include <string>
-#include <sys/types.h>
 
 namespace microvm {
 

@@ -3,9 +3,9 @@
 #include "zstd_api.h"
 
 #include <fcntl.h>
-#include <unistd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cmath>
@@ -81,7 +81,9 @@ TeeWriter::TeeWriter(int fd) : fd_(fd) {
   thread_ = std::thread([this] { Run(); });
 }
 
-TeeWriter::~TeeWriter() { Cancel(); }
+TeeWriter::~TeeWriter() {
+  Cancel();
+}
 
 void TeeWriter::Push(std::shared_ptr<char> block, size_t size) {
   std::unique_lock<std::mutex> lock(mutex_);
@@ -246,7 +248,9 @@ bool ParsePax(const std::string& body, std::map<std::string, std::string>* out) 
     size_t sp = body.find(' ', i);
     if (sp == std::string::npos) break;
     uint64_t len;
-    if (!Decimal(body.substr(i, sp - i), body.size(), &len) || len == 0 || i + len > body.size() || sp + 1 > i + len - 1) return false;
+    if (!Decimal(body.substr(i, sp - i), body.size(), &len) || len == 0 || i + len > body.size() ||
+        sp + 1 > i + len - 1)
+      return false;
     std::string rec = body.substr(sp + 1, i + len - 1 - (sp + 1));
     size_t eq = rec.find('=');
     if (eq != std::string::npos && eq > 0) (*out)[rec.substr(0, eq)] = rec.substr(eq + 1);
@@ -257,10 +261,14 @@ bool ParsePax(const std::string& body, std::map<std::string, std::string>* out) 
 
 const char* TypeName(char t) {
   switch (t) {
-    case '3': return "char";
-    case '4': return "block";
-    case '6': return "fifo";
-    default: return "other";
+    case '3':
+      return "char";
+    case '4':
+      return "block";
+    case '6':
+      return "fifo";
+    default:
+      return "other";
   }
 }
 
@@ -381,7 +389,7 @@ void LayerExtractor::Cancel() {
   }
   in_pool_.Cancel();
   out_pool_.Cancel();
-  writer_->Cancel();  // drops its queue (and the blocks it holds); wakes a parse thread waiting on it
+  writer_->Cancel();         // drops its queue (and the blocks it holds); wakes a parse thread waiting on it
   if (tee_) tee_->Cancel();  // likewise
   if (thread_.joinable()) thread_.join();
 }
@@ -392,7 +400,8 @@ bool LayerExtractor::Fail(const std::string& code, const std::string& message) {
   return false;
 }
 
-void LayerExtractor::SetFailure(const std::string& code, const std::string& message, std::unique_lock<std::mutex>& lock) {
+void LayerExtractor::SetFailure(const std::string& code, const std::string& message,
+                                std::unique_lock<std::mutex>& lock) {
   if (!failed_ && !cancelled_) {
     failed_ = true;
     failure_.code = code;
@@ -489,7 +498,8 @@ bool LayerExtractor::Inflate(const Input& in) {
     if (rc == Z_STREAM_END) {
       member_ended_ = true;
     } else if (rc != Z_OK && rc != Z_BUF_ERROR) {
-      return Fail("ERR_MICROVM_IMAGE_LAYER", std::string("Cannot decompress layer: ") + (zs_.msg ? zs_.msg : "invalid data"));
+      return Fail("ERR_MICROVM_IMAGE_LAYER",
+                  std::string("Cannot decompress layer: ") + (zs_.msg ? zs_.msg : "invalid data"));
     }
     if (produced > 0) {
       if (!Produced(start, produced)) return false;
@@ -509,7 +519,8 @@ bool LayerExtractor::Unzstd(const Input& in) {
     char* start = out_block_.get() + out_used_;
     ZstdOutBuffer zout{start, out_pool_.block_size() - out_used_, 0};
     size_t rc = z->decompress_stream(zds_, &zout, &zin);
-    if (z->is_error(rc)) return Fail("ERR_MICROVM_IMAGE_LAYER", std::string("Cannot decompress layer: ") + z->error_name(rc));
+    if (z->is_error(rc))
+      return Fail("ERR_MICROVM_IMAGE_LAYER", std::string("Cannot decompress layer: ") + z->error_name(rc));
     zstd_frame_done_ = rc == 0;  // frames may follow one another: the next call starts the next
     pending = zout.pos == zout.size;
     if (zout.pos > 0) {
@@ -589,7 +600,9 @@ bool LayerExtractor::HeaderBlock(const unsigned char* h) {
     ended_ = true;  // end-of-archive marker (a second zero block may follow)
     return true;
   }
-  auto bad = [this](const std::string& why) { return Fail("ERR_MICROVM_IMAGE_LAYER", "Malformed layer archive: " + why); };
+  auto bad = [this](const std::string& why) {
+    return Fail("ERR_MICROVM_IMAGE_LAYER", "Malformed layer archive: " + why);
+  };
   uint64_t sum = 0;
   for (size_t i = 0; i < 512; i++) sum += (i >= 148 && i < 156) ? 0x20 : h[i];
   std::string why;
@@ -681,9 +694,12 @@ bool LayerExtractor::FinishMember() {
     meta_ = 0;
     if (kind == 'x' || kind == 'g') {
       std::map<std::string, std::string> parsed;
-      if (!ParsePax(meta_buf_, &parsed)) return Fail("ERR_MICROVM_IMAGE_LAYER", "Malformed layer archive: bad PAX record");
-      if (kind == 'x') pax_ = parsed;
-      else for (const auto& kv : parsed) global_pax_[kv.first] = kv.second;
+      if (!ParsePax(meta_buf_, &parsed))
+        return Fail("ERR_MICROVM_IMAGE_LAYER", "Malformed layer archive: bad PAX record");
+      if (kind == 'x')
+        pax_ = parsed;
+      else
+        for (const auto& kv : parsed) global_pax_[kv.first] = kv.second;
     } else {
       std::string s = meta_buf_.substr(0, meta_buf_.find('\0'));
       if (kind == 'L') {
@@ -710,7 +726,8 @@ bool LayerExtractor::FinishMember() {
 bool LayerExtractor::Entry(const Header& h) {
   using Kind = LayerWriter::OpKind;
   if (++result_entries_ > options_.max_entries) {
-    return Fail("ERR_MICROVM_IMAGE_LIMIT", "Image exceeds the entry count (" + std::to_string(options_.max_entries) + ") limit");
+    return Fail("ERR_MICROVM_IMAGE_LIMIT",
+                "Image exceeds the entry count (" + std::to_string(options_.max_entries) + ") limit");
   }
   auto unsafe = [this, &h](const std::string& why) {
     return Fail("ERR_MICROVM_IMAGE_UNSAFE_ENTRY", "Refusing layer entry " + Quote(h.path) + ": " + why);
@@ -727,7 +744,8 @@ bool LayerExtractor::Entry(const Header& h) {
     LayerWriter::Op op;
     op.kind = Kind::kClear;
     op.path.assign(comps.begin(), comps.end() - 1);
-    for (auto it = created_.lower_bound(prefix); it != created_.end() && it->compare(0, prefix.size(), prefix) == 0; ++it) {
+    for (auto it = created_.lower_bound(prefix); it != created_.end() && it->compare(0, prefix.size(), prefix) == 0;
+         ++it) {
       std::string rest = it->substr(prefix.size());
       if (rest.find('/') == std::string::npos) op.names.push_back(rest);
     }
@@ -763,7 +781,8 @@ bool LayerExtractor::Entry(const Header& h) {
       // What headers claim: fails early, before any data is written.
       result_bytes_ += h.size;
       if (result_bytes_ > options_.max_bytes) {
-        return Fail("ERR_MICROVM_IMAGE_LIMIT", "Image exceeds the size (" + std::to_string(options_.max_bytes) + " bytes) limit");
+        return Fail("ERR_MICROVM_IMAGE_LIMIT",
+                    "Image exceeds the size (" + std::to_string(options_.max_bytes) + " bytes) limit");
       }
       created_.insert(key);
       op.kind = Kind::kFile;
@@ -792,7 +811,8 @@ bool LayerExtractor::Entry(const Header& h) {
     }
     default:
       if (warnings_.size() < 1000) {
-        warnings_.push_back(std::string("skipped ") + TypeName(h.type) + " " + h.path + " (device nodes and FIFOs are not created)");
+        warnings_.push_back(std::string("skipped ") + TypeName(h.type) + " " + h.path +
+                            " (device nodes and FIFOs are not created)");
       }
       return true;
   }

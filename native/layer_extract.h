@@ -103,17 +103,17 @@ class TeeWriter {
 };
 
 struct ExtractOptions {
-  bool gzip = true;            // else the input is the tar itself (or zstd)
-  bool zstd = false;           // zstd frames, through libzstd (Zstd() must not be null)
-  bool chown = false;          // privileged: set owners
-  bool override_xattr = false; // else: user.containers.override_stat
+  bool gzip = true;             // else the input is the tar itself (or zstd)
+  bool zstd = false;            // zstd frames, through libzstd (Zstd() must not be null)
+  bool chown = false;           // privileged: set owners
+  bool override_xattr = false;  // else: user.containers.override_stat
   uint64_t max_bytes = 0;
   uint64_t max_entries = 0;
-  double max_ratio = 0;        // gzip and zstd; 0: no cap
-  uint64_t bytes_before = 0;   // totals of the image's earlier layers (the caps are per image)
+  double max_ratio = 0;       // gzip and zstd; 0: no cap
+  uint64_t bytes_before = 0;  // totals of the image's earlier layers (the caps are per image)
   uint64_t entries_before = 0;
   size_t max_metadata = 1 << 20;
-  int tee_fd = -1;             // also write the input bytes here (the blob cache copy); not owned
+  int tee_fd = -1;  // also write the input bytes here (the blob cache copy); not owned
   // Check each gzip member's trailer (CRC-32 and length). Off only when the caller verifies a
   // digest of the compressed bytes before it trusts the result: the trailer then adds nothing
   // but the CRC's ~10% of the inflate time.
@@ -130,11 +130,11 @@ struct ExtractFailure {
 };
 
 struct ExtractResult {
-  uint64_t bytes = 0;    // image totals including this layer
+  uint64_t bytes = 0;  // image totals including this layer
   uint64_t entries = 0;
   uint64_t compressed = 0;
   uint64_t uncompressed = 0;
-  bool tee_ok = false;   // every input byte reached tee_fd
+  bool tee_ok = false;  // every input byte reached tee_fd
   std::vector<std::string> warnings;
 };
 
@@ -183,7 +183,7 @@ class LayerExtractor {
   bool Push(LayerWriter::Op&& op);
   bool Inflate(const Input& in);
   bool Unzstd(const Input& in);
-  bool OutBlock();                        // a block with room in out_block_ (false: cancelled or failed)
+  bool OutBlock();                       // a block with room in out_block_ (false: cancelled or failed)
   bool Produced(char* start, size_t n);  // decompressed bytes at start: counted, capped, parsed
   bool Parse(const std::shared_ptr<char>& block, const char* p, size_t n);
   bool HeaderBlock(const unsigned char* h);
@@ -201,9 +201,9 @@ class LayerExtractor {
   // Parse thread only.
   z_stream zs_{};
   bool zs_init_ = false;
-  bool member_ended_ = false;  // between gzip members (or after the last)
-  bool trailing_ = false;      // bytes after the last member: ignored
-  void* zds_ = nullptr;        // ZSTD_DStream
+  bool member_ended_ = false;     // between gzip members (or after the last)
+  bool trailing_ = false;         // bytes after the last member: ignored
+  void* zds_ = nullptr;           // ZSTD_DStream
   bool zstd_frame_done_ = false;  // the last zstd call completed a frame (false before any)
   std::shared_ptr<char> out_block_;
   size_t out_used_ = 0;
@@ -211,12 +211,12 @@ class LayerExtractor {
   size_t hdr_len_ = 0;
   uint64_t remaining_ = 0;  // data (or metadata) bytes of the current member still to come
   uint64_t padding_ = 0;
-  char meta_ = 0;           // 'x', 'g', 'L', 'K' while reading such a member
+  char meta_ = 0;  // 'x', 'g', 'L', 'K' while reading such a member
   std::string meta_buf_;
   std::map<std::string, std::string> pax_, global_pax_;
   std::string long_name_, long_link_;
   bool have_long_name_ = false, have_long_link_ = false;
-  bool ended_ = false;      // end-of-archive block seen
+  bool ended_ = false;  // end-of-archive block seen
   bool in_file_ = false;
   bool file_open_ = false;  // the current file member is being written (not a whiteout marker)
   LayerWriter::Op end_file_;

@@ -47,8 +47,7 @@ bool Fail(std::string* error, const std::string& where, const char* what) {
   return false;
 }
 
-bool ReadString(const JsonValue& v, const std::string& where, std::string* out,
-                std::string* error) {
+bool ReadString(const JsonValue& v, const std::string& where, std::string* out, std::string* error) {
   if (!v.is_string()) return Fail(error, where, "expected a string");
   if (v.string_value().find('\0') != std::string::npos) {
     return Fail(error, where, "must not contain NUL");
@@ -57,8 +56,7 @@ bool ReadString(const JsonValue& v, const std::string& where, std::string* out,
   return true;
 }
 
-bool ReadUint(const JsonValue& v, const std::string& where, double max, uint64_t* out,
-              std::string* error) {
+bool ReadUint(const JsonValue& v, const std::string& where, double max, uint64_t* out, std::string* error) {
   if (!v.is_number()) return Fail(error, where, "expected a number");
   double d = v.number_value();
   if (d < 0 || d > max || std::floor(d) != d) {
@@ -74,8 +72,7 @@ bool ReadBool(const JsonValue& v, const std::string& where, bool* out, std::stri
   return true;
 }
 
-bool ReadStrings(const JsonValue& v, const std::string& where, std::vector<std::string>* out,
-                 std::string* error) {
+bool ReadStrings(const JsonValue& v, const std::string& where, std::vector<std::string>* out, std::string* error) {
   if (!v.is_array()) return Fail(error, where, "expected an array of strings");
   out->clear();
   size_t i = 0;
@@ -87,8 +84,7 @@ bool ReadStrings(const JsonValue& v, const std::string& where, std::vector<std::
   return true;
 }
 
-bool OnlyKeys(const JsonValue& obj, const std::string& where, std::set<std::string> allowed,
-              std::string* error) {
+bool OnlyKeys(const JsonValue& obj, const std::string& where, std::set<std::string> allowed, std::string* error) {
   if (!obj.is_object()) return Fail(error, where, "expected an object");
   for (const auto& kv : obj.object_items()) {
     if (!allowed.count(kv.first)) {
@@ -102,8 +98,7 @@ bool OnlyKeys(const JsonValue& obj, const std::string& where, std::set<std::stri
 bool ParseMac(const std::string& text, uint8_t mac[6]) {
   unsigned int b[6];
   char tail;
-  if (std::sscanf(text.c_str(), "%2x:%2x:%2x:%2x:%2x:%2x%c", &b[0], &b[1], &b[2], &b[3], &b[4],
-                  &b[5], &tail) != 6 ||
+  if (std::sscanf(text.c_str(), "%2x:%2x:%2x:%2x:%2x:%2x%c", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &tail) != 6 ||
       text.size() != 17) {
     return false;
   }
@@ -146,8 +141,7 @@ bool KrunFreeCtx(const KrunApi& api, uint32_t ctx, KrunFailure* f) {
   return Check("krun_free_ctx", api.free_ctx(ctx), f);
 }
 
-bool KrunSetVmConfig(const KrunApi& api, uint32_t ctx, uint8_t cpus, uint32_t mem,
-                     KrunFailure* f) {
+bool KrunSetVmConfig(const KrunApi& api, uint32_t ctx, uint8_t cpus, uint32_t mem, KrunFailure* f) {
   return Check("krun_set_vm_config", api.set_vm_config(ctx, cpus, mem), f);
 }
 
@@ -157,8 +151,7 @@ bool KrunSetRoot(const KrunApi& api, uint32_t ctx, const std::string& path, Krun
 
 bool KrunAddVirtiofs(const KrunApi& api, uint32_t ctx, const VirtiofsMount& m, KrunFailure* f) {
   if (api.add_virtiofs3 != nullptr) {
-    return Check("krun_add_virtiofs3",
-                 api.add_virtiofs3(ctx, m.tag.c_str(), m.path.c_str(), 0, m.read_only), f);
+    return Check("krun_add_virtiofs3", api.add_virtiofs3(ctx, m.tag.c_str(), m.path.c_str(), 0, m.read_only), f);
   }
   // Older libkrun: only the read-write call exists; a read-only mount cannot be honoured.
   if (m.read_only || api.add_virtiofs == nullptr) return Missing("krun_add_virtiofs3", f);
@@ -171,12 +164,10 @@ bool KrunAddNet(const KrunApi& api, uint32_t ctx, const NetDevice& n, KrunFailur
   const char* path = n.fd >= 0 ? nullptr : n.path.c_str();
   if (n.kind == NetKind::kUnixStream) {
     if (api.add_net_unixstream == nullptr) return Missing("krun_add_net_unixstream", f);
-    return Check("krun_add_net_unixstream",
-                 api.add_net_unixstream(ctx, path, n.fd, mac, n.features, n.flags), f);
+    return Check("krun_add_net_unixstream", api.add_net_unixstream(ctx, path, n.fd, mac, n.features, n.flags), f);
   }
   if (api.add_net_unixgram == nullptr) return Missing("krun_add_net_unixgram", f);
-  return Check("krun_add_net_unixgram",
-               api.add_net_unixgram(ctx, path, n.fd, mac, n.features, n.flags), f);
+  return Check("krun_add_net_unixgram", api.add_net_unixgram(ctx, path, n.fd, mac, n.features, n.flags), f);
 }
 
 bool KrunSetPortMap(const KrunApi& api, uint32_t ctx, const PortMap& map, KrunFailure* f) {
@@ -193,12 +184,10 @@ bool KrunSetExec(const KrunApi& api, uint32_t ctx, const ExecSpec& e, KrunFailur
   if (api.set_exec == nullptr) return Missing("krun_set_exec", f);
   CStringArray args(e.args);
   CStringArray env(e.env);
-  return Check("krun_set_exec",
-               api.set_exec(ctx, e.path.c_str(), args.get(), e.has_env ? env.get() : nullptr), f);
+  return Check("krun_set_exec", api.set_exec(ctx, e.path.c_str(), args.get(), e.has_env ? env.get() : nullptr), f);
 }
 
-bool KrunSetEnv(const KrunApi& api, uint32_t ctx, const std::vector<std::string>& env,
-                KrunFailure* f) {
+bool KrunSetEnv(const KrunApi& api, uint32_t ctx, const std::vector<std::string>& env, KrunFailure* f) {
   if (api.set_env == nullptr) return Missing("krun_set_env", f);
   CStringArray arr(env);
   return Check("krun_set_env", api.set_env(ctx, arr.get()), f);
@@ -209,15 +198,13 @@ bool KrunSetWorkdir(const KrunApi& api, uint32_t ctx, const std::string& path, K
   return Check("krun_set_workdir", api.set_workdir(ctx, path.c_str()), f);
 }
 
-bool KrunSetRlimits(const KrunApi& api, uint32_t ctx, const std::vector<std::string>& rlimits,
-                    KrunFailure* f) {
+bool KrunSetRlimits(const KrunApi& api, uint32_t ctx, const std::vector<std::string>& rlimits, KrunFailure* f) {
   if (api.set_rlimits == nullptr) return Missing("krun_set_rlimits", f);
   CStringArray arr(rlimits);
   return Check("krun_set_rlimits", api.set_rlimits(ctx, arr.get()), f);
 }
 
-bool KrunSetConsoleOutput(const KrunApi& api, uint32_t ctx, const std::string& path,
-                          KrunFailure* f) {
+bool KrunSetConsoleOutput(const KrunApi& api, uint32_t ctx, const std::string& path, KrunFailure* f) {
   if (api.set_console_output == nullptr) return Missing("krun_set_console_output", f);
   return Check("krun_set_console_output", api.set_console_output(ctx, path.c_str()), f);
 }
@@ -225,8 +212,7 @@ bool KrunSetConsoleOutput(const KrunApi& api, uint32_t ctx, const std::string& p
 bool KrunAddVsockPort(const KrunApi& api, uint32_t ctx, const VsockPort& p, KrunFailure* f) {
   if (p.has_listen) {
     if (api.add_vsock_port2 == nullptr) return Missing("krun_add_vsock_port2", f);
-    return Check("krun_add_vsock_port2",
-                 api.add_vsock_port2(ctx, p.port, p.path.c_str(), p.listen), f);
+    return Check("krun_add_vsock_port2", api.add_vsock_port2(ctx, p.port, p.path.c_str(), p.listen), f);
   }
   if (api.add_vsock_port == nullptr) return Missing("krun_add_vsock_port", f);
   return Check("krun_add_vsock_port", api.add_vsock_port(ctx, p.port, p.path.c_str()), f);
@@ -245,9 +231,8 @@ bool KrunHasFeature(const KrunApi& api, uint64_t feature, bool* present, KrunFai
 bool ParsePlan(const JsonValue& j, LaunchPlan* p, std::string* error) {
   *p = LaunchPlan();
   if (!OnlyKeys(j, "",
-                {"version", "libkrunPath", "firmwarePath", "logLevel", "vm", "root", "virtiofs",
-                 "net", "portMap", "exec", "env", "workdir", "rlimits", "consoleOutput",
-                 "vsockPorts", "overlay"},
+                {"version", "libkrunPath", "firmwarePath", "logLevel", "vm", "root", "virtiofs", "net", "portMap",
+                 "exec", "env", "workdir", "rlimits", "consoleOutput", "vsockPorts", "overlay"},
                 error)) {
     return false;
   }
@@ -329,9 +314,12 @@ bool ParsePlan(const JsonValue& j, LaunchPlan* p, std::string* error) {
       std::string s;
       if ((x = item.Get("kind")) == nullptr) return Fail(error, where + ".kind", "missing");
       if (!ReadString(*x, where + ".kind", &s, error)) return false;
-      if (s == "unixstream") n.kind = NetKind::kUnixStream;
-      else if (s == "unixgram") n.kind = NetKind::kUnixGram;
-      else return Fail(error, where + ".kind", "expected \"unixstream\" or \"unixgram\"");
+      if (s == "unixstream")
+        n.kind = NetKind::kUnixStream;
+      else if (s == "unixgram")
+        n.kind = NetKind::kUnixGram;
+      else
+        return Fail(error, where + ".kind", "expected \"unixstream\" or \"unixgram\"");
       const JsonValue* path = item.Get("path");
       const JsonValue* fd = item.Get("fd");
       if ((path == nullptr) == (fd == nullptr)) {
@@ -407,8 +395,7 @@ bool ParsePlan(const JsonValue& j, LaunchPlan* p, std::string* error) {
       }
     }
   }
-  if ((v = j.Get("consoleOutput")) &&
-      !ReadString(*v, "consoleOutput", &p->console_output, error)) {
+  if ((v = j.Get("consoleOutput")) && !ReadString(*v, "consoleOutput", &p->console_output, error)) {
     return false;
   }
   if ((v = j.Get("vsockPorts"))) {
@@ -440,10 +427,8 @@ bool ParsePlanText(const std::string& text, LaunchPlan* plan, std::string* error
   return ParsePlan(json, plan, error);
 }
 
-bool ApplyPlan(const KrunApi& api, uint32_t ctx, const LaunchPlan& p, KrunFailure* f,
-               bool apply_log_level) {
-  if (apply_log_level && p.log_level >= 0 &&
-      !KrunSetLogLevel(api, static_cast<uint32_t>(p.log_level), f)) {
+bool ApplyPlan(const KrunApi& api, uint32_t ctx, const LaunchPlan& p, KrunFailure* f, bool apply_log_level) {
+  if (apply_log_level && p.log_level >= 0 && !KrunSetLogLevel(api, static_cast<uint32_t>(p.log_level), f)) {
     return false;
   }
   if (!KrunSetVmConfig(api, ctx, p.cpus, p.memory_mib, f)) return false;

@@ -94,31 +94,23 @@ bool ParsePlanText(const std::string& text, LaunchPlan* plan, std::string* error
 // Applies every setting of `plan` to context `ctx`, in a fixed order. Stops at the first failure.
 // apply_log_level: the runner (a fresh process) applies the plan's log level; the addon's dry run
 // never does (libkrun's logger can be installed once per process; see KrunSetLogLevel).
-bool ApplyPlan(const KrunApi& api, uint32_t ctx, const LaunchPlan& plan, KrunFailure* failure,
-               bool apply_log_level);
+bool ApplyPlan(const KrunApi& api, uint32_t ctx, const LaunchPlan& plan, KrunFailure* failure, bool apply_log_level);
 
 // One wrapper per libkrun call. Return true on success, else fill `failure`.
 bool KrunSetLogLevel(const KrunApi& api, uint32_t level, KrunFailure* failure);
 bool KrunCreateCtx(const KrunApi& api, uint32_t* ctx, KrunFailure* failure);
 bool KrunFreeCtx(const KrunApi& api, uint32_t ctx, KrunFailure* failure);
-bool KrunSetVmConfig(const KrunApi& api, uint32_t ctx, uint8_t cpus, uint32_t memory_mib,
-                     KrunFailure* failure);
+bool KrunSetVmConfig(const KrunApi& api, uint32_t ctx, uint8_t cpus, uint32_t memory_mib, KrunFailure* failure);
 bool KrunSetRoot(const KrunApi& api, uint32_t ctx, const std::string& path, KrunFailure* failure);
-bool KrunAddVirtiofs(const KrunApi& api, uint32_t ctx, const VirtiofsMount& mount,
-                     KrunFailure* failure);
+bool KrunAddVirtiofs(const KrunApi& api, uint32_t ctx, const VirtiofsMount& mount, KrunFailure* failure);
 bool KrunAddNet(const KrunApi& api, uint32_t ctx, const NetDevice& net, KrunFailure* failure);
 bool KrunSetPortMap(const KrunApi& api, uint32_t ctx, const PortMap& map, KrunFailure* failure);
 bool KrunSetExec(const KrunApi& api, uint32_t ctx, const ExecSpec& exec, KrunFailure* failure);
-bool KrunSetEnv(const KrunApi& api, uint32_t ctx, const std::vector<std::string>& env,
-                KrunFailure* failure);
-bool KrunSetWorkdir(const KrunApi& api, uint32_t ctx, const std::string& path,
-                    KrunFailure* failure);
-bool KrunSetRlimits(const KrunApi& api, uint32_t ctx, const std::vector<std::string>& rlimits,
-                    KrunFailure* failure);
-bool KrunSetConsoleOutput(const KrunApi& api, uint32_t ctx, const std::string& path,
-                          KrunFailure* failure);
-bool KrunAddVsockPort(const KrunApi& api, uint32_t ctx, const VsockPort& port,
-                      KrunFailure* failure);
+bool KrunSetEnv(const KrunApi& api, uint32_t ctx, const std::vector<std::string>& env, KrunFailure* failure);
+bool KrunSetWorkdir(const KrunApi& api, uint32_t ctx, const std::string& path, KrunFailure* failure);
+bool KrunSetRlimits(const KrunApi& api, uint32_t ctx, const std::vector<std::string>& rlimits, KrunFailure* failure);
+bool KrunSetConsoleOutput(const KrunApi& api, uint32_t ctx, const std::string& path, KrunFailure* failure);
+bool KrunAddVsockPort(const KrunApi& api, uint32_t ctx, const VsockPort& port, KrunFailure* failure);
 // Returns 1/0 for a feature, or fills `failure` (-ENOTSUP when krun_has_feature is absent).
 bool KrunHasFeature(const KrunApi& api, uint64_t feature, bool* present, KrunFailure* failure);
 

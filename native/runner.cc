@@ -49,8 +49,8 @@ constexpr int kExitStart = 71;
 constexpr int kExitMount = 72;
 constexpr size_t kMaxPlanBytes = 1 << 20;
 
-[[noreturn]] void Die(int status, const char* stage, const std::string& code,
-                      const std::string& message, const KrunFailure* failure = nullptr) {
+[[noreturn]] void Die(int status, const char* stage, const std::string& code, const std::string& message,
+                      const KrunFailure* failure = nullptr) {
   std::string line = "{\"microvmRunnerError\":{\"stage\":";
   JsonQuote(stage, &line);
   line += ",\"code\":";
@@ -69,8 +69,7 @@ constexpr size_t kMaxPlanBytes = 1 << 20;
 
 [[noreturn]] void DieKrun(int status, const char* stage, const KrunFailure& f) {
   int err = -f.rc;
-  std::string message =
-      f.syscall + " failed: " + ErrnoName(err) + " (" + std::strerror(err) + ")";
+  std::string message = f.syscall + " failed: " + ErrnoName(err) + " (" + std::strerror(err) + ")";
   if (!f.detail.empty()) message += ": " + f.detail;
   Die(status, stage, ErrnoName(err), message, &f);
 }
@@ -126,7 +125,8 @@ void MountOverlay(const microvm::OverlaySpec& o) {
     WriteFile("/proc/self/setgroups", "deny");
     if (!WriteFile("/proc/self/uid_map", "0 " + std::to_string(uid) + " 1\n") ||
         !WriteFile("/proc/self/gid_map", "0 " + std::to_string(gid) + " 1\n")) {
-      Die(kExitMount, "mount", ErrnoName(errno), std::string("writing the user namespace id maps failed: ") + std::strerror(errno));
+      Die(kExitMount, "mount", ErrnoName(errno),
+          std::string("writing the user namespace id maps failed: ") + std::strerror(errno));
     }
   }
   // Keep our mounts out of the parent namespace.
@@ -143,7 +143,8 @@ void MountOverlay(const microvm::OverlaySpec& o) {
       if (mount("overlay", o.merged.c_str(), "overlay", 0, data.c_str()) == 0) return;
       err = errno;
     }
-    Die(kExitMount, "mount", ErrnoName(err), "mounting the overlay root on " + o.merged + " failed: " + std::strerror(err));
+    Die(kExitMount, "mount", ErrnoName(err),
+        "mounting the overlay root on " + o.merged + " failed: " + std::strerror(err));
   }
 }
 
@@ -170,7 +171,8 @@ int main(int argc, char** argv) {
     } else {
       Die(kExitUsage, "usage", "ERR_MICROVM_RUNNER_USAGE",
           "usage: microvm-runner (--plan PATH | --plan-fd N) [--ready-fd N] [--die-with-parent]; "
-          "unexpected argument: " + a);
+          "unexpected argument: " +
+              a);
     }
   }
   if (plan_path.empty() == (plan_fd < 0)) {
@@ -217,7 +219,8 @@ int main(int argc, char** argv) {
   KrunFailure failure;
   uint32_t ctx = 0;
   if (!microvm::KrunCreateCtx(*api, &ctx, &failure)) DieKrun(kExitConfigure, "configure", failure);
-  if (!microvm::ApplyPlan(*api, ctx, plan, &failure, /*apply_log_level=*/true)) DieKrun(kExitConfigure, "configure", failure);
+  if (!microvm::ApplyPlan(*api, ctx, plan, &failure, /*apply_log_level=*/true))
+    DieKrun(kExitConfigure, "configure", failure);
 
   // 6. Tell the parent, then hand the process to libkrun.
   if (ready_fd >= 0) {

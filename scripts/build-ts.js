@@ -22,4 +22,7 @@ const esm = [
   '',
 ].join('\n');
 fs.writeFileSync(path.join(dist, 'index.mjs'), esm);
-fs.writeFileSync(path.join(dist, 'index.d.mts'), "export * from './index.js';\nexport { default } from './index.js';\n");
+fs.writeFileSync(
+  path.join(dist, 'index.d.mts'),
+  "export * from './index.js';\nexport { default } from './index.js';\n",
+);

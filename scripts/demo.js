@@ -19,8 +19,13 @@ const m = require(root);
   const layout = path.join(root, '.demo', 'oci');
   if (!fs.existsSync(layout)) {
     fs.mkdirSync(path.dirname(tree), { recursive: true });
-    if (!fs.existsSync(tree)) execFileSync('bash', [path.join(__dirname, 'make-test-image.sh'), tree], { stdio: ['ignore', 'ignore', 'inherit'] });
-    execFileSync('bash', [path.join(__dirname, 'make-test-layout.sh'), tree, layout, 'demo'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    if (!fs.existsSync(tree))
+      execFileSync('bash', [path.join(__dirname, 'make-test-image.sh'), tree], {
+        stdio: ['ignore', 'ignore', 'inherit'],
+      });
+    execFileSync('bash', [path.join(__dirname, 'make-test-layout.sh'), tree, layout, 'demo'], {
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
   }
   const command = process.argv.slice(2).join(' ') || 'uname -a; cat /etc/layer2';
   const exporter = new InMemorySpanExporter();

@@ -24,5 +24,8 @@ if (found) {
   console.log(`node-microvm: using ${path.relative(root, found)}`);
   process.exit(0);
 }
-const r = spawnSync(process.execPath, [path.join(__dirname, 'native-build.js'), 'gyp'], { cwd: root, stdio: 'inherit' });
+const r = spawnSync(process.execPath, [path.join(__dirname, 'native-build.js'), 'gyp'], {
+  cwd: root,
+  stdio: 'inherit',
+});
 process.exit(r.status ?? 1);

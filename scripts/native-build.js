@@ -33,7 +33,19 @@ function nodeGypScript() {
   }
   if (process.env.npm_config_node_gyp) candidates.push(process.env.npm_config_node_gyp);
   // The node-gyp that npm bundles.
-  candidates.push(path.resolve(path.dirname(process.execPath), '..', 'lib', 'node_modules', 'npm', 'node_modules', 'node-gyp', 'bin', 'node-gyp.js'));
+  candidates.push(
+    path.resolve(
+      path.dirname(process.execPath),
+      '..',
+      'lib',
+      'node_modules',
+      'npm',
+      'node_modules',
+      'node-gyp',
+      'bin',
+      'node-gyp.js',
+    ),
+  );
   return candidates.find((c) => fs.existsSync(c));
 }
 
@@ -52,7 +64,10 @@ function buildEnv() {
   const env = { ...process.env };
   const dir = nodeDir();
   if (dir) env.npm_config_nodedir = dir;
-  else console.warn('native-build: Node headers (include/node/node_api.h) not found next to this Node; node-gyp may try to download them');
+  else
+    console.warn(
+      'native-build: Node headers (include/node/node_api.h) not found next to this Node; node-gyp may try to download them',
+    );
   // Keep npm 11 from warning about the npmrc key on every child invocation.
   return env;
 }

@@ -14,7 +14,10 @@ const layout = process.env.MICROVM_TEST_LAYOUT;
     req.on('end', () => {
       if (req.url === '/v1/traces' && String(req.headers['content-type']).includes('json')) {
         const body = JSON.parse(Buffer.concat(chunks).toString('utf8')) as {
-          resourceSpans: { resource: { attributes: { key: string; value: { stringValue?: string } }[] }; scopeSpans: { spans: { name: string }[] }[] }[];
+          resourceSpans: {
+            resource: { attributes: { key: string; value: { stringValue?: string } }[] };
+            scopeSpans: { spans: { name: string }[] }[];
+          }[];
         };
         for (const rs of body.resourceSpans) {
           received.push({
@@ -31,15 +34,39 @@ const layout = process.env.MICROVM_TEST_LAYOUT;
   const s = scratch();
   try {
     const child = await new Promise<{ code: number | null }>((resolve) => {
-      const p = require('node:child_process').spawn(process.execPath, [path.join(packageRoot, 'bin', 'microvm.js'), 'run', `oci:${layout}:test`, '--data-dir', s.dir, '--backend', 'qemu', '--rm', '--otlp', `http://127.0.0.1:${port}`, '--', '/bin/sh', '-c', 'exit 0'], {
-        env: { ...process.env, OTEL_SERVICE_NAME: 'otlp-test', MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR },
-        stdio: 'ignore',
-      });
+      const p = require('node:child_process').spawn(
+        process.execPath,
+        [
+          path.join(packageRoot, 'bin', 'microvm.js'),
+          'run',
+          `oci:${layout}:test`,
+          '--data-dir',
+          s.dir,
+          '--backend',
+          'qemu',
+          '--rm',
+          '--otlp',
+          `http://127.0.0.1:${port}`,
+          '--',
+          '/bin/sh',
+          '-c',
+          'exit 0',
+        ],
+        {
+          env: {
+            ...process.env,
+            OTEL_SERVICE_NAME: 'otlp-test',
+            MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR,
+          },
+          stdio: 'ignore',
+        },
+      );
       p.on('exit', (code: number | null) => resolve({ code }));
     });
     expect(child.code).toBe(0);
     const names = received.flatMap((r) => r.spans);
-    for (const n of ['microvm.Run', 'microvm.ImagePull', 'microvm.VMSpawn', 'microvm.backend.ResolveFirmware']) expect(names).toContain(n);
+    for (const n of ['microvm.Run', 'microvm.ImagePull', 'microvm.VMSpawn', 'microvm.backend.ResolveFirmware'])
+      expect(names).toContain(n);
     expect(received.every((r) => r.service === 'otlp-test')).toBe(true);
   } finally {
     s.cleanup();

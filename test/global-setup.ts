@@ -20,9 +20,27 @@ function buildSharedObject(source: string, outDir: string, soname: string, extra
   const src = path.join(root, source);
   if (!fs.existsSync(out) || fs.statSync(out).mtimeMs < fs.statSync(src).mtimeMs) {
     const tmp = `${out}.${process.pid}.tmp`;
-    execFileSync('cc', ['-shared', '-fPIC', '-O2', '-Wall', '-Wextra', '-Werror', '-Wno-unused-parameter', '-fvisibility=hidden', `-Wl,-soname,${soname}`, '-o', tmp, src, ...extraLibs], {
-      stdio: 'inherit',
-    });
+    execFileSync(
+      'cc',
+      [
+        '-shared',
+        '-fPIC',
+        '-O2',
+        '-Wall',
+        '-Wextra',
+        '-Werror',
+        '-Wno-unused-parameter',
+        '-fvisibility=hidden',
+        `-Wl,-soname,${soname}`,
+        '-o',
+        tmp,
+        src,
+        ...extraLibs,
+      ],
+      {
+        stdio: 'inherit',
+      },
+    );
     fs.renameSync(tmp, out);
   }
   return outDir;
@@ -49,7 +67,9 @@ export default function globalSetup(): void {
   const image = path.join(artifacts, 'test-image');
   if (!fs.existsSync(image)) {
     try {
-      execFileSync('bash', [path.join(root, 'scripts', 'make-test-image.sh'), image], { stdio: ['ignore', 'ignore', 'pipe'] });
+      execFileSync('bash', [path.join(root, 'scripts', 'make-test-image.sh'), image], {
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
     } catch (err) {
       process.env.MICROVM_TEST_IMAGE_ERROR = String((err as { stderr?: Buffer }).stderr ?? err).trim();
     }
@@ -59,14 +79,19 @@ export default function globalSetup(): void {
   const layout = path.join(artifacts, 'test-layout');
   if (fs.existsSync(image) && !fs.existsSync(layout)) {
     try {
-      execFileSync('bash', [path.join(root, 'scripts', 'make-test-layout.sh'), image, layout, 'test'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      execFileSync('bash', [path.join(root, 'scripts', 'make-test-layout.sh'), image, layout, 'test'], {
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
     } catch (err) {
       process.env.MICROVM_TEST_LAYOUT_ERROR = String((err as { stderr?: Buffer }).stderr ?? err).trim();
     }
   }
   if (fs.existsSync(layout)) process.env.MICROVM_TEST_LAYOUT = layout;
   if (!process.env.MICROVM_TEST_LIBKRUNFW_DIR) {
-    const dir = execFileSync('bash', [path.join(root, 'scripts', 'fetch-libkrunfw.sh')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] }).trim();
+    const dir = execFileSync('bash', [path.join(root, 'scripts', 'fetch-libkrunfw.sh')], {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'inherit'],
+    }).trim();
     process.env.MICROVM_TEST_LIBKRUNFW_DIR = dir;
   }
 }

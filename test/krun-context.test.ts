@@ -22,7 +22,13 @@ afterEach(() => {
 /** The last recorded call of `fn`. */
 function last(fn: string): { args: Record<string, unknown>; ret: number } {
   const calls = rec.calls().filter((c) => c.fn === fn);
-  if (calls.length === 0) throw new Error(`${fn} was not called; calls: ${rec.calls().map((c) => c.fn).join(', ')}`);
+  if (calls.length === 0)
+    throw new Error(
+      `${fn} was not called; calls: ${rec
+        .calls()
+        .map((c) => c.fn)
+        .join(', ')}`,
+    );
   return calls[calls.length - 1];
 }
 
@@ -37,12 +43,16 @@ describe('KrunContext.create', () => {
 
   test('validates its options', async () => {
     await expect(KrunContext.create({ libkrunPath: 'libkrun.so.1' })).rejects.toThrow(/absolute path for libkrunPath/);
-    await expect(KrunContext.create({ libkrunPath: '/nonexistent/libkrun.so.1' })).rejects.toMatchObject({ code: 'ERR_MICROVM_LIBKRUN_LOAD' });
+    await expect(KrunContext.create({ libkrunPath: '/nonexistent/libkrun.so.1' })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_LIBKRUN_LOAD',
+    });
   });
 
   test('a krun_create_ctx failure is a KrunError', async () => {
     rec.fail('krun_create_ctx:12');
-    const err = await KrunContext.create({ libkrunPath: doublePath(), firmwarePath: firmwarePath() }).catch((e: unknown) => e);
+    const err = await KrunContext.create({ libkrunPath: doublePath(), firmwarePath: firmwarePath() }).catch(
+      (e: unknown) => e,
+    );
     expect(err).toBeInstanceOf(KrunError);
     expect(err).toMatchObject({ code: 'ENOMEM', errno: -12, syscall: 'krun_create_ctx' });
   });
@@ -59,7 +69,9 @@ describe('KrunContext methods record the libkrun call they name', () => {
   test('setVmConfig -> krun_set_vm_config', () => {
     ctx.setVmConfig({ cpus: 2, memoryMiB: 1024 });
     expect(last('krun_set_vm_config').args).toEqual({ ctx: ctx.id, num_vcpus: 2, ram_mib: 1024 });
-    expect(() => ctx.setVmConfig({ cpus: 0, memoryMiB: 512 })).toThrow('Expected an integer 1–255 for cpus but received 0');
+    expect(() => ctx.setVmConfig({ cpus: 0, memoryMiB: 512 })).toThrow(
+      'Expected an integer 1–255 for cpus but received 0',
+    );
     expect(() => ctx.setVmConfig({ cpus: 256, memoryMiB: 512 })).toThrow(RangeError);
     expect(() => ctx.setVmConfig({ cpus: 1, memoryMiB: '512' as never })).toThrow(TypeError);
     expect(() => ctx.setVmConfig({ cpus: 1, memoryMb: 512 } as never)).toThrow(/Unknown option config.memoryMb/);
@@ -74,12 +86,20 @@ describe('KrunContext methods record the libkrun call they name', () => {
 
   test('addVirtiofs -> krun_add_virtiofs3 with read_only', () => {
     ctx.addVirtiofs({ tag: 'data', hostPath: '/srv/data', readOnly: true });
-    expect(last('krun_add_virtiofs3').args).toEqual({ ctx: ctx.id, c_tag: 'data', c_path: '/srv/data', shm_size: 0, read_only: true });
+    expect(last('krun_add_virtiofs3').args).toEqual({
+      ctx: ctx.id,
+      c_tag: 'data',
+      c_path: '/srv/data',
+      shm_size: 0,
+      read_only: true,
+    });
     ctx.addVirtiofs({ tag: 'rw', hostPath: '/srv/rw' });
     expect(last('krun_add_virtiofs3').args.read_only).toBe(false);
     // libkrun 1.19 accepts a tag twice (the guest cannot tell the shares apart): the binding refuses it.
     const before = rec.calls().length;
-    expect(() => ctx.addVirtiofs({ tag: 'data', hostPath: '/srv/other' })).toThrow(/virtiofs tag "data" is already added/);
+    expect(() => ctx.addVirtiofs({ tag: 'data', hostPath: '/srv/other' })).toThrow(
+      /virtiofs tag "data" is already added/,
+    );
     expect(rec.calls().length).toBe(before);
     expect(() => ctx.addVirtiofs({ tag: 'bad tag', hostPath: '/x' })).toThrow(/mount.tag/);
   });
@@ -93,12 +113,22 @@ describe('KrunContext methods record the libkrun call they name', () => {
     expect(last('krun_set_port_map').args.port_map).toEqual(['8080:80', '2222:22']);
     expect(() => ctx.setPortMap([{ host: 0, guest: 80 }])).toThrow(/map\[0\].host/);
     expect(() => ctx.setPortMap(['80'])).toThrow(/HOST:GUEST/);
-    expect(() => ctx.setPortMap([{ host: 1, guest: 2 }, { host: 1, guest: 3 }])).toThrow(/appears twice/);
+    expect(() =>
+      ctx.setPortMap([
+        { host: 1, guest: 2 },
+        { host: 1, guest: 3 },
+      ]),
+    ).toThrow(/appears twice/);
   });
 
   test('setExec -> krun_set_exec: args after the path, env list or NULL', () => {
     ctx.setExec({ path: '/bin/sh', args: ['-c', 'echo hi'], env: ['A=1', 'B=two words'] });
-    expect(last('krun_set_exec').args).toEqual({ ctx: ctx.id, exec_path: '/bin/sh', argv: ['-c', 'echo hi'], envp: ['A=1', 'B=two words'] });
+    expect(last('krun_set_exec').args).toEqual({
+      ctx: ctx.id,
+      exec_path: '/bin/sh',
+      argv: ['-c', 'echo hi'],
+      envp: ['A=1', 'B=two words'],
+    });
     ctx.setExec({ path: '/bin/true', env: null });
     expect(last('krun_set_exec').args).toEqual({ ctx: ctx.id, exec_path: '/bin/true', argv: [], envp: null });
     expect(() => ctx.setExec({ path: '/bin/sh', env: ['1BAD=x'] })).toThrow(/exec.env\[0\]/);
@@ -133,12 +163,30 @@ describe('KrunContext methods record the libkrun call they name', () => {
 
   test('addNet -> krun_add_net_unixstream / unixgram', () => {
     ctx.addNet({ kind: 'unixstream', path: '/run/passt.sock', mac: '5a:94:ef:e4:0c:ee', features: 3, flags: 0 });
-    expect(last('krun_add_net_unixstream').args).toEqual({ ctx: ctx.id, c_path: '/run/passt.sock', fd: -1, c_mac: '5a:94:ef:e4:0c:ee', features: 3, flags: 0 });
+    expect(last('krun_add_net_unixstream').args).toEqual({
+      ctx: ctx.id,
+      c_path: '/run/passt.sock',
+      fd: -1,
+      c_mac: '5a:94:ef:e4:0c:ee',
+      features: 3,
+      flags: 0,
+    });
     ctx.addNet({ kind: 'unixgram', fd: 7, mac: '5A:94:EF:E4:0C:EF', flags: 1 });
-    expect(last('krun_add_net_unixgram').args).toEqual({ ctx: ctx.id, c_path: null, fd: 7, c_mac: '5a:94:ef:e4:0c:ef', features: 0, flags: 1 });
+    expect(last('krun_add_net_unixgram').args).toEqual({
+      ctx: ctx.id,
+      c_path: null,
+      fd: 7,
+      c_mac: '5a:94:ef:e4:0c:ef',
+      features: 0,
+      flags: 1,
+    });
     // libkrun 1.19: with a virtio-net device, a TSI port map is refused with -EINVAL.
-    expect(() => ctx.setPortMap(['8080:80'])).toThrow(expect.objectContaining({ code: 'EINVAL', errno: -22, syscall: 'krun_set_port_map' }));
-    expect(() => ctx.addNet({ kind: 'unixstream', path: '/a', fd: 3, mac: '5a:94:ef:e4:0c:ee' })).toThrow(/exactly one of/);
+    expect(() => ctx.setPortMap(['8080:80'])).toThrow(
+      expect.objectContaining({ code: 'EINVAL', errno: -22, syscall: 'krun_set_port_map' }),
+    );
+    expect(() => ctx.addNet({ kind: 'unixstream', path: '/a', fd: 3, mac: '5a:94:ef:e4:0c:ee' })).toThrow(
+      /exactly one of/,
+    );
     expect(() => ctx.addNet({ kind: 'unixstream', path: '/a', mac: '01:00:00:00:00:00' })).toThrow(/unicast/);
   });
 
@@ -146,7 +194,12 @@ describe('KrunContext methods record the libkrun call they name', () => {
     ctx.addVsockPort({ port: 1024, path: '/tmp/vsock.sock' });
     expect(last('krun_add_vsock_port').args).toEqual({ ctx: ctx.id, port: 1024, c_filepath: '/tmp/vsock.sock' });
     ctx.addVsockPort({ port: 1025, path: '/tmp/vsock2.sock', listen: true });
-    expect(last('krun_add_vsock_port2').args).toEqual({ ctx: ctx.id, port: 1025, c_filepath: '/tmp/vsock2.sock', listen: true });
+    expect(last('krun_add_vsock_port2').args).toEqual({
+      ctx: ctx.id,
+      port: 1025,
+      c_filepath: '/tmp/vsock2.sock',
+      listen: true,
+    });
     expect(() => ctx.addVsockPort({ port: 1, path: `/tmp/${'x'.repeat(120)}` })).toThrow(/107 bytes/);
   });
 
@@ -161,7 +214,9 @@ describe('KrunContext methods record the libkrun call they name', () => {
     const id = ctx.id;
     ctx.free();
     ctx.free();
-    expect(rec.calls().filter((c) => c.fn === 'krun_free_ctx')).toEqual([expect.objectContaining({ args: { ctx: id }, ret: 0 })]);
+    expect(rec.calls().filter((c) => c.fn === 'krun_free_ctx')).toEqual([
+      expect.objectContaining({ args: { ctx: id }, ret: 0 }),
+    ]);
     expect(ctx.freed).toBe(true);
     expect(() => ctx.setRoot('/x')).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_CONTEXT_FREED' }));
   });

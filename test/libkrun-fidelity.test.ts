@@ -34,7 +34,11 @@ beforeEach(() => {
 afterEach(() => s.cleanup());
 
 /** Runs one probe scenario against the double; `fw`: whether libkrunfw is on the loader path. */
-function probe(scenario: string, arg = '', fw = true): { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string } {
+function probe(
+  scenario: string,
+  arg = '',
+  fw = true,
+): { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string } {
   const env: NodeJS.ProcessEnv = { PATH: process.env.PATH };
   if (fw) env.LD_LIBRARY_PATH = firmwareDir();
   const r = spawnSync(probeBin, [doublePath(), scenario, arg], { encoding: 'utf8', env, timeout: 20000 });
@@ -42,13 +46,23 @@ function probe(scenario: string, arg = '', fw = true): { status: number | null; 
 }
 
 /** Runs a script with the package loaded in a fresh Node process (a crash there cannot take jest down). */
-function node(script: string, env: NodeJS.ProcessEnv = {}): { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string } {
+function node(
+  script: string,
+  env: NodeJS.ProcessEnv = {},
+): { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string } {
   const prelude = `const m = require(${JSON.stringify(packageRoot)}); const lib = ${JSON.stringify(doublePath())}; const fw = ${JSON.stringify(firmwarePath())};\n`;
-  const r = spawnSync(process.execPath, ['-e', `${prelude}(async () => {\n${script}\n})().catch((e) => { console.log('ERR', e.code, e.message); process.exit(1); });`], {
-    encoding: 'utf8',
-    env: { ...process.env, KRUN_DOUBLE_CONTROL_DIR: '', ...env },
-    timeout: 30000,
-  });
+  const r = spawnSync(
+    process.execPath,
+    [
+      '-e',
+      `${prelude}(async () => {\n${script}\n})().catch((e) => { console.log('ERR', e.code, e.message); process.exit(1); });`,
+    ],
+    {
+      encoding: 'utf8',
+      env: { ...process.env, KRUN_DOUBLE_CONTROL_DIR: '', ...env },
+      timeout: 30000,
+    },
+  );
   return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -122,11 +136,14 @@ describe('the binding never walks into them', () => {
 
   test("ports 'all': no krun_set_port_map call at all (NULL would crash libkrun 1.19)", () => {
     const log = path.join(s.dir, 'calls.jsonl');
-    const r = node(`
+    const r = node(
+      `
       const ctx = await m.KrunContext.create({ libkrunPath: lib, firmwarePath: fw });
       ctx.setPortMap('all');
       await m.validateLaunchPlan(m.buildLaunchPlan({ libkrunPath: lib, firmwarePath: fw, cpus: 1, memoryMiB: 256, root: '/', portMap: 'all' }));
-      console.log('alive');`, { KRUN_DOUBLE_LOG: log });
+      console.log('alive');`,
+      { KRUN_DOUBLE_LOG: log },
+    );
     expect([r.signal, r.status, r.stdout]).toEqual([null, 0, 'alive\n']);
     expect(readCalls(log).map((c) => c.fn)).not.toContain('krun_set_port_map');
   });
@@ -134,19 +151,49 @@ describe('the binding never walks into them', () => {
   test('rlimits by name reach libkrun as numbers, so the guest is not killed by a misread RLIMIT_CPU', async () => {
     const log = path.join(s.dir, 'vm.log');
     const calls = path.join(s.dir, 'calls.jsonl');
-    const plan = buildLaunchPlan({ libkrunPath: doublePath(), firmwarePath: firmwarePath(), cpus: 1, memoryMiB: 256, root: s.dir, consoleOutput: path.join(s.dir, 'console.log'), rlimits: ['NOFILE=1024:4096', { resource: 'RLIMIT_NPROC', soft: 10, hard: 20 }] });
+    const plan = buildLaunchPlan({
+      libkrunPath: doublePath(),
+      firmwarePath: firmwarePath(),
+      cpus: 1,
+      memoryMiB: 256,
+      root: s.dir,
+      consoleOutput: path.join(s.dir, 'console.log'),
+      rlimits: ['NOFILE=1024:4096', { resource: 'RLIMIT_NPROC', soft: 10, hard: 20 }],
+    });
     expect(plan.rlimits).toEqual(['7=1024:4096', '6=10:20']);
     const runnerPath = resolveRunner();
-    const vm = await startRunner({ runnerPath, plan, logPath: log, env: { PATH: process.env.PATH, KRUN_DOUBLE_LOG: calls, KRUN_DOUBLE_GUEST_EXIT: '0' } });
+    const vm = await startRunner({
+      runnerPath,
+      plan,
+      logPath: log,
+      env: { PATH: process.env.PATH, KRUN_DOUBLE_LOG: calls, KRUN_DOUBLE_GUEST_EXIT: '0' },
+    });
     await expect(vm.exited).resolves.toEqual({ code: 0, signal: null });
     expect(readCalls(calls).find((c) => c.fn === 'krun_set_rlimits')?.args.rlimits).toEqual(['7=1024:4096', '6=10:20']);
     // The runner refuses a hand-made plan with a named resource before libkrun sees it.
-    const bad = await startRunner({ runnerPath, plan: { ...plan, rlimits: ['RLIMIT_NOFILE=1:2'] }, logPath: log, env: { PATH: process.env.PATH } }).catch((e: unknown) => e);
-    expect(bad).toMatchObject({ code: 'ERR_MICROVM_PLAN_INVALID', message: expect.stringContaining('numeric resource ID') });
+    const bad = await startRunner({
+      runnerPath,
+      plan: { ...plan, rlimits: ['RLIMIT_NOFILE=1:2'] },
+      logPath: log,
+      env: { PATH: process.env.PATH },
+    }).catch((e: unknown) => e);
+    expect(bad).toMatchObject({
+      code: 'ERR_MICROVM_PLAN_INVALID',
+      message: expect.stringContaining('numeric resource ID'),
+    });
   });
 
   test('a port map with a virtio-net device is refused in TypeScript, before libkrun says EINVAL', () => {
-    expect(() => buildLaunchPlan({ libkrunPath: doublePath(), cpus: 1, memoryMiB: 256, root: '/', net: [{ kind: 'unixstream', path: '/tmp/p.sock', mac: '5a:94:ef:e4:0c:ee' }], portMap: ['8080:80'] })).toThrow(/portMap only applies to TSI/);
+    expect(() =>
+      buildLaunchPlan({
+        libkrunPath: doublePath(),
+        cpus: 1,
+        memoryMiB: 256,
+        root: '/',
+        net: [{ kind: 'unixstream', path: '/tmp/p.sock', mac: '5a:94:ef:e4:0c:ee' }],
+        portMap: ['8080:80'],
+      }),
+    ).toThrow(/portMap only applies to TSI/);
   });
 
   test('a second console output surfaces as a coded KrunError (EINVAL, krun_set_console_output)', async () => {
@@ -154,7 +201,9 @@ describe('the binding never walks into them', () => {
     try {
       const ctx = await KrunContext.create({ libkrunPath: doublePath(), firmwarePath: firmwarePath() });
       ctx.setConsoleOutput(path.join(s.dir, 'a.log'));
-      expect(() => ctx.setConsoleOutput(path.join(s.dir, 'b.log'))).toThrow(expect.objectContaining({ code: 'EINVAL', syscall: 'krun_set_console_output' }));
+      expect(() => ctx.setConsoleOutput(path.join(s.dir, 'b.log'))).toThrow(
+        expect.objectContaining({ code: 'EINVAL', syscall: 'krun_set_console_output' }),
+      );
       ctx.free();
     } finally {
       rec.done();
@@ -167,7 +216,9 @@ describe('the binding never walks into them', () => {
       const p = path.join(s.dir, 'taken.sock');
       fs.writeFileSync(p, '');
       const ctx = await KrunContext.create({ libkrunPath: doublePath(), firmwarePath: firmwarePath() });
-      expect(() => ctx.addVsockPort({ port: 1024, path: p, listen: true })).toThrow(expect.objectContaining({ code: 'EEXIST', syscall: 'krun_add_vsock_port2' }));
+      expect(() => ctx.addVsockPort({ port: 1024, path: p, listen: true })).toThrow(
+        expect.objectContaining({ code: 'EEXIST', syscall: 'krun_add_vsock_port2' }),
+      );
       ctx.free();
     } finally {
       rec.done();
@@ -175,8 +226,28 @@ describe('the binding never walks into them', () => {
   });
 
   test('duplicate virtio-fs tags (libkrun accepts them) are refused by the binding, in plans, contexts and run()', async () => {
-    expect(() => buildLaunchPlan({ libkrunPath: doublePath(), cpus: 1, memoryMiB: 256, root: '/', virtiofs: [{ tag: 'a', hostPath: '/srv/a' }, { tag: 'a', hostPath: '/srv/b' }] })).toThrow(/used twice/);
-    await expect(run('img', { rootfsPath: s.dir, dataDir: path.join(s.dir, 'd'), virtiofs: [{ tag: 'a', hostPath: '/srv/a' }, { tag: 'a', hostPath: '/srv/b' }] })).rejects.toThrow(/virtiofs\[1\].tag/);
+    expect(() =>
+      buildLaunchPlan({
+        libkrunPath: doublePath(),
+        cpus: 1,
+        memoryMiB: 256,
+        root: '/',
+        virtiofs: [
+          { tag: 'a', hostPath: '/srv/a' },
+          { tag: 'a', hostPath: '/srv/b' },
+        ],
+      }),
+    ).toThrow(/used twice/);
+    await expect(
+      run('img', {
+        rootfsPath: s.dir,
+        dataDir: path.join(s.dir, 'd'),
+        virtiofs: [
+          { tag: 'a', hostPath: '/srv/a' },
+          { tag: 'a', hostPath: '/srv/b' },
+        ],
+      }),
+    ).rejects.toThrow(/virtiofs\[1\].tag/);
   });
 
   test('no libkrunfw: run() stops at firmware resolution with ERR_MICROVM_LIBKRUNFW_NOT_FOUND, before any krun_start_enter', async () => {

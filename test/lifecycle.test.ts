@@ -14,7 +14,9 @@ function runWorker(code: string): Promise<unknown> {
     let message: unknown;
     w.on('message', (m) => (message = m));
     w.on('error', reject);
-    w.on('exit', (exitCode) => (exitCode === 0 ? resolve(message) : reject(new Error(`worker exited with ${exitCode}`))));
+    w.on('exit', (exitCode) =>
+      exitCode === 0 ? resolve(message) : reject(new Error(`worker exited with ${exitCode}`)),
+    );
   });
 }
 
@@ -44,7 +46,11 @@ describe('contexts and worker threads', () => {
   });
 
   test('the addon loads and unloads in several workers at once, and contexts are freed once each', async () => {
-    const ids = (await Promise.all([runWorker(workerCode(false)), runWorker(workerCode(true)), runWorker(workerCode(false))])) as number[];
+    const ids = (await Promise.all([
+      runWorker(workerCode(false)),
+      runWorker(workerCode(true)),
+      runWorker(workerCode(false)),
+    ])) as number[];
     // Run it again: the addon is loaded anew in new environments.
     ids.push((await runWorker(workerCode(true))) as number);
     const created = rec.calls().filter((c) => c.fn === 'krun_create_ctx');
@@ -72,7 +78,10 @@ describe('garbage collection', () => {
           const marker = await m.KrunContext.create({ libkrunPath: ${JSON.stringify(doublePath())} });
           marker.free();
         })();`;
-      const out = execFileSync(process.execPath, ['--expose-gc', '-e', script], { env: { ...process.env, KRUN_DOUBLE_LOG: log }, encoding: 'utf8' });
+      const out = execFileSync(process.execPath, ['--expose-gc', '-e', script], {
+        env: { ...process.env, KRUN_DOUBLE_LOG: log },
+        encoding: 'utf8',
+      });
       const id = Number(out.trim());
       const calls = readCalls(log);
       const freeIndex = calls.findIndex((c) => c.fn === 'krun_free_ctx' && c.args.ctx === id);

@@ -41,7 +41,29 @@ describe('native addon', () => {
 
   test('errno names match the errno numbers of this platform', () => {
     const table = os.constants.errno as Record<string, number>;
-    const names = ['EPERM', 'ENOENT', 'EINTR', 'EIO', 'EBADF', 'EAGAIN', 'ENOMEM', 'EACCES', 'EBUSY', 'EEXIST', 'ENODEV', 'ENOTDIR', 'EINVAL', 'ENOSPC', 'ENOSYS', 'ELOOP', 'ENOTSUP', 'EADDRINUSE', 'ECONNREFUSED', 'ETIMEDOUT', 'ECANCELED'];
+    const names = [
+      'EPERM',
+      'ENOENT',
+      'EINTR',
+      'EIO',
+      'EBADF',
+      'EAGAIN',
+      'ENOMEM',
+      'EACCES',
+      'EBUSY',
+      'EEXIST',
+      'ENODEV',
+      'ENOTDIR',
+      'EINVAL',
+      'ENOSPC',
+      'ENOSYS',
+      'ELOOP',
+      'ENOTSUP',
+      'EADDRINUSE',
+      'ECONNREFUSED',
+      'ETIMEDOUT',
+      'ECANCELED',
+    ];
     for (const name of names) {
       expect([name, errnoName(table[name])]).toEqual([name, name]);
       expect(errnoName(-table[name])).toBe(name);

@@ -36,7 +36,7 @@ describe('package entry points', () => {
     expect(JSON.parse(out)).toEqual({ fw: 'function', rt: 'function', ctx: 'function', err: 'function' });
   });
 
-  test("import from an ESM consumer (named and default)", () => {
+  test('import from an ESM consumer (named and default)', () => {
     const out = consumer(
       'e.mjs',
       `import m, { native, KrunContext, resolveFirmware } from 'node-microvm';
@@ -56,7 +56,15 @@ describe('package entry points', () => {
 
   test('type declarations cover the public API', () => {
     const dts = fs.readFileSync(path.join(packageRoot, 'dist', 'index.d.ts'), 'utf8');
-    for (const name of ['native', 'KrunContext', 'KrunError', 'resolveFirmware', 'resolveRuntime', 'startRunner', 'buildLaunchPlan']) {
+    for (const name of [
+      'native',
+      'KrunContext',
+      'KrunError',
+      'resolveFirmware',
+      'resolveRuntime',
+      'startRunner',
+      'buildLaunchPlan',
+    ]) {
       expect(dts).toContain(name);
     }
   });
@@ -67,16 +75,77 @@ describe('public exports', () => {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     const m = require('../dist/index.js') as Record<string, unknown> & { native: Record<string, unknown> };
     expect(Object.keys(m).sort()).toEqual([
-      'ATTR', 'FIRMWARE_INSTALL_HINT', 'KrunContext', 'KrunError', 'KrunFeature', 'LIBKRUNFW_ABI_VERSION', 'LIBKRUNFW_SONAME', 'LIBKRUN_SONAME', 'LOG_LEVELS', 'MicroVM',
-      'MicrovmError', 'RunnerExit', 'SPAN', 'SshClient', 'buildLaunchPlan', 'buildPvhElf', 'chooseBackend', 'cloneRootfs', 'decideAccel', 'defaultDataRoot', 'describeExit',
-      'diskSpaceCheck', 'errnoName', 'evictImages', 'findPvhEntry', 'formatSpanTree', 'gcImages', 'generateKeyPair', 'hooks', 'hostPlatform', 'image', 'kvmCheck',
-      'libkrunBackend', 'listImages', 'loadKeyPair', 'native', 'parseReference', 'portsCheck', 'probeKvm', 'pull', 'purgeImages', 'qemuBackend', 'readFirmwareKernel',
-      'readKvmVerdict', 'resolveFirmware', 'resolveQemuRuntime', 'resolveRunner', 'resolveRuntime', 'resourcesCheck', 'run', 'serializeLaunchPlan', 'startRunner',
-      'systemClock', 'userNamespacesCheck', 'validateLaunchPlan', 'waitForReady', 'writeKeyPair',
+      'ATTR',
+      'FIRMWARE_INSTALL_HINT',
+      'KrunContext',
+      'KrunError',
+      'KrunFeature',
+      'LIBKRUNFW_ABI_VERSION',
+      'LIBKRUNFW_SONAME',
+      'LIBKRUN_SONAME',
+      'LOG_LEVELS',
+      'MicroVM',
+      'MicrovmError',
+      'RunnerExit',
+      'SPAN',
+      'SshClient',
+      'buildLaunchPlan',
+      'buildPvhElf',
+      'chooseBackend',
+      'cloneRootfs',
+      'decideAccel',
+      'defaultDataRoot',
+      'describeExit',
+      'diskSpaceCheck',
+      'errnoName',
+      'evictImages',
+      'findPvhEntry',
+      'formatSpanTree',
+      'gcImages',
+      'generateKeyPair',
+      'hooks',
+      'hostPlatform',
+      'image',
+      'kvmCheck',
+      'libkrunBackend',
+      'listImages',
+      'loadKeyPair',
+      'native',
+      'parseReference',
+      'portsCheck',
+      'probeKvm',
+      'pull',
+      'purgeImages',
+      'qemuBackend',
+      'readFirmwareKernel',
+      'readKvmVerdict',
+      'resolveFirmware',
+      'resolveQemuRuntime',
+      'resolveRunner',
+      'resolveRuntime',
+      'resourcesCheck',
+      'run',
+      'serializeLaunchPlan',
+      'startRunner',
+      'systemClock',
+      'userNamespacesCheck',
+      'validateLaunchPlan',
+      'waitForReady',
+      'writeKeyPair',
     ]);
     expect(Object.keys(m.native).sort()).toEqual([
-      'KrunContext', 'KrunFeature', 'addonPath', 'buildLaunchPlan', 'errnoName', 'readFirmwareKernel', 'resolveFirmware', 'resolveRunner', 'resolveRuntime',
-      'serializeLaunchPlan', 'startRunner', 'validateLaunchPlan',
+      'KrunContext',
+      'KrunFeature',
+      'addonPath',
+      'buildLaunchPlan',
+      'errnoName',
+      'readFirmwareKernel',
+      'resolveFirmware',
+      'resolveRunner',
+      'resolveRuntime',
+      'serializeLaunchPlan',
+      'startRunner',
+      'validateLaunchPlan',
     ]);
   });
 });

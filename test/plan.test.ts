@@ -2,7 +2,13 @@ import { buildLaunchPlan, KrunError, type LaunchPlan, serializeLaunchPlan, valid
 import { addon } from '../lib/native';
 import { doublePath, firmwarePath, recordCalls } from './helpers';
 
-const base = () => ({ libkrunPath: doublePath(), firmwarePath: firmwarePath(), cpus: 2, memoryMiB: 768, root: '/srv/rootfs' });
+const base = () => ({
+  libkrunPath: doublePath(),
+  firmwarePath: firmwarePath(),
+  cpus: 2,
+  memoryMiB: 768,
+  root: '/srv/rootfs',
+});
 
 describe('buildLaunchPlan', () => {
   test('produces the version-1 wire form with normalised fields', () => {
@@ -42,10 +48,23 @@ describe('buildLaunchPlan', () => {
     [{ root: 'relative' }, RangeError, /absolute path for root/],
     [{ libkrunPath: 42 }, TypeError, /string for libkrunPath/],
     [{ portMap: 'some' }, TypeError, /portMap/],
-    [{ virtiofs: [{ tag: 'a', hostPath: '/a' }, { tag: 'a', hostPath: '/b' }] }, RangeError, /used twice/],
+    [
+      {
+        virtiofs: [
+          { tag: 'a', hostPath: '/a' },
+          { tag: 'a', hostPath: '/b' },
+        ],
+      },
+      RangeError,
+      /used twice/,
+    ],
     [{ env: ['=x'] }, RangeError, /env\[0\]/],
     [{ rlimits: 'NOFILE=1:1' }, TypeError, /rlimits/],
-    [{ net: [{ kind: 'unixstream', path: '/p', mac: '5a:94:ef:e4:0c:ee' }], portMap: ['1:1'] }, RangeError, /virtio-net/],
+    [
+      { net: [{ kind: 'unixstream', path: '/p', mac: '5a:94:ef:e4:0c:ee' }], portMap: ['1:1'] },
+      RangeError,
+      /virtio-net/,
+    ],
     [{ cpu: 1 }, TypeError, /Unknown option plan.cpu/],
   ])('rejects %j', (patch, type, message) => {
     expect(() => buildLaunchPlan({ ...base(), ...(patch as object) } as never)).toThrow(type);
@@ -55,20 +74,56 @@ describe('buildLaunchPlan', () => {
 
 describe('native plan reader (shared by the addon and the runner)', () => {
   test('accepts what buildLaunchPlan produces', () => {
-    expect(() => serializeLaunchPlan(buildLaunchPlan({ ...base(), portMap: 'none', exec: { path: '/x', env: null } }))).not.toThrow();
+    expect(() =>
+      serializeLaunchPlan(buildLaunchPlan({ ...base(), portMap: 'none', exec: { path: '/x', env: null } })),
+    ).not.toThrow();
   });
 
   test.each([
     ['not JSON', '{', /invalid JSON at byte/],
-    ['an unknown key', JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: 1, memoryMiB: 1 }, root: '/', extra: 1 }), /plan.extra: unknown key/],
-    ['a wrong type', JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: '1', memoryMiB: 1 }, root: '/' }), /plan.vm.cpus: expected a number/],
-    ['cpus out of range', JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: 256, memoryMiB: 1 }, root: '/' }), /plan.vm.cpus/],
-    ['another version', JSON.stringify({ version: 2, libkrunPath: '/l', vm: { cpus: 1, memoryMiB: 1 }, root: '/' }), /unsupported plan version/],
-    ['a missing root', JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: 1, memoryMiB: 1 } }), /plan.root: missing/],
-    ['a bad MAC', JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: 1, memoryMiB: 1 }, root: '/', net: [{ kind: 'unixgram', fd: 3, mac: 'zz' }] }), /mac/],
+    [
+      'an unknown key',
+      JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: 1, memoryMiB: 1 }, root: '/', extra: 1 }),
+      /plan.extra: unknown key/,
+    ],
+    [
+      'a wrong type',
+      JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: '1', memoryMiB: 1 }, root: '/' }),
+      /plan.vm.cpus: expected a number/,
+    ],
+    [
+      'cpus out of range',
+      JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: 256, memoryMiB: 1 }, root: '/' }),
+      /plan.vm.cpus/,
+    ],
+    [
+      'another version',
+      JSON.stringify({ version: 2, libkrunPath: '/l', vm: { cpus: 1, memoryMiB: 1 }, root: '/' }),
+      /unsupported plan version/,
+    ],
+    [
+      'a missing root',
+      JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: 1, memoryMiB: 1 } }),
+      /plan.root: missing/,
+    ],
+    [
+      'a bad MAC',
+      JSON.stringify({
+        version: 1,
+        libkrunPath: '/l',
+        vm: { cpus: 1, memoryMiB: 1 },
+        root: '/',
+        net: [{ kind: 'unixgram', fd: 3, mac: 'zz' }],
+      }),
+      /mac/,
+    ],
     ['duplicate keys', '{"version":1,"version":1}', /duplicate key/],
     ['deep nesting', '['.repeat(40) + ']'.repeat(40), /nesting too deep/],
-    ['an escaped NUL', JSON.stringify({ version: 1, libkrunPath: '/l\u0000', vm: { cpus: 1, memoryMiB: 1 }, root: '/' }), /NUL/],
+    [
+      'an escaped NUL',
+      JSON.stringify({ version: 1, libkrunPath: '/l\u0000', vm: { cpus: 1, memoryMiB: 1 }, root: '/' }),
+      /NUL/,
+    ],
   ])('rejects %s with ERR_MICROVM_PLAN_INVALID', (_what, text, message) => {
     let err: unknown;
     try {
@@ -81,7 +136,11 @@ describe('native plan reader (shared by the addon and the runner)', () => {
   });
 
   test('decodes escapes and non-ASCII text', () => {
-    expect(() => addon().checkPlan(JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: 1, memoryMiB: 1 }, root: '/rööt/\u{1F600}/"q"\\' }))).not.toThrow();
+    expect(() =>
+      addon().checkPlan(
+        JSON.stringify({ version: 1, libkrunPath: '/l', vm: { cpus: 1, memoryMiB: 1 }, root: '/rööt/\u{1F600}/"q"\\' }),
+      ),
+    ).not.toThrow();
   });
 });
 
@@ -134,16 +193,27 @@ describe('validateLaunchPlan (in-process dry run against the double)', () => {
     const err = await validateLaunchPlan(buildLaunchPlan(base())).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(KrunError);
     expect(err).toMatchObject({ code: 'EACCES', errno: -13, syscall: 'krun_set_root' });
-    expect(rec.calls().map((c) => c.fn)).toEqual(['krun_create_ctx', 'krun_set_vm_config', 'krun_set_root', 'krun_free_ctx']);
+    expect(rec.calls().map((c) => c.fn)).toEqual([
+      'krun_create_ctx',
+      'krun_set_vm_config',
+      'krun_set_root',
+      'krun_free_ctx',
+    ]);
   });
 
   test('libkrun rules the TypeScript side cannot see still surface (libkrun 1.19: port map after virtio-net is EINVAL)', async () => {
-    const plan: LaunchPlan = { ...buildLaunchPlan(base()), net: [{ kind: 'unixgram', fd: 5, mac: '5a:94:ef:e4:0c:ee', features: 0, flags: 0 }], portMap: ['8080:80'] };
+    const plan: LaunchPlan = {
+      ...buildLaunchPlan(base()),
+      net: [{ kind: 'unixgram', fd: 5, mac: '5a:94:ef:e4:0c:ee', features: 0, flags: 0 }],
+      portMap: ['8080:80'],
+    };
     await expect(validateLaunchPlan(plan)).rejects.toMatchObject({ code: 'EINVAL', syscall: 'krun_set_port_map' });
   });
 
   test('a missing libkrun is ERR_MICROVM_LIBKRUN_LOAD', async () => {
-    await expect(validateLaunchPlan(buildLaunchPlan({ ...base(), libkrunPath: '/nonexistent/libkrun.so.1' }))).rejects.toMatchObject({
+    await expect(
+      validateLaunchPlan(buildLaunchPlan({ ...base(), libkrunPath: '/nonexistent/libkrun.so.1' })),
+    ).rejects.toMatchObject({
       code: 'ERR_MICROVM_LIBKRUN_LOAD',
     });
   });

@@ -6,7 +6,15 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { buildLaunchPlan, KrunContext, probeKvm, resolveFirmware, resolveRuntime, type RuntimeInfo, startRunner } from '../lib';
+import {
+  buildLaunchPlan,
+  KrunContext,
+  probeKvm,
+  resolveFirmware,
+  resolveRuntime,
+  type RuntimeInfo,
+  startRunner,
+} from '../lib';
 import { systemLibraryDirs } from '../lib/resolve/search';
 import { scratch } from './helpers';
 
@@ -37,40 +45,46 @@ beforeAll(async () => {
 });
 
 describe('real libkrun', () => {
-  (missing ? test.skip : test)(`a context on the real libkrun accepts a full configuration${missing ? ` [skipped: ${missing}]` : ''}`, async () => {
-    if (!runtime) throw new Error(`libkrun is installed but unusable: ${runtimeError}`);
-    const fw = await resolveFirmware({ runtimeLibDir: runtime.libDir });
-    const ctx = await KrunContext.create({ libkrunPath: runtime.libkrunPath, firmwarePath: fw.path });
-    try {
-      ctx.setVmConfig({ cpus: 1, memoryMiB: 256 }).setRoot('/').setPortMap('none').setExec({ path: '/bin/true' });
-    } finally {
-      ctx.free();
-    }
-  });
-
-  (missingBoot ? test.skip : test)(`boots a guest that exits with code 3${missingBoot ? ` [skipped: ${missingBoot}]` : ''}`, async () => {
-    if (!runtime) throw new Error(`libkrun is installed but unusable: ${runtimeError}`);
-    const s = scratch();
-    try {
-      fs.mkdirSync(path.join(s.dir, 'bin'));
-      fs.copyFileSync('/bin/busybox', path.join(s.dir, 'bin', 'busybox'));
-      fs.chmodSync(path.join(s.dir, 'bin', 'busybox'), 0o755);
+  (missing ? test.skip : test)(
+    `a context on the real libkrun accepts a full configuration${missing ? ` [skipped: ${missing}]` : ''}`,
+    async () => {
+      if (!runtime) throw new Error(`libkrun is installed but unusable: ${runtimeError}`);
       const fw = await resolveFirmware({ runtimeLibDir: runtime.libDir });
-      const plan = buildLaunchPlan({
-        libkrunPath: runtime.libkrunPath,
-        firmwarePath: fw.path,
-        cpus: 1,
-        memoryMiB: 256,
-        root: s.dir,
-        exec: { path: '/bin/busybox', args: ['sh', '-c', 'exit 3'] },
-      });
-      const vm = await startRunner({ runnerPath: runtime.runnerPath, plan, logPath: path.join(s.dir, 'vm.log') });
-      await expect(vm.exited).resolves.toMatchObject({ code: 3 });
-      // Two validations and contexts in this process: the log level is never set twice here.
-      await import('../lib').then((m) => m.validateLaunchPlan({ ...plan, logLevel: 1 }));
-      await import('../lib').then((m) => m.validateLaunchPlan({ ...plan, logLevel: 1 }));
-    } finally {
-      s.cleanup();
-    }
-  });
+      const ctx = await KrunContext.create({ libkrunPath: runtime.libkrunPath, firmwarePath: fw.path });
+      try {
+        ctx.setVmConfig({ cpus: 1, memoryMiB: 256 }).setRoot('/').setPortMap('none').setExec({ path: '/bin/true' });
+      } finally {
+        ctx.free();
+      }
+    },
+  );
+
+  (missingBoot ? test.skip : test)(
+    `boots a guest that exits with code 3${missingBoot ? ` [skipped: ${missingBoot}]` : ''}`,
+    async () => {
+      if (!runtime) throw new Error(`libkrun is installed but unusable: ${runtimeError}`);
+      const s = scratch();
+      try {
+        fs.mkdirSync(path.join(s.dir, 'bin'));
+        fs.copyFileSync('/bin/busybox', path.join(s.dir, 'bin', 'busybox'));
+        fs.chmodSync(path.join(s.dir, 'bin', 'busybox'), 0o755);
+        const fw = await resolveFirmware({ runtimeLibDir: runtime.libDir });
+        const plan = buildLaunchPlan({
+          libkrunPath: runtime.libkrunPath,
+          firmwarePath: fw.path,
+          cpus: 1,
+          memoryMiB: 256,
+          root: s.dir,
+          exec: { path: '/bin/busybox', args: ['sh', '-c', 'exit 3'] },
+        });
+        const vm = await startRunner({ runnerPath: runtime.runnerPath, plan, logPath: path.join(s.dir, 'vm.log') });
+        await expect(vm.exited).resolves.toMatchObject({ code: 3 });
+        // Two validations and contexts in this process: the log level is never set twice here.
+        await import('../lib').then((m) => m.validateLaunchPlan({ ...plan, logLevel: 1 }));
+        await import('../lib').then((m) => m.validateLaunchPlan({ ...plan, logLevel: 1 }));
+      } finally {
+        s.cleanup();
+      }
+    },
+  );
 });

@@ -29,7 +29,11 @@ describe.each(['cp', 'node'] as const)('copy strategy, %s engine', (copyEngine) 
     const vmDir = path.join(s.dir, 'vm');
     fs.mkdirSync(vmDir);
     const r = await cloneRootfs({ sourceDir: src, vmDir, overlaySupported: false, strategies: ['copy'], copyEngine });
-    expect(r).toMatchObject({ strategy: 'copy', rootPath: path.join(vmDir, 'rootfs'), writableDir: path.join(vmDir, 'rootfs') });
+    expect(r).toMatchObject({
+      strategy: 'copy',
+      rootPath: path.join(vmDir, 'rootfs'),
+      writableDir: path.join(vmDir, 'rootfs'),
+    });
     const dst = r.rootPath;
     expect(fs.readFileSync(path.join(dst, 'usr/bin/tool'), 'utf8')).toBe('binary');
     expect(fs.statSync(path.join(dst, 'usr/bin/tool')).mode & 0o7777).toBe(0o4755);
@@ -45,7 +49,16 @@ describe.each(['cp', 'node'] as const)('copy strategy, %s engine', (copyEngine) 
     fs.mkdirSync(vmDir);
     const ac = new AbortController();
     ac.abort();
-    await expect(cloneRootfs({ sourceDir: src, vmDir, overlaySupported: false, strategies: ['copy'], copyEngine, signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
+    await expect(
+      cloneRootfs({
+        sourceDir: src,
+        vmDir,
+        overlaySupported: false,
+        strategies: ['copy'],
+        copyEngine,
+        signal: ac.signal,
+      }),
+    ).rejects.toMatchObject({ name: 'AbortError' });
     expect(fs.existsSync(path.join(vmDir, 'rootfs'))).toBe(false);
   });
 });
@@ -54,7 +67,9 @@ test('no working strategy: a coded error that says why each was skipped', async 
   const src = tree();
   const vmDir = path.join(s.dir, 'vm');
   fs.mkdirSync(vmDir);
-  const err = await cloneRootfs({ sourceDir: src, vmDir, overlaySupported: false, strategies: ['overlay'] }).catch((e: Error) => e);
+  const err = await cloneRootfs({ sourceDir: src, vmDir, overlaySupported: false, strategies: ['overlay'] }).catch(
+    (e: Error) => e,
+  );
   expect(err).toMatchObject({ code: 'ERR_MICROVM_CLONE_UNSUPPORTED' });
   expect((err as Error).message).toContain('overlay: the backend cannot mount it');
 });

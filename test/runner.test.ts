@@ -5,7 +5,15 @@
 import { execFile, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { buildLaunchPlan, KrunError, type LaunchPlan, MicrovmError, resolveRunner, RunnerExit, startRunner } from '../lib';
+import {
+  buildLaunchPlan,
+  KrunError,
+  type LaunchPlan,
+  MicrovmError,
+  resolveRunner,
+  RunnerExit,
+  startRunner,
+} from '../lib';
 import { packageRoot } from '../lib/native';
 import { classifyRunnerExit } from '../lib/backends/libkrun';
 import { readTail } from '../lib/backends/libkrun/runner';
@@ -29,11 +37,19 @@ const env = (extra: Record<string, string> = {}): NodeJS.ProcessEnv => {
   return e;
 };
 const plan = (extra: Partial<Parameters<typeof buildLaunchPlan>[0]> = {}): LaunchPlan =>
-  buildLaunchPlan({ libkrunPath: doublePath(), firmwarePath: firmwarePath(), cpus: 1, memoryMiB: 256, root: s.dir, ...extra });
+  buildLaunchPlan({
+    libkrunPath: doublePath(),
+    firmwarePath: firmwarePath(),
+    cpus: 1,
+    memoryMiB: 256,
+    root: s.dir,
+    ...extra,
+  });
 
 /** Waits until the double's "guest" wrote its console line (it handles SIGTERM from then on). */
 async function waitRunning(consoleLog: string): Promise<void> {
-  for (let i = 0; i < 400 && !(fs.existsSync(consoleLog) && fs.statSync(consoleLog).size > 0); i++) await new Promise((r) => setTimeout(r, 10));
+  for (let i = 0; i < 400 && !(fs.existsSync(consoleLog) && fs.statSync(consoleLog).size > 0); i++)
+    await new Promise((r) => setTimeout(r, 10));
 }
 
 async function waitGone(pid: number): Promise<boolean> {
@@ -44,10 +60,22 @@ async function waitGone(pid: number): Promise<boolean> {
 describe('startRunner', () => {
   test('applies the plan, reports configured, runs until SIGTERM, exits with the guest code', async () => {
     const consoleLog = path.join(s.dir, 'console.log');
-    const vm = await startRunner({ runnerPath, plan: plan({ consoleOutput: consoleLog, exec: { path: '/bin/true' } }), logPath: log, env: env({ KRUN_DOUBLE_EXIT_CODE: '7' }) });
+    const vm = await startRunner({
+      runnerPath,
+      plan: plan({ consoleOutput: consoleLog, exec: { path: '/bin/true' } }),
+      logPath: log,
+      env: env({ KRUN_DOUBLE_EXIT_CODE: '7' }),
+    });
     expect(alive(vm.pid)).toBe(true);
     const recorded = readCalls(calls);
-    expect(recorded.map((c) => c.fn)).toEqual(['krun_create_ctx', 'krun_set_vm_config', 'krun_set_root', 'krun_set_exec', 'krun_set_console_output', 'krun_start_enter']);
+    expect(recorded.map((c) => c.fn)).toEqual([
+      'krun_create_ctx',
+      'krun_set_vm_config',
+      'krun_set_root',
+      'krun_set_exec',
+      'krun_set_console_output',
+      'krun_start_enter',
+    ]);
     expect(recorded.every((c) => c.pid === vm.pid)).toBe(true);
     // The runner preloaded the resolved firmware; libkrun's soname lookup found that file.
     expect(recorded[0].args.firmware).toBe(firmwarePath());
@@ -63,7 +91,12 @@ describe('startRunner', () => {
     const bad: LaunchPlan = { ...plan(), vm: { cpus: 0, memoryMiB: 256 } };
     const err = await startRunner({ runnerPath, plan: bad, logPath: log, env: env() }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(KrunError);
-    expect(err).toMatchObject({ code: 'EINVAL', errno: -22, syscall: 'krun_set_vm_config', exitCode: RunnerExit.CONFIGURE });
+    expect(err).toMatchObject({
+      code: 'EINVAL',
+      errno: -22,
+      syscall: 'krun_set_vm_config',
+      exitCode: RunnerExit.CONFIGURE,
+    });
     const pids = new Set(readCalls(calls).map((c) => c.pid));
     for (const pid of pids) expect(alive(pid)).toBe(false);
   });
@@ -79,21 +112,36 @@ describe('startRunner', () => {
     expect(fs.readFileSync(log, 'utf8')).toContain("Couldn't find or load libkrunfw.so.5");
     // ...and it works when the loader can find it on its own.
     const consoleLog = path.join(s.dir, 'console.log');
-    const ok = await startRunner({ runnerPath, plan: { ...noFw, consoleOutput: consoleLog }, logPath: log, env: env({ LD_LIBRARY_PATH: firmwareDir() }) });
+    const ok = await startRunner({
+      runnerPath,
+      plan: { ...noFw, consoleOutput: consoleLog },
+      logPath: log,
+      env: env({ LD_LIBRARY_PATH: firmwareDir() }),
+    });
     await waitRunning(consoleLog);
     ok.kill();
     await expect(ok.exited).resolves.toMatchObject({ code: 0 });
   });
 
   test('an unloadable libkrun: ERR_MICROVM_LIBKRUN_LOAD, exit 69', async () => {
-    const err = await startRunner({ runnerPath, plan: plan({ libkrunPath: '/nonexistent/libkrun.so.1' }), logPath: log, env: env() }).catch((e: unknown) => e);
+    const err = await startRunner({
+      runnerPath,
+      plan: plan({ libkrunPath: '/nonexistent/libkrun.so.1' }),
+      logPath: log,
+      env: env(),
+    }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(MicrovmError);
     expect(err).toMatchObject({ code: 'ERR_MICROVM_LIBKRUN_LOAD', exitCode: RunnerExit.UNAVAILABLE });
     expect((err as Error).message).toContain('/nonexistent/libkrun.so.1');
   });
 
   test('krun_start_enter returning an error is reported after "configured" with exit 71', async () => {
-    const vm = await startRunner({ runnerPath, plan: plan(), logPath: log, env: env({ KRUN_DOUBLE_FAIL: 'krun_start_enter:22' }) });
+    const vm = await startRunner({
+      runnerPath,
+      plan: plan(),
+      logPath: log,
+      env: env({ KRUN_DOUBLE_FAIL: 'krun_start_enter:22' }),
+    });
     await expect(vm.exited).resolves.toEqual({ code: RunnerExit.START, signal: null });
     expect(fs.readFileSync(log, 'utf8')).toMatch(/"stage":"start","code":"EINVAL".*"syscall":"krun_start_enter"/);
   });
@@ -101,19 +149,27 @@ describe('startRunner', () => {
   test('an already aborted signal rejects without starting anything', async () => {
     const ac = new AbortController();
     ac.abort();
-    await expect(startRunner({ runnerPath, plan: plan(), logPath: log, env: env(), signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
+    await expect(
+      startRunner({ runnerPath, plan: plan(), logPath: log, env: env(), signal: ac.signal }),
+    ).rejects.toMatchObject({ name: 'AbortError' });
     expect(fs.existsSync(calls)).toBe(false);
   });
 
   test('a runner that cannot be executed: ERR_MICROVM_RUNNER_SPAWN', async () => {
     const fake = path.join(s.dir, 'not-executable');
     fs.writeFileSync(fake, '');
-    await expect(startRunner({ runnerPath: fake, plan: plan(), logPath: log, env: env() })).rejects.toMatchObject({ code: 'ERR_MICROVM_RUNNER_SPAWN' });
+    await expect(startRunner({ runnerPath: fake, plan: plan(), logPath: log, env: env() })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_RUNNER_SPAWN',
+    });
   });
 
   test('options are validated', async () => {
-    await expect(startRunner({ runnerPath, plan: plan(), logPath: 'vm.log' })).rejects.toThrow(/absolute path for logPath/);
-    await expect(startRunner({ runnerPath, plan: plan(), logPath: log, detach: true } as never)).rejects.toThrow(/Unknown option options.detach/);
+    await expect(startRunner({ runnerPath, plan: plan(), logPath: 'vm.log' })).rejects.toThrow(
+      /absolute path for logPath/,
+    );
+    await expect(startRunner({ runnerPath, plan: plan(), logPath: log, detach: true } as never)).rejects.toThrow(
+      /Unknown option options.detach/,
+    );
   });
 
   test('dieWithParent: killing the owner with SIGKILL takes the runner down too', async () => {
@@ -134,7 +190,10 @@ describe('startRunner', () => {
 });
 
 describe('microvm-runner command line', () => {
-  const runRaw = (args: string[], stdinText?: string): Promise<{ code: number | null; stderr: string; stdout: string }> =>
+  const runRaw = (
+    args: string[],
+    stdinText?: string,
+  ): Promise<{ code: number | null; stderr: string; stdout: string }> =>
     new Promise((resolve) => {
       const child = execFile(runnerPath, args, { env: env() }, (err, stdout, stderr) => {
         resolve({ code: child.exitCode, stdout: String(stdout), stderr: String(stderr) });
@@ -145,7 +204,9 @@ describe('microvm-runner command line', () => {
   test('usage errors: exit 64 with one JSON line', async () => {
     const r = await runRaw([]);
     expect(r.code).toBe(RunnerExit.USAGE);
-    expect(JSON.parse(r.stderr.trim())).toMatchObject({ microvmRunnerError: { stage: 'usage', code: 'ERR_MICROVM_RUNNER_USAGE' } });
+    expect(JSON.parse(r.stderr.trim())).toMatchObject({
+      microvmRunnerError: { stage: 'usage', code: 'ERR_MICROVM_RUNNER_USAGE' },
+    });
     expect((await runRaw(['--bogus'])).code).toBe(RunnerExit.USAGE);
     expect((await runRaw(['--plan-fd', 'x'])).code).toBe(RunnerExit.USAGE);
   });
@@ -158,7 +219,9 @@ describe('microvm-runner command line', () => {
     fs.writeFileSync(file, '{"version":1}');
     const invalid = await runRaw(['--plan', file]);
     expect(invalid.code).toBe(RunnerExit.PLAN_INVALID);
-    expect(JSON.parse(invalid.stderr.trim())).toMatchObject({ microvmRunnerError: { code: 'ERR_MICROVM_PLAN_INVALID', message: 'plan.libkrunPath: missing' } });
+    expect(JSON.parse(invalid.stderr.trim())).toMatchObject({
+      microvmRunnerError: { code: 'ERR_MICROVM_PLAN_INVALID', message: 'plan.libkrunPath: missing' },
+    });
   });
 
   test('--plan-fd 0 reads the plan from stdin', async () => {

@@ -9,19 +9,30 @@ import type { BackendPrepareInput } from './types';
 export const DEFAULT_GUEST_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
 /** The guest's Cmd/Env/WorkingDir, merged from the image config and the run options. */
-export function guestConfig(input: BackendPrepareInput): { Cmd: string[]; Env: string[]; WorkingDir: string; MicrovmMounts?: { tag: string; target: string; readOnly: boolean }[] } {
+export function guestConfig(input: BackendPrepareInput): {
+  Cmd: string[];
+  Env: string[];
+  WorkingDir: string;
+  MicrovmMounts?: { tag: string; target: string; readOnly: boolean }[];
+} {
   const cmd = input.initOverride ?? [...input.image.entrypoint, ...input.image.cmd];
   if (cmd.length === 0) {
-    throw Object.assign(new TypeError('Nothing to run: the image has no Entrypoint or Cmd; pass initOverride'), { code: 'ERR_MICROVM_NO_COMMAND' });
+    throw Object.assign(new TypeError('Nothing to run: the image has no Entrypoint or Cmd; pass initOverride'), {
+      code: 'ERR_MICROVM_NO_COMMAND',
+    });
   }
   const env = new Map<string, string>();
   for (const e of [DEFAULT_GUEST_PATH, ...input.image.env, ...input.env]) {
     const i = e.indexOf('=');
     env.set(e.slice(0, i), e);
   }
-  const config: ReturnType<typeof guestConfig> = { Cmd: cmd, Env: [...env.values()], WorkingDir: input.workdir ?? (input.image.workingDir || '/') };
+  const config: ReturnType<typeof guestConfig> = {
+    Cmd: cmd,
+    Env: [...env.values()],
+    WorkingDir: input.workdir ?? (input.image.workingDir || '/'),
+  };
   // Read by microvm-guest-init (QEMU backend); libkrun's own init ignores it (mount the tags yourself).
-  if (input.mounts?.length) config.MicrovmMounts = input.mounts.map((m) => ({ tag: m.tag, target: m.guestPath, readOnly: m.readOnly }));
+  if (input.mounts?.length)
+    config.MicrovmMounts = input.mounts.map((m) => ({ tag: m.tag, target: m.guestPath, readOnly: m.readOnly }));
   return config;
 }
-

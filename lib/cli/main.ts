@@ -8,7 +8,14 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { BasicTracerProvider, BatchSpanProcessor, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor, type SpanProcessor } from '@opentelemetry/sdk-trace-base';
+import {
+  BasicTracerProvider,
+  BatchSpanProcessor,
+  InMemorySpanExporter,
+  type ReadableSpan,
+  SimpleSpanProcessor,
+  type SpanProcessor,
+} from '@opentelemetry/sdk-trace-base';
 import { chooseBackend, defaultDataRoot, run, type RunOptions } from '../run';
 import { gc, list, purge } from '../image/cache';
 import { pull } from '../image/pull';
@@ -129,7 +136,11 @@ function vmDir(dataDir: string, name: string): string {
 }
 
 /** For --detach: a QEMU VM must not die with this CLI process. */
-async function detachedBackend(choice: string, accel: AccelChoice | undefined, dataRoot: string): Promise<RunOptions['backend']> {
+async function detachedBackend(
+  choice: string,
+  accel: AccelChoice | undefined,
+  dataRoot: string,
+): Promise<RunOptions['backend']> {
   const b = choice === 'qemu' ? qemuBackend({ accel }) : await chooseBackend({ accel, dataRoot });
   return b.name === 'qemu' ? qemuBackend({ dieWithParent: false, accel }) : b;
 }
@@ -182,10 +193,24 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     args: dash >= 0 ? argv.slice(0, dash) : argv,
     allowPositionals: true,
     options: {
-      name: { type: 'string' }, cpus: { type: 'string' }, memory: { type: 'string' }, p: { type: 'string', short: 'p', multiple: true },
-      e: { type: 'string', short: 'e', multiple: true }, v: { type: 'string', short: 'v', multiple: true }, backend: { type: 'string' }, 'data-dir': { type: 'string' }, rm: { type: 'boolean' },
-      ssh: { type: 'boolean' }, detach: { type: 'boolean' }, trace: { type: 'boolean' }, 'trace-json': { type: 'string' }, 'log-level': { type: 'string' }, otlp: { type: 'string' },
-      json: { type: 'boolean' }, accel: { type: 'string' }, 'boot-timeout': { type: 'string' },
+      name: { type: 'string' },
+      cpus: { type: 'string' },
+      memory: { type: 'string' },
+      p: { type: 'string', short: 'p', multiple: true },
+      e: { type: 'string', short: 'e', multiple: true },
+      v: { type: 'string', short: 'v', multiple: true },
+      backend: { type: 'string' },
+      'data-dir': { type: 'string' },
+      rm: { type: 'boolean' },
+      ssh: { type: 'boolean' },
+      detach: { type: 'boolean' },
+      trace: { type: 'boolean' },
+      'trace-json': { type: 'string' },
+      'log-level': { type: 'string' },
+      otlp: { type: 'string' },
+      json: { type: 'boolean' },
+      accel: { type: 'string' },
+      'boot-timeout': { type: 'string' },
     },
   });
   if (positionals.length !== 1) throw new UsageError('run takes one IMAGE (then -- CMD...)');
@@ -200,17 +225,27 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
   const processors: SpanProcessor[] = [new SimpleSpanProcessor(exporter)];
   const tracesUrl = values.otlp
     ? `${values.otlp.replace(/\/+$/, '')}/v1/traces`
-    : process.env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ?? (process.env.OTEL_EXPORTER_OTLP_ENDPOINT ? `${process.env.OTEL_EXPORTER_OTLP_ENDPOINT.replace(/\/+$/, '')}/v1/traces` : undefined);
+    : (process.env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ??
+      (process.env.OTEL_EXPORTER_OTLP_ENDPOINT
+        ? `${process.env.OTEL_EXPORTER_OTLP_ENDPOINT.replace(/\/+$/, '')}/v1/traces`
+        : undefined));
   if (tracesUrl) {
     // Loaded only when asked for: the library itself depends on @opentelemetry/api alone.
     const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-http');
     processors.push(new BatchSpanProcessor(new OTLPTraceExporter({ url: tracesUrl })));
   }
   const { resourceFromAttributes } = await import('@opentelemetry/resources');
-  const tracerProvider = new BasicTracerProvider({ spanProcessors: processors, resource: resourceFromAttributes({ 'service.name': process.env.OTEL_SERVICE_NAME ?? 'microvm' }) });
-  const flush = (): Promise<void> => tracerProvider.forceFlush().then(() => tracerProvider.shutdown()).catch((e: Error) => {
-    process.stderr.write(`microvm: exporting spans failed: ${e.message}\n`);
+  const tracerProvider = new BasicTracerProvider({
+    spanProcessors: processors,
+    resource: resourceFromAttributes({ 'service.name': process.env.OTEL_SERVICE_NAME ?? 'microvm' }),
   });
+  const flush = (): Promise<void> =>
+    tracerProvider
+      .forceFlush()
+      .then(() => tracerProvider.shutdown())
+      .catch((e: Error) => {
+        process.stderr.write(`microvm: exporting spans failed: ${e.message}\n`);
+      });
   const num = (name: string, v: string | undefined): number | undefined => {
     if (v === undefined) return undefined;
     if (!/^\d+$/.test(v)) throw new UsageError(`--${name} takes a whole number, not ${JSON.stringify(v)}`);
@@ -231,9 +266,10 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       if (!m) throw new UsageError(`-v takes HOST:GUEST[:ro], not ${JSON.stringify(spec)}`);
       return { tag: `vol${i}`, hostPath: path.resolve(m[1]), guestPath: m[2], readOnly: m[3] === 'ro' };
     }),
-    backend: values.detach && (values.backend === 'qemu' || (values.backend ?? 'auto') === 'auto')
-      ? await detachedBackend(values.backend ?? 'auto', accel, dataRoot)
-      : ((values.backend ?? 'auto') as RunOptions['backend']),
+    backend:
+      values.detach && (values.backend === 'qemu' || (values.backend ?? 'auto') === 'auto')
+        ? await detachedBackend(values.backend ?? 'auto', accel, dataRoot)
+        : ((values.backend ?? 'auto') as RunOptions['backend']),
     accel: values.detach && (values.backend ?? 'auto') !== 'libkrun' ? undefined : accel,
     timeouts: values['boot-timeout'] === undefined ? undefined : { boot: num('boot-timeout', values['boot-timeout']) },
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,
@@ -306,8 +342,13 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
   for (const st of streams) st.end?.();
   unlisten();
   await emitTrace();
-  const read = (file: string | undefined): string => (values.json && file && fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '');
-  const captured = { stdout: read(started.stdoutPath), stderr: read(started.stderrPath), console: read(started.consoleLogPath) };
+  const read = (file: string | undefined): string =>
+    values.json && file && fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '';
+  const captured = {
+    stdout: read(started.stdoutPath),
+    stderr: read(started.stderrPath),
+    console: read(started.consoleLogPath),
+  };
   if (values.rm) await started.remove();
   let code: number;
   if (exit.reason === 'exited') code = exit.exitCode;
@@ -315,10 +356,20 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
   else if (exit.reason === 'stopped') code = 128 + signalNumber(exit.signal);
   else code = 1;
   if (values.json) {
-    out({
-      name: started.name, backend: started.backend, reason: exit.reason, exitCode: exit.exitCode, signal: exit.signal, interruptedBy: interrupted ?? null,
-      error: exit.error ? { code: exit.error.code, message: exit.error.message } : null, ...captured, spans: spansJson(finished),
-    }, '');
+    out(
+      {
+        name: started.name,
+        backend: started.backend,
+        reason: exit.reason,
+        exitCode: exit.exitCode,
+        signal: exit.signal,
+        interruptedBy: interrupted ?? null,
+        error: exit.error ? { code: exit.error.code, message: exit.error.message } : null,
+        ...captured,
+        spans: spansJson(finished),
+      },
+      '',
+    );
   } else if (exit.reason === 'failed') {
     process.stderr.write(`microvm: [${exit.error.code}] ${exit.error.message}\n`);
   } else if (exit.reason === 'stopped' && !interrupted) {
@@ -333,7 +384,12 @@ async function cmdBench(argv: string[], dataDir: string, out: (o: unknown, text:
   const { values, positionals } = parseArgs({
     args: dash >= 0 ? argv.slice(0, dash) : argv,
     allowPositionals: true,
-    options: { n: { type: 'string', short: 'n' }, backend: { type: 'string' }, 'data-dir': { type: 'string' }, json: { type: 'boolean' } },
+    options: {
+      n: { type: 'string', short: 'n' },
+      backend: { type: 'string' },
+      'data-dir': { type: 'string' },
+      json: { type: 'boolean' },
+    },
   });
   if (positionals.length !== 1) throw new UsageError('bench takes one IMAGE');
   const n = values.n === undefined ? 5 : Number(values.n);
@@ -343,11 +399,20 @@ async function cmdBench(argv: string[], dataDir: string, out: (o: unknown, text:
   for (let i = 0; i < n; i++) {
     const exporter = new InMemorySpanExporter();
     const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
-    const vm = await run(positionals[0], { dataDir, name: `bench-${process.pid}-${i}`, initOverride: cmd, backend: (values.backend ?? 'auto') as RunOptions['backend'], tracerProvider });
+    const vm = await run(positionals[0], {
+      dataDir,
+      name: `bench-${process.pid}-${i}`,
+      initOverride: cmd,
+      backend: (values.backend ?? 'auto') as RunOptions['backend'],
+      tracerProvider,
+    });
     const exit = await vm.wait();
     await vm.remove();
     if (exit.reason !== 'exited' || exit.exitCode !== 0) {
-      throw Object.assign(new Error(`bench run ${i + 1}: ${describeExit(exit)}; a benchmark of failing boots measures nothing`), { code: exit.error?.code ?? 'ERR_MICROVM_BENCH_RUN_FAILED' });
+      throw Object.assign(
+        new Error(`bench run ${i + 1}: ${describeExit(exit)}; a benchmark of failing boots measures nothing`),
+        { code: exit.error?.code ?? 'ERR_MICROVM_BENCH_RUN_FAILED' },
+      );
     }
     for (const sp of exporter.getFinishedSpans()) {
       if (sp.name === 'microvm.preflight.Check') continue;
@@ -356,9 +421,20 @@ async function cmdBench(argv: string[], dataDir: string, out: (o: unknown, text:
       samples.set(sp.name, list);
     }
   }
-  const pct = (xs: number[], p: number): number => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length - 1) * p))];
-  const rows = [...samples.entries()].map(([name, xs]) => ({ span: name, runs: xs.length, p50: pct(xs, 0.5), p90: pct(xs, 0.9) }));
-  const text = [`${positionals[0]}, ${n} runs, backend ${values.backend ?? 'auto'}`, '| span | p50 ms | p90 ms |', '|---|---:|---:|', ...rows.map((r) => `| ${r.span} | ${r.p50.toFixed(1)} | ${r.p90.toFixed(1)} |`)].join('\n');
+  const pct = (xs: number[], p: number): number =>
+    [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length - 1) * p))];
+  const rows = [...samples.entries()].map(([name, xs]) => ({
+    span: name,
+    runs: xs.length,
+    p50: pct(xs, 0.5),
+    p90: pct(xs, 0.9),
+  }));
+  const text = [
+    `${positionals[0]}, ${n} runs, backend ${values.backend ?? 'auto'}`,
+    '| span | p50 ms | p90 ms |',
+    '|---|---:|---:|',
+    ...rows.map((r) => `| ${r.span} | ${r.p50.toFixed(1)} | ${r.p90.toFixed(1)} |`),
+  ].join('\n');
   out(rows, text);
   return 0;
 }
@@ -367,14 +443,24 @@ async function cmdDoctor(dataDir: string, out: (o: unknown, text: string) => voi
   const checks: PreflightCheck[] = [
     kvmCheck(),
     probeCheck('libkrun', 'libkrun 1.x can be loaded (backend libkrun)', LIBKRUN_INSTALL_HINT, () => resolveRuntime()),
-    probeCheck('libkrunfw', 'libkrunfw 5 can be loaded (both backends)', FIRMWARE_INSTALL_HINT, () => resolveFirmware()),
-    probeCheck('qemu', 'QEMU, virtiofsd and the guest init are present (backend qemu)', 'apt-get install qemu-system-x86', async () => resolveQemuRuntime()),
+    probeCheck('libkrunfw', 'libkrunfw 5 can be loaded (both backends)', FIRMWARE_INSTALL_HINT, () =>
+      resolveFirmware(),
+    ),
+    probeCheck(
+      'qemu',
+      'QEMU, virtiofsd and the guest init are present (backend qemu)',
+      'apt-get install qemu-system-x86',
+      async () => resolveQemuRuntime(),
+    ),
     userNamespacesCheck(),
     diskSpaceCheck(fs.existsSync(dataDir) ? dataDir : path.dirname(dataDir)),
   ];
   const results = [];
   for (const c of checks) results.push({ name: c.name, description: c.description, ...(await c.run()) });
-  const backend = await chooseBackend({ dataRoot: dataDir }).then((b) => b.name, () => 'none');
+  const backend = await chooseBackend({ dataRoot: dataDir }).then(
+    (b) => b.name,
+    () => 'none',
+  );
   let accel: { accel: string; reason: string } | undefined;
   try {
     const rt = resolveQemuRuntime({}, dataDir);
@@ -382,19 +468,39 @@ async function cmdDoctor(dataDir: string, out: (o: unknown, text: string) => voi
   } catch {
     accel = undefined;
   }
-  const lines = results.map((r) => `${r.ok ? 'ok  ' : 'MISS'} ${r.name.padEnd(16)} ${r.ok ? (r.message ?? r.description) : `${r.message ?? ''}${r.remediation ? `\n     fix: ${r.remediation}` : ''}`}`);
-  const usable = results.find((r) => r.name === 'libkrunfw')?.ok && (results.find((r) => r.name === 'qemu')?.ok || (results.find((r) => r.name === 'kvm')?.ok && results.find((r) => r.name === 'libkrun')?.ok));
-  lines.push('', `backend 'auto' will use: ${backend}${backend === 'qemu' && accel ? ` with ${accel.accel.toUpperCase()} (${accel.accel === 'tcg' ? `${accel.reason}` : accel.reason})` : ''}`);
+  const lines = results.map(
+    (r) =>
+      `${r.ok ? 'ok  ' : 'MISS'} ${r.name.padEnd(16)} ${r.ok ? (r.message ?? r.description) : `${r.message ?? ''}${r.remediation ? `\n     fix: ${r.remediation}` : ''}`}`,
+  );
+  const usable =
+    results.find((r) => r.name === 'libkrunfw')?.ok &&
+    (results.find((r) => r.name === 'qemu')?.ok ||
+      (results.find((r) => r.name === 'kvm')?.ok && results.find((r) => r.name === 'libkrun')?.ok));
+  lines.push(
+    '',
+    `backend 'auto' will use: ${backend}${backend === 'qemu' && accel ? ` with ${accel.accel.toUpperCase()} (${accel.accel === 'tcg' ? `${accel.reason}` : accel.reason})` : ''}`,
+  );
   out({ checks: results, backend, accel: accel ?? null, kvm: probeKvm(), ready: !!usable }, lines.join('\n'));
   return usable ? 0 : 1;
 }
 
 /** Runs the CLI; returns the exit code. */
 /** Options every command takes. */
-const GLOBAL_OPTIONS = { 'data-dir': { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean' } } as const;
+const GLOBAL_OPTIONS = {
+  'data-dir': { type: 'string' },
+  json: { type: 'boolean' },
+  help: { type: 'boolean' },
+} as const;
 /** Each command's own options (run and bench parse theirs in cmdRun/cmdBench). */
 const COMMAND_OPTIONS: Record<string, Record<string, { type: 'string' | 'boolean'; short?: string }>> = {
-  pull: {}, images: {}, cache: {}, ps: {}, stop: {}, rm: {}, exec: {}, doctor: {},
+  pull: {},
+  images: {},
+  cache: {},
+  ps: {},
+  stop: {},
+  rm: {},
+  exec: {},
+  doctor: {},
   logs: { follow: { type: 'boolean', short: 'f' }, console: { type: 'boolean' } },
 };
 
@@ -402,11 +508,23 @@ const COMMAND_OPTIONS: Record<string, Record<string, { type: 'string' | 'boolean
  * One parser for every command (node:util parseArgs, strict): `--opt=value` and `--opt value` mean
  * the same, an unknown option is a usage error, and nothing after `--` is ever read as ours.
  */
-function parseCommand(command: string, args: string[]): { values: Record<string, string | boolean | undefined>; positionals: string[]; after: string[] } {
+function parseCommand(
+  command: string,
+  args: string[],
+): { values: Record<string, string | boolean | undefined>; positionals: string[]; after: string[] } {
   const dash = args.indexOf('--');
   const own = COMMAND_OPTIONS[command] ?? {};
-  const { values, positionals } = parseArgs({ args: dash >= 0 ? args.slice(0, dash) : args, allowPositionals: true, strict: true, options: { ...GLOBAL_OPTIONS, ...own } });
-  return { values: values as Record<string, string | boolean | undefined>, positionals, after: dash >= 0 ? args.slice(dash + 1) : [] };
+  const { values, positionals } = parseArgs({
+    args: dash >= 0 ? args.slice(0, dash) : args,
+    allowPositionals: true,
+    strict: true,
+    options: { ...GLOBAL_OPTIONS, ...own },
+  });
+  return {
+    values: values as Record<string, string | boolean | undefined>,
+    positionals,
+    after: dash >= 0 ? args.slice(dash + 1) : [],
+  };
 }
 
 /** Runs the CLI; returns the exit code. */
@@ -444,7 +562,8 @@ export async function main(argv: string[]): Promise<number> {
       if (hit) values['data-dir'] = hit[1] ?? ours[i + 1];
     });
   }
-  const dataDir = typeof values['data-dir'] === 'string' && values['data-dir'] ? path.resolve(values['data-dir']) : defaultDataRoot();
+  const dataDir =
+    typeof values['data-dir'] === 'string' && values['data-dir'] ? path.resolve(values['data-dir']) : defaultDataRoot();
   const cacheDir = path.join(dataDir, 'images');
   try {
     switch (command) {
@@ -462,17 +581,30 @@ export async function main(argv: string[]): Promise<number> {
             if (tty) process.stderr.write(`\rlayer ${p.layer}/${p.layers} [${bar}] ${pct}%   `);
             else if (!json && p.bytes >= p.total && !doneLayers.has(p.layer)) {
               doneLayers.add(p.layer);
-              process.stderr.write(`layer ${p.layer}/${p.layers} ${p.digest.slice(0, 19)} ${(p.total / 1e6).toFixed(1)} MB\n`);
+              process.stderr.write(
+                `layer ${p.layer}/${p.layers} ${p.digest.slice(0, 19)} ${(p.total / 1e6).toFixed(1)} MB\n`,
+              );
             }
           },
         });
         if (tty) process.stderr.write('\n');
-        out({ reference: r.reference, digest: r.digest, path: r.path, fromCache: r.fromCache, warnings: r.warnings }, `${r.digest}  ${r.fromCache ? '(cached)' : 'pulled'}  ${r.path}`);
+        out(
+          { reference: r.reference, digest: r.digest, path: r.path, fromCache: r.fromCache, warnings: r.warnings },
+          `${r.digest}  ${r.fromCache ? '(cached)' : 'pulled'}  ${r.path}`,
+        );
         return 0;
       }
       case 'images': {
         const imgs = list(cacheDir);
-        out(imgs, imgs.map((i) => `${i.digest.slice(0, 19)}  ${(i.bytes / 1e6).toFixed(1).padStart(8)} MB  ${i.references.join(', ')}`).join('\n') || '(no images)');
+        out(
+          imgs,
+          imgs
+            .map(
+              (i) =>
+                `${i.digest.slice(0, 19)}  ${(i.bytes / 1e6).toFixed(1).padStart(8)} MB  ${i.references.join(', ')}`,
+            )
+            .join('\n') || '(no images)',
+        );
         return 0;
       }
       case 'cache': {
@@ -489,19 +621,38 @@ export async function main(argv: string[]): Promise<number> {
         const dir = path.join(dataDir, 'vms');
         const rows = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).map((name) => {
           const st = readState(path.join(dir, name));
-          return { name, image: st?.image, backend: st?.backend, pid: st?.pid, running: st ? isRecordedProcess(st) : false, ports: st?.ports ?? [] };
+          return {
+            name,
+            image: st?.image,
+            backend: st?.backend,
+            pid: st?.pid,
+            running: st ? isRecordedProcess(st) : false,
+            ports: st?.ports ?? [],
+          };
         });
-        out(rows, rows.map((r) => `${r.name.padEnd(20)} ${r.running ? 'running' : 'stopped'}  ${String(r.backend ?? '').padEnd(8)} ${r.image ?? ''}`).join('\n') || '(no VMs)');
+        out(
+          rows,
+          rows
+            .map(
+              (r) =>
+                `${r.name.padEnd(20)} ${r.running ? 'running' : 'stopped'}  ${String(r.backend ?? '').padEnd(8)} ${r.image ?? ''}`,
+            )
+            .join('\n') || '(no VMs)',
+        );
         return 0;
       }
       case 'logs': {
         if (positional.length !== 1) throw new UsageError('logs takes one NAME');
         const dir = vmDir(dataDir, positional[0]);
-        if (!fs.existsSync(path.join(dir, 'console.log')) && !fs.existsSync(path.join(dir, 'stdout.log'))) throw Object.assign(new Error(`no VM named ${positional[0]}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
+        if (!fs.existsSync(path.join(dir, 'console.log')) && !fs.existsSync(path.join(dir, 'stdout.log')))
+          throw Object.assign(new Error(`no VM named ${positional[0]}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
         // The command's stdout and stderr where the backend kept them apart (QEMU), else the console.
         const separate = !values.console && fs.existsSync(path.join(dir, 'stdout.log'));
         const streams = separate
-          ? [{ file: path.join(dir, 'stdout.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }, { file: path.join(dir, 'stderr.log'), offset: 0, write: (b: Buffer) => process.stderr.write(b) }]
+          ? [
+              { file: path.join(dir, 'stdout.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) },
+              { file: path.join(dir, 'stderr.log'), offset: 0, write: (b: Buffer) => process.stderr.write(b) },
+            ]
           : [{ file: path.join(dir, 'console.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }];
         const pump = (): void => {
           for (const st of streams) st.offset = pumpFile(st.file, st.offset, st.write);
@@ -514,10 +665,14 @@ export async function main(argv: string[]): Promise<number> {
       case 'rm': {
         if (positional.length !== 1) throw new UsageError(`${command} takes one NAME`);
         const dir = vmDir(dataDir, positional[0]);
-        if (!fs.existsSync(dir)) throw Object.assign(new Error(`no VM named ${positional[0]}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
+        if (!fs.existsSync(dir))
+          throw Object.assign(new Error(`no VM named ${positional[0]}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
         const signalled = await terminateRecorded(dir);
         if (command === 'rm') fs.rmSync(dir, { recursive: true, force: true });
-        out({ name: positional[0], stopped: signalled, removed: command === 'rm' }, `${positional[0]}: ${signalled ? 'stopped' : 'not running'}${command === 'rm' ? ', removed' : ''}`);
+        out(
+          { name: positional[0], stopped: signalled, removed: command === 'rm' },
+          `${positional[0]}: ${signalled ? 'stopped' : 'not running'}${command === 'rm' ? ', removed' : ''}`,
+        );
         return 0;
       }
       case 'doctor':
@@ -530,13 +685,23 @@ export async function main(argv: string[]): Promise<number> {
         if (positional.length !== 1 || words.length === 0) throw new UsageError('exec takes NAME -- CMD...');
         const dir = vmDir(dataDir, name);
         const st = readState(dir);
-        if (!st || !isRecordedProcess(st)) throw Object.assign(new Error(`no running VM named ${name}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
+        if (!st || !isRecordedProcess(st))
+          throw Object.assign(new Error(`no running VM named ${name}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
         const port = st.ports.find((p) => p.guest === 22)?.host;
         const keyFile = path.join(dir, 'ssh', 'id_ed25519');
-        if (!port || !fs.existsSync(keyFile)) throw Object.assign(new Error(`${name} was not started with --ssh`), { code: 'ERR_MICROVM_SSH_UNAVAILABLE' });
-        const client = await SshClient.connect({ host: '127.0.0.1', port, username: 'root', privateKey: fs.readFileSync(keyFile, 'utf8'), hostKey: { knownHostsFile: path.join(dir, 'ssh', 'known_hosts') } });
+        if (!port || !fs.existsSync(keyFile))
+          throw Object.assign(new Error(`${name} was not started with --ssh`), { code: 'ERR_MICROVM_SSH_UNAVAILABLE' });
+        const client = await SshClient.connect({
+          host: '127.0.0.1',
+          port,
+          username: 'root',
+          privateKey: fs.readFileSync(keyFile, 'utf8'),
+          hostKey: { knownHostsFile: path.join(dir, 'ssh', 'known_hosts') },
+        });
         try {
-          const quoted = words.map((w) => (/^[A-Za-z0-9_./:=@%+-]+$/.test(w) ? w : `'${w.replace(/'/g, `'\\''`)}'`)).join(' ');
+          const quoted = words
+            .map((w) => (/^[A-Za-z0-9_./:=@%+-]+$/.test(w) ? w : `'${w.replace(/'/g, `'\\''`)}'`))
+            .join(' ');
           const r = await client.exec(quoted);
           if (json) out(r, '');
           else {

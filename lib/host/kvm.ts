@@ -71,11 +71,17 @@ export function probeKvm(paths: HostProbePaths = {}): KvmProbe {
       kind: 'absent',
       hardware: false,
       reason: `${dev} does not exist: ${NO_KVM}`,
-      remediation: 'Enable virtualization (VT-x/AMD-V) in the firmware and load kvm_intel or kvm_amd; in a cloud VM, pick an instance type with nested virtualization.',
+      remediation:
+        'Enable virtualization (VT-x/AMD-V) in the firmware and load kvm_intel or kvm_amd; in a cloud VM, pick an instance type with nested virtualization.',
     };
   }
   if (!st.isCharacterDevice()) {
-    return { kind: 'not-a-device', hardware: false, reason: `${dev} is not a character device: ${NO_KVM}`, remediation: 'Recreate the node (character device, major 10, minor 232).' };
+    return {
+      kind: 'not-a-device',
+      hardware: false,
+      reason: `${dev} is not a character device: ${NO_KVM}`,
+      remediation: 'Recreate the node (character device, major 10, minor 232).',
+    };
   }
   try {
     fs.closeSync(fs.openSync(dev, fs.constants.O_RDWR));
@@ -112,7 +118,11 @@ export function probeKvm(paths: HostProbePaths = {}): KvmProbe {
       remediation: 'Use a host (or a nested-virtualization instance) whose CPU flags show vmx or svm.',
     };
   }
-  return { kind: 'hardware', hardware: true, reason: `${dev} is hardware KVM (CPU flag ${flags.has('vmx') ? 'vmx' : 'svm'})` };
+  return {
+    kind: 'hardware',
+    hardware: true,
+    reason: `${dev} is hardware KVM (CPU flag ${flags.has('vmx') ? 'vmx' : 'svm'})`,
+  };
 }
 
 /** This host boot's id, or undefined where the kernel does not expose one. */
@@ -142,7 +152,9 @@ export function readKvmVerdict(dataRoot: string, paths: HostProbePaths = {}): Kv
   if (!boot) return undefined;
   try {
     const v = JSON.parse(fs.readFileSync(verdictFile(dataRoot), 'utf8')) as Partial<KvmVerdict>;
-    return v.bootId === boot && typeof v.reason === 'string' && typeof v.recordedAt === 'string' ? (v as KvmVerdict) : undefined;
+    return v.bootId === boot && typeof v.reason === 'string' && typeof v.recordedAt === 'string'
+      ? (v as KvmVerdict)
+      : undefined;
   } catch {
     return undefined;
   }
@@ -178,21 +190,32 @@ export interface AccelDecision {
 /** Validates an accel value (option or `MICROVM_ACCEL`). */
 export function parseAccel(name: string, value: unknown): AccelChoice {
   if (value === 'auto' || value === 'kvm' || value === 'tcg') return value;
-  throw Object.assign(new RangeError(`Expected 'auto', 'kvm' or 'tcg' for ${name} but received ${JSON.stringify(value)}`), { code: 'ERR_MICROVM_INVALID_ACCEL' });
+  throw Object.assign(
+    new RangeError(`Expected 'auto', 'kvm' or 'tcg' for ${name} but received ${JSON.stringify(value)}`),
+    { code: 'ERR_MICROVM_INVALID_ACCEL' },
+  );
 }
 
 /**
  * Decides the accelerator: a forced choice wins; 'auto' picks KVM only for hardware KVM that has not
  * already failed on this host boot (see {@link recordKvmVerdict}).
  */
-export function decideAccel(requested: AccelChoice, options: { dataRoot?: string; paths?: HostProbePaths } = {}): AccelDecision & { probe: KvmProbe } {
+export function decideAccel(
+  requested: AccelChoice,
+  options: { dataRoot?: string; paths?: HostProbePaths } = {},
+): AccelDecision & { probe: KvmProbe } {
   const probe = probeKvm(options.paths);
   if (requested === 'tcg') return { accel: 'tcg', automatic: false, reason: 'TCG requested', probe };
   if (requested === 'kvm') return { accel: 'kvm', automatic: false, reason: `KVM requested (${probe.reason})`, probe };
   if (!probe.hardware) return { accel: 'tcg', automatic: true, reason: probe.reason, probe };
   const verdict = options.dataRoot ? readKvmVerdict(options.dataRoot, options.paths) : undefined;
   if (verdict) {
-    return { accel: 'tcg', automatic: true, reason: `KVM failed to boot a VM on this host boot (recorded ${verdict.recordedAt}: ${verdict.reason.split('\n')[0]}); using TCG`, probe };
+    return {
+      accel: 'tcg',
+      automatic: true,
+      reason: `KVM failed to boot a VM on this host boot (recorded ${verdict.recordedAt}: ${verdict.reason.split('\n')[0]}); using TCG`,
+      probe,
+    };
   }
   return { accel: 'kvm', automatic: true, reason: probe.reason, probe };
 }

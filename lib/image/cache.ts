@@ -132,7 +132,15 @@ export function list(cacheDir: string): CachedImage[] {
   for (const hex of names) {
     try {
       const e = JSON.parse(fs.readFileSync(path.join(paths(cacheDir).images, hex, 'image.json'), 'utf8')) as CacheEntry;
-      out.push({ digest: e.digest, references: Object.keys(refs).filter((r) => refs[r].digest === e.digest).map((r) => r.replace(/#[^#]*$/, '')), createdAt: e.createdAt, bytes: e.tree.bytes, path: path.join(paths(cacheDir).images, hex, 'rootfs') });
+      out.push({
+        digest: e.digest,
+        references: Object.keys(refs)
+          .filter((r) => refs[r].digest === e.digest)
+          .map((r) => r.replace(/#[^#]*$/, '')),
+        createdAt: e.createdAt,
+        bytes: e.tree.bytes,
+        path: path.join(paths(cacheDir).images, hex, 'rootfs'),
+      });
     } catch {
       /* incomplete: gc removes it */
     }

@@ -78,13 +78,26 @@ interface Zstd {
 }
 
 function zstdDecompressor(): Zstd {
-  if (!haveZstd()) throw new MicrovmError('ERR_MICROVM_IMAGE_ZSTD', 'This layer is zstd-compressed: install libzstd1 or the zstd binary (apt-get install zstd)');
+  if (!haveZstd())
+    throw new MicrovmError(
+      'ERR_MICROVM_IMAGE_ZSTD',
+      'This layer is zstd-compressed: install libzstd1 or the zstd binary (apt-get install zstd)',
+    );
   const child = spawn('zstd', ['-dc', '--no-progress'], { stdio: ['pipe', 'pipe', 'pipe'] });
   let err = '';
   child.stderr.on('data', (d: Buffer) => (err += d.toString()));
   child.stdin.on('error', () => undefined); // EPIPE when we stop early: the exit status says more
   const done = new Promise<void>((resolve, reject) =>
-    child.on('close', (code, sig) => (code === 0 ? resolve() : reject(new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `zstd failed: ${err.trim() || (sig ? `killed by ${sig}` : `exit ${String(code)}`)}`)))),
+    child.on('close', (code, sig) =>
+      code === 0
+        ? resolve()
+        : reject(
+            new MicrovmError(
+              'ERR_MICROVM_IMAGE_LAYER',
+              `zstd failed: ${err.trim() || (sig ? `killed by ${sig}` : `exit ${String(code)}`)}`,
+            ),
+          ),
+    ),
   );
   done.catch(() => undefined);
   return {
@@ -109,9 +122,16 @@ function fromNative(err: unknown): unknown {
   if (e && typeof e.code === 'string' && !e.code.startsWith('ERR_') && e.path !== undefined) {
     // A filesystem call under the root failed: a path that would leave it (ELOOP, EXDEV, a
     // dangling parent...), or a tree the layer cannot be applied to.
-    return new MicrovmError('ERR_MICROVM_IMAGE_UNSAFE_ENTRY', `Layer entry could not be applied safely: ${e.message}`, { cause: err });
+    return new MicrovmError('ERR_MICROVM_IMAGE_UNSAFE_ENTRY', `Layer entry could not be applied safely: ${e.message}`, {
+      cause: err,
+    });
   }
-  if (e && (e.code === 'ERR_MICROVM_IMAGE_LIMIT' || e.code === 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' || e.code === 'ERR_MICROVM_IMAGE_LAYER')) {
+  if (
+    e &&
+    (e.code === 'ERR_MICROVM_IMAGE_LIMIT' ||
+      e.code === 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' ||
+      e.code === 'ERR_MICROVM_IMAGE_LAYER')
+  ) {
     return new MicrovmError(e.code, e.message);
   }
   return err;
@@ -191,7 +211,10 @@ export async function applyLayer(
         if (draining !== undefined) return settle(err);
         fail(err);
       };
-      const onAbort = (): void => failInput(signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
+      const onAbort = (): void =>
+        failInput(
+          signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'),
+        );
       signal?.addEventListener('abort', onAbort, { once: true });
 
       const nativeZstd = options.zstd !== 'binary' && native.zstdAvailable();
@@ -266,7 +289,10 @@ export async function applyLayer(
       let zstdBytes = 0;
       // The first bytes pick the decompressor when the media type does not say.
       const begin = (head: Buffer): boolean => {
-        const compression = layerCompression(options.mediaType, head.length >= 4 ? head : Buffer.concat([head, Buffer.alloc(4)]));
+        const compression = layerCompression(
+          options.mediaType,
+          head.length >= 4 ? head : Buffer.concat([head, Buffer.alloc(4)]),
+        );
         try {
           start(compression);
           if (compression === 'zstd' && !nativeZstd) zstd = zstdDecompressor();
@@ -279,11 +305,23 @@ export async function applyLayer(
           z.output.on('data', (c: Buffer) => {
             if (settled || draining !== undefined) return;
             zstdBytes += c.length;
-            if (zstdBytes > 1 << 20 && zstdBytes / compressedBytes > maxRatio) return fail(new MicrovmError('ERR_MICROVM_IMAGE_LIMIT', `Image exceeds the decompression ratio (${maxRatio}:1) limit`));
-            feed(c, () => z.output.pause(), () => z.output.resume());
+            if (zstdBytes > 1 << 20 && zstdBytes / compressedBytes > maxRatio)
+              return fail(
+                new MicrovmError(
+                  'ERR_MICROVM_IMAGE_LIMIT',
+                  `Image exceeds the decompression ratio (${maxRatio}:1) limit`,
+                ),
+              );
+            feed(
+              c,
+              () => z.output.pause(),
+              () => z.output.resume(),
+            );
           });
           z.output.on('end', finish);
-          z.output.on('error', (e) => fail(new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `Cannot decompress layer: ${e.message}`, { cause: e })));
+          z.output.on('error', (e) =>
+            fail(new MicrovmError('ERR_MICROVM_IMAGE_LAYER', `Cannot decompress layer: ${e.message}`, { cause: e })),
+          );
           z.done.catch(fail);
         }
         return true;
@@ -291,7 +329,12 @@ export async function applyLayer(
       const push = (chunk: Buffer, owned: boolean): void => {
         compressedBytes += chunk.length;
         options.onBytes?.(compressedBytes);
-        if (!zstd) return feed(chunk, () => input.pause(), () => input.resume());
+        if (!zstd)
+          return feed(
+            chunk,
+            () => input.pause(),
+            () => input.resume(),
+          );
         if (!zstd.input.write(owned ? chunk : Buffer.from(chunk))) {
           input.pause();
           (zstd.input as NodeJS.EventEmitter).once('drain', () => {

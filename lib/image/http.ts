@@ -41,11 +41,23 @@ export interface HttpRequest {
 
 const agents = { http: new http.Agent({ keepAlive: true }), https: new https.Agent({ keepAlive: true }) };
 
-function once(url: URL, init: HttpRequest, headers: Record<string, string>, method: string, body: string | undefined): Promise<http.IncomingMessage> {
+function once(
+  url: URL,
+  init: HttpRequest,
+  headers: Record<string, string>,
+  method: string,
+  body: string | undefined,
+): Promise<http.IncomingMessage> {
   return new Promise((resolve, reject) => {
     const secure = url.protocol === 'https:';
-    const req = (secure ? https : http).request(url, { method, headers, agent: secure ? agents.https : agents.http, signal: init.signal }, resolve);
-    req.setTimeout(init.idleTimeoutMs ?? 60_000, () => req.destroy(new Error(`no data from ${url.host} for ${Math.round((init.idleTimeoutMs ?? 60_000) / 1000)} s`)));
+    const req = (secure ? https : http).request(
+      url,
+      { method, headers, agent: secure ? agents.https : agents.http, signal: init.signal },
+      resolve,
+    );
+    req.setTimeout(init.idleTimeoutMs ?? 60_000, () =>
+      req.destroy(new Error(`no data from ${url.host} for ${Math.round((init.idleTimeoutMs ?? 60_000) / 1000)} s`)),
+    );
     req.on('error', reject);
     req.end(body);
   });
@@ -59,15 +71,18 @@ export async function request(target: string, init: HttpRequest = {}): Promise<H
   const headers = { ...init.headers };
   if (body !== undefined) headers['content-length'] = String(Buffer.byteLength(body));
   for (let redirects = 0; ; redirects++) {
-    if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new MicrovmError('ERR_MICROVM_REGISTRY', `Refusing a ${url.protocol} URL from the registry`);
+    if (url.protocol !== 'http:' && url.protocol !== 'https:')
+      throw new MicrovmError('ERR_MICROVM_REGISTRY', `Refusing a ${url.protocol} URL from the registry`);
     const res = await once(url, init, headers, method, body);
     const status = res.statusCode ?? 0;
     const location = res.headers.location;
     if ([301, 302, 303, 307, 308].includes(status) && location) {
       res.destroy();
-      if (redirects >= (init.maxRedirects ?? 10)) throw new MicrovmError('ERR_MICROVM_REGISTRY', `Too many redirects from ${url.host}`);
+      if (redirects >= (init.maxRedirects ?? 10))
+        throw new MicrovmError('ERR_MICROVM_REGISTRY', `Too many redirects from ${url.host}`);
       const next = new URL(location, url);
-      if (url.protocol === 'https:' && next.protocol === 'http:') throw new MicrovmError('ERR_MICROVM_REGISTRY', `Refusing a redirect from https to http (${next.host})`);
+      if (url.protocol === 'https:' && next.protocol === 'http:')
+        throw new MicrovmError('ERR_MICROVM_REGISTRY', `Refusing a redirect from https to http (${next.host})`);
       if (next.origin !== url.origin) delete headers.authorization; // never hand credentials to another host
       if (status === 303 || ((status === 301 || status === 302) && method === 'POST')) {
         method = 'GET';
@@ -96,14 +111,21 @@ export async function request(target: string, init: HttpRequest = {}): Promise<H
             n += c.length;
             if (n > max) {
               res.destroy();
-              reject(new MicrovmError('ERR_MICROVM_REGISTRY', `${url.host} sent more than ${max} bytes where a small document was expected`));
+              reject(
+                new MicrovmError(
+                  'ERR_MICROVM_REGISTRY',
+                  `${url.host} sent more than ${max} bytes where a small document was expected`,
+                ),
+              );
               return;
             }
             chunks.push(c);
           });
           res.on('end', () => resolve(Buffer.concat(chunks)));
           res.on('error', reject);
-          res.on('aborted', () => reject(new MicrovmError('ERR_MICROVM_REGISTRY', `${url.host} closed the connection mid-response`)));
+          res.on('aborted', () =>
+            reject(new MicrovmError('ERR_MICROVM_REGISTRY', `${url.host} closed the connection mid-response`)),
+          );
         }),
       discard: () => res.destroy(),
     };
@@ -149,7 +171,12 @@ export class SocketBody extends EventEmitter {
     if (this.#done) return false;
     this.#got += chunk.length;
     if (this.#got > this.#size) {
-      this.#fail(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `blob ${this.#want.slice(0, 12)}: more than the ${this.#size} bytes its descriptor states`));
+      this.#fail(
+        new MicrovmError(
+          'ERR_MICROVM_IMAGE_DIGEST',
+          `blob ${this.#want.slice(0, 12)}: more than the ${this.#size} bytes its descriptor states`,
+        ),
+      );
       return false;
     }
     this.#hash.update(chunk);
@@ -161,7 +188,13 @@ export class SocketBody extends EventEmitter {
   /** The socket ended or closed. */
   onClose(err?: Error): void {
     if (this.#done) return;
-    this.#fail(new MicrovmError('ERR_MICROVM_REGISTRY', `the registry closed the connection after ${this.#got} of ${this.#size} bytes${err ? ` (${err.message})` : ''}`, { cause: err }));
+    this.#fail(
+      new MicrovmError(
+        'ERR_MICROVM_REGISTRY',
+        `the registry closed the connection after ${this.#got} of ${this.#size} bytes${err ? ` (${err.message})` : ''}`,
+        { cause: err },
+      ),
+    );
   }
 
   #finish(): void {
@@ -169,7 +202,10 @@ export class SocketBody extends EventEmitter {
     this.#socket.destroy();
     const got = this.#hash.digest('hex');
     if (got !== this.#want) {
-      this.emit('error', new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `blob: digest mismatch (expected ${this.#want}, got ${got})`));
+      this.emit(
+        'error',
+        new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `blob: digest mismatch (expected ${this.#want}, got ${got})`),
+      );
       return;
     }
     this.emit('end');
@@ -211,7 +247,13 @@ export class SocketBody extends EventEmitter {
  * that matches `size`. Anything else (a redirect, 401, an error status, chunked or encoded
  * bodies) resolves undefined, and the caller takes the general path.
  */
-export function fastGet(target: URL, headers: Record<string, string>, size: number, digest: string, signal?: AbortSignal): Promise<SocketBody | undefined> {
+export function fastGet(
+  target: URL,
+  headers: Record<string, string>,
+  size: number,
+  digest: string,
+  signal?: AbortSignal,
+): Promise<SocketBody | undefined> {
   return new Promise((resolve, reject) => {
     if (target.protocol !== 'http:' || Object.values(headers).some((v) => /[\r\n]/.test(v))) return resolve(undefined);
     let head: Buffer[] = [];
@@ -228,7 +270,10 @@ export function fastGet(target: URL, headers: Record<string, string>, size: numb
     const onAbort = (): void => {
       socket.destroy();
       body?.destroy();
-      settle(undefined, signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
+      settle(
+        undefined,
+        signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'),
+      );
     };
     const socket = net.connect({
       host: target.hostname.replace(/^\[|\]$/g, ''),
@@ -258,7 +303,11 @@ export function fastGet(target: URL, headers: Record<string, string>, size: numb
             const i = l.indexOf(':');
             if (i > 0) h[l.slice(0, i).trim().toLowerCase()] = l.slice(i + 1).trim();
           }
-          const plain = status?.[1] === '200' && h['content-length'] === String(size) && !h['transfer-encoding'] && (!h['content-encoding'] || h['content-encoding'] === 'identity');
+          const plain =
+            status?.[1] === '200' &&
+            h['content-length'] === String(size) &&
+            !h['transfer-encoding'] &&
+            (!h['content-encoding'] || h['content-encoding'] === 'identity');
           if (!plain) {
             socket.destroy();
             settle(undefined);
@@ -279,7 +328,13 @@ export function fastGet(target: URL, headers: Record<string, string>, size: numb
     socket.on('close', () => settle(undefined));
     signal?.addEventListener('abort', onAbort, { once: true });
     const path = `${target.pathname}${target.search}`;
-    const lines = [`GET ${path} HTTP/1.1`, `Host: ${target.host}`, 'User-Agent: node-microvm', 'Accept-Encoding: identity', 'Connection: close'];
+    const lines = [
+      `GET ${path} HTTP/1.1`,
+      `Host: ${target.host}`,
+      'User-Agent: node-microvm',
+      'Accept-Encoding: identity',
+      'Connection: close',
+    ];
     for (const [k, v] of Object.entries(headers)) lines.push(`${k}: ${v}`);
     socket.write(`${lines.join('\r\n')}\r\n\r\n`);
   });

@@ -52,7 +52,13 @@ export interface ImageIndex {
 export interface ImageConfigFile {
   architecture?: string;
   os?: string;
-  config?: { Entrypoint?: string[] | null; Cmd?: string[] | null; Env?: string[] | null; WorkingDir?: string; User?: string };
+  config?: {
+    Entrypoint?: string[] | null;
+    Cmd?: string[] | null;
+    Env?: string[] | null;
+    WorkingDir?: string;
+    User?: string;
+  };
 }
 
 /** A platform to select from an index. */
@@ -64,8 +70,20 @@ export interface Platform {
 
 /** linux + this Node's architecture in OCI terms. */
 export function hostPlatform(): Platform {
-  const arch: Record<string, string> = { x64: 'amd64', arm64: 'arm64', arm: 'arm', ia32: '386', ppc64: 'ppc64le', s390x: 's390x', riscv64: 'riscv64' };
-  return { os: 'linux', architecture: arch[process.arch] ?? process.arch, ...(process.arch === 'arm64' ? { variant: 'v8' } : {}) };
+  const arch: Record<string, string> = {
+    x64: 'amd64',
+    arm64: 'arm64',
+    arm: 'arm',
+    ia32: '386',
+    ppc64: 'ppc64le',
+    s390x: 's390x',
+    riscv64: 'riscv64',
+  };
+  return {
+    os: 'linux',
+    architecture: arch[process.arch] ?? process.arch,
+    ...(process.arch === 'arm64' ? { variant: 'v8' } : {}),
+  };
 }
 
 /** sha256 digest string of a buffer. */
@@ -76,9 +94,11 @@ export function sha256(data: Buffer): string {
 /** Throws ERR_MICROVM_IMAGE_DIGEST when `data` does not hash to `digest`. */
 export function verifyDigest(data: Buffer, digest: string, what: string): void {
   const [alg] = digest.split(':');
-  if (alg !== 'sha256' && alg !== 'sha512') throw new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: unsupported digest algorithm ${alg}`);
+  if (alg !== 'sha256' && alg !== 'sha512')
+    throw new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: unsupported digest algorithm ${alg}`);
   const got = `${alg}:${createHash(alg).update(data).digest('hex')}`;
-  if (got !== digest) throw new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: digest mismatch (expected ${digest}, got ${got})`);
+  if (got !== digest)
+    throw new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: digest mismatch (expected ${digest}, got ${got})`);
 }
 
 export function isIndex(doc: { mediaType?: string; manifests?: unknown }, mediaType?: string): boolean {
@@ -88,11 +108,22 @@ export function isIndex(doc: { mediaType?: string; manifests?: unknown }, mediaT
 
 /** Picks the manifest for `platform` from an index; ERR_MICROVM_IMAGE_PLATFORM lists what exists. */
 export function selectPlatform(index: ImageIndex, platform: Platform, what: string): Descriptor {
-  const candidates = index.manifests.filter((d) => d.platform && d.platform.os === platform.os && d.platform.architecture === platform.architecture);
-  const exact = candidates.find((d) => !platform.variant || !d.platform?.variant || d.platform.variant === platform.variant);
+  const candidates = index.manifests.filter(
+    (d) => d.platform && d.platform.os === platform.os && d.platform.architecture === platform.architecture,
+  );
+  const exact = candidates.find(
+    (d) => !platform.variant || !d.platform?.variant || d.platform.variant === platform.variant,
+  );
   if (exact) return exact;
-  const available = index.manifests.map((d) => (d.platform ? `${d.platform.os}/${d.platform.architecture}${d.platform.variant ? `/${d.platform.variant}` : ''}` : '(no platform)'));
-  throw new MicrovmError('ERR_MICROVM_IMAGE_PLATFORM', `${what} has no image for ${platform.os}/${platform.architecture}${platform.variant ? `/${platform.variant}` : ''}; available: ${available.join(', ') || 'none'}`);
+  const available = index.manifests.map((d) =>
+    d.platform
+      ? `${d.platform.os}/${d.platform.architecture}${d.platform.variant ? `/${d.platform.variant}` : ''}`
+      : '(no platform)',
+  );
+  throw new MicrovmError(
+    'ERR_MICROVM_IMAGE_PLATFORM',
+    `${what} has no image for ${platform.os}/${platform.architecture}${platform.variant ? `/${platform.variant}` : ''}; available: ${available.join(', ') || 'none'}`,
+  );
 }
 
 /** Parses a JSON document, throwing ERR_MICROVM_IMAGE_MANIFEST with `what` on failure. */
@@ -105,11 +136,19 @@ export function parseJson<T>(data: Buffer, what: string): T {
 }
 
 export function checkManifest(m: ImageManifest, what: string): ImageManifest {
-  if (!m || typeof m !== 'object' || !m.config || typeof m.config.digest !== 'string' || !Array.isArray(m.layers) || m.layers.some((l) => typeof l?.digest !== 'string')) {
+  if (
+    !m ||
+    typeof m !== 'object' ||
+    !m.config ||
+    typeof m.config.digest !== 'string' ||
+    !Array.isArray(m.layers) ||
+    m.layers.some((l) => typeof l?.digest !== 'string')
+  ) {
     throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} is not an image manifest`);
   }
   for (const d of [m.config, ...m.layers]) {
-    if (!/^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/.test(d.digest)) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} has a bad digest ${JSON.stringify(d.digest)}`);
+    if (!/^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/.test(d.digest))
+      throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} has a bad digest ${JSON.stringify(d.digest)}`);
   }
   return m;
 }

@@ -71,10 +71,18 @@ export interface PullResult {
   warnings: string[];
 }
 
-async function resolveSource(ref: ReturnType<typeof parseReference>, platform: Platform, options: PullOptions): Promise<ResolvedImage> {
+async function resolveSource(
+  ref: ReturnType<typeof parseReference>,
+  platform: Platform,
+  options: PullOptions,
+): Promise<ResolvedImage> {
   if (ref.kind === 'oci-layout') return resolveOciLayout(ref.path, ref.tag, platform);
   if (ref.kind === 'oci-archive' || ref.kind === 'docker-archive') {
-    const scratchDir = path.join(options.cacheDir as string, 'tmp', `a-${process.pid}-${randomBytes(4).toString('hex')}`);
+    const scratchDir = path.join(
+      options.cacheDir as string,
+      'tmp',
+      `a-${process.pid}-${randomBytes(4).toString('hex')}`,
+    );
     return resolveArchive(ref.kind, ref.path, ref.tag, platform, scratchDir);
   }
   const { resolveRegistryImage } = await import('./registry');
@@ -89,7 +97,17 @@ async function resolveSource(ref: ReturnType<typeof parseReference>, platform: P
 /** Pulls `reference` into the cache (or finds it there). */
 export async function pull(reference: string, options: PullOptions & { cacheDir: string }): Promise<PullResult> {
   const o = v.object('options', options);
-  v.knownKeys('options', o, ['cacheDir', 'platform', 'insecureRegistries', 'credentials', 'limits', 'verify', 'onProgress', 'signal', 'scope']);
+  v.knownKeys('options', o, [
+    'cacheDir',
+    'platform',
+    'insecureRegistries',
+    'credentials',
+    'limits',
+    'verify',
+    'onProgress',
+    'signal',
+    'scope',
+  ]);
   const cacheDir = v.absolutePath('cacheDir', o.cacheDir);
   const ref = parseReference(reference);
   const platform = options.platform ?? hostPlatform();
@@ -107,13 +125,24 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
     if (entry) span.setAttribute(ATTR.IMAGE_DIGEST, entry.digest);
     return entry;
   });
-  if (hit) return { path: paths(cacheDir, hit.digest).rootfs, digest: hit.digest, config: hit.config, fromCache: true, reference: ref.canonical, warnings: [] };
+  if (hit)
+    return {
+      path: paths(cacheDir, hit.digest).rootfs,
+      digest: hit.digest,
+      config: hit.config,
+      fromCache: true,
+      reference: ref.canonical,
+      warnings: [],
+    };
 
   const image = await inSpan(scope, SPAN.IMAGE_FETCH, { [ATTR.IMAGE]: ref.canonical }, async (span) => {
     const r = await resolveSource(ref, platform, options);
     span.setAttribute(ATTR.IMAGE_DIGEST, r.digest);
     span.setAttribute('microvm.image.layers', r.manifest.layers.length);
-    span.setAttribute('microvm.image.bytes', r.manifest.layers.reduce((n, l) => n + (l.size ?? 0), 0));
+    span.setAttribute(
+      'microvm.image.bytes',
+      r.manifest.layers.reduce((n, l) => n + (l.size ?? 0), 0),
+    );
     return r;
   });
 
@@ -155,22 +184,46 @@ async function store(
     try {
       fs.mkdirSync(rootfs, { recursive: true, mode: 0o755 });
       const state: ExtractState = { bytes: 0, entries: 0, warnings: [] };
-      await inSpan(scope, SPAN.IMAGE_EXTRACT, { [ATTR.IMAGE_LAYERED]: image.manifest.layers.length > 1, 'microvm.image.layers': image.manifest.layers.length }, async (span: Span) => {
-        const layers = image.manifest.layers;
-        for (let i = 0; i < layers.length; i++) {
-          signal?.throwIfAborted();
-          const d = layers[i];
-          const blob = await image.openBlob(d, signal);
-          const onBytes = options.onProgress ? (read: number) => options.onProgress?.({ layer: i + 1, layers: layers.length, digest: d.digest, bytes: read, total: d.size }) : undefined;
-          await applyLayer(rootfs, blob, { mediaType: d.mediaType, limits: options.limits, state, signal, onBytes });
-        }
-        span.setAttribute('microvm.image.entries', state.entries);
-        span.setAttribute('microvm.image.uncompressed_bytes', state.bytes);
-      });
+      await inSpan(
+        scope,
+        SPAN.IMAGE_EXTRACT,
+        {
+          [ATTR.IMAGE_LAYERED]: image.manifest.layers.length > 1,
+          'microvm.image.layers': image.manifest.layers.length,
+        },
+        async (span: Span) => {
+          const layers = image.manifest.layers;
+          for (let i = 0; i < layers.length; i++) {
+            signal?.throwIfAborted();
+            const d = layers[i];
+            const blob = await image.openBlob(d, signal);
+            const onBytes = options.onProgress
+              ? (read: number) =>
+                  options.onProgress?.({
+                    layer: i + 1,
+                    layers: layers.length,
+                    digest: d.digest,
+                    bytes: read,
+                    total: d.size,
+                  })
+              : undefined;
+            await applyLayer(rootfs, blob, { mediaType: d.mediaType, limits: options.limits, state, signal, onBytes });
+          }
+          span.setAttribute('microvm.image.entries', state.entries);
+          span.setAttribute('microvm.image.uncompressed_bytes', state.bytes);
+        },
+      );
       warnings = state.warnings;
       return await inSpan(scope, SPAN.IMAGE_CACHE_STORE, { [ATTR.IMAGE_DIGEST]: image.digest }, async () => {
         const config = await image.config; // a registry's downloads while the layers extract
-        const e: CacheEntry = { digest: image.digest, reference: canonical, manifest: image.manifest, config, createdAt: new Date().toISOString(), tree: treeSummary(rootfs) };
+        const e: CacheEntry = {
+          digest: image.digest,
+          reference: canonical,
+          manifest: image.manifest,
+          config,
+          createdAt: new Date().toISOString(),
+          tree: treeSummary(rootfs),
+        };
         publish(cacheDir, staged, e);
         return { entry: e, extracted: true };
       });
@@ -180,7 +233,14 @@ async function store(
     }
   });
   await setRef(cacheDir, refKey, image.digest);
-  return { path: p.rootfs, digest: image.digest, config: entry.entry.config, fromCache: !entry.extracted, reference: canonical, warnings };
+  return {
+    path: p.rootfs,
+    digest: image.digest,
+    config: entry.entry.config,
+    fromCache: !entry.extracted,
+    reference: canonical,
+    warnings,
+  };
 }
 
 /** The runtime config run() needs from an image config file. */
@@ -199,14 +259,19 @@ export interface PulledImage {
 export const EMPTY_IMAGE_CONFIG: ImageRuntimeConfig = { entrypoint: [], cmd: [], env: [], workingDir: '' };
 
 /** A given rootfsPath as the image stage's result. */
-export function localRootfs(rootfsPath: string, config: Partial<ImageRuntimeConfig> | undefined, span: Span): PulledImage {
+export function localRootfs(
+  rootfsPath: string,
+  config: Partial<ImageRuntimeConfig> | undefined,
+  span: Span,
+): PulledImage {
   let st: fs.Stats;
   try {
     st = fs.statSync(rootfsPath);
   } catch (err) {
     throw new MicrovmError('ERR_MICROVM_ROOTFS_NOT_FOUND', `rootfsPath ${rootfsPath} does not exist`, { cause: err });
   }
-  if (!st.isDirectory()) throw new MicrovmError('ERR_MICROVM_ROOTFS_NOT_FOUND', `rootfsPath ${rootfsPath} is not a directory`);
+  if (!st.isDirectory())
+    throw new MicrovmError('ERR_MICROVM_ROOTFS_NOT_FOUND', `rootfsPath ${rootfsPath} is not a directory`);
   span.setAttribute(ATTR.IMAGE_SOURCE, 'rootfsPath');
   return { rootfsDir: rootfsPath, config: { ...EMPTY_IMAGE_CONFIG, ...config }, source: 'rootfsPath' };
 }

@@ -16,7 +16,8 @@ export type ImageReference =
 const COMPONENT = /^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$/;
 const TAG = /^[\w][\w.-]{0,127}$/;
 const DIGEST = /^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/;
-const DOMAIN = /^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](?::[0-9]{1,5})?$/;
+const DOMAIN =
+  /^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](?::[0-9]{1,5})?$/;
 
 function invalid(ref: string, why: string): TypeError {
   return new TypeError(`Invalid image reference ${JSON.stringify(ref.slice(0, 200))}: ${why}`);
@@ -24,7 +25,8 @@ function invalid(ref: string, why: string): TypeError {
 
 /** Parses `ref`; throws TypeError naming the reference and what is wrong. */
 export function parseReference(ref: string): ImageReference {
-  if (typeof ref !== 'string' || ref.length === 0 || ref.includes('\0')) throw new TypeError(`Invalid image reference ${v.describe(ref)}: expected a non-empty string`);
+  if (typeof ref !== 'string' || ref.length === 0 || ref.includes('\0'))
+    throw new TypeError(`Invalid image reference ${v.describe(ref)}: expected a non-empty string`);
   if (ref.startsWith('oci:')) {
     let p = ref.slice(4);
     let tag: string | undefined;
@@ -79,12 +81,16 @@ export function parseReference(ref: string): ImageReference {
   }
   const parts = rest.split('/');
   let registry = 'docker.io';
-  if (parts.length > 1 && (parts[0].includes('.') || parts[0].includes(':') || parts[0] === 'localhost' || parts[0].startsWith('['))) {
+  if (
+    parts.length > 1 &&
+    (parts[0].includes('.') || parts[0].includes(':') || parts[0] === 'localhost' || parts[0].startsWith('['))
+  ) {
     registry = parts.shift() as string;
     if (!DOMAIN.test(registry)) throw invalid(ref, `bad registry ${JSON.stringify(registry)}`);
   }
   if (registry === 'index.docker.io' || registry === 'registry-1.docker.io') registry = 'docker.io';
-  if (parts.length === 0 || parts.some((c) => !COMPONENT.test(c))) throw invalid(ref, 'repository must be lowercase path components ([a-z0-9] with . _ __ - separators)');
+  if (parts.length === 0 || parts.some((c) => !COMPONENT.test(c)))
+    throw invalid(ref, 'repository must be lowercase path components ([a-z0-9] with . _ __ - separators)');
   if (registry === 'docker.io' && parts.length === 1) parts.unshift('library');
   const repository = parts.join('/');
   if (repository.length > 255) throw invalid(ref, 'repository name too long');

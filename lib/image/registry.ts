@@ -15,7 +15,20 @@ import * as path from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import { MicrovmError } from '../errors';
 import { fastGet, type HttpRequest, type HttpResponse, request, type SocketBody } from './http';
-import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, markVerifying, MEDIA, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
+import {
+  checkManifest,
+  type Descriptor,
+  type ImageConfigFile,
+  type ImageIndex,
+  type ImageManifest,
+  isIndex,
+  markVerifying,
+  MEDIA,
+  parseJson,
+  type Platform,
+  selectPlatform,
+  verifyDigest,
+} from './oci';
 import { type ResolvedImage, verifying } from './source';
 
 const ACCEPT = [MEDIA.OCI_INDEX, MEDIA.OCI_MANIFEST, MEDIA.DOCKER_LIST, MEDIA.DOCKER_MANIFEST].join(', ');
@@ -29,7 +42,9 @@ function isLoopback(registry: string): boolean {
 }
 
 function configKey(registry: string): string[] {
-  return registry === 'docker.io' ? ['https://index.docker.io/v1/', 'index.docker.io', 'docker.io', 'registry-1.docker.io'] : [registry, `https://${registry}`, `http://${registry}`];
+  return registry === 'docker.io'
+    ? ['https://index.docker.io/v1/', 'index.docker.io', 'docker.io', 'registry-1.docker.io']
+    : [registry, `https://${registry}`, `http://${registry}`];
 }
 
 function credentialHelper(helper: string, registry: string): Promise<RegistryCredentials | undefined> {
@@ -40,7 +55,9 @@ function credentialHelper(helper: string, registry: string): Promise<RegistryCre
       try {
         const r = JSON.parse(String(stdout)) as { Username?: string; Secret?: string };
         if (!r.Secret) return resolve(undefined);
-        resolve(r.Username === '<token>' ? { identityToken: r.Secret } : { username: r.Username ?? '', password: r.Secret });
+        resolve(
+          r.Username === '<token>' ? { identityToken: r.Secret } : { username: r.Username ?? '', password: r.Secret },
+        );
       } catch {
         resolve(undefined);
       }
@@ -50,9 +67,16 @@ function credentialHelper(helper: string, registry: string): Promise<RegistryCre
 }
 
 /** Credentials for `registry` from Docker's config.json ($DOCKER_CONFIG or ~/.docker). */
-export async function dockerCredentials(registry: string, env: NodeJS.ProcessEnv = process.env): Promise<RegistryCredentials | undefined> {
+export async function dockerCredentials(
+  registry: string,
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<RegistryCredentials | undefined> {
   const file = path.join(env.DOCKER_CONFIG ?? path.join(os.homedir(), '.docker'), 'config.json');
-  let config: { auths?: Record<string, { auth?: string; identitytoken?: string }>; credsStore?: string; credHelpers?: Record<string, string> };
+  let config: {
+    auths?: Record<string, { auth?: string; identitytoken?: string }>;
+    credsStore?: string;
+    credHelpers?: Record<string, string>;
+  };
   try {
     config = JSON.parse(fs.readFileSync(file, 'utf8'));
   } catch {
@@ -129,7 +153,10 @@ export class RegistryClient {
         if ((res.status === 429 || res.status >= 500) && attempt < retries) {
           const ra = Number(res.header('retry-after'));
           res.discard();
-          await sleep(Number.isFinite(ra) && ra > 0 ? Math.min(ra * 1000, 30000) : 200 * 2 ** attempt, this.#opts.signal);
+          await sleep(
+            Number.isFinite(ra) && ra > 0 ? Math.min(ra * 1000, 30000) : 200 * 2 ** attempt,
+            this.#opts.signal,
+          );
           continue;
         }
         return res;
@@ -141,36 +168,58 @@ export class RegistryClient {
         await sleep(200 * 2 ** attempt, this.#opts.signal);
       }
     }
-    throw new MicrovmError('ERR_MICROVM_REGISTRY', `Cannot reach ${this.#registry}: ${(lastErr as Error)?.message ?? 'unknown error'}`, { cause: lastErr });
+    throw new MicrovmError(
+      'ERR_MICROVM_REGISTRY',
+      `Cannot reach ${this.#registry}: ${(lastErr as Error)?.message ?? 'unknown error'}`,
+      { cause: lastErr },
+    );
   }
 
   /** A token for a Bearer challenge (anonymous or with credentials). */
   async #token(challenge: string): Promise<string> {
     const params: Record<string, string> = {};
     for (const m of challenge.matchAll(/(\w+)="([^"]*)"/g)) params[m[1]] = m[2];
-    if (!params.realm) throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} sent a Bearer challenge without a realm`);
+    if (!params.realm)
+      throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} sent a Bearer challenge without a realm`);
     const url = new URL(params.realm);
     if (params.service) url.searchParams.set('service', params.service);
     url.searchParams.set('scope', params.scope ?? `repository:${this.#repository}:pull`);
     const creds = await this.#creds();
     const headers: Record<string, string> = {};
-    if (creds && 'username' in creds) headers.authorization = `Basic ${Buffer.from(`${creds.username}:${creds.password}`).toString('base64')}`;
+    if (creds && 'username' in creds)
+      headers.authorization = `Basic ${Buffer.from(`${creds.username}:${creds.password}`).toString('base64')}`;
     let res: HttpResponse;
     if (creds && 'identityToken' in creds) {
-      const body = new URLSearchParams({ grant_type: 'refresh_token', refresh_token: creds.identityToken, service: params.service ?? '', scope: url.searchParams.get('scope') ?? '' });
-      res = await this.#fetchRetrying(params.realm, { method: 'POST', body: body.toString(), headers: { 'content-type': 'application/x-www-form-urlencoded' } });
+      const body = new URLSearchParams({
+        grant_type: 'refresh_token',
+        refresh_token: creds.identityToken,
+        service: params.service ?? '',
+        scope: url.searchParams.get('scope') ?? '',
+      });
+      res = await this.#fetchRetrying(params.realm, {
+        method: 'POST',
+        body: body.toString(),
+        headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      });
     } else {
       res = await this.#fetchRetrying(url.toString(), { headers });
     }
     if (!res.ok) {
       res.discard();
-      throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} refused a token for ${this.#repository} (HTTP ${res.status})`);
+      throw new MicrovmError(
+        'ERR_MICROVM_REGISTRY_AUTH',
+        `${this.#registry} refused a token for ${this.#repository} (HTTP ${res.status})`,
+      );
     }
     let j: { token?: string; access_token?: string };
     try {
       j = JSON.parse((await res.buffer(1 << 20)).toString('utf8')) as { token?: string; access_token?: string };
     } catch (err) {
-      throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} answered the token request with something other than JSON`, { cause: err });
+      throw new MicrovmError(
+        'ERR_MICROVM_REGISTRY_AUTH',
+        `${this.#registry} answered the token request with something other than JSON`,
+        { cause: err },
+      );
     }
     const t = j.token ?? j.access_token;
     if (!t) throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} returned no token`);
@@ -180,7 +229,10 @@ export class RegistryClient {
   /** GET with authentication; one re-try after answering a 401 challenge. */
   async get(pathname: string, accept?: string): Promise<HttpResponse> {
     const url = `${this.#base}/v2/${pathname}`;
-    const headers = (): Record<string, string> => ({ ...(accept ? { accept } : {}), ...(this.#auth ? { authorization: this.#auth } : {}) });
+    const headers = (): Record<string, string> => ({
+      ...(accept ? { accept } : {}),
+      ...(this.#auth ? { authorization: this.#auth } : {}),
+    });
     let res = await this.#fetchRetrying(url, { headers: headers() });
     if (res.status === 401) {
       const challenge = res.header('www-authenticate') ?? '';
@@ -188,13 +240,20 @@ export class RegistryClient {
       if (/^bearer/i.test(challenge)) this.#auth = await this.#token(challenge);
       else {
         const creds = await this.#creds();
-        if (!creds || !('username' in creds)) throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#where()} needs credentials (docker login ${this.#registry}, or pass credentials)`);
+        if (!creds || !('username' in creds))
+          throw new MicrovmError(
+            'ERR_MICROVM_REGISTRY_AUTH',
+            `${this.#where()} needs credentials (docker login ${this.#registry}, or pass credentials)`,
+          );
         this.#auth = `Basic ${Buffer.from(`${creds.username}:${creds.password}`).toString('base64')}`;
       }
       res = await this.#fetchRetrying(url, { headers: headers() });
       if (res.status === 401 || res.status === 403) {
         res.discard();
-        throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#where()}: access denied (HTTP ${res.status}); check your credentials`);
+        throw new MicrovmError(
+          'ERR_MICROVM_REGISTRY_AUTH',
+          `${this.#where()}: access denied (HTTP ${res.status}); check your credentials`,
+        );
       }
     }
     return res;
@@ -215,12 +274,20 @@ export class RegistryClient {
     try {
       body = await res.buffer(4 * 1024 * 1024);
     } catch (err) {
-      throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${this.#where()}: manifest ${reference}: ${(err as Error).message}`, { cause: err });
+      throw new MicrovmError(
+        'ERR_MICROVM_IMAGE_MANIFEST',
+        `${this.#where()}: manifest ${reference}: ${(err as Error).message}`,
+        { cause: err },
+      );
     }
     const digest = `sha256:${createHash('sha256').update(body).digest('hex')}`;
     if (reference.includes(':')) verifyDigest(body, reference, `manifest ${reference}`);
     const header = res.header('docker-content-digest');
-    if (header && header.startsWith('sha256:') && header !== digest) throw new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `manifest ${reference}: the registry says ${header}, the content hashes to ${digest}`);
+    if (header && header.startsWith('sha256:') && header !== digest)
+      throw new MicrovmError(
+        'ERR_MICROVM_IMAGE_DIGEST',
+        `manifest ${reference}: the registry says ${header}, the content hashes to ${digest}`,
+      );
     return { body, mediaType: (res.header('content-type') ?? '').split(';')[0], digest };
   }
 
@@ -254,10 +321,14 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     if (signal?.aborted) return reject(signal.reason);
     const t = setTimeout(resolve, ms);
-    signal?.addEventListener('abort', () => {
-      clearTimeout(t);
-      reject(signal.reason);
-    }, { once: true });
+    signal?.addEventListener(
+      'abort',
+      () => {
+        clearTimeout(t);
+        reject(signal.reason);
+      },
+      { once: true },
+    );
   });
 }
 
@@ -295,7 +366,8 @@ export async function resolveRegistryImage(
   };
   // The first layer's request goes out with the config's (a registry answers blobs in a few ms
   // each, a loopback one included): its body waits, paused, until extraction takes it.
-  let early: Promise<SocketBody | undefined> | undefined = blobDir && layers.length > 0 && !cached(layers[0]) ? client.fastBlob(layers[0]).catch(() => undefined) : undefined;
+  let early: Promise<SocketBody | undefined> | undefined =
+    blobDir && layers.length > 0 && !cached(layers[0]) ? client.fastBlob(layers[0]).catch(() => undefined) : undefined;
   const dropEarly = (): void => {
     void early?.then((b) => b?.destroy());
     early = undefined;
@@ -367,15 +439,28 @@ export async function resolveRegistryImage(
       highWaterMark: 1 << 20,
       transform(chunk: Buffer, _enc, cb) {
         size += chunk.length;
-        if (size > d.size) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: more than the ${d.size} bytes its descriptor states`));
+        if (size > d.size)
+          return cb(
+            new MicrovmError(
+              'ERR_MICROVM_IMAGE_DIGEST',
+              `${what}: more than the ${d.size} bytes its descriptor states`,
+            ),
+          );
         hash.update(chunk);
         if (copyFailed || out.write(chunk)) return cb(null, chunk);
         out.once('drain', () => cb(null, chunk));
       },
       flush(cb) {
         const got = hash.digest('hex');
-        if (got !== want) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: digest mismatch (expected ${d.digest}, got ${alg}:${got})`));
-        if (size !== d.size) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: ${size} bytes, descriptor says ${d.size}`));
+        if (got !== want)
+          return cb(
+            new MicrovmError(
+              'ERR_MICROVM_IMAGE_DIGEST',
+              `${what}: digest mismatch (expected ${d.digest}, got ${alg}:${got})`,
+            ),
+          );
+        if (size !== d.size)
+          return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: ${size} bytes, descriptor says ${d.size}`));
         verified = true;
         out.end(() => {
           if (copyFailed) return;
@@ -420,7 +505,8 @@ export async function resolveRegistryImage(
         fs.closeSync(fd);
         fd = -1;
         try {
-          if (ok) fs.renameSync(tmp, file); // the body ended: its digest matched
+          if (ok)
+            fs.renameSync(tmp, file); // the body ended: its digest matched
           else fs.rmSync(tmp, { force: true });
         } catch {
           fs.rmSync(tmp, { force: true });

@@ -10,7 +10,19 @@ import * as path from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import { MicrovmError } from '../errors';
 import type { LayerInput } from './extract';
-import { checkManifest, type Descriptor, type ImageConfigFile, type ImageIndex, type ImageManifest, isIndex, markVerifying, parseJson, type Platform, selectPlatform, verifyDigest } from './oci';
+import {
+  checkManifest,
+  type Descriptor,
+  type ImageConfigFile,
+  type ImageIndex,
+  type ImageManifest,
+  isIndex,
+  markVerifying,
+  parseJson,
+  type Platform,
+  selectPlatform,
+  verifyDigest,
+} from './oci';
 
 /** A reference resolved to one image. */
 export interface ResolvedImage {
@@ -33,14 +45,24 @@ export function verifying(input: Readable, d: Descriptor, what: string): Readabl
   const t = new Transform({
     transform(chunk: Buffer, _enc, cb) {
       size += chunk.length;
-      if (d.size >= 0 && size > d.size) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: more than the ${d.size} bytes its descriptor states`));
+      if (d.size >= 0 && size > d.size)
+        return cb(
+          new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: more than the ${d.size} bytes its descriptor states`),
+        );
       hash.update(chunk);
       cb(null, chunk);
     },
     flush(cb) {
       const got = hash.digest('hex');
-      if (got !== want) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: digest mismatch (expected ${d.digest}, got ${alg}:${got})`));
-      if (d.size >= 0 && size !== d.size) return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: ${size} bytes, descriptor says ${d.size}`));
+      if (got !== want)
+        return cb(
+          new MicrovmError(
+            'ERR_MICROVM_IMAGE_DIGEST',
+            `${what}: digest mismatch (expected ${d.digest}, got ${alg}:${got})`,
+          ),
+        );
+      if (d.size >= 0 && size !== d.size)
+        return cb(new MicrovmError('ERR_MICROVM_IMAGE_DIGEST', `${what}: ${size} bytes, descriptor says ${d.size}`));
       cb();
     },
   });
@@ -58,11 +80,14 @@ function readBlob(layout: string, d: Descriptor, what: string, max = 4 * 1024 * 
   let data: Buffer;
   try {
     const p = blobPath(layout, d.digest);
-    if (fs.statSync(p).size > max) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} is larger than ${max} bytes`);
+    if (fs.statSync(p).size > max)
+      throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} is larger than ${max} bytes`);
     data = fs.readFileSync(p);
   } catch (err) {
     if (String((err as MicrovmError).code).startsWith('ERR_')) throw err;
-    throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${what} (${d.digest}) is missing from the layout`, { cause: err });
+    throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${what} (${d.digest}) is missing from the layout`, {
+      cause: err,
+    });
   }
   verifyDigest(data, d.digest, what);
   return data;
@@ -78,13 +103,19 @@ export function resolveOciLayout(layout: string, tag: string | undefined, platfo
     if ((err as MicrovmError).code === 'ERR_MICROVM_IMAGE_MANIFEST') throw err;
     throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where} has no readable index.json`, { cause: err });
   }
-  if (!Array.isArray(index.manifests)) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${where} index.json has no manifests`);
-  const tags = index.manifests.map((d) => d.annotations?.['org.opencontainers.image.ref.name']).filter((t): t is string => !!t);
+  if (!Array.isArray(index.manifests))
+    throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${where} index.json has no manifests`);
+  const tags = index.manifests
+    .map((d) => d.annotations?.['org.opencontainers.image.ref.name'])
+    .filter((t): t is string => !!t);
   let desc: Descriptor | undefined;
   if (tag) desc = index.manifests.find((d) => d.annotations?.['org.opencontainers.image.ref.name'] === tag);
   else if (index.manifests.length === 1) desc = index.manifests[0];
   if (!desc) {
-    throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where} has no image ${tag ? `tagged ${JSON.stringify(tag)}` : 'without a tag'}; tags: ${tags.join(', ') || 'none'}`);
+    throw new MicrovmError(
+      'ERR_MICROVM_IMAGE_NOT_FOUND',
+      `${where} has no image ${tag ? `tagged ${JSON.stringify(tag)}` : 'without a tag'}; tags: ${tags.join(', ') || 'none'}`,
+    );
   }
   let doc = readBlob(layout, desc, `${where} manifest`);
   let parsed = parseJson<ImageManifest & ImageIndex>(doc, `${where} manifest`);
@@ -102,12 +133,12 @@ export function resolveOciLayout(layout: string, tag: string | undefined, platfo
     config,
     async openBlob(d) {
       const p = blobPath(layout, d.digest);
-      if (!fs.existsSync(p)) throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where}: layer ${d.digest} is missing`);
+      if (!fs.existsSync(p))
+        throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where}: layer ${d.digest} is missing`);
       return verifying(fs.createReadStream(p, { highWaterMark: 1 << 20 }), d, `layer ${d.digest}`);
     },
   };
 }
-
 
 /**
  * Archives: the archive (a tar) is unpacked with the same hostile-input rules as layers into
@@ -115,35 +146,72 @@ export function resolveOciLayout(layout: string, tag: string | undefined, platfo
  * (`docker-archive:`: manifest.json + config + uncompressed layer tars, each layer verified against
  * the config's rootfs.diff_ids).
  */
-export async function resolveArchive(kind: 'oci-archive' | 'docker-archive', file: string, tag: string | undefined, platform: Platform, scratchDir: string): Promise<ResolvedImage> {
+export async function resolveArchive(
+  kind: 'oci-archive' | 'docker-archive',
+  file: string,
+  tag: string | undefined,
+  platform: Platform,
+  scratchDir: string,
+): Promise<ResolvedImage> {
   const { applyLayer } = await import('./extract');
   if (!fs.existsSync(file)) throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${kind} ${file} does not exist`);
   fs.mkdirSync(scratchDir, { recursive: true, mode: 0o700 });
   const close = (): void => fs.rmSync(scratchDir, { recursive: true, force: true });
   try {
-    await applyLayer(scratchDir, fs.createReadStream(file, { highWaterMark: 1 << 20 }), { state: { bytes: 0, entries: 0, warnings: [] }, privileged: false });
+    await applyLayer(scratchDir, fs.createReadStream(file, { highWaterMark: 1 << 20 }), {
+      state: { bytes: 0, entries: 0, warnings: [] },
+      privileged: false,
+    });
     if (kind === 'oci-archive') return { ...resolveOciLayout(scratchDir, tag, platform), close };
     const where = `docker-archive ${file}`;
-    const entries = parseJson<{ Config: string; RepoTags?: string[]; Layers: string[] }[]>(fs.readFileSync(path.join(scratchDir, 'manifest.json')), `${where} manifest.json`);
-    const wanted = tag ? entries.find((e) => (e.RepoTags ?? []).some((t) => t === tag || t.endsWith(`/${tag}`))) : entries.length === 1 ? entries[0] : undefined;
-    if (!wanted) throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where} has no image ${tag ? JSON.stringify(tag) : 'without a reference'}; images: ${entries.flatMap((e) => e.RepoTags ?? []).join(', ') || 'untagged'}`);
+    const entries = parseJson<{ Config: string; RepoTags?: string[]; Layers: string[] }[]>(
+      fs.readFileSync(path.join(scratchDir, 'manifest.json')),
+      `${where} manifest.json`,
+    );
+    const wanted = tag
+      ? entries.find((e) => (e.RepoTags ?? []).some((t) => t === tag || t.endsWith(`/${tag}`)))
+      : entries.length === 1
+        ? entries[0]
+        : undefined;
+    if (!wanted)
+      throw new MicrovmError(
+        'ERR_MICROVM_IMAGE_NOT_FOUND',
+        `${where} has no image ${tag ? JSON.stringify(tag) : 'without a reference'}; images: ${entries.flatMap((e) => e.RepoTags ?? []).join(', ') || 'untagged'}`,
+      );
     const inside = (rel: string): string => {
       const p = path.resolve(scratchDir, rel);
-      if (!p.startsWith(`${scratchDir}${path.sep}`)) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${where}: path ${JSON.stringify(rel)} leaves the archive`);
+      if (!p.startsWith(`${scratchDir}${path.sep}`))
+        throw new MicrovmError(
+          'ERR_MICROVM_IMAGE_MANIFEST',
+          `${where}: path ${JSON.stringify(rel)} leaves the archive`,
+        );
       return p;
     };
     const configBytes = fs.readFileSync(inside(wanted.Config));
     const configDigest = `sha256:${createHash('sha256').update(configBytes).digest('hex')}`;
     const config = parseJson<ImageConfigFile & { rootfs?: { diff_ids?: string[] } }>(configBytes, `${where} config`);
     const diffIds = config.rootfs?.diff_ids ?? [];
-    if (diffIds.length !== wanted.Layers.length) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${where}: ${wanted.Layers.length} layers but ${diffIds.length} diff_ids`);
-    const layers: Descriptor[] = wanted.Layers.map((l, i) => ({ mediaType: 'application/vnd.docker.image.rootfs.diff.tar', digest: diffIds[i], size: fs.statSync(inside(l)).size, annotations: { file: l } }));
+    if (diffIds.length !== wanted.Layers.length)
+      throw new MicrovmError(
+        'ERR_MICROVM_IMAGE_MANIFEST',
+        `${where}: ${wanted.Layers.length} layers but ${diffIds.length} diff_ids`,
+      );
+    const layers: Descriptor[] = wanted.Layers.map((l, i) => ({
+      mediaType: 'application/vnd.docker.image.rootfs.diff.tar',
+      digest: diffIds[i],
+      size: fs.statSync(inside(l)).size,
+      annotations: { file: l },
+    }));
     return {
       digest: configDigest, // docker save has no manifest digest: the image ID keys the cache
       manifest: { config: { digest: configDigest, size: configBytes.length }, layers },
       config,
       async openBlob(d) {
-        return verifying(fs.createReadStream(inside(d.annotations?.file ?? ''), { highWaterMark: 1 << 20 }), d, `layer ${d.digest}`);
+        return verifying(
+          fs.createReadStream(inside(d.annotations?.file ?? ''), { highWaterMark: 1 << 20 }),
+          d,
+          `layer ${d.digest}`,
+        );
       },
       close,
     };

@@ -20,5 +20,10 @@ export interface NetworkHandle {
 /** Pluggable network: started before the VM, stopped after it. */
 export interface NetworkProvider {
   readonly name: string;
-  start(input: { vmId: string; dataDir: string; ports: { host: number; guest: number }[]; signal?: AbortSignal }): Promise<NetworkHandle>;
+  start(input: {
+    vmId: string;
+    dataDir: string;
+    ports: { host: number; guest: number }[];
+    signal?: AbortSignal;
+  }): Promise<NetworkHandle>;
 }

@@ -37,7 +37,13 @@ export function kvmCheck(probe: string | HostProbePaths = {}): PreflightCheck {
     required: true,
     run() {
       const r = probeKvm(paths);
-      return r.hardware ? { ok: true, message: r.reason } : { ok: false, message: r.reason, remediation: `${r.remediation ?? ''} Or use backend 'qemu' (runs without KVM).`.trim() };
+      return r.hardware
+        ? { ok: true, message: r.reason }
+        : {
+            ok: false,
+            message: r.reason,
+            remediation: `${r.remediation ?? ''} Or use backend 'qemu' (runs without KVM).`.trim(),
+          };
     },
   };
 }
@@ -55,7 +61,13 @@ export function diskSpaceCheck(dir: string, minBytes = 1024 ** 3): PreflightChec
         while (!fs.existsSync(at) && at !== '/') at = require('node:path').dirname(at);
         const s = fs.statfsSync(at);
         const free = s.bavail * s.bsize;
-        return free >= minBytes ? { ok: true } : { ok: false, message: `only ${Math.round(free / 1024 ** 2)} MiB free in ${dir}`, remediation: 'Free space or choose another dataDir.' };
+        return free >= minBytes
+          ? { ok: true }
+          : {
+              ok: false,
+              message: `only ${Math.round(free / 1024 ** 2)} MiB free in ${dir}`,
+              remediation: 'Free space or choose another dataDir.',
+            };
       } catch (err) {
         return { ok: false, message: `cannot stat ${dir}: ${(err as Error).message}` };
       }
@@ -75,7 +87,9 @@ export function resourcesCheck(cpus: number, memoryMiB: number): PreflightCheck 
       const problems: string[] = [];
       if (cpus > hostCpus) problems.push(`${cpus} vCPUs requested, host has ${hostCpus}`);
       if (memoryMiB > freeMiB) problems.push(`${memoryMiB} MiB requested, ${freeMiB} MiB free`);
-      return problems.length ? { ok: false, message: problems.join('; '), remediation: 'Lower cpus or memoryMiB.' } : { ok: true };
+      return problems.length
+        ? { ok: false, message: problems.join('; '), remediation: 'Lower cpus or memoryMiB.' }
+        : { ok: true };
     },
   };
 }
@@ -127,7 +141,13 @@ export function portsCheck(ports: readonly number[]): PreflightCheck {
           busy.push(`${port}${who ? ` (held by ${who})` : ''}`);
         }
       }
-      return busy.length ? { ok: false, message: `host port(s) in use: ${busy.join(', ')}`, remediation: 'Stop what holds them or forward other host ports.' } : { ok: true };
+      return busy.length
+        ? {
+            ok: false,
+            message: `host port(s) in use: ${busy.join(', ')}`,
+            remediation: 'Stop what holds them or forward other host ports.',
+          }
+        : { ok: true };
     },
   };
 }
@@ -141,13 +161,22 @@ export function userNamespacesCheck(): PreflightCheck {
     run() {
       return userNamespacesAvailable()
         ? { ok: true }
-        : { ok: false, message: 'user namespaces are disabled', remediation: 'sysctl -w kernel.unprivileged_userns_clone=1 (the rootfs will be copied instead: slower)' };
+        : {
+            ok: false,
+            message: 'user namespaces are disabled',
+            remediation: 'sysctl -w kernel.unprivileged_userns_clone=1 (the rootfs will be copied instead: slower)',
+          };
     },
   };
 }
 
 /** A check that runs an async probe and turns a thrown error into a failure with remediation. */
-export function probeCheck(name: string, description: string, remediation: string, probe: () => Promise<unknown>): PreflightCheck {
+export function probeCheck(
+  name: string,
+  description: string,
+  remediation: string,
+  probe: () => Promise<unknown>,
+): PreflightCheck {
   return {
     name,
     description,

@@ -16,33 +16,57 @@ export interface PreflightFailure {
 }
 
 /** Runs `checks`; resolves with the advisory failures, rejects when a required one failed. */
-export async function runAllChecks(scope: SpanScope, checks: readonly PreflightCheck[], signal?: AbortSignal): Promise<PreflightFailure[]> {
-  return inSpan(scope, SPAN.PREFLIGHT_RUN_ALL, { [ATTR.PREFLIGHT_CHECK_COUNT]: checks.length }, async (_span, inner) => {
-    const failures: PreflightFailure[] = [];
-    for (const check of checks) {
-      signal?.throwIfAborted();
-      const required = check.required !== false;
-      await inSpan(inner, SPAN.PREFLIGHT_CHECK, { [ATTR.PREFLIGHT_CHECK_NAME]: check.name, [ATTR.PREFLIGHT_CHECK_REQUIRED]: required }, async (span) => {
-        let result: CheckResult;
-        try {
-          result = await check.run(signal);
-        } catch (err) {
-          result = { ok: false, message: `check threw: ${(err as Error).message}` };
-        }
-        span.setAttribute(ATTR.PREFLIGHT_CHECK_PASSED, result.ok);
-        if (!result.ok) {
-          failures.push({ name: check.name, required, message: result.message ?? 'failed', remediation: result.remediation });
-          if (required) throw new MicrovmError('ERR_MICROVM_PREFLIGHT_CHECK', `${check.name}: ${result.message ?? 'failed'}`);
-        }
-      }).catch((err: unknown) => {
-        if ((err as MicrovmError).code !== 'ERR_MICROVM_PREFLIGHT_CHECK') throw err;
-      });
-    }
-    const blocking = failures.filter((f) => f.required);
-    if (blocking.length > 0) {
-      const lines = blocking.map((f) => `  - ${f.name}: ${f.message}${f.remediation ? `\n    fix: ${f.remediation}` : ''}`);
-      throw Object.assign(new MicrovmError('ERR_MICROVM_PREFLIGHT', `Preflight failed:\n${lines.join('\n')}`), { failures });
-    }
-    return failures;
-  });
+export async function runAllChecks(
+  scope: SpanScope,
+  checks: readonly PreflightCheck[],
+  signal?: AbortSignal,
+): Promise<PreflightFailure[]> {
+  return inSpan(
+    scope,
+    SPAN.PREFLIGHT_RUN_ALL,
+    { [ATTR.PREFLIGHT_CHECK_COUNT]: checks.length },
+    async (_span, inner) => {
+      const failures: PreflightFailure[] = [];
+      for (const check of checks) {
+        signal?.throwIfAborted();
+        const required = check.required !== false;
+        await inSpan(
+          inner,
+          SPAN.PREFLIGHT_CHECK,
+          { [ATTR.PREFLIGHT_CHECK_NAME]: check.name, [ATTR.PREFLIGHT_CHECK_REQUIRED]: required },
+          async (span) => {
+            let result: CheckResult;
+            try {
+              result = await check.run(signal);
+            } catch (err) {
+              result = { ok: false, message: `check threw: ${(err as Error).message}` };
+            }
+            span.setAttribute(ATTR.PREFLIGHT_CHECK_PASSED, result.ok);
+            if (!result.ok) {
+              failures.push({
+                name: check.name,
+                required,
+                message: result.message ?? 'failed',
+                remediation: result.remediation,
+              });
+              if (required)
+                throw new MicrovmError('ERR_MICROVM_PREFLIGHT_CHECK', `${check.name}: ${result.message ?? 'failed'}`);
+            }
+          },
+        ).catch((err: unknown) => {
+          if ((err as MicrovmError).code !== 'ERR_MICROVM_PREFLIGHT_CHECK') throw err;
+        });
+      }
+      const blocking = failures.filter((f) => f.required);
+      if (blocking.length > 0) {
+        const lines = blocking.map(
+          (f) => `  - ${f.name}: ${f.message}${f.remediation ? `\n    fix: ${f.remediation}` : ''}`,
+        );
+        throw Object.assign(new MicrovmError('ERR_MICROVM_PREFLIGHT', `Preflight failed:\n${lines.join('\n')}`), {
+          failures,
+        });
+      }
+      return failures;
+    },
+  );
 }

@@ -84,8 +84,17 @@ function candidates(opts: ResolveFirmwareOptions): { source: string; candidate: 
  */
 export async function resolveFirmware(options: ResolveFirmwareOptions = {}): Promise<FirmwareInfo> {
   v.object('options', options);
-  v.knownKeys('options', options as Record<string, unknown>, ['dir', 'dirs', 'runtimeLibDir', 'env', 'systemDirs', 'loaderSearch', 'abiVersion']);
-  const wanted = options.abiVersion === undefined ? LIBKRUNFW_ABI_VERSION : v.integer('abiVersion', options.abiVersion, 1, 1000);
+  v.knownKeys('options', options as Record<string, unknown>, [
+    'dir',
+    'dirs',
+    'runtimeLibDir',
+    'env',
+    'systemDirs',
+    'loaderSearch',
+    'abiVersion',
+  ]);
+  const wanted =
+    options.abiVersion === undefined ? LIBKRUNFW_ABI_VERSION : v.integer('abiVersion', options.abiVersion, 1, 1000);
   const native = addon();
   const attempts: SearchAttempt[] = [];
   let mismatch: FirmwareInfo | undefined;

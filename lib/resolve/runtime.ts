@@ -74,13 +74,18 @@ export function resolveRunner(options: { runnerPath?: string; env?: NodeJS.Proce
   const env = options.env ?? process.env;
   const tried: SearchAttempt[] = [];
   const list: { source: string; candidate: string }[] = [];
-  if (options.runnerPath !== undefined) list.push({ source: 'runnerPath option', candidate: v.absolutePath('runnerPath', options.runnerPath) });
+  if (options.runnerPath !== undefined)
+    list.push({ source: 'runnerPath option', candidate: v.absolutePath('runnerPath', options.runnerPath) });
   if (env.MICROVM_RUNNER) list.push({ source: 'MICROVM_RUNNER', candidate: env.MICROVM_RUNNER });
   // Next to the addon that was loaded, so both always come from the same build; then the usual places.
   const loaded = addonPath();
-  if (loaded) list.push({ source: 'beside the loaded addon', candidate: path.join(path.dirname(loaded), 'microvm-runner') });
+  if (loaded)
+    list.push({ source: 'beside the loaded addon', candidate: path.join(path.dirname(loaded), 'microvm-runner') });
   list.push({ source: 'local build', candidate: path.join(packageRoot, 'build', 'Release', 'microvm-runner') });
-  list.push({ source: 'prebuild', candidate: path.join(packageRoot, 'prebuilds', `${process.platform}-${process.arch}`, 'microvm-runner') });
+  list.push({
+    source: 'prebuild',
+    candidate: path.join(packageRoot, 'prebuilds', `${process.platform}-${process.arch}`, 'microvm-runner'),
+  });
   const seen = new Set<string>();
   for (const { source, candidate } of list) {
     if (seen.has(candidate)) continue;
@@ -100,7 +105,14 @@ export function resolveRunner(options: { runnerPath?: string; env?: NodeJS.Proce
  */
 export async function resolveRuntime(options: ResolveRuntimeOptions = {}): Promise<RuntimeInfo> {
   v.object('options', options);
-  v.knownKeys('options', options as Record<string, unknown>, ['libDir', 'runnerPath', 'env', 'pkgConfig', 'systemDirs', 'loaderSearch']);
+  v.knownKeys('options', options as Record<string, unknown>, [
+    'libDir',
+    'runnerPath',
+    'env',
+    'pkgConfig',
+    'systemDirs',
+    'loaderSearch',
+  ]);
   const env = options.env ?? process.env;
   const list: { source: string; candidate: string }[] = [];
   const add = (source: string, dir: string): void => {

@@ -71,10 +71,18 @@ const OVERLAY_UNSAFE = /[,:\\]/;
 
 async function cloneOverlay(o: CloneOptions): Promise<ClonedRootfs> {
   if (OVERLAY_UNSAFE.test(o.sourceDir) || OVERLAY_UNSAFE.test(o.vmDir)) {
-    throw new MicrovmError('ERR_MICROVM_CLONE_UNSUPPORTED', "overlay: paths containing ',', ':' or '\\' cannot be overlay layers");
+    throw new MicrovmError(
+      'ERR_MICROVM_CLONE_UNSUPPORTED',
+      "overlay: paths containing ',', ':' or '\\' cannot be overlay layers",
+    );
   }
   const base = path.join(o.vmDir, 'rootfs');
-  const dirs = { lower: o.sourceDir, upper: path.join(base, 'upper'), work: path.join(base, 'work'), merged: path.join(base, 'merged') };
+  const dirs = {
+    lower: o.sourceDir,
+    upper: path.join(base, 'upper'),
+    work: path.join(base, 'work'),
+    merged: path.join(base, 'merged'),
+  };
   await fsp.mkdir(dirs.upper, { recursive: true, mode: 0o755 });
   await fsp.mkdir(dirs.work, { recursive: true, mode: 0o700 });
   await fsp.mkdir(dirs.merged, { recursive: true, mode: 0o755 });
@@ -85,7 +93,13 @@ async function cloneOverlay(o: CloneOptions): Promise<ClonedRootfs> {
 }
 
 /** Walks `src`, recreating directories and symlinks and copying files with `copyFile`. */
-async function copyTree(src: string, dest: string, copyFlags: number, concurrency: number, signal?: AbortSignal): Promise<void> {
+async function copyTree(
+  src: string,
+  dest: string,
+  copyFlags: number,
+  concurrency: number,
+  signal?: AbortSignal,
+): Promise<void> {
   const files: [string, string, fs.Stats][] = [];
   const dirs: [string, fs.Stats][] = [];
   const inodes = new Map<string, string>(); // dev:ino -> first copy, to keep hardlinks
@@ -138,7 +152,9 @@ let gnuCp: boolean | undefined;
 function haveGnuCp(): boolean {
   if (gnuCp === undefined) {
     try {
-      gnuCp = execFileSync('cp', ['--version'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).includes('GNU coreutils');
+      gnuCp = execFileSync('cp', ['--version'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).includes(
+        'GNU coreutils',
+      );
     } catch {
       gnuCp = false;
     }
@@ -148,10 +164,22 @@ function haveGnuCp(): boolean {
 
 function cpTree(src: string, dest: string, reflink: 'always' | 'auto', signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
-    execFile('cp', ['-a', `--reflink=${reflink}`, '--', src, dest], { signal, maxBuffer: 1 << 20 }, (err, _out, stderr) => {
-      if (err) reject(signal?.aborted ? signal.reason : new MicrovmError('ERR_MICROVM_CLONE_COPY', `cp -a failed: ${String(stderr).trim() || err.message}`, { cause: err }));
-      else resolve();
-    });
+    execFile(
+      'cp',
+      ['-a', `--reflink=${reflink}`, '--', src, dest],
+      { signal, maxBuffer: 1 << 20 },
+      (err, _out, stderr) => {
+        if (err)
+          reject(
+            signal?.aborted
+              ? signal.reason
+              : new MicrovmError('ERR_MICROVM_CLONE_COPY', `cp -a failed: ${String(stderr).trim() || err.message}`, {
+                  cause: err,
+                }),
+          );
+        else resolve();
+      },
+    );
   });
 }
 
@@ -215,5 +243,8 @@ export async function cloneRootfs(options: CloneOptions): Promise<ClonedRootfs> 
     }
     return { strategy, rootPath: dest, writableDir: dest, sourceDir: options.sourceDir };
   }
-  throw new MicrovmError('ERR_MICROVM_CLONE_UNSUPPORTED', `No rootfs clone strategy worked:\n  - ${reasons.join('\n  - ')}`);
+  throw new MicrovmError(
+    'ERR_MICROVM_CLONE_UNSUPPORTED',
+    `No rootfs clone strategy worked:\n  - ${reasons.join('\n  - ')}`,
+  );
 }

@@ -39,10 +39,13 @@ export type RootfsHook = (rootfs: RootfsContext) => void | Promise<void>;
 
 function guestComponents(name: string, guestPath: string): string[] {
   v.string(name, guestPath);
-  if (!guestPath.startsWith('/')) throw new RangeError(`Expected an absolute guest path for ${name} but received ${v.describe(guestPath)}`);
+  if (!guestPath.startsWith('/'))
+    throw new RangeError(`Expected an absolute guest path for ${name} but received ${v.describe(guestPath)}`);
   const parts = guestPath.split('/').filter((p) => p.length > 0);
   if (parts.length === 0 || parts.some((p) => p === '.' || p === '..')) {
-    throw new RangeError(`Expected a guest file path without '.' or '..' components for ${name} but received ${v.describe(guestPath)}`);
+    throw new RangeError(
+      `Expected a guest file path without '.' or '..' components for ${name} but received ${v.describe(guestPath)}`,
+    );
   }
   return parts;
 }
@@ -79,7 +82,8 @@ export function rootfsContext(vmId: string, rootfs: ClonedRootfs): RootfsContext
         p.gid === undefined ? -1 : v.integer('options.parents.gid', p.gid, 0, 0xfffffffe),
       ];
       const buf = typeof data === 'string' ? Buffer.from(data) : data;
-      if (!Buffer.isBuffer(buf)) throw new TypeError(`Expected a string or Buffer for data but received ${v.describe(data)}`);
+      if (!Buffer.isBuffer(buf))
+        throw new TypeError(`Expected a string or Buffer for data but received ${v.describe(data)}`);
       try {
         addon().writeFileBeneath(rootfs.writableDir, parts, buf, mode, uid, gid, lowerAttrs(parts, fallback));
       } catch (err) {
@@ -91,7 +95,9 @@ export function rootfsContext(vmId: string, rootfs: ClonedRootfs): RootfsContext
     },
     readFile(guestPath) {
       const parts = guestComponents('guestPath', guestPath);
-      for (const base of rootfs.writableDir === rootfs.sourceDir ? [rootfs.writableDir] : [rootfs.writableDir, rootfs.sourceDir]) {
+      for (const base of rootfs.writableDir === rootfs.sourceDir
+        ? [rootfs.writableDir]
+        : [rootfs.writableDir, rootfs.sourceDir]) {
         let fd: number | undefined;
         try {
           // O_NOFOLLOW only guards the last component; reading is advisory (hooks' own checks).
@@ -137,7 +143,8 @@ export const hooks = {
   injectAuthorizedKeys(publicKeys: string | readonly string[], options: { user?: string } = {}): RootfsHook {
     const keys = (typeof publicKeys === 'string' ? [publicKeys] : [...publicKeys]).map((k, i) => {
       const s = v.string(`publicKeys[${i}]`, k).trim();
-      if (s.includes('\n') || !/^(ssh-|ecdsa-|sk-)/.test(s)) throw new RangeError(`Expected one OpenSSH public key line for publicKeys[${i}]`);
+      if (s.includes('\n') || !/^(ssh-|ecdsa-|sk-)/.test(s))
+        throw new RangeError(`Expected one OpenSSH public key line for publicKeys[${i}]`);
       return s;
     });
     const user = options.user === undefined ? 'root' : v.string('options.user', options.user);
@@ -154,10 +161,14 @@ export const hooks = {
           home = f[5] || home;
         }
       }
-      if (uid < 0) throw Object.assign(new Error(`User ${user} does not exist in the image's /etc/passwd`), { code: 'ERR_MICROVM_ROOTFS_USER' });
+      if (uid < 0)
+        throw Object.assign(new Error(`User ${user} does not exist in the image's /etc/passwd`), {
+          code: 'ERR_MICROVM_ROOTFS_USER',
+        });
       const file = `${home.replace(/\/+$/, '')}/.ssh/authorized_keys`;
       const existing = r.readFile(file)?.toString('utf8') ?? '';
-      const content = existing + (existing && !existing.endsWith('\n') ? '\n' : '') + keys.map((k) => `${k}\n`).join('');
+      const content =
+        existing + (existing && !existing.endsWith('\n') ? '\n' : '') + keys.map((k) => `${k}\n`).join('');
       r.writeFile(file, content, { mode: 0o600, uid, gid, parents: { mode: 0o700, uid, gid } });
     };
   },

@@ -55,8 +55,23 @@ function connectWithBanner(host: string, port: number, timeoutMs: number, signal
       socket.destroy();
       reject(err);
     };
-    const timer = setTimeout(() => fail(Object.assign(new Error(`no SSH identification from ${host}:${port} within ${timeoutMs} ms`), { level: 'client-banner' })), timeoutMs);
-    signal?.addEventListener('abort', () => fail(signal.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError')), { once: true });
+    const timer = setTimeout(
+      () =>
+        fail(
+          Object.assign(new Error(`no SSH identification from ${host}:${port} within ${timeoutMs} ms`), {
+            level: 'client-banner',
+          }),
+        ),
+      timeoutMs,
+    );
+    signal?.addEventListener(
+      'abort',
+      () =>
+        fail(
+          signal.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'),
+        ),
+      { once: true },
+    );
     socket.on('error', fail);
     socket.on('close', () => fail(new Error('connection closed before the SSH identification')));
     const onData = (chunk: Buffer): void => {
@@ -121,15 +136,23 @@ export interface ExecOptions {
 
 function keyBlob(line: string): Buffer {
   const parsed = ssh2().utils.parseKey(line);
-  if (parsed instanceof Error || Array.isArray(parsed)) throw new TypeError(`Expected one OpenSSH public key line for hostKey.expected`);
+  if (parsed instanceof Error || Array.isArray(parsed))
+    throw new TypeError(`Expected one OpenSSH public key line for hostKey.expected`);
   return parsed.getPublicSSH();
 }
 
 function classify(err: Error & { level?: string }, hostKeyRejected: string | undefined, target: string): MicrovmError {
-  if (hostKeyRejected) return new MicrovmError('ERR_MICROVM_SSH_HOSTKEY', `The host key of ${target} does not match: ${hostKeyRejected}`, { cause: err });
-  if (err.level === 'client-authentication') return new MicrovmError('ERR_MICROVM_SSH_AUTH', `SSH authentication to ${target} was refused`, { cause: err });
-  if (err.level === 'client-timeout') return new MicrovmError('ERR_MICROVM_SSH_CONNECT', `SSH handshake with ${target} timed out`, { cause: err });
-  return new MicrovmError('ERR_MICROVM_SSH_CONNECT', `SSH connection to ${target} failed: ${err.message}`, { cause: err });
+  if (hostKeyRejected)
+    return new MicrovmError('ERR_MICROVM_SSH_HOSTKEY', `The host key of ${target} does not match: ${hostKeyRejected}`, {
+      cause: err,
+    });
+  if (err.level === 'client-authentication')
+    return new MicrovmError('ERR_MICROVM_SSH_AUTH', `SSH authentication to ${target} was refused`, { cause: err });
+  if (err.level === 'client-timeout')
+    return new MicrovmError('ERR_MICROVM_SSH_CONNECT', `SSH handshake with ${target} timed out`, { cause: err });
+  return new MicrovmError('ERR_MICROVM_SSH_CONNECT', `SSH connection to ${target} failed: ${err.message}`, {
+    cause: err,
+  });
 }
 
 /** A connected SSH client. */
@@ -153,8 +176,18 @@ export class SshClient {
   /** Connects and authenticates. Rejects with ERR_MICROVM_SSH_HOSTKEY / _AUTH / _CONNECT. */
   static connect(options: SshConnectOptions): Promise<SshClient> {
     const o = v.object('options', options);
-    v.knownKeys('options', o, ['host', 'port', 'username', 'privateKey', 'hostKey', 'readyTimeoutMs', 'bannerTimeoutMs', 'signal']);
-    const bannerTimeoutMs = o.bannerTimeoutMs === undefined ? undefined : v.integer('bannerTimeoutMs', o.bannerTimeoutMs, 1, 600000);
+    v.knownKeys('options', o, [
+      'host',
+      'port',
+      'username',
+      'privateKey',
+      'hostKey',
+      'readyTimeoutMs',
+      'bannerTimeoutMs',
+      'signal',
+    ]);
+    const bannerTimeoutMs =
+      o.bannerTimeoutMs === undefined ? undefined : v.integer('bannerTimeoutMs', o.bannerTimeoutMs, 1, 600000);
     const host = v.string('host', o.host);
     const port = v.integer('port', o.port, 1, 65535);
     const username = v.string('username', o.username);
@@ -169,7 +202,8 @@ export class SshClient {
     const hostVerifier = (key: Buffer): boolean => {
       if ('insecureAcceptAny' in policy) return true;
       const parsed = ssh2().utils.parseKey(key);
-      const line = parsed instanceof Error || Array.isArray(parsed) ? undefined : `${parsed.type} ${key.toString('base64')}`;
+      const line =
+        parsed instanceof Error || Array.isArray(parsed) ? undefined : `${parsed.type} ${key.toString('base64')}`;
       if ('expected' in policy) {
         if (keyBlob(policy.expected).equals(key)) return true;
         rejected = `expected ${policy.expected.split(' ').slice(0, 2).join(' ').slice(0, 60)}…, got ${line?.slice(0, 60) ?? 'an unknown key type'}…`;
@@ -193,55 +227,67 @@ export class SshClient {
       return true;
     };
 
-    const sockPromise = bannerTimeoutMs === undefined ? Promise.resolve(undefined) : connectWithBanner(host, port, bannerTimeoutMs, signal);
-    return sockPromise.then((sock) => new Promise<SshClient>((resolve, reject) => {
-      const conn = new (ssh2().Client)();
-      let settled = false;
-      const onAbort = (): void => {
-        if (settled) return;
-        settled = true;
-        conn.end();
-        reject(signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'));
-      };
-      signal?.addEventListener('abort', onAbort, { once: true });
-      conn.once('ready', () => {
-        signal?.removeEventListener('abort', onAbort);
-        if (settled) return;
-        settled = true;
-        resolve(new SshClient(conn, target));
-      });
-      // 'on', not 'once': ssh2 can emit several errors for one failed connection.
-      conn.on('error', (err: Error & { level?: string }) => {
-        signal?.removeEventListener('abort', onAbort);
-        if (settled) return;
-        settled = true;
-        conn.end();
-        reject(classify(err, rejected, target));
-      });
-      conn.once('close', () => {
-        if (settled) return;
-        settled = true;
-        signal?.removeEventListener('abort', onAbort);
-        reject(classify(new Error('connection closed during the handshake'), rejected, target));
-      });
-      const config: ConnectConfig = {
-        host,
-        port,
-        username,
-        privateKey,
-        readyTimeout: o.readyTimeoutMs === undefined ? 10000 : v.integer('readyTimeoutMs', o.readyTimeoutMs, 1, 600000),
-        hostVerifier,
-        keepaliveInterval: 0,
-      };
-      if (sock) config.sock = sock as unknown as ConnectConfig['sock'];
-      conn.connect(config);
-      // The handshake is a series of small request/response messages: Nagle + delayed ACKs would
-      // add ~40 ms to several of them.
-      conn.setNoDelay(true);
-    }), (err: Error & { level?: string }) => {
-      if (err.name === 'AbortError') throw err;
-      throw classify(err, undefined, target);
-    });
+    const sockPromise =
+      bannerTimeoutMs === undefined
+        ? Promise.resolve(undefined)
+        : connectWithBanner(host, port, bannerTimeoutMs, signal);
+    return sockPromise.then(
+      (sock) =>
+        new Promise<SshClient>((resolve, reject) => {
+          const conn = new (ssh2().Client)();
+          let settled = false;
+          const onAbort = (): void => {
+            if (settled) return;
+            settled = true;
+            conn.end();
+            reject(
+              signal?.reason instanceof Error
+                ? signal.reason
+                : new DOMException('The operation was aborted', 'AbortError'),
+            );
+          };
+          signal?.addEventListener('abort', onAbort, { once: true });
+          conn.once('ready', () => {
+            signal?.removeEventListener('abort', onAbort);
+            if (settled) return;
+            settled = true;
+            resolve(new SshClient(conn, target));
+          });
+          // 'on', not 'once': ssh2 can emit several errors for one failed connection.
+          conn.on('error', (err: Error & { level?: string }) => {
+            signal?.removeEventListener('abort', onAbort);
+            if (settled) return;
+            settled = true;
+            conn.end();
+            reject(classify(err, rejected, target));
+          });
+          conn.once('close', () => {
+            if (settled) return;
+            settled = true;
+            signal?.removeEventListener('abort', onAbort);
+            reject(classify(new Error('connection closed during the handshake'), rejected, target));
+          });
+          const config: ConnectConfig = {
+            host,
+            port,
+            username,
+            privateKey,
+            readyTimeout:
+              o.readyTimeoutMs === undefined ? 10000 : v.integer('readyTimeoutMs', o.readyTimeoutMs, 1, 600000),
+            hostVerifier,
+            keepaliveInterval: 0,
+          };
+          if (sock) config.sock = sock as unknown as ConnectConfig['sock'];
+          conn.connect(config);
+          // The handshake is a series of small request/response messages: Nagle + delayed ACKs would
+          // add ~40 ms to several of them.
+          conn.setNoDelay(true);
+        }),
+      (err: Error & { level?: string }) => {
+        if (err.name === 'AbortError') throw err;
+        throw classify(err, undefined, target);
+      },
+    );
   }
 
   /** Whether the connection is closed. */
@@ -258,7 +304,12 @@ export class SshClient {
     options.signal?.throwIfAborted();
     return new Promise((resolve, reject) => {
       this.#conn.exec(command, { env: options.env }, (err, stream) => {
-        if (err) return reject(new MicrovmError('ERR_MICROVM_SSH_EXEC', `Cannot run a command on ${this.#target}: ${err.message}`, { cause: err }));
+        if (err)
+          return reject(
+            new MicrovmError('ERR_MICROVM_SSH_EXEC', `Cannot run a command on ${this.#target}: ${err.message}`, {
+              cause: err,
+            }),
+          );
         if (options.signal) {
           const onAbort = (): void => {
             stream.signal('KILL');
@@ -296,10 +347,19 @@ export class SshClient {
           sig = typeof signalName === 'string' ? signalName : null;
         }
         if (options.signal?.aborted) {
-          reject(options.signal.reason instanceof Error ? options.signal.reason : new DOMException('The operation was aborted', 'AbortError'));
+          reject(
+            options.signal.reason instanceof Error
+              ? options.signal.reason
+              : new DOMException('The operation was aborted', 'AbortError'),
+          );
           return;
         }
-        resolve({ stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8'), exitCode, signal: sig });
+        resolve({
+          stdout: Buffer.concat(out).toString('utf8'),
+          stderr: Buffer.concat(err).toString('utf8'),
+          exitCode,
+          signal: sig,
+        });
       });
       stream.on('error', reject);
       if (options.stdin !== undefined) stream.end(options.stdin);
@@ -323,10 +383,15 @@ export class SshClient {
   async copyTo(localPath: string, remotePath: string, options: { mode?: number } = {}): Promise<void> {
     v.absolutePath('localPath', localPath);
     v.string('remotePath', remotePath);
-    const mode = options.mode === undefined ? fs.statSync(localPath).mode & 0o777 : v.integer('options.mode', options.mode, 0, 0o7777);
+    const mode =
+      options.mode === undefined
+        ? fs.statSync(localPath).mode & 0o777
+        : v.integer('options.mode', options.mode, 0, 0o7777);
     const sftp = await this.#sftpSession();
     if (sftp) {
-      await new Promise<void>((resolve, reject) => sftp.fastPut(localPath, remotePath, { mode }, (e) => (e ? reject(e) : resolve())));
+      await new Promise<void>((resolve, reject) =>
+        sftp.fastPut(localPath, remotePath, { mode }, (e) => (e ? reject(e) : resolve())),
+      );
       return;
     }
     const q = shellQuote(remotePath);
@@ -340,7 +405,9 @@ export class SshClient {
     v.absolutePath('localPath', localPath);
     const sftp = await this.#sftpSession();
     if (sftp) {
-      await new Promise<void>((resolve, reject) => sftp.fastGet(remotePath, localPath, (e) => (e ? reject(e) : resolve())));
+      await new Promise<void>((resolve, reject) =>
+        sftp.fastGet(remotePath, localPath, (e) => (e ? reject(e) : resolve())),
+      );
       return;
     }
     const stream = await this.spawn(`cat ${shellQuote(remotePath)}`);
@@ -375,13 +442,20 @@ function pipeThrough(from: Readable, to: Writable, channel: ClientChannel): Prom
     });
     from.on('error', reject);
     to.on('error', reject);
-    const done = (): void => (code === 0 ? resolve() : reject(new MicrovmError('ERR_MICROVM_SSH_COPY', `copy failed (exit ${String(code)}): ${Buffer.concat(errs).toString().trim()}`)));
+    const done = (): void =>
+      code === 0
+        ? resolve()
+        : reject(
+            new MicrovmError(
+              'ERR_MICROVM_SSH_COPY',
+              `copy failed (exit ${String(code)}): ${Buffer.concat(errs).toString().trim()}`,
+            ),
+          );
     if (to === channel) {
       channel.resume(); // drain its stdout, or it never ends and never closes
       channel.stderr.resume();
       channel.on('close', done);
-    }
-    else to.on('finish', () => (code === null ? channel.once('close', done) : done()));
+    } else to.on('finish', () => (code === null ? channel.once('close', done) : done()));
     from.pipe(to);
   });
 }

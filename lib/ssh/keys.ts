@@ -20,16 +20,25 @@ export function generateKeyPair(options: { type?: 'ed25519' | 'ecdsa'; comment?:
   const o = v.object('options', options);
   v.knownKeys('options', o, ['type', 'comment']);
   const type = o.type === undefined ? 'ed25519' : o.type;
-  if (type !== 'ed25519' && type !== 'ecdsa') throw new RangeError(`Expected 'ed25519' or 'ecdsa' for type but received ${v.describe(type)}`);
+  if (type !== 'ed25519' && type !== 'ecdsa')
+    throw new RangeError(`Expected 'ed25519' or 'ecdsa' for type but received ${v.describe(type)}`);
   const comment = o.comment === undefined ? 'node-microvm' : v.string('comment', o.comment);
-  const pair = type === 'ed25519' ? ssh2().utils.generateKeyPairSync('ed25519', { comment }) : ssh2().utils.generateKeyPairSync('ecdsa', { bits: 256, comment });
+  const pair =
+    type === 'ed25519'
+      ? ssh2().utils.generateKeyPairSync('ed25519', { comment })
+      : ssh2().utils.generateKeyPairSync('ecdsa', { bits: 256, comment });
   return { type, privateKey: pair.private, publicKey: pair.public.trim() };
 }
 
 /** Writes `<dir>/<name>` (0600) and `<dir>/<name>.pub` (0644), atomically; returns their paths. */
-export function writeKeyPair(pair: SshKeyPair, dir: string, name = `id_${pair.type}`): { privateKeyPath: string; publicKeyPath: string } {
+export function writeKeyPair(
+  pair: SshKeyPair,
+  dir: string,
+  name = `id_${pair.type}`,
+): { privateKeyPath: string; publicKeyPath: string } {
   v.absolutePath('dir', dir);
-  if (!/^[A-Za-z0-9_.-]+$/.test(name)) throw new RangeError(`Expected a plain file name for name but received ${v.describe(name)}`);
+  if (!/^[A-Za-z0-9_.-]+$/.test(name))
+    throw new RangeError(`Expected a plain file name for name but received ${v.describe(name)}`);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const privateKeyPath = path.join(dir, name);
   const publicKeyPath = `${privateKeyPath}.pub`;
@@ -51,9 +60,17 @@ export function loadKeyPair(privateKeyPath: string, passphrase?: string): SshKey
   const parsed = ssh2().utils.parseKey(text, passphrase);
   if (parsed instanceof Error || Array.isArray(parsed)) {
     // The parser's message never contains key material; the file path is enough to act on.
-    throw new MicrovmError('ERR_MICROVM_SSH_KEY', `Cannot read the private key in ${privateKeyPath}: ${parsed instanceof Error ? parsed.message : 'several keys in one file'}`);
+    throw new MicrovmError(
+      'ERR_MICROVM_SSH_KEY',
+      `Cannot read the private key in ${privateKeyPath}: ${parsed instanceof Error ? parsed.message : 'several keys in one file'}`,
+    );
   }
   const type = parsed.type === 'ssh-ed25519' ? 'ed25519' : parsed.type.startsWith('ecdsa-') ? 'ecdsa' : undefined;
-  if (!type) throw new MicrovmError('ERR_MICROVM_SSH_KEY', `${privateKeyPath} holds a ${parsed.type} key; use ed25519 or ECDSA`);
-  return { type, privateKey: text, publicKey: `${parsed.type} ${parsed.getPublicSSH().toString('base64')}${parsed.comment ? ` ${parsed.comment}` : ''}` };
+  if (!type)
+    throw new MicrovmError('ERR_MICROVM_SSH_KEY', `${privateKeyPath} holds a ${parsed.type} key; use ed25519 or ECDSA`);
+  return {
+    type,
+    privateKey: text,
+    publicKey: `${parsed.type} ${parsed.getPublicSSH().toString('base64')}${parsed.comment ? ` ${parsed.comment}` : ''}`,
+  };
 }

@@ -60,14 +60,28 @@ export interface WaitForReadyOptions extends Omit<SshConnectOptions, 'signal'> {
 export async function waitForReady(options: WaitForReadyOptions, scope?: SpanScope): Promise<SshClient> {
   const o = v.object('options', options);
   const timeoutMs = o.timeoutMs === undefined ? 60000 : v.integer('timeoutMs', o.timeoutMs, 1, 3_600_000);
-  const initial = o.initialIntervalMs === undefined ? 10 : v.integer('initialIntervalMs', o.initialIntervalMs, 0, 600000);
+  const initial =
+    o.initialIntervalMs === undefined ? 10 : v.integer('initialIntervalMs', o.initialIntervalMs, 0, 600000);
   const max = o.maxIntervalMs === undefined ? 50 : v.integer('maxIntervalMs', o.maxIntervalMs, 0, 600000);
   const backoff = o.backoff === undefined ? 1.5 : (o.backoff as number);
-  if (typeof backoff !== 'number' || !(backoff >= 1)) throw new RangeError(`Expected a number >= 1 for backoff but received ${v.describe(o.backoff)}`);
+  if (typeof backoff !== 'number' || !(backoff >= 1))
+    throw new RangeError(`Expected a number >= 1 for backoff but received ${v.describe(o.backoff)}`);
   const clock = options.clock ?? systemClock;
   const connect = options.connect ?? ((c: SshConnectOptions) => SshClient.connect(c));
-  const { timeoutMs: _t, initialIntervalMs: _i, maxIntervalMs: _m, backoff: _b, clock: _c, scope: _s, connect: _k, signal, bannerTimeoutMs: _bt, ...connectOptions } = options;
-  const bannerTimeoutMs = o.bannerTimeoutMs === undefined ? 300 : v.integer('bannerTimeoutMs', o.bannerTimeoutMs, 1, 600000);
+  const {
+    timeoutMs: _t,
+    initialIntervalMs: _i,
+    maxIntervalMs: _m,
+    backoff: _b,
+    clock: _c,
+    scope: _s,
+    connect: _k,
+    signal,
+    bannerTimeoutMs: _bt,
+    ...connectOptions
+  } = options;
+  const bannerTimeoutMs =
+    o.bannerTimeoutMs === undefined ? 300 : v.integer('bannerTimeoutMs', o.bannerTimeoutMs, 1, 600000);
   const s = scope ?? options.scope ?? { tracer: getTracer(), ctx: context.active() };
   const attrs = { 'ssh.host': options.host, 'ssh.port': options.port, 'ssh.user': options.username };
   const body = async (span: Span): Promise<SshClient> => {
@@ -80,13 +94,26 @@ export async function waitForReady(options: WaitForReadyOptions, scope?: SpanSco
         signal?.throwIfAborted();
         probes++;
         try {
-          const readyTimeoutMs = Math.max(1, Math.min(options.readyTimeoutMs ?? 5000, Math.ceil(deadline - clock.now())));
-          const client = await connect({ ...connectOptions, readyTimeoutMs, bannerTimeoutMs: Math.min(bannerTimeoutMs, readyTimeoutMs), signal });
+          const readyTimeoutMs = Math.max(
+            1,
+            Math.min(options.readyTimeoutMs ?? 5000, Math.ceil(deadline - clock.now())),
+          );
+          const client = await connect({
+            ...connectOptions,
+            readyTimeoutMs,
+            bannerTimeoutMs: Math.min(bannerTimeoutMs, readyTimeoutMs),
+            signal,
+          });
           return client;
         } catch (err) {
           const code = (err as MicrovmError).code;
           // A wrong host key or refused key will not fix itself: stop at once.
-          if (code === 'ERR_MICROVM_SSH_HOSTKEY' || code === 'ERR_MICROVM_SSH_AUTH' || (err as Error).name === 'AbortError') throw err;
+          if (
+            code === 'ERR_MICROVM_SSH_HOSTKEY' ||
+            code === 'ERR_MICROVM_SSH_AUTH' ||
+            (err as Error).name === 'AbortError'
+          )
+            throw err;
           lastError = err as Error;
           span.addEvent('ssh.probe_failed', { 'ssh.probe_count': probes, 'exception.message': lastError.message });
         }

@@ -3,7 +3,16 @@
  * every call is a no-op costing nanoseconds. Parent links are passed explicitly (a Context argument),
  * so spans nest correctly even when the application registered no context manager.
  */
-import { type Attributes, type Context, context, type Span, SpanStatusCode, trace, type Tracer, type TracerProvider } from '@opentelemetry/api';
+import {
+  type Attributes,
+  type Context,
+  context,
+  type Span,
+  SpanStatusCode,
+  trace,
+  type Tracer,
+  type TracerProvider,
+} from '@opentelemetry/api';
 import { ATTR } from './attributes';
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -36,7 +45,12 @@ export interface SpanScope {
  * Runs `fn` inside a child span of `scope`. The span ends when `fn` settles; a rejection marks it
  * ERROR and is re-thrown. `fn` gets the span and a scope for its own children.
  */
-export async function inSpan<T>(scope: SpanScope, name: string, attributes: Attributes | undefined, fn: (span: Span, scope: SpanScope) => Promise<T> | T): Promise<T> {
+export async function inSpan<T>(
+  scope: SpanScope,
+  name: string,
+  attributes: Attributes | undefined,
+  fn: (span: Span, scope: SpanScope) => Promise<T> | T,
+): Promise<T> {
   const span = scope.tracer.startSpan(name, { attributes }, scope.ctx);
   const child: SpanScope = { tracer: scope.tracer, ctx: trace.setSpan(scope.ctx, span) };
   try {

@@ -47,15 +47,30 @@ export function formatSpanTree(spans: readonly SpanLike[]): string {
   for (const list of children.values()) list.sort((a, b) => seconds(a.startTime) - seconds(b.startTime));
   const rows: { label: string; dur: number; note: string }[] = [];
   const walk = (s: SpanLike, depth: number, largest: SpanLike | undefined): void => {
-    const notes = SHOWN.filter(([k]) => s.attributes[k] !== undefined).map(([k, short]) => `${short}=${String(s.attributes[k])}`);
+    const notes = SHOWN.filter(([k]) => s.attributes[k] !== undefined).map(
+      ([k, short]) => `${short}=${String(s.attributes[k])}`,
+    );
     if (s === largest) notes.unshift('◀ largest stage');
     if (s.status.code === 2) notes.unshift(`ERROR${s.status.message ? `: ${s.status.message.split('\n')[0]}` : ''}`);
-    rows.push({ label: `${'  '.repeat(depth)}${s.name}`, dur: seconds(s.endTime) - seconds(s.startTime), note: notes.join('  ') });
+    rows.push({
+      label: `${'  '.repeat(depth)}${s.name}`,
+      dur: seconds(s.endTime) - seconds(s.startTime),
+      note: notes.join('  '),
+    });
     const kids = children.get(s.spanContext().spanId) ?? [];
-    const big = depth === 0 ? kids.reduce<SpanLike | undefined>((m, k) => (!m || seconds(k.endTime) - seconds(k.startTime) > seconds(m.endTime) - seconds(m.startTime) ? k : m), undefined) : undefined;
+    const big =
+      depth === 0
+        ? kids.reduce<SpanLike | undefined>(
+            (m, k) =>
+              !m || seconds(k.endTime) - seconds(k.startTime) > seconds(m.endTime) - seconds(m.startTime) ? k : m,
+            undefined,
+          )
+        : undefined;
     for (const k of kids) walk(k, depth + 1, big);
   };
   for (const r of children.get(undefined) ?? []) walk(r, 0, undefined);
   const width = Math.max(0, ...rows.map((r) => r.label.length)) + 2;
-  return rows.map((r) => `${r.label.padEnd(width)}${r.dur.toFixed(3).padStart(8)} s${r.note ? `  ${r.note}` : ''}`).join('\n');
+  return rows
+    .map((r) => `${r.label.padEnd(width)}${r.dur.toFixed(3).padStart(8)} s${r.note ? `  ${r.note}` : ''}`)
+    .join('\n');
 }

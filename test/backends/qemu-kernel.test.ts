@@ -65,8 +65,15 @@ describe('PVH kernel', () => {
 
 describe('QEMU runtime resolution', () => {
   test('a missing QEMU or virtiofsd names the package to install', () => {
-    expect(() => resolveQemuRuntime({ qemuPath: '/nonexistent/qemu' })).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_QEMU_NOT_FOUND', message: expect.stringContaining('apt-get install qemu-system-x86') }));
-    expect(() => resolveQemuRuntime({ virtiofsdPath: '/nonexistent/virtiofsd', qemuPath: '/bin/true' })).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_VIRTIOFSD_NOT_FOUND' }));
+    expect(() => resolveQemuRuntime({ qemuPath: '/nonexistent/qemu' })).toThrow(
+      expect.objectContaining({
+        code: 'ERR_MICROVM_QEMU_NOT_FOUND',
+        message: expect.stringContaining('apt-get install qemu-system-x86'),
+      }),
+    );
+    expect(() => resolveQemuRuntime({ virtiofsdPath: '/nonexistent/virtiofsd', qemuPath: '/bin/true' })).toThrow(
+      expect.objectContaining({ code: 'ERR_MICROVM_VIRTIOFSD_NOT_FOUND' }),
+    );
   });
 
   test('accel can be forced; auto is KVM only on hardware KVM (never a PVM /dev/kvm); kvm on a host without /dev/kvm is a coded error', () => {
@@ -75,17 +82,38 @@ describe('QEMU runtime resolution', () => {
       const tools = { qemuPath: '/bin/true', virtiofsdPath: '/bin/true' };
       const pvm = makeHost(path.join(s.dir, 'pvm'), { flags: 'fpu sse2 hypervisor', modules: ['kvm', 'kvm_pvm'] });
       const hw = makeHost(path.join(s.dir, 'hw'), { flags: 'fpu vmx', modules: ['kvm', 'kvm_intel'] });
-      const none = makeHost(path.join(s.dir, 'none'), { flags: 'fpu vmx', modules: ['kvm', 'kvm_intel'], device: 'none' });
-      expect(resolveQemuRuntime({ ...tools, hostProbe: hw, accel: 'tcg' })).toMatchObject({ accel: 'tcg', automatic: false });
-      expect(resolveQemuRuntime({ ...tools, hostProbe: pvm })).toMatchObject({ accel: 'tcg', automatic: true, reason: expect.stringContaining('PVM') });
+      const none = makeHost(path.join(s.dir, 'none'), {
+        flags: 'fpu vmx',
+        modules: ['kvm', 'kvm_intel'],
+        device: 'none',
+      });
+      expect(resolveQemuRuntime({ ...tools, hostProbe: hw, accel: 'tcg' })).toMatchObject({
+        accel: 'tcg',
+        automatic: false,
+      });
+      expect(resolveQemuRuntime({ ...tools, hostProbe: pvm })).toMatchObject({
+        accel: 'tcg',
+        automatic: true,
+        reason: expect.stringContaining('PVM'),
+      });
       expect(resolveQemuRuntime({ ...tools, hostProbe: hw })).toMatchObject({ accel: 'kvm', automatic: true });
-      expect(resolveQemuRuntime({ ...tools, hostProbe: pvm, accel: 'kvm' })).toMatchObject({ accel: 'kvm', automatic: false });
-      expect(() => resolveQemuRuntime({ ...tools, hostProbe: none, accel: 'kvm' })).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_KVM_UNAVAILABLE' }));
-      expect(() => resolveQemuRuntime({ ...tools, accel: 'fast' as 'kvm' })).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_INVALID_ACCEL', message: expect.stringContaining('accel') }));
+      expect(resolveQemuRuntime({ ...tools, hostProbe: pvm, accel: 'kvm' })).toMatchObject({
+        accel: 'kvm',
+        automatic: false,
+      });
+      expect(() => resolveQemuRuntime({ ...tools, hostProbe: none, accel: 'kvm' })).toThrow(
+        expect.objectContaining({ code: 'ERR_MICROVM_KVM_UNAVAILABLE' }),
+      );
+      expect(() => resolveQemuRuntime({ ...tools, accel: 'fast' as 'kvm' })).toThrow(
+        expect.objectContaining({ code: 'ERR_MICROVM_INVALID_ACCEL', message: expect.stringContaining('accel') }),
+      );
       const env = process.env.MICROVM_ACCEL;
       process.env.MICROVM_ACCEL = 'tcg';
       try {
-        expect(resolveQemuRuntime({ ...tools, hostProbe: hw })).toMatchObject({ accel: 'tcg', reason: 'TCG requested' });
+        expect(resolveQemuRuntime({ ...tools, hostProbe: hw })).toMatchObject({
+          accel: 'tcg',
+          reason: 'TCG requested',
+        });
       } finally {
         if (env === undefined) delete process.env.MICROVM_ACCEL;
         else process.env.MICROVM_ACCEL = env;

@@ -8,7 +8,12 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { BasicTracerProvider, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import {
+  BasicTracerProvider,
+  InMemorySpanExporter,
+  type ReadableSpan,
+  SimpleSpanProcessor,
+} from '@opentelemetry/sdk-trace-base';
 import { type MicroVM, probeKvm, qemuBackend, run, type RunOptions, SPAN } from '../../lib';
 import { alive, scratch } from '../helpers';
 import { makeHost } from '../host/fake-host';
@@ -19,7 +24,8 @@ function missing(): string | undefined {
   } catch {
     return 'qemu-system-x86_64 is not installed';
   }
-  if (!process.env.MICROVM_TEST_IMAGE) return `no test image (${process.env.MICROVM_TEST_IMAGE_ERROR ?? 'scripts/make-test-image.sh failed'})`;
+  if (!process.env.MICROVM_TEST_IMAGE)
+    return `no test image (${process.env.MICROVM_TEST_IMAGE_ERROR ?? 'scripts/make-test-image.sh failed'})`;
   return undefined;
 }
 const skip = missing();
@@ -35,17 +41,25 @@ afterEach(async () => {
   s.cleanup();
 });
 
-const base = (extra: RunOptions = {}): RunOptions => ({ rootfsPath: process.env.MICROVM_TEST_IMAGE, dataDir: path.join(s.dir, 'data'), ...extra });
+const base = (extra: RunOptions = {}): RunOptions => ({
+  rootfsPath: process.env.MICROVM_TEST_IMAGE,
+  dataDir: path.join(s.dir, 'data'),
+  ...extra,
+});
 
 /** Processes whose command line mentions `dir` (QEMU, virtiofsd, the launcher). */
 function related(dir: string): number[] {
-  return fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).map(Number).filter((p) => {
-    try {
-      return p !== process.pid && fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(dir) && alive(p);
-    } catch {
-      return false;
-    }
-  });
+  return fs
+    .readdirSync('/proc')
+    .filter((d) => /^\d+$/.test(d))
+    .map(Number)
+    .filter((p) => {
+      try {
+        return p !== process.pid && fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(dir) && alive(p);
+      } catch {
+        return false;
+      }
+    });
 }
 
 /**
@@ -55,7 +69,9 @@ function related(dir: string): number[] {
 function kvmDyingQemu(dir: string): string {
   const real = execFileSync('sh', ['-c', 'command -v qemu-system-x86_64'], { encoding: 'utf8' }).trim();
   const file = path.join(dir, 'qemu-kvm-dies');
-  fs.writeFileSync(file, `#!/bin/sh
+  fs.writeFileSync(
+    file,
+    `#!/bin/sh
 case " $* " in
   *" -accel kvm "*)
     echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69" >&2
@@ -63,7 +79,9 @@ case " $* " in
     kill -ABRT $$ ;;
 esac
 exec ${real} "$@"
-`, { mode: 0o755 });
+`,
+    { mode: 0o755 },
+  );
   return file;
 }
 
@@ -74,90 +92,170 @@ function one(spans: readonly ReadableSpan[], name: string): ReadableSpan {
   return l[0];
 }
 
-(skip ? describe.skip : describe)(`QEMU backend: failures end in coded errors, never hangs${skip ? ` [skipped: ${skip}]` : ''}`, () => {
-  test('a QEMU that dies at once (MSR assertion, SIGABRT): ERR_MICROVM_BOOT_FAILED with that line, nothing left behind', async () => {
-    const data = path.join(s.dir, 'data');
-    // A boot deadline of 10 minutes: the test's own 60 s limit fails it if the death is not noticed.
-    const err = await run('img', base({ backend: qemuBackend({ qemuPath: kvmDyingQemu(s.dir), accel: 'kvm' }), initOverride: ['/bin/true'], timeouts: { boot: 600_000 } })).catch((e: unknown) => e);
-    expect(err).toMatchObject({ code: 'ERR_MICROVM_BOOT_FAILED', message: expect.stringContaining('failed to set MSR 0x10a to 0x69') });
-    expect((err as Error).message).toMatch(/killed by SIGABRT/);
-    expect((err as Error).message).toMatch(/use accel 'tcg'/);
-    expect(fs.readdirSync(path.join(data, 'vms'))).toEqual([]);
-    expect(related(data)).toEqual([]);
-  });
+(skip ? describe.skip : describe)(
+  `QEMU backend: failures end in coded errors, never hangs${skip ? ` [skipped: ${skip}]` : ''}`,
+  () => {
+    test('a QEMU that dies at once (MSR assertion, SIGABRT): ERR_MICROVM_BOOT_FAILED with that line, nothing left behind', async () => {
+      const data = path.join(s.dir, 'data');
+      // A boot deadline of 10 minutes: the test's own 60 s limit fails it if the death is not noticed.
+      const err = await run(
+        'img',
+        base({
+          backend: qemuBackend({ qemuPath: kvmDyingQemu(s.dir), accel: 'kvm' }),
+          initOverride: ['/bin/true'],
+          timeouts: { boot: 600_000 },
+        }),
+      ).catch((e: unknown) => e);
+      expect(err).toMatchObject({
+        code: 'ERR_MICROVM_BOOT_FAILED',
+        message: expect.stringContaining('failed to set MSR 0x10a to 0x69'),
+      });
+      expect((err as Error).message).toMatch(/killed by SIGABRT/);
+      expect((err as Error).message).toMatch(/use accel 'tcg'/);
+      expect(fs.readdirSync(path.join(data, 'vms'))).toEqual([]);
+      expect(related(data)).toEqual([]);
+    });
 
-  test('a guest that never starts (QEMU -S, never resumed): ERR_MICROVM_BOOT_TIMEOUT at the boot deadline', async () => {
-    const data = path.join(s.dir, 'data');
-    const err = await run('img', base({ backend: qemuBackend({ extraArgs: ['-S'] }), accel: undefined, initOverride: ['/bin/true'], timeouts: { boot: 3000 } })).catch((e: unknown) => e);
-    expect(err).toMatchObject({ code: 'ERR_MICROVM_BOOT_TIMEOUT', message: expect.stringContaining('no sign of life within 3000 ms') });
-    expect(related(data)).toEqual([]);
-  });
+    test('a guest that never starts (QEMU -S, never resumed): ERR_MICROVM_BOOT_TIMEOUT at the boot deadline', async () => {
+      const data = path.join(s.dir, 'data');
+      const err = await run(
+        'img',
+        base({
+          backend: qemuBackend({ extraArgs: ['-S'] }),
+          accel: undefined,
+          initOverride: ['/bin/true'],
+          timeouts: { boot: 3000 },
+        }),
+      ).catch((e: unknown) => e);
+      expect(err).toMatchObject({
+        code: 'ERR_MICROVM_BOOT_TIMEOUT',
+        message: expect.stringContaining('no sign of life within 3000 ms'),
+      });
+      expect(related(data)).toEqual([]);
+    });
 
-  test('a VM paused through QMP after run() resolved: wait() reports the failure and QEMU is gone', async () => {
-    const qmpPath = path.join(s.dir, 'test-qmp.sock');
-    const vm = await run('img', base({ backend: qemuBackend({ extraArgs: ['-qmp', `unix:${qmpPath},server=on,wait=off`] }), initOverride: ['/bin/sh', '-c', 'sleep 600'] }));
-    vms.push(vm);
-    const sock = net.createConnection(qmpPath);
-    sock.on('error', () => undefined);
-    sock.write('{"execute":"qmp_capabilities"}\n{"execute":"stop"}\n');
-    const exit = await vm.wait();
-    sock.destroy();
-    expect(exit).toMatchObject({ reason: 'failed', exitCode: null, error: { code: 'ERR_MICROVM_HYPERVISOR_FAILED', message: expect.stringContaining('paused the guest (status "paused")') } });
-    expect(vm.status()).toMatchObject({ state: 'exited', reason: 'failed' });
-    expect(alive(vm.pid)).toBe(false);
-  });
-
-  test('stop(): wait() says stopped by SIGTERM; a stop that escalates says SIGKILL', async () => {
-    const a = await run('img', base({ name: 'a', initOverride: ['/bin/sh', '-c', 'sleep 600'] }));
-    vms.push(a);
-    await a.stop();
-    expect(await a.wait()).toEqual({ reason: 'stopped', exitCode: null, signal: 'SIGTERM' });
-    const b = await run('img', base({ name: 'b', initOverride: ['/bin/sh', '-c', 'sleep 600'] }));
-    vms.push(b);
-    await b.stop({ timeoutMs: 0 });
-    expect(await b.wait()).toEqual({ reason: 'stopped', exitCode: null, signal: 'SIGKILL' });
-  });
-
-  test('the VM ends while SSH readiness waits: run() rejects at once, not at the SSH timeout', async () => {
-    const err = await run('img', base({ initOverride: ['/bin/sh', '-c', 'echo no ssh here; exit 5'], ssh: { timeoutMs: 600_000 } })).catch((e: unknown) => e);
-    expect(err).toMatchObject({ code: 'ERR_MICROVM_VM_EXITED', message: expect.stringContaining('the guest command exited with code 5') });
-  });
-
-  test("auto fallback: 'auto' picks KVM on a host that looks like hardware KVM, KVM dies, the VM boots under TCG; the verdict skips KVM next time", async () => {
-    const host = makeHost(path.join(s.dir, 'host'), { flags: 'fpu vmx sse2', modules: ['kvm', 'kvm_intel'], bootId: 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee' });
-    const qemuPath = kvmDyingQemu(s.dir);
-    const boot = async (name: string): Promise<ReadableSpan[]> => {
-      const exporter = new InMemorySpanExporter();
-      const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
-      const vm = await run('img', base({ name, backend: qemuBackend({ qemuPath, hostProbe: host }), initOverride: ['/bin/sh', '-c', 'echo booted; exit 6'], tracerProvider }));
+    test('a VM paused through QMP after run() resolved: wait() reports the failure and QEMU is gone', async () => {
+      const qmpPath = path.join(s.dir, 'test-qmp.sock');
+      const vm = await run(
+        'img',
+        base({
+          backend: qemuBackend({ extraArgs: ['-qmp', `unix:${qmpPath},server=on,wait=off`] }),
+          initOverride: ['/bin/sh', '-c', 'sleep 600'],
+        }),
+      );
       vms.push(vm);
-      expect(await vm.wait()).toEqual({ reason: 'exited', exitCode: 6, signal: null });
-      expect(fs.readFileSync(vm.stdoutPath as string, 'utf8')).toBe('booted\n');
-      return exporter.getFinishedSpans();
-    };
-    const first = await boot('first');
-    expect(one(first, SPAN.BACKEND_RESOLVE_RUNTIME).attributes).toMatchObject({ 'microvm.qemu.accel': 'kvm', 'microvm.qemu.accel_reason': expect.stringContaining('hardware KVM') });
-    const fallback = one(first, SPAN.VM_SPAWN).events.filter((e) => e.name === 'microvm.accel_fallback');
-    expect(fallback).toHaveLength(1);
-    expect(fallback[0].attributes).toMatchObject({ 'microvm.qemu.accel': 'tcg', 'microvm.qemu.accel.from': 'kvm', 'error.type': 'ERR_MICROVM_BOOT_FAILED', 'microvm.qemu.accel_reason': expect.stringContaining('SIGABRT') });
-    expect(one(first, SPAN.BACKEND_START).attributes).toMatchObject({ 'microvm.qemu.accel': 'tcg' });
-    expect(JSON.parse(fs.readFileSync(path.join(s.dir, 'data', 'kvm-verdict.json'), 'utf8'))).toMatchObject({ bootId: 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee' });
+      const sock = net.createConnection(qmpPath);
+      sock.on('error', () => undefined);
+      sock.write('{"execute":"qmp_capabilities"}\n{"execute":"stop"}\n');
+      const exit = await vm.wait();
+      sock.destroy();
+      expect(exit).toMatchObject({
+        reason: 'failed',
+        exitCode: null,
+        error: {
+          code: 'ERR_MICROVM_HYPERVISOR_FAILED',
+          message: expect.stringContaining('paused the guest (status "paused")'),
+        },
+      });
+      expect(vm.status()).toMatchObject({ state: 'exited', reason: 'failed' });
+      expect(alive(vm.pid)).toBe(false);
+    });
 
-    const second = await boot('second');
-    expect(one(second, SPAN.BACKEND_RESOLVE_RUNTIME).attributes).toMatchObject({ 'microvm.qemu.accel': 'tcg', 'microvm.qemu.accel_reason': expect.stringContaining('KVM failed to boot a VM on this host boot') });
-    expect(one(second, SPAN.VM_SPAWN).events.filter((e) => e.name === 'microvm.accel_fallback')).toEqual([]);
-  });
+    test('stop(): wait() says stopped by SIGTERM; a stop that escalates says SIGKILL', async () => {
+      const a = await run('img', base({ name: 'a', initOverride: ['/bin/sh', '-c', 'sleep 600'] }));
+      vms.push(a);
+      await a.stop();
+      expect(await a.wait()).toEqual({ reason: 'stopped', exitCode: null, signal: 'SIGTERM' });
+      const b = await run('img', base({ name: 'b', initOverride: ['/bin/sh', '-c', 'sleep 600'] }));
+      vms.push(b);
+      await b.stop({ timeoutMs: 0 });
+      expect(await b.wait()).toEqual({ reason: 'stopped', exitCode: null, signal: 'SIGKILL' });
+    });
 
-  const pvm = probeKvm().kind === 'pvm';
-  (pvm ? test : test.skip)(`this host's real PVM /dev/kvm: forced accel 'kvm' fails fast with a coded error; 'auto' boots under TCG${pvm ? '' : ' [skipped: /dev/kvm here is not PVM]'}`, async () => {
-    const err = await run('img', base({ backend: 'qemu', accel: 'kvm', initOverride: ['/bin/true'], timeouts: { boot: 600_000 } })).catch((e: unknown) => e);
-    expect(err).toMatchObject({ code: 'ERR_MICROVM_BOOT_FAILED', message: expect.stringContaining('failed to set MSR') });
-    const exporter = new InMemorySpanExporter();
-    const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
-    const vm = await run('img', base({ name: 'auto', initOverride: ['/bin/sh', '-c', 'exit 0'], tracerProvider }));
-    vms.push(vm);
-    expect(vm.backend).toBe('qemu');
-    expect(await vm.wait()).toMatchObject({ reason: 'exited', exitCode: 0 });
-    expect(one(exporter.getFinishedSpans(), SPAN.BACKEND_RESOLVE_RUNTIME).attributes).toMatchObject({ 'microvm.qemu.accel': 'tcg', 'microvm.qemu.accel_reason': expect.stringContaining('PVM') });
-  });
-});
+    test('the VM ends while SSH readiness waits: run() rejects at once, not at the SSH timeout', async () => {
+      const err = await run(
+        'img',
+        base({ initOverride: ['/bin/sh', '-c', 'echo no ssh here; exit 5'], ssh: { timeoutMs: 600_000 } }),
+      ).catch((e: unknown) => e);
+      expect(err).toMatchObject({
+        code: 'ERR_MICROVM_VM_EXITED',
+        message: expect.stringContaining('the guest command exited with code 5'),
+      });
+    });
+
+    test("auto fallback: 'auto' picks KVM on a host that looks like hardware KVM, KVM dies, the VM boots under TCG; the verdict skips KVM next time", async () => {
+      const host = makeHost(path.join(s.dir, 'host'), {
+        flags: 'fpu vmx sse2',
+        modules: ['kvm', 'kvm_intel'],
+        bootId: 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee',
+      });
+      const qemuPath = kvmDyingQemu(s.dir);
+      const boot = async (name: string): Promise<ReadableSpan[]> => {
+        const exporter = new InMemorySpanExporter();
+        const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+        const vm = await run(
+          'img',
+          base({
+            name,
+            backend: qemuBackend({ qemuPath, hostProbe: host }),
+            initOverride: ['/bin/sh', '-c', 'echo booted; exit 6'],
+            tracerProvider,
+          }),
+        );
+        vms.push(vm);
+        expect(await vm.wait()).toEqual({ reason: 'exited', exitCode: 6, signal: null });
+        expect(fs.readFileSync(vm.stdoutPath as string, 'utf8')).toBe('booted\n');
+        return exporter.getFinishedSpans();
+      };
+      const first = await boot('first');
+      expect(one(first, SPAN.BACKEND_RESOLVE_RUNTIME).attributes).toMatchObject({
+        'microvm.qemu.accel': 'kvm',
+        'microvm.qemu.accel_reason': expect.stringContaining('hardware KVM'),
+      });
+      const fallback = one(first, SPAN.VM_SPAWN).events.filter((e) => e.name === 'microvm.accel_fallback');
+      expect(fallback).toHaveLength(1);
+      expect(fallback[0].attributes).toMatchObject({
+        'microvm.qemu.accel': 'tcg',
+        'microvm.qemu.accel.from': 'kvm',
+        'error.type': 'ERR_MICROVM_BOOT_FAILED',
+        'microvm.qemu.accel_reason': expect.stringContaining('SIGABRT'),
+      });
+      expect(one(first, SPAN.BACKEND_START).attributes).toMatchObject({ 'microvm.qemu.accel': 'tcg' });
+      expect(JSON.parse(fs.readFileSync(path.join(s.dir, 'data', 'kvm-verdict.json'), 'utf8'))).toMatchObject({
+        bootId: 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee',
+      });
+
+      const second = await boot('second');
+      expect(one(second, SPAN.BACKEND_RESOLVE_RUNTIME).attributes).toMatchObject({
+        'microvm.qemu.accel': 'tcg',
+        'microvm.qemu.accel_reason': expect.stringContaining('KVM failed to boot a VM on this host boot'),
+      });
+      expect(one(second, SPAN.VM_SPAWN).events.filter((e) => e.name === 'microvm.accel_fallback')).toEqual([]);
+    });
+
+    const pvm = probeKvm().kind === 'pvm';
+    (pvm ? test : test.skip)(
+      `this host's real PVM /dev/kvm: forced accel 'kvm' fails fast with a coded error; 'auto' boots under TCG${pvm ? '' : ' [skipped: /dev/kvm here is not PVM]'}`,
+      async () => {
+        const err = await run(
+          'img',
+          base({ backend: 'qemu', accel: 'kvm', initOverride: ['/bin/true'], timeouts: { boot: 600_000 } }),
+        ).catch((e: unknown) => e);
+        expect(err).toMatchObject({
+          code: 'ERR_MICROVM_BOOT_FAILED',
+          message: expect.stringContaining('failed to set MSR'),
+        });
+        const exporter = new InMemorySpanExporter();
+        const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+        const vm = await run('img', base({ name: 'auto', initOverride: ['/bin/sh', '-c', 'exit 0'], tracerProvider }));
+        vms.push(vm);
+        expect(vm.backend).toBe('qemu');
+        expect(await vm.wait()).toMatchObject({ reason: 'exited', exitCode: 0 });
+        expect(one(exporter.getFinishedSpans(), SPAN.BACKEND_RESOLVE_RUNTIME).attributes).toMatchObject({
+          'microvm.qemu.accel': 'tcg',
+          'microvm.qemu.accel_reason': expect.stringContaining('PVM'),
+        });
+      },
+    );
+  },
+);

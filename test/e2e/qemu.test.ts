@@ -6,7 +6,12 @@
 import { execFileSync, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BasicTracerProvider, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import {
+  BasicTracerProvider,
+  InMemorySpanExporter,
+  type ReadableSpan,
+  SimpleSpanProcessor,
+} from '@opentelemetry/sdk-trace-base';
 import { hooks, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
 import { packageRoot } from '../../lib/native';
 import { alive, firmwareDir, scratch } from '../helpers';
@@ -17,7 +22,8 @@ function missing(): string | undefined {
   } catch {
     return 'qemu-system-x86_64 is not installed';
   }
-  if (!process.env.MICROVM_TEST_IMAGE) return `no test image (${process.env.MICROVM_TEST_IMAGE_ERROR ?? 'scripts/make-test-image.sh failed'})`;
+  if (!process.env.MICROVM_TEST_IMAGE)
+    return `no test image (${process.env.MICROVM_TEST_IMAGE_ERROR ?? 'scripts/make-test-image.sh failed'})`;
   return undefined;
 }
 const skip = missing();
@@ -43,7 +49,10 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 
 (skip ? describe.skip : describe)(`QEMU backend, real VMs${skip ? ` [skipped: ${skip}]` : ''}`, () => {
   test('a command as the VM init: stdout and stderr apart from the console, byte for byte, and its exit code from wait()', async () => {
-    const vm = await run('test-image', base({ initOverride: ['/bin/sh', '-c', 'echo hi; echo oops >&2; printf "a\\r\\nb"; exit 3'] }));
+    const vm = await run(
+      'test-image',
+      base({ initOverride: ['/bin/sh', '-c', 'echo hi; echo oops >&2; printf "a\\r\\nb"; exit 3'] }),
+    );
     vms.push(vm);
     expect(vm.backend).toBe('qemu');
     expect(await vm.wait()).toEqual({ reason: 'exited', exitCode: 3, signal: null });
@@ -55,7 +64,15 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
   test('SSH end to end with the complete span tree of a real boot', async () => {
     const exporter = new InMemorySpanExporter();
     const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
-    const vm = await run('test-image', base({ initOverride: DROPBEAR, ssh: { timeoutMs: 60000 }, rootfsHooks: [hooks.injectFile('/etc/from-hook', 'written by a rootfs hook\n')], tracerProvider: provider }));
+    const vm = await run(
+      'test-image',
+      base({
+        initOverride: DROPBEAR,
+        ssh: { timeoutMs: 60000 },
+        rootfsHooks: [hooks.injectFile('/etc/from-hook', 'written by a rootfs hook\n')],
+        tracerProvider: provider,
+      }),
+    );
     vms.push(vm);
     const uname = await vm.exec('uname -a');
     expect(uname).toMatchObject({ exitCode: 0 });
@@ -73,11 +90,22 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
     const id = (x: ReadableSpan): string => x.spanContext().spanId;
     const parent = (x: ReadableSpan): string | undefined => x.parentSpanContext?.spanId;
     const root = one(SPAN.RUN);
-    for (const stage of [SPAN.PREFLIGHT, SPAN.IMAGE_PULL, SPAN.ROOTFS_CLONE, SPAN.ROOTFS_HOOKS, SPAN.BACKEND_PREPARE, SPAN.NETWORK_START, SPAN.VM_SPAWN, SPAN.POST_BOOT]) {
+    for (const stage of [
+      SPAN.PREFLIGHT,
+      SPAN.IMAGE_PULL,
+      SPAN.ROOTFS_CLONE,
+      SPAN.ROOTFS_HOOKS,
+      SPAN.BACKEND_PREPARE,
+      SPAN.NETWORK_START,
+      SPAN.VM_SPAWN,
+      SPAN.POST_BOOT,
+    ]) {
       expect([stage, parent(one(stage))]).toEqual([stage, id(root)]);
     }
     expect(parent(one(SPAN.PREFLIGHT_RUN_ALL))).toBe(id(one(SPAN.PREFLIGHT)));
-    expect(spans.filter((x) => x.name === SPAN.PREFLIGHT_CHECK).every((x) => parent(x) === id(one(SPAN.PREFLIGHT_RUN_ALL)))).toBe(true);
+    expect(
+      spans.filter((x) => x.name === SPAN.PREFLIGHT_CHECK).every((x) => parent(x) === id(one(SPAN.PREFLIGHT_RUN_ALL))),
+    ).toBe(true);
     expect(parent(one(SPAN.BACKEND_START))).toBe(id(one(SPAN.VM_SPAWN)));
     expect(parent(one(SPAN.BACKEND_RESOLVE_RUNTIME))).toBe(id(one(SPAN.BACKEND_START)));
     expect(parent(one(SPAN.BACKEND_RESOLVE_FIRMWARE))).toBe(id(one(SPAN.BACKEND_START)));
@@ -92,13 +120,18 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
   });
 
   test('boots from an OCI image layout: pulled, unpacked, its config (Env) applied', async () => {
-    if (!process.env.MICROVM_TEST_LAYOUT) throw new Error(`no test layout: ${process.env.MICROVM_TEST_LAYOUT_ERROR ?? ''}`);
+    if (!process.env.MICROVM_TEST_LAYOUT)
+      throw new Error(`no test layout: ${process.env.MICROVM_TEST_LAYOUT_ERROR ?? ''}`);
     const exporter = new InMemorySpanExporter();
     const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
     const vm = await run(`oci:${process.env.MICROVM_TEST_LAYOUT}:test`, {
       backend: 'qemu',
       dataDir: path.join(s.dir, 'data'),
-      initOverride: ['/bin/sh', '-c', 'cat /etc/layer2; echo "GREETING=$GREETING"; test -e /etc/motd || echo whiteout-applied; exit 4'],
+      initOverride: [
+        '/bin/sh',
+        '-c',
+        'cat /etc/layer2; echo "GREETING=$GREETING"; test -e /etc/motd || echo whiteout-applied; exit 4',
+      ],
       tracerProvider: provider,
     });
     vms.push(vm);
@@ -110,12 +143,24 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
     const spans = exporter.getFinishedSpans();
     const pullSpan = spans.find((x) => x.name === SPAN.IMAGE_PULL) as ReadableSpan;
     for (const name of [SPAN.IMAGE_CACHE_LOOKUP, SPAN.IMAGE_FETCH, SPAN.IMAGE_EXTRACT, SPAN.IMAGE_CACHE_STORE]) {
-      expect([name, spans.find((x) => x.name === name)?.parentSpanContext?.spanId]).toEqual([name, pullSpan.spanContext().spanId]);
+      expect([name, spans.find((x) => x.name === name)?.parentSpanContext?.spanId]).toEqual([
+        name,
+        pullSpan.spanContext().spanId,
+      ]);
     }
   });
 
   test('guest timers work (sleep returns; uptime advances)', async () => {
-    const vm = await run('test-image', base({ initOverride: ['/bin/sh', '-c', 'a=$(cut -d. -f1 /proc/uptime); sleep 2; b=$(cut -d. -f1 /proc/uptime); echo "slept $((b - a))"; exit 0'] }));
+    const vm = await run(
+      'test-image',
+      base({
+        initOverride: [
+          '/bin/sh',
+          '-c',
+          'a=$(cut -d. -f1 /proc/uptime); sleep 2; b=$(cut -d. -f1 /proc/uptime); echo "slept $((b - a))"; exit 0',
+        ],
+      }),
+    );
     vms.push(vm);
     expect(await vm.wait()).toMatchObject({ reason: 'exited', exitCode: 0 });
     expect(fs.readFileSync(vm.stdoutPath as string, 'utf8')).toMatch(/slept [23]/);
@@ -146,13 +191,17 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
       owner.once('exit', (code) => reject(new Error(`owner exited early with ${String(code)}`)));
     });
     const related = (): number[] =>
-      fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).map(Number).filter((p) => {
-        try {
-          return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(dataDir);
-        } catch {
-          return false;
-        }
-      });
+      fs
+        .readdirSync('/proc')
+        .filter((d) => /^\d+$/.test(d))
+        .map(Number)
+        .filter((p) => {
+          try {
+            return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(dataDir);
+          } catch {
+            return false;
+          }
+        });
     expect(alive(pid)).toBe(true);
     expect(related().length).toBeGreaterThanOrEqual(2); // QEMU and virtiofsd
     owner.kill('SIGKILL');

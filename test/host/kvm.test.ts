@@ -29,17 +29,27 @@ describe('probeKvm', () => {
     const host = makeHost(s.dir, { flags: 'fpu sse2 hypervisor', modules: ['kvm', 'kvm_pvm'] });
     const r = probeKvm(host);
     expect(r).toMatchObject({ kind: 'pvm', hardware: false });
-    expect(r.reason).toBe(`${host.kvmDevice} is PVM software virtualization: hardware KVM unavailable; QEMU will use TCG (software emulation: slower, but it boots)`);
+    expect(r.reason).toBe(
+      `${host.kvmDevice} is PVM software virtualization: hardware KVM unavailable; QEMU will use TCG (software emulation: slower, but it boots)`,
+    );
   });
 
   test('a software /dev/kvm without the PVM module: no vmx/svm is still no hardware KVM', () => {
     const host = makeHost(s.dir, { flags: 'fpu sse2', modules: ['kvm'] });
-    expect(probeKvm(host)).toMatchObject({ kind: 'software', hardware: false, reason: expect.stringContaining('neither vmx nor svm') });
+    expect(probeKvm(host)).toMatchObject({
+      kind: 'software',
+      hardware: false,
+      reason: expect.stringContaining('neither vmx nor svm'),
+    });
   });
 
   test('no /dev/kvm, or a regular file in its place', () => {
     const host = makeHost(s.dir, { flags: 'vmx', modules: ['kvm_intel'], device: 'none' });
-    expect(probeKvm(host)).toMatchObject({ kind: 'absent', hardware: false, reason: expect.stringContaining('does not exist') });
+    expect(probeKvm(host)).toMatchObject({
+      kind: 'absent',
+      hardware: false,
+      reason: expect.stringContaining('does not exist'),
+    });
     fs.writeFileSync(host.kvmDevice, '');
     expect(probeKvm(host)).toMatchObject({ kind: 'not-a-device', hardware: false });
   });
@@ -58,26 +68,46 @@ describe('probeKvm', () => {
       process.stdout.write(JSON.stringify(probeKvm(${JSON.stringify(host)})));`;
     const r = spawnSync(process.execPath, ['-e', script], { uid: 65534, gid: 65534, encoding: 'utf8' });
     expect(r.stderr).toBe('');
-    expect(JSON.parse(r.stdout)).toMatchObject({ kind: 'no-access', hardware: false, reason: expect.stringContaining('EACCES'), remediation: expect.stringContaining("group that owns") });
+    expect(JSON.parse(r.stdout)).toMatchObject({
+      kind: 'no-access',
+      hardware: false,
+      reason: expect.stringContaining('EACCES'),
+      remediation: expect.stringContaining('group that owns'),
+    });
   });
 
   test('cpuFlags reads the first flags line only', () => {
-    expect([...cpuFlags('processor : 0\nflags\t\t: a vmx b\n\nprocessor : 1\nflags : svm\n')]).toEqual(['a', 'vmx', 'b']);
+    expect([...cpuFlags('processor : 0\nflags\t\t: a vmx b\n\nprocessor : 1\nflags : svm\n')]).toEqual([
+      'a',
+      'vmx',
+      'b',
+    ]);
     expect(cpuFlags('no flags here').size).toBe(0);
   });
 });
 
 describe('decideAccel and the recorded verdict', () => {
   test('auto: KVM only for hardware; forced choices win; a verdict for this boot means TCG', () => {
-    const hw = makeHost(s.dir, { flags: 'vmx', modules: ['kvm_intel'], bootId: '11111111-2222-3333-4444-555555555555' });
+    const hw = makeHost(s.dir, {
+      flags: 'vmx',
+      modules: ['kvm_intel'],
+      bootId: '11111111-2222-3333-4444-555555555555',
+    });
     const data = path.join(s.dir, 'data');
     expect(decideAccel('auto', { dataRoot: data, paths: hw })).toMatchObject({ accel: 'kvm', automatic: true });
     expect(decideAccel('tcg', { dataRoot: data, paths: hw })).toMatchObject({ accel: 'tcg', automatic: false });
     recordKvmVerdict(data, 'QEMU (accel kvm) was killed by SIGABRT', hw);
-    expect(readKvmVerdict(data, hw)).toMatchObject({ bootId: '11111111-2222-3333-4444-555555555555', reason: 'QEMU (accel kvm) was killed by SIGABRT' });
+    expect(readKvmVerdict(data, hw)).toMatchObject({
+      bootId: '11111111-2222-3333-4444-555555555555',
+      reason: 'QEMU (accel kvm) was killed by SIGABRT',
+    });
     expect((fs.statSync(path.join(data, 'kvm-verdict.json')).mode & 0o777).toString(8)).toBe('600');
     const after = decideAccel('auto', { dataRoot: data, paths: hw });
-    expect(after).toMatchObject({ accel: 'tcg', automatic: true, reason: expect.stringContaining('KVM failed to boot a VM on this host boot') });
+    expect(after).toMatchObject({
+      accel: 'tcg',
+      automatic: true,
+      reason: expect.stringContaining('KVM failed to boot a VM on this host boot'),
+    });
     expect(decideAccel('kvm', { dataRoot: data, paths: hw })).toMatchObject({ accel: 'kvm', automatic: false });
     // After a host reboot (another boot id) KVM is tried again.
     fs.writeFileSync(hw.bootId, '99999999-2222-3333-4444-555555555555\n');
@@ -89,16 +119,26 @@ describe('decideAccel and the recorded verdict', () => {
     const pvm = makeHost(s.dir, { flags: 'sse2', modules: ['kvm_pvm'] });
     expect(decideAccel('auto', { paths: pvm })).toMatchObject({ accel: 'tcg', reason: expect.stringContaining('PVM') });
     const none = makeHost(path.join(s.dir, 'none'), { flags: 'vmx', modules: ['kvm_intel'], device: 'none' });
-    expect(decideAccel('auto', { paths: none })).toMatchObject({ accel: 'tcg', reason: expect.stringContaining('does not exist') });
+    expect(decideAccel('auto', { paths: none })).toMatchObject({
+      accel: 'tcg',
+      reason: expect.stringContaining('does not exist'),
+    });
   });
 });
 
 describe('kvm preflight check', () => {
   test('passes only for hardware KVM and names the reason when it fails', () => {
     const pvm = makeHost(s.dir, { flags: 'sse2', modules: ['kvm_pvm'] });
-    expect(kvmCheck(pvm).run()).toMatchObject({ ok: false, message: expect.stringContaining('PVM software virtualization'), remediation: expect.stringContaining("backend 'qemu'") });
+    expect(kvmCheck(pvm).run()).toMatchObject({
+      ok: false,
+      message: expect.stringContaining('PVM software virtualization'),
+      remediation: expect.stringContaining("backend 'qemu'"),
+    });
     const hw = makeHost(path.join(s.dir, 'hw'), { flags: 'vmx', modules: ['kvm_intel'] });
     expect(kvmCheck(hw).run()).toMatchObject({ ok: true });
-    expect(kvmCheck(path.join(s.dir, 'nope')).run()).toMatchObject({ ok: false, message: expect.stringContaining('does not exist') });
+    expect(kvmCheck(path.join(s.dir, 'nope')).run()).toMatchObject({
+      ok: false,
+      message: expect.stringContaining('does not exist'),
+    });
   });
 });

@@ -23,8 +23,12 @@ beforeEach(() => {
 afterEach(() => s.cleanup());
 
 const newState = (): ExtractState => ({ bytes: 0, entries: 0, warnings: [] });
-const apply = (archive: Buffer | Uint8Array, state = newState(), limits?: ExtractLimits, mediaType?: string): Promise<void> =>
-  applyLayer(root, Readable.from([archive]), { state, limits, mediaType });
+const apply = (
+  archive: Buffer | Uint8Array,
+  state = newState(),
+  limits?: ExtractLimits,
+  mediaType?: string,
+): Promise<void> => applyLayer(root, Readable.from([archive]), { state, limits, mediaType });
 const layer = (members: Member[]): Buffer => gzip(tar(members));
 
 /** Everything under `dir` as [relative path, type, mode, size, link target], sorted. */
@@ -47,42 +51,63 @@ function listing(dir: string): string[] {
 }
 
 describe('fidelity', () => {
-  test.each(['gzip', 'zstd', 'zstd-binary', 'none'] as const)('a GNU tar layer (%s) extracts to the same tree', async (compression) => {
-    const src = path.join(s.dir, 'src');
-    fs.mkdirSync(path.join(src, 'usr/bin'), { recursive: true });
-    fs.mkdirSync(path.join(src, 'tmp'), { mode: 0o1777 });
-    fs.chmodSync(path.join(src, 'tmp'), 0o1777);
-    fs.writeFileSync(path.join(src, 'usr/bin/tool'), 'x'.repeat(100000));
-    fs.chmodSync(path.join(src, 'usr/bin/tool'), 0o4755);
-    fs.linkSync(path.join(src, 'usr/bin/tool'), path.join(src, 'usr/bin/tool-hard'));
-    fs.symlinkSync('/usr/bin/tool', path.join(src, 'usr/bin/abs-link'));
-    fs.symlinkSync('tool', path.join(src, 'usr/bin/rel-link'));
-    fs.mkdirSync(path.join(src, 'deep/' + 'n'.repeat(120)), { recursive: true });
-    fs.writeFileSync(path.join(src, 'deep/' + 'n'.repeat(120) + '/long-name-file-' + 'y'.repeat(90)), 'long');
-    const archive = path.join(s.dir, 'layer.tar');
-    execFileSync('tar', ['--format=pax', '-C', src, '-cf', archive, '.']);
-    let data: Buffer = fs.readFileSync(archive);
-    if (compression === 'gzip') data = gzip(data);
-    if (compression.startsWith('zstd')) data = execFileSync('zstd', ['-c', '-q', archive]);
-    // zstd: libzstd in the addon; zstd-binary: the fallback when libzstd cannot be loaded
-    await applyLayer(root, Readable.from([data]), { state: newState(), zstd: compression === 'zstd-binary' ? 'binary' : 'auto' });
-    expect(listing(root)).toEqual(listing(src));
-    // PAX keeps sub-second mtimes.
-    expect(Math.abs(fs.statSync(path.join(root, 'usr/bin/tool')).mtimeMs - fs.statSync(path.join(src, 'usr/bin/tool')).mtimeMs)).toBeLessThan(1);
-  });
+  test.each(['gzip', 'zstd', 'zstd-binary', 'none'] as const)(
+    'a GNU tar layer (%s) extracts to the same tree',
+    async (compression) => {
+      const src = path.join(s.dir, 'src');
+      fs.mkdirSync(path.join(src, 'usr/bin'), { recursive: true });
+      fs.mkdirSync(path.join(src, 'tmp'), { mode: 0o1777 });
+      fs.chmodSync(path.join(src, 'tmp'), 0o1777);
+      fs.writeFileSync(path.join(src, 'usr/bin/tool'), 'x'.repeat(100000));
+      fs.chmodSync(path.join(src, 'usr/bin/tool'), 0o4755);
+      fs.linkSync(path.join(src, 'usr/bin/tool'), path.join(src, 'usr/bin/tool-hard'));
+      fs.symlinkSync('/usr/bin/tool', path.join(src, 'usr/bin/abs-link'));
+      fs.symlinkSync('tool', path.join(src, 'usr/bin/rel-link'));
+      fs.mkdirSync(path.join(src, 'deep/' + 'n'.repeat(120)), { recursive: true });
+      fs.writeFileSync(path.join(src, 'deep/' + 'n'.repeat(120) + '/long-name-file-' + 'y'.repeat(90)), 'long');
+      const archive = path.join(s.dir, 'layer.tar');
+      execFileSync('tar', ['--format=pax', '-C', src, '-cf', archive, '.']);
+      let data: Buffer = fs.readFileSync(archive);
+      if (compression === 'gzip') data = gzip(data);
+      if (compression.startsWith('zstd')) data = execFileSync('zstd', ['-c', '-q', archive]);
+      // zstd: libzstd in the addon; zstd-binary: the fallback when libzstd cannot be loaded
+      await applyLayer(root, Readable.from([data]), {
+        state: newState(),
+        zstd: compression === 'zstd-binary' ? 'binary' : 'auto',
+      });
+      expect(listing(root)).toEqual(listing(src));
+      // PAX keeps sub-second mtimes.
+      expect(
+        Math.abs(
+          fs.statSync(path.join(root, 'usr/bin/tool')).mtimeMs - fs.statSync(path.join(src, 'usr/bin/tool')).mtimeMs,
+        ),
+      ).toBeLessThan(1);
+    },
+  );
 });
 
 describe('OCI whiteouts', () => {
   test('.wh.NAME removes lower entries; .wh..wh..opq empties a directory of lower entries only', async () => {
-    await apply(layer([{ path: 'a', type: 'dir' }, { path: 'a/b', data: '1' }, { path: 'a/c', data: '2' }, { path: 'd', data: '3' }, { path: 'o', type: 'dir' }, { path: 'o/old', data: 'x' }]));
-    await apply(layer([
-      { path: 'a/.wh.b' },
-      { path: '.wh.d' },
-      { path: 'o/new', data: 'same layer' },
-      { path: 'o/.wh..wh..opq' },
-      { path: 'e', data: 'made here' },
-      { path: '.wh.e' }, // a whiteout never hides an entry of its own layer
-    ]));
+    await apply(
+      layer([
+        { path: 'a', type: 'dir' },
+        { path: 'a/b', data: '1' },
+        { path: 'a/c', data: '2' },
+        { path: 'd', data: '3' },
+        { path: 'o', type: 'dir' },
+        { path: 'o/old', data: 'x' },
+      ]),
+    );
+    await apply(
+      layer([
+        { path: 'a/.wh.b' },
+        { path: '.wh.d' },
+        { path: 'o/new', data: 'same layer' },
+        { path: 'o/.wh..wh..opq' },
+        { path: 'e', data: 'made here' },
+        { path: '.wh.e' }, // a whiteout never hides an entry of its own layer
+      ]),
+    );
     expect(listing(root)).toEqual(['a d 755', 'a/c f 644 1 1', 'e f 644 9 1', 'o d 755', 'o/new f 644 10 1']);
   });
 });
@@ -94,8 +119,12 @@ describe('hostile layers: nothing outside the root is ever touched', () => {
   });
 
   test("'..' in a path is refused", async () => {
-    await expect(apply(layer([{ path: '../outside/victim', data: 'pwned' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
-    await expect(apply(layer([{ path: 'a/../../outside/x', data: 'pwned' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+    await expect(apply(layer([{ path: '../outside/victim', data: 'pwned' }]))).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY',
+    });
+    await expect(apply(layer([{ path: 'a/../../outside/x', data: 'pwned' }]))).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY',
+    });
   });
 
   test('absolute paths land inside the root', async () => {
@@ -104,40 +133,81 @@ describe('hostile layers: nothing outside the root is ever touched', () => {
   });
 
   test('a parent made a symlink (absolute or climbing) resolves inside the root', async () => {
-    await apply(layer([
-      { path: outside, type: 'dir' }, // the same path, inside the root
-      { path: 'evil', type: 'symlink', linkpath: outside },
-      { path: 'up', type: 'symlink', linkpath: '../../../../../../../..' + outside },
-    ]));
-    await apply(layer([{ path: 'evil/victim', data: 'pwned-1' }, { path: 'up/victim2', data: 'pwned-2' }]));
+    await apply(
+      layer([
+        { path: outside, type: 'dir' }, // the same path, inside the root
+        { path: 'evil', type: 'symlink', linkpath: outside },
+        { path: 'up', type: 'symlink', linkpath: '../../../../../../../..' + outside },
+      ]),
+    );
+    await apply(
+      layer([
+        { path: 'evil/victim', data: 'pwned-1' },
+        { path: 'up/victim2', data: 'pwned-2' },
+      ]),
+    );
     expect(fs.readFileSync(path.join(root, outside, 'victim'), 'utf8')).toBe('pwned-1');
     expect(fs.readFileSync(path.join(root, outside, 'victim2'), 'utf8')).toBe('pwned-2');
     // A dangling symlinked parent is an error, not a write anywhere else.
-    await expect(apply(layer([{ path: 'dangling', type: 'symlink', linkpath: '/nowhere' }, { path: 'dangling/x', data: 'x' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+    await expect(
+      apply(
+        layer([
+          { path: 'dangling', type: 'symlink', linkpath: '/nowhere' },
+          { path: 'dangling/x', data: 'x' },
+        ]),
+      ),
+    ).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
   });
 
   test('a symlink leaf is replaced, never written through', async () => {
-    await apply(layer([{ path: 'leaf', type: 'symlink', linkpath: path.join(outside, 'victim') }, { path: 'leaf', data: 'replaced' }]));
+    await apply(
+      layer([
+        { path: 'leaf', type: 'symlink', linkpath: path.join(outside, 'victim') },
+        { path: 'leaf', data: 'replaced' },
+      ]),
+    );
     expect(fs.lstatSync(path.join(root, 'leaf')).isFile()).toBe(true);
   });
 
   test('hard links to outside or through symlinks stay inside (or fail)', async () => {
     const before = fs.statSync(path.join(outside, 'victim')).nlink;
-    await expect(apply(layer([{ path: 'hl', type: 'hardlink', linkpath: path.join(outside, 'victim') }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
-    await expect(apply(layer([{ path: 'sl', type: 'symlink', linkpath: outside }, { path: 'hl2', type: 'hardlink', linkpath: 'sl/victim' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+    await expect(
+      apply(layer([{ path: 'hl', type: 'hardlink', linkpath: path.join(outside, 'victim') }])),
+    ).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+    await expect(
+      apply(
+        layer([
+          { path: 'sl', type: 'symlink', linkpath: outside },
+          { path: 'hl2', type: 'hardlink', linkpath: 'sl/victim' },
+        ]),
+      ),
+    ).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
     expect(fs.statSync(path.join(outside, 'victim')).nlink).toBe(before);
   });
 
   test('whiteouts aimed outside remove nothing there', async () => {
     await apply(layer([{ path: 'evil', type: 'symlink', linkpath: outside }]));
     await apply(layer([{ path: 'evil/.wh.victim' }, { path: `${outside}/.wh.victim` }]));
-    await expect(apply(layer([{ path: '../outside/.wh.victim' }]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY' });
+    await expect(apply(layer([{ path: '../outside/.wh.victim' }]))).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY',
+    });
   });
 
   test('device nodes and FIFOs are skipped with a warning; duplicates: the last wins', async () => {
     const state = newState();
-    await apply(layer([{ path: 'dev/null', type: 'char' }, { path: 'pipe', type: 'fifo' }, { path: 'dup', data: 'first' }, { path: 'dup', data: 'second' }]), state);
-    expect(state.warnings).toEqual([expect.stringContaining('skipped char dev/null'), expect.stringContaining('skipped fifo pipe')]);
+    await apply(
+      layer([
+        { path: 'dev/null', type: 'char' },
+        { path: 'pipe', type: 'fifo' },
+        { path: 'dup', data: 'first' },
+        { path: 'dup', data: 'second' },
+      ]),
+      state,
+    );
+    expect(state.warnings).toEqual([
+      expect.stringContaining('skipped char dev/null'),
+      expect.stringContaining('skipped fifo pipe'),
+    ]);
     expect(fs.existsSync(path.join(root, 'dev/null'))).toBe(false);
     expect(fs.readFileSync(path.join(root, 'dup'), 'utf8')).toBe('second');
   });
@@ -146,10 +216,18 @@ describe('hostile layers: nothing outside the root is ever touched', () => {
 describe('limits and damage', () => {
   test('entry count, total size and decompression ratio caps', async () => {
     const many = layer(Array.from({ length: 20 }, (_, i) => ({ path: `f${i}`, data: 'x' })));
-    await expect(apply(many, newState(), { maxEntries: 10 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT', message: expect.stringContaining('entry count') });
-    await expect(apply(layer([{ path: 'big', data: Buffer.alloc(100000) }]), newState(), { maxBytes: 50000 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT' });
+    await expect(apply(many, newState(), { maxEntries: 10 })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LIMIT',
+      message: expect.stringContaining('entry count'),
+    });
+    await expect(
+      apply(layer([{ path: 'big', data: Buffer.alloc(100000) }]), newState(), { maxBytes: 50000 }),
+    ).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT' });
     const bomb = layer([{ path: 'zeros', data: Buffer.alloc(20 * 1024 * 1024) }]);
-    await expect(apply(bomb, newState(), { maxRatio: 100 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT', message: expect.stringContaining('ratio') });
+    await expect(apply(bomb, newState(), { maxRatio: 100 })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LIMIT',
+      message: expect.stringContaining('ratio'),
+    });
   });
 
   test('the ratio cap counts bytes actually decompressed, not sizes headers claim (slow input)', async () => {
@@ -169,8 +247,18 @@ describe('limits and damage', () => {
     await expect(apply(gzip(full.subarray(0, 2048)))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
     const corrupt = Buffer.from(full);
     corrupt[10] ^= 0xff;
-    await expect(apply(gzip(corrupt))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER', message: expect.stringContaining('checksum') });
-    await expect(apply(Buffer.from('not gzip at all, really'), newState(), undefined, 'application/vnd.oci.image.layer.v1.tar+gzip')).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
+    await expect(apply(gzip(corrupt))).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LAYER',
+      message: expect.stringContaining('checksum'),
+    });
+    await expect(
+      apply(
+        Buffer.from('not gzip at all, really'),
+        newState(),
+        undefined,
+        'application/vnd.oci.image.layer.v1.tar+gzip',
+      ),
+    ).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
   });
 });
 
@@ -179,14 +267,23 @@ describe('the native extractor', () => {
     const crypto = require('node:crypto') as typeof import('node:crypto');
     const big = crypto.randomBytes(3 * 1024 * 1024 + 12345);
     const small = crypto.randomBytes(777);
-    const archive = layer([{ path: 'd', type: 'dir' }, { path: 'd/big', data: big }, { path: 'd/small', data: small }, { path: 'empty', data: '' }]);
+    const archive = layer([
+      { path: 'd', type: 'dir' },
+      { path: 'd/big', data: big },
+      { path: 'd/small', data: small },
+      { path: 'empty', data: '' },
+    ]);
     // 1-byte, odd-sized and whole chunks all give the same tree.
     for (const size of [1, 4099, archive.length]) {
       fs.rmSync(root, { recursive: true, force: true });
       fs.mkdirSync(root);
       const chunks: Buffer[] = [];
       for (let i = 0; i < archive.length; i += size) chunks.push(archive.subarray(i, i + size));
-      await applyLayer(root, Readable.from(size === 1 ? chunks.slice(0, 300).concat([archive.subarray(300)]) : chunks), { state: newState() });
+      await applyLayer(
+        root,
+        Readable.from(size === 1 ? chunks.slice(0, 300).concat([archive.subarray(300)]) : chunks),
+        { state: newState() },
+      );
       expect(fs.readFileSync(path.join(root, 'd/big')).equals(big)).toBe(true);
       expect(fs.readFileSync(path.join(root, 'd/small')).equals(small)).toBe(true);
       expect(fs.statSync(path.join(root, 'empty')).size).toBe(0);
@@ -194,7 +291,10 @@ describe('the native extractor', () => {
   });
 
   test('a gzip stream of several members is read through, as gzip -d does', async () => {
-    const whole = tar([{ path: 'a', data: 'first' }, { path: 'b', data: 'second' }]);
+    const whole = tar([
+      { path: 'a', data: 'first' },
+      { path: 'b', data: 'second' },
+    ]);
     const cut = 1024; // a header boundary: members are just bytes of one stream
     await apply(Buffer.concat([gzip(whole.subarray(0, cut)), gzip(whole.subarray(cut))]));
     expect(fs.readFileSync(path.join(root, 'a'), 'utf8')).toBe('first');
@@ -203,12 +303,17 @@ describe('the native extractor', () => {
 
   test('a gzip stream cut short is an error, and state totals are kept across layers', async () => {
     const g = layer([{ path: 'f', data: 'x'.repeat(100000) }]);
-    await expect(apply(g.subarray(0, g.length - 8))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER', message: expect.stringContaining('decompress') });
+    await expect(apply(g.subarray(0, g.length - 8))).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LAYER',
+      message: expect.stringContaining('decompress'),
+    });
     const state = newState();
     await apply(layer([{ path: 'one', data: '12345' }]), state);
     await apply(layer([{ path: 'two', data: '678' }]), state);
     expect(state).toMatchObject({ bytes: 8, entries: 2 });
-    await expect(apply(layer([{ path: 'three', data: '9' }]), state, { maxEntries: 2 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT' });
+    await expect(apply(layer([{ path: 'three', data: '9' }]), state, { maxEntries: 2 })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LIMIT',
+    });
   });
 
   test('abort mid-layer: the promise rejects and nothing is written after it settles', async () => {
@@ -221,7 +326,9 @@ describe('the native extractor', () => {
         await new Promise((r) => setImmediate(r));
       }
     }
-    await expect(applyLayer(root, Readable.from(slow()), { state: newState(), signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
+    await expect(
+      applyLayer(root, Readable.from(slow()), { state: newState(), signal: ac.signal }),
+    ).rejects.toMatchObject({ name: 'AbortError' });
     const after = fs.readdirSync(root).length;
     expect(after).toBeLessThan(400);
     await new Promise((r) => setTimeout(r, 100));
@@ -261,22 +368,36 @@ describe('the native extractor', () => {
     const { addon } = require('../../lib/native') as typeof import('../../lib/native');
     expect(addon().zstdAvailable()).toBe(true); // libzstd1 is on every machine that runs this (setup.sh)
     const zstd = (b: Buffer): Buffer => execFileSync('zstd', ['-c', '-q'], { input: b });
-    const whole = tar([{ path: 'a', data: 'first' }, { path: 'b', data: Buffer.alloc(300000, 7) }]);
+    const whole = tar([
+      { path: 'a', data: 'first' },
+      { path: 'b', data: Buffer.alloc(300000, 7) },
+    ]);
     await apply(Buffer.concat([zstd(whole.subarray(0, 1024)), zstd(whole.subarray(1024))]));
     expect(fs.readFileSync(path.join(root, 'a'), 'utf8')).toBe('first');
     expect(fs.readFileSync(path.join(root, 'b')).equals(Buffer.alloc(300000, 7))).toBe(true);
     const z = zstd(whole);
-    await expect(apply(z.subarray(0, z.length - 5))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER', message: expect.stringContaining('end of file') });
-    await expect(apply(Buffer.concat([z, Buffer.from('junk after the frame')]))).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
+    await expect(apply(z.subarray(0, z.length - 5))).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LAYER',
+      message: expect.stringContaining('end of file'),
+    });
+    await expect(apply(Buffer.concat([z, Buffer.from('junk after the frame')]))).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LAYER',
+    });
     const bomb = zstd(tar([{ path: 'zeros', data: Buffer.alloc(20 * 1024 * 1024) }]));
-    await expect(apply(bomb, newState(), { maxRatio: 100 })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LIMIT', message: expect.stringContaining('ratio') });
+    await expect(apply(bomb, newState(), { maxRatio: 100 })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LIMIT',
+      message: expect.stringContaining('ratio'),
+    });
   });
 
   test("gzip's trailer (CRC-32, length) is checked unless the input verifies its own digest", async () => {
     const g = layer([{ path: 'f', data: 'payload '.repeat(1000) }]);
     const badCrc = Buffer.from(g);
     badCrc[badCrc.length - 8] ^= 0x01; // trailer: CRC-32, then ISIZE
-    await expect(apply(badCrc)).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER', message: expect.stringContaining('decompress') });
+    await expect(apply(badCrc)).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LAYER',
+      message: expect.stringContaining('decompress'),
+    });
     expect(fs.existsSync(path.join(root, 'f'))).toBe(false);
     // A digest-verifying stream errors at its end on any changed byte: the CRC adds nothing there.
     await applyLayer(root, markVerifying(Readable.from([badCrc])), { state: newState() });
@@ -286,7 +407,10 @@ describe('the native extractor', () => {
     fs.rmSync(path.join(root, 'f'));
     await expect(apply(badLength)).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
     // and in a later member of a multi-member stream too
-    const two = Buffer.concat([gzip(tar([{ path: 'a', data: 'A' }]).subarray(0, 1024)), gzip(tar([{ path: 'a', data: 'A' }]).subarray(1024))]);
+    const two = Buffer.concat([
+      gzip(tar([{ path: 'a', data: 'A' }]).subarray(0, 1024)),
+      gzip(tar([{ path: 'a', data: 'A' }]).subarray(1024)),
+    ]);
     const twoBad = Buffer.from(two);
     twoBad[twoBad.length - 8] ^= 0x01;
     await expect(apply(twoBad)).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
@@ -296,19 +420,26 @@ describe('the native extractor', () => {
 describe('a malformed layer from a digest-verified stream', () => {
   const { verifying } = require('../../lib/image/source') as typeof import('../../lib/image/source');
   const sha = (b: Buffer): string => `sha256:${require('node:crypto').createHash('sha256').update(b).digest('hex')}`;
-  const chunks = (b: Buffer): Buffer[] => Array.from({ length: Math.ceil(b.length / 4096) }, (_, i) => b.subarray(i * 4096, (i + 1) * 4096));
-  const good = layer(Array.from({ length: 50 }, (_, i) => ({ path: `f${i}`, data: require('node:crypto').randomBytes(8192) })));
+  const chunks = (b: Buffer): Buffer[] =>
+    Array.from({ length: Math.ceil(b.length / 4096) }, (_, i) => b.subarray(i * 4096, (i + 1) * 4096));
+  const good = layer(
+    Array.from({ length: 50 }, (_, i) => ({ path: `f${i}`, data: require('node:crypto').randomBytes(8192) })),
+  );
   const damaged = Buffer.from(good);
   damaged[100] ^= 0xff; // inflate fails long before the end
 
   test('bytes damaged in transit: the digest error, not the decompression error', async () => {
     const input = verifying(Readable.from(chunks(damaged)), { digest: sha(good), size: good.length }, 'layer');
-    await expect(applyLayer(root, input, { state: newState() })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_DIGEST' });
+    await expect(applyLayer(root, input, { state: newState() })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_DIGEST',
+    });
   });
 
   test('a blob malformed as published (its digest matches): the decompression error', async () => {
     const input = verifying(Readable.from(chunks(damaged)), { digest: sha(damaged), size: damaged.length }, 'layer');
-    await expect(applyLayer(root, input, { state: newState() })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_LAYER' });
+    await expect(applyLayer(root, input, { state: newState() })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_LAYER',
+    });
   });
 });
 

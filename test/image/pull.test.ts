@@ -15,9 +15,21 @@ const skip = layout ? undefined : `no test layout (${process.env.MICROVM_TEST_LA
 
 describe('references', () => {
   test.each([
-    ['busybox', { kind: 'registry', registry: 'docker.io', repository: 'library/busybox', tag: 'latest', canonical: 'docker.io/library/busybox:latest' }],
+    [
+      'busybox',
+      {
+        kind: 'registry',
+        registry: 'docker.io',
+        repository: 'library/busybox',
+        tag: 'latest',
+        canonical: 'docker.io/library/busybox:latest',
+      },
+    ],
     ['127.0.0.1:5000/x/y:v1', { registry: '127.0.0.1:5000', repository: 'x/y', tag: 'v1' }],
-    ['localhost/app@sha256:' + 'a'.repeat(64), { registry: 'localhost', repository: 'app', digest: 'sha256:' + 'a'.repeat(64), tag: undefined }],
+    [
+      'localhost/app@sha256:' + 'a'.repeat(64),
+      { registry: 'localhost', repository: 'app', digest: 'sha256:' + 'a'.repeat(64), tag: undefined },
+    ],
     ['ghcr.io/org/app:1.2.3', { registry: 'ghcr.io', repository: 'org/app', tag: '1.2.3' }],
     ['user/repo', { registry: 'docker.io', repository: 'user/repo', tag: 'latest' }],
     ['oci:/srv/layout:v2', { kind: 'oci-layout', path: '/srv/layout', tag: 'v2' }],
@@ -28,10 +40,18 @@ describe('references', () => {
     expect(parseReference(ref)).toMatchObject(expected);
   });
 
-  test.each(['', 'UPPER/case', 'a//b', 'x:bad tag', 'x@sha256:short', 'oci:', 'docker-archive:', 'a/b:' + 't'.repeat(200)])('rejects %j', (ref) => {
+  test.each([
+    '',
+    'UPPER/case',
+    'a//b',
+    'x:bad tag',
+    'x@sha256:short',
+    'oci:',
+    'docker-archive:',
+    'a/b:' + 't'.repeat(200),
+  ])('rejects %j', (ref) => {
     expect(() => parseReference(ref)).toThrow(TypeError);
   });
-
 });
 
 (skip ? describe.skip : describe)(`pull from an OCI layout${skip ? ` [skipped: ${skip}]` : ''}`, () => {
@@ -43,20 +63,28 @@ describe('references', () => {
   });
   afterEach(() => s.cleanup());
 
-  const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf '%p %y %m %s %l\\n' | sort"], { cwd: dir, encoding: 'utf8' });
+  const tree = (dir: string): string =>
+    execFileSync('sh', ['-c', "find . -printf '%p %y %m %s %l\\n' | sort"], { cwd: dir, encoding: 'utf8' });
 
   test('the unpacked tree matches umoci raw unpack (two layers with a whiteout)', async () => {
     const r = await pull(`oci:${layout}:test`, { cacheDir });
     expect(r.fromCache).toBe(false);
     const oracle = path.join(s.dir, 'oracle');
-    execFileSync('umoci', ['raw', 'unpack', ...(process.getuid?.() === 0 ? [] : ['--rootless']), '--image', `${layout}:test`, oracle], { stdio: 'ignore' });
+    execFileSync(
+      'umoci',
+      ['raw', 'unpack', ...(process.getuid?.() === 0 ? [] : ['--rootless']), '--image', `${layout}:test`, oracle],
+      { stdio: 'ignore' },
+    );
     expect(tree(r.path)).toBe(tree(oracle));
     expect(fs.existsSync(path.join(r.path, 'etc/motd'))).toBe(false);
     expect(fs.readFileSync(path.join(r.path, 'etc/layer2'), 'utf8')).toBe('from layer 2\n');
     expect(r.config.config).toMatchObject({ Entrypoint: ['/bin/sh'], WorkingDir: '/root' });
     // extractions start in a block group of their own (ext4: the cache's tmp dir is a "top" dir)
     const fsType = execFileSync('stat', ['-f', '-c', '%T', cacheDir], { encoding: 'utf8' }).trim();
-    if (fsType === 'ext2/ext3') expect(execFileSync('lsattr', ['-d', path.join(cacheDir, 'tmp')], { encoding: 'utf8' }).split(/\s+/)[0]).toContain('T');
+    if (fsType === 'ext2/ext3')
+      expect(
+        execFileSync('lsattr', ['-d', path.join(cacheDir, 'tmp')], { encoding: 'utf8' }).split(/\s+/)[0],
+      ).toContain('T');
   });
 
   test('the cache: warm pulls need no work; a tampered entry is re-extracted with verify full', async () => {
@@ -68,7 +96,9 @@ describe('references', () => {
     const fixed = await pull(`oci:${layout}:test`, { cacheDir, verify: 'full' });
     expect(fixed.fromCache).toBe(false);
     expect(fs.existsSync(path.join(fixed.path, 'etc/passwd'))).toBe(true);
-    expect(listImages(cacheDir)).toEqual([expect.objectContaining({ digest: cold.digest, references: [`oci:${layout}:test`] })]);
+    expect(listImages(cacheDir)).toEqual([
+      expect.objectContaining({ digest: cold.digest, references: [`oci:${layout}:test`] }),
+    ]);
   });
 
   test('8 concurrent pulls of one cold image extract it once', async () => {
@@ -81,13 +111,17 @@ describe('references', () => {
   test('a corrupted layer blob: ERR_MICROVM_IMAGE_DIGEST and nothing cached', async () => {
     const copy = path.join(s.dir, 'layout');
     execFileSync('cp', ['-a', layout as string, copy]);
-    const manifest = JSON.parse(fs.readFileSync(path.join(copy, 'index.json'), 'utf8')).manifests[0].digest.split(':')[1];
+    const manifest = JSON.parse(fs.readFileSync(path.join(copy, 'index.json'), 'utf8')).manifests[0].digest.split(
+      ':',
+    )[1];
     const layers = JSON.parse(fs.readFileSync(path.join(copy, 'blobs/sha256', manifest), 'utf8')).layers;
     const blob = path.join(copy, 'blobs/sha256', layers[1].digest.split(':')[1]);
     const data = fs.readFileSync(blob);
     data[data.length - 20] ^= 0xff;
     fs.writeFileSync(blob, data);
-    await expect(pull(`oci:${copy}:test`, { cacheDir })).rejects.toMatchObject({ code: expect.stringMatching(/ERR_MICROVM_IMAGE_(DIGEST|LAYER)/) });
+    await expect(pull(`oci:${copy}:test`, { cacheDir })).rejects.toMatchObject({
+      code: expect.stringMatching(/ERR_MICROVM_IMAGE_(DIGEST|LAYER)/),
+    });
     expect(listImages(cacheDir)).toEqual([]);
     expect(fs.readdirSync(path.join(cacheDir, 'tmp'))).toEqual([]);
     expect(fs.readdirSync(path.join(cacheDir, 'images')).filter((n) => !n.endsWith('.lock'))).toEqual([]);
@@ -112,7 +146,11 @@ describe('references', () => {
 
   test('zstd layers (skopeo --dest-compress-format zstd)', async () => {
     const z = path.join(s.dir, 'zlayout');
-    execFileSync('skopeo', ['copy', '--quiet', '--dest-compress-format', 'zstd', '--dest-compress', `oci:${layout}:test`, `oci:${z}:test`], { stdio: 'ignore' });
+    execFileSync(
+      'skopeo',
+      ['copy', '--quiet', '--dest-compress-format', 'zstd', '--dest-compress', `oci:${layout}:test`, `oci:${z}:test`],
+      { stdio: 'ignore' },
+    );
     const r = await pull(`oci:${z}:test`, { cacheDir });
     expect(fs.readFileSync(path.join(r.path, 'etc/layer2'), 'utf8')).toBe('from layer 2\n');
   });
@@ -121,18 +159,31 @@ describe('references', () => {
     const multi = path.join(s.dir, 'multi');
     execFileSync('cp', ['-a', layout as string, multi]);
     const idx = JSON.parse(fs.readFileSync(path.join(multi, 'index.json'), 'utf8'));
-    const inner = { schemaVersion: 2, mediaType: 'application/vnd.oci.image.index.v1+json', manifests: [
-      { ...idx.manifests[0], annotations: undefined, platform: { os: 'linux', architecture: 'riscv64' } },
-      { ...idx.manifests[0], annotations: undefined, platform: { os: 'linux', architecture: 'amd64' } },
-    ] };
+    const inner = {
+      schemaVersion: 2,
+      mediaType: 'application/vnd.oci.image.index.v1+json',
+      manifests: [
+        { ...idx.manifests[0], annotations: undefined, platform: { os: 'linux', architecture: 'riscv64' } },
+        { ...idx.manifests[0], annotations: undefined, platform: { os: 'linux', architecture: 'amd64' } },
+      ],
+    };
     const body = Buffer.from(JSON.stringify(inner));
     const digest = require('node:crypto').createHash('sha256').update(body).digest('hex');
     fs.writeFileSync(path.join(multi, 'blobs/sha256', digest), body);
-    idx.manifests = [{ mediaType: inner.mediaType, digest: `sha256:${digest}`, size: body.length, annotations: { 'org.opencontainers.image.ref.name': 'multi' } }];
+    idx.manifests = [
+      {
+        mediaType: inner.mediaType,
+        digest: `sha256:${digest}`,
+        size: body.length,
+        annotations: { 'org.opencontainers.image.ref.name': 'multi' },
+      },
+    ];
     fs.writeFileSync(path.join(multi, 'index.json'), JSON.stringify(idx));
     const r = await pull(`oci:${multi}:multi`, { cacheDir, platform: { os: 'linux', architecture: 'amd64' } });
     expect(fs.existsSync(path.join(r.path, 'etc/layer2'))).toBe(true);
-    await expect(pull(`oci:${multi}:multi`, { cacheDir, platform: { os: 'linux', architecture: 'arm64' } })).rejects.toMatchObject({
+    await expect(
+      pull(`oci:${multi}:multi`, { cacheDir, platform: { os: 'linux', architecture: 'arm64' } }),
+    ).rejects.toMatchObject({
       code: 'ERR_MICROVM_IMAGE_PLATFORM',
       message: expect.stringContaining('available: linux/riscv64, linux/amd64'),
     });
@@ -141,7 +192,10 @@ describe('references', () => {
   test('spans: CacheLookup (cache_hit), Fetch, Extract (layered), CacheStore; then a hit', async () => {
     const exporter = new InMemorySpanExporter();
     const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
-    const scope = { tracer, ctx: trace.setSpan(require('@opentelemetry/api').context.active(), tracer.startSpan('parent')) };
+    const scope = {
+      tracer,
+      ctx: trace.setSpan(require('@opentelemetry/api').context.active(), tracer.startSpan('parent')),
+    };
     await image.pull(`oci:${layout}:test`, { cacheDir, scope });
     const names = exporter.getFinishedSpans().map((x) => x.name);
     expect(names).toEqual([SPAN.IMAGE_CACHE_LOOKUP, SPAN.IMAGE_FETCH, SPAN.IMAGE_EXTRACT, SPAN.IMAGE_CACHE_STORE]);
@@ -150,14 +204,18 @@ describe('references', () => {
     expect(spans[2].attributes.layered).toBe(true);
     exporter.reset();
     await image.pull(`oci:${layout}:test`, { cacheDir, scope });
-    expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes.cache_hit])).toEqual([[SPAN.IMAGE_CACHE_LOOKUP, true]]);
+    expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes.cache_hit])).toEqual([
+      [SPAN.IMAGE_CACHE_LOOKUP, true],
+    ]);
   });
 
   test('archives: oci-archive and docker-archive (skopeo) unpack to the same tree; a tampered layer is refused', async () => {
     const oa = path.join(s.dir, 'o.tar');
     const da = path.join(s.dir, 'd.tar');
     execFileSync('skopeo', ['copy', '--quiet', `oci:${layout}:test`, `oci-archive:${oa}:test`], { stdio: 'ignore' });
-    execFileSync('skopeo', ['copy', '--quiet', `oci:${layout}:test`, `docker-archive:${da}:test/img:v1`], { stdio: 'ignore' });
+    execFileSync('skopeo', ['copy', '--quiet', `oci:${layout}:test`, `docker-archive:${da}:test/img:v1`], {
+      stdio: 'ignore',
+    });
     const fromLayout = await pull(`oci:${layout}:test`, { cacheDir });
     const fromOci = await pull(`oci-archive:${oa}:test`, { cacheDir });
     const fromDocker = await pull(`docker-archive:${da}:test/img:v1`, { cacheDir });
@@ -172,7 +230,9 @@ describe('references', () => {
     fs.appendFileSync(path.join(x, manifest.Layers[1]), Buffer.alloc(1024));
     const bad = path.join(s.dir, 'bad.tar');
     execFileSync('tar', ['cf', bad, '-C', x, '.']);
-    await expect(pull(`docker-archive:${bad}`, { cacheDir: path.join(s.dir, 'c-bad') })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_DIGEST' });
+    await expect(pull(`docker-archive:${bad}`, { cacheDir: path.join(s.dir, 'c-bad') })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_DIGEST',
+    });
     expect(listImages(path.join(s.dir, 'c-bad'))).toEqual([]);
   });
 

@@ -13,7 +13,11 @@ import { freePort } from '../ssh/servers';
 const layout = process.env.MICROVM_TEST_LAYOUT;
 function missing(): string | undefined {
   if (!layout) return `no test layout (${process.env.MICROVM_TEST_LAYOUT_ERROR ?? ''})`;
-  for (const [cmd, arg] of [['docker-registry', '--version'], ['skopeo', '--version'], ['htpasswd', '-h']]) {
+  for (const [cmd, arg] of [
+    ['docker-registry', '--version'],
+    ['skopeo', '--version'],
+    ['htpasswd', '-h'],
+  ]) {
     try {
       execFileSync(cmd, [arg], { stdio: 'ignore' });
     } catch (e) {
@@ -44,7 +48,10 @@ async function startRegistry(dir: string, auth?: { user: string; password: strin
   );
   const child: ChildProcess = spawn('docker-registry', ['serve', path.join(dir, 'config.yml')], { stdio: 'ignore' });
   for (let i = 0; ; i++) {
-    const ok = await fetch(`http://127.0.0.1:${port}/v2/`).then((r) => r.status === 200 || r.status === 401, () => false);
+    const ok = await fetch(`http://127.0.0.1:${port}/v2/`).then(
+      (r) => r.status === 200 || r.status === 401,
+      () => false,
+    );
     if (ok) break;
     if (i > 1200 || child.exitCode !== null) throw new Error('docker-registry did not start');
     await new Promise((r) => setTimeout(r, 25));
@@ -59,10 +66,22 @@ async function startRegistry(dir: string, auth?: { user: string; password: strin
 }
 
 function push(target: string, creds?: string): void {
-  execFileSync('skopeo', ['copy', '--quiet', '--dest-tls-verify=false', ...(creds ? ['--dest-creds', creds] : []), `oci:${layout}:test`, `docker://${target}`], { stdio: 'ignore' });
+  execFileSync(
+    'skopeo',
+    [
+      'copy',
+      '--quiet',
+      '--dest-tls-verify=false',
+      ...(creds ? ['--dest-creds', creds] : []),
+      `oci:${layout}:test`,
+      `docker://${target}`,
+    ],
+    { stdio: 'ignore' },
+  );
 }
 
-const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf '%p %y %m %s %l\\n' | sort"], { cwd: dir, encoding: 'utf8' });
+const tree = (dir: string): string =>
+  execFileSync('sh', ['-c', "find . -printf '%p %y %m %s %l\\n' | sort"], { cwd: dir, encoding: 'utf8' });
 
 (skip ? describe.skip : describe)(`pull from a registry${skip ? ` [skipped: ${skip}]` : ''}`, () => {
   let s: ReturnType<typeof scratch>;
@@ -101,12 +120,20 @@ const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf 
 
   test('basic auth: refused without credentials, works with them, and the password is never in an error', async () => {
     const ref = `127.0.0.1:${locked.port}/private/img:v1`;
-    const err = await pull(ref, { cacheDir: path.join(s.dir, 'c2'), credentials: { username: 'alice', password: 'wrong-pw' } }).catch((e: Error) => e);
+    const err = await pull(ref, {
+      cacheDir: path.join(s.dir, 'c2'),
+      credentials: { username: 'alice', password: 'wrong-pw' },
+    }).catch((e: Error) => e);
     expect(err).toMatchObject({ code: 'ERR_MICROVM_REGISTRY_AUTH' });
     expect(JSON.stringify({ m: (err as Error).message, s: (err as Error).stack })).not.toContain('wrong-pw');
     const cfgDir = path.join(s.dir, 'docker-config');
     fs.mkdirSync(cfgDir, { recursive: true });
-    fs.writeFileSync(path.join(cfgDir, 'config.json'), JSON.stringify({ auths: { [`127.0.0.1:${locked.port}`]: { auth: Buffer.from('alice:s3cret-pw').toString('base64') } } }));
+    fs.writeFileSync(
+      path.join(cfgDir, 'config.json'),
+      JSON.stringify({
+        auths: { [`127.0.0.1:${locked.port}`]: { auth: Buffer.from('alice:s3cret-pw').toString('base64') } },
+      }),
+    );
     const old = process.env.DOCKER_CONFIG;
     process.env.DOCKER_CONFIG = cfgDir;
     try {
@@ -119,7 +146,9 @@ const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf 
   });
 
   test('a missing tag: ERR_MICROVM_IMAGE_NOT_FOUND', async () => {
-    await expect(pull(`127.0.0.1:${open.port}/test/img:nope`, { cacheDir: path.join(s.dir, 'c3') })).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_NOT_FOUND' });
+    await expect(
+      pull(`127.0.0.1:${open.port}/test/img:nope`, { cacheDir: path.join(s.dir, 'c3') }),
+    ).rejects.toMatchObject({ code: 'ERR_MICROVM_IMAGE_NOT_FOUND' });
   });
 
   describe('faults (a proxy between us and the registry)', () => {
@@ -134,24 +163,27 @@ const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf 
         const n = (counts.get(key) ?? 0) + 1;
         counts.set(key, n);
         if (fault(req, res, n)) return;
-        const up = http.request({ host: '127.0.0.1', port: open.port, path: req.url, method: req.method, headers: req.headers }, (ur) => {
-          if (String(req.url).includes('/blobs/') && (fault as unknown as { corrupt?: boolean }).corrupt) {
+        const up = http.request(
+          { host: '127.0.0.1', port: open.port, path: req.url, method: req.method, headers: req.headers },
+          (ur) => {
+            if (String(req.url).includes('/blobs/') && (fault as unknown as { corrupt?: boolean }).corrupt) {
+              res.writeHead(ur.statusCode ?? 500, ur.headers);
+              let first = true;
+              ur.on('data', (c: Buffer) => {
+                if (first) {
+                  c = Buffer.from(c);
+                  c[Math.min(100, c.length - 1)] ^= 0xff;
+                  first = false;
+                }
+                res.write(c);
+              });
+              ur.on('end', () => res.end());
+              return;
+            }
             res.writeHead(ur.statusCode ?? 500, ur.headers);
-            let first = true;
-            ur.on('data', (c: Buffer) => {
-              if (first) {
-                c = Buffer.from(c);
-                c[Math.min(100, c.length - 1)] ^= 0xff;
-                first = false;
-              }
-              res.write(c);
-            });
-            ur.on('end', () => res.end());
-            return;
-          }
-          res.writeHead(ur.statusCode ?? 500, ur.headers);
-          ur.pipe(res);
-        });
+            ur.pipe(res);
+          },
+        );
         req.pipe(up);
       });
       await new Promise<void>((r) => proxy.listen(proxyPort, '127.0.0.1', () => r()));
@@ -197,12 +229,19 @@ const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf 
         return false;
       };
       const cacheDir = path.join(s.dir, 'f3');
-      await expect(pull(ref(), { cacheDir })).rejects.toMatchObject({ code: expect.stringMatching(/ERR_MICROVM_IMAGE_(DIGEST|MANIFEST)/) });
+      await expect(pull(ref(), { cacheDir })).rejects.toMatchObject({
+        code: expect.stringMatching(/ERR_MICROVM_IMAGE_(DIGEST|MANIFEST)/),
+      });
       expect(listImages(cacheDir)).toEqual([]);
       // Whatever reached the blob cache is whole and verified (named by its content's digest).
       const blobs = path.join(cacheDir, 'blobs', 'sha256');
       for (const f of fs.existsSync(blobs) ? fs.readdirSync(blobs).filter((n) => !n.endsWith('.part')) : []) {
-        expect(require('node:crypto').createHash('sha256').update(fs.readFileSync(path.join(blobs, f))).digest('hex')).toBe(f);
+        expect(
+          require('node:crypto')
+            .createHash('sha256')
+            .update(fs.readFileSync(path.join(blobs, f)))
+            .digest('hex'),
+        ).toBe(f);
       }
     });
 
@@ -223,7 +262,11 @@ const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf 
           return true;
         }
         if (url.startsWith('/v2/') && req.headers.authorization !== 'Bearer tok-123') {
-          res.writeHead(401, { 'www-authenticate': `Bearer realm="http://127.0.0.1:${proxyPort}/token",service="test-registry",scope="repository:test/img:pull"` }).end();
+          res
+            .writeHead(401, {
+              'www-authenticate': `Bearer realm="http://127.0.0.1:${proxyPort}/token",service="test-registry",scope="repository:test/img:pull"`,
+            })
+            .end();
           return true;
         }
         return false;
@@ -240,8 +283,9 @@ const tree = (dir: string): string => execFileSync('sh', ['-c', "find . -printf 
         res.writeHead(401, { 'www-authenticate': 'Basic realm="x"' }).end();
         return true;
       };
-      await expect(pull(ref(), { cacheDir: path.join(s.dir, 'f5') })).rejects.toMatchObject({ code: 'ERR_MICROVM_REGISTRY_AUTH' });
+      await expect(pull(ref(), { cacheDir: path.join(s.dir, 'f5') })).rejects.toMatchObject({
+        code: 'ERR_MICROVM_REGISTRY_AUTH',
+      });
     });
   });
 });
-

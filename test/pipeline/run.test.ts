@@ -5,7 +5,12 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { trace } from '@opentelemetry/api';
-import { BasicTracerProvider, InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import {
+  BasicTracerProvider,
+  InMemorySpanExporter,
+  type ReadableSpan,
+  SimpleSpanProcessor,
+} from '@opentelemetry/sdk-trace-base';
 import { type Backend, hooks, libkrunBackend, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
 import { alive, doubleDir, firmwareDir, readCalls, scratch } from '../helpers';
 
@@ -66,12 +71,30 @@ afterEach(async () => {
 
 describe('run() over the libkrun double', () => {
   test('the full span tree: names, parents, attributes; the runner got the plan', async () => {
-    const vm = await run('example.org/busybox:1', options({ name: 'spans', cpus: 2, memoryMiB: 256, ports: [{ host: 40022, guest: 22 }], rootfsHooks: [hooks.injectFile('/etc/motd', 'hello\n')] }));
+    const vm = await run(
+      'example.org/busybox:1',
+      options({
+        name: 'spans',
+        cpus: 2,
+        memoryMiB: 256,
+        ports: [{ host: 40022, guest: 22 }],
+        rootfsHooks: [hooks.injectFile('/etc/motd', 'hello\n')],
+      }),
+    );
     started.push(vm);
     const rootSpan = one(SPAN.RUN);
     expect(rootSpan.attributes).toMatchObject({ image: 'example.org/busybox:1', name: 'spans', cpus: 2, memory: 256 });
     expect(parentOf(rootSpan)).toBeUndefined();
-    const stages = [SPAN.PREFLIGHT, SPAN.IMAGE_PULL, SPAN.ROOTFS_CLONE, SPAN.ROOTFS_HOOKS, SPAN.BACKEND_PREPARE, SPAN.NETWORK_START, SPAN.VM_SPAWN, SPAN.POST_BOOT];
+    const stages = [
+      SPAN.PREFLIGHT,
+      SPAN.IMAGE_PULL,
+      SPAN.ROOTFS_CLONE,
+      SPAN.ROOTFS_HOOKS,
+      SPAN.BACKEND_PREPARE,
+      SPAN.NETWORK_START,
+      SPAN.VM_SPAWN,
+      SPAN.POST_BOOT,
+    ];
     for (const name of stages) expect([name, parentOf(one(name))]).toEqual([name, rootSpan.spanContext().spanId]);
     // Stages ran in order.
     const startTimes = stages.map((n) => one(n).startTime);
@@ -101,12 +124,24 @@ describe('run() over the libkrun double', () => {
   test('the guest sees .krun_config.json and hook files; the shared tree is untouched', async () => {
     const img = makeImage(s.dir);
     const before = fs.readdirSync(img, { recursive: true }).sort();
-    const vm = await run('img', options({ rootfsPath: img, env: { GREETING: 'hi there' }, workdir: '/root', rootfsHooks: [hooks.injectAuthorizedKeys('ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample test@host')] }));
+    const vm = await run(
+      'img',
+      options({
+        rootfsPath: img,
+        env: { GREETING: 'hi there' },
+        workdir: '/root',
+        rootfsHooks: [hooks.injectAuthorizedKeys('ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample test@host')],
+      }),
+    );
     started.push(vm);
     // Read the guest's root as the runner (the VMM) sees it: /proc/PID/root enters its mount namespace.
     const guest = (p: string): string => path.join(`/proc/${vm.pid}/root`, vm.rootfsPath, p);
     const config = JSON.parse(fs.readFileSync(guest('.krun_config.json'), 'utf8'));
-    expect(config).toEqual({ Cmd: ['/bin/sh', '-c', 'echo hi'], Env: [expect.stringMatching(/^PATH=/), 'GREETING=hi there'], WorkingDir: '/root' });
+    expect(config).toEqual({
+      Cmd: ['/bin/sh', '-c', 'echo hi'],
+      Env: [expect.stringMatching(/^PATH=/), 'GREETING=hi there'],
+      WorkingDir: '/root',
+    });
     expect(fs.readFileSync(guest('root/.ssh/authorized_keys'), 'utf8')).toContain('ssh-ed25519 AAAAC3');
     expect(fs.statSync(guest('root/.ssh')).mode & 0o777).toBe(0o700);
     expect(fs.statSync(guest('root')).mode & 0o777).toBe(0o700);
@@ -129,7 +164,10 @@ describe('run() over the libkrun double', () => {
     fs.symlinkSync('/etc', path.join(img, 'etc2'));
     for (const strategy of ['copy', 'overlay'] as const) {
       for (const target of ['/escape/pwned', '/etc2/pwned']) {
-        const err = await run('img', options({ rootfsPath: img, cloneStrategies: [strategy], rootfsHooks: [hooks.injectFile(target, 'x')] })).catch((e: unknown) => e);
+        const err = await run(
+          'img',
+          options({ rootfsPath: img, cloneStrategies: [strategy], rootfsHooks: [hooks.injectFile(target, 'x')] }),
+        ).catch((e: unknown) => e);
         if (strategy === 'copy') expect(err).toMatchObject({ code: 'ERR_MICROVM_ROOTFS_SYMLINK' });
         // Overlay: the write lands in the VM's own upper layer (a real directory shadows the link), or is refused.
         if (!(err instanceof Error)) started.push(err as MicroVM);
@@ -140,14 +178,65 @@ describe('run() over the libkrun double', () => {
   });
 
   test.each([
-    [SPAN.PREFLIGHT, (): RunOptions => ({ preflight: [{ name: 'always-fails', description: 'x', required: true, run: () => ({ ok: false, message: 'nope', remediation: 'do the thing' }) }] }), 'ERR_MICROVM_PREFLIGHT'],
+    [
+      SPAN.PREFLIGHT,
+      (): RunOptions => ({
+        preflight: [
+          {
+            name: 'always-fails',
+            description: 'x',
+            required: true,
+            run: () => ({ ok: false, message: 'nope', remediation: 'do the thing' }),
+          },
+        ],
+      }),
+      'ERR_MICROVM_PREFLIGHT',
+    ],
     [SPAN.IMAGE_PULL, (): RunOptions => ({ rootfsPath: '/nonexistent/rootfs' }), 'ERR_MICROVM_ROOTFS_NOT_FOUND'],
-    [SPAN.ROOTFS_CLONE, (): RunOptions => ({ cloneStrategies: ['overlay'], backend: { ...(options().backend as Backend), supportsOverlay: false } }), 'ERR_MICROVM_CLONE_UNSUPPORTED'],
-    [SPAN.ROOTFS_HOOKS, (): RunOptions => ({ rootfsHooks: [() => { throw Object.assign(new Error('hook failed'), { code: 'E_HOOK' }); }] }), 'E_HOOK'],
+    [
+      SPAN.ROOTFS_CLONE,
+      (): RunOptions => ({
+        cloneStrategies: ['overlay'],
+        backend: { ...(options().backend as Backend), supportsOverlay: false },
+      }),
+      'ERR_MICROVM_CLONE_UNSUPPORTED',
+    ],
+    [
+      SPAN.ROOTFS_HOOKS,
+      (): RunOptions => ({
+        rootfsHooks: [
+          () => {
+            throw Object.assign(new Error('hook failed'), { code: 'E_HOOK' });
+          },
+        ],
+      }),
+      'E_HOOK',
+    ],
     [SPAN.BACKEND_PREPARE, (): RunOptions => ({ initOverride: undefined }), 'ERR_MICROVM_NO_COMMAND'],
-    [SPAN.NETWORK_START, (): RunOptions => ({ network: { name: 'broken', start: async () => { throw Object.assign(new Error('no passt'), { code: 'E_NET' }); } } }), 'E_NET'],
+    [
+      SPAN.NETWORK_START,
+      (): RunOptions => ({
+        network: {
+          name: 'broken',
+          start: async () => {
+            throw Object.assign(new Error('no passt'), { code: 'E_NET' });
+          },
+        },
+      }),
+      'E_NET',
+    ],
     [SPAN.VM_SPAWN, (): RunOptions => ({ cpus: 200 }), 'EINVAL'],
-    [SPAN.POST_BOOT, (): RunOptions => ({ postBoot: [async () => { throw Object.assign(new Error('post boot failed'), { code: 'E_POST' }); }] }), 'E_POST'],
+    [
+      SPAN.POST_BOOT,
+      (): RunOptions => ({
+        postBoot: [
+          async () => {
+            throw Object.assign(new Error('post boot failed'), { code: 'E_POST' });
+          },
+        ],
+      }),
+      'E_POST',
+    ],
   ])('a failure in %s: ERROR on that span and on microvm.Run, nothing left behind', async (stage, extra, code) => {
     const opts = options(extra());
     if (stage === SPAN.VM_SPAWN) {
@@ -165,22 +254,46 @@ describe('run() over the libkrun double', () => {
     expect(one(SPAN.RUN).status.code).toBe(2);
     expect(one(SPAN.RUN).attributes['error.type']).toBe(code);
     // No VM process and no VM directory remain.
-    for (const pid of new Set(readCalls(calls).map((c) => c.pid))) if (pid !== process.pid) expect(alive(pid)).toBe(false);
+    for (const pid of new Set(readCalls(calls).map((c) => c.pid)))
+      if (pid !== process.pid) expect(alive(pid)).toBe(false);
     const vms = path.join(s.dir, 'data', 'vms');
     expect(fs.existsSync(vms) ? fs.readdirSync(vms) : []).toEqual([]);
   });
 
   test('the preflight error lists each failed required check with its fix', async () => {
-    const err = await run('img', options({ preflight: [
-      { name: 'a', description: '', required: true, run: () => ({ ok: false, message: 'A is missing', remediation: 'install A' }) },
-      { name: 'b', description: '', required: false, run: () => ({ ok: false, message: 'B is slow' }) },
-      { name: 'c', description: '', required: true, run: () => { throw new Error('C exploded'); } },
-    ] })).catch((e: Error) => e);
+    const err = await run(
+      'img',
+      options({
+        preflight: [
+          {
+            name: 'a',
+            description: '',
+            required: true,
+            run: () => ({ ok: false, message: 'A is missing', remediation: 'install A' }),
+          },
+          { name: 'b', description: '', required: false, run: () => ({ ok: false, message: 'B is slow' }) },
+          {
+            name: 'c',
+            description: '',
+            required: true,
+            run: () => {
+              throw new Error('C exploded');
+            },
+          },
+        ],
+      }),
+    ).catch((e: Error) => e);
     expect(err).toMatchObject({ code: 'ERR_MICROVM_PREFLIGHT' });
     expect((err as Error).message).toContain('a: A is missing\n    fix: install A');
     expect((err as Error).message).toContain('c: check threw: C exploded');
     expect((err as Error).message).not.toContain('B is slow');
-    expect(byName(SPAN.PREFLIGHT_CHECK).map((sp) => [sp.attributes['check.name'], sp.attributes['check.passed']])).toEqual([['a', false], ['b', false], ['c', false]]);
+    expect(
+      byName(SPAN.PREFLIGHT_CHECK).map((sp) => [sp.attributes['check.name'], sp.attributes['check.passed']]),
+    ).toEqual([
+      ['a', false],
+      ['b', false],
+      ['c', false],
+    ]);
   });
 
   test('a check given as a class instance keeps its methods; a missing `required` counts as required', async () => {
@@ -197,19 +310,71 @@ describe('run() over the libkrun double', () => {
   });
 
   test.each([
-    [SPAN.PREFLIGHT, (ac: AbortController): RunOptions => ({ preflight: [{ name: 'aborts', description: '', required: false, run: () => { ac.abort(); return { ok: true }; } }] })],
+    [
+      SPAN.PREFLIGHT,
+      (ac: AbortController): RunOptions => ({
+        preflight: [
+          {
+            name: 'aborts',
+            description: '',
+            required: false,
+            run: () => {
+              ac.abort();
+              return { ok: true };
+            },
+          },
+        ],
+      }),
+    ],
     [SPAN.ROOTFS_HOOKS, (ac: AbortController): RunOptions => ({ rootfsHooks: [() => ac.abort()] })],
-    [SPAN.BACKEND_PREPARE, (ac: AbortController): RunOptions => {
-      const b = options().backend as Backend;
-      return { backend: { ...b, prepareRootfs: async (input) => { await b.prepareRootfs(input); ac.abort(); } } };
-    }],
-    [SPAN.NETWORK_START, (ac: AbortController): RunOptions => ({
-      network: { name: 'aborting', start: async () => { ac.abort(); return { kind: 'unixstream', socketPath: '/tmp/none.sock', mac: '5a:94:ef:e4:0c:ee', stop: async () => undefined }; } },
-    })],
-    [SPAN.VM_SPAWN, (ac: AbortController): RunOptions => {
-      const b = options().backend as Backend;
-      return { backend: { ...b, start: async (input) => { const h = await b.start(input); ac.abort(); return h; } } };
-    }],
+    [
+      SPAN.BACKEND_PREPARE,
+      (ac: AbortController): RunOptions => {
+        const b = options().backend as Backend;
+        return {
+          backend: {
+            ...b,
+            prepareRootfs: async (input) => {
+              await b.prepareRootfs(input);
+              ac.abort();
+            },
+          },
+        };
+      },
+    ],
+    [
+      SPAN.NETWORK_START,
+      (ac: AbortController): RunOptions => ({
+        network: {
+          name: 'aborting',
+          start: async () => {
+            ac.abort();
+            return {
+              kind: 'unixstream',
+              socketPath: '/tmp/none.sock',
+              mac: '5a:94:ef:e4:0c:ee',
+              stop: async () => undefined,
+            };
+          },
+        },
+      }),
+    ],
+    [
+      SPAN.VM_SPAWN,
+      (ac: AbortController): RunOptions => {
+        const b = options().backend as Backend;
+        return {
+          backend: {
+            ...b,
+            start: async (input) => {
+              const h = await b.start(input);
+              ac.abort();
+              return h;
+            },
+          },
+        };
+      },
+    ],
     [SPAN.POST_BOOT, (ac: AbortController): RunOptions => ({ postBoot: [() => ac.abort()] })],
   ])('abort during %s: AbortError, that span ERROR, nothing left behind', async (stage, extra) => {
     const ac = new AbortController();
@@ -217,14 +382,17 @@ describe('run() over the libkrun double', () => {
     expect(err).toMatchObject({ name: 'AbortError' });
     expect(one(stage).status.code).toBe(2);
     expect(one(SPAN.RUN).status.code).toBe(2);
-    for (const pid of new Set(readCalls(calls).map((c) => c.pid))) if (pid !== process.pid) expect(alive(pid)).toBe(false);
+    for (const pid of new Set(readCalls(calls).map((c) => c.pid)))
+      if (pid !== process.pid) expect(alive(pid)).toBe(false);
     const vms = path.join(s.dir, 'data', 'vms');
     expect(fs.existsSync(vms) ? fs.readdirSync(vms) : []).toEqual([]);
   });
 
   test('abort during a stage undoes everything', async () => {
     const ac = new AbortController();
-    const err = await run('img', options({ signal: ac.signal, rootfsHooks: [() => ac.abort()] })).catch((e: unknown) => e);
+    const err = await run('img', options({ signal: ac.signal, rootfsHooks: [() => ac.abort()] })).catch(
+      (e: unknown) => e,
+    );
     expect(err).toMatchObject({ name: 'AbortError' });
     expect(fs.readdirSync(path.join(s.dir, 'data', 'vms'))).toEqual([]);
     expect(one(SPAN.RUN).status.code).toBe(2);
@@ -244,7 +412,7 @@ describe('run() over the libkrun double', () => {
     expect(alive(vm.pid)).toBe(false);
   });
 
-  test('libkrun: a VMM failure (exit 1 with its ERROR line) is a failure, not the guest\'s exit code 1', async () => {
+  test("libkrun: a VMM failure (exit 1 with its ERROR line) is a failure, not the guest's exit code 1", async () => {
     const backend = (env: Record<string, string>): RunOptions['backend'] =>
       libkrunBackend({
         runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
@@ -256,7 +424,10 @@ describe('run() over the libkrun double', () => {
     expect(await failed.wait()).toMatchObject({
       reason: 'failed',
       exitCode: null,
-      error: { code: 'ERR_MICROVM_HYPERVISOR_FAILED', message: expect.stringContaining('Received KVM_EXIT_INTERNAL_ERROR signal') },
+      error: {
+        code: 'ERR_MICROVM_HYPERVISOR_FAILED',
+        message: expect.stringContaining('Received KVM_EXIT_INTERNAL_ERROR signal'),
+      },
     });
     const guest = await run('img', options({ name: 'guest', backend: backend({ KRUN_DOUBLE_GUEST_EXIT: '1' }) }));
     started.push(guest);

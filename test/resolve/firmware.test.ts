@@ -19,12 +19,26 @@ describe('resolveFirmware (real Debian libkrunfw5)', () => {
     try {
       const viaDirs = await resolveFirmware({ dirs: [empty.dir, firmwareDir()], systemDirs: [], loaderSearch: false });
       expect(viaDirs.path).toBe(firmwarePath());
-      const viaEnv = await resolveFirmware({ env: { MICROVM_LIBKRUNFW_DIR: `${empty.dir}:${firmwareDir()}` }, systemDirs: [], loaderSearch: false });
+      const viaEnv = await resolveFirmware({
+        env: { MICROVM_LIBKRUNFW_DIR: `${empty.dir}:${firmwareDir()}` },
+        systemDirs: [],
+        loaderSearch: false,
+      });
       expect(viaEnv.path).toBe(firmwarePath());
-      const viaRuntime = await resolveFirmware({ runtimeLibDir: firmwareDir(), env: {}, systemDirs: [], loaderSearch: false });
+      const viaRuntime = await resolveFirmware({
+        runtimeLibDir: firmwareDir(),
+        env: {},
+        systemDirs: [],
+        loaderSearch: false,
+      });
       expect(viaRuntime.path).toBe(firmwarePath());
       // The explicit dir wins over the environment.
-      const wrongFirst = await resolveFirmware({ dir: firmwareDir(), env: { MICROVM_LIBKRUNFW_DIR: wrongAbiFirmwareDir() }, systemDirs: [], loaderSearch: false });
+      const wrongFirst = await resolveFirmware({
+        dir: firmwareDir(),
+        env: { MICROVM_LIBKRUNFW_DIR: wrongAbiFirmwareDir() },
+        systemDirs: [],
+        loaderSearch: false,
+      });
       expect(wrongFirst.abiVersion).toBe(5);
     } finally {
       empty.cleanup();
@@ -37,7 +51,12 @@ describe('resolveFirmware (real Debian libkrunfw5)', () => {
     const a = scratch();
     const b = scratch();
     try {
-      const err = await resolveFirmware({ dir: a.dir, env: { MICROVM_LIBKRUNFW_DIR: b.dir }, systemDirs: ['/nonexistent/lib'], loaderSearch: false }).catch((e: unknown) => e);
+      const err = await resolveFirmware({
+        dir: a.dir,
+        env: { MICROVM_LIBKRUNFW_DIR: b.dir },
+        systemDirs: ['/nonexistent/lib'],
+        loaderSearch: false,
+      }).catch((e: unknown) => e);
       expect(err).toMatchObject({ code: 'ERR_MICROVM_LIBKRUNFW_NOT_FOUND' });
       const message = (err as Error).message;
       expect(message).toContain(path.join(a.dir, 'libkrunfw.so.5'));
@@ -51,7 +70,9 @@ describe('resolveFirmware (real Debian libkrunfw5)', () => {
   });
 
   test('ABI mismatch: found vs expected version', async () => {
-    const err = await resolveFirmware({ dir: wrongAbiFirmwareDir(), systemDirs: [], loaderSearch: false }).catch((e: unknown) => e);
+    const err = await resolveFirmware({ dir: wrongAbiFirmwareDir(), systemDirs: [], loaderSearch: false }).catch(
+      (e: unknown) => e,
+    );
     expect(err).toMatchObject({ code: 'ERR_MICROVM_LIBKRUNFW_ABI' });
     expect((err as Error).message).toMatch(/ABI version 4, but version 5 is required/);
   });

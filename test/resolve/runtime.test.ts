@@ -15,7 +15,13 @@ describe('resolveRuntime (libkrun RECORDING ABI TEST DOUBLE)', () => {
   test('MICROVM_LIBKRUN_DIR is honoured after libDir', async () => {
     const s = scratch();
     try {
-      const rt = await resolveRuntime({ libDir: s.dir, env: { MICROVM_LIBKRUN_DIR: doubleDir() }, pkgConfig: false, systemDirs: [], loaderSearch: false });
+      const rt = await resolveRuntime({
+        libDir: s.dir,
+        env: { MICROVM_LIBKRUN_DIR: doubleDir() },
+        pkgConfig: false,
+        systemDirs: [],
+        loaderSearch: false,
+      });
       expect(rt.libkrunPath).toBe(doublePath());
     } finally {
       s.cleanup();
@@ -27,7 +33,13 @@ describe('resolveRuntime (libkrun RECORDING ABI TEST DOUBLE)', () => {
   test('not found: lists every place searched', async () => {
     const s = scratch();
     try {
-      const err = await resolveRuntime({ libDir: s.dir, env: {}, pkgConfig: true, systemDirs: ['/nonexistent'], loaderSearch: false }).catch((e: unknown) => e);
+      const err = await resolveRuntime({
+        libDir: s.dir,
+        env: {},
+        pkgConfig: true,
+        systemDirs: ['/nonexistent'],
+        loaderSearch: false,
+      }).catch((e: unknown) => e);
       expect(err).toMatchObject({ code: 'ERR_MICROVM_LIBKRUN_NOT_FOUND' });
       expect((err as Error).message).toContain(path.join(s.dir, 'libkrun.so.1'));
       expect((err as Error).message).toContain('/nonexistent/libkrun.so.1');
@@ -40,8 +52,17 @@ describe('resolveRuntime (libkrun RECORDING ABI TEST DOUBLE)', () => {
     const s = scratch();
     try {
       // libkrunfw is a real shared object but not libkrun.
-      fs.copyFileSync(path.join(process.env.MICROVM_TEST_WRONG_ABI_FW_DIR as string, 'libkrunfw.so.5'), path.join(s.dir, 'libkrun.so.1'));
-      const err = await resolveRuntime({ libDir: s.dir, env: {}, pkgConfig: false, systemDirs: [], loaderSearch: false }).catch((e: unknown) => e);
+      fs.copyFileSync(
+        path.join(process.env.MICROVM_TEST_WRONG_ABI_FW_DIR as string, 'libkrunfw.so.5'),
+        path.join(s.dir, 'libkrun.so.1'),
+      );
+      const err = await resolveRuntime({
+        libDir: s.dir,
+        env: {},
+        pkgConfig: false,
+        systemDirs: [],
+        loaderSearch: false,
+      }).catch((e: unknown) => e);
       expect((err as Error).message).toMatch(/does not export krun_set_log_level/);
     } finally {
       s.cleanup();

@@ -5,7 +5,15 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { trace } from '@opentelemetry/api';
-import { type Clock, generateKeyPair, loadKeyPair, SshClient, type SshConnectOptions, waitForReady, writeKeyPair } from '../../lib';
+import {
+  type Clock,
+  generateKeyPair,
+  loadKeyPair,
+  SshClient,
+  type SshConnectOptions,
+  waitForReady,
+  writeKeyPair,
+} from '../../lib';
 import { scratch } from '../helpers';
 import { freePort, startSsh2Server, startSshd, type TestServer } from './servers';
 
@@ -24,7 +32,9 @@ describe('keys', () => {
       expect(fs.readFileSync(publicKeyPath, 'utf8').trim()).toBe(key.publicKey);
       expect(loadKeyPair(privateKeyPath).publicKey).toBe(key.publicKey);
       fs.writeFileSync(path.join(s.dir, 'bad'), 'not a key');
-      expect(() => loadKeyPair(path.join(s.dir, 'bad'))).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_SSH_KEY' }));
+      expect(() => loadKeyPair(path.join(s.dir, 'bad'))).toThrow(
+        expect.objectContaining({ code: 'ERR_MICROVM_SSH_KEY' }),
+      );
       // The error never echoes key material.
       try {
         loadKeyPair(path.join(s.dir, 'bad'));
@@ -46,7 +56,12 @@ describe.each(factories)('SshClient against %s', (_name, start) => {
   let server: TestServer;
   let client: SshClient;
   const opts = (extra: Partial<SshConnectOptions> = {}): SshConnectOptions => ({
-    host: '127.0.0.1', port: server.port, username: server.user, privateKey: key.privateKey, hostKey: { expected: server.hostKey }, ...extra,
+    host: '127.0.0.1',
+    port: server.port,
+    username: server.user,
+    privateKey: key.privateKey,
+    hostKey: { expected: server.hostKey },
+    ...extra,
   });
   beforeAll(async () => {
     server = await start(key.publicKey);
@@ -58,7 +73,12 @@ describe.each(factories)('SshClient against %s', (_name, start) => {
   });
 
   test('exec: stdout, stderr and exit codes; one connection reused', async () => {
-    expect(await client.exec('echo out; echo err >&2; exit 3')).toEqual({ stdout: 'out\n', stderr: 'err\n', exitCode: 3, signal: null });
+    expect(await client.exec('echo out; echo err >&2; exit 3')).toEqual({
+      stdout: 'out\n',
+      stderr: 'err\n',
+      exitCode: 3,
+      signal: null,
+    });
     expect(await client.exec('true')).toMatchObject({ exitCode: 0 });
   });
 
@@ -89,7 +109,9 @@ describe.each(factories)('SshClient against %s', (_name, start) => {
       fs.writeFileSync(src, data);
       const remote = path.join(s.dir, 'remote.bin'); // same machine: the server's filesystem is ours
       await client.copyTo(src, remote, { mode: 0o640 });
-      expect(createHash('sha256').update(fs.readFileSync(remote)).digest('hex')).toBe(createHash('sha256').update(data).digest('hex'));
+      expect(createHash('sha256').update(fs.readFileSync(remote)).digest('hex')).toBe(
+        createHash('sha256').update(data).digest('hex'),
+      );
       expect(fs.statSync(remote).mode & 0o777).toBe(0o640);
       const back = path.join(s.dir, 'back.bin');
       await client.copyFrom(remote, back);
@@ -100,7 +122,9 @@ describe.each(factories)('SshClient against %s', (_name, start) => {
   });
 
   test('a wrong pinned host key is refused', async () => {
-    await expect(SshClient.connect(opts({ hostKey: { expected: otherKey.publicKey } }))).rejects.toMatchObject({ code: 'ERR_MICROVM_SSH_HOSTKEY' });
+    await expect(SshClient.connect(opts({ hostKey: { expected: otherKey.publicKey } }))).rejects.toMatchObject({
+      code: 'ERR_MICROVM_SSH_HOSTKEY',
+    });
   });
 
   test('trust on first use: the key is recorded, then pinned', async () => {
@@ -108,10 +132,14 @@ describe.each(factories)('SshClient against %s', (_name, start) => {
     try {
       const file = path.join(s.dir, 'known_hosts');
       (await SshClient.connect(opts({ hostKey: { knownHostsFile: file } }))).close();
-      expect(fs.readFileSync(file, 'utf8')).toContain(`[127.0.0.1]:${server.port} ${server.hostKey.split(' ').slice(0, 2).join(' ')}`);
+      expect(fs.readFileSync(file, 'utf8')).toContain(
+        `[127.0.0.1]:${server.port} ${server.hostKey.split(' ').slice(0, 2).join(' ')}`,
+      );
       (await SshClient.connect(opts({ hostKey: { knownHostsFile: file } }))).close();
       fs.writeFileSync(file, `[127.0.0.1]:${server.port} ${otherKey.publicKey.split(' ').slice(0, 2).join(' ')}\n`);
-      await expect(SshClient.connect(opts({ hostKey: { knownHostsFile: file } }))).rejects.toMatchObject({ code: 'ERR_MICROVM_SSH_HOSTKEY' });
+      await expect(SshClient.connect(opts({ hostKey: { knownHostsFile: file } }))).rejects.toMatchObject({
+        code: 'ERR_MICROVM_SSH_HOSTKEY',
+      });
     } finally {
       s.cleanup();
     }
@@ -135,8 +163,21 @@ describe('waitForReady', () => {
     }, 400);
     try {
       const client = await waitForReady(
-        { host: '127.0.0.1', port, username: 'tester', privateKey: key.privateKey, hostKey: { insecureAcceptAny: true }, timeoutMs: 20000 },
-        { tracer: provider.getTracer('t'), ctx: trace.setSpan(require('@opentelemetry/api').context.active(), trace.wrapSpanContext({ traceId: '0'.repeat(31) + '1', spanId: '0'.repeat(15) + '1', traceFlags: 1 })) },
+        {
+          host: '127.0.0.1',
+          port,
+          username: 'tester',
+          privateKey: key.privateKey,
+          hostKey: { insecureAcceptAny: true },
+          timeoutMs: 20000,
+        },
+        {
+          tracer: provider.getTracer('t'),
+          ctx: trace.setSpan(
+            require('@opentelemetry/api').context.active(),
+            trace.wrapSpanContext({ traceId: '0'.repeat(31) + '1', spanId: '0'.repeat(15) + '1', traceFlags: 1 }),
+          ),
+        },
       );
       client.close();
       const span = exporter.getFinishedSpans().find((x) => x.name === 'microvm.SSHWaitReady');
@@ -158,7 +199,14 @@ describe('waitForReady', () => {
     await new Promise<void>((r) => mute.listen(0, '127.0.0.1', () => r()));
     const port = (mute.address() as net.AddressInfo).port;
     try {
-      const err = await waitForReady({ host: '127.0.0.1', port, username: 'x', privateKey: key.privateKey, hostKey: { insecureAcceptAny: true }, timeoutMs: 1500 }).catch((e: Error) => e);
+      const err = await waitForReady({
+        host: '127.0.0.1',
+        port,
+        username: 'x',
+        privateKey: key.privateKey,
+        hostKey: { insecureAcceptAny: true },
+        timeoutMs: 1500,
+      }).catch((e: Error) => e);
       expect(err).toMatchObject({ code: 'ERR_MICROVM_SSH_TIMEOUT' });
       expect((err as Error).message).toMatch(/after 1500 ms and \d+ probes; last error: .*no SSH identification/);
     } finally {
@@ -170,13 +218,29 @@ describe('waitForReady', () => {
     const port = await freePort();
     const ac = new AbortController();
     setTimeout(() => ac.abort(), 200);
-    await expect(waitForReady({ host: '127.0.0.1', port, username: 'x', privateKey: key.privateKey, hostKey: { insecureAcceptAny: true }, timeoutMs: 30000, signal: ac.signal })).rejects.toMatchObject({ name: 'AbortError' });
+    await expect(
+      waitForReady({
+        host: '127.0.0.1',
+        port,
+        username: 'x',
+        privateKey: key.privateKey,
+        hostKey: { insecureAcceptAny: true },
+        timeoutMs: 30000,
+        signal: ac.signal,
+      }),
+    ).rejects.toMatchObject({ name: 'AbortError' });
   });
 
   test('schedule (injected clock): first probe at once, growing intervals up to the cap, one probe in flight', async () => {
     let now = 0;
     const sleeps: number[] = [];
-    const clock: Clock = { now: () => now, sleep: async (ms) => { sleeps.push(ms); now += ms; } };
+    const clock: Clock = {
+      now: () => now,
+      sleep: async (ms) => {
+        sleeps.push(ms);
+        now += ms;
+      },
+    };
     let inFlight = 0;
     let maxInFlight = 0;
     let calls = 0;
@@ -189,7 +253,18 @@ describe('waitForReady', () => {
       if (calls < 8) throw new Error('ECONNREFUSED');
       return { close: () => undefined } as unknown as SshClient;
     };
-    await waitForReady({ host: 'h', port: 1, username: 'u', privateKey: 'k', hostKey: { insecureAcceptAny: true }, clock, connect, initialIntervalMs: 10, maxIntervalMs: 50, backoff: 1.5 });
+    await waitForReady({
+      host: 'h',
+      port: 1,
+      username: 'u',
+      privateKey: 'k',
+      hostKey: { insecureAcceptAny: true },
+      clock,
+      connect,
+      initialIntervalMs: 10,
+      maxIntervalMs: 50,
+      backoff: 1.5,
+    });
     expect(sleeps).toEqual([10, 15, 22.5, 33.75, 50, 50, 50]);
     expect(maxInFlight).toBe(1);
   });
@@ -197,7 +272,14 @@ describe('waitForReady', () => {
   test('a refused key stops the wait at once instead of retrying', async () => {
     const server = await startSsh2Server(key.publicKey);
     try {
-      const err = await waitForReady({ host: '127.0.0.1', port: server.port, username: 'tester', privateKey: otherKey.privateKey, hostKey: { insecureAcceptAny: true }, timeoutMs: 20000 }).catch((e: Error) => e);
+      const err = await waitForReady({
+        host: '127.0.0.1',
+        port: server.port,
+        username: 'tester',
+        privateKey: otherKey.privateKey,
+        hostKey: { insecureAcceptAny: true },
+        timeoutMs: 20000,
+      }).catch((e: Error) => e);
       expect(err).toMatchObject({ code: 'ERR_MICROVM_SSH_AUTH' });
     } finally {
       await server.close();

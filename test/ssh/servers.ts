@@ -99,7 +99,9 @@ export async function startSshd(authorizedKey: string): Promise<TestServer> {
     'LogLevel ERROR',
   ].join('\n');
   fs.writeFileSync(path.join(dir, 'sshd_config'), `${config}\n`);
-  const child = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', path.join(dir, 'sshd_config')], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', path.join(dir, 'sshd_config')], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
   let stderr = '';
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   // Ready when the port accepts.

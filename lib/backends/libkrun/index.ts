@@ -38,18 +38,43 @@ const VMM_FAILURE = /\bERROR\b|KVM_EXIT_|panicked at|Couldn't find or load/;
  * lines in the runner's log (logged at level 'error' and above, the default). A VMM failure that
  * logs nothing at that level cannot be told from a guest exit 1.
  */
-export function classifyRunnerExit(status: RunnerExitStatus, log: string, logPath: string, sent: NodeJS.Signals | undefined): VmExit {
+export function classifyRunnerExit(
+  status: RunnerExitStatus,
+  log: string,
+  logPath: string,
+  sent: NodeJS.Signals | undefined,
+): VmExit {
   if (sent) return { reason: 'stopped', exitCode: null, signal: sent };
-  if (status.signal && STOP_SIGNALS.has(status.signal)) return { reason: 'stopped', exitCode: null, signal: status.signal };
-  const lines = log.split('\n').map((l) => l.trim()).filter(Boolean);
-  const last = lines.slice(-12).map((l) => `  ${l.replace(/[^\x20-\x7e\u00a0-\uffff]/g, '?')}`).join('\n');
+  if (status.signal && STOP_SIGNALS.has(status.signal))
+    return { reason: 'stopped', exitCode: null, signal: status.signal };
+  const lines = log
+    .split('\n')
+    .map((l) => l.trim())
+    .filter(Boolean);
+  const last = lines
+    .slice(-12)
+    .map((l) => `  ${l.replace(/[^\x20-\x7e\u00a0-\uffff]/g, '?')}`)
+    .join('\n');
   if (status.signal) {
-    return { reason: 'failed', exitCode: null, signal: status.signal, error: new MicrovmError('ERR_MICROVM_HYPERVISOR_FAILED', `The libkrun VMM was killed by ${status.signal}; see ${logPath}:\n${last}`) };
+    return {
+      reason: 'failed',
+      exitCode: null,
+      signal: status.signal,
+      error: new MicrovmError(
+        'ERR_MICROVM_HYPERVISOR_FAILED',
+        `The libkrun VMM was killed by ${status.signal}; see ${logPath}:\n${last}`,
+      ),
+    };
   }
   // krun_start_enter returned after "configured": the runner's JSON error line says why.
   if (parseRunnerError(log)) {
     const error = runnerFailure(status, log, logPath);
-    return { reason: 'failed', exitCode: null, signal: null, error: error instanceof MicrovmError ? error : new MicrovmError('ERR_MICROVM_RUNNER_FAILED', error.message) };
+    return {
+      reason: 'failed',
+      exitCode: null,
+      signal: null,
+      error: error instanceof MicrovmError ? error : new MicrovmError('ERR_MICROVM_RUNNER_FAILED', error.message),
+    };
   }
   const vmm = lines.filter((l) => VMM_FAILURE.test(l));
   if (status.code !== 0 && vmm.length > 0) {
@@ -57,7 +82,10 @@ export function classifyRunnerExit(status: RunnerExitStatus, log: string, logPat
       reason: 'failed',
       exitCode: null,
       signal: null,
-      error: new MicrovmError('ERR_MICROVM_HYPERVISOR_FAILED', `The libkrun VMM failed (exit ${String(status.code)}): ${vmm[vmm.length - 1]}\nSee ${logPath}:\n${last}`),
+      error: new MicrovmError(
+        'ERR_MICROVM_HYPERVISOR_FAILED',
+        `The libkrun VMM failed (exit ${String(status.code)}): ${vmm[vmm.length - 1]}\nSee ${logPath}:\n${last}`,
+      ),
     };
   }
   return { reason: 'exited', exitCode: status.code ?? 0, signal: null };
@@ -70,7 +98,9 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
     supportsOverlay: true,
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const config = guestConfig(input);
-      rootfsContext(input.vmId, input.rootfs).writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
+      rootfsContext(input.vmId, input.rootfs).writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, {
+        mode: 0o644,
+      });
     },
     async start(input: BackendStartInput): Promise<BackendHandle> {
       return inSpan(input.scope, SPAN.BACKEND_START, { [ATTR.BACKEND]: 'libkrun' }, async (span, scope) => {
@@ -105,10 +135,18 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
         const plan = buildLaunchPlan(planInput);
         if (options.validatePlan !== false) await validateLaunchPlan(plan);
         input.signal?.throwIfAborted();
-        const runner = await startRunner({ runnerPath: runtime.runnerPath, plan, logPath: input.logPath, env: options.env, signal: input.signal });
+        const runner = await startRunner({
+          runnerPath: runtime.runnerPath,
+          plan,
+          logPath: input.logPath,
+          env: options.env,
+          signal: input.signal,
+        });
         span.setAttribute(ATTR.VM_PID, runner.pid);
         let sent: NodeJS.Signals | undefined;
-        const exited = runner.exited.then((status) => classifyRunnerExit(status, readTail(input.logPath, runner.logStart), input.logPath, sent));
+        const exited = runner.exited.then((status) =>
+          classifyRunnerExit(status, readTail(input.logPath, runner.logStart), input.logPath, sent),
+        );
         const kill = (sig: NodeJS.Signals): boolean => {
           const ok = runner.kill(sig);
           if (ok) sent = sig;

@@ -66,7 +66,9 @@ export interface VsockPortInput {
  * An rlimit as "RESOURCE=SOFT:HARD" or an object; RESOURCE is a name (`NOFILE`, `RLIMIT_NOFILE`) or
  * its Linux number (7). It always reaches libkrun as the number.
  */
-export type RlimitInput = string | { resource: keyof typeof RLIMIT_IDS | `RLIMIT_${keyof typeof RLIMIT_IDS}` | number; soft: number; hard: number };
+export type RlimitInput =
+  | string
+  | { resource: keyof typeof RLIMIT_IDS | `RLIMIT_${keyof typeof RLIMIT_IDS}` | number; soft: number; hard: number };
 
 /** What the guest runs (instead of the image's config in /.krun_config.json). */
 export interface ExecInput {
@@ -134,7 +136,9 @@ export interface LaunchPlan {
 export function normalizeLogLevel(name: string, value: unknown): KrunLogLevel {
   if (typeof value === 'string' && value in LOG_LEVELS) return LOG_LEVELS[value as keyof typeof LOG_LEVELS];
   if (typeof value === 'string') {
-    throw new RangeError(`Expected one of ${Object.keys(LOG_LEVELS).join(', ')} or 0–5 for ${name} but received ${v.describe(value)}`);
+    throw new RangeError(
+      `Expected one of ${Object.keys(LOG_LEVELS).join(', ')} or 0–5 for ${name} but received ${v.describe(value)}`,
+    );
   }
   return v.integer(name, value, 0, 5) as KrunLogLevel;
 }
@@ -146,7 +150,9 @@ export function normalizeVmConfig(cpus: unknown, memoryMiB: unknown): { cpus: nu
 export function normalizePortMap(name: string, value: unknown): 'all' | 'none' | string[] {
   if (value === 'all' || value === 'none') return value;
   if (!Array.isArray(value)) {
-    throw new TypeError(`Expected 'all', 'none' or an array of {host, guest} for ${name} but received ${v.describe(value)}`);
+    throw new TypeError(
+      `Expected 'all', 'none' or an array of {host, guest} for ${name} but received ${v.describe(value)}`,
+    );
   }
   const seenHost = new Set<number>();
   return value.map((item: unknown, i) => {
@@ -176,7 +182,9 @@ export function normalizeVirtiofs(name: string, value: unknown): { tag: string; 
   v.knownKeys(name, o, ['tag', 'hostPath', 'readOnly']);
   const tag = v.string(`${name}.tag`, o.tag, { maxLength: 36 });
   if (!/^[A-Za-z0-9_.\-/]+$/.test(tag)) {
-    throw new RangeError(`Expected letters, digits, '_', '.', '-' or '/' in ${name}.tag but received ${v.describe(tag)}`);
+    throw new RangeError(
+      `Expected letters, digits, '_', '.', '-' or '/' in ${name}.tag but received ${v.describe(tag)}`,
+    );
   }
   return {
     tag,
@@ -191,7 +199,8 @@ export function parseMac(name: string, value: unknown): number[] {
     throw new RangeError(`Expected a MAC address xx:xx:xx:xx:xx:xx for ${name} but received ${v.describe(s)}`);
   }
   const bytes = s.split(':').map((b) => parseInt(b, 16));
-  if ((bytes[0] & 1) === 1) throw new RangeError(`Expected a unicast MAC address for ${name} but received ${s} (multicast bit set)`);
+  if ((bytes[0] & 1) === 1)
+    throw new RangeError(`Expected a unicast MAC address for ${name} but received ${s} (multicast bit set)`);
   return bytes;
 }
 
@@ -223,14 +232,30 @@ export function normalizeVsockPort(name: string, value: unknown): NonNullable<La
     port: v.integer(`${name}.port`, o.port, 1, 0xffffffff),
     path: v.absolutePath(`${name}.path`, o.path),
   };
-  if (Buffer.byteLength(out.path) > 107) throw new RangeError(`Expected a unix socket path of at most 107 bytes for ${name}.path`);
+  if (Buffer.byteLength(out.path) > 107)
+    throw new RangeError(`Expected a unix socket path of at most 107 bytes for ${name}.path`);
   if (o.listen !== undefined) out.listen = v.boolean(`${name}.listen`, o.listen);
   return out;
 }
 
 /** Linux resource numbers (asm-generic/resource.h; the same on x86_64 and aarch64). */
 export const RLIMIT_IDS = {
-  CPU: 0, FSIZE: 1, DATA: 2, STACK: 3, CORE: 4, RSS: 5, NPROC: 6, NOFILE: 7, MEMLOCK: 8, AS: 9, LOCKS: 10, SIGPENDING: 11, MSGQUEUE: 12, NICE: 13, RTPRIO: 14, RTTIME: 15,
+  CPU: 0,
+  FSIZE: 1,
+  DATA: 2,
+  STACK: 3,
+  CORE: 4,
+  RSS: 5,
+  NPROC: 6,
+  NOFILE: 7,
+  MEMLOCK: 8,
+  AS: 9,
+  LOCKS: 10,
+  SIGPENDING: 11,
+  MSGQUEUE: 12,
+  NICE: 13,
+  RTPRIO: 14,
+  RTTIME: 15,
 } as const;
 
 /**
@@ -256,12 +281,15 @@ export function normalizeRlimit(name: string, value: unknown): string {
   const ids = Object.values(RLIMIT_IDS) as number[];
   let id: number;
   if (typeof resource === 'number') {
-    if (!ids.includes(resource)) throw new RangeError(`Expected a resource number 0–15 for ${name}.resource but received ${v.describe(resource)}`);
+    if (!ids.includes(resource))
+      throw new RangeError(`Expected a resource number 0–15 for ${name}.resource but received ${v.describe(resource)}`);
     id = resource;
   } else {
     const r = v.string(`${name}.resource`, resource);
     if (!Object.hasOwn(RLIMIT_IDS, r)) {
-      throw new RangeError(`Expected one of ${Object.keys(RLIMIT_IDS).join(', ')} (or its number) for ${name}.resource but received ${v.describe(r)}`);
+      throw new RangeError(
+        `Expected one of ${Object.keys(RLIMIT_IDS).join(', ')} (or its number) for ${name}.resource but received ${v.describe(r)}`,
+      );
     }
     id = RLIMIT_IDS[r as keyof typeof RLIMIT_IDS];
   }
@@ -285,7 +313,21 @@ export function normalizeExec(name: string, value: unknown): NonNullable<LaunchP
 
 const PLAN_KEYS = [
   'overlay',
-  'libkrunPath', 'firmwarePath', 'logLevel', 'cpus', 'memoryMiB', 'root', 'virtiofs', 'net', 'portMap', 'exec', 'env', 'workdir', 'rlimits', 'consoleOutput', 'vsockPorts',
+  'libkrunPath',
+  'firmwarePath',
+  'logLevel',
+  'cpus',
+  'memoryMiB',
+  'root',
+  'virtiofs',
+  'net',
+  'portMap',
+  'exec',
+  'env',
+  'workdir',
+  'rlimits',
+  'consoleOutput',
+  'vsockPorts',
 ] as const;
 
 /** Validates `input` and returns the wire form. Throws TypeError/RangeError naming the option. */
@@ -304,7 +346,10 @@ export function buildLaunchPlan(input: LaunchPlanInput): LaunchPlan {
     const dirs = {} as OverlayInput;
     for (const k of ['lower', 'upper', 'work', 'merged'] as const) {
       const d = v.absolutePath(`overlay.${k}`, ov[k]);
-      if (/[,:\\]/.test(d)) throw new RangeError(`Expected overlay.${k} without ',', ':' or '\\' (overlayfs option syntax) but received ${v.describe(d)}`);
+      if (/[,:\\]/.test(d))
+        throw new RangeError(
+          `Expected overlay.${k} without ',', ':' or '\\' (overlayfs option syntax) but received ${v.describe(d)}`,
+        );
       dirs[k] = d;
     }
     if (plan.root !== dirs.merged) throw new RangeError('With overlay, root must be overlay.merged');
@@ -313,7 +358,8 @@ export function buildLaunchPlan(input: LaunchPlanInput): LaunchPlan {
   if (o.firmwarePath !== undefined) plan.firmwarePath = v.absolutePath('firmwarePath', o.firmwarePath);
   if (o.logLevel !== undefined) plan.logLevel = normalizeLogLevel('logLevel', o.logLevel);
   if (o.virtiofs !== undefined) {
-    if (!Array.isArray(o.virtiofs)) throw new TypeError(`Expected an array for virtiofs but received ${v.describe(o.virtiofs)}`);
+    if (!Array.isArray(o.virtiofs))
+      throw new TypeError(`Expected an array for virtiofs but received ${v.describe(o.virtiofs)}`);
     plan.virtiofs = o.virtiofs.map((m: unknown, i) => normalizeVirtiofs(`virtiofs[${i}]`, m));
     const tags = new Set<string>();
     for (const m of plan.virtiofs) {
@@ -328,19 +374,23 @@ export function buildLaunchPlan(input: LaunchPlanInput): LaunchPlan {
   if (o.portMap !== undefined) {
     plan.portMap = normalizePortMap('portMap', o.portMap);
     if (plan.net && plan.net.length > 0 && plan.portMap !== 'none') {
-      throw new RangeError('portMap only applies to TSI networking; with a virtio-net device (net) forward ports in the network proxy instead');
+      throw new RangeError(
+        'portMap only applies to TSI networking; with a virtio-net device (net) forward ports in the network proxy instead',
+      );
     }
   }
   if (o.exec !== undefined) plan.exec = normalizeExec('exec', o.exec);
   if (o.env !== undefined) plan.env = v.envEntries('env', o.env);
   if (o.workdir !== undefined) plan.workdir = v.string('workdir', o.workdir);
   if (o.rlimits !== undefined) {
-    if (!Array.isArray(o.rlimits)) throw new TypeError(`Expected an array for rlimits but received ${v.describe(o.rlimits)}`);
+    if (!Array.isArray(o.rlimits))
+      throw new TypeError(`Expected an array for rlimits but received ${v.describe(o.rlimits)}`);
     plan.rlimits = o.rlimits.map((r: unknown, i) => normalizeRlimit(`rlimits[${i}]`, r));
   }
   if (o.consoleOutput !== undefined) plan.consoleOutput = v.absolutePath('consoleOutput', o.consoleOutput);
   if (o.vsockPorts !== undefined) {
-    if (!Array.isArray(o.vsockPorts)) throw new TypeError(`Expected an array for vsockPorts but received ${v.describe(o.vsockPorts)}`);
+    if (!Array.isArray(o.vsockPorts))
+      throw new TypeError(`Expected an array for vsockPorts but received ${v.describe(o.vsockPorts)}`);
     plan.vsockPorts = o.vsockPorts.map((p: unknown, i) => normalizeVsockPort(`vsockPorts[${i}]`, p));
   }
   return plan;

@@ -114,7 +114,9 @@ export function runnerFailure(status: RunnerExitStatus, log: string, logPath: st
     return Object.assign(err, { exitCode: status.code });
   }
   if (line && typeof line.code === 'string') {
-    return Object.assign(new MicrovmError(line.code, `microvm-runner: ${line.message ?? line.code}`), { exitCode: status.code });
+    return Object.assign(new MicrovmError(line.code, `microvm-runner: ${line.message ?? line.code}`), {
+      exitCode: status.code,
+    });
   }
   return Object.assign(
     new MicrovmError('ERR_MICROVM_RUNNER_FAILED', `microvm-runner ${how} before the VM was configured; see ${logPath}`),
@@ -139,7 +141,7 @@ export async function startRunner(options: StartRunnerOptions): Promise<RunnerHa
   const signal = options.signal;
   signal?.throwIfAborted();
 
-  const logFd = fs.openSync(logPath, fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT, 0o640) // libuv opens with O_CLOEXEC;
+  const logFd = fs.openSync(logPath, fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT, 0o640); // libuv opens with O_CLOEXEC;
   const logStart = fs.fstatSync(logFd).size;
   const args = ['--plan-fd', '3', '--ready-fd', '4'];
   if (dieWithParent) args.push('--die-with-parent');
@@ -203,11 +205,16 @@ export async function startRunner(options: StartRunnerOptions): Promise<RunnerHa
   });
 
   try {
-    const outcome = await Promise.race([configured.then((ok) => (ok ? ('configured' as const) : ('closed' as const))), aborted]);
+    const outcome = await Promise.race([
+      configured.then((ok) => (ok ? ('configured' as const) : ('closed' as const))),
+      aborted,
+    ]);
     if (outcome === 'aborted') {
       killGroup('SIGKILL');
       await exited;
-      throw signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError');
+      throw signal?.reason instanceof Error
+        ? signal.reason
+        : new DOMException('The operation was aborted', 'AbortError');
     }
     if (outcome === 'closed') {
       const status = await exited;

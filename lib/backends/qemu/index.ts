@@ -28,7 +28,14 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { trace } from '@opentelemetry/api';
 import { MicrovmError } from '../../errors';
-import { type AccelChoice, type AccelDecision, decideAccel, type HostProbePaths, parseAccel, recordKvmVerdict } from '../../host/kvm';
+import {
+  type AccelChoice,
+  type AccelDecision,
+  decideAccel,
+  type HostProbePaths,
+  parseAccel,
+  recordKvmVerdict,
+} from '../../host/kvm';
 import { addonPath } from '../../native';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
@@ -95,9 +102,16 @@ export function hostTscKhz(): number | undefined {
 
 /** The guest init binary: beside the loaded addon, else in this package's build. */
 export function guestInitPath(): string {
-  const candidates = [path.join(path.dirname(addonPath() ?? ''), 'microvm-guest-init'), path.join(__dirname, '..', '..', '..', 'build', 'Release', 'microvm-guest-init')];
+  const candidates = [
+    path.join(path.dirname(addonPath() ?? ''), 'microvm-guest-init'),
+    path.join(__dirname, '..', '..', '..', 'build', 'Release', 'microvm-guest-init'),
+  ];
   const found = candidates.find((c) => fs.existsSync(c));
-  if (!found) throw new MicrovmError('ERR_MICROVM_GUEST_INIT_NOT_FOUND', `microvm-guest-init was not found (looked in ${candidates.join(', ')}); build it with \`npm run build:native\``);
+  if (!found)
+    throw new MicrovmError(
+      'ERR_MICROVM_GUEST_INIT_NOT_FOUND',
+      `microvm-guest-init was not found (looked in ${candidates.join(', ')}); build it with \`npm run build:native\``,
+    );
   return found;
 }
 
@@ -115,19 +129,44 @@ export interface QemuRuntime extends AccelDecision {
 export function resolveQemuRuntime(options: QemuBackendOptions = {}, dataRoot?: string): QemuRuntime {
   const qemuPath = options.qemuPath ?? onPath('qemu-system-x86_64');
   if (!qemuPath || !fs.existsSync(qemuPath)) {
-    throw new MicrovmError('ERR_MICROVM_QEMU_NOT_FOUND', 'qemu-system-x86_64 was not found. Install it: `apt-get install qemu-system-x86` (Debian/Ubuntu) or `dnf install qemu-system-x86-core` (Fedora).');
+    throw new MicrovmError(
+      'ERR_MICROVM_QEMU_NOT_FOUND',
+      'qemu-system-x86_64 was not found. Install it: `apt-get install qemu-system-x86` (Debian/Ubuntu) or `dnf install qemu-system-x86-core` (Fedora).',
+    );
   }
-  const virtiofsdPath = options.virtiofsdPath ?? ['/usr/libexec/virtiofsd', '/usr/lib/qemu/virtiofsd'].find((p) => fs.existsSync(p)) ?? onPath('virtiofsd');
+  const virtiofsdPath =
+    options.virtiofsdPath ??
+    ['/usr/libexec/virtiofsd', '/usr/lib/qemu/virtiofsd'].find((p) => fs.existsSync(p)) ??
+    onPath('virtiofsd');
   if (!virtiofsdPath || !fs.existsSync(virtiofsdPath)) {
-    throw new MicrovmError('ERR_MICROVM_VIRTIOFSD_NOT_FOUND', 'virtiofsd was not found. Debian 12 ships it in qemu-system-common (/usr/lib/qemu/virtiofsd); newer distributions: `apt-get install virtiofsd` / `dnf install virtiofsd`.');
+    throw new MicrovmError(
+      'ERR_MICROVM_VIRTIOFSD_NOT_FOUND',
+      'virtiofsd was not found. Debian 12 ships it in qemu-system-common (/usr/lib/qemu/virtiofsd); newer distributions: `apt-get install virtiofsd` / `dnf install virtiofsd`.',
+    );
   }
   for (const tool of ['unshare', 'setpriv', 'mount']) {
-    if (!onPath(tool)) throw new MicrovmError('ERR_MICROVM_QEMU_NOT_FOUND', `${tool} (util-linux) was not found; install util-linux and mount.`);
+    if (!onPath(tool))
+      throw new MicrovmError(
+        'ERR_MICROVM_QEMU_NOT_FOUND',
+        `${tool} (util-linux) was not found; install util-linux and mount.`,
+      );
   }
-  const requested = options.accel !== undefined ? parseAccel('accel', options.accel) : process.env.MICROVM_ACCEL ? parseAccel('MICROVM_ACCEL', process.env.MICROVM_ACCEL) : 'auto';
+  const requested =
+    options.accel !== undefined
+      ? parseAccel('accel', options.accel)
+      : process.env.MICROVM_ACCEL
+        ? parseAccel('MICROVM_ACCEL', process.env.MICROVM_ACCEL)
+        : 'auto';
   const { probe, ...decision } = decideAccel(requested, { dataRoot, paths: options.hostProbe });
-  if (decision.accel === 'kvm' && !decision.automatic && (probe.kind === 'absent' || probe.kind === 'no-access' || probe.kind === 'not-a-device')) {
-    throw new MicrovmError('ERR_MICROVM_KVM_UNAVAILABLE', `accel 'kvm' was requested but ${probe.reason.split(':')[0]}. ${probe.remediation ?? ''} Or use accel 'tcg'/'auto'.`);
+  if (
+    decision.accel === 'kvm' &&
+    !decision.automatic &&
+    (probe.kind === 'absent' || probe.kind === 'no-access' || probe.kind === 'not-a-device')
+  ) {
+    throw new MicrovmError(
+      'ERR_MICROVM_KVM_UNAVAILABLE',
+      `accel 'kvm' was requested but ${probe.reason.split(':')[0]}. ${probe.remediation ?? ''} Or use accel 'tcg'/'auto'.`,
+    );
   }
   return { qemuPath, virtiofsdPath, guestInit: guestInitPath(), ...decision };
 }
@@ -159,10 +198,17 @@ function tail(file: string, max = 4000): string {
  * failure is followed by a register dump), then the last lines. Guest text is shown, never trusted.
  */
 export function lastLines(input: Pick<BackendStartInput, 'logPath' | 'consoleLogPath'>): string {
-  const lines = (t: string): string[] => t.replace(/\r/g, '').replace(/[^\x09\x0a\x20-\x7e\u00a0-\uffff]/g, '?').split('\n').filter((l) => l.trim());
+  const lines = (t: string): string[] =>
+    t
+      .replace(/\r/g, '')
+      .replace(/[^\x09\x0a\x20-\x7e\u00a0-\uffff]/g, '?')
+      .split('\n')
+      .filter((l) => l.trim());
   const show = (ls: string[]): string => ls.map((l) => `  ${l.slice(0, 300)}`).join('\n');
   const log = lines(tail(input.logPath, 16000));
-  const errors = log.filter((l) => /error|Assertion|failed|panic|terminating/i.test(l) && !/^virtio_/.test(l)).slice(-6);
+  const errors = log
+    .filter((l) => /error|Assertion|failed|panic|terminating/i.test(l) && !/^virtio_/.test(l))
+    .slice(-6);
   const rest = log.slice(-8).filter((l) => !errors.includes(l));
   const con = lines(tail(input.consoleLogPath, 2000)).slice(-8);
   return `${log.length ? `\nQEMU (${input.logPath}):\n${show([...errors, ...(rest.length ? ['...', ...rest] : [])])}` : ''}${con.length ? `\nconsole (${input.consoleLogPath}):\n${show(con)}` : ''}`;
@@ -225,7 +271,10 @@ class BootFailure extends MicrovmError {}
 /** Creates the QEMU backend. */
 export function qemuBackend(options: QemuBackendOptions = {}): Backend {
   if (options.accel !== undefined) parseAccel('accel', options.accel);
-  if (options.extraArgs !== undefined && (!Array.isArray(options.extraArgs) || options.extraArgs.some((a) => typeof a !== 'string'))) {
+  if (
+    options.extraArgs !== undefined &&
+    (!Array.isArray(options.extraArgs) || options.extraArgs.some((a) => typeof a !== 'string'))
+  ) {
     throw new TypeError('Expected an array of strings for extraArgs');
   }
   return {
@@ -234,7 +283,12 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const ctx = rootfsContext(input.vmId, input.rootfs);
       ctx.writeFile('/.krun_config.json', `${JSON.stringify(guestConfig(input))}\n`, { mode: 0o644 });
-      ctx.writeFile(GUEST_INIT_PATH, fs.readFileSync(guestInitPath()), { mode: 0o755, uid: 0, gid: 0, parents: { mode: 0o755 } });
+      ctx.writeFile(GUEST_INIT_PATH, fs.readFileSync(guestInitPath()), {
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        parents: { mode: 0o755 },
+      });
     },
     async start(input: BackendStartInput): Promise<BackendHandle> {
       const spawnSpan = trace.getSpan(input.scope.ctx);
@@ -253,7 +307,11 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
           s.setAttribute(ATTR.FIRMWARE_ABI, fw.abiVersion);
           return pvhKernelFor(fw, options.kernelCacheDir ?? path.join(dataRoot, 'kernels'));
         });
-        if (input.network) throw new MicrovmError('ERR_MICROVM_QEMU_NETWORK', 'The QEMU backend uses QEMU user networking; network providers are not supported');
+        if (input.network)
+          throw new MicrovmError(
+            'ERR_MICROVM_QEMU_NETWORK',
+            'The QEMU backend uses QEMU user networking; network providers are not supported',
+          );
         input.signal?.throwIfAborted();
         span.setAttribute(ATTR.QEMU_ACCEL, rt.accel);
         try {
@@ -281,43 +339,85 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
   };
 
   /** One launch of QEMU with `accel`; resolves once the guest init said UP. */
-  async function boot(rt: QemuRuntime, accel: 'kvm' | 'tcg', kernel: string, input: BackendStartInput): Promise<BackendHandle> {
+  async function boot(
+    rt: QemuRuntime,
+    accel: 'kvm' | 'tcg',
+    kernel: string,
+    input: BackendStartInput,
+  ): Promise<BackendHandle> {
     const fsSock = path.join(input.dataDir, 'virtiofs.sock');
     const qmpSock = path.join(input.dataDir, 'qmp.sock');
     const exitFile = path.join(input.dataDir, 'exit-status');
-    for (const f of [fsSock, qmpSock, exitFile, input.consoleLogPath, input.stdoutPath, input.stderrPath]) fs.rmSync(f, { force: true });
+    for (const f of [fsSock, qmpSock, exitFile, input.consoleLogPath, input.stdoutPath, input.stderrPath])
+      fs.rmSync(f, { force: true });
     const cpus = accel === 'tcg' ? 1 : input.cpus; // this kernel hangs with smp > 1 under TCG
     const khz = hostTscKhz();
-    const cmdline = [`console=hvc0`, 'rootfstype=virtiofs', 'root=root', 'rw', `init=${GUEST_INIT_PATH}`, 'panic=-1', 'quiet', 'loglevel=3'];
+    const cmdline = [
+      `console=hvc0`,
+      'rootfstype=virtiofs',
+      'root=root',
+      'rw',
+      `init=${GUEST_INIT_PATH}`,
+      'panic=-1',
+      'quiet',
+      'loglevel=3',
+    ];
     if (khz) cmdline.push(`tsc_early_khz=${khz}`);
     const hostfwd = input.ports.map((p) => `,hostfwd=tcp:127.0.0.1:${p.host}-:${p.guest}`).join('');
-    const port = (id: string, file: string, name: string): string[] => ['-chardev', `file,id=${id},path=${file}`, '-device', `virtserialport,chardev=${id},name=${name}`];
+    const port = (id: string, file: string, name: string): string[] => [
+      '-chardev',
+      `file,id=${id},path=${file}`,
+      '-device',
+      `virtserialport,chardev=${id},name=${name}`,
+    ];
     const qemuArgs = [
       rt.qemuPath,
       // pic=on: with pic=off the PIT tick never reaches the guest, the kernel disables its APIC
       // timer ("verification failure") and every sleep in the guest hangs under TCG.
-      '-M', 'microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=off,acpi=off,memory-backend=mem',
-      '-global', 'virtio-mmio.force-legacy=false',
-      '-accel', accel,
-      '-cpu', accel === 'kvm' ? 'host' : 'max',
-      '-smp', String(cpus),
-      '-m', `${input.memoryMiB}M`,
-      '-object', `memory-backend-memfd,id=mem,size=${input.memoryMiB}M,share=on`,
-      '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
-      '-qmp', `unix:${qmpSock},server=on,wait=off`,
-      '-kernel', kernel,
-      '-append', cmdline.join(' '),
-      '-device', 'virtio-serial-device',
-      '-chardev', `file,id=con,path=${input.consoleLogPath}`,
-      '-device', 'virtconsole,chardev=con',
+      '-M',
+      'microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=off,acpi=off,memory-backend=mem',
+      '-global',
+      'virtio-mmio.force-legacy=false',
+      '-accel',
+      accel,
+      '-cpu',
+      accel === 'kvm' ? 'host' : 'max',
+      '-smp',
+      String(cpus),
+      '-m',
+      `${input.memoryMiB}M`,
+      '-object',
+      `memory-backend-memfd,id=mem,size=${input.memoryMiB}M,share=on`,
+      '-nodefaults',
+      '-no-user-config',
+      '-display',
+      'none',
+      '-no-reboot',
+      '-qmp',
+      `unix:${qmpSock},server=on,wait=off`,
+      '-kernel',
+      kernel,
+      '-append',
+      cmdline.join(' '),
+      '-device',
+      'virtio-serial-device',
+      '-chardev',
+      `file,id=con,path=${input.consoleLogPath}`,
+      '-device',
+      'virtconsole,chardev=con',
       ...port('exit', exitFile, 'microvm.exit'),
       ...port('out', input.stdoutPath, 'microvm.stdout'),
       ...port('err', input.stderrPath, 'microvm.stderr'),
-      '-chardev', `socket,id=fs,path=${fsSock}`,
-      '-device', 'vhost-user-fs-device,chardev=fs,tag=root',
-      '-netdev', `user,id=n0${hostfwd}`,
-      '-device', 'virtio-net-device,netdev=n0',
-      '-device', 'virtio-rng-device',
+      '-chardev',
+      `socket,id=fs,path=${fsSock}`,
+      '-device',
+      'vhost-user-fs-device,chardev=fs,tag=root',
+      '-netdev',
+      `user,id=n0${hostfwd}`,
+      '-device',
+      'virtio-net-device,netdev=n0',
+      '-device',
+      'virtio-rng-device',
     ];
     input.virtiofs.forEach((share, n) => {
       qemuArgs.push('-chardev', `socket,id=fs${n + 1},path=${path.join(input.dataDir, `share-${n}.sock`)}`);
@@ -345,7 +445,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       socks.push(sock);
     });
     // Socket paths are ours (data dir), without spaces: safe to split in the launcher.
-    if (socks.some((x) => /\s/.test(x))) throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', 'The data dir path must not contain white space');
+    if (socks.some((x) => /\s/.test(x)))
+      throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', 'The data dir path must not contain white space');
     env.MVM_SHARE_SOCKS = socks.join(' ');
     if (input.rootfs.overlay) {
       env.MVM_OVERLAY_LOWER = input.rootfs.overlay.lower;
@@ -356,11 +457,15 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     const unshareArgs = root ? ['-m', '--propagation', 'private'] : ['-U', '-r', '-m', '--propagation', 'private'];
     const logFd = fs.openSync(input.logPath, 'a', 0o640);
     const tie = options.dieWithParent === false ? [] : ['setpriv', '--pdeathsig', 'SIGKILL', '--'];
-    const child = spawn('unshare', [...unshareArgs, '--', ...tie, 'sh', '-c', LAUNCHER, 'microvm-launcher', ...qemuArgs], {
-      stdio: ['ignore', logFd, logFd],
-      detached: true,
-      env,
-    });
+    const child = spawn(
+      'unshare',
+      [...unshareArgs, '--', ...tie, 'sh', '-c', LAUNCHER, 'microvm-launcher', ...qemuArgs],
+      {
+        stdio: ['ignore', logFd, logFd],
+        detached: true,
+        env,
+      },
+    );
     fs.closeSync(logFd);
 
     // What is known about this VM so far; `exited` classifies the end from it.
@@ -385,9 +490,10 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       }
     };
     const what = `QEMU (accel ${accel})`;
-    const advice = accel === 'kvm'
-      ? " KVM could not run this guest on this host; use accel 'tcg' (--accel tcg, MICROVM_ACCEL=tcg) or 'auto'."
-      : ` See ${input.logPath}.`;
+    const advice =
+      accel === 'kvm'
+        ? " KVM could not run this guest on this host; use accel 'tcg' (--accel tcg, MICROVM_ACCEL=tcg) or 'auto'."
+        : ` See ${input.logPath}.`;
     /** Ends the VM because the hypervisor failed; the first failure wins. */
     const fail = (code: string, message: string): void => {
       if (failure || guestCode !== undefined || sent) return;
@@ -403,13 +509,21 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       if (sent) return { reason: 'stopped', exitCode: null, signal: sent };
       // Not by us: QEMU logs "terminating on signal N" when someone else stopped it.
       const m = /terminating on signal (\d+)/.exec(tail(input.logPath, 2000));
-      const by = m ? SIGNAL_NAMES.get(Number(m[1])) : status.signal ?? undefined;
+      const by = m ? SIGNAL_NAMES.get(Number(m[1])) : (status.signal ?? undefined);
       if (by && STOP_SIGNALS.has(by)) return { reason: 'stopped', exitCode: null, signal: by };
       const how = status.signal ? `was killed by ${status.signal}` : `exited with code ${String(status.code)}`;
-      const why = shutdownReason === 'guest-reset' || shutdownReason === 'guest-panic' ? ` after the guest kernel reset itself (${shutdownReason}: a kernel panic reboots with panic=-1)` : '';
+      const why =
+        shutdownReason === 'guest-reset' || shutdownReason === 'guest-panic'
+          ? ` after the guest kernel reset itself (${shutdownReason}: a kernel panic reboots with panic=-1)`
+          : '';
       const Kind = up ? MicrovmError : BootFailure;
-      const before = up ? 'before the guest command reported its exit status' : 'before the guest booted (its init never ran)';
-      const error = new Kind(up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED', `${what} ${how}${why} ${before}.${advice}${lastLines(input)}`);
+      const before = up
+        ? 'before the guest command reported its exit status'
+        : 'before the guest booted (its init never ran)';
+      const error = new Kind(
+        up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED',
+        `${what} ${how}${why} ${before}.${advice}${lastLines(input)}`,
+      );
       return { reason: 'failed', exitCode: null, signal: status.signal, error };
     });
 
@@ -431,7 +545,11 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     const poll = setInterval(readPort, 20);
     void exited.then(() => clearInterval(poll));
     const bootTimer = setTimeout(() => {
-      if (!up) fail('ERR_MICROVM_BOOT_TIMEOUT', `${what} started, but the guest showed no sign of life within ${input.bootTimeoutMs} ms (its init never ran).`);
+      if (!up)
+        fail(
+          'ERR_MICROVM_BOOT_TIMEOUT',
+          `${what} started, but the guest showed no sign of life within ${input.bootTimeoutMs} ms (its init never ran).`,
+        );
     }, input.bootTimeoutMs);
     void exited.then(() => clearTimeout(bootTimer));
 
@@ -440,13 +558,17 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       const end = await exited;
       input.signal?.throwIfAborted();
       if (end.reason === 'failed') throw end.error;
-      throw new BootFailure('ERR_MICROVM_BOOT_FAILED', `${what} ended before the guest started (${end.reason}${end.signal ? ` by ${end.signal}` : ''}).${lastLines(input)}`);
+      throw new BootFailure(
+        'ERR_MICROVM_BOOT_FAILED',
+        `${what} ended before the guest started (${end.reason}${end.signal ? ` by ${end.signal}` : ''}).${lastLines(input)}`,
+      );
     };
     const aborted = (): boolean => input.signal?.aborted === true;
 
     // Up (1): QEMU created its QMP socket (it parsed its arguments); connect and watch it.
     const deadline = Date.now() + (options.startTimeoutSeconds ?? 30) * 1000;
-    while (running && !fs.existsSync(qmpSock) && !aborted() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    while (running && !fs.existsSync(qmpSock) && !aborted() && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 10));
     if (!running || aborted()) return settle();
     if (!fs.existsSync(qmpSock)) {
       fail('ERR_MICROVM_BOOT_FAILED', `${what} did not start within ${options.startTimeoutSeconds ?? 30} s.`);
@@ -469,21 +591,30 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       let grace: NodeJS.Timeout | undefined;
       await Promise.race([exited, new Promise((r) => (grace = setTimeout(r, 1000)))]);
       clearTimeout(grace);
-      if (running) fail('ERR_MICROVM_BOOT_FAILED', `${what} started but its QMP socket did not answer: ${lastErr?.message ?? 'timed out'}.`);
+      if (running)
+        fail(
+          'ERR_MICROVM_BOOT_FAILED',
+          `${what} started but its QMP socket did not answer: ${lastErr?.message ?? 'timed out'}.`,
+        );
     }
     if (!qmp || !running) return settle();
     const watch = qmp;
     watch.unref();
     watch.on('event', (ev: { event: string; data?: Record<string, unknown> }) => {
       if (ev.event === 'SHUTDOWN') shutdownReason = typeof ev.data?.reason === 'string' ? ev.data.reason : undefined;
-      else if (ev.event === 'GUEST_PANICKED') fail(up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED', `The guest kernel panicked (${what}).`);
+      else if (ev.event === 'GUEST_PANICKED')
+        fail(up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED', `The guest kernel panicked (${what}).`);
       else if (ev.event === 'STOP') {
         // A pause nobody asked for: a KVM internal error ("emulation failure") or someone's QMP
         // `stop`. The guest would hang forever: end it.
         watch.execute('query-status').then(
           (st) => {
             const status = (st as { status?: unknown } | undefined)?.status;
-            if (status !== 'running' && status !== 'shutdown' && shutdownReason === undefined) fail(up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED', `${what} paused the guest (status ${JSON.stringify(status)}).`);
+            if (status !== 'running' && status !== 'shutdown' && shutdownReason === undefined)
+              fail(
+                up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED',
+                `${what} paused the guest (status ${JSON.stringify(status)}).`,
+              );
           },
           () => undefined, // QEMU is going away: its exit tells the rest
         );
@@ -494,7 +625,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       (st) => {
         const status = (st as { status?: unknown } | undefined)?.status;
         // 'prelaunch' (-S: never started) is left to the boot deadline.
-        if (status !== 'running' && status !== 'shutdown' && status !== 'prelaunch') fail('ERR_MICROVM_BOOT_FAILED', `${what} is not running the guest (status ${JSON.stringify(status)}).`);
+        if (status !== 'running' && status !== 'shutdown' && status !== 'prelaunch')
+          fail('ERR_MICROVM_BOOT_FAILED', `${what} is not running the guest (status ${JSON.stringify(status)}).`);
       },
       () => undefined,
     );
@@ -532,6 +664,13 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     } catch {
       executable = fs.realpathSync(rt.qemuPath);
     }
-    return { pid: child.pid as number, executable, exited, kill, stdoutPath: input.stdoutPath, stderrPath: input.stderrPath };
+    return {
+      pid: child.pid as number,
+      executable,
+      exited,
+      kill,
+      stdoutPath: input.stdoutPath,
+      stderrPath: input.stderrPath,
+    };
   }
 }

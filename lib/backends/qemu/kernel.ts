@@ -106,7 +106,10 @@ export async function pvhKernelFor(firmware: FirmwareInfo, cacheDir: string): Pr
   const { kernel, loadAddress } = await readFirmwareKernel(firmware.path);
   const entry = findPvhEntry(kernel);
   if (entry === undefined) {
-    throw new MicrovmError('ERR_MICROVM_KERNEL_PVH', `The kernel in ${firmware.path} has no Xen PVH entry note; QEMU cannot boot it`);
+    throw new MicrovmError(
+      'ERR_MICROVM_KERNEL_PVH',
+      `The kernel in ${firmware.path} has no Xen PVH entry note; QEMU cannot boot it`,
+    );
   }
   fs.mkdirSync(cacheDir, { recursive: true, mode: 0o755 });
   const tmp = `${file}.${process.pid}.tmp`;

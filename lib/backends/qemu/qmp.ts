@@ -45,14 +45,16 @@ export class QmpClient extends EventEmitter {
     let onGreeting: (() => void) | undefined;
     const greeted = new Promise<void>((resolve) => (onGreeting = resolve));
     let greetingSeen = false;
-    socket.on('data', (chunk: string) => client.#onData(chunk, () => {
-      if (!greetingSeen) {
-        greetingSeen = true;
-        onGreeting?.();
-        return true;
-      }
-      return false;
-    }));
+    socket.on('data', (chunk: string) =>
+      client.#onData(chunk, () => {
+        if (!greetingSeen) {
+          greetingSeen = true;
+          onGreeting?.();
+          return true;
+        }
+        return false;
+      }),
+    );
     const failed = new Promise<never>((_, reject) => {
       socket.once('error', (err) => reject(err));
       socket.once('close', () => reject(new Error('QMP socket closed')));
@@ -69,7 +71,9 @@ export class QmpClient extends EventEmitter {
       await Promise.race([client.execute('qmp_capabilities'), failed, timeout]);
     } catch (err) {
       socket.destroy();
-      throw new MicrovmError('ERR_MICROVM_QMP', `Cannot talk QMP on ${socketPath}: ${(err as Error).message}`, { cause: err });
+      throw new MicrovmError('ERR_MICROVM_QMP', `Cannot talk QMP on ${socketPath}: ${(err as Error).message}`, {
+        cause: err,
+      });
     } finally {
       clearTimeout(timer);
     }
@@ -96,7 +100,10 @@ export class QmpClient extends EventEmitter {
       if (typeof msg !== 'object' || msg === null) continue;
       if ('QMP' in msg && greeting()) continue;
       if (typeof msg.event === 'string') {
-        this.emit('event', { event: msg.event, data: msg.data as Record<string, unknown> | undefined } satisfies QmpEvent);
+        this.emit('event', {
+          event: msg.event,
+          data: msg.data as Record<string, unknown> | undefined,
+        } satisfies QmpEvent);
       } else if ('return' in msg || 'error' in msg) {
         const p = this.#pending.shift();
         if (!p) continue;
