@@ -110,7 +110,14 @@ export {
 export { SPAN, ATTR } from './telemetry/attributes';
 export { formatSpanTree, type SpanLike } from './telemetry/tree';
 export { generateKeyPair, loadKeyPair, writeKeyPair, type SshKeyPair } from './ssh/keys';
-export { SshClient, type ExecOptions, type ExecResult, type HostKeyPolicy, type SshConnectOptions } from './ssh/client';
+export {
+  SshClient,
+  type ExecChannel,
+  type ExecOptions,
+  type ExecResult,
+  type HostKeyPolicy,
+  type SshConnectOptions,
+} from './ssh/client';
 export { waitForReady, systemClock, type Clock, type WaitForReadyOptions } from './ssh/wait-ready';
 export { pull, type PullOptions, type PullProgress, type PullResult } from './image/pull';
 export { parseReference, type ImageReference } from './image/reference';

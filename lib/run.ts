@@ -305,7 +305,7 @@ function normalize(image: string, options: RunOptions) {
     cloneStrategies: o.cloneStrategies as CloneStrategy[] | undefined,
     network: o.network as NetworkProvider | undefined,
     tracerProvider: o.tracerProvider as TracerProvider | undefined,
-    signal: o.signal as AbortSignal | undefined,
+    signal: o.signal,
     ssh,
   };
 }

@@ -12,6 +12,7 @@ declare -A need=(
   [unshare]=util-linux [setpriv]=util-linux [sshd]=openssh-server
   [umoci]=umoci [skopeo]=skopeo [zstd]=zstd [readelf]=binutils
   [docker-registry]=docker-registry [htpasswd]=apache2-utils [script]=bsdutils
+  [clang-format]=clang-format
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -1,4 +1,5 @@
 /** `microvm run --otlp URL` exports the spans over OTLP/HTTP to a receiver in this test. */
+import { spawn } from 'node:child_process';
 import * as http from 'node:http';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
@@ -34,7 +35,7 @@ const layout = process.env.MICROVM_TEST_LAYOUT;
   const s = scratch();
   try {
     const child = await new Promise<{ code: number | null }>((resolve) => {
-      const p = require('node:child_process').spawn(
+      const p = spawn(
         process.execPath,
         [
           path.join(packageRoot, 'bin', 'microvm.js'),

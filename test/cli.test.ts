@@ -1,5 +1,6 @@
 /** The `microvm` CLI as a child process: exit codes, --json shapes, the --trace tree, doctor, VMs. */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
 import { scratch } from './helpers';
@@ -43,7 +44,6 @@ describe('usage', () => {
   });
 
   test('--data-dir=DIR and --data-dir DIR mean the same for every command; an unknown option is a usage error', () => {
-    const fs = require('node:fs') as typeof import('node:fs');
     const a = path.join(s.dir, 'a');
     const def = path.join(s.dir, 'default');
     for (const root of [a, def]) {
@@ -175,9 +175,9 @@ describe('usage', () => {
     test('-v shares host directories: read-write writes through, :ro is refused', () => {
       const rw = path.join(s.dir, 'rw');
       const ro = path.join(s.dir, 'ro');
-      require('node:fs').mkdirSync(rw);
-      require('node:fs').mkdirSync(ro);
-      require('node:fs').writeFileSync(path.join(ro, 'in'), 'from the host\n');
+      fs.mkdirSync(rw);
+      fs.mkdirSync(ro);
+      fs.writeFileSync(path.join(ro, 'in'), 'from the host\n');
       const r = cli([
         'run',
         `oci:${layout}:test`,
@@ -197,8 +197,8 @@ describe('usage', () => {
       ]);
       expect(r.code).toBe(0);
       expect(r.stdout).toContain('from the host');
-      expect(require('node:fs').readFileSync(path.join(rw, 'out'), 'utf8')).toBe('from the guest\n');
-      expect(require('node:fs').existsSync(path.join(ro, 'nope'))).toBe(false);
+      expect(fs.readFileSync(path.join(rw, 'out'), 'utf8')).toBe('from the guest\n');
+      expect(fs.existsSync(path.join(ro, 'nope'))).toBe(false);
       expect(cli(['run', 'img', '-v', 'nocolon'])).toMatchObject({
         code: 2,
         stderr: expect.stringContaining('-v takes HOST:GUEST'),
@@ -222,11 +222,9 @@ describe('usage', () => {
         'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done',
       ]);
       expect(started.code).toBe(0);
-      const follower = require('node:child_process').spawn(
-        process.execPath,
-        [bin, 'logs', 'ticker', '-f', '--data-dir', s.dir],
-        { stdio: ['ignore', 'pipe', 'inherit'] },
-      );
+      const follower = spawn(process.execPath, [bin, 'logs', 'ticker', '-f', '--data-dir', s.dir], {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
       try {
         const seen = await new Promise<string>((resolve, reject) => {
           let text = '';
@@ -316,7 +314,7 @@ describe('usage', () => {
         ['SIGTERM', 143],
       ] as const) {
         const data = path.join(s.dir, sig);
-        const child = require('node:child_process').spawn(
+        const child = spawn(
           process.execPath,
           [
             bin,
@@ -341,10 +339,8 @@ describe('usage', () => {
         // Signal once the guest command runs (its line on the console).
         const consoleOf = (): string => {
           try {
-            const vms = require('node:fs').readdirSync(path.join(data, 'vms')) as string[];
-            return vms.length
-              ? require('node:fs').readFileSync(path.join(data, 'vms', vms[0], 'console.log'), 'utf8')
-              : '';
+            const vms = fs.readdirSync(path.join(data, 'vms'));
+            return vms.length ? fs.readFileSync(path.join(data, 'vms', vms[0], 'console.log'), 'utf8') : '';
           } catch {
             return '';
           }
@@ -353,15 +349,13 @@ describe('usage', () => {
         child.kill(sig);
         expect([sig, await exited]).toEqual([sig, code]);
         expect(JSON.parse(out)).toMatchObject({ reason: 'stopped', exitCode: null, interruptedBy: sig });
-        const left = require('node:fs')
-          .readdirSync('/proc')
-          .filter((p: string) => {
-            try {
-              return /^\d+$/.test(p) && require('node:fs').readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(data);
-            } catch {
-              return false;
-            }
-          });
+        const left = fs.readdirSync('/proc').filter((p: string) => {
+          try {
+            return /^\d+$/.test(p) && fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(data);
+          } catch {
+            return false;
+          }
+        });
         expect([sig, left]).toEqual([sig, []]);
       }
     });

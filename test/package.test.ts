@@ -1,5 +1,5 @@
 /** The package root works for CommonJS and ESM consumers, with type declarations. */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
@@ -148,4 +148,74 @@ describe('public exports', () => {
       'validateLaunchPlan',
     ]);
   });
+});
+
+describe('published declarations', () => {
+  test('compile with skipLibCheck: false in a strict app that installed only the packed package (and @types/node)', () => {
+    const s = scratch('microvm-dts-');
+    try {
+      const tgz = execFileSync('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', s.dir], {
+        cwd: packageRoot,
+        encoding: 'utf8',
+      })
+        .trim()
+        .split('\n')
+        .pop() as string;
+      const app = path.join(s.dir, 'app');
+      fs.mkdirSync(app);
+      fs.writeFileSync(path.join(app, 'package.json'), '{"name":"app","private":true}\n');
+      const typesNode = (
+        JSON.parse(
+          fs.readFileSync(path.join(packageRoot, 'node_modules', '@types', 'node', 'package.json'), 'utf8'),
+        ) as { version: string }
+      ).version;
+      execFileSync(
+        'npm',
+        [
+          'install',
+          '--ignore-scripts',
+          '--no-audit',
+          '--no-fund',
+          '--silent',
+          path.join(s.dir, tgz),
+          `@types/node@${typesNode}`,
+        ],
+        { cwd: app, stdio: 'pipe' },
+      );
+      fs.writeFileSync(
+        path.join(app, 'tsconfig.json'),
+        JSON.stringify({
+          compilerOptions: {
+            strict: true,
+            skipLibCheck: false,
+            noEmit: true,
+            target: 'ES2022',
+            module: 'nodenext',
+            moduleResolution: 'nodenext',
+            lib: ['ES2023', 'ESNext.Disposable'],
+            types: ['node'],
+          },
+          files: ['main.ts'],
+        }),
+      );
+      fs.writeFileSync(
+        path.join(app, 'main.ts'),
+        `import { run, qemuBackend, type VmExit, type ExecChannel, SshClient, native } from 'node-microvm';
+export async function f(): Promise<VmExit> {
+  const vm = await run('busybox', { backend: qemuBackend({ accel: 'tcg' }), timeouts: { boot: 1000 } });
+  const ch: ExecChannel | undefined = vm.ssh ? await vm.ssh.spawn('true') : undefined;
+  ch?.stderr.resume();
+  void SshClient; void native.resolveFirmware;
+  return vm.wait();
+}
+`,
+      );
+      const tsc = require.resolve('typescript/bin/tsc', { paths: [packageRoot] });
+      const r = spawnSync(process.execPath, [tsc, '-p', app], { encoding: 'utf8' });
+      expect(r.stdout + r.stderr).toBe('');
+      expect(r.status).toBe(0);
+    } finally {
+      s.cleanup();
+    }
+  }, 180_000);
 });

@@ -67,8 +67,8 @@ describe('buildLaunchPlan', () => {
     ],
     [{ cpu: 1 }, TypeError, /Unknown option plan.cpu/],
   ])('rejects %j', (patch, type, message) => {
-    expect(() => buildLaunchPlan({ ...base(), ...(patch as object) } as never)).toThrow(type);
-    expect(() => buildLaunchPlan({ ...base(), ...(patch as object) } as never)).toThrow(message);
+    expect(() => buildLaunchPlan({ ...base(), ...(patch as object) })).toThrow(type);
+    expect(() => buildLaunchPlan({ ...base(), ...(patch as object) })).toThrow(message);
   });
 });
 

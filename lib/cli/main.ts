@@ -521,7 +521,7 @@ function parseCommand(
     options: { ...GLOBAL_OPTIONS, ...own },
   });
   return {
-    values: values as Record<string, string | boolean | undefined>,
+    values: values,
     positionals,
     after: dash >= 0 ? args.slice(dash + 1) : [],
   };

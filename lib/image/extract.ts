@@ -8,7 +8,7 @@
  * (`.wh.NAME`, `.wh..wh..opq`) affect lower layers only. This module picks the decompression,
  * moves the bytes, and turns native failures into MicrovmErrors.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { Readable } from 'node:stream';
 import { MicrovmError } from '../errors';
 import { addon, type NativeExtractResult, type NativeLayerExtractor } from '../native';
@@ -56,7 +56,7 @@ let zstdBinary: boolean | undefined;
 function haveZstd(): boolean {
   if (zstdBinary === undefined) {
     try {
-      require('node:child_process').execFileSync('zstd', ['--version'], { stdio: 'ignore' });
+      execFileSync('zstd', ['--version'], { stdio: 'ignore' });
       zstdBinary = true;
     } catch {
       zstdBinary = false;

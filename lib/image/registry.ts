@@ -78,7 +78,7 @@ export async function dockerCredentials(
     credHelpers?: Record<string, string>;
   };
   try {
-    config = JSON.parse(fs.readFileSync(file, 'utf8'));
+    config = JSON.parse(fs.readFileSync(file, 'utf8')) as typeof config;
   } catch {
     return undefined;
   }

@@ -6,6 +6,7 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
+import * as path from 'node:path';
 import { type HostProbePaths, probeKvm } from '../host/kvm';
 import { userNamespacesAvailable } from '../rootfs/clone';
 
@@ -58,7 +59,7 @@ export function diskSpaceCheck(dir: string, minBytes = 1024 ** 3): PreflightChec
       try {
         // The data dir may not exist yet: measure the filesystem it will be created on.
         let at = dir;
-        while (!fs.existsSync(at) && at !== '/') at = require('node:path').dirname(at);
+        while (!fs.existsSync(at) && at !== '/') at = path.dirname(at);
         const s = fs.statfsSync(at);
         const free = s.bavail * s.bsize;
         return free >= minBytes

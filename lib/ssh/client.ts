@@ -8,7 +8,14 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { Duplex, type Readable, type Writable } from 'node:stream';
-import type { Client, ClientChannel, ConnectConfig, SFTPWrapper } from 'ssh2';
+import type { Client, ConnectConfig, SFTPWrapper } from 'ssh2';
+
+/**
+ * A running remote command (what {@link SshClient.spawn} returns): a Duplex whose writable side is
+ * the command's stdin and readable side its stdout, plus `stderr`. Events: 'close' (code, signal).
+ * Declared here rather than as ssh2's ClientChannel so the published types need no @types/ssh2.
+ */
+export type ExecChannel = Duplex & { readonly stderr: Readable };
 import { MicrovmError } from '../errors';
 import { ssh2 } from './lazy';
 import * as v from '../validate';
@@ -277,7 +284,7 @@ export class SshClient {
             hostVerifier,
             keepaliveInterval: 0,
           };
-          if (sock) config.sock = sock as unknown as ConnectConfig['sock'];
+          if (sock) config.sock = sock;
           conn.connect(config);
           // The handshake is a series of small request/response messages: Nagle + delayed ACKs would
           // add ~40 ms to several of them.
@@ -299,7 +306,7 @@ export class SshClient {
    * Starts `command` and returns its channel: stdout/stdin on it, `.stderr`, and 'close'
    * (code, signal) — use 'close' rather than 'exit', which may fire before you listen.
    */
-  spawn(command: string, options: { env?: Record<string, string>; signal?: AbortSignal } = {}): Promise<ClientChannel> {
+  spawn(command: string, options: { env?: Record<string, string>; signal?: AbortSignal } = {}): Promise<ExecChannel> {
     v.string('command', command);
     options.signal?.throwIfAborted();
     return new Promise((resolve, reject) => {
@@ -427,7 +434,7 @@ function shellQuote(s: string): string {
 }
 
 /** Pipes `from` into `to`; resolves when `channel` closed with exit code 0. */
-function pipeThrough(from: Readable, to: Writable, channel: ClientChannel): Promise<void> {
+function pipeThrough(from: Readable, to: Writable, channel: ExecChannel): Promise<void> {
   return new Promise((resolve, reject) => {
     let code: number | null = null;
     const errs: Buffer[] = [];

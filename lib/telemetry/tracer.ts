@@ -26,7 +26,8 @@ export function getTracer(provider?: TracerProvider): Tracer {
 /** Ends `span`; with an error: status ERROR with the message, `error.type`, and the exception. */
 export function endSpan(span: Span, err?: unknown): void {
   if (err !== undefined) {
-    const e = err instanceof Error ? err : new Error(String(err));
+    const e =
+      err instanceof Error ? err : new Error(typeof err === 'string' ? err : (JSON.stringify(err) ?? 'undefined'));
     const type = (e as { code?: unknown }).code;
     span.setStatus({ code: SpanStatusCode.ERROR, message: e.message });
     span.setAttribute(ATTR.ERROR_TYPE, typeof type === 'string' ? type : e.name);

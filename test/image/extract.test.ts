@@ -1,11 +1,15 @@
 /** Layer extraction: fidelity against GNU tar archives, OCI whiteouts, hostile layers, limits. */
 import { execFileSync } from 'node:child_process';
+import * as crypto from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import { treeSummary } from '../../lib/image/cache';
 import { applyLayer, type ExtractLimits, type ExtractState } from '../../lib/image/extract';
 import { markVerifying } from '../../lib/image/oci';
+import { verifying } from '../../lib/image/source';
+import { addon } from '../../lib/native';
 import { scratch } from '../helpers';
 import { gzip, type Member, tar } from './tar-writer';
 
@@ -231,7 +235,7 @@ describe('limits and damage', () => {
   });
 
   test('the ratio cap counts bytes actually decompressed, not sizes headers claim (slow input)', async () => {
-    const big = layer([{ path: 'random', data: require('node:crypto').randomBytes(20 * 1024 * 1024) }]);
+    const big = layer([{ path: 'random', data: crypto.randomBytes(20 * 1024 * 1024) }]);
     async function* trickle(): AsyncGenerator<Buffer> {
       for (let i = 0; i < big.length; i += 64 * 1024) {
         yield big.subarray(i, i + 64 * 1024);
@@ -264,7 +268,6 @@ describe('limits and damage', () => {
 
 describe('the native extractor', () => {
   test('file contents survive the pooled 1 MiB blocks byte for byte, in any input chunking', async () => {
-    const crypto = require('node:crypto') as typeof import('node:crypto');
     const big = crypto.randomBytes(3 * 1024 * 1024 + 12345);
     const small = crypto.randomBytes(777);
     const archive = layer([
@@ -336,11 +339,10 @@ describe('the native extractor', () => {
   });
 
   test('a source that ends (or delivers more) while it is held for backpressure, as a socket body can', async () => {
-    const crypto = require('node:crypto') as typeof import('node:crypto');
     const data = crypto.randomBytes(6 * 1024 * 1024);
     const archive = layer([{ path: 'big', data }]);
     // Ignores pause(): two chunks over the 4 MiB high-water mark, then 'end', all in one tick.
-    class Burst extends (require('node:events') as typeof import('node:events')).EventEmitter {
+    class Burst extends EventEmitter {
       sent = false;
       pause(): this {
         return this;
@@ -365,7 +367,6 @@ describe('the native extractor', () => {
   });
 
   test('zstd in the addon: frames read through, a cut stream or trailing junk refused, the ratio capped', async () => {
-    const { addon } = require('../../lib/native') as typeof import('../../lib/native');
     expect(addon().zstdAvailable()).toBe(true); // libzstd1 is on every machine that runs this (setup.sh)
     const zstd = (b: Buffer): Buffer => execFileSync('zstd', ['-c', '-q'], { input: b });
     const whole = tar([
@@ -418,13 +419,10 @@ describe('the native extractor', () => {
 });
 
 describe('a malformed layer from a digest-verified stream', () => {
-  const { verifying } = require('../../lib/image/source') as typeof import('../../lib/image/source');
-  const sha = (b: Buffer): string => `sha256:${require('node:crypto').createHash('sha256').update(b).digest('hex')}`;
+  const sha = (b: Buffer): string => `sha256:${crypto.createHash('sha256').update(b).digest('hex')}`;
   const chunks = (b: Buffer): Buffer[] =>
     Array.from({ length: Math.ceil(b.length / 4096) }, (_, i) => b.subarray(i * 4096, (i + 1) * 4096));
-  const good = layer(
-    Array.from({ length: 50 }, (_, i) => ({ path: `f${i}`, data: require('node:crypto').randomBytes(8192) })),
-  );
+  const good = layer(Array.from({ length: 50 }, (_, i) => ({ path: `f${i}`, data: crypto.randomBytes(8192) })));
   const damaged = Buffer.from(good);
   damaged[100] ^= 0xff; // inflate fails long before the end
 
@@ -476,7 +474,6 @@ describe('tree summary (the cache entry integrity check)', () => {
 
 describe('block group placement', () => {
   test("markTopDirectory sets ext4's top-of-hierarchy attribute (chattr +T), or says why not", () => {
-    const { addon } = require('../../lib/native') as typeof import('../../lib/native');
     const dir = path.join(s.dir, 'top');
     fs.mkdirSync(dir);
     const err = addon().markTopDirectory(dir);

@@ -3,10 +3,11 @@
  * `umoci raw unpack` (an oracle nobody here wrote); the cache; faults; spans.
  */
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
-import { trace } from '@opentelemetry/api';
+import { context, trace } from '@opentelemetry/api';
 import { gcImages, image, listImages, parseReference, pull, SPAN } from '../../lib';
 import { scratch } from '../helpers';
 
@@ -168,7 +169,7 @@ describe('references', () => {
       ],
     };
     const body = Buffer.from(JSON.stringify(inner));
-    const digest = require('node:crypto').createHash('sha256').update(body).digest('hex');
+    const digest = createHash('sha256').update(body).digest('hex');
     fs.writeFileSync(path.join(multi, 'blobs/sha256', digest), body);
     idx.manifests = [
       {
@@ -194,7 +195,7 @@ describe('references', () => {
     const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
     const scope = {
       tracer,
-      ctx: trace.setSpan(require('@opentelemetry/api').context.active(), tracer.startSpan('parent')),
+      ctx: trace.setSpan(context.active(), tracer.startSpan('parent')),
     };
     await image.pull(`oci:${layout}:test`, { cacheDir, scope });
     const names = exporter.getFinishedSpans().map((x) => x.name);

@@ -3,6 +3,7 @@
  * skopeo; one instance behind htpasswd basic auth; faults injected by an HTTP proxy in the test.
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as path from 'node:path';
@@ -237,7 +238,7 @@ const tree = (dir: string): string =>
       const blobs = path.join(cacheDir, 'blobs', 'sha256');
       for (const f of fs.existsSync(blobs) ? fs.readdirSync(blobs).filter((n) => !n.endsWith('.part')) : []) {
         expect(
-          require('node:crypto')
+          crypto
             .createHash('sha256')
             .update(fs.readFileSync(path.join(blobs, f)))
             .digest('hex'),

@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
-import { trace } from '@opentelemetry/api';
+import { context, trace } from '@opentelemetry/api';
 import {
   type Clock,
   generateKeyPair,
@@ -174,7 +174,7 @@ describe('waitForReady', () => {
         {
           tracer: provider.getTracer('t'),
           ctx: trace.setSpan(
-            require('@opentelemetry/api').context.active(),
+            context.active(),
             trace.wrapSpanContext({ traceId: '0'.repeat(31) + '1', spanId: '0'.repeat(15) + '1', traceFlags: 1 }),
           ),
         },

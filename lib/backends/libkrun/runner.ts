@@ -226,7 +226,7 @@ export async function startRunner(options: StartRunnerOptions): Promise<RunnerHa
 
   readyPipe.destroy();
   if (detached) child.unref();
-  const pid = child.pid as number;
+  const pid = child.pid;
   return {
     pid,
     exited,

@@ -201,6 +201,7 @@ export function lastLines(input: Pick<BackendStartInput, 'logPath' | 'consoleLog
   const lines = (t: string): string[] =>
     t
       .replace(/\r/g, '')
+      // eslint-disable-next-line no-control-regex -- keeping tab and newline, replacing the other control bytes is the point
       .replace(/[^\x09\x0a\x20-\x7e\u00a0-\uffff]/g, '?')
       .split('\n')
       .filter((l) => l.trim());
