@@ -101,6 +101,7 @@ export type { NetworkHandle, NetworkProvider } from './network/start';
 export {
   diskSpaceCheck,
   kvmCheck,
+  memoryCheck,
   portsCheck,
   resourcesCheck,
   userNamespacesCheck,

@@ -38,6 +38,7 @@ import {
 import {
   diskSpaceCheck,
   kvmCheck,
+  memoryCheck,
   portsCheck,
   type PreflightCheck,
   probeCheck,
@@ -192,6 +193,30 @@ function checks(name: string, value: unknown): PreflightCheck[] {
   });
 }
 
+/** Overlay mount options list directories separated by ',' (options) and ':' (lower layers). */
+const OVERLAY_UNSAFE = /[,:]/;
+/** The data dir also names QEMU's sockets and files, split on white space by the launcher. */
+const DATA_UNSAFE = /[,:\s]/;
+
+/**
+ * Paths that end up inside another program's option string (an overlay mount's options,
+ * virtiofsd's `-o source=`, QEMU's `-chardev ...,path=`) must not carry the separators of that
+ * string: `-v '/a,source=/b:/mnt'` would otherwise make virtiofsd serve /b. Refused, not escaped:
+ * each program escapes differently, and such names are rare.
+ */
+function optionSafePath(name: string, value: string, unsafe: RegExp): string {
+  const bad = unsafe.exec(value);
+  if (bad) {
+    throw Object.assign(
+      new RangeError(
+        `Expected a path without ${JSON.stringify(bad[0])} for ${name} (it goes into another program's option string) but received ${JSON.stringify(value)}`,
+      ),
+      { code: 'ERR_MICROVM_UNSAFE_PATH' },
+    );
+  }
+  return value;
+}
+
 /** Validates options and fills in defaults. */
 function normalize(image: string, options: RunOptions) {
   const o = v.object('options', options);
@@ -268,7 +293,10 @@ function normalize(image: string, options: RunOptions) {
         : v.stringArray('initOverride', o.initOverride, { allowEmptyItems: true }),
     env,
     workdir: o.workdir === undefined ? undefined : v.string('workdir', o.workdir),
-    rootfsPath: o.rootfsPath === undefined ? undefined : v.absolutePath('rootfsPath', o.rootfsPath),
+    rootfsPath:
+      o.rootfsPath === undefined
+        ? undefined
+        : optionSafePath('rootfsPath', v.absolutePath('rootfsPath', o.rootfsPath), OVERLAY_UNSAFE),
     imageConfig:
       o.imageConfig === undefined ? undefined : (v.object('imageConfig', o.imageConfig) as Partial<ImageRuntimeConfig>),
     rootfsHooks: functions<RootfsHook>('rootfsHooks', o.rootfsHooks),
@@ -283,7 +311,12 @@ function normalize(image: string, options: RunOptions) {
               const { guestPath, ...share } = v.object(`virtiofs[${i}]`, m);
               const n = normalizeVirtiofs(`virtiofs[${i}]`, share);
               const gp = guestPath === undefined ? undefined : v.absolutePath(`virtiofs[${i}].guestPath`, guestPath);
-              return { tag: n.tag, hostPath: n.path, readOnly: n.readOnly, guestPath: gp };
+              return {
+                tag: n.tag,
+                hostPath: optionSafePath(`virtiofs[${i}].hostPath`, n.path, /,/),
+                readOnly: n.readOnly,
+                guestPath: gp,
+              };
             })
             .map((m, i, all) => {
               if (all.findIndex((x) => x.tag === m.tag) !== i)
@@ -292,11 +325,18 @@ function normalize(image: string, options: RunOptions) {
                 );
               return m;
             }),
-    dataRoot: o.dataDir === undefined ? defaultDataRoot() : v.absolutePath('dataDir', o.dataDir),
-    imageCache:
+    dataRoot: optionSafePath(
+      'dataDir',
+      o.dataDir === undefined ? defaultDataRoot() : v.absolutePath('dataDir', o.dataDir),
+      DATA_UNSAFE,
+    ),
+    imageCache: optionSafePath(
+      'imageCache',
       o.imageCache === undefined
         ? path.join(o.dataDir === undefined ? defaultDataRoot() : (o.dataDir as string), 'images')
         : v.absolutePath('imageCache', o.imageCache),
+      OVERLAY_UNSAFE,
+    ),
     cleanDataDir: o.cleanDataDir === undefined ? false : v.boolean('cleanDataDir', o.cleanDataDir),
     logLevel: o.logLevel === undefined ? 1 : normalizeLogLevel('logLevel', o.logLevel),
     backend,
@@ -337,6 +377,7 @@ function defaultChecks(
   }
   list.push(
     diskSpaceCheck(fs.existsSync(dataRoot) ? dataRoot : path.dirname(dataRoot)),
+    memoryCheck(memoryMiB),
     resourcesCheck(cpus, memoryMiB),
     portsCheck(ports),
   );

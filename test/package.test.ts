@@ -110,6 +110,7 @@ describe('public exports', () => {
       'libkrunBackend',
       'listImages',
       'loadKeyPair',
+      'memoryCheck',
       'native',
       'parseReference',
       'portsCheck',

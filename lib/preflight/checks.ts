@@ -76,6 +76,28 @@ export function diskSpaceCheck(dir: string, minBytes = 1024 ** 3): PreflightChec
   };
 }
 
+/**
+ * Requested memory is at most the host's physical memory (required: QEMU would otherwise allocate
+ * a memfd of that size and stall). Override by passing your own `preflight` list.
+ */
+export function memoryCheck(memoryMiB: number, hostBytes = os.totalmem()): PreflightCheck {
+  const hostMiB = Math.floor(hostBytes / 1024 ** 2);
+  return {
+    name: 'memory',
+    description: `${memoryMiB} MiB of guest memory fit the host's ${hostMiB} MiB`,
+    required: true,
+    run() {
+      return memoryMiB <= hostMiB
+        ? { ok: true }
+        : {
+            ok: false,
+            message: `${memoryMiB} MiB of guest memory requested, the host has ${hostMiB} MiB of physical memory`,
+            remediation: `Lower memoryMiB (--memory) to at most ${hostMiB}; to start it anyway, pass your own preflight checks.`,
+          };
+    },
+  };
+}
+
 /** Requested CPUs and memory fit the host (advisory). */
 export function resourcesCheck(cpus: number, memoryMiB: number): PreflightCheck {
   return {

@@ -233,6 +233,63 @@ function one(spans: readonly ReadableSpan[], name: string): ReadableSpan {
       expect(one(second, SPAN.VM_SPAWN).events.filter((e) => e.name === 'microvm.accel_fallback')).toEqual([]);
     });
 
+    test('a guest kernel that resets before its init runs is booted once more (span event); twice is ERR_MICROVM_BOOT_FAILED', async () => {
+      // A wrapper that makes /bin/false the init (it exits: "Attempted to kill init", panic=-1 resets) for the first
+      // `n` launches counted in a file, then runs QEMU as asked.
+      const real = execFileSync('sh', ['-c', 'command -v qemu-system-x86_64'], { encoding: 'utf8' }).trim();
+      const wrapper = (n: number, counter: string): string => {
+        const file = path.join(s.dir, `qemu-resets-${n}`);
+        fs.writeFileSync(
+          file,
+          `#!/bin/bash
+c=$(cat ${counter} 2>/dev/null || echo 0); echo $((c + 1)) > ${counter}
+if [ "$c" -lt ${n} ]; then
+  args=(); for a in "$@"; do args+=("\${a//init=\\/.microvm\\/init/init=\\/bin\\/false}"); done
+  exec ${real} "\${args[@]}"
+fi
+exec ${real} "$@"
+`,
+          { mode: 0o755 },
+        );
+        return file;
+      };
+      const exporter = new InMemorySpanExporter();
+      const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+      const once = path.join(s.dir, 'count-once');
+      const vm = await run(
+        'img',
+        base({
+          name: 'retried',
+          backend: qemuBackend({ qemuPath: wrapper(1, once), accel: 'tcg' }),
+          initOverride: ['/bin/sh', '-c', 'exit 4'],
+          tracerProvider,
+        }),
+      );
+      vms.push(vm);
+      expect(await vm.wait()).toEqual({ reason: 'exited', exitCode: 4, signal: null });
+      expect(fs.readFileSync(once, 'utf8').trim()).toBe('2');
+      const retry = one(exporter.getFinishedSpans(), SPAN.VM_SPAWN).events.filter(
+        (e) => e.name === 'microvm.boot_retry',
+      );
+      expect(retry).toHaveLength(1);
+      expect(retry[0].attributes).toMatchObject({
+        'error.type': 'ERR_MICROVM_BOOT_FAILED',
+        'microvm.qemu.accel': 'tcg',
+      });
+
+      const always = path.join(s.dir, 'count-always');
+      const err = await run(
+        'img',
+        base({
+          name: 'reset',
+          backend: qemuBackend({ qemuPath: wrapper(99, always), accel: 'tcg' }),
+          initOverride: ['/bin/true'],
+        }),
+      ).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'ERR_MICROVM_BOOT_FAILED', message: expect.stringContaining('guest-reset') });
+      expect(fs.readFileSync(always, 'utf8').trim()).toBe('2');
+    });
+
     const pvm = probeKvm().kind === 'pvm';
     (pvm ? test : test.skip)(
       `this host's real PVM /dev/kvm: forced accel 'kvm' fails fast with a coded error; 'auto' boots under TCG${pvm ? '' : ' [skipped: /dev/kvm here is not PVM]'}`,

@@ -479,6 +479,43 @@ describe('run() over the libkrun double', () => {
     await expect(run('img', { ...options(), memoryMb: 1 } as never)).rejects.toThrow(/Unknown option options.memoryMb/);
     await expect(run('img', options({ backend: 'firecracker' as never }))).rejects.toThrow(/for backend/);
   });
+
+  test("memoryMiB above the host's physical memory fails preflight (required), naming the fix", async () => {
+    const err = await run('img', { ...options(), preflight: undefined, memoryMiB: 4_194_304 }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'ERR_MICROVM_PREFLIGHT' });
+    expect((err as { failures: { name: string; message: string; remediation: string }[] }).failures).toContainEqual(
+      expect.objectContaining({
+        name: 'memory',
+        message: expect.stringContaining('4194304 MiB of guest memory requested'),
+        remediation: expect.stringContaining('--memory'),
+      }),
+    );
+  });
+
+  test("paths that go into another program's option string cannot inject options (comma, colon), with a coded error naming the option", async () => {
+    const unsafe = { code: 'ERR_MICROVM_UNSAFE_PATH' };
+    // virtiofsd -o source=...: '/a,source=/b' would serve /b.
+    await expect(
+      run('img', options({ virtiofs: [{ tag: 'v', hostPath: '/tmp/a,source=/tmp/outside' }] })),
+    ).rejects.toMatchObject({
+      ...unsafe,
+      message: expect.stringContaining('virtiofs[0].hostPath'),
+    });
+    // Overlay mount options (lowerdir=...,upperdir=...) and QEMU's chardev paths.
+    await expect(run('img', options({ dataDir: path.join(s.dir, 'x,upperdir=y') }))).rejects.toMatchObject({
+      ...unsafe,
+      message: expect.stringContaining('dataDir'),
+    });
+    await expect(run('img', options({ rootfsPath: path.join(s.dir, 'a:b') }))).rejects.toMatchObject({
+      ...unsafe,
+      message: expect.stringContaining('rootfsPath'),
+    });
+    await expect(run('img', options({ imageCache: path.join(s.dir, 'c,d') }))).rejects.toMatchObject({
+      ...unsafe,
+      message: expect.stringContaining('imageCache'),
+    });
+    expect(fs.existsSync(path.join(s.dir, 'x,upperdir=y'))).toBe(false);
+  });
 });
 
 describe('tracing without a provider', () => {

@@ -267,7 +267,10 @@ exec "$@"
 `;
 
 /** A failure before the guest init said UP: the start failed (and 'auto' may fall back to TCG). */
-class BootFailure extends MicrovmError {}
+class BootFailure extends MicrovmError {
+  /** The guest reset itself (QMP SHUTDOWN guest-reset/guest-panic) before its init ran. */
+  guestReset = false;
+}
 
 /** Creates the QEMU backend. */
 export function qemuBackend(options: QemuBackendOptions = {}): Backend {
@@ -315,8 +318,23 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
           );
         input.signal?.throwIfAborted();
         span.setAttribute(ATTR.QEMU_ACCEL, rt.accel);
+        // A guest that reset itself before its init ran ran nothing of the caller's: boot it once
+        // more (seen rarely under TCG on a loaded 2-CPU machine, with no console output).
+        const bootOnce = async (accel: 'kvm' | 'tcg'): Promise<BackendHandle> => {
+          try {
+            return await boot(rt, accel, kernel, input);
+          } catch (err) {
+            if (!(err instanceof BootFailure) || !err.guestReset || input.signal?.aborted) throw err;
+            spawnSpan?.addEvent('microvm.boot_retry', {
+              [ATTR.QEMU_ACCEL]: accel,
+              [ATTR.ERROR_TYPE]: err.code,
+              'exception.message': err.message.split('\n')[0],
+            });
+            return boot(rt, accel, kernel, input);
+          }
+        };
         try {
-          const h = await boot(rt, rt.accel, kernel, input);
+          const h = await bootOnce(rt.accel);
           span.setAttribute(ATTR.VM_PID, h.pid);
           return h;
         } catch (err) {
@@ -331,7 +349,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
             [ATTR.ERROR_TYPE]: err.code,
           });
           span.setAttribute(ATTR.QEMU_ACCEL, 'tcg');
-          const h = await boot(rt, 'tcg', kernel, input);
+          const h = await bootOnce('tcg');
           span.setAttribute(ATTR.VM_PID, h.pid);
           return h;
         }
@@ -525,6 +543,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED',
         `${what} ${how}${why} ${before}.${advice}${lastLines(input)}`,
       );
+      if (error instanceof BootFailure) error.guestReset = why !== '';
       return { reason: 'failed', exitCode: null, signal: status.signal, error };
     });
 
