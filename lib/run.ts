@@ -193,6 +193,23 @@ function checks(name: string, value: unknown): PreflightCheck[] {
   });
 }
 
+/** The last lines of a guest output file for an error message (the VM's directory is removed after). */
+function outputTail(file: string, label: string): string {
+  let text = '';
+  try {
+    const buf = fs.readFileSync(file);
+    text = buf.subarray(Math.max(0, buf.length - 2000)).toString('utf8');
+  } catch {
+    return '';
+  }
+  const lines = text
+    .replace(/\r/g, '')
+    .split('\n')
+    .filter((l) => l.trim())
+    .slice(-6);
+  return lines.length ? `\n${label}:\n${lines.map((l) => `  ${l.slice(0, 300)}`).join('\n')}` : '';
+}
+
 /** Overlay mount options list directories separated by ',' (options) and ':' (lower layers). */
 const OVERLAY_UNSAFE = /[,:]/;
 /** The data dir also names QEMU's sockets and files, split on white space by the launcher. */
@@ -622,7 +639,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
           ? exit.error
           : new MicrovmError(
               'ERR_MICROVM_VM_EXITED',
-              `The VM ended before it was ready: ${describeExit(exit)}. Console: ${consoleLogPath}`,
+              `The VM ended before it was ready: ${describeExit(exit)}.${outputTail(stderrPath, 'its stderr')}${outputTail(consoleLogPath, 'console')}`,
             ),
       );
     });
