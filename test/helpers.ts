@@ -1,4 +1,5 @@
 /** Shared test helpers: fixture locations, scratch directories, the double's call log. */
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -94,4 +95,20 @@ export function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * Why real-VM tests cannot run here (undefined when they can): QEMU missing, or the test image
+ * (built by test/global-setup.ts) missing, with the reason its build gave.
+ */
+export function qemuSkipReason(): string | undefined {
+  try {
+    execFileSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' });
+  } catch {
+    return 'qemu-system-x86_64 is not installed';
+  }
+  if (!process.env.MICROVM_TEST_IMAGE) {
+    return `no test image (${process.env.MICROVM_TEST_IMAGE_ERROR ?? 'scripts/make-test-image.sh failed'})`;
+  }
+  return undefined;
 }

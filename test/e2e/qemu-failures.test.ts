@@ -15,20 +15,10 @@ import {
   SimpleSpanProcessor,
 } from '@opentelemetry/sdk-trace-base';
 import { type MicroVM, probeKvm, qemuBackend, run, type RunOptions, SPAN } from '../../lib';
-import { alive, scratch } from '../helpers';
+import { alive, qemuSkipReason, scratch } from '../helpers';
 import { makeHost } from '../host/fake-host';
 
-function missing(): string | undefined {
-  try {
-    execFileSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' });
-  } catch {
-    return 'qemu-system-x86_64 is not installed';
-  }
-  if (!process.env.MICROVM_TEST_IMAGE)
-    return `no test image (${process.env.MICROVM_TEST_IMAGE_ERROR ?? 'scripts/make-test-image.sh failed'})`;
-  return undefined;
-}
-const skip = missing();
+const skip = qemuSkipReason();
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 
 let s: ReturnType<typeof scratch>;

@@ -3,7 +3,7 @@
  * root cloned from a busybox-static + dropbear image, with the guest init built by this project.
  * These must run in CI; they skip only when QEMU or the image tools are missing, and say which.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { SpanStatusCode } from '@opentelemetry/api';
@@ -15,19 +15,9 @@ import {
 } from '@opentelemetry/sdk-trace-base';
 import { hooks, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
 import { packageRoot } from '../../lib/native';
-import { alive, firmwareDir, scratch } from '../helpers';
+import { alive, qemuSkipReason, firmwareDir, scratch } from '../helpers';
 
-function missing(): string | undefined {
-  try {
-    execFileSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' });
-  } catch {
-    return 'qemu-system-x86_64 is not installed';
-  }
-  if (!process.env.MICROVM_TEST_IMAGE)
-    return `no test image (${process.env.MICROVM_TEST_IMAGE_ERROR ?? 'scripts/make-test-image.sh failed'})`;
-  return undefined;
-}
-const skip = missing();
+const skip = qemuSkipReason();
 
 let s: ReturnType<typeof scratch>;
 const vms: MicroVM[] = [];
