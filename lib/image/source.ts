@@ -141,6 +141,36 @@ export function resolveOciLayout(layout: string, tag: string | undefined, platfo
 }
 
 /**
+ * An unpacked archive is read by path (manifest.json, the config, index.json, blobs): a symlink
+ * member must not lead those reads out of it (`config.json -> /root/.docker/config.json` would put a
+ * host file's bytes into the cache). Links that stay inside (docker save links repeated layers) are
+ * fine; the tree is ours and no longer changes, so resolving once is enough.
+ */
+function confineSymlinks(root: string, where: string): void {
+  const realRoot = fs.realpathSync(root);
+  const walk = (dir: string): void => {
+    for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+      const p = path.join(dir, e.name);
+      if (e.isSymbolicLink()) {
+        let real = '';
+        try {
+          real = fs.realpathSync(p);
+        } catch {
+          /* dangling: refused below */
+        }
+        if (!real.startsWith(`${realRoot}${path.sep}`)) {
+          throw new MicrovmError(
+            'ERR_MICROVM_IMAGE_UNSAFE_ENTRY',
+            `${where}: member ${JSON.stringify(path.relative(root, p))} is a symlink that leads out of the archive (to ${JSON.stringify(fs.readlinkSync(p))}); refused`,
+          );
+        }
+      } else if (e.isDirectory()) walk(p);
+    }
+  };
+  walk(root);
+}
+
+/**
  * Archives: the archive (a tar) is unpacked with the same hostile-input rules as layers into
  * `scratchDir`, then read as an OCI layout (`oci-archive:`) or as `docker save` output
  * (`docker-archive:`: manifest.json + config + uncompressed layer tars, each layer verified against
@@ -162,6 +192,7 @@ export async function resolveArchive(
       state: { bytes: 0, entries: 0, warnings: [] },
       privileged: false,
     });
+    confineSymlinks(scratchDir, `${kind} ${file}`);
     if (kind === 'oci-archive') return { ...resolveOciLayout(scratchDir, tag, platform), close };
     const where = `docker-archive ${file}`;
     const entries = parseJson<{ Config: string; RepoTags?: string[]; Layers: string[] }[]>(

@@ -237,6 +237,43 @@ describe('references', () => {
     expect(listImages(path.join(s.dir, 'c-bad'))).toEqual([]);
   });
 
+  test('archive members that are symlinks leading out of the archive are refused, and the target bytes land nowhere', async () => {
+    const secret = path.join(s.dir, 'docker-config.json');
+    fs.writeFileSync(secret, '{"auths":{"registry.example":{"auth":"c2VjcmV0LXRva2Vu"}}}\n', { mode: 0o600 });
+    const da = path.join(s.dir, 'd.tar');
+    execFileSync('skopeo', ['copy', '--quiet', `oci:${layout}:test`, `docker-archive:${da}:test/img:v1`], {
+      stdio: 'ignore',
+    });
+    const x = path.join(s.dir, 'x');
+    fs.mkdirSync(x);
+    execFileSync('tar', ['xf', da, '-C', x]);
+    const manifest = JSON.parse(fs.readFileSync(path.join(x, 'manifest.json'), 'utf8'))[0] as { Config: string };
+    fs.rmSync(path.join(x, manifest.Config));
+    fs.symlinkSync(secret, path.join(x, manifest.Config));
+    const bad = path.join(s.dir, 'bad.tar');
+    execFileSync('tar', ['cf', bad, '-C', x, '.']);
+    const badCache = path.join(s.dir, 'c-link');
+    await expect(pull(`docker-archive:${bad}`, { cacheDir: badCache })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY',
+      message: expect.stringContaining('leads out of the archive'),
+    });
+    // An OCI archive whose index.json points at the same file.
+    const oa = path.join(s.dir, 'o.tar');
+    execFileSync('skopeo', ['copy', '--quiet', `oci:${layout}:test`, `oci-archive:${oa}:test`], { stdio: 'ignore' });
+    const y = path.join(s.dir, 'y');
+    fs.mkdirSync(y);
+    execFileSync('tar', ['xf', oa, '-C', y]);
+    fs.rmSync(path.join(y, 'index.json'));
+    fs.symlinkSync(secret, path.join(y, 'index.json'));
+    const badOci = path.join(s.dir, 'bad-oci.tar');
+    execFileSync('tar', ['cf', badOci, '-C', y, '.']);
+    await expect(pull(`oci-archive:${badOci}:test`, { cacheDir: badCache })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_IMAGE_UNSAFE_ENTRY',
+    });
+    const everything = execFileSync('sh', ['-c', `cat $(find ${badCache} -type f) 2>/dev/null; true`]);
+    expect(everything.includes('c2VjcmV0LXRva2Vu')).toBe(false);
+  });
+
   test('gc removes unreferenced entries and abandoned temp dirs; purge removes everything', async () => {
     await pull(`oci:${layout}:test`, { cacheDir });
     fs.mkdirSync(path.join(cacheDir, 'tmp', 'x-999999-dead'), { recursive: true });
