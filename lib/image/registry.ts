@@ -41,6 +41,26 @@ function isLoopback(registry: string): boolean {
   return host === 'localhost' || host === '::1' || /^127\./.test(host);
 }
 
+/**
+ * Where a Bearer challenge may send credentials: the realm must be http(s); when the registry was
+ * reached over HTTPS, a realm over plain HTTP (a downgrade to cleartext) is refused unless it is on
+ * loopback. Returns the refusal's message, or undefined when the realm is acceptable.
+ */
+export function realmRefusal(registryBase: string, realm: string, withCredentials: boolean): string | undefined {
+  let url: URL;
+  try {
+    url = new URL(realm);
+  } catch {
+    return `its token realm ${JSON.stringify(realm)} is not a URL`;
+  }
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') return `its token realm uses ${url.protocol}, not http(s)`;
+  const downgrade = registryBase.startsWith('https:') && url.protocol === 'http:' && !isLoopback(url.host);
+  if (downgrade && withCredentials) {
+    return `it sent a token realm over plain HTTP (${url.origin}) although the registry is HTTPS; credentials are not sent in cleartext`;
+  }
+  return undefined;
+}
+
 function configKey(registry: string): string[] {
   return registry === 'docker.io'
     ? ['https://index.docker.io/v1/', 'index.docker.io', 'docker.io', 'registry-1.docker.io']
@@ -181,10 +201,12 @@ export class RegistryClient {
     for (const m of challenge.matchAll(/(\w+)="([^"]*)"/g)) params[m[1]] = m[2];
     if (!params.realm)
       throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry} sent a Bearer challenge without a realm`);
+    const creds = await this.#creds();
+    const refusal = realmRefusal(this.#base, params.realm, creds !== undefined);
+    if (refusal) throw new MicrovmError('ERR_MICROVM_REGISTRY_AUTH', `${this.#registry}: ${refusal}`);
     const url = new URL(params.realm);
     if (params.service) url.searchParams.set('service', params.service);
     url.searchParams.set('scope', params.scope ?? `repository:${this.#repository}:pull`);
-    const creds = await this.#creds();
     const headers: Record<string, string> = {};
     if (creds && 'username' in creds)
       headers.authorization = `Basic ${Buffer.from(`${creds.username}:${creds.password}`).toString('base64')}`;

@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as path from 'node:path';
 import { listImages, pull } from '../../lib';
+import { realmRefusal } from '../../lib/image/registry';
 import { scratch } from '../helpers';
 import { freePort } from '../ssh/servers';
 
@@ -288,5 +289,22 @@ const tree = (dir: string): string =>
         code: 'ERR_MICROVM_REGISTRY_AUTH',
       });
     });
+  });
+});
+
+describe('token realm: credentials never downgraded to cleartext', () => {
+  test('an HTTPS registry whose realm is plain HTTP on another host: refused with credentials, allowed anonymously', () => {
+    expect(realmRefusal('https://registry.example', 'http://auth.example/token', true)).toMatch(
+      /plain HTTP .*credentials are not sent in cleartext/,
+    );
+    expect(realmRefusal('https://registry.example', 'http://auth.example/token', false)).toBeUndefined();
+  });
+
+  test('HTTPS realms, loopback realms and insecure (HTTP) registries are allowed; other schemes never', () => {
+    expect(realmRefusal('https://registry.example', 'https://auth.example/token', true)).toBeUndefined();
+    expect(realmRefusal('https://registry.example', 'http://127.0.0.1:5001/token', true)).toBeUndefined();
+    expect(realmRefusal('http://127.0.0.1:5000', 'http://127.0.0.1:5001/token', true)).toBeUndefined();
+    expect(realmRefusal('https://registry.example', 'file:///etc/passwd', false)).toMatch(/file:, not http/);
+    expect(realmRefusal('https://registry.example', 'not a url', false)).toMatch(/not a URL/);
   });
 });
