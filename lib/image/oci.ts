@@ -108,6 +108,13 @@ export function isIndex(doc: { mediaType?: string; manifests?: unknown }, mediaT
 
 /** Picks the manifest for `platform` from an index; ERR_MICROVM_IMAGE_PLATFORM lists what exists. */
 export function selectPlatform(index: ImageIndex, platform: Platform, what: string): Descriptor {
+  if (
+    !Array.isArray(index.manifests) ||
+    index.manifests.some((d) => !d || typeof d !== 'object' || typeof d.digest !== 'string')
+  ) {
+    throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} is an index without a valid "manifests" list`);
+  }
+  for (const d of index.manifests) checkSize(d, what);
   const candidates = index.manifests.filter(
     (d) => d.platform && d.platform.os === platform.os && d.platform.architecture === platform.architecture,
   );
@@ -135,6 +142,16 @@ export function parseJson<T>(data: Buffer, what: string): T {
   }
 }
 
+/** A descriptor's size, when given, is a whole number of bytes (hostile input: no -5, no 1e300). */
+function checkSize(d: { size?: unknown; digest: string }, what: string): void {
+  if (d.size !== undefined && !(Number.isSafeInteger(d.size) && (d.size as number) >= 0)) {
+    throw new MicrovmError(
+      'ERR_MICROVM_IMAGE_MANIFEST',
+      `${what}: descriptor ${d.digest} has a bad size ${JSON.stringify(d.size)}`,
+    );
+  }
+}
+
 export function checkManifest(m: ImageManifest, what: string): ImageManifest {
   if (
     !m ||
@@ -149,6 +166,7 @@ export function checkManifest(m: ImageManifest, what: string): ImageManifest {
   for (const d of [m.config, ...m.layers]) {
     if (!/^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/.test(d.digest))
       throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} has a bad digest ${JSON.stringify(d.digest)}`);
+    checkSize(d, what);
   }
   return m;
 }
