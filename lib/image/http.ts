@@ -22,8 +22,11 @@ export interface HttpResponse {
   url: string;
   header(name: string): string | undefined;
   body: http.IncomingMessage;
-  /** The whole body, refusing more than `max` bytes. */
-  buffer(max: number): Promise<Buffer>;
+  /**
+   * The whole body, refusing more than `max` bytes; with `deadlineMs`, the whole body must arrive
+   * within that time (a server dripping a byte a second is ERR_MICROVM_REGISTRY_TIMEOUT, not a wait).
+   */
+  buffer(max: number, deadlineMs?: number): Promise<Buffer>;
   /** Drops the body (the connection is closed rather than drained). */
   discard(): void;
 }
@@ -103,28 +106,51 @@ export async function request(target: string, init: HttpRequest = {}): Promise<H
         return Array.isArray(v) ? v.join(', ') : v;
       },
       body: res,
-      buffer: (max) =>
+      buffer: (max, deadlineMs) =>
         new Promise<Buffer>((resolve, reject) => {
           const chunks: Buffer[] = [];
           let n = 0;
+          let settled = false;
+          let timer: NodeJS.Timeout | undefined;
+          const fail = (err: Error): void => {
+            if (settled) return;
+            settled = true;
+            clearTimeout(timer);
+            reject(err);
+            res.destroy();
+          };
+          const tooBig = (): MicrovmError =>
+            new MicrovmError(
+              'ERR_MICROVM_REGISTRY',
+              `${url.host} sent more than ${max} bytes where a small document was expected`,
+            );
+          if (Number(res.headers['content-length']) > max) return fail(tooBig());
+          if (deadlineMs !== undefined) {
+            timer = setTimeout(
+              () =>
+                fail(
+                  new MicrovmError(
+                    'ERR_MICROVM_REGISTRY_TIMEOUT',
+                    `${url.host} did not send the whole document within ${deadlineMs} ms (${n} bytes so far)`,
+                  ),
+                ),
+              deadlineMs,
+            );
+          }
           res.on('data', (c: Buffer) => {
             n += c.length;
-            if (n > max) {
-              res.destroy();
-              reject(
-                new MicrovmError(
-                  'ERR_MICROVM_REGISTRY',
-                  `${url.host} sent more than ${max} bytes where a small document was expected`,
-                ),
-              );
-              return;
-            }
+            if (n > max) return fail(tooBig());
             chunks.push(c);
           });
-          res.on('end', () => resolve(Buffer.concat(chunks)));
-          res.on('error', reject);
+          res.on('end', () => {
+            if (settled) return;
+            settled = true;
+            clearTimeout(timer);
+            resolve(Buffer.concat(chunks));
+          });
+          res.on('error', (err) => fail(err));
           res.on('aborted', () =>
-            reject(new MicrovmError('ERR_MICROVM_REGISTRY', `${url.host} closed the connection mid-response`)),
+            fail(new MicrovmError('ERR_MICROVM_REGISTRY', `${url.host} closed the connection mid-response`)),
           );
         }),
       discard: () => res.destroy(),

@@ -55,6 +55,11 @@ export interface PullOptions {
   verify?: 'fast' | 'full';
   onProgress?: (p: PullProgress) => void;
   signal?: AbortSignal;
+  /**
+   * Deadline for each small registry document (manifest, token) to arrive whole, ms (60000): a
+   * registry that drips bytes fails with ERR_MICROVM_REGISTRY_TIMEOUT instead of stalling the pull.
+   */
+  documentTimeoutMs?: number;
   /** Parent span scope (run() passes microvm.ImagePull's). */
   scope?: SpanScope;
 }
@@ -90,6 +95,7 @@ async function resolveSource(
     insecureRegistries: options.insecureRegistries,
     credentials: options.credentials,
     signal: options.signal,
+    documentTimeoutMs: options.documentTimeoutMs,
     blobDir: path.join(options.cacheDir as string, 'blobs'),
   });
 }
@@ -107,7 +113,9 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
     'onProgress',
     'signal',
     'scope',
+    'documentTimeoutMs',
   ]);
+  if (o.documentTimeoutMs !== undefined) v.integer('documentTimeoutMs', o.documentTimeoutMs, 1, 3_600_000);
   const cacheDir = v.absolutePath('cacheDir', o.cacheDir);
   const ref = parseReference(reference);
   const platform = options.platform ?? hostPlatform();

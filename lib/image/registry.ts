@@ -128,6 +128,8 @@ export interface RegistryOptions {
   /** Retries after the first attempt (4). */
   retries?: number;
   env?: NodeJS.ProcessEnv;
+  /** Deadline for a whole small document (manifest, token, config), ms (60000). */
+  documentTimeoutMs?: number;
 }
 
 export class RegistryClient {
@@ -235,7 +237,10 @@ export class RegistryClient {
     }
     let j: { token?: string; access_token?: string };
     try {
-      j = JSON.parse((await res.buffer(1 << 20)).toString('utf8')) as { token?: string; access_token?: string };
+      j = JSON.parse((await res.buffer(1 << 20, this.#opts.documentTimeoutMs ?? 60_000)).toString('utf8')) as {
+        token?: string;
+        access_token?: string;
+      };
     } catch (err) {
       throw new MicrovmError(
         'ERR_MICROVM_REGISTRY_AUTH',
@@ -294,10 +299,11 @@ export class RegistryClient {
     }
     let body: Buffer;
     try {
-      body = await res.buffer(4 * 1024 * 1024);
+      body = await res.buffer(4 * 1024 * 1024, this.#opts.documentTimeoutMs ?? 60_000);
     } catch (err) {
+      // A deadline or size refusal keeps its own code; anything else is a broken manifest.
       throw new MicrovmError(
-        'ERR_MICROVM_IMAGE_MANIFEST',
+        err instanceof MicrovmError ? err.code : 'ERR_MICROVM_IMAGE_MANIFEST',
         `${this.#where()}: manifest ${reference}: ${(err as Error).message}`,
         { cause: err },
       );

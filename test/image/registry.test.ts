@@ -210,6 +210,41 @@ const tree = (dir: string): string =>
       expect(counts.get('GET /v2/test/img/manifests/v1')).toBe(2); // refused once, asked again
     });
 
+    test('a manifest dripped a byte at a time hits the document deadline: ERR_MICROVM_REGISTRY_TIMEOUT, nothing cached', async () => {
+      let timer: NodeJS.Timeout | undefined;
+      fault = (req, res) => {
+        if (!String(req.url).includes('/manifests/')) return false;
+        res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json' });
+        timer = setInterval(() => res.write('{'), 100);
+        res.on('close', () => clearInterval(timer));
+        return true;
+      };
+      const cacheDir = path.join(s.dir, 'drip');
+      const err = await pull(ref(), { cacheDir, documentTimeoutMs: 1000 }).catch((e: unknown) => e);
+      clearInterval(timer);
+      expect(err).toMatchObject({
+        code: 'ERR_MICROVM_REGISTRY_TIMEOUT',
+        message: expect.stringContaining('within 1000 ms'),
+      });
+      expect(listImages(cacheDir)).toEqual([]);
+    });
+
+    test('a manifest announced as 2 GB is refused by its size, before reading it', async () => {
+      fault = (req, res) => {
+        if (!String(req.url).includes('/manifests/')) return false;
+        res.writeHead(200, {
+          'content-type': 'application/vnd.oci.image.manifest.v1+json',
+          'content-length': String(2 * 1024 ** 3),
+        });
+        res.write('{');
+        return true;
+      };
+      await expect(pull(ref(), { cacheDir: path.join(s.dir, 'huge') })).rejects.toMatchObject({
+        code: 'ERR_MICROVM_REGISTRY',
+        message: expect.stringContaining('sent more than 4194304 bytes'),
+      });
+    });
+
     test('5xx twice, then success', async () => {
       fault = (req, res, n) => {
         if (String(req.url).includes('/blobs/') && n <= 2) {
