@@ -175,19 +175,41 @@ export async function gc(cacheDir: string): Promise<string[]> {
       removed.push(name);
     }
   }
+  removed.push(...(await sweepAbandoned(cacheDir)));
+  return removed;
+}
+
+function pidAlive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Removes what pulls killed mid-way left behind: extraction trees `tmp/x-<pid>-*` and blob
+ * downloads `blobs/sha256/<hex>.<pid>.*.part` whose process is gone (a live pid, even a reused
+ * one, keeps its files: never a half-written file of a running pull). Called by gc and after
+ * every cold pull, so kill -9 of a pull does not leak disk for long. Returns what it removed.
+ */
+export async function sweepAbandoned(cacheDir: string): Promise<string[]> {
+  const removed: string[] = [];
+  const p = paths(cacheDir);
   for (const name of fs.existsSync(p.tmp) ? fs.readdirSync(p.tmp) : []) {
-    const pid = Number(name.split('-')[1]);
-    let alive = false;
-    try {
-      process.kill(pid, 0);
-      alive = pid > 0;
-    } catch {
-      /* gone */
-    }
-    if (!alive) {
-      fs.rmSync(path.join(p.tmp, name), { recursive: true, force: true });
-      removed.push(`tmp/${name}`);
-    }
+    const m = /^x-(\d+)-/.exec(name);
+    if (m && pidAlive(Number(m[1]))) continue;
+    await fs.promises.rm(path.join(p.tmp, name), { recursive: true, force: true });
+    removed.push(`tmp/${name}`);
+  }
+  const blobs = path.join(cacheDir, 'blobs', 'sha256');
+  for (const name of fs.existsSync(blobs) ? fs.readdirSync(blobs) : []) {
+    const m = /^[a-f0-9]{64}\.(\d+)\.[a-z0-9]*\.part$/.exec(name);
+    if (!m || pidAlive(Number(m[1]))) continue;
+    await fs.promises.rm(path.join(blobs, name), { force: true });
+    removed.push(`blobs/sha256/${name}`);
   }
   return removed;
 }

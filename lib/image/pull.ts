@@ -23,7 +23,7 @@ import { withFileLock } from '../state';
 import { ATTR, SPAN } from '../telemetry/attributes';
 import { getTracer, inSpan, type SpanScope } from '../telemetry/tracer';
 import * as v from '../validate';
-import { type CacheEntry, paths, publish, readEntry, readRefs, setRef, treeSummary } from './cache';
+import { type CacheEntry, paths, publish, readEntry, readRefs, setRef, sweepAbandoned, treeSummary } from './cache';
 import { applyLayer, type ExtractLimits, type ExtractState } from './extract';
 import { hostPlatform, type ImageConfigFile, type Platform } from './oci';
 import { parseReference } from './reference';
@@ -241,6 +241,8 @@ async function store(
     }
   });
   await setRef(cacheDir, refKey, image.digest);
+  // What pulls killed mid-way left (their trees can be gigabytes): gone once a pull got through.
+  if (entry.extracted) await sweepAbandoned(cacheDir);
   return {
     path: p.rootfs,
     digest: image.digest,

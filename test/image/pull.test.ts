@@ -2,7 +2,7 @@
  * pull() from OCI image layouts built by umoci from Debian packages, checked against
  * `umoci raw unpack` (an oracle nobody here wrote); the cache; faults; spans.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -272,6 +272,24 @@ describe('references', () => {
     });
     const everything = execFileSync('sh', ['-c', `cat $(find ${badCache} -type f) 2>/dev/null; true`]);
     expect(everything.includes('c2VjcmV0LXRva2Vu')).toBe(false);
+  });
+
+  test("what a killed pull left (temp tree, .part blob) is swept by the next cold pull; a live pull's files are kept", async () => {
+    // A pid that surely belongs to no process any more: a child that ran and was reaped.
+    const dead = spawnSync('true').pid;
+    const hex = 'ab'.repeat(32);
+    const tmp = path.join(cacheDir, 'tmp');
+    const blobs = path.join(cacheDir, 'blobs', 'sha256');
+    fs.mkdirSync(path.join(tmp, `x-${dead}-dead`, 'rootfs', 'usr'), { recursive: true });
+    fs.writeFileSync(path.join(tmp, `x-${dead}-dead`, 'rootfs', 'usr', 'big'), Buffer.alloc(4096));
+    fs.mkdirSync(path.join(tmp, `x-${process.pid}-live`), { recursive: true });
+    fs.mkdirSync(blobs, { recursive: true });
+    fs.writeFileSync(path.join(blobs, `${hex}.${dead}.k3j.part`), 'partial');
+    fs.writeFileSync(path.join(blobs, `${hex}.${process.pid}.k3j.part`), 'in progress');
+    const r = await pull(`oci:${layout}:test`, { cacheDir });
+    expect(r.fromCache).toBe(false);
+    expect(fs.readdirSync(tmp)).toEqual([`x-${process.pid}-live`]);
+    expect(fs.readdirSync(blobs).filter((n) => n.endsWith('.part'))).toEqual([`${hex}.${process.pid}.k3j.part`]);
   });
 
   test('gc removes unreferenced entries and abandoned temp dirs; purge removes everything', async () => {
