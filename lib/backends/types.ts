@@ -101,3 +101,6 @@ export interface Backend {
   /** Starts the VM; resolves once it is configured and starting. */
   start(input: BackendStartInput): Promise<BackendHandle>;
 }
+
+/** Signals that mean "someone stopped it" rather than "it crashed". */
+export const STOP_SIGNALS = new Set<NodeJS.Signals>(['SIGTERM', 'SIGKILL', 'SIGINT', 'SIGHUP', 'SIGQUIT']);

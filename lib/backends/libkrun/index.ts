@@ -15,6 +15,7 @@ import { ATTR, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
+import { STOP_SIGNALS } from '../types';
 
 /** Options of {@link libkrunBackend}. */
 export interface LibkrunBackendOptions {
@@ -25,9 +26,6 @@ export interface LibkrunBackendOptions {
   /** Environment of the runner process. Default: process.env. */
   env?: NodeJS.ProcessEnv;
 }
-
-/** Signals that mean "someone stopped it" rather than "it crashed". */
-const STOP_SIGNALS = new Set<NodeJS.Signals>(['SIGTERM', 'SIGKILL', 'SIGINT', 'SIGHUP', 'SIGQUIT']);
 
 /** libkrun log lines that say the VMM (not the guest) failed. */
 const VMM_FAILURE = /\bERROR\b|KVM_EXIT_|panicked at|Couldn't find or load/;

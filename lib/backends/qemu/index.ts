@@ -43,6 +43,7 @@ import { ATTR, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
+import { STOP_SIGNALS } from '../types';
 import { pvhKernelFor } from './kernel';
 import { QmpClient } from './qmp';
 
@@ -216,8 +217,6 @@ export function lastLines(input: Pick<BackendStartInput, 'logPath' | 'consoleLog
 }
 
 const SIGNAL_NAMES = new Map(Object.entries(os.constants.signals).map(([name, n]) => [n, name as NodeJS.Signals]));
-/** Signals that mean "someone stopped it" rather than "it crashed". */
-const STOP_SIGNALS = new Set<NodeJS.Signals>(['SIGTERM', 'SIGKILL', 'SIGINT', 'SIGHUP', 'SIGQUIT']);
 
 /** What the guest said on the microvm.exit port: "UP", then "EXIT <code>". Hostile input: capped, strict. */
 export function readExitPort(text: string): { up: boolean; code?: number } {
