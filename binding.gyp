@@ -1,6 +1,6 @@
 {
-  # Three targets from the source lists native/*.sources (shared with CMakeLists.txt): the N-API
-  # addon, the runner executable, and the QEMU backend's guest init. None links libkrun or libkrunfw.
+  # Four targets from the source lists native/*.sources (shared with CMakeLists.txt): the N-API
+  # addon, the runner executable, the file-server guard, and the QEMU backend's guest init. None links libkrun or libkrunfw.
   "target_defaults": {
     "cflags!": ["-fno-exceptions"],
     "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
@@ -20,9 +20,20 @@
       "target_name": "microvm-runner",
       "type": "executable",
       "sources": ["<!@(cat native/runner.sources)"],
-      "ldflags": ["-Wl,-z,relro,-z,now", "-pie"],
+      # The file-server guard (native/fs_guard.cc, the only default-visibility symbols) is exported
+      # (ld does so anyway for symbols libc also defines; -rdynamic says it) so libkrun, loaded
+      # later, calls it instead of libc's.
+      "ldflags": ["-Wl,-z,relro,-z,now", "-pie", "-rdynamic"],
       "cflags": ["-fPIE"],
       "cflags_cc": ["-fPIE"]
+    },
+    {
+      # LD_PRELOADed into virtiofsd by the QEMU backend (see native/fs_guard.cc).
+      "target_name": "microvm-fsguard",
+      "type": "shared_library",
+      "product_prefix": "",
+      "product_extension": "so",
+      "sources": ["native/fs_guard.cc"]
     },
     {
       # PID 1 of VMs booted by the QEMU backend: static, so it runs in any image.

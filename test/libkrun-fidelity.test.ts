@@ -183,6 +183,35 @@ describe('the binding never walks into them', () => {
     });
   });
 
+  test("a guest's set-ID modes, device nodes and file capabilities never reach the host through libkrun's file server (the runner's guard)", async () => {
+    const root = path.join(s.dir, 'root');
+    fs.mkdirSync(root);
+    const consoleLog = path.join(s.dir, 'console.log');
+    const plan = buildLaunchPlan({
+      libkrunPath: doublePath(),
+      firmwarePath: firmwarePath(),
+      cpus: 1,
+      memoryMiB: 256,
+      root,
+      consoleOutput: consoleLog,
+    });
+    const vm = await startRunner({
+      runnerPath: resolveRunner(),
+      plan,
+      logPath: path.join(s.dir, 'vm.log'),
+      env: { PATH: process.env.PATH, KRUN_DOUBLE_GUEST_FS_OPS: '1', KRUN_DOUBLE_GUEST_EXIT: '0' },
+    });
+    await expect(vm.exited).resolves.toEqual({ code: 0, signal: null });
+    const said = fs.readFileSync(consoleLog, 'utf8');
+    expect(said).toContain('fsop create=0 0');
+    expect(said).toContain('fsop chmod=0 0');
+    expect(said).toContain('fsop mknod=-1 1'); // EPERM
+    expect(said).toContain('fsop setcap=-1 1');
+    expect(fs.statSync(path.join(root, 'created')).mode & 0o7777).toBe(0o755);
+    expect(fs.statSync(path.join(root, 'chmodded')).mode & 0o7777).toBe(0o755);
+    expect(fs.existsSync(path.join(root, 'hostdisk'))).toBe(false);
+  });
+
   test('a port map with a virtio-net device is refused in TypeScript, before libkrun says EINVAL', () => {
     expect(() =>
       buildLaunchPlan({

@@ -173,7 +173,10 @@ async function store(
 ): Promise<PullResult> {
   // Synchronous on purpose: a few cheap calls, and the thread pool's round trips cost 10-20 ms
   // here while a download is starting (measured).
-  fs.mkdirSync(paths(cacheDir).images, { recursive: true, mode: 0o755 });
+  // Image trees keep their set-ID files (a guest's sudo needs them); no other host user may reach
+  // them, so the tree's root is the caller's alone (0700), also for caches made before this rule.
+  fs.mkdirSync(paths(cacheDir).images, { recursive: true, mode: 0o700 });
+  if (fs.statSync(paths(cacheDir).images).mode & 0o077) fs.chmodSync(paths(cacheDir).images, 0o700);
   fs.mkdirSync(paths(cacheDir).tmp, { recursive: true, mode: 0o700 });
   // Each extraction then starts in a block group of its own (ext4's Orlov allocator treats
   // subdirectories of a "top" directory like those of /): not in the group where earlier

@@ -102,6 +102,13 @@ describe('references', () => {
     ]);
   });
 
+  test("the image trees are the caller's alone (0700), also in a cache made wider before", async () => {
+    fs.mkdirSync(path.join(cacheDir, 'images'), { recursive: true, mode: 0o755 });
+    fs.chmodSync(path.join(cacheDir, 'images'), 0o755);
+    await pull(`oci:${layout}:test`, { cacheDir });
+    expect(fs.statSync(path.join(cacheDir, 'images')).mode & 0o777).toBe(0o700);
+  });
+
   test('8 concurrent pulls of one cold image extract it once', async () => {
     const results = await Promise.all(Array.from({ length: 8 }, () => pull(`oci:${layout}:test`, { cacheDir })));
     expect(new Set(results.map((r) => r.path)).size).toBe(1);

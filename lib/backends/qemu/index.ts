@@ -116,11 +116,31 @@ export function guestInitPath(): string {
   return found;
 }
 
+/**
+ * The file-server guard (native/fs_guard.cc), preloaded into virtiofsd so a guest's chmod/mknod can
+ * never give a host user a privilege: beside the loaded addon, else in this package's build.
+ */
+export function fsGuardPath(): string {
+  const candidates = [
+    path.join(path.dirname(addonPath() ?? ''), 'microvm-fsguard.so'),
+    path.join(__dirname, '..', '..', '..', 'build', 'Release', 'microvm-fsguard.so'),
+  ];
+  const found = candidates.find((c) => fs.existsSync(c));
+  if (!found)
+    throw new MicrovmError(
+      'ERR_MICROVM_FSGUARD_NOT_FOUND',
+      `microvm-fsguard.so was not found (looked in ${candidates.join(', ')}); build it with \`npm run build:native\``,
+    );
+  return found;
+}
+
 /** What the QEMU backend needs on the host, and the accelerator it will use (with the reason). */
 export interface QemuRuntime extends AccelDecision {
   qemuPath: string;
   virtiofsdPath: string;
   guestInit: string;
+  /** microvm-fsguard.so, preloaded into every virtiofsd. */
+  fsGuard: string;
 }
 
 /**
@@ -169,7 +189,7 @@ export function resolveQemuRuntime(options: QemuBackendOptions = {}, dataRoot?: 
       `accel 'kvm' was requested but ${probe.reason.split(':')[0]}. ${probe.remediation ?? ''} Or use accel 'tcg'/'auto'.`,
     );
   }
-  return { qemuPath, virtiofsdPath, guestInit: guestInitPath(), ...decision };
+  return { qemuPath, virtiofsdPath, guestInit: guestInitPath(), fsGuard: fsGuardPath(), ...decision };
 }
 
 /** The data root of a VM directory (`<dataRoot>/vms/<name>`). */
@@ -240,7 +260,11 @@ if [ -n "\${MVM_OVERLAY_LOWER:-}" ]; then
     mount -t overlay overlay -o "$opts" "$MVM_ROOT"
   fi
 fi
-setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$MVM_FS_SOCK" -o source="$MVM_ROOT" -o cache=auto &
+# virtiofsd applies the guest's modes and mknod as they come; the preloaded guard strips set-ID
+# bits and refuses device nodes and file capabilities (native/fs_guard.cc). Not a shell function:
+# the background job must exec setpriv, so virtiofsd's parent is QEMU and dies with it.
+LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$MVM_FS_SOCK" -o source="$MVM_ROOT" -o cache=auto &
+pids=$!
 # Extra shares: MVM_SHARE_<n>_{SRC,SOCK,RO,MNT}. Read-only ones are served from a read-only bind
 # mount in this namespace (kernel-enforced; this virtiofsd has no read-only option).
 n=0
@@ -251,7 +275,8 @@ while [ "$n" -lt "\${MVM_SHARES:-0}" ]; do
     mount -o remount,bind,ro "$mnt"
     src=$mnt
   fi
-  setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$sock" -o source="$src" -o cache=auto &
+  LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$sock" -o source="$src" -o cache=auto &
+  pids="$pids $!"
   n=$((n + 1))
 done
 for sock in "$MVM_FS_SOCK" \${MVM_SHARE_SOCKS:-}; do
@@ -259,6 +284,9 @@ for sock in "$MVM_FS_SOCK" \${MVM_SHARE_SOCKS:-}; do
   while [ ! -S "$sock" ]; do
     i=$((i + 1))
     if [ "$i" -gt 1000 ]; then echo "microvm: virtiofsd did not create $sock" >&2; exit 70; fi
+    for p in $pids; do
+      kill -0 "$p" 2>/dev/null || { wait "$p" || st=$?; echo "microvm: virtiofsd exited (status \${st:-0}) before creating $sock" >&2; exit 70; }
+    done
     sleep 0.01
   done
 done
@@ -448,7 +476,9 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       MVM_ROOT: input.rootfs.rootPath,
       MVM_FS_SOCK: fsSock,
       MVM_VIRTIOFSD: rt.virtiofsdPath,
+      MVM_FSGUARD: rt.fsGuard,
     };
+    if (process.env.MICROVM_FSGUARD_LOG) env.MICROVM_FSGUARD_LOG = process.env.MICROVM_FSGUARD_LOG;
     env.MVM_SHARES = String(input.virtiofs.length);
     const socks: string[] = [];
     input.virtiofs.forEach((share, n) => {
