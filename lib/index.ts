@@ -120,7 +120,7 @@ export {
   type SshConnectOptions,
 } from './ssh/client';
 export { waitForReady, systemClock, type Clock, type WaitForReadyOptions } from './ssh/wait-ready';
-export { pull, type PullOptions, type PullProgress, type PullResult } from './image/pull';
+export { pull, type PullOptions, type PullPolicy, type PullProgress, type PullResult } from './image/pull';
 export { parseReference, type ImageReference } from './image/reference';
 export {
   list as listImages,
@@ -129,6 +129,7 @@ export {
   purge as purgeImages,
   type CachedImage,
 } from './image/cache';
+export { sweepVms as pruneVms } from './state';
 export { hostPlatform, type Platform } from './image/oci';
 
 import { pull as pullImage } from './image/pull';

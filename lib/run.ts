@@ -26,7 +26,7 @@ import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/type
 import { MicrovmError } from './errors';
 import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
 import { freePort } from './net';
-import { localRootfs, pull, runtimeConfig, type PulledImage } from './image/pull';
+import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
 import {
   normalizeLogLevel,
@@ -52,7 +52,7 @@ import { type CloneStrategy, cloneRootfs, type ClonedRootfs } from './rootfs/clo
 import { hooks, type RootfsHook, rootfsContext } from './rootfs/hooks';
 import { generateKeyPair, type SshKeyPair, writeKeyPair } from './ssh/keys';
 import { waitForReady } from './ssh/wait-ready';
-import { writeState, processStartTime, terminateRecorded } from './state';
+import { writeState, processStartTime, sweepVms, terminateRecorded, writeOwner } from './state';
 import { ATTR, SPAN } from './telemetry/attributes';
 import { endSpan, getTracer, inSpan, type SpanScope } from './telemetry/tracer';
 import * as v from './validate';
@@ -100,6 +100,19 @@ export interface RunOptions {
   cleanDataDir?: boolean;
   /** Image cache directory (`<dataDir>/images`). */
   imageCache?: string;
+  /**
+   * When to ask the image's source what its tag names now ('missing'): 'missing' uses a cached
+   * tag as is, 'always' re-resolves it (a moved tag gets its new image), 'never' uses only the
+   * cache (ERR_MICROVM_IMAGE_NOT_CACHED otherwise). See `pull()`'s `policy`.
+   */
+  pull?: PullPolicy;
+  /** Cap on the image cache's size in bytes: least recently used images go after a pull (no cap). */
+  maxCacheBytes?: number;
+  /**
+   * The VM's directory is disposable (false): when this process and the VM are both gone without
+   * removing it (a kill -9), the next run() and `microvm prune` remove it. `microvm run --rm`.
+   */
+  autoRemove?: boolean;
   /** libkrun log level ('error'). */
   logLevel?: KrunLogLevel | keyof typeof LOG_LEVELS;
   /**
@@ -133,6 +146,9 @@ export interface RunOptions {
 }
 
 const RUN_KEYS = [
+  'pull',
+  'maxCacheBytes',
+  'autoRemove',
   'name',
   'cpus',
   'memoryMiB',
@@ -355,6 +371,12 @@ function normalize(image: string, options: RunOptions) {
       OVERLAY_UNSAFE,
     ),
     cleanDataDir: o.cleanDataDir === undefined ? false : v.boolean('cleanDataDir', o.cleanDataDir),
+    pullPolicy: o.pull === undefined ? ('missing' as const) : parsePullPolicy('pull', o.pull),
+    maxCacheBytes:
+      o.maxCacheBytes === undefined
+        ? undefined
+        : v.integer('maxCacheBytes', o.maxCacheBytes, 0, Number.MAX_SAFE_INTEGER),
+    autoRemove: o.autoRemove === undefined ? false : v.boolean('autoRemove', o.autoRemove),
     logLevel: o.logLevel === undefined ? 1 : normalizeLogLevel('logLevel', o.logLevel),
     backend,
     accel,
@@ -489,9 +511,17 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       ),
     );
 
+    let imageDigest: string | undefined;
     const pulled: PulledImage = await stage(SPAN.IMAGE_PULL, undefined, async (span, inner) => {
       if (o.rootfsPath !== undefined) return localRootfs(o.rootfsPath, o.imageConfig, span);
-      const r = await pull(image, { cacheDir: o.imageCache, signal, scope: inner });
+      const r = await pull(image, {
+        cacheDir: o.imageCache,
+        signal,
+        scope: inner,
+        policy: o.pullPolicy,
+        maxCacheBytes: o.maxCacheBytes,
+      });
+      imageDigest = r.digest;
       span.setAttribute(ATTR.IMAGE_SOURCE, 'pull');
       span.setAttribute(ATTR.IMAGE_DIGEST, r.digest);
       span.setAttribute(ATTR.IMAGE_CACHE_HIT, r.fromCache);
@@ -501,6 +531,8 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
 
     // The VM's directory: a leftover one is an error unless cleanDataDir says to replace it.
     await fsp.mkdir(path.join(o.dataRoot, 'vms'), { recursive: true, mode: 0o700 });
+    // Directories of disposable VMs whose process was killed before it could remove them.
+    await sweepVms(o.dataRoot);
     if (fs.existsSync(vmDir)) {
       if (!o.cleanDataDir)
         throw new MicrovmError(
@@ -512,6 +544,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     }
     await fsp.mkdir(vmDir, { mode: 0o700 });
     undo.push(() => fsp.rm(vmDir, { recursive: true, force: true }));
+    writeOwner(vmDir, o.autoRemove);
 
     const rootfs: ClonedRootfs = await stage(SPAN.ROOTFS_CLONE, undefined, async (span) => {
       const r = await cloneRootfs({
@@ -612,6 +645,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       rootfsPath: rootfs.rootPath,
       cloneStrategy: rootfs.strategy,
       createdAt: new Date().toISOString(),
+      ...(imageDigest ? { imageDigest } : {}),
     });
 
     const vm = new MicroVM(

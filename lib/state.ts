@@ -22,6 +22,8 @@ export interface VmState {
   rootfsPath: string;
   cloneStrategy: string;
   createdAt: string;
+  /** The cached image the VM's root was cloned from (gc and the size cap never remove it under a live VM). */
+  imageDigest?: string;
 }
 
 /** Start time of a process (field 22 of /proc/PID/stat), or undefined when it is gone. */
@@ -139,4 +141,65 @@ export async function terminateRecorded(dir: string, timeoutMs = 5000): Promise<
   while (isRecordedProcess(state) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
   if (isRecordedProcess(state)) signal('SIGKILL');
   return true;
+}
+
+/** Who is creating a VM directory: written first, so a creator killed before state.json is known. */
+export interface VmOwner {
+  pid: number;
+  startTime: string;
+  autoRemove: boolean;
+}
+
+/** Records this process as the creator of the VM directory `dir` (`owner.json`). */
+export function writeOwner(dir: string, autoRemove: boolean): VmOwner {
+  const owner = { pid: process.pid, startTime: processStartTime(process.pid) ?? '', autoRemove };
+  fs.writeFileSync(path.join(dir, 'owner.json'), `${JSON.stringify(owner)}\n`, { mode: 0o600 });
+  return owner;
+}
+
+function readOwner(dir: string): VmOwner | undefined {
+  try {
+    const o = JSON.parse(fs.readFileSync(path.join(dir, 'owner.json'), 'utf8')) as VmOwner;
+    return Number.isInteger(o.pid) && typeof o.startTime === 'string' ? o : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether the process that created a VM directory is still the same live process. */
+function ownerAlive(o: VmOwner): boolean {
+  return o.pid > 0 && processStartTime(o.pid) === o.startTime;
+}
+
+/**
+ * VM directories under `<dataRoot>/vms` that nothing will use again, removed:
+ * - `autoRemove` VMs (`run --rm`) whose VM has ended and whose creating process is gone (killed
+ *   before it could remove the directory itself);
+ * - directories whose creator died before the VM started (no state.json, dead owner);
+ * - with `all` (`microvm prune`): also every other VM that is not running and whose creator is gone.
+ * A running VM, or one whose creator is still alive (it may be starting it or reading its output),
+ * is never touched. Directories without an owner record (made by older versions) are left alone
+ * unless `all`. Returns the names removed.
+ */
+export async function sweepVms(dataRoot: string, all = false): Promise<string[]> {
+  const vms = path.join(dataRoot, 'vms');
+  let names: string[];
+  try {
+    names = fs.readdirSync(vms);
+  } catch {
+    return [];
+  }
+  const removed: string[] = [];
+  for (const name of names) {
+    const dir = path.join(vms, name);
+    const state = readState(dir);
+    const owner = readOwner(dir);
+    if (owner && ownerAlive(owner)) continue;
+    if (state && isRecordedProcess(state)) continue;
+    const removable = all ? state !== undefined || owner !== undefined : owner ? !state || owner.autoRemove : false;
+    if (!removable) continue;
+    await fs.promises.rm(dir, { recursive: true, force: true });
+    removed.push(name);
+  }
+  return removed;
 }

@@ -267,8 +267,24 @@ const char* TypeName(char t) {
       return "block";
     case '6':
       return "fifo";
+    case 'S':
+      return "sparse file";
     default:
-      return "other";
+      return "entry of unknown type";
+  }
+}
+
+// Why an entry of this type is not created, for its warning.
+const char* SkipReason(char t) {
+  switch (t) {
+    case '3':
+    case '4':
+    case '6':
+      return "device nodes and FIFOs are not created";
+    case 'S':
+      return "sparse files in GNU or PAX sparse format are not supported; rebuild the layer without --sparse";
+    default:
+      return "unknown tar entry types are not applied";
   }
 }
 
@@ -389,9 +405,13 @@ void LayerExtractor::Cancel() {
   }
   in_pool_.Cancel();
   out_pool_.Cancel();
-  writer_->Cancel();         // drops its queue (and the blocks it holds); wakes a parse thread waiting on it
-  if (tee_) tee_->Cancel();  // likewise
+  if (writer_) writer_->Cancel();  // drops its queue (and the blocks it holds); wakes a parse thread waiting on it
+  if (tee_) tee_->Cancel();        // likewise
   if (thread_.joinable()) thread_.join();
+  // Only the parse thread (joined now) uses the writer: release it here, not at garbage
+  // collection, so its descriptors under the root are closed once close() returns (a failed
+  // extraction must not hold the cache's filesystem busy, nor a deleted tree's space).
+  writer_.reset();
 }
 
 bool LayerExtractor::Fail(const std::string& code, const std::string& message) {
@@ -638,6 +658,11 @@ bool LayerExtractor::HeaderBlock(const unsigned char* h) {
   hd.path = get("path", &v) ? v : have_long_name_ ? long_name_ : name;
   hd.linkpath = get("linkpath", &v) ? v : have_long_link_ ? long_link_ : CString(h, 157, 100);
   hd.type = flag;
+  // A PAX sparse file (GNU tar 1.14+ "GNU.sparse.*" records): its data is a sparse map plus the
+  // stored blocks, not the file; skipped like an old GNU sparse member (type 'S'), with a warning.
+  if ((flag == '0' || flag == '\0') && pax.lower_bound("GNU.sparse.") != pax.end() &&
+      pax.lower_bound("GNU.sparse.")->first.rfind("GNU.sparse.", 0) == 0)
+    hd.type = 'S';
   uint64_t n;
   if (!Number(h, 100, 8, &n, &why, "mode")) return bad(why);
   hd.mode = static_cast<uint32_t>(n & 07777);
@@ -811,8 +836,8 @@ bool LayerExtractor::Entry(const Header& h) {
     }
     default:
       if (warnings_.size() < 1000) {
-        warnings_.push_back(std::string("skipped ") + TypeName(h.type) + " " + h.path +
-                            " (device nodes and FIFOs are not created)");
+        warnings_.push_back(std::string("skipped ") + TypeName(h.type) + " " + h.path + " (" + SkipReason(h.type) +
+                            ")");
       }
       return true;
   }

@@ -31,7 +31,7 @@ describe('usage', () => {
   test('--help for the tool and for run; usage errors exit 2', () => {
     expect(cli(['--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('Commands:') });
     expect(cli(['run', '--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('--trace') });
-    for (const c of ['pull', 'images', 'cache', 'ps', 'logs', 'stop', 'rm', 'exec', 'doctor', 'bench']) {
+    for (const c of ['pull', 'images', 'cache', 'prune', 'ps', 'logs', 'stop', 'rm', 'exec', 'doctor', 'bench']) {
       expect([c, cli([c, '--help']).stdout.startsWith(`microvm ${c}`)]).toEqual([c, true]);
     }
     expect(cli([]).code).toBe(2);
@@ -64,6 +64,19 @@ describe('usage', () => {
       stderr: expect.stringContaining("Unknown option '--data-dri'"),
     });
     expect(fs.existsSync(path.join(def, 'vms', 'victim'))).toBe(true);
+  });
+
+  test('run: --pull takes missing | always | never; a -v path with a comma (option injection into virtiofsd) is refused, naming the option', () => {
+    expect(cli(['run', 'img', '--pull', 'sometimes', '--data-dir', s.dir])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining("Expected --pull to be 'always', 'missing' or 'never'"),
+    });
+    const outside = path.join(s.dir, 'outside');
+    fs.mkdirSync(outside);
+    const r = cli(['run', 'img', '--data-dir', s.dir, '--backend', 'qemu', '-v', `/tmp/a,source=${outside}:/mnt/x`]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/ERR_MICROVM_UNSAFE_PATH[\s\S]*virtiofs\[0\]\.hostPath/);
+    expect(fs.existsSync(path.join(s.dir, 'vms'))).toBe(false); // refused before anything was made
   });
 
   test('doctor on a PVM host, a host without /dev/kvm and a hardware-KVM host (fake host trees): the reason, and QEMU with TCG', () => {
@@ -449,6 +462,69 @@ describe('usage', () => {
       expect(JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
       expect(cli(['cache', 'purge', '--data-dir', s.dir]).code).toBe(0);
       expect(JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
+    });
+
+    test('kill -9 of `run --rm` leaves a directory the next run sweeps; prune removes stopped VMs and keeps running ones', async () => {
+      const args = (name: string, ...extra: string[]): string[] => [
+        bin,
+        'run',
+        `oci:${layout}:test`,
+        '--data-dir',
+        s.dir,
+        '--backend',
+        'qemu',
+        '--name',
+        name,
+        ...extra,
+        '--',
+        '/bin/sh',
+        '-c',
+        'echo started; sleep 600',
+      ];
+      const env = { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR };
+      const child = spawn(process.execPath, args('doomed', '--rm'), { env, stdio: ['ignore', 'pipe', 'pipe'] });
+      await new Promise<void>((resolve, reject) => {
+        let out = '';
+        const t = setTimeout(() => reject(new Error(`no output from the guest: ${out}`)), 90000);
+        child.stdout.on('data', (b: Buffer) => {
+          out += String(b);
+          if (out.includes('started')) {
+            clearTimeout(t);
+            resolve();
+          }
+        });
+        child.once('exit', (code) => reject(new Error(`run exited ${code}: ${out}`)));
+      });
+      child.kill('SIGKILL');
+      await new Promise((r) => child.once('exit', r));
+      const doomed = path.join(s.dir, 'vms', 'doomed');
+      expect(fs.existsSync(doomed)).toBe(true); // nobody removed it yet
+      // QEMU died with the CLI (parent-death signal): the next run's sweep removes the directory.
+      for (let i = 0; i < 100 && JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout)[0]?.running; i++)
+        spawnSync('sleep', ['0.1']);
+      const kept = cli([...args('kept', '--detach').slice(1)]);
+      expect(kept).toMatchObject({ code: 0, stdout: 'kept\n' });
+      expect(fs.existsSync(doomed)).toBe(false);
+      // A stopped VM (not --rm) stays until prune; the running one survives prune.
+      const stopped = cli([
+        'run',
+        `oci:${layout}:test`,
+        '--data-dir',
+        s.dir,
+        '--backend',
+        'qemu',
+        '--name',
+        'stopped',
+        '--',
+        '/bin/true',
+      ]);
+      expect(stopped.code).toBe(0);
+      const pruned = JSON.parse(cli(['prune', '--json', '--data-dir', s.dir]).stdout) as { vms: string[] };
+      expect(pruned.vms).toEqual(['stopped']);
+      expect(
+        (JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { name: string }[]).map((v) => v.name),
+      ).toEqual(['kept']);
+      expect(cli(['rm', 'kept', '--data-dir', s.dir]).code).toBe(0);
     });
   },
 );

@@ -115,6 +115,7 @@ describe('public exports', () => {
       'parseReference',
       'portsCheck',
       'probeKvm',
+      'pruneVms',
       'pull',
       'purgeImages',
       'qemuBackend',

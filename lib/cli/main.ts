@@ -18,14 +18,14 @@ import {
 } from '@opentelemetry/sdk-trace-base';
 import { chooseBackend, defaultDataRoot, run, type RunOptions } from '../run';
 import { gc, list, purge } from '../image/cache';
-import { pull } from '../image/pull';
+import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
 import { qemuBackend, resolveQemuRuntime } from '../backends/qemu';
 import { type AccelChoice, parseAccel, probeKvm } from '../host/kvm';
 import { describeExit, type MicroVM } from '../vm';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from '../resolve/firmware';
 import { LIBKRUN_INSTALL_HINT, resolveRuntime } from '../resolve/runtime';
-import { isRecordedProcess, readState, terminateRecorded } from '../state';
+import { isRecordedProcess, readState, sweepVms, terminateRecorded } from '../state';
 import { SshClient } from '../ssh/client';
 import { formatSpanTree } from '../telemetry/tree';
 
@@ -38,7 +38,8 @@ Commands:
   run IMAGE [-- CMD...]   boot IMAGE (optionally running CMD as its init) and wait for it
   pull IMAGE              pull IMAGE into the cache
   images                  list cached images
-  cache gc|purge          remove unreferenced entries / everything
+  cache gc|purge          remove unreferenced entries and downloads / everything
+  prune                   remove stopped VMs' data, then what the image cache no longer needs
   ps                      list VMs
   logs NAME [-f]          print a VM's console output
   exec NAME -- CMD...     run a command in a VM started with --ssh (exit code: the command's)
@@ -65,7 +66,10 @@ Options:
   --accel A           QEMU accelerator: auto | kvm | tcg (auto: hardware KVM when usable, else TCG;
                       also MICROVM_ACCEL)
   --boot-timeout MS   fail when the guest shows no sign of life within MS (60000)
-  --rm                remove the VM's data when it exits
+  --rm                remove the VM's data when it exits (if microvm is killed, the next run or
+                      \`microvm prune\` removes it)
+  --pull POLICY       missing | always | never (missing): when to ask the registry or layout what
+                      IMAGE's tag names now; always picks up a re-tagged image
   --ssh               inject a key and wait for SSH on guest port 22
   --detach            return once the VM started (print its name)
   --trace             print the startup span tree to stderr
@@ -80,14 +84,22 @@ Exit code: the guest command's; 128+N when microvm was interrupted by signal N (
 VM was stopped by signal N; 1 with a coded message when the hypervisor failed.`,
   pull: `microvm pull IMAGE [--data-dir DIR] [--json]
 
-Pulls IMAGE (registry reference or oci:DIR:TAG) into <data-dir>/images. Progress bars per layer on a
-terminal, one line per finished layer otherwise, nothing but JSON with --json.`,
+Pulls IMAGE (registry reference or oci:DIR:TAG) into <data-dir>/images. A tag is resolved anew every
+time (one manifest request, or the layout's index): a re-tagged image is pulled, and the digest the
+tag named before is printed. Progress bars per layer on a terminal, one line per finished layer
+otherwise, nothing but JSON with --json.`,
   images: `microvm images [--data-dir DIR] [--json]
 
-Lists cached images: digest, size, references.`,
+Lists cached images: digest, size, last use, references; an image a tag named before it moved says
+which tag and when.`,
   cache: `microvm cache gc|purge [--data-dir DIR] [--json]
 
-gc: remove unreferenced or incomplete entries and abandoned temporary extractions. purge: remove the whole cache.`,
+gc: remove unreferenced or incomplete entries (never one a running VM uses), downloaded blobs no
+kept image needs, and what killed pulls left. purge: remove the whole cache.`,
+  prune: `microvm prune [--data-dir DIR] [--json]
+
+Removes the data of every VM that is not running (and whose microvm process is gone), then runs
+\`cache gc\`. Running VMs are never touched.`,
   ps: `microvm ps [--data-dir DIR] [--json]
 
 Lists VMs in the data dir and whether each is running (PID and start time checked).`,
@@ -211,9 +223,16 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       json: { type: 'boolean' },
       accel: { type: 'string' },
       'boot-timeout': { type: 'string' },
+      pull: { type: 'string' },
     },
   });
   if (positionals.length !== 1) throw new UsageError('run takes one IMAGE (then -- CMD...)');
+  let pullPolicy: PullPolicy | undefined;
+  try {
+    pullPolicy = values.pull === undefined ? undefined : parsePullPolicy('--pull', values.pull);
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
   let accel: AccelChoice | undefined;
   try {
     accel = values.accel === undefined ? undefined : parseAccel('--accel', values.accel);
@@ -277,6 +296,8 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     ssh: values.ssh ? {} : undefined,
     logLevel: values['log-level'] as RunOptions['logLevel'],
     tracerProvider,
+    autoRemove: values.rm === true,
+    pull: pullPolicy,
   };
   // Ctrl-C / SIGTERM: abort the start, or stop the running VM; then exit 128+N (never 0).
   const ac = new AbortController();
@@ -496,6 +517,7 @@ const COMMAND_OPTIONS: Record<string, Record<string, { type: 'string' | 'boolean
   pull: {},
   images: {},
   cache: {},
+  prune: {},
   ps: {},
   stop: {},
   rm: {},
@@ -589,8 +611,15 @@ export async function main(argv: string[]): Promise<number> {
         });
         if (tty) process.stderr.write('\n');
         out(
-          { reference: r.reference, digest: r.digest, path: r.path, fromCache: r.fromCache, warnings: r.warnings },
-          `${r.digest}  ${r.fromCache ? '(cached)' : 'pulled'}  ${r.path}`,
+          {
+            reference: r.reference,
+            digest: r.digest,
+            path: r.path,
+            fromCache: r.fromCache,
+            warnings: r.warnings,
+            ...(r.previousDigest ? { previousDigest: r.previousDigest } : {}),
+          },
+          `${r.digest}  ${r.fromCache ? '(cached)' : 'pulled'}  ${r.path}${r.previousDigest ? `\n${r.reference} moved: it named ${r.previousDigest} before` : ''}`,
         );
         return 0;
       }
@@ -601,7 +630,13 @@ export async function main(argv: string[]): Promise<number> {
           imgs
             .map(
               (i) =>
-                `${i.digest.slice(0, 19)}  ${(i.bytes / 1e6).toFixed(1).padStart(8)} MB  ${i.references.join(', ')}`,
+                `${i.digest.slice(0, 19)}  ${(i.bytes / 1e6).toFixed(1).padStart(8)} MB  used ${i.lastUsedAt.slice(0, 16).replace('T', ' ')}  ${[
+                  ...i.references,
+                  ...i.formerReferences.map(
+                    (f) =>
+                      `(${f.reference} until ${f.until.slice(0, 16).replace('T', ' ')}, now ${f.now.slice(0, 19)})`,
+                  ),
+                ].join(', ')}`,
             )
             .join('\n') || '(no images)',
         );
@@ -615,6 +650,16 @@ export async function main(argv: string[]): Promise<number> {
           purge(cacheDir);
           out({ purged: cacheDir }, `removed ${cacheDir}`);
         } else throw new UsageError('cache takes gc or purge');
+        return 0;
+      }
+      case 'prune': {
+        if (positional.length) throw new UsageError('prune takes no arguments');
+        const vms = await sweepVms(dataDir, true);
+        const cache = await gc(cacheDir);
+        out(
+          { vms, cache },
+          `removed ${vms.length} VM${vms.length === 1 ? '' : 's'}${vms.length ? ` (${vms.join(', ')})` : ''} and ${cache.length} cache entr${cache.length === 1 ? 'y' : 'ies'}`,
+        );
         return 0;
       }
       case 'ps': {

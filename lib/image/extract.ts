@@ -119,6 +119,20 @@ const LOW_WATER = 1 << 20;
 /** A native failure as the extraction error it means. */
 function fromNative(err: unknown): unknown {
   const e = err as Error & { code?: string; path?: string };
+  if (e && (e.code === 'ENOSPC' || e.code === 'EDQUOT')) {
+    return new MicrovmError(
+      'ERR_MICROVM_NO_SPACE',
+      `No space left to extract the image (${e.code}${e.path ? ` at ${e.path}` : ''}); free space on the cache's filesystem, run \`microvm cache gc\`, or cap the cache with maxCacheBytes`,
+      { cause: err },
+    );
+  }
+  if (e && (e.code === 'EROFS' || e.code === 'EIO' || e.code === 'EACCES')) {
+    return new MicrovmError(
+      'ERR_MICROVM_IMAGE_WRITE',
+      `The image cache cannot be written (${e.code}${e.path ? ` at ${e.path}` : ''}): ${e.message}`,
+      { cause: err },
+    );
+  }
   if (e && typeof e.code === 'string' && !e.code.startsWith('ERR_') && e.path !== undefined) {
     // A filesystem call under the root failed: a path that would leave it (ELOOP, EXDEV, a
     // dangling parent...), or a tree the layer cannot be applied to.

@@ -181,6 +181,8 @@ export class SocketBody extends EventEmitter {
   #paused = true;
   #leftover: Buffer | undefined;
   #done = false;
+  #watchdog: NodeJS.Timeout | undefined;
+  #minimum: { windowMs: number; bytes: number } | undefined;
 
   constructor(socket: net.Socket, leftover: Buffer, size: number, digest: string) {
     super();
@@ -223,8 +225,41 @@ export class SocketBody extends EventEmitter {
     );
   }
 
+  /**
+   * Fails with ERR_MICROVM_REGISTRY_TIMEOUT when, while the consumer is reading, fewer than
+   * `minBytesPerSecond` arrive on average over a `windowMs` window (a registry that drips bytes).
+   */
+  watchThroughput(windowMs: number, minBytesPerSecond: number): this {
+    this.#minimum = { windowMs, bytes: Math.ceil((minBytesPerSecond * windowMs) / 1000) };
+    return this;
+  }
+
+  #startWatchdog(): void {
+    const m = this.#minimum;
+    if (!m || this.#watchdog || this.#done) return;
+    let base = this.#got;
+    this.#watchdog = setInterval(() => {
+      if (this.#done) return this.#stopWatchdog();
+      if (!this.#paused && this.#got - base < m.bytes)
+        this.#fail(
+          new MicrovmError(
+            'ERR_MICROVM_REGISTRY_TIMEOUT',
+            `blob ${this.#want.slice(0, 12)}: ${this.#got - base} bytes in ${m.windowMs} ms, below the minimum of ${m.bytes} (${this.#got} of ${this.#size} received)`,
+          ),
+        );
+      base = this.#got;
+    }, m.windowMs);
+    this.#watchdog.unref();
+  }
+
+  #stopWatchdog(): void {
+    clearInterval(this.#watchdog);
+    this.#watchdog = undefined;
+  }
+
   #finish(): void {
     this.#done = true;
+    this.#stopWatchdog();
     this.#socket.destroy();
     const got = this.#hash.digest('hex');
     if (got !== this.#want) {
@@ -239,6 +274,7 @@ export class SocketBody extends EventEmitter {
 
   #fail(err: Error): void {
     this.#done = true;
+    this.#stopWatchdog();
     this.#socket.destroy();
     this.emit('error', err);
   }
@@ -252,6 +288,7 @@ export class SocketBody extends EventEmitter {
   resume(): this {
     if (this.#done) return this;
     this.#paused = false;
+    this.#startWatchdog();
     const first = this.#leftover;
     this.#leftover = undefined;
     if (first && !this.onRead(first)) return this;
@@ -260,6 +297,7 @@ export class SocketBody extends EventEmitter {
   }
 
   destroy(): this {
+    this.#stopWatchdog();
     if (!this.#done) {
       this.#done = true;
       this.#socket.destroy();

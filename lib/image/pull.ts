@@ -23,7 +23,18 @@ import { withFileLock } from '../state';
 import { ATTR, SPAN } from '../telemetry/attributes';
 import { getTracer, inSpan, type SpanScope } from '../telemetry/tracer';
 import * as v from '../validate';
-import { type CacheEntry, paths, publish, readEntry, readRefs, setRef, sweepAbandoned, treeSummary } from './cache';
+import {
+  type CacheEntry,
+  enforceCap,
+  paths,
+  publish,
+  readEntry,
+  readRefs,
+  setRef,
+  sweepAbandoned,
+  touchEntry,
+  treeSummary,
+} from './cache';
 import { applyLayer, type ExtractLimits, type ExtractState } from './extract';
 import { hostPlatform, type ImageConfigFile, type Platform } from './oci';
 import { parseReference } from './reference';
@@ -60,8 +71,36 @@ export interface PullOptions {
    * registry that drips bytes fails with ERR_MICROVM_REGISTRY_TIMEOUT instead of stalling the pull.
    */
   documentTimeoutMs?: number;
+  /**
+   * Minimum download rate of a registry blob while it is read: fewer than `minBytesPerSecond`
+   * (1024) on average over any `windowMs` (30000) is ERR_MICROVM_REGISTRY_TIMEOUT.
+   */
+  throughput?: { minBytesPerSecond?: number; windowMs?: number };
+  /**
+   * When to ask the source what a tag names now. 'always' (pull()'s default): every pull resolves
+   * the tag (one manifest request, or the layout's index) and a moved tag gets its new image;
+   * 'missing' (run()'s default): a tag already in the cache is used without asking; 'never': only
+   * the cache, ERR_MICROVM_IMAGE_NOT_CACHED otherwise. A digest reference is immutable: served
+   * from the cache whenever it is there.
+   */
+  policy?: PullPolicy;
+  /**
+   * Cap on the cache's size in bytes (extracted trees plus kept downloads): after a pull, the least
+   * recently used images (never the one just pulled, nor one a live VM runs on) are removed until
+   * it fits. Default: no cap.
+   */
+  maxCacheBytes?: number;
   /** Parent span scope (run() passes microvm.ImagePull's). */
   scope?: SpanScope;
+}
+
+/** See {@link PullOptions.policy}. */
+export type PullPolicy = 'always' | 'missing' | 'never';
+
+/** Checks a pull policy option. */
+export function parsePullPolicy(name: string, value: unknown): PullPolicy {
+  if (value === 'always' || value === 'missing' || value === 'never') return value;
+  throw new RangeError(`Expected ${name} to be 'always', 'missing' or 'never' but received ${v.describe(value)}`);
 }
 
 /** A pulled image. */
@@ -74,12 +113,14 @@ export interface PullResult {
   fromCache: boolean;
   reference: string;
   warnings: string[];
+  /** The digest the reference named before this pull, when the pull found that it had moved. */
+  previousDigest?: string;
 }
 
 async function resolveSource(
   ref: ReturnType<typeof parseReference>,
   platform: Platform,
-  options: PullOptions,
+  options: PullOptions & { have?: (digest: string) => boolean },
 ): Promise<ResolvedImage> {
   if (ref.kind === 'oci-layout') return resolveOciLayout(ref.path, ref.tag, platform);
   if (ref.kind === 'oci-archive' || ref.kind === 'docker-archive') {
@@ -96,7 +137,9 @@ async function resolveSource(
     credentials: options.credentials,
     signal: options.signal,
     documentTimeoutMs: options.documentTimeoutMs,
+    throughput: options.throughput,
     blobDir: path.join(options.cacheDir as string, 'blobs'),
+    have: options.have,
   });
 }
 
@@ -114,8 +157,19 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
     'signal',
     'scope',
     'documentTimeoutMs',
+    'policy',
+    'maxCacheBytes',
+    'throughput',
   ]);
+  if (o.throughput !== undefined) {
+    const t = v.object('throughput', o.throughput);
+    v.knownKeys('throughput', t, ['minBytesPerSecond', 'windowMs']);
+    if (t.minBytesPerSecond !== undefined) v.integer('throughput.minBytesPerSecond', t.minBytesPerSecond, 0, 2 ** 40);
+    if (t.windowMs !== undefined) v.integer('throughput.windowMs', t.windowMs, 100, 3_600_000);
+  }
   if (o.documentTimeoutMs !== undefined) v.integer('documentTimeoutMs', o.documentTimeoutMs, 1, 3_600_000);
+  const policy = o.policy === undefined ? 'always' : parsePullPolicy('policy', o.policy);
+  if (o.maxCacheBytes !== undefined) v.integer('maxCacheBytes', o.maxCacheBytes, 0, Number.MAX_SAFE_INTEGER);
   const cacheDir = v.absolutePath('cacheDir', o.cacheDir);
   const ref = parseReference(reference);
   const platform = options.platform ?? hostPlatform();
@@ -126,25 +180,45 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
   const signal = options.signal;
   signal?.throwIfAborted();
 
+  const pinned = ref.kind === 'registry' && ref.digest !== undefined;
   const hit = await inSpan(scope, SPAN.IMAGE_CACHE_LOOKUP, { [ATTR.IMAGE]: ref.canonical }, (span) => {
-    const digest = ref.kind === 'registry' && ref.digest ? ref.digest : readRefs(cacheDir)[refKey]?.digest;
+    const digest = pinned ? ref.digest : readRefs(cacheDir)[refKey]?.digest;
     const entry = digest ? readEntry(cacheDir, digest, verify) : undefined;
-    span.setAttribute(ATTR.IMAGE_CACHE_HIT, !!entry);
+    // A tag is served from the cache without asking only under 'missing'/'never'.
+    const use = entry && (pinned || policy !== 'always') ? entry : undefined;
+    span.setAttribute(ATTR.IMAGE_CACHE_HIT, !!use);
+    span.setAttribute('microvm.image.pull_policy', policy);
     if (entry) span.setAttribute(ATTR.IMAGE_DIGEST, entry.digest);
-    return entry;
+    return use;
   });
-  if (hit)
-    return {
+  // The size cap applies after every pull, a cached one included.
+  const capped = async (r: PullResult): Promise<PullResult> => {
+    if (o.maxCacheBytes !== undefined) await enforceCap(cacheDir, o.maxCacheBytes as number, r.digest);
+    return r;
+  };
+  if (hit) {
+    touchEntry(cacheDir, hit.digest);
+    return capped({
       path: paths(cacheDir, hit.digest).rootfs,
       digest: hit.digest,
       config: hit.config,
       fromCache: true,
       reference: ref.canonical,
       warnings: [],
-    };
+    });
+  }
+  if (policy === 'never')
+    throw new MicrovmError(
+      'ERR_MICROVM_IMAGE_NOT_CACHED',
+      `${ref.canonical} is not in the image cache and the pull policy is 'never'; pull it first (\`microvm pull ${reference}\`) or use policy 'missing'`,
+    );
 
+  let known: CacheEntry | undefined; // the resolved image, when it is already unpacked
   const image = await inSpan(scope, SPAN.IMAGE_FETCH, { [ATTR.IMAGE]: ref.canonical }, async (span) => {
-    const r = await resolveSource(ref, platform, options);
+    const r = await resolveSource(ref, platform, {
+      ...options,
+      have: (digest) => (known = readEntry(cacheDir, digest, verify)) !== undefined,
+    });
     span.setAttribute(ATTR.IMAGE_DIGEST, r.digest);
     span.setAttribute('microvm.image.layers', r.manifest.layers.length);
     span.setAttribute(
@@ -154,11 +228,29 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
     return r;
   });
 
+  // A re-resolved tag naming an image already unpacked (under this or another reference).
+  if (known?.digest !== image.digest) known = readEntry(cacheDir, image.digest, verify);
+  if (known) {
+    image.close?.();
+    const previousDigest = await setRef(cacheDir, refKey, known.digest);
+    touchEntry(cacheDir, known.digest);
+    return capped({
+      path: paths(cacheDir, known.digest).rootfs,
+      digest: known.digest,
+      config: known.config,
+      fromCache: true,
+      reference: ref.canonical,
+      warnings: [],
+      ...(previousDigest ? { previousDigest } : {}),
+    });
+  }
+  let result: PullResult;
   try {
-    return await store(cacheDir, ref.canonical, refKey, image, options, verify, scope, signal);
+    result = await store(cacheDir, ref.canonical, refKey, image, options, verify, scope, signal);
   } finally {
     image.close?.();
   }
+  return capped(result);
 }
 
 async function store(
@@ -243,7 +335,8 @@ async function store(
       throw err;
     }
   });
-  await setRef(cacheDir, refKey, image.digest);
+  const previousDigest = await setRef(cacheDir, refKey, image.digest);
+  if (!entry.extracted) touchEntry(cacheDir, image.digest);
   // What pulls killed mid-way left (their trees can be gigabytes): gone once a pull got through.
   if (entry.extracted) await sweepAbandoned(cacheDir);
   return {
@@ -253,6 +346,7 @@ async function store(
     fromCache: !entry.extracted,
     reference: canonical,
     warnings,
+    ...(previousDigest ? { previousDigest } : {}),
   };
 }
 

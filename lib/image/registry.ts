@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Readable, Transform } from 'node:stream';
+import { PassThrough, Readable, Transform } from 'node:stream';
 import { MicrovmError } from '../errors';
 import { fastGet, type HttpRequest, type HttpResponse, request, type SocketBody } from './http';
 import {
@@ -130,6 +130,52 @@ export interface RegistryOptions {
   env?: NodeJS.ProcessEnv;
   /** Deadline for a whole small document (manifest, token, config), ms (60000). */
   documentTimeoutMs?: number;
+  /**
+   * Minimum download rate of a blob while it is being read: fewer than `minBytesPerSecond` (1024)
+   * on average over any `windowMs` (30000) fails it with ERR_MICROVM_REGISTRY_TIMEOUT.
+   */
+  throughput?: { minBytesPerSecond?: number; windowMs?: number };
+}
+
+const MIN_BYTES_PER_SECOND = 1024;
+const THROUGHPUT_WINDOW_MS = 30_000;
+
+/**
+ * `body` with a throughput watchdog (see RegistryOptions.throughput). Only time the consumer is
+ * waiting counts: a full buffer (the extractor busy) is not the registry's slowness.
+ */
+function watched(body: Readable, windowMs: number, minBytesPerSecond: number, what: string): Readable {
+  const out = new PassThrough();
+  const minimum = Math.ceil((minBytesPerSecond * windowMs) / 1000);
+  let n = 0;
+  let base = 0;
+  const timer = setInterval(() => {
+    if (out.destroyed || out.writableEnded) return clearInterval(timer);
+    const backlogged = out.readableLength >= out.readableHighWaterMark || out.writableLength > 0;
+    if (!backlogged && n - base < minimum) {
+      clearInterval(timer);
+      const err = new MicrovmError(
+        'ERR_MICROVM_REGISTRY_TIMEOUT',
+        `${what}: ${n - base} bytes in ${windowMs} ms, below the minimum of ${minimum} (${n} received)`,
+      );
+      body.destroy();
+      out.destroy(err);
+      return;
+    }
+    base = n;
+  }, windowMs);
+  timer.unref();
+  body.on('data', (c: Buffer) => (n += c.length));
+  body.on('error', (e) => {
+    clearInterval(timer);
+    out.destroy(e);
+  });
+  out.on('close', () => {
+    clearInterval(timer);
+    if (!body.readableEnded) body.destroy();
+  });
+  body.pipe(out);
+  return out;
 }
 
 export class RegistryClient {
@@ -327,7 +373,17 @@ export class RegistryClient {
     if (!this.#base.startsWith('http:') || !/^sha256:[a-f0-9]{64}$/.test(d.digest) || !(d.size >= 0)) return undefined;
     if (!this.#auth && (await this.#creds())) return undefined; // let the general path answer the challenge
     const url = new URL(`${this.#base}/v2/${this.#repository}/blobs/${d.digest}`);
-    return fastGet(url, this.#auth ? { authorization: this.#auth } : {}, d.size, d.digest, this.#opts.signal);
+    const body = await fastGet(
+      url,
+      this.#auth ? { authorization: this.#auth } : {},
+      d.size,
+      d.digest,
+      this.#opts.signal,
+    );
+    return body?.watchThroughput(
+      this.#opts.throughput?.windowMs ?? THROUGHPUT_WINDOW_MS,
+      this.#opts.throughput?.minBytesPerSecond ?? MIN_BYTES_PER_SECOND,
+    );
   }
 
   /** A blob as a stream (not yet verified: wrap it with `verifying`). */
@@ -341,7 +397,12 @@ export class RegistryClient {
       res.discard();
       throw new MicrovmError('ERR_MICROVM_REGISTRY', `${this.#where()}: blob ${d.digest}: HTTP ${res.status}`);
     }
-    return res.body;
+    return watched(
+      res.body,
+      this.#opts.throughput?.windowMs ?? THROUGHPUT_WINDOW_MS,
+      this.#opts.throughput?.minBytesPerSecond ?? MIN_BYTES_PER_SECOND,
+      `${this.#where()}: blob ${d.digest.slice(0, 19)}`,
+    );
   }
 }
 
@@ -367,7 +428,12 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
 export async function resolveRegistryImage(
   ref: { registry: string; repository: string; tag?: string; digest?: string; canonical: string },
   platform: Platform,
-  options: RegistryOptions & { blobDir?: string; concurrency?: number },
+  options: RegistryOptions & {
+    blobDir?: string;
+    concurrency?: number;
+    /** Whether an image (manifest digest) is already unpacked: then nothing is downloaded. */
+    have?: (digest: string) => boolean;
+  },
 ): Promise<ResolvedImage> {
   const client = new RegistryClient(ref.registry, ref.repository, options);
   let m = await client.manifest(ref.digest ?? (ref.tag as string));
@@ -379,6 +445,13 @@ export async function resolveRegistryImage(
     parsed = parseJson<ImageManifest & ImageIndex>(m.body, `manifest of ${ref.canonical}`);
   }
   const manifest = checkManifest(parsed, `manifest of ${ref.canonical}`);
+  if (options.have?.(m.digest)) {
+    // A re-resolved tag that names an image already unpacked: the caller serves it from the cache.
+    const unused = (): never => {
+      throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${ref.canonical}: the image is cached; nothing to fetch`);
+    };
+    return { digest: m.digest, manifest, config: {} as ImageConfigFile, openBlob: async () => unused() };
+  }
   const blobDir = options.blobDir;
   const layers = manifest.layers;
   const blobFile = (d: Descriptor): string => path.join(blobDir as string, d.digest.replace(':', '/'));

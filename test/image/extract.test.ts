@@ -217,6 +217,34 @@ describe('hostile layers: nothing outside the root is ever touched', () => {
   });
 });
 
+test('sparse files (old GNU type S, and PAX GNU.sparse.* records) are skipped with a warning that says so, and what follows them is applied', async () => {
+  const state = newState();
+  await apply(
+    layer([
+      { path: 'old-sparse', type: 'sparse', data: 'stored blocks' },
+      {
+        path: 'pax-sparse',
+        data: '1\n0\n4\nmap+data',
+        pax: {
+          'GNU.sparse.major': '1',
+          'GNU.sparse.minor': '0',
+          'GNU.sparse.name': 'pax-sparse',
+          'GNU.sparse.realsize': '4096',
+        },
+      },
+      { path: 'after', data: 'ok' },
+    ]),
+    state,
+  );
+  expect(state.warnings).toEqual([
+    'skipped sparse file old-sparse (sparse files in GNU or PAX sparse format are not supported; rebuild the layer without --sparse)',
+    'skipped sparse file pax-sparse (sparse files in GNU or PAX sparse format are not supported; rebuild the layer without --sparse)',
+  ]);
+  expect(fs.existsSync(path.join(root, 'old-sparse'))).toBe(false);
+  expect(fs.existsSync(path.join(root, 'pax-sparse'))).toBe(false);
+  expect(fs.readFileSync(path.join(root, 'after'), 'utf8')).toBe('ok');
+});
+
 describe('limits and damage', () => {
   test('entry count, total size and decompression ratio caps', async () => {
     const many = layer(Array.from({ length: 20 }, (_, i) => ({ path: `f${i}`, data: 'x' })));

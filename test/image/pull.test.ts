@@ -109,6 +109,24 @@ describe('references', () => {
     expect(fs.statSync(path.join(cacheDir, 'images')).mode & 0o777).toBe(0o700);
   });
 
+  const root = process.getuid?.() === 0;
+  (root ? test : test.skip)(
+    `a full disk during extraction: ERR_MICROVM_NO_SPACE (not an "unsafe entry"), nothing left in the cache${root ? '' : ' [skipped: needs root to mount a 256 KiB tmpfs]'}`,
+    async () => {
+      const small = path.join(s.dir, 'small');
+      fs.mkdirSync(small);
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', small]);
+      try {
+        const err = await pull(`oci:${layout}:test`, { cacheDir: path.join(small, 'cache') }).catch((e: unknown) => e);
+        expect(err).toMatchObject({ code: 'ERR_MICROVM_NO_SPACE', message: expect.stringContaining('cache gc') });
+        expect(fs.readdirSync(path.join(small, 'cache', 'tmp'))).toEqual([]);
+        expect(listImages(path.join(small, 'cache'))).toEqual([]);
+      } finally {
+        execFileSync('umount', [small]);
+      }
+    },
+  );
+
   test('8 concurrent pulls of one cold image extract it once', async () => {
     const results = await Promise.all(Array.from({ length: 8 }, () => pull(`oci:${layout}:test`, { cacheDir })));
     expect(new Set(results.map((r) => r.path)).size).toBe(1);
@@ -197,7 +215,7 @@ describe('references', () => {
     });
   });
 
-  test('spans: CacheLookup (cache_hit), Fetch, Extract (layered), CacheStore; then a hit', async () => {
+  test("spans: CacheLookup (cache_hit), Fetch, Extract (layered), CacheStore; then a hit: with policy 'missing' the lookup alone, by default the lookup and the re-resolving Fetch", async () => {
     const exporter = new InMemorySpanExporter();
     const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
     const scope = {
@@ -211,9 +229,15 @@ describe('references', () => {
     expect(spans[0].attributes.cache_hit).toBe(false);
     expect(spans[2].attributes.layered).toBe(true);
     exporter.reset();
-    await image.pull(`oci:${layout}:test`, { cacheDir, scope });
+    await image.pull(`oci:${layout}:test`, { cacheDir, scope, policy: 'missing' });
     expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes.cache_hit])).toEqual([
       [SPAN.IMAGE_CACHE_LOOKUP, true],
+    ]);
+    exporter.reset();
+    expect(await image.pull(`oci:${layout}:test`, { cacheDir, scope })).toMatchObject({ fromCache: true });
+    expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes.cache_hit])).toEqual([
+      [SPAN.IMAGE_CACHE_LOOKUP, false],
+      [SPAN.IMAGE_FETCH, undefined],
     ]);
   });
 

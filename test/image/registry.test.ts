@@ -7,7 +7,7 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as path from 'node:path';
-import { listImages, pull } from '../../lib';
+import { gcImages, listImages, pull } from '../../lib';
 import { realmRefusal } from '../../lib/image/registry';
 import { scratch } from '../helpers';
 import { freePort } from '../ssh/servers';
@@ -117,7 +117,60 @@ const tree = (dir: string): string =>
     const cacheDir = path.join(s.dir, 'c-warm');
     const cold = await pull(ref, { cacheDir });
     await own.stop();
-    expect(await pull(ref, { cacheDir })).toMatchObject({ fromCache: true, digest: cold.digest });
+    expect(await pull(ref, { cacheDir, policy: 'missing' })).toMatchObject({ fromCache: true, digest: cold.digest });
+    // 'always' (pull()'s default) must ask the registry: gone, that is an error, never stale content.
+    await expect(pull(ref, { cacheDir })).rejects.toMatchObject({
+      code: expect.stringMatching(/^ERR_MICROVM_REGISTRY/),
+    });
+  });
+
+  test('a tag pushed again with new content: the next pull gets it (an unchanged one is served from the cache); gc then removes the old tree and every blob no kept image was made from', async () => {
+    const own = await startRegistry(path.join(s.dir, 'retag'));
+    const ref = `127.0.0.1:${own.port}/test/img:latest`;
+    const cacheDir = path.join(s.dir, 'c-retag');
+    try {
+      push(ref);
+      const first = await pull(ref, { cacheDir });
+      expect(await pull(ref, { cacheDir })).toMatchObject({ digest: first.digest, fromCache: true });
+      // A new image under the same tag: one more layer (a file), pushed by skopeo.
+      const variant = path.join(s.dir, 'variant');
+      execFileSync('cp', ['-a', layout as string, variant]);
+      const bundle = path.join(s.dir, 'variant-bundle');
+      execFileSync(
+        'umoci',
+        ['unpack', ...(process.getuid?.() === 0 ? [] : ['--rootless']), '--image', `${variant}:test`, bundle],
+        { stdio: 'ignore' },
+      );
+      fs.writeFileSync(path.join(bundle, 'rootfs', 'etc', 'security-fix'), 'patched\n');
+      execFileSync('umoci', ['repack', '--image', `${variant}:test`, bundle], { stdio: 'ignore' });
+      execFileSync('skopeo', ['copy', '--quiet', '--dest-tls-verify=false', `oci:${variant}:test`, `docker://${ref}`], {
+        stdio: 'ignore',
+      });
+      const second = await pull(ref, { cacheDir });
+      expect(second.digest).not.toBe(first.digest);
+      expect(second).toMatchObject({ fromCache: false, previousDigest: first.digest });
+      expect(fs.readFileSync(path.join(second.path, 'etc', 'security-fix'), 'utf8')).toBe('patched\n');
+      const blobs = (): string[] => fs.readdirSync(path.join(cacheDir, 'blobs', 'sha256')).sort();
+      const layersOf = (digest: string): string[] =>
+        (
+          JSON.parse(fs.readFileSync(path.join(cacheDir, 'images', digest.split(':')[1], 'image.json'), 'utf8'))
+            .manifest.layers as { digest: string }[]
+        )
+          .map((l) => l.digest.split(':')[1])
+          .sort();
+      expect(layersOf(second.digest).length).toBe(layersOf(first.digest).length + 1);
+      // A stray complete blob nothing was made from (an aborted image's download).
+      fs.writeFileSync(path.join(cacheDir, 'blobs', 'sha256', 'f'.repeat(64)), 'stray');
+      const removed = await gcImages(cacheDir);
+      expect(removed).toContain(first.digest.split(':')[1]);
+      expect(removed).toContain(`blobs/sha256/${'f'.repeat(64)}`);
+      expect(listImages(cacheDir).map((i) => i.digest)).toEqual([second.digest]);
+      // Exactly the layers the kept image was made from stay.
+      expect(blobs()).toEqual(layersOf(second.digest));
+      expect(fs.existsSync(second.path)).toBe(true);
+    } finally {
+      await own.stop();
+    }
   });
 
   test('basic auth: refused without credentials, works with them, and the password is never in an error', async () => {
@@ -228,6 +281,49 @@ const tree = (dir: string): string =>
       });
       expect(listImages(cacheDir)).toEqual([]);
     });
+
+    test.each([
+      ['with a Content-Length (the socket fast path)', true],
+      ['chunked (the general HTTP path)', false],
+    ])(
+      'a blob dripped slower than the minimum throughput, %s: ERR_MICROVM_REGISTRY_TIMEOUT, nothing cached',
+      async (_how, sized) => {
+        const timers: NodeJS.Timeout[] = [];
+        fault = (req, res) => {
+          if (!String(req.url).includes('/blobs/') || req.method !== 'GET') return false;
+          // The real headers (Content-Length included), then the body a few bytes at a time.
+          http.get({ host: '127.0.0.1', port: open.port, path: req.url, headers: req.headers }, (ur) => {
+            const headers = { ...ur.headers };
+            if (!sized) delete headers['content-length'];
+            res.writeHead(ur.statusCode ?? 500, headers);
+            const chunks: Buffer[] = [];
+            ur.on('data', (c: Buffer) => chunks.push(c));
+            ur.on('end', () => {
+              const all = Buffer.concat(chunks);
+              let at = 0;
+              const t = setInterval(() => {
+                if (at >= all.length) return res.end();
+                res.write(all.subarray(at, at + 8));
+                at += 8;
+              }, 50);
+              timers.push(t);
+              res.on('close', () => clearInterval(t));
+            });
+          });
+          return true;
+        };
+        const cacheDir = path.join(s.dir, `slow-blob-${String(sized)}`);
+        const err = await pull(ref(), { cacheDir, throughput: { minBytesPerSecond: 2000, windowMs: 500 } }).catch(
+          (e: unknown) => e,
+        );
+        for (const t of timers) clearInterval(t);
+        expect(err).toMatchObject({
+          code: 'ERR_MICROVM_REGISTRY_TIMEOUT',
+          message: expect.stringMatching(/bytes in 500 ms, below the minimum of 1000/),
+        });
+        expect(listImages(cacheDir)).toEqual([]);
+      },
+    );
 
     test('a manifest announced as 2 GB is refused by its size, before reading it', async () => {
       fault = (req, res) => {

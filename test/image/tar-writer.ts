@@ -3,16 +3,18 @@ import * as zlib from 'node:zlib';
 
 export interface Member {
   path: string;
-  type?: 'file' | 'dir' | 'symlink' | 'hardlink' | 'char' | 'fifo';
+  type?: 'file' | 'dir' | 'symlink' | 'hardlink' | 'char' | 'fifo' | 'sparse';
   data?: string | Buffer;
   linkpath?: string;
   mode?: number;
   uid?: number;
   gid?: number;
   mtime?: number;
+  /** Extra PAX records for this member (e.g. GNU.sparse.* of a PAX sparse file). */
+  pax?: Record<string, string>;
 }
 
-const FLAGS = { file: '0', hardlink: '1', symlink: '2', char: '3', dir: '5', fifo: '6' } as const;
+const FLAGS = { file: '0', hardlink: '1', symlink: '2', char: '3', dir: '5', fifo: '6', sparse: 'S' } as const;
 
 function octal(n: number, len: number): string {
   return `${n.toString(8).padStart(len - 1, '0')}\0`;
@@ -52,9 +54,10 @@ function pax(records: Record<string, string>): Buffer {
 export function tar(members: Member[]): Buffer {
   const parts: Buffer[] = [];
   for (const m of members) {
-    const data = m.type === undefined || m.type === 'file' ? Buffer.from(m.data ?? '') : Buffer.alloc(0);
-    if (Buffer.byteLength(m.path) > 99 || Buffer.byteLength(m.linkpath ?? '') > 99) {
-      const body = pax({ path: m.path, ...(m.linkpath ? { linkpath: m.linkpath } : {}) });
+    const data =
+      m.type === undefined || m.type === 'file' || m.type === 'sparse' ? Buffer.from(m.data ?? '') : Buffer.alloc(0);
+    if (Buffer.byteLength(m.path) > 99 || Buffer.byteLength(m.linkpath ?? '') > 99 || m.pax) {
+      const body = pax({ path: m.path, ...(m.linkpath ? { linkpath: m.linkpath } : {}), ...m.pax });
       const ph = header({ path: 'PaxHeader', mode: 0o644 }, body.length, 'PaxHeader');
       ph.write('x', 156, 'ascii');
       let sum = 0;
