@@ -464,6 +464,28 @@ describe('usage', () => {
       expect(JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
     });
 
+    test('run --detach --ssh whose guest never serves SSH (it ends): a coded error with its stderr, exit 1, nothing left', () => {
+      const r = cli([
+        'run',
+        `oci:${layout}:test`,
+        '--data-dir',
+        s.dir,
+        '--backend',
+        'qemu',
+        '--name',
+        'nossh',
+        '--detach',
+        '--ssh',
+        '--',
+        '/bin/sh',
+        '-c',
+        'echo no ssh here >&2; exit 0',
+      ]);
+      expect(r).toMatchObject({ code: 1, stdout: '' });
+      expect(r.stderr).toMatch(/ERR_MICROVM_VM_EXITED[\s\S]*no ssh here/);
+      expect(fs.readdirSync(path.join(s.dir, 'vms'))).toEqual([]);
+    });
+
     test('kill -9 of `run --rm` leaves a directory the next run sweeps; prune removes stopped VMs and keeps running ones', async () => {
       const args = (name: string, ...extra: string[]): string[] => [
         bin,
