@@ -108,7 +108,7 @@ export {
   type CheckResult,
   type PreflightCheck,
 } from './preflight/checks';
-export { SPAN, ATTR } from './telemetry/attributes';
+export { SPAN, ATTR, EVENT } from './telemetry/attributes';
 export { formatSpanTree, type SpanLike } from './telemetry/tree';
 export { generateKeyPair, loadKeyPair, writeKeyPair, type SshKeyPair } from './ssh/keys';
 export {

@@ -512,7 +512,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     );
 
     let imageDigest: string | undefined;
-    const pulled: PulledImage = await stage(SPAN.IMAGE_PULL, undefined, async (span, inner) => {
+    const pulled: PulledImage = await stage(SPAN.IMAGE_PULL, { [ATTR.IMAGE_REF]: image }, async (span, inner) => {
       if (o.rootfsPath !== undefined) return localRootfs(o.rootfsPath, o.imageConfig, span);
       const r = await pull(image, {
         cacheDir: o.imageCache,
@@ -524,7 +524,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       imageDigest = r.digest;
       span.setAttribute(ATTR.IMAGE_SOURCE, 'pull');
       span.setAttribute(ATTR.IMAGE_DIGEST, r.digest);
-      span.setAttribute(ATTR.IMAGE_CACHE_HIT, r.fromCache);
+      span.setAttribute(ATTR.IMAGE_FROM_CACHE, r.fromCache);
       const cfg = runtimeConfig(r.config);
       return { rootfsDir: r.path, config: { ...cfg, ...o.imageConfig }, source: 'pull' };
     });
@@ -558,7 +558,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       return r;
     });
 
-    await stage(SPAN.ROOTFS_HOOKS, { [ATTR.ROOTFS_HOOK_COUNT]: o.rootfsHooks.length }, async () => {
+    await stage(SPAN.ROOTFS_HOOKS, { [ATTR.HOOK_COUNT]: o.rootfsHooks.length }, async () => {
       const ctx = rootfsContext(o.id, rootfs);
       for (const hook of o.rootfsHooks) {
         signal?.throwIfAborted();
@@ -586,7 +586,8 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     const network: NetworkHandle | undefined = await stage(
       SPAN.NETWORK_START,
       {
-        [ATTR.NETWORK_PROVIDER]: o.network?.name ?? 'tsi',
+        // No provider: libkrun's TSI, or QEMU's user networking (slirp).
+        [ATTR.NETWORK_PROVIDER]: o.network?.name ?? (o.backend.name === 'qemu' ? 'qemu-user' : 'tsi'),
         [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`),
       },
       async () => {

@@ -105,7 +105,9 @@ int WriteFileBeneath(const std::string& root, const std::vector<std::string>& co
 
 int SummarizeTree(const std::string& root, TreeTotals* out, std::string* failed_at) {
   *out = TreeTotals();
-  Fd root_fd(open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  // The root itself is not followed either: a tree replaced by a symlink is an error (ENOTDIR),
+  // never the summary of whatever it points at.
+  Fd root_fd(open(root.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   if (root_fd.get() < 0) {
     *failed_at = root;
     return errno;

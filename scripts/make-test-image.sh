@@ -7,8 +7,9 @@ dest=${1:?usage: make-test-image.sh DEST}
 [ ! -e "$dest" ] || { echo "$dest exists" >&2; exit 1; }
 busybox=$(command -v busybox || true)
 dropbear=$(command -v dropbear || echo /usr/sbin/dropbear)
-[ -n "$busybox" ] && file -L "$busybox" | grep -q 'statically linked' || { echo "need busybox-static (apt-get install busybox-static)" >&2; exit 1; }
-[ -x "$dropbear" ] || { echo "need dropbear (apt-get install dropbear-bin)" >&2; exit 1; }
+# A missing tool exits 69 (EX_UNAVAILABLE): the tests then skip, naming it; any other failure fails them.
+[ -n "$busybox" ] && file -L "$busybox" | grep -q 'statically linked' || { echo "busybox-static is not installed (apt-get install busybox-static)" >&2; exit 69; }
+[ -x "$dropbear" ] || { echo "dropbear is not installed (apt-get install dropbear-bin)" >&2; exit 69; }
 
 tmp="$dest.tmp.$$"
 trap 'rm -rf "$tmp"' EXIT

@@ -6,7 +6,8 @@ set -euo pipefail
 src=${1:?usage: make-test-layout.sh ROOTFS LAYOUT [TAG]}
 dest=${2:?usage: make-test-layout.sh ROOTFS LAYOUT [TAG]}
 tag=${3:-test}
-command -v umoci >/dev/null || { echo "need umoci (apt-get install umoci)" >&2; exit 1; }
+# A missing tool exits 69 (EX_UNAVAILABLE): the tests then skip, naming it; any other failure fails them.
+command -v umoci >/dev/null || { echo "umoci is not installed (apt-get install umoci)" >&2; exit 69; }
 [ ! -e "$dest" ] || { echo "$dest exists" >&2; exit 1; }
 rootless=()
 [ "$(id -u)" = 0 ] || rootless=(--rootless)

@@ -3,11 +3,11 @@ import { spawn } from 'node:child_process';
 import * as http from 'node:http';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
-import { scratch } from './helpers';
+import { layoutSkipReason, scratch } from './helpers';
 
 const layout = process.env.MICROVM_TEST_LAYOUT;
 
-(layout ? test : test.skip)(`OTLP export${layout ? '' : ' [skipped: no test layout (umoci missing)]'}`, async () => {
+(layout ? test : test.skip)(`OTLP export${layout ? '' : ` [skipped: ${layoutSkipReason()}]`}`, async () => {
   const received: { service?: string; spans: string[] }[] = [];
   const server = http.createServer((req, res) => {
     const chunks: Buffer[] = [];

@@ -3,7 +3,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
-import { scratch } from './helpers';
+import { layoutSkipReason, scratch } from './helpers';
 import { makeHost } from './host/fake-host';
 
 const bin = path.join(packageRoot, 'bin', 'microvm.js');
@@ -122,431 +122,428 @@ describe('usage', () => {
   });
 });
 
-(layout ? describe : describe.skip)(
-  `VMs from the CLI${layout ? '' : ' [skipped: no test layout (umoci missing)]'}`,
-  () => {
-    test('run -- CMD: streams the output and exits with the guest code; --trace prints every stage', () => {
-      const r = cli([
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        s.dir,
-        '--backend',
-        'qemu',
-        '--rm',
-        '--trace',
-        '--',
-        '/bin/sh',
-        '-c',
-        'echo hi from the guest; exit 3',
-      ]);
-      expect(r.code).toBe(3);
-      expect(r.stdout).toContain('hi from the guest');
-      for (const stage of [
-        'microvm.Run',
-        'microvm.Preflight',
-        'microvm.ImagePull',
-        'microvm.image.Extract',
-        'microvm.RootfsClone',
-        'microvm.RootfsHooks',
-        'microvm.BackendPrepare',
-        'microvm.NetworkStart',
-        'microvm.VMSpawn',
-        'microvm.PostBoot',
-      ]) {
-        expect([stage, r.stderr.includes(stage)]).toEqual([stage, true]);
-      }
-      // Durations of the stages add up within the root's.
-      const dur = (name: string): number =>
-        Number(new RegExp(`^\\s*${name.replace('.', '\\.')}\\s+([\\d.]+) s`, 'm').exec(r.stderr)?.[1]);
-      const stages = [
-        'microvm.Preflight',
-        'microvm.ImagePull',
-        'microvm.RootfsClone',
-        'microvm.RootfsHooks',
-        'microvm.BackendPrepare',
-        'microvm.NetworkStart',
-        'microvm.VMSpawn',
-        'microvm.PostBoot',
-      ];
-      expect(stages.reduce((n, x) => n + dur(x), 0)).toBeLessThanOrEqual(dur('microvm.Run') + 0.001 * stages.length);
-      expect(r.stderr).toContain('◀ largest stage');
-    });
+(layout ? describe : describe.skip)(`VMs from the CLI${layout ? '' : ` [skipped: ${layoutSkipReason()}]`}`, () => {
+  test('run -- CMD: streams the output and exits with the guest code; --trace prints every stage', () => {
+    const r = cli([
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      s.dir,
+      '--backend',
+      'qemu',
+      '--rm',
+      '--trace',
+      '--',
+      '/bin/sh',
+      '-c',
+      'echo hi from the guest; exit 3',
+    ]);
+    expect(r.code).toBe(3);
+    expect(r.stdout).toContain('hi from the guest');
+    for (const stage of [
+      'microvm.Run',
+      'microvm.Preflight',
+      'microvm.ImagePull',
+      'microvm.image.Extract',
+      'microvm.RootfsClone',
+      'microvm.RootfsHooks',
+      'microvm.BackendPrepare',
+      'microvm.NetworkStart',
+      'microvm.VMSpawn',
+      'microvm.PostBoot',
+    ]) {
+      expect([stage, r.stderr.includes(stage)]).toEqual([stage, true]);
+    }
+    // Durations of the stages add up within the root's.
+    const dur = (name: string): number =>
+      Number(new RegExp(`^\\s*${name.replace('.', '\\.')}\\s+([\\d.]+) s`, 'm').exec(r.stderr)?.[1]);
+    const stages = [
+      'microvm.Preflight',
+      'microvm.ImagePull',
+      'microvm.RootfsClone',
+      'microvm.RootfsHooks',
+      'microvm.BackendPrepare',
+      'microvm.NetworkStart',
+      'microvm.VMSpawn',
+      'microvm.PostBoot',
+    ];
+    expect(stages.reduce((n, x) => n + dur(x), 0)).toBeLessThanOrEqual(dur('microvm.Run') + 0.001 * stages.length);
+    expect(r.stderr).toContain('◀ largest stage');
+  });
 
-    test('pull shows per-layer progress bars on a terminal (script gives it a pty), plain output otherwise', () => {
-      const cmd = `${process.execPath} ${bin} pull oci:${layout}:test --data-dir ${s.dir}`;
-      const tty = spawnSync('script', ['-qec', cmd, '/dev/null'], { encoding: 'utf8', env: process.env });
-      expect(tty.status).toBe(0);
-      expect(tty.stdout).toMatch(/\rlayer 1\/2 \[[#.]{20}\] \d+%/);
-      expect(tty.stdout).toMatch(/layer 2\/2 \[#{20}\] 100%/);
-      const plain = cli(['pull', `oci:${layout}:test`, '--data-dir', path.join(s.dir, 'plain')]);
-      expect(plain.stderr).toMatch(/^layer 1\/2 sha256:[a-f0-9]{12} [\d.]+ MB\nlayer 2\/2 /);
-      expect(plain.stderr).not.toContain('[');
-      expect(plain.stdout).toMatch(/^sha256:[a-f0-9]{64} {2}pulled/);
-    });
+  test('pull shows per-layer progress bars on a terminal (script gives it a pty), plain output otherwise', () => {
+    const cmd = `${process.execPath} ${bin} pull oci:${layout}:test --data-dir ${s.dir}`;
+    const tty = spawnSync('script', ['-qec', cmd, '/dev/null'], { encoding: 'utf8', env: process.env });
+    expect(tty.status).toBe(0);
+    expect(tty.stdout).toMatch(/\rlayer 1\/2 \[[#.]{20}\] \d+%/);
+    expect(tty.stdout).toMatch(/layer 2\/2 \[#{20}\] 100%/);
+    const plain = cli(['pull', `oci:${layout}:test`, '--data-dir', path.join(s.dir, 'plain')]);
+    expect(plain.stderr).toMatch(/^layer 1\/2 sha256:[a-f0-9]{12} [\d.]+ MB\nlayer 2\/2 /);
+    expect(plain.stderr).not.toContain('[');
+    expect(plain.stdout).toMatch(/^sha256:[a-f0-9]{64} {2}pulled/);
+  });
 
-    test('-v shares host directories: read-write writes through, :ro is refused', () => {
-      const rw = path.join(s.dir, 'rw');
-      const ro = path.join(s.dir, 'ro');
-      fs.mkdirSync(rw);
-      fs.mkdirSync(ro);
-      fs.writeFileSync(path.join(ro, 'in'), 'from the host\n');
-      const r = cli([
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        path.join(s.dir, 'd'),
-        '--backend',
-        'qemu',
-        '--rm',
-        '-v',
-        `${rw}:/mnt/rw`,
-        '-v',
-        `${ro}:/mnt/ro:ro`,
-        '--',
-        '/bin/sh',
-        '-c',
-        'cat /mnt/ro/in; echo from the guest > /mnt/rw/out; touch /mnt/ro/nope 2>/dev/null && exit 9; exit 0',
-      ]);
-      expect(r.code).toBe(0);
-      expect(r.stdout).toContain('from the host');
-      expect(fs.readFileSync(path.join(rw, 'out'), 'utf8')).toBe('from the guest\n');
-      expect(fs.existsSync(path.join(ro, 'nope'))).toBe(false);
-      expect(cli(['run', 'img', '-v', 'nocolon'])).toMatchObject({
-        code: 2,
-        stderr: expect.stringContaining('-v takes HOST:GUEST'),
-      });
+  test('-v shares host directories: read-write writes through, :ro is refused', () => {
+    const rw = path.join(s.dir, 'rw');
+    const ro = path.join(s.dir, 'ro');
+    fs.mkdirSync(rw);
+    fs.mkdirSync(ro);
+    fs.writeFileSync(path.join(ro, 'in'), 'from the host\n');
+    const r = cli([
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      path.join(s.dir, 'd'),
+      '--backend',
+      'qemu',
+      '--rm',
+      '-v',
+      `${rw}:/mnt/rw`,
+      '-v',
+      `${ro}:/mnt/ro:ro`,
+      '--',
+      '/bin/sh',
+      '-c',
+      'cat /mnt/ro/in; echo from the guest > /mnt/rw/out; touch /mnt/ro/nope 2>/dev/null && exit 9; exit 0',
+    ]);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain('from the host');
+    expect(fs.readFileSync(path.join(rw, 'out'), 'utf8')).toBe('from the guest\n');
+    expect(fs.existsSync(path.join(ro, 'nope'))).toBe(false);
+    expect(cli(['run', 'img', '-v', 'nocolon'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('-v takes HOST:GUEST'),
     });
+  });
 
-    test('logs -f follows the console of a running VM', async () => {
-      const started = cli([
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        s.dir,
-        '--backend',
-        'qemu',
-        '--name',
-        'ticker',
-        '--detach',
-        '--',
-        '/bin/sh',
-        '-c',
-        'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done',
-      ]);
-      expect(started.code).toBe(0);
-      const follower = spawn(process.execPath, [bin, 'logs', 'ticker', '-f', '--data-dir', s.dir], {
-        stdio: ['ignore', 'pipe', 'inherit'],
-      });
-      try {
-        const seen = await new Promise<string>((resolve, reject) => {
-          let text = '';
-          const timer = setTimeout(() => reject(new Error(`only saw: ${text}`)), 60000);
-          follower.stdout.on('data', (d: Buffer) => {
-            text += d.toString();
-            // A line that appeared after the follower started proves it follows, not just prints.
-            if (/tick [5-9]\d*/.test(text)) {
-              clearTimeout(timer);
-              resolve(text);
-            }
-          });
+  test('logs -f follows the console of a running VM', async () => {
+    const started = cli([
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      s.dir,
+      '--backend',
+      'qemu',
+      '--name',
+      'ticker',
+      '--detach',
+      '--',
+      '/bin/sh',
+      '-c',
+      'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done',
+    ]);
+    expect(started.code).toBe(0);
+    const follower = spawn(process.execPath, [bin, 'logs', 'ticker', '-f', '--data-dir', s.dir], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    try {
+      const seen = await new Promise<string>((resolve, reject) => {
+        let text = '';
+        const timer = setTimeout(() => reject(new Error(`only saw: ${text}`)), 60000);
+        follower.stdout.on('data', (d: Buffer) => {
+          text += d.toString();
+          // A line that appeared after the follower started proves it follows, not just prints.
+          if (/tick [5-9]\d*/.test(text)) {
+            clearTimeout(timer);
+            resolve(text);
+          }
         });
-        expect(seen).toMatch(/tick 0/);
-      } finally {
-        follower.kill('SIGTERM');
-        cli(['rm', 'ticker', '--data-dir', s.dir]);
-      }
-    });
+      });
+      expect(seen).toMatch(/tick 0/);
+    } finally {
+      follower.kill('SIGTERM');
+      cli(['rm', 'ticker', '--data-dir', s.dir]);
+    }
+  });
 
-    test('bench: per-stage p50/p90 from the spans', () => {
-      const r = cli(['bench', `oci:${layout}:test`, '-n', '2', '--backend', 'qemu', '--data-dir', s.dir, '--json']);
-      expect(r.code).toBe(0);
-      const rows = JSON.parse(r.stdout) as { span: string; runs: number; p50: number; p90: number }[];
-      const run = rows.find((x) => x.span === 'microvm.Run');
-      expect(run).toMatchObject({ runs: 2 });
-      expect((run as { p90: number }).p90).toBeGreaterThanOrEqual((run as { p50: number }).p50);
-      expect(rows.map((x) => x.span)).toEqual(
-        expect.arrayContaining(['microvm.ImagePull', 'microvm.VMSpawn', 'microvm.backend.ResolveFirmware']),
+  test('bench: per-stage p50/p90 from the spans', () => {
+    const r = cli(['bench', `oci:${layout}:test`, '-n', '2', '--backend', 'qemu', '--data-dir', s.dir, '--json']);
+    expect(r.code).toBe(0);
+    const rows = JSON.parse(r.stdout) as { span: string; runs: number; p50: number; p90: number }[];
+    const run = rows.find((x) => x.span === 'microvm.Run');
+    expect(run).toMatchObject({ runs: 2 });
+    expect((run as { p90: number }).p90).toBeGreaterThanOrEqual((run as { p50: number }).p50);
+    expect(rows.map((x) => x.span)).toEqual(
+      expect.arrayContaining(['microvm.ImagePull', 'microvm.VMSpawn', 'microvm.backend.ResolveFirmware']),
+    );
+  });
+
+  test('run --json: one JSON object with how the VM ended, the output and spans', () => {
+    const r = cli([
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      s.dir,
+      '--backend',
+      'qemu',
+      '--rm',
+      '--json',
+      '--',
+      '/bin/sh',
+      '-c',
+      'echo json-out; echo json-err >&2; exit 5',
+    ]);
+    expect(r.code).toBe(5);
+    const j = JSON.parse(r.stdout) as {
+      exitCode: number;
+      stdout: string;
+      backend: string;
+      spans: { name: string; parentSpanId?: string }[];
+    };
+    expect(j).toMatchObject({
+      reason: 'exited',
+      exitCode: 5,
+      signal: null,
+      error: null,
+      backend: 'qemu',
+      stdout: 'json-out\n',
+      stderr: 'json-err\n',
+    });
+    expect(j.spans.map((x) => x.name)).toContain('microvm.Run');
+  });
+
+  test("stdout carries exactly the command's stdout: $(microvm run IMG -- cat FILE) is the file, byte for byte", () => {
+    const r = cli([
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      s.dir,
+      '--rm',
+      '--',
+      '/bin/sh',
+      '-c',
+      'cat /etc/layer2; printf "no newline\\r\\n"; echo to-stderr >&2',
+    ]);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe('from layer 2\nno newline\r\n');
+    expect(r.stderr).toBe('to-stderr\n');
+  });
+
+  test('SIGINT (Ctrl-C) stops the VM and exits 130; SIGTERM 143; the VM is gone', async () => {
+    for (const [sig, code] of [
+      ['SIGINT', 130],
+      ['SIGTERM', 143],
+    ] as const) {
+      const data = path.join(s.dir, sig);
+      const child = spawn(
+        process.execPath,
+        [
+          bin,
+          'run',
+          `oci:${layout}:test`,
+          '--data-dir',
+          data,
+          '--json',
+          '--',
+          '/bin/sh',
+          '-c',
+          'echo up > /dev/console; sleep 600',
+        ],
+        {
+          stdio: ['ignore', 'pipe', 'inherit'],
+          env: { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR },
+        },
       );
-    });
-
-    test('run --json: one JSON object with how the VM ended, the output and spans', () => {
-      const r = cli([
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        s.dir,
-        '--backend',
-        'qemu',
-        '--rm',
-        '--json',
-        '--',
-        '/bin/sh',
-        '-c',
-        'echo json-out; echo json-err >&2; exit 5',
-      ]);
-      expect(r.code).toBe(5);
-      const j = JSON.parse(r.stdout) as {
-        exitCode: number;
-        stdout: string;
-        backend: string;
-        spans: { name: string; parentSpanId?: string }[];
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      const exited = new Promise<number | null>((resolve) => child.once('exit', (c: number | null) => resolve(c)));
+      // Signal once the guest command runs (its line on the console).
+      const consoleOf = (): string => {
+        try {
+          const vms = fs.readdirSync(path.join(data, 'vms'));
+          return vms.length ? fs.readFileSync(path.join(data, 'vms', vms[0], 'console.log'), 'utf8') : '';
+        } catch {
+          return '';
+        }
       };
-      expect(j).toMatchObject({
-        reason: 'exited',
-        exitCode: 5,
-        signal: null,
-        error: null,
-        backend: 'qemu',
-        stdout: 'json-out\n',
-        stderr: 'json-err\n',
+      for (let i = 0; i < 600 && !consoleOf().includes('up'); i++) await new Promise((r) => setTimeout(r, 100));
+      child.kill(sig);
+      expect([sig, await exited]).toEqual([sig, code]);
+      expect(JSON.parse(out)).toMatchObject({ reason: 'stopped', exitCode: null, interruptedBy: sig });
+      const left = fs.readdirSync('/proc').filter((p: string) => {
+        try {
+          return /^\d+$/.test(p) && fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(data);
+        } catch {
+          return false;
+        }
       });
-      expect(j.spans.map((x) => x.name)).toContain('microvm.Run');
-    });
+      expect([sig, left]).toEqual([sig, []]);
+    }
+  });
 
-    test("stdout carries exactly the command's stdout: $(microvm run IMG -- cat FILE) is the file, byte for byte", () => {
-      const r = cli([
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        s.dir,
-        '--rm',
-        '--',
-        '/bin/sh',
-        '-c',
-        'cat /etc/layer2; printf "no newline\\r\\n"; echo to-stderr >&2',
-      ]);
-      expect(r.code).toBe(0);
-      expect(r.stdout).toBe('from layer 2\nno newline\r\n');
-      expect(r.stderr).toBe('to-stderr\n');
+  test('--accel kvm where there is no /dev/kvm: a coded error at once, exit 1; a bad --accel is a usage error', () => {
+    const none = path.join(s.dir, 'host');
+    makeHost(none, { flags: 'fpu', modules: [], device: 'none' });
+    const r = cli(
+      ['run', `oci:${layout}:test`, '--data-dir', s.dir, '--rm', '--accel', 'kvm', '--', '/bin/true'],
+      120000,
+      { MICROVM_HOST_PROBE_ROOT: none },
+    );
+    expect(r).toMatchObject({
+      code: 1,
+      stdout: '',
+      stderr: expect.stringContaining('[ERR_MICROVM_KVM_UNAVAILABLE]'),
     });
-
-    test('SIGINT (Ctrl-C) stops the VM and exits 130; SIGTERM 143; the VM is gone', async () => {
-      for (const [sig, code] of [
-        ['SIGINT', 130],
-        ['SIGTERM', 143],
-      ] as const) {
-        const data = path.join(s.dir, sig);
-        const child = spawn(
-          process.execPath,
-          [
-            bin,
-            'run',
-            `oci:${layout}:test`,
-            '--data-dir',
-            data,
-            '--json',
-            '--',
-            '/bin/sh',
-            '-c',
-            'echo up > /dev/console; sleep 600',
-          ],
-          {
-            stdio: ['ignore', 'pipe', 'inherit'],
-            env: { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR },
-          },
-        );
-        let out = '';
-        child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-        const exited = new Promise<number | null>((resolve) => child.once('exit', (c: number | null) => resolve(c)));
-        // Signal once the guest command runs (its line on the console).
-        const consoleOf = (): string => {
-          try {
-            const vms = fs.readdirSync(path.join(data, 'vms'));
-            return vms.length ? fs.readFileSync(path.join(data, 'vms', vms[0], 'console.log'), 'utf8') : '';
-          } catch {
-            return '';
-          }
-        };
-        for (let i = 0; i < 600 && !consoleOf().includes('up'); i++) await new Promise((r) => setTimeout(r, 100));
-        child.kill(sig);
-        expect([sig, await exited]).toEqual([sig, code]);
-        expect(JSON.parse(out)).toMatchObject({ reason: 'stopped', exitCode: null, interruptedBy: sig });
-        const left = fs.readdirSync('/proc').filter((p: string) => {
-          try {
-            return /^\d+$/.test(p) && fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(data);
-          } catch {
-            return false;
-          }
-        });
-        expect([sig, left]).toEqual([sig, []]);
-      }
+    expect(cli(['run', 'img', '--accel', 'fast'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('--accel'),
     });
+  });
 
-    test('--accel kvm where there is no /dev/kvm: a coded error at once, exit 1; a bad --accel is a usage error', () => {
-      const none = path.join(s.dir, 'host');
-      makeHost(none, { flags: 'fpu', modules: [], device: 'none' });
-      const r = cli(
-        ['run', `oci:${layout}:test`, '--data-dir', s.dir, '--rm', '--accel', 'kvm', '--', '/bin/true'],
-        120000,
-        { MICROVM_HOST_PROBE_ROOT: none },
-      );
-      expect(r).toMatchObject({
-        code: 1,
-        stdout: '',
-        stderr: expect.stringContaining('[ERR_MICROVM_KVM_UNAVAILABLE]'),
+  test('exec over SSH into a detached VM started with --ssh', () => {
+    const started = cli([
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      s.dir,
+      '--backend',
+      'qemu',
+      '--name',
+      'sshvm',
+      '--ssh',
+      '--detach',
+      '--',
+      '/usr/sbin/dropbear',
+      '-F',
+      '-E',
+      '-r',
+      '/etc/dropbear/dropbear_ed25519_host_key',
+      '-p',
+      '22',
+    ]);
+    expect(started.code).toBe(0);
+    try {
+      const r = cli(['exec', 'sshvm', '--data-dir', s.dir, '--', 'sh', '-c', 'cat /etc/layer2; exit 6']);
+      expect(r).toMatchObject({ code: 6, stdout: 'from layer 2\n', stderr: '' });
+    } finally {
+      cli(['rm', 'sshvm', '--data-dir', s.dir]);
+    }
+  });
+
+  test('pull, images, --detach, ps, logs, stop, rm, cache purge', () => {
+    expect(cli(['pull', `oci:${layout}:test`, '--data-dir', s.dir]).code).toBe(0);
+    const imgs = JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout) as { references: string[] }[];
+    expect(imgs).toEqual([expect.objectContaining({ references: [`oci:${layout}:test`] })]);
+    const started = cli([
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      s.dir,
+      '--backend',
+      'qemu',
+      '--name',
+      'bg',
+      '--detach',
+      '--',
+      '/bin/sh',
+      '-c',
+      'echo in the background; sleep 600',
+    ]);
+    expect(started).toMatchObject({ code: 0, stdout: 'bg\n' });
+    const ps = JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { name: string; running: boolean }[];
+    expect(ps).toEqual([expect.objectContaining({ name: 'bg', running: true })]);
+    // The VM outlived the CLI process that started it; wait for the guest's line, then stop it.
+    let logs = '';
+    for (let i = 0; i < 120 && !logs.includes('in the background'); i++) {
+      logs = cli(['logs', 'bg', '--data-dir', s.dir]).stdout;
+      if (!logs.includes('in the background')) spawnSync('sleep', ['0.25']);
+    }
+    expect(logs).toContain('in the background');
+    expect(cli(['stop', 'bg', '--data-dir', s.dir])).toMatchObject({
+      code: 0,
+      stdout: expect.stringContaining('stopped'),
+    });
+    expect((JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { running: boolean }[])[0].running).toBe(
+      false,
+    );
+    expect(cli(['rm', 'bg', '--data-dir', s.dir]).code).toBe(0);
+    expect(JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
+    expect(cli(['cache', 'purge', '--data-dir', s.dir]).code).toBe(0);
+    expect(JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
+  });
+
+  test('run --detach --ssh whose guest never serves SSH (it ends): a coded error with its stderr, exit 1, nothing left', () => {
+    const r = cli([
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      s.dir,
+      '--backend',
+      'qemu',
+      '--name',
+      'nossh',
+      '--detach',
+      '--ssh',
+      '--',
+      '/bin/sh',
+      '-c',
+      'echo no ssh here >&2; exit 0',
+    ]);
+    expect(r).toMatchObject({ code: 1, stdout: '' });
+    expect(r.stderr).toMatch(/ERR_MICROVM_VM_EXITED[\s\S]*no ssh here/);
+    expect(fs.readdirSync(path.join(s.dir, 'vms'))).toEqual([]);
+  });
+
+  test('kill -9 of `run --rm` leaves a directory the next run sweeps; prune removes stopped VMs and keeps running ones', async () => {
+    const args = (name: string, ...extra: string[]): string[] => [
+      bin,
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      s.dir,
+      '--backend',
+      'qemu',
+      '--name',
+      name,
+      ...extra,
+      '--',
+      '/bin/sh',
+      '-c',
+      'echo started; sleep 600',
+    ];
+    const env = { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR };
+    const child = spawn(process.execPath, args('doomed', '--rm'), { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    await new Promise<void>((resolve, reject) => {
+      let out = '';
+      const t = setTimeout(() => reject(new Error(`no output from the guest: ${out}`)), 90000);
+      child.stdout.on('data', (b: Buffer) => {
+        out += String(b);
+        if (out.includes('started')) {
+          clearTimeout(t);
+          resolve();
+        }
       });
-      expect(cli(['run', 'img', '--accel', 'fast'])).toMatchObject({
-        code: 2,
-        stderr: expect.stringContaining('--accel'),
-      });
+      child.once('exit', (code) => reject(new Error(`run exited ${code}: ${out}`)));
     });
-
-    test('exec over SSH into a detached VM started with --ssh', () => {
-      const started = cli([
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        s.dir,
-        '--backend',
-        'qemu',
-        '--name',
-        'sshvm',
-        '--ssh',
-        '--detach',
-        '--',
-        '/usr/sbin/dropbear',
-        '-F',
-        '-E',
-        '-r',
-        '/etc/dropbear/dropbear_ed25519_host_key',
-        '-p',
-        '22',
-      ]);
-      expect(started.code).toBe(0);
-      try {
-        const r = cli(['exec', 'sshvm', '--data-dir', s.dir, '--', 'sh', '-c', 'cat /etc/layer2; exit 6']);
-        expect(r).toMatchObject({ code: 6, stdout: 'from layer 2\n', stderr: '' });
-      } finally {
-        cli(['rm', 'sshvm', '--data-dir', s.dir]);
-      }
-    });
-
-    test('pull, images, --detach, ps, logs, stop, rm, cache purge', () => {
-      expect(cli(['pull', `oci:${layout}:test`, '--data-dir', s.dir]).code).toBe(0);
-      const imgs = JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout) as { references: string[] }[];
-      expect(imgs).toEqual([expect.objectContaining({ references: [`oci:${layout}:test`] })]);
-      const started = cli([
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        s.dir,
-        '--backend',
-        'qemu',
-        '--name',
-        'bg',
-        '--detach',
-        '--',
-        '/bin/sh',
-        '-c',
-        'echo in the background; sleep 600',
-      ]);
-      expect(started).toMatchObject({ code: 0, stdout: 'bg\n' });
-      const ps = JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { name: string; running: boolean }[];
-      expect(ps).toEqual([expect.objectContaining({ name: 'bg', running: true })]);
-      // The VM outlived the CLI process that started it; wait for the guest's line, then stop it.
-      let logs = '';
-      for (let i = 0; i < 120 && !logs.includes('in the background'); i++) {
-        logs = cli(['logs', 'bg', '--data-dir', s.dir]).stdout;
-        if (!logs.includes('in the background')) spawnSync('sleep', ['0.25']);
-      }
-      expect(logs).toContain('in the background');
-      expect(cli(['stop', 'bg', '--data-dir', s.dir])).toMatchObject({
-        code: 0,
-        stdout: expect.stringContaining('stopped'),
-      });
-      expect((JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { running: boolean }[])[0].running).toBe(
-        false,
-      );
-      expect(cli(['rm', 'bg', '--data-dir', s.dir]).code).toBe(0);
-      expect(JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
-      expect(cli(['cache', 'purge', '--data-dir', s.dir]).code).toBe(0);
-      expect(JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
-    });
-
-    test('run --detach --ssh whose guest never serves SSH (it ends): a coded error with its stderr, exit 1, nothing left', () => {
-      const r = cli([
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        s.dir,
-        '--backend',
-        'qemu',
-        '--name',
-        'nossh',
-        '--detach',
-        '--ssh',
-        '--',
-        '/bin/sh',
-        '-c',
-        'echo no ssh here >&2; exit 0',
-      ]);
-      expect(r).toMatchObject({ code: 1, stdout: '' });
-      expect(r.stderr).toMatch(/ERR_MICROVM_VM_EXITED[\s\S]*no ssh here/);
-      expect(fs.readdirSync(path.join(s.dir, 'vms'))).toEqual([]);
-    });
-
-    test('kill -9 of `run --rm` leaves a directory the next run sweeps; prune removes stopped VMs and keeps running ones', async () => {
-      const args = (name: string, ...extra: string[]): string[] => [
-        bin,
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        s.dir,
-        '--backend',
-        'qemu',
-        '--name',
-        name,
-        ...extra,
-        '--',
-        '/bin/sh',
-        '-c',
-        'echo started; sleep 600',
-      ];
-      const env = { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR };
-      const child = spawn(process.execPath, args('doomed', '--rm'), { env, stdio: ['ignore', 'pipe', 'pipe'] });
-      await new Promise<void>((resolve, reject) => {
-        let out = '';
-        const t = setTimeout(() => reject(new Error(`no output from the guest: ${out}`)), 90000);
-        child.stdout.on('data', (b: Buffer) => {
-          out += String(b);
-          if (out.includes('started')) {
-            clearTimeout(t);
-            resolve();
-          }
-        });
-        child.once('exit', (code) => reject(new Error(`run exited ${code}: ${out}`)));
-      });
-      child.kill('SIGKILL');
-      await new Promise((r) => child.once('exit', r));
-      const doomed = path.join(s.dir, 'vms', 'doomed');
-      expect(fs.existsSync(doomed)).toBe(true); // nobody removed it yet
-      // QEMU died with the CLI (parent-death signal): the next run's sweep removes the directory.
-      for (let i = 0; i < 100 && JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout)[0]?.running; i++)
-        spawnSync('sleep', ['0.1']);
-      const kept = cli([...args('kept', '--detach').slice(1)]);
-      expect(kept).toMatchObject({ code: 0, stdout: 'kept\n' });
-      expect(fs.existsSync(doomed)).toBe(false);
-      // A stopped VM (not --rm) stays until prune; the running one survives prune.
-      const stopped = cli([
-        'run',
-        `oci:${layout}:test`,
-        '--data-dir',
-        s.dir,
-        '--backend',
-        'qemu',
-        '--name',
-        'stopped',
-        '--',
-        '/bin/true',
-      ]);
-      expect(stopped.code).toBe(0);
-      const pruned = JSON.parse(cli(['prune', '--json', '--data-dir', s.dir]).stdout) as { vms: string[] };
-      expect(pruned.vms).toEqual(['stopped']);
-      expect(
-        (JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { name: string }[]).map((v) => v.name),
-      ).toEqual(['kept']);
-      expect(cli(['rm', 'kept', '--data-dir', s.dir]).code).toBe(0);
-    });
-  },
-);
+    child.kill('SIGKILL');
+    await new Promise((r) => child.once('exit', r));
+    const doomed = path.join(s.dir, 'vms', 'doomed');
+    expect(fs.existsSync(doomed)).toBe(true); // nobody removed it yet
+    // QEMU died with the CLI (parent-death signal): the next run's sweep removes the directory.
+    for (let i = 0; i < 100 && JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout)[0]?.running; i++)
+      spawnSync('sleep', ['0.1']);
+    const kept = cli([...args('kept', '--detach').slice(1)]);
+    expect(kept).toMatchObject({ code: 0, stdout: 'kept\n' });
+    expect(fs.existsSync(doomed)).toBe(false);
+    // A stopped VM (not --rm) stays until prune; the running one survives prune.
+    const stopped = cli([
+      'run',
+      `oci:${layout}:test`,
+      '--data-dir',
+      s.dir,
+      '--backend',
+      'qemu',
+      '--name',
+      'stopped',
+      '--',
+      '/bin/true',
+    ]);
+    expect(stopped.code).toBe(0);
+    const pruned = JSON.parse(cli(['prune', '--json', '--data-dir', s.dir]).stdout) as { vms: string[] };
+    expect(pruned.vms).toEqual(['stopped']);
+    expect(
+      (JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { name: string }[]).map((v) => v.name),
+    ).toEqual(['kept']);
+    expect(cli(['rm', 'kept', '--data-dir', s.dir]).code).toBe(0);
+  });
+});

@@ -63,30 +63,28 @@ export default function globalSetup(): void {
   const control = path.join(artifacts, 'double-control');
   fs.mkdirSync(control, { recursive: true });
   process.env.KRUN_DOUBLE_CONTROL_DIR = control;
-  // A small guest image (busybox-static + dropbear) for the QEMU end-to-end tests, when the tools exist.
+  // A small guest image (busybox-static + dropbear) for the QEMU end-to-end tests, and the same
+  // tree as a two-layer OCI image layout (umoci). A missing tool (the script exits 69) is a missing
+  // capability: the tests that need it skip and say which tool. Any other failure to build them
+  // fails the whole run here, with the script's own error.
   const image = path.join(artifacts, 'test-image');
-  if (!fs.existsSync(image)) {
-    try {
-      execFileSync('bash', [path.join(root, 'scripts', 'make-test-image.sh'), image], {
-        stdio: ['ignore', 'ignore', 'pipe'],
-      });
-    } catch (err) {
-      process.env.MICROVM_TEST_IMAGE_ERROR = String((err as { stderr?: Buffer }).stderr ?? err).trim();
-    }
-  }
-  if (fs.existsSync(image)) process.env.MICROVM_TEST_IMAGE = image;
-  // The same tree as a two-layer OCI image layout (umoci), for pulls and boots from an image.
   const layout = path.join(artifacts, 'test-layout');
-  if (fs.existsSync(image) && !fs.existsSync(layout)) {
+  const build = (script: string, args: string[], missingVar: string): void => {
     try {
-      execFileSync('bash', [path.join(root, 'scripts', 'make-test-layout.sh'), image, layout, 'test'], {
-        stdio: ['ignore', 'ignore', 'pipe'],
-      });
+      execFileSync('bash', [path.join(root, 'scripts', script), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
     } catch (err) {
-      process.env.MICROVM_TEST_LAYOUT_ERROR = String((err as { stderr?: Buffer }).stderr ?? err).trim();
+      const e = err as { status?: number; stderr?: Buffer };
+      const said = String(e.stderr ?? err).trim();
+      if (e.status === 69) process.env[missingVar] = said;
+      else throw new Error(`test fixture: scripts/${script} failed (exit ${e.status ?? '?'}):\n${said}`);
     }
-  }
+  };
+  if (!fs.existsSync(image)) build('make-test-image.sh', [image], 'MICROVM_TEST_IMAGE_MISSING');
+  if (fs.existsSync(image)) process.env.MICROVM_TEST_IMAGE = image;
+  if (fs.existsSync(image) && !fs.existsSync(layout))
+    build('make-test-layout.sh', [image, layout, 'test'], 'MICROVM_TEST_LAYOUT_MISSING');
   if (fs.existsSync(layout)) process.env.MICROVM_TEST_LAYOUT = layout;
+  else process.env.MICROVM_TEST_LAYOUT_MISSING ??= process.env.MICROVM_TEST_IMAGE_MISSING;
   if (!process.env.MICROVM_TEST_LIBKRUNFW_DIR) {
     const dir = execFileSync('bash', [path.join(root, 'scripts', 'fetch-libkrunfw.sh')], {
       encoding: 'utf8',

@@ -107,8 +107,15 @@ export function qemuSkipReason(): string | undefined {
   } catch {
     return 'qemu-system-x86_64 is not installed';
   }
-  if (!process.env.MICROVM_TEST_IMAGE) {
-    return `no test image (${process.env.MICROVM_TEST_IMAGE_ERROR ?? 'scripts/make-test-image.sh failed'})`;
-  }
+  if (!process.env.MICROVM_TEST_IMAGE) return `no test image: ${process.env.MICROVM_TEST_IMAGE_MISSING ?? 'not built'}`;
   return undefined;
+}
+
+/**
+ * Why the OCI test layout is missing (a tool is not installed; global-setup fails the run on any
+ * other error), or undefined when it is there.
+ */
+export function layoutSkipReason(): string | undefined {
+  if (process.env.MICROVM_TEST_LAYOUT) return undefined;
+  return `no test layout: ${process.env.MICROVM_TEST_LAYOUT_MISSING ?? 'not built'}`;
 }

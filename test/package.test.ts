@@ -76,6 +76,7 @@ describe('public exports', () => {
     const m = require('../dist/index.js') as Record<string, unknown> & { native: Record<string, unknown> };
     expect(Object.keys(m).sort()).toEqual([
       'ATTR',
+      'EVENT',
       'FIRMWARE_INSTALL_HINT',
       'KrunContext',
       'KrunError',

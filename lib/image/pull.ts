@@ -380,5 +380,6 @@ export function localRootfs(
   if (!st.isDirectory())
     throw new MicrovmError('ERR_MICROVM_ROOTFS_NOT_FOUND', `rootfsPath ${rootfsPath} is not a directory`);
   span.setAttribute(ATTR.IMAGE_SOURCE, 'rootfsPath');
+  span.setAttribute(ATTR.IMAGE_PREBUILT, true);
   return { rootfsDir: rootfsPath, config: { ...EMPTY_IMAGE_CONFIG, ...config }, source: 'rootfsPath' };
 }

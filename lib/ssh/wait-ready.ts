@@ -8,7 +8,7 @@
  */
 import { context, type Span } from '@opentelemetry/api';
 import { MicrovmError } from '../errors';
-import { SPAN } from '../telemetry/attributes';
+import { ATTR, EVENT, SPAN } from '../telemetry/attributes';
 import { getTracer, inSpan, type SpanScope } from '../telemetry/tracer';
 import * as v from '../validate';
 import { type SshConnectOptions, SshClient } from './client';
@@ -83,7 +83,7 @@ export async function waitForReady(options: WaitForReadyOptions, scope?: SpanSco
   const bannerTimeoutMs =
     o.bannerTimeoutMs === undefined ? 300 : v.integer('bannerTimeoutMs', o.bannerTimeoutMs, 1, 600000);
   const s = scope ?? options.scope ?? { tracer: getTracer(), ctx: context.active() };
-  const attrs = { 'ssh.host': options.host, 'ssh.port': options.port, 'ssh.user': options.username };
+  const attrs = { [ATTR.SSH_HOST]: options.host, [ATTR.SSH_PORT]: options.port, [ATTR.SSH_USER]: options.username };
   const body = async (span: Span): Promise<SshClient> => {
     const deadline = clock.now() + timeoutMs;
     let interval = initial;
@@ -115,7 +115,10 @@ export async function waitForReady(options: WaitForReadyOptions, scope?: SpanSco
           )
             throw err;
           lastError = err as Error;
-          span.addEvent('ssh.probe_failed', { 'ssh.probe_count': probes, 'exception.message': lastError.message });
+          span.addEvent(EVENT.SSH_PROBE_FAILED, {
+            [ATTR.SSH_PROBE_COUNT]: probes,
+            [ATTR.SSH_PROBE_ERROR]: lastError.message,
+          });
         }
         const left = deadline - clock.now();
         if (left <= 0) {
@@ -129,7 +132,7 @@ export async function waitForReady(options: WaitForReadyOptions, scope?: SpanSco
         interval = Math.min(max, Math.max(1, interval * backoff));
       }
     } finally {
-      span.setAttribute('ssh.probes_total', probes);
+      span.setAttribute(ATTR.SSH_PROBES_TOTAL, probes);
     }
   };
   return inSpan(s, SPAN.SSH_WAIT_READY, attrs, (span) => body(span));

@@ -26,26 +26,39 @@ export const SPAN = {
   SSH_WAIT_READY: 'microvm.SSHWaitReady',
 } as const;
 
-/** Attribute keys. */
+/**
+ * Attribute keys. Those go-microvm sets are spelled as it spells them (a dashboard built on its
+ * traces works on ours); the rest are ours, in the same `microvm.` namespace.
+ */
 export const ATTR = {
-  // microvm.Run (seed names)
-  IMAGE: 'image',
-  NAME: 'name',
-  CPUS: 'cpus',
-  MEMORY: 'memory',
+  // go-microvm's keys
+  IMAGE: 'microvm.image',
+  NAME: 'microvm.name',
+  CPUS: 'microvm.cpus',
+  MEMORY: 'microvm.memory_mib',
+  IMAGE_REF: 'microvm.image_ref',
+  IMAGE_PREBUILT: 'microvm.image.prebuilt',
+  IMAGE_FROM_CACHE: 'microvm.image.from_cache',
+  IMAGE_CACHE_HIT: 'microvm.image.cache_hit',
+  IMAGE_LAYERED: 'microvm.image.layered',
+  HOOK_COUNT: 'microvm.hook_count',
+  PREFLIGHT_CHECK_COUNT: 'preflight.check_count',
+  PREFLIGHT_CHECK_NAME: 'preflight.check.name',
+  PREFLIGHT_CHECK_REQUIRED: 'preflight.check.required',
+  SSH_HOST: 'ssh.host',
+  SSH_PORT: 'ssh.port',
+  SSH_USER: 'ssh.user',
+  SSH_PROBES_TOTAL: 'ssh.probes_total',
+  SSH_PROBE_COUNT: 'ssh.probe_count',
+  /** On each `ssh.probe_failed` event: why the probe failed. */
+  SSH_PROBE_ERROR: 'error',
   // ours
   VM_ID: 'microvm.vm.id',
   BACKEND: 'microvm.backend',
-  PREFLIGHT_CHECK_COUNT: 'check_count',
-  PREFLIGHT_CHECK_NAME: 'check.name',
-  PREFLIGHT_CHECK_REQUIRED: 'check.required',
-  PREFLIGHT_CHECK_PASSED: 'check.passed',
-  IMAGE_CACHE_HIT: 'cache_hit',
-  IMAGE_LAYERED: 'layered',
+  PREFLIGHT_CHECK_PASSED: 'preflight.check.passed',
   IMAGE_SOURCE: 'microvm.image.source',
   IMAGE_DIGEST: 'microvm.image.digest',
   ROOTFS_CLONE_STRATEGY: 'microvm.rootfs.clone_strategy',
-  ROOTFS_HOOK_COUNT: 'microvm.rootfs.hook_count',
   NETWORK_PROVIDER: 'microvm.network.provider',
   NETWORK_PORTS: 'microvm.network.ports',
   RUNTIME_LIBKRUN_PATH: 'microvm.runtime.libkrun_path',
@@ -60,4 +73,11 @@ export const ATTR = {
   VM_EXIT_REASON: 'microvm.vm.exit_reason',
   POST_BOOT_HOOK_COUNT: 'microvm.post_boot.hook_count',
   ERROR_TYPE: 'error.type',
+} as const;
+
+/** Span event names. */
+export const EVENT = {
+  SSH_PROBE_FAILED: 'ssh.probe_failed',
+  ACCEL_FALLBACK: 'microvm.accel_fallback',
+  BOOT_RETRY: 'microvm.boot_retry',
 } as const;

@@ -21,14 +21,14 @@ export interface SpanLike {
 }
 
 const SHOWN: [string, string][] = [
-  ['cache_hit', 'cache_hit'],
-  ['layered', 'layered'],
+  ['microvm.image.cache_hit', 'cache_hit'],
+  ['microvm.image.layered', 'layered'],
   ['microvm.rootfs.clone_strategy', 'clone'],
   ['microvm.backend', 'backend'],
   ['microvm.qemu.accel', 'accel'],
   ['ssh.probes_total', 'probes'],
-  ['check.name', 'check'],
-  ['check.passed', 'passed'],
+  ['preflight.check.name', 'check'],
+  ['preflight.check.passed', 'passed'],
 ];
 
 const seconds = (t: [number, number]): number => t[0] + t[1] / 1e9;

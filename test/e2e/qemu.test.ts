@@ -15,7 +15,7 @@ import {
 } from '@opentelemetry/sdk-trace-base';
 import { hooks, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
 import { packageRoot } from '../../lib/native';
-import { alive, qemuSkipReason, firmwareDir, scratch } from '../helpers';
+import { alive, firmwareDir, layoutSkipReason, qemuSkipReason, scratch } from '../helpers';
 
 const skip = qemuSkipReason();
 
@@ -106,13 +106,12 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
     const probes = wait.attributes['ssh.probes_total'] as number;
     expect(probes).toBeGreaterThanOrEqual(1);
     expect(wait.events.filter((e) => e.name === 'ssh.probe_failed')).toHaveLength(probes - 1);
-    expect(root.attributes).toMatchObject({ image: 'test-image', 'microvm.backend': 'qemu' });
+    expect(root.attributes).toMatchObject({ 'microvm.image': 'test-image', 'microvm.backend': 'qemu' });
     expect(spans.every((x) => x.status.code !== SpanStatusCode.ERROR)).toBe(true);
   });
 
   test('boots from an OCI image layout: pulled, unpacked, its config (Env) applied', async () => {
-    if (!process.env.MICROVM_TEST_LAYOUT)
-      throw new Error(`no test layout: ${process.env.MICROVM_TEST_LAYOUT_ERROR ?? ''}`);
+    if (!process.env.MICROVM_TEST_LAYOUT) throw new Error(layoutSkipReason());
     const exporter = new InMemorySpanExporter();
     const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
     const vm = await run(`oci:${process.env.MICROVM_TEST_LAYOUT}:test`, {

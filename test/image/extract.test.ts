@@ -494,9 +494,20 @@ describe('tree summary (the cache entry integrity check)', () => {
   });
 
   test('a root that is missing (or a symlink inside it that replaced a directory) is an error with code and path', () => {
-    expect(() => treeSummary(path.join(s.dir, 'nope'))).toThrow(expect.objectContaining({ code: 'ENOENT' }));
+    expect(() => treeSummary(path.join(s.dir, 'nope'))).toThrow(
+      expect.objectContaining({ code: 'ENOENT', path: path.join(s.dir, 'nope') }),
+    );
     fs.mkdirSync(path.join(root, 'd'));
-    expect(treeSummary(root).entries).toBe(1);
+    // A symlink inside is one entry; what it points at is not walked.
+    const big = path.join(s.dir, 'big');
+    fs.mkdirSync(big);
+    for (let i = 0; i < 5; i++) fs.writeFileSync(path.join(big, `f${i}`), 'xxxx');
+    fs.symlinkSync(big, path.join(root, 'link'));
+    expect(treeSummary(root)).toEqual({ entries: 2, bytes: 0 });
+    // The root replaced by a symlink: an error naming it, never the summary of its target.
+    const replaced = path.join(s.dir, 'replaced');
+    fs.symlinkSync(big, replaced);
+    expect(() => treeSummary(replaced)).toThrow(expect.objectContaining({ code: 'ENOTDIR', path: replaced }));
   });
 });
 

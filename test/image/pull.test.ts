@@ -9,10 +9,10 @@ import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { context, trace } from '@opentelemetry/api';
 import { gcImages, image, listImages, parseReference, pull, SPAN } from '../../lib';
-import { scratch } from '../helpers';
+import { layoutSkipReason, scratch } from '../helpers';
 
 const layout = process.env.MICROVM_TEST_LAYOUT;
-const skip = layout ? undefined : `no test layout (${process.env.MICROVM_TEST_LAYOUT_ERROR ?? 'umoci missing'})`;
+const skip = layoutSkipReason();
 
 describe('references', () => {
   test.each([
@@ -226,16 +226,16 @@ describe('references', () => {
     const names = exporter.getFinishedSpans().map((x) => x.name);
     expect(names).toEqual([SPAN.IMAGE_CACHE_LOOKUP, SPAN.IMAGE_FETCH, SPAN.IMAGE_EXTRACT, SPAN.IMAGE_CACHE_STORE]);
     const spans = exporter.getFinishedSpans();
-    expect(spans[0].attributes.cache_hit).toBe(false);
-    expect(spans[2].attributes.layered).toBe(true);
+    expect(spans[0].attributes['microvm.image.cache_hit']).toBe(false);
+    expect(spans[2].attributes['microvm.image.layered']).toBe(true);
     exporter.reset();
     await image.pull(`oci:${layout}:test`, { cacheDir, scope, policy: 'missing' });
-    expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes.cache_hit])).toEqual([
+    expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes['microvm.image.cache_hit']])).toEqual([
       [SPAN.IMAGE_CACHE_LOOKUP, true],
     ]);
     exporter.reset();
     expect(await image.pull(`oci:${layout}:test`, { cacheDir, scope })).toMatchObject({ fromCache: true });
-    expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes.cache_hit])).toEqual([
+    expect(exporter.getFinishedSpans().map((x) => [x.name, x.attributes['microvm.image.cache_hit']])).toEqual([
       [SPAN.IMAGE_CACHE_LOOKUP, false],
       [SPAN.IMAGE_FETCH, undefined],
     ]);

@@ -9,12 +9,12 @@ import * as http from 'node:http';
 import * as path from 'node:path';
 import { gcImages, listImages, pull } from '../../lib';
 import { realmRefusal } from '../../lib/image/registry';
-import { scratch } from '../helpers';
+import { layoutSkipReason, scratch } from '../helpers';
 import { freePort } from '../ssh/servers';
 
 const layout = process.env.MICROVM_TEST_LAYOUT;
 function missing(): string | undefined {
-  if (!layout) return `no test layout (${process.env.MICROVM_TEST_LAYOUT_ERROR ?? ''})`;
+  if (!layout) return layoutSkipReason();
   for (const [cmd, arg] of [
     ['docker-registry', '--version'],
     ['skopeo', '--version'],

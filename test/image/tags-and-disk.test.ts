@@ -10,10 +10,10 @@ import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { gcImages, listImages, pruneVms, pull, SPAN } from '../../lib';
 import { processStartTime } from '../../lib/state';
-import { scratch } from '../helpers';
+import { layoutSkipReason, scratch } from '../helpers';
 
 const layout = process.env.MICROVM_TEST_LAYOUT;
-const skip = layout ? undefined : `no test layout (${process.env.MICROVM_TEST_LAYOUT_ERROR ?? 'umoci missing'})`;
+const skip = layoutSkipReason();
 
 let s: ReturnType<typeof scratch>;
 let cacheDir: string;

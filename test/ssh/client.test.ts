@@ -187,6 +187,7 @@ describe('waitForReady', () => {
       expect(probes).toBeGreaterThan(1);
       expect(failed).toHaveLength(probes - 1);
       expect(failed.map((e) => e.attributes?.['ssh.probe_count'])).toEqual(failed.map((_, i) => i + 1));
+      expect(failed.every((e) => typeof e.attributes?.error === 'string' && e.attributes.error.length > 0)).toBe(true);
       expect(span?.attributes).toMatchObject({ 'ssh.host': '127.0.0.1', 'ssh.port': port, 'ssh.user': 'tester' });
     } finally {
       clearTimeout(timer);

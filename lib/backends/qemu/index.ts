@@ -39,7 +39,7 @@ import {
 import { addonPath } from '../../native';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
-import { ATTR, SPAN } from '../../telemetry/attributes';
+import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
@@ -352,7 +352,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
             return await boot(rt, accel, kernel, input);
           } catch (err) {
             if (!(err instanceof BootFailure) || !err.guestReset || input.signal?.aborted) throw err;
-            spawnSpan?.addEvent('microvm.boot_retry', {
+            spawnSpan?.addEvent(EVENT.BOOT_RETRY, {
               [ATTR.QEMU_ACCEL]: accel,
               [ATTR.ERROR_TYPE]: err.code,
               'exception.message': err.message.split('\n')[0],
@@ -369,7 +369,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
           // 'auto' chose hardware KVM and it could not boot the guest: remember it for this host
           // boot, then boot under TCG.
           recordKvmVerdict(dataRoot, err.message.split('\n')[0], options.hostProbe);
-          spawnSpan?.addEvent('microvm.accel_fallback', {
+          spawnSpan?.addEvent(EVENT.ACCEL_FALLBACK, {
             [ATTR.QEMU_ACCEL]: 'tcg',
             'microvm.qemu.accel.from': 'kvm',
             [ATTR.QEMU_ACCEL_REASON]: err.message.split('\n')[0],

@@ -1,0 +1,229 @@
+/**
+ * The telemetry contract, pinned by value: every span name, parent, attribute key and event name
+ * below is a literal string (never the SPAN/ATTR constants the code uses), checked against real
+ * runs — the libkrun RECORDING ABI TEST DOUBLE for libkrun's spans, a real QEMU boot with dropbear
+ * for the QEMU and SSH ones — and against docs/telemetry.md. Renaming one in the code, or in the
+ * docs, breaks this test. go-microvm's keys (microvm.image, microvm.memory_mib, ...) are among them.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { SpanStatusCode } from '@opentelemetry/api';
+import {
+  BasicTracerProvider,
+  InMemorySpanExporter,
+  type ReadableSpan,
+  SimpleSpanProcessor,
+} from '@opentelemetry/sdk-trace-base';
+import { hooks, libkrunBackend, run, type RunOptions } from '../lib';
+import { packageRoot } from '../lib/native';
+import { doubleDir, firmwareDir, qemuSkipReason, scratch } from './helpers';
+
+/** span -> [parent, attribute keys that must be set on it]. */
+const COMMON: Record<string, [string | null, string[]]> = {
+  'microvm.Run': [
+    null,
+    [
+      'microvm.image',
+      'microvm.name',
+      'microvm.cpus',
+      'microvm.memory_mib',
+      'microvm.vm.id',
+      'microvm.backend',
+      'microvm.vm.pid',
+    ],
+  ],
+  'microvm.Preflight': ['microvm.Run', []],
+  'microvm.preflight.RunAll': ['microvm.Preflight', ['preflight.check_count']],
+  'microvm.preflight.Check': [
+    'microvm.preflight.RunAll',
+    ['preflight.check.name', 'preflight.check.required', 'preflight.check.passed'],
+  ],
+  'microvm.ImagePull': ['microvm.Run', ['microvm.image_ref', 'microvm.image.source']],
+  'microvm.RootfsClone': ['microvm.Run', ['microvm.rootfs.clone_strategy']],
+  'microvm.RootfsHooks': ['microvm.Run', ['microvm.hook_count']],
+  'microvm.BackendPrepare': ['microvm.Run', ['microvm.backend']],
+  'microvm.NetworkStart': ['microvm.Run', ['microvm.network.provider', 'microvm.network.ports']],
+  'microvm.VMSpawn': ['microvm.Run', ['microvm.vm.pid']],
+  'microvm.backend.Start': ['microvm.VMSpawn', ['microvm.backend', 'microvm.vm.pid']],
+  'microvm.backend.ResolveRuntime': ['microvm.backend.Start', ['microvm.runtime.runner_path']],
+  'microvm.backend.ResolveFirmware': [
+    'microvm.backend.Start',
+    ['microvm.firmware.path', 'microvm.firmware.abi_version'],
+  ],
+  'microvm.PostBoot': ['microvm.Run', ['microvm.post_boot.hook_count']],
+};
+const LIBKRUN_ONLY: Record<string, string[]> = {
+  'microvm.backend.ResolveRuntime': ['microvm.runtime.libkrun_path'],
+  'microvm.ImagePull': ['microvm.image.prebuilt'],
+};
+const QEMU_ONLY: Record<string, [string | null, string[]]> = {
+  'microvm.SSHWaitReady': ['microvm.PostBoot', ['ssh.host', 'ssh.port', 'ssh.user', 'ssh.probes_total']],
+};
+const QEMU_ATTRS: Record<string, string[]> = {
+  'microvm.backend.ResolveRuntime': ['microvm.qemu.accel', 'microvm.qemu.accel_reason'],
+  'microvm.backend.Start': ['microvm.qemu.accel'],
+};
+/** The image sub-spans (a pull from an OCI layout) and their keys. */
+const IMAGE_SPANS: Record<string, [string, string[]]> = {
+  'microvm.image.CacheLookup': ['microvm.ImagePull', ['microvm.image', 'microvm.image.cache_hit']],
+  'microvm.image.Fetch': ['microvm.ImagePull', ['microvm.image', 'microvm.image.digest', 'microvm.image.layers']],
+  'microvm.image.Extract': ['microvm.ImagePull', ['microvm.image.layered', 'microvm.image.entries']],
+  'microvm.image.CacheStore': ['microvm.ImagePull', ['microvm.image.digest']],
+};
+const EVENTS = { probeFailed: 'ssh.probe_failed', probeCount: 'ssh.probe_count', probeError: 'error' };
+const FAILURE_KEYS = ['error.type'];
+
+let s: ReturnType<typeof scratch>;
+beforeEach(() => {
+  s = scratch('microvm-contract-');
+});
+afterEach(() => s.cleanup());
+
+function capture(): { provider: BasicTracerProvider; spans: () => ReadableSpan[] } {
+  const exporter = new InMemorySpanExporter();
+  const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+  return { provider, spans: () => exporter.getFinishedSpans() };
+}
+
+/** Checks `spans` against `contract`: each span once, under its parent, with its keys. */
+function check(spans: ReadableSpan[], contract: Record<string, [string | null, string[]]>): void {
+  const byId = new Map(spans.map((x) => [x.spanContext().spanId, x]));
+  for (const [name, [parent, keys]] of Object.entries(contract)) {
+    const found = spans.filter((x) => x.name === name);
+    expect([name, found.length > 0]).toEqual([name, true]);
+    for (const sp of found) {
+      const p = sp.parentSpanContext ? byId.get(sp.parentSpanContext.spanId)?.name : undefined;
+      expect([name, p ?? null]).toEqual([name, parent]);
+      for (const k of keys) expect([name, k, sp.attributes[k] !== undefined]).toEqual([name, k, true]);
+    }
+  }
+}
+
+const docs = fs.readFileSync(path.join(packageRoot, 'docs', 'telemetry.md'), 'utf8');
+
+describe('the telemetry contract', () => {
+  test('docs/telemetry.md names every span, attribute key and event of the contract, in backticks', () => {
+    const names = new Set<string>([
+      ...Object.keys(COMMON),
+      ...Object.keys(QEMU_ONLY),
+      ...Object.keys(IMAGE_SPANS),
+      ...Object.values(COMMON).flatMap(([, k]) => k),
+      ...Object.values(LIBKRUN_ONLY).flat(),
+      ...Object.values(QEMU_ONLY).flatMap(([, k]) => k),
+      ...Object.values(QEMU_ATTRS).flat(),
+      ...Object.values(IMAGE_SPANS).flatMap(([, k]) => k),
+      ...Object.values(EVENTS),
+      ...FAILURE_KEYS,
+    ]);
+    const missing = [...names].filter((n) => !docs.includes(`\`${n}\``));
+    expect(missing).toEqual([]);
+  });
+
+  test('libkrun (recording ABI test double): the span tree and its keys, and nothing outside the contract', async () => {
+    const { provider, spans } = capture();
+    const vm = await run('example.org/contract:1', {
+      rootfsPath: makeImage(),
+      dataDir: path.join(s.dir, 'data'),
+      initOverride: ['/bin/sh'],
+      cpus: 2,
+      memoryMiB: 256,
+      ports: [{ host: 40123, guest: 80 }],
+      rootfsHooks: [hooks.injectFile('/etc/motd', 'x\n')],
+      // The built-in checks would fail here (no hardware KVM, no libkrun): one that passes.
+      preflight: [{ name: 'always', description: 'passes', required: true, run: () => ({ ok: true }) }],
+      backend: libkrunBackend({
+        runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
+        firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
+        env: { PATH: process.env.PATH },
+      }),
+      tracerProvider: provider,
+    } satisfies RunOptions);
+    await vm.remove();
+    const all = spans();
+    check(all, COMMON);
+    for (const [name, keys] of Object.entries(LIBKRUN_ONLY))
+      for (const k of keys)
+        expect([name, k, all.find((x) => x.name === name)?.attributes[k] !== undefined]).toEqual([name, k, true]);
+    const run0 = all.find((x) => x.name === 'microvm.Run') as ReadableSpan;
+    expect(run0.attributes).toMatchObject({
+      'microvm.image': 'example.org/contract:1',
+      'microvm.cpus': 2,
+      'microvm.memory_mib': 256,
+      'microvm.backend': 'libkrun',
+    });
+    expect(all.find((x) => x.name === 'microvm.RootfsHooks')?.attributes['microvm.hook_count']).toBe(1);
+    expect(all.find((x) => x.name === 'microvm.NetworkStart')?.attributes).toMatchObject({
+      'microvm.network.provider': 'tsi',
+      'microvm.network.ports': ['40123:80'],
+    });
+    const known = new Set([...Object.keys(COMMON), ...Object.keys(QEMU_ONLY), ...Object.keys(IMAGE_SPANS)]);
+    expect(all.map((x) => x.name).filter((n) => !known.has(n))).toEqual([]);
+  });
+
+  test('a failing stage: status ERROR, error.type and a recorded exception on the stage and on microvm.Run', async () => {
+    const { provider, spans } = capture();
+    await expect(
+      run('x', {
+        rootfsPath: path.join(s.dir, 'missing'),
+        dataDir: path.join(s.dir, 'data'),
+        preflight: [],
+        backend: 'qemu',
+        tracerProvider: provider,
+      }),
+    ).rejects.toMatchObject({ code: 'ERR_MICROVM_ROOTFS_NOT_FOUND' });
+    for (const name of ['microvm.ImagePull', 'microvm.Run']) {
+      const sp = spans().find((x) => x.name === name) as ReadableSpan;
+      expect([name, sp.status.code]).toEqual([name, SpanStatusCode.ERROR]);
+      expect(sp.attributes['error.type']).toBe('ERR_MICROVM_ROOTFS_NOT_FOUND');
+      expect(sp.events.map((e) => e.name)).toContain('exception');
+    }
+  });
+
+  const skip = qemuSkipReason();
+  const layout = process.env.MICROVM_TEST_LAYOUT;
+  (skip || !layout ? test.skip : test)(
+    `QEMU (a real boot, pulled from an OCI layout, SSH to dropbear): the image and SSH spans, go-microvm's keys${skip ? ` [skipped: ${skip}]` : ''}`,
+    async () => {
+      process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
+      const { provider, spans } = capture();
+      const vm = await run(`oci:${layout}:test`, {
+        dataDir: path.join(s.dir, 'data'),
+        backend: 'qemu',
+        initOverride: ['/usr/sbin/dropbear', '-F', '-E', '-r', '/etc/dropbear/dropbear_ed25519_host_key', '-p', '22'],
+        ssh: { timeoutMs: 60000 },
+        tracerProvider: provider,
+      });
+      await vm.remove();
+      const all = spans();
+      check(all, { ...COMMON, ...QEMU_ONLY, ...IMAGE_SPANS });
+      for (const [name, keys] of Object.entries(QEMU_ATTRS))
+        for (const k of keys)
+          expect([name, k, all.find((x) => x.name === name)?.attributes[k] !== undefined]).toEqual([name, k, true]);
+      expect(all.find((x) => x.name === 'microvm.ImagePull')?.attributes).toMatchObject({
+        'microvm.image_ref': `oci:${layout}:test`,
+        'microvm.image.from_cache': false,
+      });
+      expect(all.find((x) => x.name === 'microvm.NetworkStart')?.attributes['microvm.network.provider']).toBe(
+        'qemu-user',
+      );
+      const wait = all.find((x) => x.name === 'microvm.SSHWaitReady') as ReadableSpan;
+      expect(wait.attributes).toMatchObject({ 'ssh.host': '127.0.0.1', 'ssh.user': 'root' });
+      // dropbear starts after the forward exists: at least one probe failed first (TCG boot).
+      const failed = wait.events.filter((e) => e.name === EVENTS.probeFailed);
+      expect(failed.length).toBe((wait.attributes['ssh.probes_total'] as number) - 1);
+      for (const e of failed) {
+        expect(typeof e.attributes?.[EVENTS.probeCount]).toBe('number');
+        expect(typeof e.attributes?.[EVENTS.probeError]).toBe('string');
+      }
+    },
+  );
+});
+
+function makeImage(): string {
+  const img = path.join(s.dir, 'image');
+  fs.mkdirSync(path.join(img, 'etc'), { recursive: true });
+  fs.mkdirSync(path.join(img, 'bin'));
+  fs.writeFileSync(path.join(img, 'etc', 'passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
+  fs.writeFileSync(path.join(img, 'bin', 'sh'), '#!fake\n', { mode: 0o755 });
+  return img;
+}
