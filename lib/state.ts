@@ -70,6 +70,10 @@ export async function withFileLock<T>(lockPath: string, fn: () => Promise<T> | T
         if (Number.isInteger(holder) && holder > 0) {
           process.kill(holder, 0);
           alive = true;
+        } else {
+          // Empty or garbled: its creator may be between creating and writing it. Only a lock that
+          // has stayed so for seconds is abandoned.
+          alive = Date.now() - fs.statSync(lockPath).mtimeMs < 5000;
         }
       } catch {
         /* gone */

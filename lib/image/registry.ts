@@ -67,10 +67,15 @@ function configKey(registry: string): string[] {
     : [registry, `https://${registry}`, `http://${registry}`];
 }
 
-function credentialHelper(helper: string, registry: string): Promise<RegistryCredentials | undefined> {
+function credentialHelper(
+  helper: string,
+  registry: string,
+  env: NodeJS.ProcessEnv,
+): Promise<RegistryCredentials | undefined> {
   if (!/^[A-Za-z0-9_.-]+$/.test(helper)) return Promise.resolve(undefined);
   return new Promise((resolve) => {
-    const child = execFile(`docker-credential-${helper}`, ['get'], { timeout: 15000 }, (err, stdout) => {
+    // Found on env's PATH and run with env (the options' env, else this process's).
+    const child = execFile(`docker-credential-${helper}`, ['get'], { timeout: 15000, env }, (err, stdout) => {
       if (err) return resolve(undefined); // a helper's output may contain secrets: never echo it
       try {
         const r = JSON.parse(String(stdout)) as { Username?: string; Secret?: string };
@@ -105,7 +110,7 @@ export async function dockerCredentials(
   const keys = configKey(registry);
   const helper = keys.map((k) => config.credHelpers?.[k]).find(Boolean) ?? config.credsStore;
   if (helper) {
-    const c = await credentialHelper(helper, registry);
+    const c = await credentialHelper(helper, registry, env);
     if (c) return c;
   }
   for (const k of keys) {

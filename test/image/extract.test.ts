@@ -245,6 +245,44 @@ test('sparse files (old GNU type S, and PAX GNU.sparse.* records) are skipped wi
   expect(fs.readFileSync(path.join(root, 'after'), 'utf8')).toBe('ok');
 });
 
+describe('ownership', () => {
+  const privilegedApply = (archive: Buffer, privileged?: boolean): Promise<void> =>
+    applyLayer(root, Readable.from([archive]), { state: newState(), privileged });
+  const members: Member[] = [
+    { path: 'srv', type: 'dir', uid: 33, gid: 33, mode: 0o750 },
+    { path: 'srv/app', uid: 1000, gid: 2000, mode: 0o4755, data: 'bin' },
+    { path: 'srv/link', type: 'symlink', linkpath: 'app', uid: 1000, gid: 2000 },
+  ];
+  const xattr = (file: string): string =>
+    execFileSync(
+      'python3',
+      ['-c', 'import os,sys; print(os.getxattr(sys.argv[1], "user.containers.override_stat").decode())', file],
+      { encoding: 'utf8' },
+    ).trim();
+
+  (process.getuid?.() === 0 ? test : test.skip)(
+    `as root: the layer's owners and modes are applied (set-ID bits of the image kept)${process.getuid?.() === 0 ? '' : ' [skipped: needs root to chown]'}`,
+    async () => {
+      await privilegedApply(layer(members)); // the default: privileged when running as root
+      const app = fs.statSync(path.join(root, 'srv/app'));
+      expect([app.uid, app.gid, app.mode & 0o7777]).toEqual([1000, 2000, 0o4755]);
+      const dir = fs.statSync(path.join(root, 'srv'));
+      expect([dir.uid, dir.gid, dir.mode & 0o7777]).toEqual([33, 33, 0o750]);
+      const link = fs.lstatSync(path.join(root, 'srv/link'));
+      expect([link.uid, link.gid]).toEqual([1000, 2000]);
+    },
+  );
+
+  test("unprivileged: files stay the caller's; the owners and modes go to user.containers.override_stat (uid:gid:0mode), which libkrun's virtio-fs serves", async () => {
+    await privilegedApply(layer(members), false);
+    const me = process.getuid?.() ?? 0;
+    const app = path.join(root, 'srv/app');
+    expect(fs.statSync(app).uid).toBe(me);
+    expect(xattr(app)).toBe('1000:2000:04755');
+    expect(xattr(path.join(root, 'srv'))).toBe('33:33:0750');
+  });
+});
+
 describe('limits and damage', () => {
   test('entry count, total size and decompression ratio caps', async () => {
     const many = layer(Array.from({ length: 20 }, (_, i) => ({ path: `f${i}`, data: 'x' })));

@@ -6,6 +6,7 @@ import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { gcImages, listImages, pull } from '../../lib';
 import { realmRefusal } from '../../lib/image/registry';
@@ -36,7 +37,11 @@ interface Registry {
   stop(): Promise<void>;
 }
 
-async function startRegistry(dir: string, auth?: { user: string; password: string }): Promise<Registry> {
+async function startRegistry(
+  dir: string,
+  auth?: { user: string; password: string },
+  host = '127.0.0.1',
+): Promise<Registry> {
   const port = await freePort();
   fs.mkdirSync(path.join(dir, 'storage'), { recursive: true });
   let authBlock = '';
@@ -46,11 +51,11 @@ async function startRegistry(dir: string, auth?: { user: string; password: strin
   }
   fs.writeFileSync(
     path.join(dir, 'config.yml'),
-    `version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: ${path.join(dir, 'storage')}\nhttp:\n  addr: 127.0.0.1:${port}\n${authBlock}`,
+    `version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: ${path.join(dir, 'storage')}\nhttp:\n  addr: ${host}:${port}\n${authBlock}`,
   );
   const child: ChildProcess = spawn('docker-registry', ['serve', path.join(dir, 'config.yml')], { stdio: 'ignore' });
   for (let i = 0; ; i++) {
-    const ok = await fetch(`http://127.0.0.1:${port}/v2/`).then(
+    const ok = await fetch(`http://${host}:${port}/v2/`).then(
       (r) => r.status === 200 || r.status === 401,
       () => false,
     );
@@ -81,6 +86,11 @@ function push(target: string, creds?: string): void {
     { stdio: 'ignore' },
   );
 }
+
+/** A non-loopback IPv4 address of this host (for the insecureRegistries test). */
+const hostIp = Object.values(os.networkInterfaces())
+  .flat()
+  .find((a) => a && a.family === 'IPv4' && !a.internal)?.address;
 
 const tree = (dir: string): string =>
   execFileSync('sh', ['-c', "find . -printf '%p %y %m %s %l\\n' | sort"], { cwd: dir, encoding: 'utf8' });
@@ -199,6 +209,65 @@ const tree = (dir: string): string =>
       else process.env.DOCKER_CONFIG = old;
     }
   });
+
+  test("a credential helper (config.json credHelpers): asked with the registry's name on stdin, its answer used, never printed", async () => {
+    const bin = path.join(s.dir, 'helper-bin');
+    fs.mkdirSync(bin, { recursive: true });
+    const asked = path.join(s.dir, 'helper-asked');
+    fs.writeFileSync(
+      path.join(bin, 'docker-credential-mvmtest'),
+      `#!/bin/sh\n[ "$1" = get ] || exit 3\ncat > "${asked}"\necho '{"ServerURL":"x","Username":"alice","Secret":"s3cret-pw"}'\n`,
+      { mode: 0o755 },
+    );
+    const cfgDir = path.join(s.dir, 'docker-config-helper');
+    fs.mkdirSync(cfgDir, { recursive: true });
+    const registry = `127.0.0.1:${locked.port}`;
+    fs.writeFileSync(path.join(cfgDir, 'config.json'), JSON.stringify({ credHelpers: { [registry]: 'mvmtest' } }));
+    const old = { path: process.env.PATH, cfg: process.env.DOCKER_CONFIG };
+    process.env.PATH = `${bin}:${process.env.PATH}`;
+    process.env.DOCKER_CONFIG = cfgDir;
+    try {
+      const r = await pull(`${registry}/private/img:v1`, { cacheDir: path.join(s.dir, 'c-helper') });
+      expect(r.fromCache).toBe(false);
+      expect(fs.readFileSync(asked, 'utf8')).toBe(registry);
+      // A helper that fails: no credentials, so the locked registry refuses, and the message has no secret.
+      fs.writeFileSync(path.join(bin, 'docker-credential-mvmtest'), '#!/bin/sh\necho s3cret-leak >&2; exit 1\n', {
+        mode: 0o755,
+      });
+      const err = await pull(`${registry}/private/img:v1`, { cacheDir: path.join(s.dir, 'c-helper2') }).catch(
+        (e: Error) => e,
+      );
+      expect(err).toMatchObject({ code: 'ERR_MICROVM_REGISTRY_AUTH' });
+      expect((err as Error).message).not.toContain('s3cret');
+    } finally {
+      process.env.PATH = old.path;
+      if (old.cfg === undefined) delete process.env.DOCKER_CONFIG;
+      else process.env.DOCKER_CONFIG = old.cfg;
+    }
+  });
+
+  (hostIp ? test : test.skip)(
+    `insecureRegistries: a registry on a non-loopback address is reached over HTTPS unless listed, then over plain HTTP${hostIp ? '' : ' [skipped: this host has no non-loopback IPv4 address]'}`,
+    async () => {
+      const ip = hostIp as string;
+      const own = await startRegistry(path.join(s.dir, 'on-ip'), undefined, ip);
+      try {
+        const registry = `${ip}:${own.port}`;
+        execFileSync(
+          'skopeo',
+          ['copy', '--quiet', '--dest-tls-verify=false', `oci:${layout}:test`, `docker://${registry}/test/img:v1`],
+          { stdio: 'ignore' },
+        );
+        const ref = `${registry}/test/img:v1`;
+        const err = await pull(ref, { cacheDir: path.join(s.dir, 'c-insecure') }).catch((e: Error) => e);
+        expect(err).toMatchObject({ code: 'ERR_MICROVM_REGISTRY' }); // TLS to a plain-HTTP registry fails
+        const r = await pull(ref, { cacheDir: path.join(s.dir, 'c-insecure'), insecureRegistries: [registry] });
+        expect(r.fromCache).toBe(false);
+      } finally {
+        await own.stop();
+      }
+    },
+  );
 
   test('a missing tag: ERR_MICROVM_IMAGE_NOT_FOUND', async () => {
     await expect(
@@ -409,6 +478,51 @@ const tree = (dir: string): string =>
       expect(tokenRequests.length).toBeGreaterThanOrEqual(1);
       expect(tokenRequests[0]).toContain('service=test-registry');
       expect(decodeURIComponent(tokenRequests[0])).toContain('scope=repository:test/img:pull');
+    });
+
+    test('identityToken: the realm gets a refresh_token grant (POST, form-encoded) instead of Basic credentials', async () => {
+      const grants: { method?: string; type?: string; body: string; auth?: string }[] = [];
+      fault = (req, res) => {
+        const url = String(req.url);
+        if (url.startsWith('/token')) {
+          let body = '';
+          req.on('data', (c: Buffer) => (body += String(c)));
+          req.on('end', () => {
+            grants.push({
+              method: req.method,
+              type: req.headers['content-type'],
+              body,
+              auth: req.headers.authorization,
+            });
+            const ok = new URLSearchParams(body).get('refresh_token') === 'refresh-abc';
+            res
+              .writeHead(ok ? 200 : 401, { 'content-type': 'application/json' })
+              .end(JSON.stringify(ok ? { access_token: 'acc-9' } : {}));
+          });
+          return true;
+        }
+        if (url.startsWith('/v2/') && req.headers.authorization !== 'Bearer acc-9') {
+          res
+            .writeHead(401, {
+              'www-authenticate': `Bearer realm="http://127.0.0.1:${proxyPort}/token",service="svc"`,
+            })
+            .end();
+          return true;
+        }
+        return false;
+      };
+      const r = await pull(ref(), {
+        cacheDir: path.join(s.dir, 'f-idtoken'),
+        credentials: { identityToken: 'refresh-abc' },
+      });
+      expect(r.fromCache).toBe(false);
+      expect(grants[0]).toMatchObject({ method: 'POST', type: 'application/x-www-form-urlencoded', auth: undefined });
+      const form = new URLSearchParams(grants[0].body);
+      expect([form.get('grant_type'), form.get('service'), form.get('scope')]).toEqual([
+        'refresh_token',
+        'svc',
+        'repository:test/img:pull',
+      ]);
     });
 
     test('401 without a challenge we can answer: ERR_MICROVM_REGISTRY_AUTH', async () => {

@@ -8,7 +8,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
-import { gcImages, listImages, pruneVms, pull, SPAN } from '../../lib';
+import { evictImages, gcImages, listImages, pruneVms, pull, SPAN } from '../../lib';
 import { processStartTime } from '../../lib/state';
 import { layoutSkipReason, scratch } from '../helpers';
 
@@ -149,6 +149,35 @@ function liveVm(dataRoot: string, name: string, imageDigest: string): void {
     expect(fs.existsSync(path.join(cacheDir, 'images', a.digest.split(':')[1], 'rootfs'))).toBe(true);
     fs.rmSync(path.join(dataRoot, 'vms', 'busy'), { recursive: true });
     expect(await gcImages(cacheDir)).toContain(a.digest.split(':')[1]);
+  });
+});
+
+(skip ? describe.skip : describe)(`evict by age${skip ? ` [skipped: ${skip}]` : ''}`, () => {
+  test('image.evict(maxAgeMs) removes entries created before the cutoff and their references, keeps newer ones and one a live VM runs on', async () => {
+    const ref = `oci:${copy}:test`;
+    const a = await pull(ref, { cacheDir });
+    retag('B=1');
+    const b = await pull(ref, { cacheDir });
+    retag('C=1');
+    const c = await pull(ref, { cacheDir });
+    const age = (digest: string, ms: number): void => {
+      const meta = path.join(cacheDir, 'images', digest.split(':')[1], 'image.json');
+      const e = JSON.parse(fs.readFileSync(meta, 'utf8'));
+      e.createdAt = new Date(Date.now() - ms).toISOString();
+      fs.writeFileSync(meta, JSON.stringify(e));
+    };
+    age(a.digest, 3 * 3600_000);
+    age(b.digest, 3 * 3600_000);
+    liveVm(path.join(s.dir, 'data'), 'on-b', b.digest);
+    const removed = await evictImages(cacheDir, 3600_000);
+    expect(removed).toEqual([a.digest]);
+    expect(
+      listImages(cacheDir)
+        .map((i) => i.digest)
+        .sort(),
+    ).toEqual([b.digest, c.digest].sort());
+    // A's reference had moved on already; C's reference stays.
+    expect(listImages(cacheDir).find((i) => i.digest === c.digest)?.references).toEqual([ref]);
   });
 });
 

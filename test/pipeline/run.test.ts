@@ -428,6 +428,60 @@ describe('run() over the libkrun double', () => {
     expect(alive(vm.pid)).toBe(false);
   });
 
+  test('stop() escalates to SIGKILL when the VMM ignores SIGTERM, after timeoutMs; wait() says SIGKILL', async () => {
+    const vm = await run(
+      'img',
+      options({
+        backend: libkrunBackend({
+          runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
+          firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
+          env: { PATH: process.env.PATH, KRUN_DOUBLE_LOG: calls, KRUN_DOUBLE_IGNORE_TERM: '1' },
+        }),
+      }),
+    );
+    started.push(vm);
+    // The double writes its console line once its (ignoring) SIGTERM disposition is in place.
+    for (let i = 0; i < 200 && !fs.existsSync(vm.consoleLogPath); i++) await new Promise((r) => setTimeout(r, 10));
+    for (let i = 0; i < 200 && !fs.readFileSync(vm.consoleLogPath, 'utf8').includes('running'); i++)
+      await new Promise((r) => setTimeout(r, 10));
+    await vm.stop({ timeoutMs: 300 });
+    expect(await vm.wait()).toEqual({ reason: 'stopped', exitCode: null, signal: 'SIGKILL' });
+    expect(alive(vm.pid)).toBe(false);
+  });
+
+  test('a network provider: started before the VM with the VM id, its socket handed to libkrun, stopped when the VM is removed', async () => {
+    const events: string[] = [];
+    const sock = path.join(s.dir, 'net.sock');
+    const vm = await run(
+      'img',
+      options({
+        name: 'netvm',
+        ports: [{ host: 40999, guest: 80 }],
+        network: {
+          name: 'fake-passt',
+          start: async (input) => {
+            events.push(`start ${input.vmId.length > 0} ${input.ports.map((p) => `${p.host}:${p.guest}`).join(',')}`);
+            return {
+              kind: 'unixstream',
+              socketPath: sock,
+              mac: '5a:94:ef:e4:0c:ee',
+              stop: async () => {
+                events.push('stop');
+              },
+            };
+          },
+        },
+      }),
+    );
+    started.push(vm);
+    expect(one(SPAN.NETWORK_START).attributes['microvm.network.provider']).toBe('fake-passt');
+    const recorded = readCalls(calls).filter((c) => c.pid === vm.pid);
+    expect(recorded.find((c) => c.fn.startsWith('krun_add_net'))?.args).toMatchObject({ c_path: sock });
+    expect(events).toEqual(['start true 40999:80']);
+    await vm.remove();
+    expect(events).toEqual(['start true 40999:80', 'stop']);
+  });
+
   test("libkrun: a VMM failure (exit 1 with its ERROR line) is a failure, not the guest's exit code 1", async () => {
     const backend = (env: Record<string, string>): RunOptions['backend'] =>
       libkrunBackend({

@@ -286,4 +286,28 @@ describe('waitForReady', () => {
       await server.close();
     }
   });
+
+  test('a host key that is not the pinned one stops the wait at once (one probe), never retried until the deadline', async () => {
+    const server = await startSsh2Server(key.publicKey);
+    const exporter = new InMemorySpanExporter();
+    const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+    try {
+      const err = await waitForReady(
+        {
+          host: '127.0.0.1',
+          port: server.port,
+          username: 'tester',
+          privateKey: key.privateKey,
+          hostKey: { expected: otherKey.publicKey },
+          timeoutMs: 60000,
+        },
+        { tracer: provider.getTracer('t'), ctx: context.active() },
+      ).catch((e: Error) => e);
+      expect(err).toMatchObject({ code: 'ERR_MICROVM_SSH_HOSTKEY' });
+      const span = exporter.getFinishedSpans().find((x) => x.name === 'microvm.SSHWaitReady');
+      expect(span?.attributes['ssh.probes_total']).toBe(1);
+    } finally {
+      await server.close();
+    }
+  });
 });
