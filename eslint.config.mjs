@@ -15,6 +15,8 @@ export default tseslint.config(
       'coverage/',
       '.test-artifacts/',
       '.demo/',
+      '.stryker-tmp/',
+      'reports/',
     ],
   },
   {
