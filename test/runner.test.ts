@@ -67,6 +67,9 @@ describe('startRunner', () => {
       env: env({ KRUN_DOUBLE_EXIT_CODE: '7' }),
     });
     expect(alive(vm.pid)).toBe(true);
+    // "configured" comes before krun_start_enter (which does not return): wait for the "guest"
+    // to write its console line, by then krun_start_enter is recorded.
+    await waitRunning(consoleLog);
     const recorded = readCalls(calls);
     expect(recorded.map((c) => c.fn)).toEqual([
       'krun_create_ctx',
@@ -79,8 +82,6 @@ describe('startRunner', () => {
     expect(recorded.every((c) => c.pid === vm.pid)).toBe(true);
     // The runner preloaded the resolved firmware; libkrun's soname lookup found that file.
     expect(recorded[0].args.firmware).toBe(firmwarePath());
-    // Wait for the "guest" to write its console line, then stop it.
-    await waitRunning(consoleLog);
     expect(fs.readFileSync(consoleLog, 'utf8')).toContain('guest running');
     expect(vm.kill('SIGTERM')).toBe(true);
     await expect(vm.exited).resolves.toEqual({ code: 7, signal: null });

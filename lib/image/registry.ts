@@ -87,6 +87,9 @@ function credentialHelper(
         resolve(undefined);
       }
     });
+    // A helper may exit without reading its stdin: the write then fails with EPIPE, which is
+    // not an answer (the exit callback above decides), never an uncaught error.
+    child.stdin?.on('error', () => undefined);
     child.stdin?.end(registry === 'docker.io' ? 'https://index.docker.io/v1/' : registry);
   });
 }
