@@ -708,15 +708,20 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         }
       }
       // A hook need not watch the signal itself: the VM's end (or the caller's abort) ends the wait.
+      let onAbort: (() => void) | undefined;
       const ended = new Promise<never>((_, reject) => {
-        const onAbort = (): void => reject(postBootSignal.reason);
+        onAbort = (): void => reject(postBootSignal.reason);
         if (postBootSignal.aborted) onAbort();
         else postBootSignal.addEventListener('abort', onAbort, { once: true });
       });
       ended.catch(() => undefined);
-      for (const hook of o.postBoot) {
-        postBootSignal.throwIfAborted();
-        await Promise.race([hook(vm, inner), ended]);
+      try {
+        for (const hook of o.postBoot) {
+          postBootSignal.throwIfAborted();
+          await Promise.race([hook(vm, inner), ended]);
+        }
+      } finally {
+        if (onAbort) postBootSignal.removeEventListener('abort', onAbort);
       }
     }
 

@@ -58,6 +58,7 @@ function connectWithBanner(host: string, port: number, timeoutMs: number, signal
     const fail = (err: Error): void => {
       if (done) return;
       done = true;
+      signal?.removeEventListener('abort', onAbort);
       clearTimeout(timer);
       socket.destroy();
       reject(err);
@@ -71,14 +72,11 @@ function connectWithBanner(host: string, port: number, timeoutMs: number, signal
         ),
       timeoutMs,
     );
-    signal?.addEventListener(
-      'abort',
-      () =>
-        fail(
-          signal.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'),
-        ),
-      { once: true },
-    );
+    const onAbort = (): void =>
+      fail(
+        signal?.reason instanceof Error ? signal.reason : new DOMException('The operation was aborted', 'AbortError'),
+      );
+    signal?.addEventListener('abort', onAbort, { once: true });
     socket.on('error', fail);
     socket.on('close', () => fail(new Error('connection closed before the SSH identification')));
     const onData = (chunk: Buffer): void => {
@@ -89,6 +87,7 @@ function connectWithBanner(host: string, port: number, timeoutMs: number, signal
       }
       done = true;
       clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
       socket.removeListener('data', onData);
       socket.removeAllListeners('close');
       socket.removeListener('error', fail);

@@ -4,6 +4,7 @@
  * These must run in CI; they skip only when QEMU or the image tools are missing, and say which.
  */
 import { spawn } from 'node:child_process';
+import { getEventListeners } from 'node:events';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { SpanStatusCode } from '@opentelemetry/api';
@@ -53,6 +54,7 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
   });
 
   test('SSH end to end with the complete span tree of a real boot', async () => {
+    const caller = new AbortController();
     const exporter = new InMemorySpanExporter();
     const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
     const vm = await run(
@@ -62,9 +64,12 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
         ssh: { timeoutMs: 60000 },
         rootfsHooks: [hooks.injectFile('/etc/from-hook', 'written by a rootfs hook\n')],
         tracerProvider: provider,
+        signal: caller.signal,
       }),
     );
     vms.push(vm);
+    // No listener stays on the caller's signal once run() has resolved (an app-wide signal).
+    expect(getEventListeners(caller.signal, 'abort')).toHaveLength(0);
     const uname = await vm.exec('uname -a');
     expect(uname).toMatchObject({ exitCode: 0 });
     expect(uname.stdout).toMatch(/^Linux microvm .* x86_64/);
@@ -112,6 +117,7 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 
   test('boots from an OCI image layout: pulled, unpacked, its config (Env) applied', async () => {
     if (!process.env.MICROVM_TEST_LAYOUT) throw new Error(layoutSkipReason());
+    const caller = new AbortController();
     const exporter = new InMemorySpanExporter();
     const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
     const vm = await run(`oci:${process.env.MICROVM_TEST_LAYOUT}:test`, {
@@ -123,8 +129,10 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
         'cat /etc/layer2; echo "GREETING=$GREETING"; test -e /etc/motd || echo whiteout-applied; exit 4',
       ],
       tracerProvider: provider,
+      signal: caller.signal,
     });
     vms.push(vm);
+    expect(getEventListeners(caller.signal, 'abort')).toHaveLength(0);
     expect(await vm.wait()).toMatchObject({ reason: 'exited', exitCode: 4 });
     const out = fs.readFileSync(vm.stdoutPath as string, 'utf8');
     expect(out).toContain('from layer 2');

@@ -2,6 +2,7 @@
  * run() end to end over the libkrun RECORDING ABI TEST DOUBLE (the runner is a real process whose
  * "VM" runs until SIGTERM) with Debian's real libkrunfw, spans captured by the OTel SDK.
  */
+import { getEventListeners } from 'node:events';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { SpanStatusCode, trace } from '@opentelemetry/api';
@@ -502,6 +503,27 @@ describe('run() over the libkrun double', () => {
     const guest = await run('img', options({ name: 'guest', backend: backend({ KRUN_DOUBLE_GUEST_EXIT: '1' }) }));
     started.push(guest);
     expect(await guest.wait()).toEqual({ reason: 'exited', exitCode: 1, signal: null });
+  });
+
+  test("no listener is left on the caller's signal: three runs, with a post-boot hook, then removed", async () => {
+    const ac = new AbortController();
+    expect(getEventListeners(ac.signal, 'abort')).toHaveLength(0);
+    for (let i = 0; i < 3; i++) {
+      let hookRan = false;
+      const vm = await run(
+        'img',
+        options({ name: `l${i}`, signal: ac.signal, postBoot: [async () => void (hookRan = true)] }),
+      );
+      expect(hookRan).toBe(true);
+      expect(getEventListeners(ac.signal, 'abort')).toHaveLength(0);
+      await vm.remove();
+    }
+    expect(getEventListeners(ac.signal, 'abort')).toHaveLength(0);
+    // A run that fails (the name is taken) leaves none either.
+    const vm = await run('img', options({ name: 'taken', signal: ac.signal }));
+    started.push(vm);
+    await expect(run('img', options({ name: 'taken', signal: ac.signal }))).rejects.toThrow();
+    expect(getEventListeners(ac.signal, 'abort')).toHaveLength(0);
   });
 
   test('await using: the VM is stopped and its directory removed, the image is not', async () => {
