@@ -4,12 +4,19 @@
  * and, where one exists, the original error as `cause`.
  */
 
+import type { ErrnoCode, MicrovmErrorCode } from './error-codes';
+
+export type { ArgumentErrorCode, ErrnoCode, MicrovmErrorCode } from './error-codes';
+
 /** Base class of the package's coded errors. */
 export class MicrovmError extends Error {
-  /** Stable machine-readable code, e.g. `ERR_MICROVM_LIBKRUNFW_NOT_FOUND`. */
-  readonly code: string;
+  /**
+   * Stable machine-readable code, e.g. `ERR_MICROVM_LIBKRUNFW_NOT_FOUND` (every one is listed in
+   * `ERROR_CODES` and docs/api.md), or an errno name on a {@link KrunError}.
+   */
+  readonly code: MicrovmErrorCode | ErrnoCode;
 
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
+  constructor(code: MicrovmErrorCode | ErrnoCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = 'MicrovmError';
     this.code = code;
@@ -25,7 +32,7 @@ export class KrunError extends MicrovmError {
   readonly errno: number;
   readonly syscall: string;
 
-  constructor(code: string, errno: number, syscall: string, message: string, options?: { cause?: unknown }) {
+  constructor(code: ErrnoCode, errno: number, syscall: string, message: string, options?: { cause?: unknown }) {
     super(code, message, options);
     this.name = 'KrunError';
     this.errno = errno;
@@ -50,10 +57,10 @@ export function fromNativeError(err: unknown): unknown {
   if (typeof err !== 'object' || err === null || typeof (err as { message?: unknown }).message !== 'string') return err;
   const e = err as Error & NativeErrorFields;
   if (typeof e.syscall === 'string' && typeof e.errno === 'number' && typeof e.code === 'string') {
-    return new KrunError(e.code, e.errno, e.syscall, e.message, { cause: err });
+    return new KrunError(e.code as ErrnoCode, e.errno, e.syscall, e.message, { cause: err });
   }
   if (typeof e.code === 'string' && e.code.startsWith('ERR_MICROVM_')) {
-    return new MicrovmError(e.code, e.message, { cause: err });
+    return new MicrovmError(e.code as MicrovmErrorCode, e.message, { cause: err });
   }
   return err;
 }

@@ -11,7 +11,8 @@ import { readFirmwareKernel, resolveFirmware } from './resolve/firmware';
 import { resolveRunner, resolveRuntime } from './resolve/runtime';
 import { startRunner } from './backends/libkrun/runner';
 
-export { KrunError, MicrovmError } from './errors';
+export { KrunError, MicrovmError, type ArgumentErrorCode, type ErrnoCode, type MicrovmErrorCode } from './errors';
+export { ERROR_CODES } from './error-codes';
 export { errnoName } from './errno';
 export { KrunContext, KrunFeature, type CreateContextOptions } from './backends/libkrun/context';
 export {
@@ -71,8 +72,10 @@ export const native = {
   addonPath,
 } as const;
 
-export { run, chooseBackend, defaultDataRoot, type RunOptions, type PostBootHook } from './run';
-export { MicroVM, describeExit, type VmStatus } from './vm';
+export { run, chooseBackend, type RunOptions, type PostBootHook } from './run';
+export type { WaitStrategy } from './wait-for';
+export { defaultCacheDir, defaultDataRoot } from './paths';
+export { MicroVM, describeExit, type MicroVMEvents, type VmStatus } from './vm';
 export {
   probeKvm,
   decideAccel,
@@ -108,7 +111,9 @@ export {
   type CheckResult,
   type PreflightCheck,
 } from './preflight/checks';
+export { PreflightError, type PreflightFailure } from './preflight/run-all';
 export { SPAN, ATTR, EVENT } from './telemetry/attributes';
+export type { SpanScope } from './telemetry/tracer';
 export { formatSpanTree, type SpanLike } from './telemetry/tree';
 export { generateKeyPair, loadKeyPair, writeKeyPair, type SshKeyPair } from './ssh/keys';
 export {
@@ -134,5 +139,8 @@ export { hostPlatform, type Platform } from './image/oci';
 
 import { pull as pullImage } from './image/pull';
 import { evict, gc, list, purge } from './image/cache';
-/** Image functions in one namespace: `image.pull(ref, { cacheDir })`, `image.list(cacheDir)`, ... */
+/**
+ * Image functions in one namespace: `image.pull(ref, { cacheDir })`, `image.list(cacheDir)`, ...
+ * (`cacheDir` defaults to `<dataRoot>/cache`, see {@link defaultCacheDir}).
+ */
 export const image = { pull: pullImage, list, evict, gc, purge } as const;

@@ -188,7 +188,8 @@ export function addon(): NativeAddon {
     throw new MicrovmError(
       'ERR_MICROVM_ADDON_LOAD',
       `Cannot load the node-microvm native addon from ${packageRoot}: ${(err as Error).message}. ` +
-        'Build it with `npm run build:native` (needs python3, make and a C++ compiler).',
+        `No prebuild here fits ${process.platform}-${process.arch} (the package ships linux-x64); build it with ` +
+        '`npm rebuild node-microvm` (in a checkout: `npm run build:native`), which needs python3, make and a C++ compiler.',
       { cause: err },
     );
   }
@@ -196,7 +197,7 @@ export function addon(): NativeAddon {
   if (a.abiVersion !== EXPECTED_ABI) {
     throw new MicrovmError(
       'ERR_MICROVM_ADDON_LOAD',
-      `The native addon at ${loadedFrom ?? packageRoot} has interface version ${String(a.abiVersion)}, expected ${EXPECTED_ABI}; rebuild it with \`npm run build:native\`.`,
+      `The native addon at ${loadedFrom ?? packageRoot} has interface version ${String(a.abiVersion)}, expected ${EXPECTED_ABI}; rebuild it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`).`,
     );
   }
   cached = a;

@@ -14,10 +14,10 @@
  * A failed or aborted stage marks its span and microvm.Run ERROR and undoes what earlier stages
  * started (the VM process, the network provider, the VM's data directory).
  */
+import { defaultCacheDir, defaultDataRoot } from './paths';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
@@ -25,6 +25,7 @@ import { qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
 import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
+import { normalizeWaitFor, waitFor, type WaitStrategy } from './wait-for';
 import { freePort } from './net';
 import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
@@ -69,7 +70,10 @@ export interface RunOptions {
   cpus?: number;
   /** Memory in MiB (512). */
   memoryMiB?: number;
-  /** Host→guest TCP forwards on 127.0.0.1 ([]). */
+  /**
+   * Host→guest TCP forwards on 127.0.0.1 ([]). Host port 0 picks a free port: `vm.port(guest)`
+   * (or `vm.ports`) says which.
+   */
   ports?: readonly { host: number; guest: number }[];
   /** Command replacing the image's Entrypoint+Cmd. */
   initOverride?: readonly string[];
@@ -98,7 +102,7 @@ export interface RunOptions {
   dataDir?: string;
   /** Remove a leftover VM directory of the same name first, stopping its VM if still running (false). */
   cleanDataDir?: boolean;
-  /** Image cache directory (`<dataDir>/images`). */
+  /** Image cache directory (`<dataDir>/cache`). */
   imageCache?: string;
   /**
    * When to ask the image's source what its tag names now ('missing'): 'missing' uses a cached
@@ -139,6 +143,14 @@ export interface RunOptions {
    * must start an SSH server.
    */
   ssh?: { user?: string; guestPort?: number; hostPort?: number; waitReady?: boolean; timeoutMs?: number };
+  /**
+   * Readiness besides SSH (testcontainers-style), checked in PostBoot in order, each in its own span:
+   * `{ log: /ready/ }` a line of the command's output (or `stream: 'console'`); `{ tcp: 80 }` a
+   * forwarded guest port that keeps a connection open; `{ http: { port: 80, path: '/health',
+   * status: 200 } }` a GET that answers (any 2xx/3xx when `status` is not given). `timeoutMs`
+   * (60000) each; ERR_MICROVM_WAIT_TIMEOUT when it passes, ERR_MICROVM_VM_EXITED when the VM ends first.
+   */
+  waitFor?: WaitStrategy | readonly WaitStrategy[];
   /** Tracer provider (the global one). */
   tracerProvider?: TracerProvider;
   /** Cancels the start; everything started so far is undone. */
@@ -146,6 +158,7 @@ export interface RunOptions {
 }
 
 const RUN_KEYS = [
+  'waitFor',
   'pull',
   'maxCacheBytes',
   'autoRemove',
@@ -177,32 +190,27 @@ const RUN_KEYS = [
   'timeouts',
 ] as const;
 
-/** The data root when none is given. */
-export function defaultDataRoot(env: NodeJS.ProcessEnv = process.env): string {
-  if (env.MICROVM_DATA_DIR) return env.MICROVM_DATA_DIR;
-  const xdg = env.XDG_DATA_HOME || path.join(os.homedir(), '.local', 'share');
-  return path.join(xdg, 'node-microvm');
-}
+export { defaultDataRoot } from './paths';
 
 function typeError(name: string, value: unknown): never {
-  throw new TypeError(`Expected an array for ${name} but received ${v.describe(value)}`);
+  throw v.typeError(`Expected an array for ${name} but received ${v.describe(value)}`);
 }
 
 function functions<T>(name: string, value: unknown): T[] {
   if (value === undefined) return [];
   if (!Array.isArray(value) || value.some((f) => typeof f !== 'function'))
-    throw new TypeError(`Expected an array of functions for ${name} but received ${v.describe(value)}`);
+    throw v.typeError(`Expected an array of functions for ${name} but received ${v.describe(value)}`);
   return value as T[];
 }
 
 function checks(name: string, value: unknown): PreflightCheck[] {
   if (value === undefined) return [];
   if (!Array.isArray(value))
-    throw new TypeError(`Expected an array of checks for ${name} but received ${v.describe(value)}`);
+    throw v.typeError(`Expected an array of checks for ${name} but received ${v.describe(value)}`);
   return value.map((c: unknown, i) => {
     const o = v.object(`${name}[${i}]`, c);
     v.string(`${name}[${i}].name`, o.name);
-    if (typeof o.run !== 'function') throw new TypeError(`Expected a run function for ${name}[${i}].run`);
+    if (typeof o.run !== 'function') throw v.typeError(`Expected a run function for ${name}[${i}].run`);
     if (o.required !== undefined) v.boolean(`${name}[${i}].required`, o.required);
     // Kept as given (a class instance keeps its prototype); a missing `required` counts as true.
     return o as unknown as PreflightCheck;
@@ -241,7 +249,7 @@ function optionSafePath(name: string, value: string, unsafe: RegExp): string {
   const bad = unsafe.exec(value);
   if (bad) {
     throw Object.assign(
-      new RangeError(
+      v.rangeError(
         `Expected a path without ${JSON.stringify(bad[0])} for ${name} (it goes into another program's option string) but received ${JSON.stringify(value)}`,
       ),
       { code: 'ERR_MICROVM_UNSAFE_PATH' },
@@ -258,7 +266,7 @@ function normalize(image: string, options: RunOptions) {
   const id = randomBytes(6).toString('hex');
   const name = o.name === undefined ? `vm-${id}` : v.string('name', o.name);
   if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(name))
-    throw new RangeError(`Expected 1–63 letters, digits, '_', '.' or '-' for name but received ${v.describe(name)}`);
+    throw v.rangeError(`Expected 1–63 letters, digits, '_', '.' or '-' for name but received ${v.describe(name)}`);
   let env: string[] = [];
   if (Array.isArray(o.env)) env = v.envEntries('env', o.env);
   else if (o.env !== undefined)
@@ -276,12 +284,12 @@ function normalize(image: string, options: RunOptions) {
   else if (typeof o.backend === 'object' && o.backend !== null && typeof (o.backend as Backend).start === 'function')
     backend = o.backend as Backend;
   else
-    throw new TypeError(
+    throw v.typeError(
       `Expected 'auto', 'libkrun', 'qemu' or a Backend object for backend but received ${v.describe(o.backend)}`,
     );
   if (accel !== undefined && backend !== 'auto' && backend.name !== 'qemu') {
     throw Object.assign(
-      new RangeError(
+      v.rangeError(
         `accel applies to backend 'auto' or 'qemu', not ${backend.name === 'libkrun' ? "'libkrun' (always hardware KVM)" : 'a Backend object (configure it there)'}`,
       ),
       { code: 'ERR_MICROVM_INVALID_ACCEL' },
@@ -296,12 +304,12 @@ function normalize(image: string, options: RunOptions) {
   const ports =
     o.ports === undefined
       ? []
-      : (normalizePortMap('ports', o.ports) as string[]).map((p) => {
+      : (normalizePortMap('ports', o.ports, true) as string[]).map((p) => {
           const [host, guest] = p.split(':').map(Number);
           return { host, guest };
         });
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal))
-    throw new TypeError('Expected an AbortSignal for signal');
+    throw v.typeError('Expected an AbortSignal for signal');
   let ssh: { user: string; guestPort: number; hostPort?: number; waitReady: boolean; timeoutMs: number } | undefined;
   if (o.ssh !== undefined) {
     const so = v.object('ssh', o.ssh);
@@ -334,6 +342,7 @@ function normalize(image: string, options: RunOptions) {
       o.imageConfig === undefined ? undefined : (v.object('imageConfig', o.imageConfig) as Partial<ImageRuntimeConfig>),
     rootfsHooks: functions<RootfsHook>('rootfsHooks', o.rootfsHooks),
     postBoot: functions<PostBootHook>('postBoot', o.postBoot),
+    waitFor: o.waitFor === undefined ? [] : normalizeWaitFor(o.waitFor),
     preflight: o.preflight === undefined ? undefined : checks('preflight', o.preflight),
     preflightChecks: checks('preflightChecks', o.preflightChecks),
     virtiofs:
@@ -353,7 +362,7 @@ function normalize(image: string, options: RunOptions) {
             })
             .map((m, i, all) => {
               if (all.findIndex((x) => x.tag === m.tag) !== i)
-                throw new RangeError(
+                throw v.rangeError(
                   `Expected a unique tag for virtiofs[${i}].tag but ${JSON.stringify(m.tag)} is used twice`,
                 );
               return m;
@@ -366,7 +375,7 @@ function normalize(image: string, options: RunOptions) {
     imageCache: optionSafePath(
       'imageCache',
       o.imageCache === undefined
-        ? path.join(o.dataDir === undefined ? defaultDataRoot() : (o.dataDir as string), 'images')
+        ? defaultCacheDir(o.dataDir === undefined ? defaultDataRoot() : (o.dataDir as string))
         : v.absolutePath('imageCache', o.imageCache),
       OVERLAY_UNSAFE,
     ),
@@ -406,7 +415,7 @@ function defaultChecks(
       probeCheck(
         'qemu',
         'qemu-system-x86_64, virtiofsd and the guest init are present',
-        'apt-get install qemu-system-x86 (Debian 12 includes virtiofsd); npm run build:native',
+        'apt-get install qemu-system-x86 (Debian 12 includes virtiofsd); npm rebuild node-microvm',
         async () => resolveQemuRuntime(),
       ),
     );
@@ -450,10 +459,26 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     ...n,
     backend: n.backend === 'auto' ? await chooseBackend({ accel: n.accel, dataRoot: n.dataRoot }) : n.backend,
   };
+  // Host port 0: a free port, picked now (and distinct from the others); vm.port(guest) tells which.
+  if (o.ports.some((p) => p.host === 0)) {
+    const taken = new Set(o.ports.map((p) => p.host));
+    const picked = [];
+    for (const p of o.ports) {
+      let host = p.host;
+      while (host === 0 || (p.host === 0 && taken.has(host))) host = await freePort();
+      taken.add(host);
+      picked.push({ host, guest: p.guest });
+    }
+    o.ports = picked;
+  }
+  for (const [i, w] of o.waitFor.entries()) {
+    if (w.kind !== 'log' && !o.ports.some((p) => p.guest === w.port))
+      throw v.rangeError(`waitFor[${i}] waits on guest port ${w.port}, which ports does not forward`);
+  }
   let sshSetup: { key: SshKeyPair; hostPort: number; user: string; timeoutMs: number; waitReady: boolean } | undefined;
   if (o.ssh) {
     const hostPort = o.ssh.hostPort ?? (await freePort());
-    if (o.ports.some((p) => p.host === hostPort)) throw new RangeError(`ssh.hostPort ${hostPort} is also in ports`);
+    if (o.ports.some((p) => p.host === hostPort)) throw v.rangeError(`ssh.hostPort ${hostPort} is also in ports`);
     const key = generateKeyPair({ comment: `node-microvm ${o.name}` });
     sshSetup = { key, hostPort, user: o.ssh.user, timeoutMs: o.ssh.timeoutMs, waitReady: o.ssh.waitReady };
     o.ports = [...o.ports, { host: hostPort, guest: o.ssh.guestPort }];
@@ -707,6 +732,15 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
           undo.push(async () => vm.ssh?.close());
         }
       }
+      const target = {
+        name: vm.name,
+        port: (guest: number) => vm.port(guest),
+        stdoutPath: vm.stdoutPath,
+        stderrPath: vm.stderrPath,
+        consoleLogPath: vm.consoleLogPath,
+        tcpForwardState: started.tcpForwardState?.bind(started),
+      };
+      for (const w of o.waitFor) await waitFor(w, target, inner, postBootSignal);
       // A hook need not watch the signal itself: the VM's end (or the caller's abort) ends the wait.
       let onAbort: (() => void) | undefined;
       const ended = new Promise<never>((_, reject) => {

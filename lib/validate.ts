@@ -3,6 +3,20 @@
  * "Expected an integer 1–255 for cpus but received 0".
  */
 
+/** A TypeError with Node's code `ERR_INVALID_ARG_TYPE`: the option has the wrong kind of value. */
+export function typeError(message: string): TypeError & { code: 'ERR_INVALID_ARG_TYPE' } {
+  const e = Object.assign(new TypeError(message), { code: 'ERR_INVALID_ARG_TYPE' as const });
+  Error.captureStackTrace(e, typeError);
+  return e;
+}
+
+/** A RangeError with Node's code `ERR_OUT_OF_RANGE`: the right kind of value, but not one allowed. */
+export function rangeError(message: string): RangeError & { code: 'ERR_OUT_OF_RANGE' } {
+  const e = Object.assign(new RangeError(message), { code: 'ERR_OUT_OF_RANGE' as const });
+  Error.captureStackTrace(e, rangeError);
+  return e;
+}
+
 /** Short, safe rendering of a received value for error messages. */
 export function describe(value: unknown): string {
   if (typeof value === 'string') return JSON.stringify(value.length > 80 ? `${value.slice(0, 77)}...` : value);
@@ -17,10 +31,10 @@ export function describe(value: unknown): string {
 /** An integer in [min, max]. Throws TypeError for non-numbers, RangeError otherwise. */
 export function integer(name: string, value: unknown, min: number, max: number): number {
   if (typeof value !== 'number' || Number.isNaN(value)) {
-    throw new TypeError(`Expected an integer ${min}–${max} for ${name} but received ${describe(value)}`);
+    throw typeError(`Expected an integer ${min}–${max} for ${name} but received ${describe(value)}`);
   }
   if (!Number.isInteger(value) || value < min || value > max) {
-    throw new RangeError(`Expected an integer ${min}–${max} for ${name} but received ${describe(value)}`);
+    throw rangeError(`Expected an integer ${min}–${max} for ${name} but received ${describe(value)}`);
   }
   return value;
 }
@@ -28,18 +42,16 @@ export function integer(name: string, value: unknown, min: number, max: number):
 /** A string with no NUL byte; non-empty unless `allowEmpty`. */
 export function string(name: string, value: unknown, opts: { allowEmpty?: boolean; maxLength?: number } = {}): string {
   if (typeof value !== 'string') {
-    throw new TypeError(`Expected a string for ${name} but received ${describe(value)}`);
+    throw typeError(`Expected a string for ${name} but received ${describe(value)}`);
   }
   if (!opts.allowEmpty && value.length === 0) {
-    throw new RangeError(`Expected a non-empty string for ${name} but received ""`);
+    throw rangeError(`Expected a non-empty string for ${name} but received ""`);
   }
   if (value.includes('\0')) {
-    throw new RangeError(`Expected ${name} to contain no NUL character but received ${describe(value)}`);
+    throw rangeError(`Expected ${name} to contain no NUL character but received ${describe(value)}`);
   }
   if (opts.maxLength !== undefined && Buffer.byteLength(value) > opts.maxLength) {
-    throw new RangeError(
-      `Expected at most ${opts.maxLength} bytes for ${name} but received ${Buffer.byteLength(value)}`,
-    );
+    throw rangeError(`Expected at most ${opts.maxLength} bytes for ${name} but received ${Buffer.byteLength(value)}`);
   }
   return value;
 }
@@ -48,10 +60,10 @@ export function string(name: string, value: unknown, opts: { allowEmpty?: boolea
 export function absolutePath(name: string, value: unknown): string {
   const s = string(name, value);
   if (!s.startsWith('/')) {
-    throw new RangeError(`Expected an absolute path for ${name} but received ${describe(s)}`);
+    throw rangeError(`Expected an absolute path for ${name} but received ${describe(s)}`);
   }
   if (Buffer.byteLength(s) >= 4096) {
-    throw new RangeError(`Expected a path shorter than 4096 bytes for ${name}`);
+    throw rangeError(`Expected a path shorter than 4096 bytes for ${name}`);
   }
   return s;
 }
@@ -59,7 +71,7 @@ export function absolutePath(name: string, value: unknown): string {
 /** A boolean. */
 export function boolean(name: string, value: unknown): boolean {
   if (typeof value !== 'boolean') {
-    throw new TypeError(`Expected a boolean for ${name} but received ${describe(value)}`);
+    throw typeError(`Expected a boolean for ${name} but received ${describe(value)}`);
   }
   return value;
 }
@@ -67,7 +79,7 @@ export function boolean(name: string, value: unknown): boolean {
 /** An array of strings, each validated with {@link string}. */
 export function stringArray(name: string, value: unknown, opts: { allowEmptyItems?: boolean } = {}): string[] {
   if (!Array.isArray(value)) {
-    throw new TypeError(`Expected an array of strings for ${name} but received ${describe(value)}`);
+    throw typeError(`Expected an array of strings for ${name} but received ${describe(value)}`);
   }
   return value.map((item, i) => string(`${name}[${i}]`, item, { allowEmpty: opts.allowEmptyItems }));
 }
@@ -75,7 +87,7 @@ export function stringArray(name: string, value: unknown, opts: { allowEmptyItem
 /** A plain object (not null, not an array). */
 export function object(name: string, value: unknown): Record<string, unknown> {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw new TypeError(`Expected an object for ${name} but received ${describe(value)}`);
+    throw typeError(`Expected an object for ${name} but received ${describe(value)}`);
   }
   return value as Record<string, unknown>;
 }
@@ -84,7 +96,7 @@ export function object(name: string, value: unknown): Record<string, unknown> {
 export function knownKeys(name: string, value: Record<string, unknown>, allowed: readonly string[]): void {
   for (const key of Object.keys(value)) {
     if (!allowed.includes(key)) {
-      throw new TypeError(`Unknown option ${name}.${key} (known: ${allowed.join(', ')})`);
+      throw typeError(`Unknown option ${name}.${key} (known: ${allowed.join(', ')})`);
     }
   }
 }
@@ -96,7 +108,7 @@ export function envEntries(name: string, value: unknown): string[] {
     const eq = item.indexOf('=');
     const key = eq < 0 ? '' : item.slice(0, eq);
     if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) {
-      throw new RangeError(
+      throw rangeError(
         `Expected KEY=VALUE with a valid variable name for ${name}[${i}] but received ${describe(item)}`,
       );
     }

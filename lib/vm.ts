@@ -58,7 +58,12 @@ export function describeExit(exit: VmExit): string {
   return `the hypervisor failed: [${exit.error.code}] ${exit.error.message}`;
 }
 
-export class MicroVM extends EventEmitter implements AsyncDisposable {
+/** The events a {@link MicroVM} emits: `'exit'` once, with how it ended. */
+export interface MicroVMEvents {
+  exit: [exit: VmExit];
+}
+
+export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposable {
   readonly id: string;
   readonly name: string;
   readonly backend: string;
@@ -105,6 +110,22 @@ export class MicroVM extends EventEmitter implements AsyncDisposable {
       this.emit('exit', r);
       return r;
     });
+  }
+
+  /**
+   * The host port (on 127.0.0.1) that forwards to `guestPort`; with `ports: [{ host: 0, guest }]`
+   * the one that was picked. Throws ERR_MICROVM_PORT_NOT_FORWARDED when none does.
+   */
+  port(guestPort: number): number {
+    const g = v.integer('guestPort', guestPort, 1, 65535);
+    const hit = this.ports.find((p) => p.guest === g);
+    if (!hit) {
+      throw new MicrovmError(
+        'ERR_MICROVM_PORT_NOT_FORWARDED',
+        `${this.name} forwards no host port to guest port ${g} (forwarded: ${this.ports.map((p) => p.guest).join(', ') || 'none'})`,
+      );
+    }
+    return hit.host;
   }
 
   /** PID of the process that owns the VM. */

@@ -29,7 +29,7 @@ case "$mirror" in *security*) mirror=http://deb.debian.org/debian ;; esac
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # apt drops to the _apt user for downloads; let it write there (and nobody else).
-chmod 755 "$work"; if id _apt >/dev/null 2>&1; then chown _apt "$work"; fi
+chmod 755 "$work"; if id _apt >/dev/null 2>&1; then chown _apt "$work" 2>/dev/null || true; fi
 mkdir -p "$work/lists/partial" "$work/archives/partial"
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" > "$work/sources.list"
 
@@ -43,6 +43,10 @@ apt_opts=(
   -o "Acquire::Languages=none"
   -o "APT::Architecture=amd64"
 )
+command -v apt-get >/dev/null && command -v dpkg >/dev/null || {
+  echo "fetch-libkrunfw: this needs apt-get and dpkg (Debian, Ubuntu); elsewhere install your distribution's libkrunfw package" >&2
+  exit 69
+}
 apt-get "${apt_opts[@]}" -qq update >&2
 (cd "$work" && apt-get "${apt_opts[@]}" -qq download libkrunfw5 >&2)
 deb=$(ls "$work"/libkrunfw5_*.deb)

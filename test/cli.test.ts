@@ -31,11 +31,41 @@ describe('usage', () => {
   test('--help for the tool and for run; usage errors exit 2', () => {
     expect(cli(['--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('Commands:') });
     expect(cli(['run', '--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('--trace') });
-    for (const c of ['pull', 'images', 'cache', 'prune', 'ps', 'logs', 'stop', 'rm', 'exec', 'doctor', 'bench']) {
+    for (const c of [
+      'pull',
+      'images',
+      'cache',
+      'prune',
+      'ps',
+      'inspect',
+      'port',
+      'logs',
+      'stop',
+      'rm',
+      'exec',
+      'doctor',
+      'bench',
+    ]) {
       expect([c, cli([c, '--help']).stdout.startsWith(`microvm ${c}`)]).toEqual([c, true]);
     }
     expect(cli([]).code).toBe(2);
-    expect(cli(['frobnicate'])).toMatchObject({ code: 2, stderr: expect.stringContaining('unknown command') });
+    expect(cli(['frobnicate'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('[ERR_MICROVM_USAGE] unknown command'),
+    });
+    const pkgVersion = (
+      JSON.parse(fs.readFileSync(path.join(packageRoot, 'package.json'), 'utf8')) as { version: string }
+    ).version;
+    expect(cli(['--version'])).toMatchObject({ code: 0, stdout: `${pkgVersion}\n` });
+    expect(cli(['-V'])).toMatchObject({ code: 0, stdout: `${pkgVersion}\n` });
+    expect(cli(['rm', '--data-dir', s.dir])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('[ERR_MICROVM_USAGE]'),
+    });
+    expect(cli(['stop', '-t', 'soon', 'x', '--data-dir', s.dir])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('-t takes'),
+    });
     expect(cli(['run', 'img', '--cpus', 'two'])).toMatchObject({ code: 2, stderr: expect.stringContaining('--cpus') });
     expect(cli(['logs', 'nope', '--data-dir', s.dir])).toMatchObject({
       code: 1,
@@ -54,8 +84,8 @@ describe('usage', () => {
     expect(cli(['rm', `--data-dir=${a}`, 'victim'], 120000, env)).toMatchObject({ code: 0 });
     expect(fs.existsSync(path.join(a, 'vms', 'victim'))).toBe(false);
     expect(fs.existsSync(path.join(def, 'vms', 'victim'))).toBe(true);
-    expect(JSON.parse(cli(['ps', '--json', `--data-dir=${a}`], 120000, env).stdout)).toEqual([]);
-    expect(JSON.parse(cli(['ps', '--json', '--data-dir', def], 120000, env).stdout)).toEqual([
+    expect(JSON.parse(cli(['ps', '-a', '--json', `--data-dir=${a}`], 120000, env).stdout)).toEqual([]);
+    expect(JSON.parse(cli(['ps', '-a', '--json', '--data-dir', def], 120000, env).stdout)).toEqual([
       expect.objectContaining({ name: 'victim' }),
     ]);
     expect(cli(['logs', 'victim', `--data-dir=${def}`], 120000, env)).toMatchObject({ code: 0, stdout: 'x' });
@@ -252,7 +282,7 @@ describe('usage', () => {
       expect(seen).toMatch(/tick 0/);
     } finally {
       follower.kill('SIGTERM');
-      cli(['rm', 'ticker', '--data-dir', s.dir]);
+      cli(['rm', '-f', 'ticker', '--data-dir', s.dir]);
     }
   });
 
@@ -416,14 +446,21 @@ describe('usage', () => {
       const r = cli(['exec', 'sshvm', '--data-dir', s.dir, '--', 'sh', '-c', 'cat /etc/layer2; exit 6']);
       expect(r).toMatchObject({ code: 6, stdout: 'from layer 2\n', stderr: '' });
     } finally {
-      cli(['rm', 'sshvm', '--data-dir', s.dir]);
+      cli(['rm', '-f', 'sshvm', '--data-dir', s.dir]);
     }
   });
 
-  test('pull, images, --detach, ps, logs, stop, rm, cache purge', () => {
+  test('docker habits: pull, images (header, -q), run -d -p GUEST, ps (running only, header, -a, -q), port, inspect, logs --tail, rm refuses a running VM, stop -t, rm NAME..., cache purge', async () => {
     expect(cli(['pull', `oci:${layout}:test`, '--data-dir', s.dir]).code).toBe(0);
-    const imgs = JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout) as { references: string[] }[];
+    const imgs = JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout) as {
+      digest: string;
+      references: string[];
+    }[];
     expect(imgs).toEqual([expect.objectContaining({ references: [`oci:${layout}:test`] })]);
+    const imagesText = cli(['images', '--data-dir', s.dir]).stdout.split('\n');
+    expect(imagesText[0]).toMatch(/^DIGEST\s+SIZE\s+LAST USED\s+REFERENCES$/);
+    expect(imagesText[1]).toContain(`oci:${layout}:test`);
+    expect(cli(['images', '-q', '--data-dir', s.dir]).stdout).toBe(`${imgs[0].digest}\n`);
     const started = cli([
       'run',
       `oci:${layout}:test`,
@@ -433,31 +470,87 @@ describe('usage', () => {
       'qemu',
       '--name',
       'bg',
-      '--detach',
+      '-d',
+      '-p',
+      '8080',
       '--',
       '/bin/sh',
       '-c',
-      'echo in the background; sleep 600',
+      'mkdir -p /tmp/w; echo served > /tmp/w/i; echo line1; echo in the background; exec busybox httpd -f -p 8080 -h /tmp/w',
     ]);
     expect(started).toMatchObject({ code: 0, stdout: 'bg\n' });
-    const ps = JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { name: string; running: boolean }[];
+    const ps = JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as {
+      name: string;
+      running: boolean;
+      ports: { host: number; guest: number }[];
+    }[];
     expect(ps).toEqual([expect.objectContaining({ name: 'bg', running: true })]);
-    // The VM outlived the CLI process that started it; wait for the guest's line, then stop it.
+    const host = ps[0].ports[0].host;
+    expect(ps[0].ports).toEqual([{ host, guest: 8080 }]);
+    expect(host).toBeGreaterThan(0);
+    const psText = cli(['ps', '--data-dir', s.dir]).stdout.split('\n');
+    expect(psText[0]).toMatch(/^NAME\s+STATUS\s+BACKEND\s+PID\s+PORTS\s+IMAGE$/);
+    expect(psText[1]).toMatch(new RegExp(`^bg\\s+running\\s+qemu\\s+\\d+\\s+${host}->8080\\s+oci:`));
+    expect(cli(['ps', '-q', '--data-dir', s.dir]).stdout).toBe('bg\n');
+    expect(cli(['port', 'bg', '8080', '--data-dir', s.dir]).stdout).toBe(`127.0.0.1:${host}\n`);
+    expect(cli(['port', 'bg', '--data-dir', s.dir]).stdout).toBe(`8080 -> 127.0.0.1:${host}\n`);
+    expect(cli(['port', 'bg', '81', '--data-dir', s.dir])).toMatchObject({
+      code: 1,
+      stderr: expect.stringContaining('[ERR_MICROVM_PORT_NOT_FORWARDED]'),
+    });
+    const inspected = cli(['inspect', 'bg', '--data-dir', s.dir]);
+    expect(inspected.code).toBe(0);
+    expect(JSON.parse(inspected.stdout)).toEqual([
+      expect.objectContaining({
+        name: 'bg',
+        backend: 'qemu',
+        running: true,
+        ports: [{ host, guest: 8080 }],
+        imageDigest: imgs[0].digest,
+        files: expect.objectContaining({ console: expect.stringContaining('console.log') }),
+      }),
+    ]);
+    expect(cli(['inspect', 'bg', 'nope', '--data-dir', s.dir])).toMatchObject({
+      code: 1,
+      stderr: expect.stringContaining('[ERR_MICROVM_VM_NOT_FOUND] no VM named nope'),
+    });
+    // The VM outlived the CLI process that started it; wait for the guest's lines and its server.
     let logs = '';
     for (let i = 0; i < 120 && !logs.includes('in the background'); i++) {
       logs = cli(['logs', 'bg', '--data-dir', s.dir]).stdout;
       if (!logs.includes('in the background')) spawnSync('sleep', ['0.25']);
     }
-    expect(logs).toContain('in the background');
-    expect(cli(['stop', 'bg', '--data-dir', s.dir])).toMatchObject({
-      code: 0,
-      stdout: expect.stringContaining('stopped'),
+    expect(logs).toBe('line1\nin the background\n');
+    expect(cli(['logs', 'bg', '--tail', '1', '--data-dir', s.dir]).stdout).toBe('in the background\n');
+    expect(cli(['logs', 'bg', '-n', '0', '--data-dir', s.dir]).stdout).toBe('');
+    let body = '';
+    for (let i = 0; i < 100 && body !== 'served\n'; i++) {
+      body = await fetch(`http://127.0.0.1:${host}/i`).then(
+        (r) => r.text(),
+        () => '',
+      );
+      if (body !== 'served\n') await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(body).toBe('served\n');
+    // rm of a running VM needs -f; nothing is removed without it.
+    expect(cli(['rm', 'bg', '--data-dir', s.dir])).toMatchObject({
+      code: 1,
+      stderr: expect.stringContaining('[ERR_MICROVM_VM_RUNNING] bg is running; stop it first or use rm -f'),
     });
-    expect((JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { running: boolean }[])[0].running).toBe(
-      false,
-    );
-    expect(cli(['rm', 'bg', '--data-dir', s.dir]).code).toBe(0);
-    expect(JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
+    expect(fs.existsSync(path.join(s.dir, 'vms', 'bg'))).toBe(true);
+    expect(cli(['stop', '-t', '1', 'bg', '--data-dir', s.dir])).toMatchObject({ code: 0, stdout: 'bg\n' });
+    expect(cli(['ps', '-q', '--data-dir', s.dir]).stdout).toBe('');
+    expect(JSON.parse(cli(['ps', '-a', '--json', '--data-dir', s.dir]).stdout)).toEqual([
+      expect.objectContaining({ name: 'bg', running: false }),
+    ]);
+    // Several names: each is handled, an unknown one is reported and makes the exit status 1.
+    const rm = cli(['rm', 'bg', 'nope', '--data-dir', s.dir]);
+    expect(rm).toMatchObject({
+      code: 1,
+      stdout: 'bg\n',
+      stderr: expect.stringContaining('[ERR_MICROVM_VM_NOT_FOUND]'),
+    });
+    expect(JSON.parse(cli(['ps', '-a', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
     expect(cli(['cache', 'purge', '--data-dir', s.dir]).code).toBe(0);
     expect(JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
   });
@@ -542,8 +635,8 @@ describe('usage', () => {
     const pruned = JSON.parse(cli(['prune', '--json', '--data-dir', s.dir]).stdout) as { vms: string[] };
     expect(pruned.vms).toEqual(['stopped']);
     expect(
-      (JSON.parse(cli(['ps', '--json', '--data-dir', s.dir]).stdout) as { name: string }[]).map((v) => v.name),
+      (JSON.parse(cli(['ps', '-a', '--json', '--data-dir', s.dir]).stdout) as { name: string }[]).map((v) => v.name),
     ).toEqual(['kept']);
-    expect(cli(['rm', 'kept', '--data-dir', s.dir]).code).toBe(0);
+    expect(cli(['rm', '-f', 'kept', '--data-dir', s.dir]).code).toBe(0);
   });
 });

@@ -1,6 +1,7 @@
 /** The package root works for CommonJS and ESM consumers, with type declarations. */
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
 import { scratch } from './helpers';
@@ -76,6 +77,7 @@ describe('public exports', () => {
     const m = require('../dist/index.js') as Record<string, unknown> & { native: Record<string, unknown> };
     expect(Object.keys(m).sort()).toEqual([
       'ATTR',
+      'ERROR_CODES',
       'EVENT',
       'FIRMWARE_INSTALL_HINT',
       'KrunContext',
@@ -87,6 +89,7 @@ describe('public exports', () => {
       'LOG_LEVELS',
       'MicroVM',
       'MicrovmError',
+      'PreflightError',
       'RunnerExit',
       'SPAN',
       'SshClient',
@@ -95,6 +98,7 @@ describe('public exports', () => {
       'chooseBackend',
       'cloneRootfs',
       'decideAccel',
+      'defaultCacheDir',
       'defaultDataRoot',
       'describeExit',
       'diskSpaceCheck',
@@ -203,13 +207,25 @@ describe('published declarations', () => {
       );
       fs.writeFileSync(
         path.join(app, 'main.ts'),
-        `import { run, qemuBackend, type VmExit, type ExecChannel, SshClient, native } from 'node-microvm';
+        `import { run, qemuBackend, type VmExit, type ExecChannel, SshClient, native, image, MicrovmError,
+  type MicrovmErrorCode, PreflightError, type PostBootHook, type SpanScope } from 'node-microvm';
+const hook: PostBootHook = (vm, scope: SpanScope) => void scope.tracer.startSpan(vm.name, undefined, scope.ctx).end();
 export async function f(): Promise<VmExit> {
-  const vm = await run('busybox', { backend: qemuBackend({ accel: 'tcg' }), timeouts: { boot: 1000 } });
+  await image.pull('busybox'); // cacheDir has a default
+  const vm = await run('busybox', { backend: qemuBackend({ accel: 'tcg' }), timeouts: { boot: 1000 }, postBoot: [hook] });
+  vm.on('exit', (e) => console.log(e.reason === 'exited' ? e.exitCode : e.signal));
   const ch: ExecChannel | undefined = vm.ssh ? await vm.ssh.spawn('true') : undefined;
   ch?.stderr.resume();
   void SshClient; void native.resolveFirmware;
   return vm.wait();
+}
+export function g(err: unknown): string {
+  if (err instanceof PreflightError) return err.failures.map((x) => \`\${x.name}: \${x.remediation ?? ''}\`).join();
+  if (err instanceof MicrovmError) {
+    const code: MicrovmErrorCode | \`E\${string}\` = err.code;
+    if (code === 'ERR_MICROVM_BOOT_TIMEOUT') return 'slow';
+  }
+  return '';
 }
 `,
       );
@@ -221,4 +237,122 @@ export async function f(): Promise<VmExit> {
       s.cleanup();
     }
   }, 180_000);
+});
+
+describe('the packed package', () => {
+  test('npm pack ships prebuilds (addon, runner, guest init, fs guard), docs and LICENSE; npm i on a machine with no compiler uses them', () => {
+    const s = scratch('microvm-pack-');
+    try {
+      // Pack a copy of the checkout: prepack rebuilds build/ there, never under the running tests.
+      const src = path.join(s.dir, 'src');
+      fs.mkdirSync(src);
+      for (const e of fs.readdirSync(packageRoot)) {
+        if (
+          [
+            'node_modules',
+            'build',
+            'build-cmake',
+            'prebuilds',
+            'dist',
+            '.test-artifacts',
+            '.git',
+            'vendor',
+            '.stryker-tmp',
+            'reports',
+          ].includes(e)
+        )
+          continue;
+        fs.cpSync(path.join(packageRoot, e), path.join(src, e), { recursive: true });
+      }
+      fs.symlinkSync(path.join(packageRoot, 'node_modules'), path.join(src, 'node_modules'));
+      const tgz = execFileSync('npm', ['pack', '--silent', '--pack-destination', s.dir], {
+        cwd: src,
+        encoding: 'utf8',
+        stdio: ['ignore', 'pipe', 'pipe'],
+      })
+        .trim()
+        .split('\n')
+        .pop() as string;
+      const listing = execFileSync('tar', ['tzf', path.join(s.dir, tgz)], { encoding: 'utf8' }).split('\n');
+      for (const f of [
+        'package/prebuilds/linux-x64/node-microvm.node',
+        'package/prebuilds/linux-x64/microvm-runner',
+        'package/prebuilds/linux-x64/microvm-guest-init',
+        'package/prebuilds/linux-x64/microvm-fsguard.so',
+        'package/LICENSE',
+        'package/docs/api.md',
+        'package/dist/index.js',
+      ]) {
+        expect([f, listing.includes(f)]).toEqual([f, true]);
+      }
+      expect(listing.some((f) => f.startsWith('package/build/'))).toBe(false);
+      // An app on a machine without a compiler: PATH has node and sh only (no cc, c++, make, python3).
+      const bin = path.join(s.dir, 'bin');
+      fs.mkdirSync(bin);
+      fs.symlinkSync(process.execPath, path.join(bin, 'node'));
+      fs.symlinkSync('/bin/sh', path.join(bin, 'sh'));
+      const npmCli = path.resolve(
+        path.dirname(process.execPath),
+        '..',
+        'lib',
+        'node_modules',
+        'npm',
+        'bin',
+        'npm-cli.js',
+      );
+      const app = path.join(s.dir, 'app');
+      fs.mkdirSync(app);
+      fs.writeFileSync(path.join(app, 'package.json'), '{"name":"app","private":true}\n');
+      const install = spawnSync(
+        process.execPath,
+        [npmCli, 'install', '--no-audit', '--no-fund', '--foreground-scripts', path.join(s.dir, tgz)],
+        {
+          cwd: app,
+          encoding: 'utf8',
+          env: { ...process.env, PATH: bin, npm_config_cache: path.join(os.homedir(), '.npm') },
+        },
+      );
+      // ssh2's optional cpu-features tries a build and fails harmlessly without a compiler; our own
+      // install script must not build: it found the prebuild.
+      expect([
+        install.status,
+        /node-microvm[^\n]*(gyp|native-build)|native-build: /.test(install.stdout + install.stderr),
+      ]).toEqual([0, false]);
+      expect(install.stdout + install.stderr).toContain('node-microvm: using prebuilds/linux-x64/');
+      const installed = path.join(app, 'node_modules', 'node-microvm');
+      expect(fs.existsSync(path.join(installed, 'build'))).toBe(false);
+      const out = execFileSync(
+        process.execPath,
+        [
+          '-e',
+          "const m = require('node-microvm'); console.log(m.native.addonPath()); console.log(m.native.resolveRunner())",
+        ],
+        { cwd: app, encoding: 'utf8' },
+      ).split('\n');
+      expect(out[0]).toBe(path.join(installed, 'prebuilds', 'linux-x64', 'node-microvm.node'));
+      expect(out[1]).toBe(path.join(installed, 'prebuilds', 'linux-x64', 'microvm-runner'));
+    } finally {
+      s.cleanup();
+    }
+  }, 600_000);
+
+  test('no usable binary: the load error names `npm rebuild node-microvm`', () => {
+    const s = scratch('microvm-nobin-');
+    try {
+      const pkgDir = path.join(s.dir, 'node_modules', 'node-microvm');
+      fs.mkdirSync(pkgDir, { recursive: true });
+      fs.cpSync(path.join(packageRoot, 'dist'), path.join(pkgDir, 'dist'), { recursive: true });
+      fs.copyFileSync(path.join(packageRoot, 'package.json'), path.join(pkgDir, 'package.json'));
+      fs.symlinkSync(path.join(packageRoot, 'node_modules'), path.join(pkgDir, 'node_modules'));
+      const r = spawnSync(
+        process.execPath,
+        ['-e', "try { require('node-microvm').errnoName(22) } catch (e) { console.log(e.code + ' ' + e.message) }"],
+        { cwd: s.dir, encoding: 'utf8' },
+      );
+      expect(r.stdout).toMatch(/^ERR_MICROVM_ADDON_LOAD Cannot load the node-microvm native addon/);
+      expect(r.stdout).toContain('`npm rebuild node-microvm`');
+    } finally {
+      s.cleanup();
+    }
+  });
 });

@@ -70,6 +70,25 @@ const IMAGE_SPANS: Record<string, [string, string[]]> = {
   'microvm.image.Extract': ['microvm.ImagePull', ['microvm.image.layered', 'microvm.image.entries']],
   'microvm.image.CacheStore': ['microvm.ImagePull', ['microvm.image.digest']],
 };
+/** run({ waitFor }) spans (checked on real boots in test/e2e/qemu.test.ts and the double in test/pipeline/run.test.ts). */
+const WAIT_SPANS: Record<string, [string, string[]]> = {
+  'microvm.WaitForLog': ['microvm.PostBoot', ['microvm.wait.pattern', 'microvm.wait.stream', 'microvm.wait.attempts']],
+  'microvm.WaitForTCP': [
+    'microvm.PostBoot',
+    ['microvm.wait.guest_port', 'server.address', 'server.port', 'microvm.wait.attempts'],
+  ],
+  'microvm.WaitForHTTP': [
+    'microvm.PostBoot',
+    [
+      'microvm.wait.guest_port',
+      'server.address',
+      'server.port',
+      'url.path',
+      'http.response.status_code',
+      'microvm.wait.attempts',
+    ],
+  ],
+};
 const EVENTS = { probeFailed: 'ssh.probe_failed', probeCount: 'ssh.probe_count', probeError: 'error' };
 const FAILURE_KEYS = ['error.type'];
 
@@ -107,6 +126,8 @@ describe('the telemetry contract', () => {
       ...Object.keys(COMMON),
       ...Object.keys(QEMU_ONLY),
       ...Object.keys(IMAGE_SPANS),
+      ...Object.keys(WAIT_SPANS),
+      ...Object.values(WAIT_SPANS).flatMap(([, k]) => k),
       ...Object.values(COMMON).flatMap(([, k]) => k),
       ...Object.values(LIBKRUN_ONLY).flat(),
       ...Object.values(QEMU_ONLY).flatMap(([, k]) => k),
@@ -215,6 +236,50 @@ describe('the telemetry contract', () => {
         expect(typeof e.attributes?.[EVENTS.probeCount]).toBe('number');
         expect(typeof e.attributes?.[EVENTS.probeError]).toBe('string');
       }
+    },
+  );
+
+  (skip ? test.skip : test)(
+    `QEMU (a real boot, busybox httpd): waitFor log, tcp and http, each its span with its keys; ports host 0${skip ? ` [skipped: ${skip}]` : ''}`,
+    async () => {
+      process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
+      const { provider, spans } = capture();
+      const www = '/tmp/www';
+      const vm = await run('test-image', {
+        rootfsPath: process.env.MICROVM_TEST_IMAGE,
+        dataDir: path.join(s.dir, 'data'),
+        backend: 'qemu',
+        ports: [{ host: 0, guest: 8080 }],
+        initOverride: [
+          '/bin/sh',
+          '-c',
+          `mkdir -p ${www}; echo hello > ${www}/index.html; sleep 1; echo "server ready"; exec busybox httpd -f -p 8080 -h ${www}`,
+        ],
+        // tcp first: it must wait through the boot and the sleep (QEMU accepts on the host at once).
+        waitFor: [{ tcp: 8080 }, { log: /^server ready$/ }, { http: { port: 8080, path: '/index.html', status: 200 } }],
+        tracerProvider: provider,
+      });
+      try {
+        const host = vm.port(8080);
+        const body = await fetch(`http://127.0.0.1:${host}/index.html`).then((r) => r.text());
+        expect(body).toBe('hello\n');
+      } finally {
+        await vm.remove();
+      }
+      const all = spans();
+      check(all, WAIT_SPANS);
+      const names = all.filter((x) => x.name.startsWith('microvm.WaitFor')).map((x) => x.name);
+      expect(names).toEqual(['microvm.WaitForTCP', 'microvm.WaitForLog', 'microvm.WaitForHTTP']);
+      // The TCP wait did not take the first host-side accept: it probed until the guest answered.
+      expect(all.find((x) => x.name === 'microvm.WaitForTCP')?.attributes['microvm.wait.attempts']).toBeGreaterThan(1);
+      const h = all.find((x) => x.name === 'microvm.WaitForHTTP') as ReadableSpan;
+      expect(h.attributes).toMatchObject({
+        'http.response.status_code': 200,
+        'url.path': '/index.html',
+        'microvm.wait.guest_port': 8080,
+        'server.address': '127.0.0.1',
+      });
+      expect(h.attributes['server.port']).toBe(vm.ports[0].host);
     },
   );
 });

@@ -89,6 +89,13 @@ export interface BackendHandle {
   readonly stderrPath?: string;
   /** Signals the VM's process group. */
   kill(signal: NodeJS.Signals): boolean;
+  /**
+   * While a host connection to the forwarded `hostPort` is open: the state of its guest side
+   * (`'ESTABLISHED'` once the guest accepted, `'SYN_SENT'` while it has not answered), undefined
+   * when the hypervisor has none. Only where a host-side accept proves nothing about the guest
+   * (QEMU's user network accepts at once and keeps the connection while the guest is silent).
+   */
+  tcpForwardState?(hostPort: number): Promise<string | undefined>;
 }
 
 export interface Backend {

@@ -4,6 +4,7 @@
  * message when the hypervisor failed; otherwise 0 success, 1 failure (the message carries the error
  * code), 2 usage error.
  */
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -16,7 +17,8 @@ import {
   SimpleSpanProcessor,
   type SpanProcessor,
 } from '@opentelemetry/sdk-trace-base';
-import { chooseBackend, defaultDataRoot, run, type RunOptions } from '../run';
+import { chooseBackend, run, type RunOptions } from '../run';
+import { defaultCacheDir, defaultDataRoot } from '../paths';
 import { gc, list, purge } from '../image/cache';
 import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
@@ -28,6 +30,8 @@ import { LIBKRUN_INSTALL_HINT, resolveRuntime } from '../resolve/runtime';
 import { isRecordedProcess, readState, sweepVms, terminateRecorded } from '../state';
 import { SshClient } from '../ssh/client';
 import { formatSpanTree } from '../telemetry/tree';
+import type { MicrovmErrorCode } from '../error-codes';
+import { packageRoot } from '../native';
 
 const USAGE: Record<string, string> = {
   '': `microvm — boot OCI images as lightweight VMs
@@ -40,16 +44,20 @@ Commands:
   images                  list cached images
   cache gc|purge          remove unreferenced entries and downloads / everything
   prune                   remove stopped VMs' data, then what the image cache no longer needs
-  ps                      list VMs
-  logs NAME [-f]          print a VM's console output
+  ps [-a] [-q]            list running VMs (-a: all)
+  inspect NAME...         print what is known about VMs (JSON)
+  port NAME [GUEST]       print a VM's forwarded ports (host 127.0.0.1:PORT -> guest port)
+  logs NAME [-f] [-n N]   print a VM's output
   exec NAME -- CMD...     run a command in a VM started with --ssh (exit code: the command's)
-  stop NAME               stop a VM
-  rm NAME                 stop a VM and remove its data
+  stop [-t S] NAME...     stop VMs
+  rm [-f] NAME...         remove stopped VMs' data (-f: stop running ones first)
   doctor                  check this machine and say how to fix what is missing
+  setup                   fetch libkrunfw into the data dir when the system has none (Debian/Ubuntu)
   bench IMAGE [-n N] [--backend B] [-- CMD...]
                           boot IMAGE N times (5); per-stage p50/p90 from the spans
 
 Global options: --data-dir DIR (default $MICROVM_DATA_DIR or ~/.local/share/node-microvm), --json, --help
+microvm --version (-V) prints the version.
 Exit codes: run -> the guest command's exit code (128+N after signal N, 1 when the hypervisor
 failed); otherwise 0 ok, 1 failed, 2 usage error.`,
   run: `microvm run IMAGE [-- CMD...]
@@ -58,7 +66,8 @@ IMAGE is a registry reference (busybox, 127.0.0.1:5000/app:1) or an OCI layout (
 Options:
   --name NAME         VM name (default vm-<id>)
   --cpus N            vCPUs (1)            --memory MIB   memory in MiB (512)
-  -p HOST:GUEST       forward a TCP port on 127.0.0.1 (repeatable)
+  -p [HOST:]GUEST     forward a TCP port on 127.0.0.1 (repeatable); without HOST (or HOST 0) a free
+                      port is picked: \`microvm port NAME\` shows it
   -e KEY=VALUE        guest environment (repeatable)
   -v HOST:GUEST[:ro]  share a host directory at GUEST over virtio-fs (repeatable; the QEMU backend
                       mounts it; with libkrun mount tag volN yourself)
@@ -71,27 +80,31 @@ Options:
   --pull POLICY       missing | always | never (missing): when to ask the registry or layout what
                       IMAGE's tag names now; always picks up a re-tagged image
   --ssh               inject a key and wait for SSH on guest port 22
-  --detach            return once the VM started (print its name)
+  -d, --detach        return once the VM started (print its name)
   --trace             print the startup span tree to stderr
   --trace-json FILE   write the spans as JSON
   --otlp URL          export spans over OTLP/HTTP to URL (base, e.g. http://127.0.0.1:4318);
                       also OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_SERVICE_NAME
   --log-level L       libkrun log level (off, error, warn, info, debug, trace)
-  --json              print one JSON object instead of text
+  --json              print one JSON object instead of text: with --detach {name, id, pid, backend,
+                      dataDir, ports}; otherwise {name, backend, reason, exitCode, signal,
+                      interruptedBy, error, stdout, stderr, console, spans}
 stdout carries only the command's stdout (QEMU backend; with libkrun the console, CRLF made LF),
 stderr the command's stderr and microvm's own messages.
 Exit code: the guest command's; 128+N when microvm was interrupted by signal N (SIGINT: 130) or the
 VM was stopped by signal N; 1 with a coded message when the hypervisor failed.`,
   pull: `microvm pull IMAGE [--data-dir DIR] [--json]
 
-Pulls IMAGE (registry reference or oci:DIR:TAG) into <data-dir>/images. A tag is resolved anew every
+Pulls IMAGE (registry reference or oci:DIR:TAG) into <data-dir>/cache. A tag is resolved anew every
 time (one manifest request, or the layout's index): a re-tagged image is pulled, and the digest the
 tag named before is printed. Progress bars per layer on a terminal, one line per finished layer
-otherwise, nothing but JSON with --json.`,
-  images: `microvm images [--data-dir DIR] [--json]
+otherwise, nothing but JSON with --json: {reference, digest, path, fromCache, warnings,
+previousDigest?}.`,
+  images: `microvm images [-q] [--data-dir DIR] [--json]
 
-Lists cached images: digest, size, last use, references; an image a tag named before it moved says
-which tag and when.`,
+Lists cached images under a header line: digest, size, last use, references; an image a tag named
+before it moved says which tag and when. -q: digests only. --json: an array of {digest, bytes,
+references, formerReferences, createdAt, lastUsedAt, path, ...}.`,
   cache: `microvm cache gc|purge [--data-dir DIR] [--json]
 
 gc: remove unreferenced or incomplete entries (never one a running VM uses), downloaded blobs no
@@ -100,22 +113,42 @@ kept image needs, and what killed pulls left. purge: remove the whole cache.`,
 
 Removes the data of every VM that is not running (and whose microvm process is gone), then runs
 \`cache gc\`. Running VMs are never touched.`,
-  ps: `microvm ps [--data-dir DIR] [--json]
+  ps: `microvm ps [-a] [-q] [--data-dir DIR] [--json]
 
-Lists VMs in the data dir and whether each is running (PID and start time checked).`,
-  logs: `microvm logs NAME [-f] [--console] [--data-dir DIR]
+Lists running VMs under a header line (NAME STATUS BACKEND PID PORTS IMAGE); -a lists stopped ones
+too; -q prints names only. Running means the recorded PID is alive and still that VM (start time and
+executable checked). --json: an array of {name, running, backend, pid, image, ports, createdAt}.`,
+  inspect: `microvm inspect NAME... [--data-dir DIR]
+
+Prints a JSON array, one object per VM: its recorded state (id, backend, pid, image, image digest,
+cpus, memory, ports, root, clone strategy, creation time), whether it runs, and its files (console,
+stdout, stderr, hypervisor log). Exit 1 when a NAME is unknown (the others are still printed).`,
+  port: `microvm port NAME [GUEST] [--data-dir DIR] [--json]
+
+Prints each forwarded port as "GUEST -> 127.0.0.1:HOST" (with GUEST: that one's host port only).
+--json: an array of {host, guest}.`,
+  logs: `microvm logs NAME [-f] [-n N] [--console] [--data-dir DIR]
 
 Prints the guest command's stdout (to stdout) and stderr (to stderr); with the libkrun backend, or
-with --console, the VM's console (kernel and init messages too). -f follows.`,
-  stop: `microvm stop NAME [--data-dir DIR] [--json]
+with --console, the VM's console (kernel and init messages too). -n/--tail N: only the last N lines of
+each. -f follows.`,
+  stop: `microvm stop [-t SECONDS] NAME... [--data-dir DIR] [--json]
 
-SIGTERM to the VM, SIGKILL after 5 s (only if its PID still is that VM).`,
-  rm: `microvm rm NAME [--data-dir DIR] [--json]
+SIGTERM to each VM, SIGKILL after -t SECONDS (5) (only if its PID still is that VM).
+--json: an array of {name, stopped}.`,
+  rm: `microvm rm [-f] NAME... [--data-dir DIR] [--json]
 
-Stops the VM and removes its data directory (never the image cache).`,
+Removes each VM's data directory (never the image cache). A running VM is refused
+(ERR_MICROVM_VM_RUNNING) unless -f, which stops it first. --json: an array of {name, stopped, removed}.`,
   exec: `microvm exec NAME [--data-dir DIR] [--json] -- CMD...
 
 Runs CMD over SSH in a VM started with --ssh; exits with its exit code.`,
+  setup: `microvm setup [--data-dir DIR] [--json]
+
+Makes sure libkrunfw 5 (the guest kernel both backends boot) can be found: when it is not installed,
+fetches Debian's libkrunfw5 package with apt-get download (no system change) and unpacks it into
+<data-dir>/libkrunfw, where the library looks. Prints where it is. On distributions without
+apt-get, install their libkrunfw package instead. Also run \`microvm doctor\`.`,
   doctor: `microvm doctor [--data-dir DIR] [--json]
 
 Checks KVM, libkrun, libkrunfw, QEMU, user namespaces and disk space; says how to fix what is
@@ -125,7 +158,69 @@ missing and which backend 'auto' will use. Exit 0 when some backend can run.`,
 Boots IMAGE N times (5) running CMD (exit 0) and prints p50/p90 per span.`,
 };
 
-class UsageError extends Error {}
+class UsageError extends Error {
+  readonly code = 'ERR_MICROVM_USAGE';
+}
+
+/** The code a usage error prints: node:util's ERR_PARSE_ARGS_* as it is, else ERR_MICROVM_USAGE. */
+function usageCode(err: unknown): string {
+  const c = (err as { code?: unknown }).code;
+  return typeof c === 'string' && c.startsWith('ERR_PARSE_ARGS') ? c : 'ERR_MICROVM_USAGE';
+}
+
+/** An Error with a code (the CLI's own conditions). */
+function coded(code: MicrovmErrorCode, message: string): Error & { code: MicrovmErrorCode } {
+  return Object.assign(new Error(message), { code });
+}
+
+/** Columns padded to their widest cell, under a header line; no trailing spaces. */
+function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  return [header, ...rows]
+    .map((r) =>
+      r
+        .map((c, i) => c.padEnd(widths[i]))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
+}
+
+/** VM names in the data dir, sorted. */
+function vmNames(dataDir: string): string[] {
+  const dir = path.join(dataDir, 'vms');
+  return fs.existsSync(dir) ? fs.readdirSync(dir).sort() : [];
+}
+
+/** The offset in `file` where its last `lines` lines start (reads from the end only). */
+function tailOffset(file: string, lines: number): number {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch {
+    return 0;
+  }
+  try {
+    const size = fs.fstatSync(fd).size;
+    if (lines === 0) return size;
+    const chunk = Buffer.alloc(64 * 1024);
+    let pos = size;
+    let seen = 0;
+    while (pos > 0) {
+      const n = Math.min(chunk.length, pos);
+      pos -= n;
+      fs.readSync(fd, chunk, 0, n, pos);
+      for (let i = n - 1; i >= 0; i--) {
+        // The newline at the very end closes the last line; it does not start another.
+        if (chunk[i] !== 0x0a || pos + i === size - 1) continue;
+        if (++seen === lines) return pos + i + 1;
+      }
+    }
+    return 0;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
 
 function spansJson(spans: readonly ReadableSpan[]): unknown[] {
   const t = (h: [number, number]): number => h[0] * 1e3 + h[1] / 1e6;
@@ -215,7 +310,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       'data-dir': { type: 'string' },
       rm: { type: 'boolean' },
       ssh: { type: 'boolean' },
-      detach: { type: 'boolean' },
+      detach: { type: 'boolean', short: 'd' },
       trace: { type: 'boolean' },
       'trace-json': { type: 'string' },
       'log-level': { type: 'string' },
@@ -275,9 +370,9 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     cpus: num('cpus', values.cpus),
     memoryMiB: num('memory', values.memory),
     ports: (values.p ?? []).map((s) => {
-      const m = /^(\d+):(\d+)$/.exec(s);
-      if (!m) throw new UsageError(`-p takes HOST:GUEST, not ${JSON.stringify(s)}`);
-      return { host: Number(m[1]), guest: Number(m[2]) };
+      const m = /^(?:(\d+):)?(\d+)$/.exec(s);
+      if (!m) throw new UsageError(`-p takes [HOST:]GUEST, not ${JSON.stringify(s)}`);
+      return { host: m[1] === undefined ? 0 : Number(m[1]), guest: Number(m[2]) };
     }),
     env: values.e ?? [],
     virtiofs: (values.v ?? []).map((spec, i) => {
@@ -515,15 +610,18 @@ const GLOBAL_OPTIONS = {
 /** Each command's own options (run and bench parse theirs in cmdRun/cmdBench). */
 const COMMAND_OPTIONS: Record<string, Record<string, { type: 'string' | 'boolean'; short?: string }>> = {
   pull: {},
-  images: {},
+  images: { quiet: { type: 'boolean', short: 'q' } },
   cache: {},
   prune: {},
-  ps: {},
-  stop: {},
-  rm: {},
+  ps: { all: { type: 'boolean', short: 'a' }, quiet: { type: 'boolean', short: 'q' } },
+  inspect: {},
+  port: {},
+  stop: { time: { type: 'string', short: 't' } },
+  rm: { force: { type: 'boolean', short: 'f' } },
   exec: {},
   doctor: {},
-  logs: { follow: { type: 'boolean', short: 'f' }, console: { type: 'boolean' } },
+  setup: {},
+  logs: { follow: { type: 'boolean', short: 'f' }, console: { type: 'boolean' }, tail: { type: 'string', short: 'n' } },
 };
 
 /**
@@ -558,6 +656,11 @@ export async function main(argv: string[]): Promise<number> {
   const out = (o: unknown, text: string): void => {
     process.stdout.write(json ? `${JSON.stringify(o)}\n` : text ? `${text}\n` : '');
   };
+  if (command === '--version' || command === '-V' || command === 'version') {
+    const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot, 'package.json'), 'utf8')) as { version: string };
+    out({ version: pkg.version, node: process.versions.node }, pkg.version);
+    return 0;
+  }
   if (!command || command === '--help' || command === '-h' || command === 'help') {
     process.stdout.write(`${USAGE['']}\n`);
     return command ? 0 : 2;
@@ -573,7 +676,9 @@ export async function main(argv: string[]): Promise<number> {
     try {
       ({ values, positionals: positional, after } = parseCommand(command, rest));
     } catch (err) {
-      process.stderr.write(`microvm: ${(err as Error).message}\nRun 'microvm ${command} --help'.\n`);
+      process.stderr.write(
+        `microvm: [${usageCode(err)}] ${(err as Error).message}\nRun 'microvm ${command} --help'.\n`,
+      );
       return 2;
     }
   } else {
@@ -586,7 +691,7 @@ export async function main(argv: string[]): Promise<number> {
   }
   const dataDir =
     typeof values['data-dir'] === 'string' && values['data-dir'] ? path.resolve(values['data-dir']) : defaultDataRoot();
-  const cacheDir = path.join(dataDir, 'images');
+  const cacheDir = defaultCacheDir(dataDir);
   try {
     switch (command) {
       case 'run':
@@ -624,21 +729,30 @@ export async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case 'images': {
+        if (positional.length) throw new UsageError('images takes no arguments');
         const imgs = list(cacheDir);
+        if (values.quiet) {
+          out(
+            imgs.map((i) => i.digest),
+            imgs.map((i) => i.digest).join('\n'),
+          );
+          return 0;
+        }
+        const when = (iso: string): string => iso.slice(0, 16).replace('T', ' ');
         out(
           imgs,
-          imgs
-            .map(
-              (i) =>
-                `${i.digest.slice(0, 19)}  ${(i.bytes / 1e6).toFixed(1).padStart(8)} MB  used ${i.lastUsedAt.slice(0, 16).replace('T', ' ')}  ${[
-                  ...i.references,
-                  ...i.formerReferences.map(
-                    (f) =>
-                      `(${f.reference} until ${f.until.slice(0, 16).replace('T', ' ')}, now ${f.now.slice(0, 19)})`,
-                  ),
-                ].join(', ')}`,
-            )
-            .join('\n') || '(no images)',
+          table(
+            ['DIGEST', 'SIZE', 'LAST USED', 'REFERENCES'],
+            imgs.map((i) => [
+              i.digest.slice(0, 19),
+              `${(i.bytes / 1e6).toFixed(1)} MB`,
+              when(i.lastUsedAt),
+              [
+                ...i.references,
+                ...i.formerReferences.map((f) => `(${f.reference} until ${when(f.until)}, now ${f.now.slice(0, 19)})`),
+              ].join(', '),
+            ]),
+          ),
         );
         return 0;
       }
@@ -663,34 +777,102 @@ export async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case 'ps': {
-        const dir = path.join(dataDir, 'vms');
-        const rows = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).map((name) => {
-          const st = readState(path.join(dir, name));
-          return {
-            name,
-            image: st?.image,
-            backend: st?.backend,
-            pid: st?.pid,
-            running: st ? isRecordedProcess(st) : false,
-            ports: st?.ports ?? [],
-          };
-        });
+        if (positional.length) throw new UsageError('ps takes no arguments');
+        const rows = vmNames(dataDir)
+          .map((name) => {
+            const st = readState(path.join(dataDir, 'vms', name));
+            return {
+              name,
+              running: st ? isRecordedProcess(st) : false,
+              backend: st?.backend ?? null,
+              pid: st?.pid ?? null,
+              image: st?.image ?? null,
+              ports: st?.ports ?? [],
+              createdAt: st?.createdAt ?? null,
+            };
+          })
+          .filter((r) => values.all || r.running);
+        if (values.quiet) {
+          out(
+            rows.map((r) => r.name),
+            rows.map((r) => r.name).join('\n'),
+          );
+          return 0;
+        }
         out(
           rows,
-          rows
-            .map(
-              (r) =>
-                `${r.name.padEnd(20)} ${r.running ? 'running' : 'stopped'}  ${String(r.backend ?? '').padEnd(8)} ${r.image ?? ''}`,
-            )
-            .join('\n') || '(no VMs)',
+          table(
+            ['NAME', 'STATUS', 'BACKEND', 'PID', 'PORTS', 'IMAGE'],
+            rows.map((r) => [
+              r.name,
+              r.running ? 'running' : 'stopped',
+              r.backend ?? '',
+              r.running ? String(r.pid) : '',
+              r.ports.map((p) => `${p.host}->${p.guest}`).join(','),
+              r.image ?? '',
+            ]),
+          ),
         );
+        return 0;
+      }
+      case 'inspect': {
+        if (positional.length === 0) throw new UsageError('inspect takes one or more NAMEs');
+        const found: unknown[] = [];
+        const missing: string[] = [];
+        for (const name of positional) {
+          const dir = vmDir(dataDir, name);
+          const st = readState(dir);
+          if (!st) {
+            missing.push(name);
+            continue;
+          }
+          const file = (f: string): string | null => (fs.existsSync(path.join(dir, f)) ? path.join(dir, f) : null);
+          found.push({
+            ...st,
+            running: isRecordedProcess(st),
+            dataDir: dir,
+            files: {
+              console: file('console.log'),
+              stdout: file('stdout.log'),
+              stderr: file('stderr.log'),
+              log: file('vm.log'),
+            },
+          });
+        }
+        process.stdout.write(`${JSON.stringify(found, null, 2)}\n`);
+        if (missing.length) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no VM named ${missing.join(', ')}`);
+        return 0;
+      }
+      case 'port': {
+        if (positional.length < 1 || positional.length > 2) throw new UsageError('port takes NAME [GUEST]');
+        const st = readState(vmDir(dataDir, positional[0]));
+        if (!st) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no VM named ${positional[0]}`);
+        let ports = st.ports;
+        if (positional[1] !== undefined) {
+          if (!/^\d+$/.test(positional[1])) throw new UsageError(`GUEST must be a port number, not ${positional[1]}`);
+          ports = ports.filter((p) => p.guest === Number(positional[1]));
+          if (!ports.length)
+            throw coded(
+              'ERR_MICROVM_PORT_NOT_FORWARDED',
+              `${positional[0]} forwards no host port to guest port ${positional[1]}`,
+            );
+          out(ports, ports.map((p) => `127.0.0.1:${p.host}`).join('\n'));
+          return 0;
+        }
+        out(ports, ports.map((p) => `${p.guest} -> 127.0.0.1:${p.host}`).join('\n'));
         return 0;
       }
       case 'logs': {
         if (positional.length !== 1) throw new UsageError('logs takes one NAME');
         const dir = vmDir(dataDir, positional[0]);
         if (!fs.existsSync(path.join(dir, 'console.log')) && !fs.existsSync(path.join(dir, 'stdout.log')))
-          throw Object.assign(new Error(`no VM named ${positional[0]}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
+          throw coded('ERR_MICROVM_VM_NOT_FOUND', `no VM named ${positional[0]}`);
+        let tail: number | undefined;
+        if (values.tail !== undefined) {
+          if (!/^\d+$/.test(String(values.tail)))
+            throw new UsageError(`--tail takes a number of lines, not ${JSON.stringify(values.tail)}`);
+          tail = Number(values.tail);
+        }
         // The command's stdout and stderr where the backend kept them apart (QEMU), else the console.
         const separate = !values.console && fs.existsSync(path.join(dir, 'stdout.log'));
         const streams = separate
@@ -699,6 +881,7 @@ export async function main(argv: string[]): Promise<number> {
               { file: path.join(dir, 'stderr.log'), offset: 0, write: (b: Buffer) => process.stderr.write(b) },
             ]
           : [{ file: path.join(dir, 'console.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }];
+        if (tail !== undefined) for (const st of streams) st.offset = tailOffset(st.file, tail);
         const pump = (): void => {
           for (const st of streams) st.offset = pumpFile(st.file, st.offset, st.write);
         };
@@ -708,20 +891,71 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'stop':
       case 'rm': {
-        if (positional.length !== 1) throw new UsageError(`${command} takes one NAME`);
-        const dir = vmDir(dataDir, positional[0]);
-        if (!fs.existsSync(dir))
-          throw Object.assign(new Error(`no VM named ${positional[0]}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
-        const signalled = await terminateRecorded(dir);
-        if (command === 'rm') fs.rmSync(dir, { recursive: true, force: true });
-        out(
-          { name: positional[0], stopped: signalled, removed: command === 'rm' },
-          `${positional[0]}: ${signalled ? 'stopped' : 'not running'}${command === 'rm' ? ', removed' : ''}`,
-        );
-        return 0;
+        if (positional.length === 0) throw new UsageError(`${command} takes one or more NAMEs`);
+        let timeoutMs = 5000;
+        if (values.time !== undefined) {
+          if (!/^\d+$/.test(String(values.time)) || Number(values.time) > 3600)
+            throw new UsageError(`-t takes whole seconds 0-3600, not ${JSON.stringify(values.time)}`);
+          timeoutMs = Number(values.time) * 1000;
+        }
+        const results: { name: string; stopped: boolean; removed?: boolean }[] = [];
+        const failed: string[] = [];
+        for (const name of positional) {
+          const dir = vmDir(dataDir, name);
+          try {
+            if (!fs.existsSync(dir)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no VM named ${name}`);
+            if (command === 'rm') {
+              const st = readState(dir);
+              if (st && isRecordedProcess(st) && !values.force)
+                throw coded('ERR_MICROVM_VM_RUNNING', `${name} is running; stop it first or use rm -f`);
+            }
+            const stopped = await terminateRecorded(dir, timeoutMs);
+            if (command === 'rm') fs.rmSync(dir, { recursive: true, force: true });
+            results.push(command === 'rm' ? { name, stopped, removed: true } : { name, stopped });
+            if (!json) process.stdout.write(`${name}\n`);
+          } catch (err) {
+            const e = err as Error & { code?: string };
+            failed.push(name);
+            if (!json) process.stderr.write(`microvm: [${e.code ?? 'ERR_MICROVM_USAGE'}] ${e.message}\n`);
+            else
+              results.push({
+                name,
+                stopped: false,
+                ...(command === 'rm' ? { removed: false } : {}),
+                error: { code: e.code, message: e.message },
+              } as never);
+          }
+        }
+        if (json) out(results, '');
+        return failed.length ? 1 : 0;
       }
       case 'doctor':
         return await cmdDoctor(dataDir, out);
+      case 'setup': {
+        if (positional.length) throw new UsageError('setup takes no arguments');
+        const env = { ...process.env, MICROVM_DATA_DIR: dataDir };
+        const found = await resolveFirmware({ env }).catch(() => undefined);
+        if (found) {
+          out({ libkrunfw: found.path, fetched: false }, `libkrunfw found: ${found.path}`);
+          return 0;
+        }
+        const script = path.join(packageRoot, 'scripts', 'fetch-libkrunfw.sh');
+        const dest = path.join(dataDir, 'libkrunfw');
+        if (!json) process.stderr.write(`microvm: fetching Debian's libkrunfw5 into ${dest}\n`);
+        const r = spawnSync('bash', [script, dest], {
+          encoding: 'utf8',
+          stdio: ['ignore', 'pipe', json ? 'pipe' : 'inherit'],
+          timeout: 600_000,
+        });
+        if (r.status !== 0)
+          throw coded(
+            'ERR_MICROVM_LIBKRUNFW_NOT_FOUND',
+            `fetching libkrunfw failed (${r.error ? r.error.message : `exit ${String(r.status)}`}). ${FIRMWARE_INSTALL_HINT}`,
+          );
+        const fw = await resolveFirmware({ env });
+        out({ libkrunfw: fw.path, fetched: true }, `libkrunfw fetched: ${fw.path}`);
+        return 0;
+      }
       case 'bench':
         return await cmdBench(rest, dataDir, out);
       case 'exec': {
@@ -730,12 +964,11 @@ export async function main(argv: string[]): Promise<number> {
         if (positional.length !== 1 || words.length === 0) throw new UsageError('exec takes NAME -- CMD...');
         const dir = vmDir(dataDir, name);
         const st = readState(dir);
-        if (!st || !isRecordedProcess(st))
-          throw Object.assign(new Error(`no running VM named ${name}`), { code: 'ERR_MICROVM_VM_NOT_FOUND' });
+        if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
         const port = st.ports.find((p) => p.guest === 22)?.host;
         const keyFile = path.join(dir, 'ssh', 'id_ed25519');
         if (!port || !fs.existsSync(keyFile))
-          throw Object.assign(new Error(`${name} was not started with --ssh`), { code: 'ERR_MICROVM_SSH_UNAVAILABLE' });
+          throw coded('ERR_MICROVM_SSH_UNAVAILABLE', `${name} was not started with --ssh`);
         const client = await SshClient.connect({
           host: '127.0.0.1',
           port,
@@ -763,7 +996,13 @@ export async function main(argv: string[]): Promise<number> {
     }
   } catch (err) {
     if (err instanceof UsageError || (err as { code?: string }).code?.startsWith?.('ERR_PARSE_ARGS')) {
-      process.stderr.write(`microvm: ${(err as Error).message}\nRun 'microvm ${command} --help'.\n`);
+      if (json)
+        process.stdout.write(
+          `${JSON.stringify({ error: { code: usageCode(err), message: (err as Error).message } })}\n`,
+        );
+      process.stderr.write(
+        `microvm: [${usageCode(err)}] ${(err as Error).message}\nRun 'microvm ${command} --help'.\n`,
+      );
       return 2;
     }
     const e = err as Error & { code?: string };

@@ -1,5 +1,5 @@
 /**
- * The image cache (default `<dataDir>/images`):
+ * The image cache (default `<dataDir>/cache`):
  *
  *   refs.json                  "reference#os/arch" -> manifest digest (the zero-network fast path)
  *   images/<hex>/rootfs/       the unpacked root filesystem (never modified by VMs)
@@ -13,6 +13,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { addon } from '../native';
+import { defaultCacheDir } from '../paths';
 import { isRecordedProcess, readState, withFileLock } from '../state';
 import type { ImageConfigFile, ImageManifest } from './oci';
 
@@ -156,7 +157,7 @@ export interface CachedImage {
 }
 
 /** Lists complete entries with the references that point at them. */
-export function list(cacheDir: string): CachedImage[] {
+export function list(cacheDir: string = defaultCacheDir()): CachedImage[] {
   const refs = readRefs(cacheDir);
   const out: CachedImage[] = [];
   let names: string[] = [];
@@ -261,7 +262,7 @@ function blobsOf(cacheDir: string, images: CachedImage[]): Set<string> {
  * kept image was made from, and what killed pulls left (dead-pid temporary trees and `.part`
  * files). Returns what it removed.
  */
-export async function gc(cacheDir: string): Promise<string[]> {
+export async function gc(cacheDir: string = defaultCacheDir()): Promise<string[]> {
   const removed: string[] = [];
   const refs = readRefs(cacheDir);
   const referenced = new Set(Object.values(refs).map((r) => hexOf(r.digest)));
@@ -357,6 +358,6 @@ export async function sweepAbandoned(cacheDir: string): Promise<string[]> {
 }
 
 /** Removes the whole cache. */
-export function purge(cacheDir: string): void {
+export function purge(cacheDir: string = defaultCacheDir()): void {
   fs.rmSync(cacheDir, { recursive: true, force: true });
 }

@@ -11,6 +11,7 @@
  * Concurrent pulls of one image (in any number of processes) extract it once: a per-digest lock,
  * re-checked after it is taken. A failed or aborted pull leaves nothing in the cache.
  */
+import { defaultCacheDir } from '../paths';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
@@ -53,7 +54,7 @@ export interface PullProgress {
 
 /** Options of {@link pull}. */
 export interface PullOptions {
-  /** Cache directory (default `<dataDir>/images`). */
+  /** Cache directory (default `<dataRoot>/cache`: $MICROVM_DATA_DIR or ~/.local/share/node-microvm). */
   cacheDir?: string;
   /** Platform to select from multi-platform images (linux + the host architecture). */
   platform?: Platform;
@@ -100,7 +101,7 @@ export type PullPolicy = 'always' | 'missing' | 'never';
 /** Checks a pull policy option. */
 export function parsePullPolicy(name: string, value: unknown): PullPolicy {
   if (value === 'always' || value === 'missing' || value === 'never') return value;
-  throw new RangeError(`Expected ${name} to be 'always', 'missing' or 'never' but received ${v.describe(value)}`);
+  throw v.rangeError(`Expected ${name} to be 'always', 'missing' or 'never' but received ${v.describe(value)}`);
 }
 
 /** A pulled image. */
@@ -144,7 +145,7 @@ async function resolveSource(
 }
 
 /** Pulls `reference` into the cache (or finds it there). */
-export async function pull(reference: string, options: PullOptions & { cacheDir: string }): Promise<PullResult> {
+export async function pull(reference: string, options: PullOptions = {}): Promise<PullResult> {
   const o = v.object('options', options);
   v.knownKeys('options', o, [
     'cacheDir',
@@ -170,7 +171,7 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
   if (o.documentTimeoutMs !== undefined) v.integer('documentTimeoutMs', o.documentTimeoutMs, 1, 3_600_000);
   const policy = o.policy === undefined ? 'always' : parsePullPolicy('policy', o.policy);
   if (o.maxCacheBytes !== undefined) v.integer('maxCacheBytes', o.maxCacheBytes, 0, Number.MAX_SAFE_INTEGER);
-  const cacheDir = v.absolutePath('cacheDir', o.cacheDir);
+  const cacheDir = o.cacheDir === undefined ? defaultCacheDir() : v.absolutePath('cacheDir', o.cacheDir);
   const ref = parseReference(reference);
   const platform = options.platform ?? hostPlatform();
   const verify = options.verify ?? 'fast';
@@ -217,6 +218,7 @@ export async function pull(reference: string, options: PullOptions & { cacheDir:
   const image = await inSpan(scope, SPAN.IMAGE_FETCH, { [ATTR.IMAGE]: ref.canonical }, async (span) => {
     const r = await resolveSource(ref, platform, {
       ...options,
+      cacheDir,
       have: (digest) => (known = readEntry(cacheDir, digest, verify)) !== undefined,
     });
     span.setAttribute(ATTR.IMAGE_DIGEST, r.digest);

@@ -19,14 +19,17 @@ const DIGEST = /^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/;
 const DOMAIN =
   /^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](?::[0-9]{1,5})?$/;
 
-function invalid(ref: string, why: string): TypeError {
-  return new TypeError(`Invalid image reference ${JSON.stringify(ref.slice(0, 200))}: ${why}`);
+/** A reference that does not parse: a TypeError with Node's `ERR_INVALID_ARG_VALUE`. */
+function invalid(ref: string, why: string): TypeError & { code: 'ERR_INVALID_ARG_VALUE' } {
+  return Object.assign(new TypeError(`Invalid image reference ${JSON.stringify(ref.slice(0, 200))}: ${why}`), {
+    code: 'ERR_INVALID_ARG_VALUE' as const,
+  });
 }
 
 /** Parses `ref`; throws TypeError naming the reference and what is wrong. */
 export function parseReference(ref: string): ImageReference {
   if (typeof ref !== 'string' || ref.length === 0 || ref.includes('\0'))
-    throw new TypeError(`Invalid image reference ${v.describe(ref)}: expected a non-empty string`);
+    throw v.typeError(`Invalid image reference ${v.describe(ref)}: expected a non-empty string`);
   if (ref.startsWith('oci:')) {
     let p = ref.slice(4);
     let tag: string | undefined;

@@ -15,6 +15,18 @@ export interface PreflightFailure {
   remediation?: string;
 }
 
+/** ERR_MICROVM_PREFLIGHT: the required checks that failed (and the advisory ones), each with its fix. */
+export class PreflightError extends MicrovmError {
+  /** Every failed check, required or not, in the order they ran. */
+  readonly failures: readonly PreflightFailure[];
+
+  constructor(message: string, failures: readonly PreflightFailure[]) {
+    super('ERR_MICROVM_PREFLIGHT', message);
+    this.name = 'PreflightError';
+    this.failures = failures;
+  }
+}
+
 /** Runs `checks`; resolves with the advisory failures, rejects when a required one failed. */
 export async function runAllChecks(
   scope: SpanScope,
@@ -62,9 +74,7 @@ export async function runAllChecks(
         const lines = blocking.map(
           (f) => `  - ${f.name}: ${f.message}${f.remediation ? `\n    fix: ${f.remediation}` : ''}`,
         );
-        throw Object.assign(new MicrovmError('ERR_MICROVM_PREFLIGHT', `Preflight failed:\n${lines.join('\n')}`), {
-          failures,
-        });
+        throw new PreflightError(`Preflight failed:\n${lines.join('\n')}`, failures);
       }
       return failures;
     },

@@ -8,6 +8,7 @@
  * directories, then the copy `scripts/fetch-libkrunfw.sh` put in this package's `vendor/`, then the
  * dynamic loader's own search (LD_LIBRARY_PATH, ld.so.cache).
  */
+import { defaultDataRoot } from '../paths';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { awaitNative, MicrovmError } from '../errors';
@@ -54,7 +55,7 @@ export interface FirmwareInfo {
 
 export const FIRMWARE_INSTALL_HINT =
   'Install libkrunfw 5 (Debian trixie/sid: `apt-get install libkrunfw5`; Fedora: `dnf install libkrunfw`), ' +
-  'or fetch it into this checkout with `bash scripts/fetch-libkrunfw.sh` and point MICROVM_LIBKRUNFW_DIR at the directory it prints.';
+  "or let `microvm setup` fetch Debian's package into the data dir (Debian/Ubuntu hosts; `npx microvm setup` from a project).";
 
 function candidates(opts: ResolveFirmwareOptions): { source: string; candidate: string }[] {
   const env = opts.env ?? process.env;
@@ -69,7 +70,10 @@ function candidates(opts: ResolveFirmwareOptions): { source: string; candidate: 
   for (const d of opts.systemDirs ?? systemLibraryDirs()) add('system', d);
   if (opts.systemDirs === undefined) {
     const triplet = multiarchTriplet();
-    if (triplet) add('fetched into this package', path.join(packageRoot, 'vendor', 'libkrunfw', 'usr', 'lib', triplet));
+    if (triplet) {
+      add('fetched by `microvm setup`', path.join(defaultDataRoot(env), 'libkrunfw', 'usr', 'lib', triplet));
+      add('fetched into this package', path.join(packageRoot, 'vendor', 'libkrunfw', 'usr', 'lib', triplet));
+    }
   }
   if (opts.loaderSearch !== false) out.push({ source: 'dynamic loader search', candidate: LIBKRUNFW_SONAME });
   // The same file can come up twice (e.g. env and system): try it once.

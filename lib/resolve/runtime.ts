@@ -95,7 +95,7 @@ export function resolveRunner(options: { runnerPath?: string; env?: NodeJS.Proce
   }
   throw new MicrovmError(
     'ERR_MICROVM_RUNNER_NOT_FOUND',
-    `The microvm-runner executable was not found.\nSearched:\n${formatAttempts(tried)}\nBuild it with \`npm run build:native\`.`,
+    `The microvm-runner executable was not found.\nSearched:\n${formatAttempts(tried)}\nBuild it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`).`,
   );
 }
 

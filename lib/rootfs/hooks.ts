@@ -40,10 +40,10 @@ export type RootfsHook = (rootfs: RootfsContext) => void | Promise<void>;
 function guestComponents(name: string, guestPath: string): string[] {
   v.string(name, guestPath);
   if (!guestPath.startsWith('/'))
-    throw new RangeError(`Expected an absolute guest path for ${name} but received ${v.describe(guestPath)}`);
+    throw v.rangeError(`Expected an absolute guest path for ${name} but received ${v.describe(guestPath)}`);
   const parts = guestPath.split('/').filter((p) => p.length > 0);
   if (parts.length === 0 || parts.some((p) => p === '.' || p === '..')) {
-    throw new RangeError(
+    throw v.rangeError(
       `Expected a guest file path without '.' or '..' components for ${name} but received ${v.describe(guestPath)}`,
     );
   }
@@ -83,7 +83,7 @@ export function rootfsContext(vmId: string, rootfs: ClonedRootfs): RootfsContext
       ];
       const buf = typeof data === 'string' ? Buffer.from(data) : data;
       if (!Buffer.isBuffer(buf))
-        throw new TypeError(`Expected a string or Buffer for data but received ${v.describe(data)}`);
+        throw v.typeError(`Expected a string or Buffer for data but received ${v.describe(data)}`);
       try {
         addon().writeFileBeneath(rootfs.writableDir, parts, buf, mode, uid, gid, lowerAttrs(parts, fallback));
       } catch (err) {
@@ -144,7 +144,7 @@ export const hooks = {
     const keys = (typeof publicKeys === 'string' ? [publicKeys] : [...publicKeys]).map((k, i) => {
       const s = v.string(`publicKeys[${i}]`, k).trim();
       if (s.includes('\n') || !/^(ssh-|ecdsa-|sk-)/.test(s))
-        throw new RangeError(`Expected one OpenSSH public key line for publicKeys[${i}]`);
+        throw v.rangeError(`Expected one OpenSSH public key line for publicKeys[${i}]`);
       return s;
     });
     const user = options.user === undefined ? 'root' : v.string('options.user', options.user);
@@ -178,9 +178,9 @@ export const hooks = {
     guestComponents('guestPath', guestPath);
     const o = v.object('env', env);
     const lines = Object.entries(o).map(([k, value]) => {
-      if (!ENV_KEY.test(k)) throw new RangeError(`Expected a valid variable name in env but received ${v.describe(k)}`);
+      if (!ENV_KEY.test(k)) throw v.rangeError(`Expected a valid variable name in env but received ${v.describe(k)}`);
       const s = v.string(`env.${k}`, value, { allowEmpty: true });
-      if (s.includes('\n')) throw new RangeError(`Expected env.${k} without a newline`);
+      if (s.includes('\n')) throw v.rangeError(`Expected env.${k} without a newline`);
       return `${k}=${shellQuote(s)}\n`;
     });
     return (r) => r.writeFile(guestPath, lines.join(''), { mode: 0o644, ...options });

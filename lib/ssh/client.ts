@@ -143,7 +143,7 @@ export interface ExecOptions {
 function keyBlob(line: string): Buffer {
   const parsed = ssh2().utils.parseKey(line);
   if (parsed instanceof Error || Array.isArray(parsed))
-    throw new TypeError(`Expected one OpenSSH public key line for hostKey.expected`);
+    throw v.typeError(`Expected one OpenSSH public key line for hostKey.expected`);
   return parsed.getPublicSSH();
 }
 

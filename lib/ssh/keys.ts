@@ -21,7 +21,7 @@ export function generateKeyPair(options: { type?: 'ed25519' | 'ecdsa'; comment?:
   v.knownKeys('options', o, ['type', 'comment']);
   const type = o.type === undefined ? 'ed25519' : o.type;
   if (type !== 'ed25519' && type !== 'ecdsa')
-    throw new RangeError(`Expected 'ed25519' or 'ecdsa' for type but received ${v.describe(type)}`);
+    throw v.rangeError(`Expected 'ed25519' or 'ecdsa' for type but received ${v.describe(type)}`);
   const comment = o.comment === undefined ? 'node-microvm' : v.string('comment', o.comment);
   const pair =
     type === 'ed25519'
@@ -38,7 +38,7 @@ export function writeKeyPair(
 ): { privateKeyPath: string; publicKeyPath: string } {
   v.absolutePath('dir', dir);
   if (!/^[A-Za-z0-9_.-]+$/.test(name))
-    throw new RangeError(`Expected a plain file name for name but received ${v.describe(name)}`);
+    throw v.rangeError(`Expected a plain file name for name but received ${v.describe(name)}`);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const privateKeyPath = path.join(dir, name);
   const publicKeyPath = `${privateKeyPath}.pub`;

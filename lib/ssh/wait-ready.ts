@@ -65,7 +65,7 @@ export async function waitForReady(options: WaitForReadyOptions, scope?: SpanSco
   const max = o.maxIntervalMs === undefined ? 50 : v.integer('maxIntervalMs', o.maxIntervalMs, 0, 600000);
   const backoff = o.backoff === undefined ? 1.5 : (o.backoff as number);
   if (typeof backoff !== 'number' || !(backoff >= 1))
-    throw new RangeError(`Expected a number >= 1 for backoff but received ${v.describe(o.backoff)}`);
+    throw v.rangeError(`Expected a number >= 1 for backoff but received ${v.describe(o.backoff)}`);
   const clock = options.clock ?? systemClock;
   const connect = options.connect ?? ((c: SshConnectOptions) => SshClient.connect(c));
   const {

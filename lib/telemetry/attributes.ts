@@ -24,6 +24,9 @@ export const SPAN = {
   BACKEND_RESOLVE_FIRMWARE: 'microvm.backend.ResolveFirmware',
   POST_BOOT: 'microvm.PostBoot',
   SSH_WAIT_READY: 'microvm.SSHWaitReady',
+  WAIT_FOR_LOG: 'microvm.WaitForLog',
+  WAIT_FOR_TCP: 'microvm.WaitForTCP',
+  WAIT_FOR_HTTP: 'microvm.WaitForHTTP',
 } as const;
 
 /**
@@ -73,6 +76,16 @@ export const ATTR = {
   VM_EXIT_REASON: 'microvm.vm.exit_reason',
   POST_BOOT_HOOK_COUNT: 'microvm.post_boot.hook_count',
   ERROR_TYPE: 'error.type',
+  /** run({ waitFor }): what a WaitFor* span waits for, and how many probes it took. */
+  WAIT_PATTERN: 'microvm.wait.pattern',
+  WAIT_STREAM: 'microvm.wait.stream',
+  WAIT_GUEST_PORT: 'microvm.wait.guest_port',
+  WAIT_ATTEMPTS: 'microvm.wait.attempts',
+  // OpenTelemetry semantic conventions
+  SERVER_ADDRESS: 'server.address',
+  SERVER_PORT: 'server.port',
+  URL_PATH: 'url.path',
+  HTTP_STATUS: 'http.response.status_code',
 } as const;
 
 /** Span event names. */

@@ -148,6 +148,24 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
     }
   });
 
+  test("waitFor tcp on a guest port nothing listens on: QEMU's user network accepts on the host side, the wait still times out (ERR_MICROVM_WAIT_TIMEOUT), nothing left", async () => {
+    const err = await run(
+      'test-image',
+      base({
+        name: 'nolisten',
+        initOverride: ['/bin/sh', '-c', 'sleep 600'],
+        ports: [{ host: 0, guest: 9999 }],
+        waitFor: { tcp: 9999, timeoutMs: 4000 },
+      }),
+    ).catch((e: unknown) => e);
+    expect(err).toMatchObject({
+      code: 'ERR_MICROVM_WAIT_TIMEOUT',
+      message: expect.stringContaining('guest port 9999 of nolisten was not ready within 4000 ms'),
+    });
+    expect((err as Error).message).toMatch(/last: connection closed by the VM side|last: ECONNRESET/);
+    expect(fs.existsSync(path.join(s.dir, 'data', 'vms', 'nolisten'))).toBe(false);
+  });
+
   test('guest timers work (sleep returns; uptime advances)', async () => {
     const vm = await run(
       'test-image',

@@ -526,6 +526,78 @@ describe('run() over the libkrun double', () => {
     expect(getEventListeners(ac.signal, 'abort')).toHaveLength(0);
   });
 
+  test('waitFor log: the console line the guest writes ends PostBoot, in a microvm.WaitForLog span', async () => {
+    const vm = await run('img', options({ waitFor: { log: /guest (running|ready)/, stream: 'console' } }));
+    started.push(vm);
+    const w = one('microvm.WaitForLog');
+    expect(parentOf(w)).toBe(one(SPAN.POST_BOOT).spanContext().spanId);
+    expect(w.attributes).toMatchObject({
+      'microvm.wait.pattern': '/guest (running|ready)/',
+      'microvm.wait.stream': 'console',
+    });
+    expect(w.attributes['microvm.wait.attempts']).toBeGreaterThanOrEqual(1);
+    expect(w.status.code).not.toBe(SpanStatusCode.ERROR);
+  });
+
+  test('waitFor log that never matches: ERR_MICROVM_WAIT_TIMEOUT naming the wait, nothing left', async () => {
+    const err = await run(
+      'img',
+      options({ name: 'never', waitFor: [{ log: 'no such line', stream: 'console', timeoutMs: 300 }] }),
+    ).catch((e: unknown) => e);
+    expect(err).toMatchObject({
+      code: 'ERR_MICROVM_WAIT_TIMEOUT',
+      message: expect.stringMatching(/console of never \(waiting for "no such line"\) was not ready within 300 ms/),
+    });
+    expect(fs.existsSync(path.join(s.dir, 'data', 'vms', 'never'))).toBe(false);
+    expect(one('microvm.WaitForLog').status.code).toBe(SpanStatusCode.ERROR);
+  });
+
+  test('waitFor on a guest that ends: ERR_MICROVM_VM_EXITED at once, not the wait timeout', async () => {
+    const backend = libkrunBackend({
+      runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
+      firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
+      env: { PATH: process.env.PATH, KRUN_DOUBLE_LOG: calls, KRUN_DOUBLE_GUEST_EXIT: '0' },
+    });
+    const t0 = Date.now();
+    const err = await run('img', options({ backend, waitFor: { log: 'never printed', timeoutMs: 60_000 } })).catch(
+      (e: unknown) => e,
+    );
+    expect(err).toMatchObject({ code: 'ERR_MICROVM_VM_EXITED' });
+    expect(Date.now() - t0).toBeLessThan(30_000); // far below the wait's own 60 s deadline
+  });
+
+  test('ports with host 0 get free host ports; vm.port(guest) says which; waitFor checks its port is forwarded', async () => {
+    const vm = await run(
+      'img',
+      options({
+        ports: [
+          { host: 0, guest: 80 },
+          { host: 0, guest: 443 },
+        ],
+      }),
+    );
+    started.push(vm);
+    const [a, b] = [vm.port(80), vm.port(443)];
+    expect(a).toBeGreaterThan(0);
+    expect(b).toBeGreaterThan(0);
+    expect(a).not.toBe(b);
+    expect(vm.ports).toEqual([
+      { host: a, guest: 80 },
+      { host: b, guest: 443 },
+    ]);
+    // The runner got the picked ports, not 0.
+    const portMap = readCalls(calls).find((c) => c.fn === 'krun_set_port_map');
+    expect(JSON.stringify(portMap?.args)).toContain(`${a}:80`);
+    expect(() => vm.port(8080)).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_PORT_NOT_FORWARDED' }));
+    await expect(run('img', options({ name: 'w', waitFor: { tcp: 8080 } }))).rejects.toMatchObject({
+      code: 'ERR_OUT_OF_RANGE',
+      message: 'waitFor[0] waits on guest port 8080, which ports does not forward',
+    });
+    await expect(run('img', options({ name: 'w', waitFor: { tcp: 1, log: 'x' } as never }))).rejects.toMatchObject({
+      code: 'ERR_INVALID_ARG_TYPE',
+    });
+  });
+
   test('await using: the VM is stopped and its directory removed, the image is not', async () => {
     const img = makeImage(s.dir);
     let pid = 0;

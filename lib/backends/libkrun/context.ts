@@ -116,7 +116,7 @@ export class KrunContext {
     const m = normalizeVirtiofs('mount', mount);
     // libkrun 1.19 accepts a tag twice; the guest then cannot tell the shares apart.
     if (this.#tags.has(m.tag))
-      throw new RangeError(`virtiofs tag ${JSON.stringify(m.tag)} is already added to this context`);
+      throw v.rangeError(`virtiofs tag ${JSON.stringify(m.tag)} is already added to this context`);
     this.#tags.add(m.tag);
     callNative(() => this.#native.addVirtiofs(m.tag, m.path, m.readOnly));
     return this;
@@ -155,8 +155,7 @@ export class KrunContext {
 
   /** `krun_set_rlimits`. */
   setRlimits(rlimits: readonly RlimitInput[]): this {
-    if (!Array.isArray(rlimits))
-      throw new TypeError(`Expected an array for rlimits but received ${v.describe(rlimits)}`);
+    if (!Array.isArray(rlimits)) throw v.typeError(`Expected an array for rlimits but received ${v.describe(rlimits)}`);
     const r = rlimits.map((x: unknown, i) => normalizeRlimit(`rlimits[${i}]`, x));
     callNative(() => this.#native.setRlimits(r));
     return this;

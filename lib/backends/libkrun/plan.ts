@@ -136,7 +136,7 @@ export interface LaunchPlan {
 export function normalizeLogLevel(name: string, value: unknown): KrunLogLevel {
   if (typeof value === 'string' && value in LOG_LEVELS) return LOG_LEVELS[value as keyof typeof LOG_LEVELS];
   if (typeof value === 'string') {
-    throw new RangeError(
+    throw v.rangeError(
       `Expected one of ${Object.keys(LOG_LEVELS).join(', ')} or 0–5 for ${name} but received ${v.describe(value)}`,
     );
   }
@@ -147,10 +147,14 @@ export function normalizeVmConfig(cpus: unknown, memoryMiB: unknown): { cpus: nu
   return { cpus: v.integer('cpus', cpus, 1, 255), memoryMiB: v.integer('memoryMiB', memoryMiB, 32, 4_194_304) };
 }
 
-export function normalizePortMap(name: string, value: unknown): 'all' | 'none' | string[] {
+/**
+ * Validates a port map. `pickFree`: host port 0 is allowed (run() replaces it with a free port);
+ * libkrun's own port map needs real ports.
+ */
+export function normalizePortMap(name: string, value: unknown, pickFree = false): 'all' | 'none' | string[] {
   if (value === 'all' || value === 'none') return value;
   if (!Array.isArray(value)) {
-    throw new TypeError(
+    throw v.typeError(
       `Expected 'all', 'none' or an array of {host, guest} for ${name} but received ${v.describe(value)}`,
     );
   }
@@ -160,7 +164,7 @@ export function normalizePortMap(name: string, value: unknown): 'all' | 'none' |
     let guest: unknown;
     if (typeof item === 'string') {
       const m = /^(\d+):(\d+)$/.exec(item);
-      if (!m) throw new RangeError(`Expected "HOST:GUEST" for ${name}[${i}] but received ${v.describe(item)}`);
+      if (!m) throw v.rangeError(`Expected "HOST:GUEST" for ${name}[${i}] but received ${v.describe(item)}`);
       host = Number(m[1]);
       guest = Number(m[2]);
     } else {
@@ -169,9 +173,9 @@ export function normalizePortMap(name: string, value: unknown): 'all' | 'none' |
       host = o.host;
       guest = o.guest;
     }
-    const h = v.integer(`${name}[${i}].host`, host, 1, 65535);
+    const h = v.integer(`${name}[${i}].host`, host, pickFree ? 0 : 1, 65535);
     const g = v.integer(`${name}[${i}].guest`, guest, 1, 65535);
-    if (seenHost.has(h)) throw new RangeError(`Host port ${h} appears twice in ${name}`);
+    if (h !== 0 && seenHost.has(h)) throw v.rangeError(`Host port ${h} appears twice in ${name}`);
     seenHost.add(h);
     return `${h}:${g}`;
   });
@@ -182,9 +186,7 @@ export function normalizeVirtiofs(name: string, value: unknown): { tag: string; 
   v.knownKeys(name, o, ['tag', 'hostPath', 'readOnly']);
   const tag = v.string(`${name}.tag`, o.tag, { maxLength: 36 });
   if (!/^[A-Za-z0-9_.\-/]+$/.test(tag)) {
-    throw new RangeError(
-      `Expected letters, digits, '_', '.', '-' or '/' in ${name}.tag but received ${v.describe(tag)}`,
-    );
+    throw v.rangeError(`Expected letters, digits, '_', '.', '-' or '/' in ${name}.tag but received ${v.describe(tag)}`);
   }
   return {
     tag,
@@ -196,11 +198,11 @@ export function normalizeVirtiofs(name: string, value: unknown): { tag: string; 
 export function parseMac(name: string, value: unknown): number[] {
   const s = v.string(name, value);
   if (!/^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/.test(s)) {
-    throw new RangeError(`Expected a MAC address xx:xx:xx:xx:xx:xx for ${name} but received ${v.describe(s)}`);
+    throw v.rangeError(`Expected a MAC address xx:xx:xx:xx:xx:xx for ${name} but received ${v.describe(s)}`);
   }
   const bytes = s.split(':').map((b) => parseInt(b, 16));
   if ((bytes[0] & 1) === 1)
-    throw new RangeError(`Expected a unicast MAC address for ${name} but received ${s} (multicast bit set)`);
+    throw v.rangeError(`Expected a unicast MAC address for ${name} but received ${s} (multicast bit set)`);
   return bytes;
 }
 
@@ -208,10 +210,10 @@ export function normalizeNet(name: string, value: unknown): NonNullable<LaunchPl
   const o = v.object(name, value);
   v.knownKeys(name, o, ['kind', 'path', 'fd', 'mac', 'features', 'flags']);
   if (o.kind !== 'unixstream' && o.kind !== 'unixgram') {
-    throw new RangeError(`Expected 'unixstream' or 'unixgram' for ${name}.kind but received ${v.describe(o.kind)}`);
+    throw v.rangeError(`Expected 'unixstream' or 'unixgram' for ${name}.kind but received ${v.describe(o.kind)}`);
   }
   if ((o.path === undefined) === (o.fd === undefined)) {
-    throw new TypeError(`Expected exactly one of ${name}.path and ${name}.fd`);
+    throw v.typeError(`Expected exactly one of ${name}.path and ${name}.fd`);
   }
   const mac = parseMac(`${name}.mac`, o.mac);
   const dev: NonNullable<LaunchPlan['net']>[number] = {
@@ -233,7 +235,7 @@ export function normalizeVsockPort(name: string, value: unknown): NonNullable<La
     path: v.absolutePath(`${name}.path`, o.path),
   };
   if (Buffer.byteLength(out.path) > 107)
-    throw new RangeError(`Expected a unix socket path of at most 107 bytes for ${name}.path`);
+    throw v.rangeError(`Expected a unix socket path of at most 107 bytes for ${name}.path`);
   if (o.listen !== undefined) out.listen = v.boolean(`${name}.listen`, o.listen);
   return out;
 }
@@ -269,7 +271,7 @@ export function normalizeRlimit(name: string, value: unknown): string {
   let hard: unknown;
   if (typeof value === 'string') {
     const m = /^(?:RLIMIT_)?([A-Z]+|\d+)=(\d+):(\d+)$/.exec(value);
-    if (!m) throw new RangeError(`Expected "RESOURCE=SOFT:HARD" for ${name} but received ${v.describe(value)}`);
+    if (!m) throw v.rangeError(`Expected "RESOURCE=SOFT:HARD" for ${name} but received ${v.describe(value)}`);
     [resource, soft, hard] = [/^\d+$/.test(m[1]) ? Number(m[1]) : m[1], Number(m[2]), Number(m[3])];
   } else {
     const o = v.object(name, value);
@@ -282,12 +284,12 @@ export function normalizeRlimit(name: string, value: unknown): string {
   let id: number;
   if (typeof resource === 'number') {
     if (!ids.includes(resource))
-      throw new RangeError(`Expected a resource number 0–15 for ${name}.resource but received ${v.describe(resource)}`);
+      throw v.rangeError(`Expected a resource number 0–15 for ${name}.resource but received ${v.describe(resource)}`);
     id = resource;
   } else {
     const r = v.string(`${name}.resource`, resource);
     if (!Object.hasOwn(RLIMIT_IDS, r)) {
-      throw new RangeError(
+      throw v.rangeError(
         `Expected one of ${Object.keys(RLIMIT_IDS).join(', ')} (or its number) for ${name}.resource but received ${v.describe(r)}`,
       );
     }
@@ -295,7 +297,7 @@ export function normalizeRlimit(name: string, value: unknown): string {
   }
   const s = v.integer(`${name}.soft`, soft, 0, Number.MAX_SAFE_INTEGER);
   const h = v.integer(`${name}.hard`, hard, 0, Number.MAX_SAFE_INTEGER);
-  if (s > h) throw new RangeError(`Expected ${name}.soft (${s}) to be at most ${name}.hard (${h})`);
+  if (s > h) throw v.rangeError(`Expected ${name}.soft (${s}) to be at most ${name}.hard (${h})`);
   return `${id}=${s}:${h}`;
 }
 
@@ -347,34 +349,34 @@ export function buildLaunchPlan(input: LaunchPlanInput): LaunchPlan {
     for (const k of ['lower', 'upper', 'work', 'merged'] as const) {
       const d = v.absolutePath(`overlay.${k}`, ov[k]);
       if (/[,:\\]/.test(d))
-        throw new RangeError(
+        throw v.rangeError(
           `Expected overlay.${k} without ',', ':' or '\\' (overlayfs option syntax) but received ${v.describe(d)}`,
         );
       dirs[k] = d;
     }
-    if (plan.root !== dirs.merged) throw new RangeError('With overlay, root must be overlay.merged');
+    if (plan.root !== dirs.merged) throw v.rangeError('With overlay, root must be overlay.merged');
     plan.overlay = dirs;
   }
   if (o.firmwarePath !== undefined) plan.firmwarePath = v.absolutePath('firmwarePath', o.firmwarePath);
   if (o.logLevel !== undefined) plan.logLevel = normalizeLogLevel('logLevel', o.logLevel);
   if (o.virtiofs !== undefined) {
     if (!Array.isArray(o.virtiofs))
-      throw new TypeError(`Expected an array for virtiofs but received ${v.describe(o.virtiofs)}`);
+      throw v.typeError(`Expected an array for virtiofs but received ${v.describe(o.virtiofs)}`);
     plan.virtiofs = o.virtiofs.map((m: unknown, i) => normalizeVirtiofs(`virtiofs[${i}]`, m));
     const tags = new Set<string>();
     for (const m of plan.virtiofs) {
-      if (tags.has(m.tag)) throw new RangeError(`virtiofs tag ${JSON.stringify(m.tag)} is used twice`);
+      if (tags.has(m.tag)) throw v.rangeError(`virtiofs tag ${JSON.stringify(m.tag)} is used twice`);
       tags.add(m.tag);
     }
   }
   if (o.net !== undefined) {
-    if (!Array.isArray(o.net)) throw new TypeError(`Expected an array for net but received ${v.describe(o.net)}`);
+    if (!Array.isArray(o.net)) throw v.typeError(`Expected an array for net but received ${v.describe(o.net)}`);
     plan.net = o.net.map((n: unknown, i) => normalizeNet(`net[${i}]`, n));
   }
   if (o.portMap !== undefined) {
     plan.portMap = normalizePortMap('portMap', o.portMap);
     if (plan.net && plan.net.length > 0 && plan.portMap !== 'none') {
-      throw new RangeError(
+      throw v.rangeError(
         'portMap only applies to TSI networking; with a virtio-net device (net) forward ports in the network proxy instead',
       );
     }
@@ -384,13 +386,13 @@ export function buildLaunchPlan(input: LaunchPlanInput): LaunchPlan {
   if (o.workdir !== undefined) plan.workdir = v.string('workdir', o.workdir);
   if (o.rlimits !== undefined) {
     if (!Array.isArray(o.rlimits))
-      throw new TypeError(`Expected an array for rlimits but received ${v.describe(o.rlimits)}`);
+      throw v.typeError(`Expected an array for rlimits but received ${v.describe(o.rlimits)}`);
     plan.rlimits = o.rlimits.map((r: unknown, i) => normalizeRlimit(`rlimits[${i}]`, r));
   }
   if (o.consoleOutput !== undefined) plan.consoleOutput = v.absolutePath('consoleOutput', o.consoleOutput);
   if (o.vsockPorts !== undefined) {
     if (!Array.isArray(o.vsockPorts))
-      throw new TypeError(`Expected an array for vsockPorts but received ${v.describe(o.vsockPorts)}`);
+      throw v.typeError(`Expected an array for vsockPorts but received ${v.describe(o.vsockPorts)}`);
     plan.vsockPorts = o.vsockPorts.map((p: unknown, i) => normalizeVsockPort(`vsockPorts[${i}]`, p));
   }
   return plan;

@@ -13,7 +13,7 @@
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import type { Readable, Writable } from 'node:stream';
-import { KrunError, MicrovmError } from '../../errors';
+import { type ErrnoCode, KrunError, MicrovmError, type MicrovmErrorCode } from '../../errors';
 import { type LaunchPlan, serializeLaunchPlan } from './plan';
 import * as v from '../../validate';
 
@@ -65,6 +65,7 @@ export interface RunnerHandle {
 
 interface RunnerErrorLine {
   stage?: string;
+  /** An errno name (with syscall) or an ERR_MICROVM_* code written by native/runner.cc. */
   code?: string;
   message?: string;
   errno?: number;
@@ -110,13 +111,21 @@ export function runnerFailure(status: RunnerExitStatus, log: string, logPath: st
   const line = parseRunnerError(log);
   const how = status.signal ? `was killed by ${status.signal}` : `exited with code ${String(status.code)}`;
   if (line && typeof line.syscall === 'string' && typeof line.errno === 'number' && typeof line.code === 'string') {
-    const err = new KrunError(line.code, line.errno, line.syscall, `microvm-runner: ${line.message ?? line.syscall}`);
+    const err = new KrunError(
+      line.code as ErrnoCode,
+      line.errno,
+      line.syscall,
+      `microvm-runner: ${line.message ?? line.syscall}`,
+    );
     return Object.assign(err, { exitCode: status.code });
   }
   if (line && typeof line.code === 'string') {
-    return Object.assign(new MicrovmError(line.code, `microvm-runner: ${line.message ?? line.code}`), {
-      exitCode: status.code,
-    });
+    return Object.assign(
+      new MicrovmError(line.code as MicrovmErrorCode, `microvm-runner: ${line.message ?? line.code}`),
+      {
+        exitCode: status.code,
+      },
+    );
   }
   return Object.assign(
     new MicrovmError('ERR_MICROVM_RUNNER_FAILED', `microvm-runner ${how} before the VM was configured; see ${logPath}`),

@@ -46,6 +46,8 @@ import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, Vm
 import { STOP_SIGNALS } from '../types';
 import { pvhKernelFor } from './kernel';
 import { QmpClient } from './qmp';
+import { typeError } from '../../validate';
+import type { MicrovmErrorCode } from '../../error-codes';
 
 /** Where the guest init is placed in the VM's rootfs. */
 export const GUEST_INIT_PATH = '/.microvm/init';
@@ -111,7 +113,7 @@ export function guestInitPath(): string {
   if (!found)
     throw new MicrovmError(
       'ERR_MICROVM_GUEST_INIT_NOT_FOUND',
-      `microvm-guest-init was not found (looked in ${candidates.join(', ')}); build it with \`npm run build:native\``,
+      `microvm-guest-init was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
     );
   return found;
 }
@@ -129,7 +131,7 @@ export function fsGuardPath(): string {
   if (!found)
     throw new MicrovmError(
       'ERR_MICROVM_FSGUARD_NOT_FOUND',
-      `microvm-fsguard.so was not found (looked in ${candidates.join(', ')}); build it with \`npm run build:native\``,
+      `microvm-fsguard.so was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
     );
   return found;
 }
@@ -306,7 +308,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     options.extraArgs !== undefined &&
     (!Array.isArray(options.extraArgs) || options.extraArgs.some((a) => typeof a !== 'string'))
   ) {
-    throw new TypeError('Expected an array of strings for extraArgs');
+    throw typeError('Expected an array of strings for extraArgs');
   }
   return {
     name: 'qemu',
@@ -543,7 +545,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         ? " KVM could not run this guest on this host; use accel 'tcg' (--accel tcg, MICROVM_ACCEL=tcg) or 'auto'."
         : ` See ${input.logPath}.`;
     /** Ends the VM because the hypervisor failed; the first failure wins. */
-    const fail = (code: string, message: string): void => {
+    const fail = (code: MicrovmErrorCode, message: string): void => {
       if (failure || guestCode !== undefined || sent) return;
       const Kind = up ? MicrovmError : BootFailure;
       failure = new Kind(code, `${message}${advice}${lastLines(input)}`);
@@ -720,6 +722,28 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       kill,
       stdoutPath: input.stdoutPath,
       stderrPath: input.stderrPath,
+      tcpForwardState: async (hostPort) => {
+        if (!running) return undefined;
+        const text = await watch.execute('human-monitor-command', { 'command-line': 'info usernet' });
+        return usernetState(typeof text === 'string' ? text : '', hostPort);
+      },
     };
   }
+}
+
+/**
+ * The guest side of connections through the forward of `hostPort`, from QEMU's `info usernet`
+ * table ("TCP[ESTABLISHED]  FD  127.0.0.1 HOST-PORT  10.0.2.15 GUEST-PORT ..."; slirp names each
+ * forwarded connection by the forward's own address, not the client's): 'ESTABLISHED' when one
+ * is, else the state of a pending one ('SYN_SENT', ...), else undefined.
+ */
+export function usernetState(table: string, hostPort: number): string | undefined {
+  let pending: string | undefined;
+  for (const line of table.split('\n')) {
+    const m = /^\s*TCP\[([A-Z_0-9]+)\]\s+\d+\s+\S+\s+(\d+)\s/.exec(line);
+    if (!m || Number(m[2]) !== hostPort) continue;
+    if (m[1] === 'ESTABLISHED') return m[1];
+    if (m[1] !== 'HOST_FORWARD' && m[1] !== 'TIME_WAIT' && m[1] !== 'CLOSED') pending ??= m[1];
+  }
+  return pending;
 }
