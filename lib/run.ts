@@ -19,7 +19,14 @@ import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
+import {
+  type Attributes,
+  context,
+  isSpanContextValid,
+  type Span,
+  type TracerProvider,
+  trace,
+} from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
 import { qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
@@ -591,6 +598,15 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       }
     });
 
+    // W3C trace context for the guest command, so an instrumented program in the VM continues this
+    // trace (its parent: microvm.Run). Not with the no-op tracer; never over the caller's own value.
+    const sc = root.spanContext();
+    if (isSpanContextValid(sc) && !o.env.some((e) => e.startsWith('TRACEPARENT='))) {
+      const flags = sc.traceFlags.toString(16).padStart(2, '0');
+      o.env = [...o.env, `TRACEPARENT=00-${sc.traceId}-${sc.spanId}-${flags}`];
+      const state = sc.traceState?.serialize();
+      if (state && !o.env.some((e) => e.startsWith('TRACESTATE='))) o.env = [...o.env, `TRACESTATE=${state}`];
+    }
     await stage(SPAN.BACKEND_PREPARE, { [ATTR.BACKEND]: o.backend.name }, (_s, inner) =>
       o.backend.prepareRootfs({
         vmId: o.id,
@@ -646,6 +662,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         bootTimeoutMs: o.bootTimeoutMs,
         network: network ? { kind: network.kind, socketPath: network.socketPath, mac: network.mac } : undefined,
         scope: inner,
+        guestScope: scope,
         signal,
       });
       // Registered before anything else can fail, so the VM never outlives a failed run().

@@ -13,6 +13,9 @@
 //      console), reaping every orphan while it runs;
 //   6. reports the command's exit status on "microvm.exit" as "EXIT <code>\n" (125: setup failed,
 //      126: cannot execute, 127: not found, 128+N: killed by signal N), then powers off.
+// Milestones go on "microvm.exit" too, as "T <name> <ns>" on the guest's CLOCK_MONOTONIC (0 is the
+// kernel's timekeeping start): init (this process started), mounts, network, config (read, shares
+// mounted), exec (the command is about to be exec'd). The host turns them into spans.
 // Statically linked, so it runs in any image.
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -27,6 +30,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -142,6 +146,17 @@ void SayToHost(const std::string& line) {
   (void)ignored;
 }
 
+// Nanoseconds on CLOCK_MONOTONIC.
+long long MonotonicNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<long long>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+void Milestone(const char* name, long long ns) {
+  SayToHost(std::string("T ") + name + " " + std::to_string(ns));
+}
+
 [[noreturn]] void Finish(int code) {
   SayToHost("EXIT " + std::to_string(code));
   sync();
@@ -214,6 +229,7 @@ bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, st
 }  // namespace
 
 int main() {
+  const long long started = MonotonicNs();
   if (getpid() != 1) {
     std::fprintf(stderr, "microvm-guest-init runs as PID 1 inside a VM\n");
     return 125;
@@ -224,9 +240,13 @@ int main() {
   MountFs("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
   MountFs("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
   MountFs("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+  const long long mounted = MonotonicNs();
   SayToHost("UP");
+  Milestone("init", started);
+  Milestone("mounts", mounted);
   if (sethostname("microvm", 7) != 0) Log(std::string("sethostname: ") + std::strerror(errno));
   Network();
+  Milestone("network", MonotonicNs());
 
   std::vector<std::string> cmd, env;
   std::string workdir = "/";
@@ -239,6 +259,7 @@ int main() {
       Finish(125);
     }
   }
+  Milestone("config", MonotonicNs());
 
   pid_t child = fork();
   if (child < 0) Finish(125);
@@ -270,6 +291,7 @@ int main() {
     std::vector<char*> argv;
     for (auto& a : cmd) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
+    Milestone("exec", MonotonicNs());  // the port's descriptor is close-on-exec
     execvp(argv[0], argv.data());
     int err = errno;
     Log("cannot execute " + cmd[0] + ": " + std::strerror(err));

@@ -294,8 +294,20 @@ describe('usage', () => {
     expect(run).toMatchObject({ runs: 2 });
     expect((run as { p90: number }).p90).toBeGreaterThanOrEqual((run as { p50: number }).p50);
     expect(rows.map((x) => x.span)).toEqual(
-      expect.arrayContaining(['microvm.ImagePull', 'microvm.VMSpawn', 'microvm.backend.ResolveFirmware']),
+      expect.arrayContaining([
+        'microvm.ImagePull',
+        'microvm.VMSpawn',
+        'microvm.backend.ResolveFirmware',
+        'microvm.guest.Kernel',
+        'microvm.guest.Exec',
+      ]),
     );
+    // The command's whole life is measured too (microvm.Run ends once the VM is up).
+    const toExit = rows.find((x) => x.span === "(run() to the command's exit)") as { p50: number; runs: number };
+    expect(toExit.runs).toBe(2);
+    expect(toExit.p50).toBeGreaterThan((run as { p50: number }).p50);
+    const text = cli(['bench', `oci:${layout}:test`, '-n', '1', '--backend', 'qemu', '--data-dir', s.dir]);
+    expect(text.stdout.split('\n')[0]).toMatch(/, 1 runs, backend qemu \(accel (tcg|kvm)\)$/);
   });
 
   test('run --json: one JSON object with how the VM ended, the output and spans', () => {

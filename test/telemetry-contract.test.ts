@@ -7,7 +7,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { SpanStatusCode } from '@opentelemetry/api';
+import { ROOT_CONTEXT, SpanStatusCode } from '@opentelemetry/api';
 import {
   BasicTracerProvider,
   InMemorySpanExporter,
@@ -16,6 +16,7 @@ import {
 } from '@opentelemetry/sdk-trace-base';
 import { hooks, libkrunBackend, run, type RunOptions } from '../lib';
 import { packageRoot } from '../lib/native';
+import { emitGuestSpans, parseMilestones } from '../lib/telemetry/guest';
 import { doubleDir, firmwareDir, qemuSkipReason, scratch } from './helpers';
 
 /** span -> [parent, attribute keys that must be set on it]. */
@@ -89,6 +90,18 @@ const WAIT_SPANS: Record<string, [string, string[]]> = {
     ],
   ],
 };
+/** Inside the guest (QEMU backend's init): span -> [parent, keys]. */
+const GUEST_SPANS: Record<string, [string, string[]]> = {
+  'microvm.guest.Boot': [
+    'microvm.Run',
+    ['microvm.guest.uptime_ms', 'microvm.guest.clock_error_ms', 'microvm.guest.milestones', 'microvm.qemu.accel'],
+  ],
+  'microvm.guest.Kernel': ['microvm.guest.Boot', []],
+  'microvm.guest.Mounts': ['microvm.guest.Boot', []],
+  'microvm.guest.Network': ['microvm.guest.Boot', []],
+  'microvm.guest.Config': ['microvm.guest.Boot', []],
+  'microvm.guest.Exec': ['microvm.guest.Boot', []],
+};
 const EVENTS = { probeFailed: 'ssh.probe_failed', probeCount: 'ssh.probe_count', probeError: 'error' };
 const FAILURE_KEYS = ['error.type'];
 
@@ -127,6 +140,9 @@ describe('the telemetry contract', () => {
       ...Object.keys(QEMU_ONLY),
       ...Object.keys(IMAGE_SPANS),
       ...Object.keys(WAIT_SPANS),
+      ...Object.keys(GUEST_SPANS),
+      ...Object.values(GUEST_SPANS).flatMap(([, k]) => k),
+      'TRACEPARENT',
       ...Object.values(WAIT_SPANS).flatMap(([, k]) => k),
       ...Object.values(COMMON).flatMap(([, k]) => k),
       ...Object.values(LIBKRUN_ONLY).flat(),
@@ -282,6 +298,66 @@ describe('the telemetry contract', () => {
       expect(h.attributes['server.port']).toBe(vm.ports[0].host);
     },
   );
+});
+
+describe('inside the guest', () => {
+  const skip = qemuSkipReason();
+  (skip ? test.skip : test)(
+    `QEMU (a real TCG/KVM boot): the init's milestones as spans under microvm.Run, on the host's clock; TRACEPARENT reaches the command${skip ? ` [skipped: ${skip}]` : ''}`,
+    async () => {
+      process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
+      const { provider, spans } = capture();
+      const vm = await run('test-image', {
+        rootfsPath: process.env.MICROVM_TEST_IMAGE,
+        dataDir: path.join(s.dir, 'data'),
+        backend: 'qemu',
+        initOverride: ['/bin/sh', '-c', 'echo "$TRACEPARENT"'],
+        tracerProvider: provider,
+      });
+      expect(await vm.wait()).toMatchObject({ reason: 'exited', exitCode: 0 });
+      const printed = fs.readFileSync(vm.stdoutPath as string, 'utf8');
+      await vm.remove();
+      const all = spans();
+      check(all, GUEST_SPANS);
+      const one = (n: string): ReadableSpan => all.find((x) => x.name === n) as ReadableSpan;
+      const root = one('microvm.Run');
+      // W3C traceparent: version 00, the run's trace id, microvm.Run as the parent, sampled.
+      expect(printed).toBe(`00-${root.spanContext().traceId}-${root.spanContext().spanId}-01\n`);
+      const t = (h: [number, number]): number => h[0] * 1e3 + h[1] / 1e6;
+      const boot = one('microvm.guest.Boot');
+      const parts = ['Kernel', 'Mounts', 'Network', 'Config', 'Exec'].map((n) => one(`microvm.guest.${n}`));
+      // Consecutive: each starts where the one before ended; together they are Boot.
+      expect(t(parts[0].startTime)).toBeCloseTo(t(boot.startTime), 3);
+      for (let i = 1; i < parts.length; i++) expect(t(parts[i].startTime)).toBeCloseTo(t(parts[i - 1].endTime), 3);
+      expect(t(parts[4].endTime)).toBeCloseTo(t(boot.endTime), 3);
+      expect(boot.attributes['microvm.guest.milestones']).toBe('init,mounts,network,config,exec');
+      // On the host's clock: the kernel starts after QEMU was started, the init's mounts end when
+      // VMSpawn saw "UP" (it ends after that), so the mapping is neither early nor late beyond the bound.
+      const spawn = one('microvm.VMSpawn');
+      expect(t(boot.startTime)).toBeGreaterThan(t(spawn.startTime));
+      expect(t(parts[1].endTime)).toBeLessThanOrEqual(t(spawn.endTime) + 0.001);
+      expect(t(spawn.endTime) - t(parts[1].endTime)).toBeLessThan(250); // start() returns within its 10 ms check
+      // The guest's uptime at exec is the Boot span's length.
+      expect(boot.attributes['microvm.guest.uptime_ms'] as number).toBeCloseTo(t(boot.endTime) - t(boot.startTime), 3);
+    },
+  );
+
+  test('hostile milestone lines: unknown names, repeats, huge numbers and disorder emit nothing wrong', () => {
+    const { provider, spans } = capture();
+    const scope = { tracer: provider.getTracer('t'), ctx: ROOT_CONTEXT };
+    const m = parseMilestones('T init 5\nT evil 1\nT init 9\nT mounts 99999999999999999\nT network x\nUP\n');
+    expect(m).toEqual({ init: 5 }); // 17 digits refused, the repeat ignored, the unknown name ignored
+    expect(emitGuestSpans(scope, m, 1000)).toBe(false); // no mounts: no clock mapping
+    expect(emitGuestSpans(scope, { init: 50, mounts: 40 }, 1000)).toBe(false); // out of order
+    expect(spans()).toEqual([]);
+    expect(emitGuestSpans(scope, { init: 1_000_000, mounts: 3_000_000 }, 10_000)).toBe(true);
+    const names = spans().map((x) => x.name);
+    expect(names.sort()).toEqual(['microvm.guest.Boot', 'microvm.guest.Kernel', 'microvm.guest.Mounts']);
+    const kernel = spans().find((x) => x.name === 'microvm.guest.Kernel') as ReadableSpan;
+    // Guest 0 maps to 10000 - 3 ms; the kernel span is 1 ms long.
+    expect(kernel.startTime[0] * 1e3 + kernel.startTime[1] / 1e6).toBeCloseTo(9997, 3);
+    expect(kernel.endTime[0] * 1e3 + kernel.endTime[1] / 1e6).toBeCloseTo(9998, 3);
+  });
 });
 
 function makeImage(): string {

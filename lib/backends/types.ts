@@ -58,6 +58,8 @@ export interface BackendStartInput {
   /** Set when a network provider replaced TSI (virtio-net over a unix socket). */
   network?: { kind: 'unixstream' | 'unixgram'; socketPath: string; mac: string };
   scope: SpanScope;
+  /** Where spans from inside the guest go (the microvm.Run scope); see lib/telemetry/guest.ts. */
+  guestScope?: SpanScope;
   signal?: AbortSignal;
 }
 

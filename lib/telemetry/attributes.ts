@@ -27,6 +27,13 @@ export const SPAN = {
   WAIT_FOR_LOG: 'microvm.WaitForLog',
   WAIT_FOR_TCP: 'microvm.WaitForTCP',
   WAIT_FOR_HTTP: 'microvm.WaitForHTTP',
+  /** Inside the guest (QEMU backend), from the guest init's milestones; see lib/telemetry/guest.ts. */
+  GUEST_BOOT: 'microvm.guest.Boot',
+  GUEST_KERNEL: 'microvm.guest.Kernel',
+  GUEST_MOUNTS: 'microvm.guest.Mounts',
+  GUEST_NETWORK: 'microvm.guest.Network',
+  GUEST_CONFIG: 'microvm.guest.Config',
+  GUEST_EXEC: 'microvm.guest.Exec',
 } as const;
 
 /**
@@ -81,6 +88,10 @@ export const ATTR = {
   WAIT_STREAM: 'microvm.wait.stream',
   WAIT_GUEST_PORT: 'microvm.wait.guest_port',
   WAIT_ATTEMPTS: 'microvm.wait.attempts',
+  /** microvm.guest.Boot: the guest's uptime at its last milestone, the clock mapping's error bound, the milestones seen. */
+  GUEST_UPTIME_MS: 'microvm.guest.uptime_ms',
+  GUEST_CLOCK_ERROR_MS: 'microvm.guest.clock_error_ms',
+  GUEST_MILESTONES: 'microvm.guest.milestones',
   // OpenTelemetry semantic conventions
   SERVER_ADDRESS: 'server.address',
   SERVER_PORT: 'server.port',

@@ -46,6 +46,7 @@ import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, Vm
 import { STOP_SIGNALS } from '../types';
 import { pvhKernelFor } from './kernel';
 import { QmpClient } from './qmp';
+import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
 
@@ -578,7 +579,19 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       return { reason: 'failed', exitCode: null, signal: status.signal, error };
     });
 
-    // The guest's words on the microvm.exit port: UP, then EXIT <code> (then stop QEMU).
+    // The guest's words on the microvm.exit port: UP, milestones (T <name> <ns>), then EXIT <code>
+    // (then stop QEMU). Read on every change of the file (inotify) and on a 20 ms poll besides.
+    let upSeenAt: number | undefined; // host epoch ms when UP was first read (maps the guest clock)
+    let guestSpans = false;
+    const emitGuest = (text: string, final: boolean): void => {
+      if (guestSpans || upSeenAt === undefined || !input.guestScope) return;
+      const m = parseMilestones(text);
+      if (m.exec === undefined && !final) return; // wait for the init to reach its last milestone
+      guestSpans = true;
+      emitGuestSpans(input.guestScope, m, upSeenAt, { [ATTR.QEMU_ACCEL]: accel });
+    };
+    let lastText = '';
+    let watcher: fs.FSWatcher | undefined;
     const readPort = (): void => {
       let text: string;
       try {
@@ -586,15 +599,31 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       } catch {
         return;
       }
+      lastText = text;
+      if (!watcher && running) {
+        // QEMU has created the file: from now on each write wakes us at once.
+        try {
+          watcher = fs.watch(exitFile, { persistent: false }, () => readPort());
+          watcher.on('error', () => undefined);
+        } catch {
+          /* the poll alone */
+        }
+      }
       const r = readExitPort(text);
+      if (r.up && !up) upSeenAt = performance.timeOrigin + performance.now();
       if (r.up) up = true;
+      emitGuest(text, false);
       if (r.code !== undefined && guestCode === undefined && !failure) {
         guestCode = r.code;
         signalGroup('SIGTERM');
       }
     };
     const poll = setInterval(readPort, 20);
-    void exited.then(() => clearInterval(poll));
+    void exited.then(() => {
+      clearInterval(poll);
+      watcher?.close();
+      emitGuest(lastText, true);
+    });
     const bootTimer = setTimeout(() => {
       if (!up)
         fail(
