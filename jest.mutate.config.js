@@ -16,5 +16,7 @@ module.exports = {
     '<rootDir>/test/telemetry.test.ts',
     '<rootDir>/test/telemetry-contract.test.ts',
     '<rootDir>/test/validate.test.ts',
+    '<rootDir>/test/vm.test.ts',
+    '<rootDir>/test/wait-for.test.ts',
   ],
 };

@@ -110,3 +110,28 @@ test('formatSpanTree: children under parents in start order, aligned durations, 
   );
   expect(formatSpanTree([])).toBe('');
 });
+
+test('formatSpanTree: every shown attribute by its short name in a fixed order; an ERROR without a message; the first of equal children is the largest', () => {
+  const text = formatSpanTree([
+    sp('r', 'microvm.Run', 0, 10),
+    sp('a', 'A', 1, 3, 'r', {
+      'preflight.check.passed': false,
+      'preflight.check.name': 'kvm',
+      'microvm.backend': 'qemu',
+      'microvm.rootfs.clone_strategy': 'overlay',
+      'microvm.image.layered': true,
+    }),
+    sp('b', 'B', 3, 5, 'r', {}, { code: 2 }),
+    sp('c', 'C', 5, 5.5, 'b'),
+    sp('d', 'D', 6, 8, 'c'), // a grandchild longer than its parent is not a "stage"
+  ]);
+  expect(text).toBe(
+    [
+      'microvm.Run    10.000 s',
+      '  A             2.000 s  ◀ largest stage  layered=true  clone=overlay  backend=qemu  check=kvm  passed=false',
+      '  B             2.000 s  ERROR',
+      '    C           0.500 s',
+      '      D         2.000 s',
+    ].join('\n'),
+  );
+});

@@ -68,9 +68,9 @@ export interface Platform {
   variant?: string;
 }
 
-/** linux + this Node's architecture in OCI terms. */
-export function hostPlatform(): Platform {
-  const arch: Record<string, string> = {
+/** linux + this Node's architecture (or `arch`, a `process.arch` value) in OCI terms. */
+export function hostPlatform(arch: string = process.arch): Platform {
+  const names: Record<string, string> = {
     x64: 'amd64',
     arm64: 'arm64',
     arm: 'arm',
@@ -81,8 +81,8 @@ export function hostPlatform(): Platform {
   };
   return {
     os: 'linux',
-    architecture: arch[process.arch] ?? process.arch,
-    ...(process.arch === 'arm64' ? { variant: 'v8' } : {}),
+    architecture: names[arch] ?? arch,
+    ...(arch === 'arm64' ? { variant: 'v8' } : {}),
   };
 }
 

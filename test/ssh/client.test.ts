@@ -1,6 +1,7 @@
 /** The SSH client and readiness wait against real servers (ssh2 in-process, OpenSSH sshd). */
 import { createHash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
+import { getEventListeners } from 'node:events';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
@@ -9,7 +10,9 @@ import {
   type Clock,
   generateKeyPair,
   loadKeyPair,
+  MicrovmError,
   SshClient,
+  systemClock,
   type SshConnectOptions,
   waitForReady,
   writeKeyPair,
@@ -309,5 +312,94 @@ describe('waitForReady', () => {
     } finally {
       await server.close();
     }
+  });
+
+  test('defaults (injected clock): 10 ms first interval, x1.5 up to 50 ms, 60 s deadline; per-probe timeouts never past the deadline; the timeout keeps the last error as cause', async () => {
+    let now = 0;
+    const sleeps: number[] = [];
+    const clock: Clock = {
+      now: () => now,
+      sleep: async (ms) => {
+        sleeps.push(ms);
+        now += ms;
+      },
+    };
+    const seen: { readyTimeoutMs?: number; bannerTimeoutMs?: number; signal?: AbortSignal }[] = [];
+    const last = new Error('ECONNREFUSED 7');
+    const err = await waitForReady({
+      host: 'h',
+      port: 22,
+      username: 'u',
+      privateKey: 'k',
+      hostKey: { insecureAcceptAny: true },
+      clock,
+      connect: async (c) => {
+        seen.push({ readyTimeoutMs: c.readyTimeoutMs, bannerTimeoutMs: c.bannerTimeoutMs });
+        throw last;
+      },
+    }).then(
+      () => undefined,
+      (e: unknown) => e as MicrovmError,
+    );
+    expect(sleeps.slice(0, 6)).toEqual([10, 15, 22.5, 33.75, 50, 50]);
+    expect(sleeps.reduce((a, b) => a + b, 0)).toBe(60000); // the last sleep is cut to the deadline
+    expect(err).toMatchObject({
+      code: 'ERR_MICROVM_SSH_TIMEOUT',
+      message: `SSH on u@h:22 was not ready after 60000 ms and ${seen.length} probes; last error: ECONNREFUSED 7`,
+    });
+    expect(err?.cause).toBe(last);
+    expect(seen[0]).toEqual({ readyTimeoutMs: 5000, bannerTimeoutMs: 300 });
+    // Near the deadline a probe gets only what is left (at least 1 ms), and the banner wait no more.
+    expect(seen[seen.length - 1].readyTimeoutMs).toBeLessThanOrEqual(50);
+    expect(seen[seen.length - 1].bannerTimeoutMs).toBeLessThanOrEqual(seen[seen.length - 1].readyTimeoutMs as number);
+  });
+
+  test('option checks name the option; an AbortError from a probe ends the wait', async () => {
+    const base = {
+      host: 'h',
+      port: 22,
+      username: 'u',
+      privateKey: 'k',
+      hostKey: { insecureAcceptAny: true as const },
+    };
+    await expect(waitForReady({ ...base, timeoutMs: 0 })).rejects.toThrow(
+      'Expected an integer 1–3600000 for timeoutMs but received 0',
+    );
+    await expect(waitForReady({ ...base, initialIntervalMs: -1 })).rejects.toThrow(
+      'Expected an integer 0–600000 for initialIntervalMs but received -1',
+    );
+    await expect(waitForReady({ ...base, maxIntervalMs: -1 })).rejects.toThrow(
+      'Expected an integer 0–600000 for maxIntervalMs but received -1',
+    );
+    await expect(waitForReady({ ...base, bannerTimeoutMs: 0 })).rejects.toThrow(
+      'Expected an integer 1–600000 for bannerTimeoutMs but received 0',
+    );
+    await expect(waitForReady({ ...base, backoff: 0.5 })).rejects.toThrow(
+      'Expected a number >= 1 for backoff but received 0.5',
+    );
+    await expect(waitForReady({ ...base, backoff: 'x' as never })).rejects.toThrow(
+      'Expected a number >= 1 for backoff but received "x"',
+    );
+    await expect(waitForReady(null as never)).rejects.toThrow(/options/);
+    let calls = 0;
+    const aborted = await waitForReady({
+      ...base,
+      connect: async () => {
+        calls++;
+        throw new DOMException('stop', 'AbortError');
+      },
+    }).catch((e: Error) => e);
+    expect([(aborted as Error).name, calls]).toEqual(['AbortError', 1]);
+  });
+
+  test('systemClock.sleep: resolves after the time, rejects at once with the reason when aborted, leaves no listener', async () => {
+    const ac = new AbortController();
+    await systemClock.sleep(5, ac.signal);
+    expect(getEventListeners(ac.signal, 'abort')).toHaveLength(0);
+    const p = systemClock.sleep(60_000, ac.signal);
+    ac.abort(new Error('why'));
+    await expect(p).rejects.toThrow('why');
+    await expect(systemClock.sleep(1, ac.signal)).rejects.toThrow('why');
+    await systemClock.sleep(1);
   });
 });
