@@ -32,6 +32,7 @@ import { qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
 import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
+import { RecordingTracer, writeFlightRecord } from './telemetry/recorder';
 import { normalizeWaitFor, waitFor, type WaitStrategy } from './wait-for';
 import { freePort } from './net';
 import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
@@ -158,6 +159,14 @@ export interface RunOptions {
    * (60000) each; ERR_MICROVM_WAIT_TIMEOUT when it passes, ERR_MICROVM_VM_EXITED when the VM ends first.
    */
   waitFor?: WaitStrategy | readonly WaitStrategy[];
+  /**
+   * When run() fails (not when it is aborted), keep what explains it in
+   * `<dataDir>/failed/<name>-<time>/`: every span (recorded even without a tracer provider), the
+   * error, and the last 64 KiB of the console, VMM log, stdout and stderr; the error's message names
+   * the directory and `err.flightRecord` holds it. The newest `keep` (10) records stay; `false`
+   * records nothing.
+   */
+  flightRecorder?: { keep?: number } | false;
   /** Tracer provider (the global one). */
   tracerProvider?: TracerProvider;
   /** Cancels the start; everything started so far is undone. */
@@ -165,6 +174,7 @@ export interface RunOptions {
 }
 
 const RUN_KEYS = [
+  'flightRecorder',
   'waitFor',
   'pull',
   'maxCacheBytes',
@@ -350,6 +360,7 @@ function normalize(image: string, options: RunOptions) {
     rootfsHooks: functions<RootfsHook>('rootfsHooks', o.rootfsHooks),
     postBoot: functions<PostBootHook>('postBoot', o.postBoot),
     waitFor: o.waitFor === undefined ? [] : normalizeWaitFor(o.waitFor),
+    flightRecorder: flightRecorderKeep(o.flightRecorder),
     preflight: o.preflight === undefined ? undefined : checks('preflight', o.preflight),
     preflightChecks: checks('preflightChecks', o.preflightChecks),
     virtiofs:
@@ -491,7 +502,8 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     o.ports = [...o.ports, { host: hostPort, guest: o.ssh.guestPort }];
     o.rootfsHooks = [...o.rootfsHooks, hooks.injectAuthorizedKeys(key.publicKey, { user: o.ssh.user })];
   }
-  const tracer = getTracer(o.tracerProvider);
+  const recorder = o.flightRecorder > 0 ? new RecordingTracer(getTracer(o.tracerProvider)) : undefined;
+  const tracer = recorder ?? getTracer(o.tracerProvider);
   const root = tracer.startSpan(
     SPAN.RUN,
     {
@@ -779,8 +791,36 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     endSpan(root);
     return vm;
   } catch (err) {
-    for (const fn of undo.reverse()) await fn().catch(() => undefined);
     endSpan(root, err);
+    // Before the clean-up removes the VM's directory: its logs go into the flight record.
+    const record =
+      recorder && !signal?.aborted
+        ? writeFlightRecord({
+            dataRoot: o.dataRoot,
+            name: o.name,
+            id: o.id,
+            backend: o.backend.name,
+            image,
+            vmDir,
+            error: err,
+            spans: recorder.spans,
+            keep: o.flightRecorder,
+          })
+        : undefined;
+    for (const fn of undo.reverse()) await fn().catch(() => undefined);
+    if (record && err instanceof Error) {
+      err.message += `\nFlight record (spans, logs): ${record}`;
+      Object.assign(err, { flightRecord: record });
+    }
     throw err;
   }
+}
+
+/** `flightRecorder` option: how many records to keep (0: none). */
+function flightRecorderKeep(value: unknown): number {
+  if (value === undefined) return 10;
+  if (value === false) return 0;
+  const o = v.object('flightRecorder', value);
+  v.knownKeys('flightRecorder', o, ['keep']);
+  return o.keep === undefined ? 10 : v.integer('flightRecorder.keep', o.keep, 0, 10_000);
 }

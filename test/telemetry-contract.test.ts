@@ -347,16 +347,17 @@ describe('inside the guest', () => {
     const scope = { tracer: provider.getTracer('t'), ctx: ROOT_CONTEXT };
     const m = parseMilestones('T init 5\nT evil 1\nT init 9\nT mounts 99999999999999999\nT network x\nUP\n');
     expect(m).toEqual({ init: 5 }); // 17 digits refused, the repeat ignored, the unknown name ignored
-    expect(emitGuestSpans(scope, m, 1000)).toBe(false); // no mounts: no clock mapping
-    expect(emitGuestSpans(scope, { init: 50, mounts: 40 }, 1000)).toBe(false); // out of order
+    expect(emitGuestSpans(scope, m, 1_790_000_000_000)).toBe(false); // no mounts: no clock mapping
+    expect(emitGuestSpans(scope, { init: 50, mounts: 40 }, 1_790_000_000_000)).toBe(false); // out of order
     expect(spans()).toEqual([]);
-    expect(emitGuestSpans(scope, { init: 1_000_000, mounts: 3_000_000 }, 10_000)).toBe(true);
+    const base = 1_790_000_000_000; // host epoch ms when UP was read
+    expect(emitGuestSpans(scope, { init: 1_000_000, mounts: 3_000_000 }, base)).toBe(true);
     const names = spans().map((x) => x.name);
     expect(names.sort()).toEqual(['microvm.guest.Boot', 'microvm.guest.Kernel', 'microvm.guest.Mounts']);
     const kernel = spans().find((x) => x.name === 'microvm.guest.Kernel') as ReadableSpan;
-    // Guest 0 maps to 10000 - 3 ms; the kernel span is 1 ms long.
-    expect(kernel.startTime[0] * 1e3 + kernel.startTime[1] / 1e6).toBeCloseTo(9997, 3);
-    expect(kernel.endTime[0] * 1e3 + kernel.endTime[1] / 1e6).toBeCloseTo(9998, 3);
+    // Guest 0 maps to UP - 3 ms; the kernel span is 1 ms long.
+    expect(kernel.startTime[0] * 1e3 + kernel.startTime[1] / 1e6).toBeCloseTo(base - 3, 3);
+    expect(kernel.endTime[0] * 1e3 + kernel.endTime[1] / 1e6).toBeCloseTo(base - 2, 3);
   });
 });
 

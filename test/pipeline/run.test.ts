@@ -143,9 +143,15 @@ describe('run() over the libkrun double', () => {
     // Read the guest's root as the runner (the VMM) sees it: /proc/PID/root enters its mount namespace.
     const guest = (p: string): string => path.join(`/proc/${vm.pid}/root`, vm.rootfsPath, p);
     const config = JSON.parse(fs.readFileSync(guest('.krun_config.json'), 'utf8'));
+    const rootCtx = one(SPAN.RUN).spanContext();
     expect(config).toEqual({
       Cmd: ['/bin/sh', '-c', 'echo hi'],
-      Env: [expect.stringMatching(/^PATH=/), 'GREETING=hi there'],
+      // W3C trace context: the guest command continues this trace under microvm.Run.
+      Env: [
+        expect.stringMatching(/^PATH=/),
+        'GREETING=hi there',
+        `TRACEPARENT=00-${rootCtx.traceId}-${rootCtx.spanId}-01`,
+      ],
       WorkingDir: '/root',
     });
     expect(fs.readFileSync(guest('root/.ssh/authorized_keys'), 'utf8')).toContain('ssh-ed25519 AAAAC3');
@@ -596,6 +602,99 @@ describe('run() over the libkrun double', () => {
     await expect(run('img', options({ name: 'w', waitFor: { tcp: 1, log: 'x' } as never }))).rejects.toMatchObject({
       code: 'ERR_INVALID_ARG_TYPE',
     });
+  });
+
+  test('flight recorder: a failed run leaves its spans (without any provider), error and VM logs; the message names it; the newest `keep` stay; an abort or flightRecorder: false leaves none', async () => {
+    const failed = path.join(s.dir, 'data', 'failed');
+    const err = (await run(
+      'img',
+      options({
+        name: 'fr',
+        tracerProvider: undefined,
+        waitFor: { log: 'never printed', stream: 'console', timeoutMs: 200 },
+      }),
+    ).catch((e: unknown) => e)) as Error & { code: string; flightRecord: string };
+    expect(err.code).toBe('ERR_MICROVM_WAIT_TIMEOUT');
+    expect(err.flightRecord.startsWith(path.join(failed, 'fr-'))).toBe(true);
+    expect(err.message.endsWith(`\nFlight record (spans, logs): ${err.flightRecord}`)).toBe(true);
+    expect(fs.statSync(failed).mode & 0o777).toBe(0o700);
+    const rec = err.flightRecord;
+    expect(fs.readdirSync(rec).sort()).toEqual(['console.log', 'error.json', 'record.json', 'spans.json', 'vm.log']);
+    expect(fs.statSync(path.join(rec, 'spans.json')).mode & 0o777).toBe(0o600);
+    expect(fs.readFileSync(path.join(rec, 'console.log'), 'utf8')).toContain('guest running');
+    expect(JSON.parse(fs.readFileSync(path.join(rec, 'error.json'), 'utf8'))).toMatchObject({
+      code: 'ERR_MICROVM_WAIT_TIMEOUT',
+      name: 'MicrovmError',
+    });
+    expect(JSON.parse(fs.readFileSync(path.join(rec, 'record.json'), 'utf8'))).toMatchObject({
+      name: 'fr',
+      backend: 'libkrun',
+      image: 'img',
+    });
+    const spans = JSON.parse(fs.readFileSync(path.join(rec, 'spans.json'), 'utf8')) as {
+      name: string;
+      spanId: string;
+      parentSpanId?: string;
+      attributes: Record<string, unknown>;
+      status?: { code: number };
+    }[];
+    const byName = (n: string) => spans.find((x) => x.name === n);
+    const rootRec = byName('microvm.Run');
+    expect(rootRec?.status?.code).toBe(SpanStatusCode.ERROR);
+    expect(rootRec?.attributes).toMatchObject({ 'microvm.name': 'fr', 'error.type': 'ERR_MICROVM_WAIT_TIMEOUT' });
+    expect(byName('microvm.WaitForLog')?.parentSpanId).toBe(byName('microvm.PostBoot')?.spanId);
+    expect(byName('microvm.PostBoot')?.parentSpanId).toBe(rootRec?.spanId);
+    expect(byName('microvm.backend.ResolveFirmware')?.attributes['microvm.firmware.path']).toEqual(expect.any(String));
+    expect(fs.existsSync(path.join(s.dir, 'data', 'vms', 'fr'))).toBe(false);
+    // keep: 2 of three failures (a hook that throws, before any VM).
+    for (const n of ['k1', 'k2', 'k3']) {
+      await run(
+        'img',
+        options({
+          name: n,
+          flightRecorder: { keep: 2 },
+          rootfsHooks: [
+            () => {
+              throw new Error('hook broke');
+            },
+          ],
+        }),
+      ).catch(() => undefined);
+      await new Promise((r) => setTimeout(r, 20)); // distinct mtimes
+    }
+    expect(
+      fs
+        .readdirSync(failed)
+        .map((n) => n.split('-')[0])
+        .sort(),
+    ).toEqual(['k2', 'k3']);
+    // An abort is not a failure; false records nothing and leaves the message alone.
+    const ac = new AbortController();
+    await run('img', options({ name: 'ab', signal: ac.signal, rootfsHooks: [() => ac.abort()] })).catch(
+      () => undefined,
+    );
+    const off = (await run(
+      'img',
+      options({
+        name: 'off',
+        flightRecorder: false,
+        rootfsHooks: [
+          () => {
+            throw new Error('hook broke');
+          },
+        ],
+      }),
+    ).catch((e: unknown) => e)) as Error;
+    expect(off.message).toBe('hook broke');
+    expect(
+      fs
+        .readdirSync(failed)
+        .map((n) => n.split('-')[0])
+        .sort(),
+    ).toEqual(['k2', 'k3']);
+    await expect(run('img', options({ flightRecorder: { keep: -1 } }))).rejects.toThrow(
+      'Expected an integer 0–10000 for flightRecorder.keep but received -1',
+    );
   });
 
   test('await using: the VM is stopped and its directory removed, the image is not', async () => {
