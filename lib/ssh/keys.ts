@@ -23,11 +23,18 @@ export function generateKeyPair(options: { type?: 'ed25519' | 'ecdsa'; comment?:
   if (type !== 'ed25519' && type !== 'ecdsa')
     throw v.rangeError(`Expected 'ed25519' or 'ecdsa' for type but received ${v.describe(type)}`);
   const comment = o.comment === undefined ? 'node-microvm' : v.string('comment', o.comment);
-  const pair =
-    type === 'ed25519'
-      ? ssh2().utils.generateKeyPairSync('ed25519', { comment })
-      : ssh2().utils.generateKeyPairSync('ecdsa', { bits: 256, comment });
-  return { type, privateKey: pair.private, publicKey: pair.public.trim() };
+  // ssh2 (1.17) writes an ed25519 key whose public half starts with a 0x00 byte with that byte
+  // dropped (a 31-byte key): neither ssh2 nor OpenSSH can read it back ("Malformed OpenSSH private
+  // key"), 1 key in 256. Such a key is generated again; 8 bad keys in a row has odds of 2^-64.
+  for (let attempt = 0; attempt < 8; attempt++) {
+    const pair =
+      type === 'ed25519'
+        ? ssh2().utils.generateKeyPairSync('ed25519', { comment })
+        : ssh2().utils.generateKeyPairSync('ecdsa', { bits: 256, comment });
+    if (!(ssh2().utils.parseKey(pair.private) instanceof Error))
+      return { type, privateKey: pair.private, publicKey: pair.public.trim() };
+  }
+  throw new MicrovmError('ERR_MICROVM_SSH_KEY', `Could not generate a readable ${type} key pair`);
 }
 
 /** Writes `<dir>/<name>` (0600) and `<dir>/<name>.pub` (0644), atomically; returns their paths. */
