@@ -1,15 +1,17 @@
 /**
  * The test set `npm run mutate` (StrykerJS) runs against each mutant of the core modules: the unit
- * and double-backed tests that exercise them. No real VM boots and no CLI processes (they would
- * make a run take hours), except what those files do themselves.
+ * tests that exercise them directly. No real VM boots, no CLI processes and not the run() pipeline
+ * tests (each spawns runner processes; with them a run takes hours on 2 cores). npm test runs all.
  * @type {import('jest').Config}
  */
 const base = require('./jest.config.js');
+
+// Tests that boot real VMs skip in this run (test/helpers.ts qemuSkipReason); npm test runs them.
+process.env.MICROVM_MUTATION_RUN = '1';
 module.exports = {
   ...base,
   testMatch: [
     '<rootDir>/test/state.test.ts',
-    '<rootDir>/test/pipeline/run.test.ts',
     '<rootDir>/test/ssh/client.test.ts',
     '<rootDir>/test/image/oci.test.ts',
     '<rootDir>/test/rootfs-hooks.test.ts',

@@ -175,7 +175,22 @@ export async function pull(reference: string, options: PullOptions = {}): Promis
   const ref = parseReference(reference);
   const platform = options.platform ?? hostPlatform();
   const verify = options.verify ?? 'fast';
-  const scope = options.scope ?? { tracer: getTracer(), ctx: context.active() };
+  if (!options.scope) {
+    // Called on its own: one root microvm.ImagePull (the caller's active span as its parent), so
+    // the lookup, fetch, extract and store spans share a trace instead of being four roots.
+    return inSpan(
+      { tracer: getTracer(), ctx: context.active() },
+      SPAN.IMAGE_PULL,
+      { [ATTR.IMAGE_REF]: reference, [ATTR.IMAGE_SOURCE]: 'pull' },
+      async (span, inner) => {
+        const r = await pull(reference, { ...options, scope: inner });
+        span.setAttribute(ATTR.IMAGE_DIGEST, r.digest);
+        span.setAttribute(ATTR.IMAGE_FROM_CACHE, r.fromCache);
+        return r;
+      },
+    );
+  }
+  const scope = options.scope;
   // One reference can name different images per platform: the index key includes it.
   const refKey = `${ref.canonical}#${platform.os}/${platform.architecture}${platform.variant ? `/${platform.variant}` : ''}`;
   const signal = options.signal;

@@ -241,6 +241,32 @@ describe('references', () => {
     ]);
   });
 
+  test('image.pull() with no parent scope: one microvm.ImagePull root (in the global provider) with the four stages under it, one trace', async () => {
+    const exporter = new InMemorySpanExporter();
+    trace.setGlobalTracerProvider(new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }));
+    let r;
+    try {
+      r = await image.pull(`oci:${layout}:test`, { cacheDir });
+    } finally {
+      trace.disable();
+    }
+    const spans = exporter.getFinishedSpans();
+    const root = spans.find((x) => x.name === 'microvm.ImagePull');
+    expect(root?.parentSpanContext).toBeUndefined();
+    expect(root?.attributes).toMatchObject({
+      'microvm.image_ref': `oci:${layout}:test`,
+      'microvm.image.source': 'pull',
+      'microvm.image.digest': r.digest,
+      'microvm.image.from_cache': false,
+    });
+    expect(spans.filter((x) => x !== root).map((x) => [x.name, x.parentSpanContext?.spanId])).toEqual(
+      ['microvm.image.CacheLookup', 'microvm.image.Fetch', 'microvm.image.Extract', 'microvm.image.CacheStore'].map(
+        (n) => [n, root?.spanContext().spanId],
+      ),
+    );
+    expect(new Set(spans.map((x) => x.spanContext().traceId)).size).toBe(1);
+  });
+
   test('archives: oci-archive and docker-archive (skopeo) unpack to the same tree; a tampered layer is refused', async () => {
     const oa = path.join(s.dir, 'o.tar');
     const da = path.join(s.dir, 'd.tar');
