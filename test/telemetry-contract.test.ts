@@ -58,7 +58,10 @@ const LIBKRUN_ONLY: Record<string, string[]> = {
   'microvm.ImagePull': ['microvm.image.prebuilt'],
 };
 const QEMU_ONLY: Record<string, [string | null, string[]]> = {
-  'microvm.SSHWaitReady': ['microvm.PostBoot', ['ssh.host', 'ssh.port', 'ssh.user', 'ssh.probes_total']],
+  'microvm.SSHWaitReady': [
+    'microvm.PostBoot',
+    ['ssh.host', 'ssh.port', 'ssh.user', 'ssh.probes_total', 'server.address', 'server.port'],
+  ],
 };
 const QEMU_ATTRS: Record<string, string[]> = {
   'microvm.backend.ResolveRuntime': ['microvm.qemu.accel', 'microvm.qemu.accel_reason'],

@@ -83,7 +83,14 @@ export async function waitForReady(options: WaitForReadyOptions, scope?: SpanSco
   const bannerTimeoutMs =
     o.bannerTimeoutMs === undefined ? 300 : v.integer('bannerTimeoutMs', o.bannerTimeoutMs, 1, 600000);
   const s = scope ?? options.scope ?? { tracer: getTracer(), ctx: context.active() };
-  const attrs = { [ATTR.SSH_HOST]: options.host, [ATTR.SSH_PORT]: options.port, [ATTR.SSH_USER]: options.username };
+  // go-microvm's keys, and the OpenTelemetry semantic-convention ones beside them.
+  const attrs = {
+    [ATTR.SSH_HOST]: options.host,
+    [ATTR.SSH_PORT]: options.port,
+    [ATTR.SSH_USER]: options.username,
+    [ATTR.SERVER_ADDRESS]: options.host,
+    [ATTR.SERVER_PORT]: options.port,
+  };
   const body = async (span: Span): Promise<SshClient> => {
     const deadline = clock.now() + timeoutMs;
     let interval = initial;
