@@ -33,6 +33,7 @@ import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/type
 import { MicrovmError } from './errors';
 import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
 import { RecordingTracer, writeFlightRecord } from './telemetry/recorder';
+import { readTail } from './file-tail';
 import { normalizeWaitFor, waitFor, type WaitStrategy } from './wait-for';
 import { freePort } from './net';
 import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
@@ -236,13 +237,7 @@ function checks(name: string, value: unknown): PreflightCheck[] {
 
 /** The last lines of a guest output file for an error message (the VM's directory is removed after). */
 function outputTail(file: string, label: string): string {
-  let text = '';
-  try {
-    const buf = fs.readFileSync(file);
-    text = buf.subarray(Math.max(0, buf.length - 2000)).toString('utf8');
-  } catch {
-    return '';
-  }
+  const text = readTail(file, 2000)?.toString('utf8') ?? '';
   const lines = text
     .replace(/\r/g, '')
     .split('\n')

@@ -29,6 +29,7 @@ import {
   trace,
   type Tracer,
 } from '@opentelemetry/api';
+import { readTail } from '../file-tail';
 
 /** What the recorder keeps of one span. */
 export interface RecordedSpan {
@@ -157,24 +158,6 @@ export class RecordingTracer implements Tracer {
 /** Keeps at most this many bytes of each log. */
 const TAIL_BYTES = 64 * 1024;
 
-function tail(file: string): Buffer | undefined {
-  let fd: number;
-  try {
-    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
-  } catch {
-    return undefined;
-  }
-  try {
-    const size = fs.fstatSync(fd).size;
-    const n = Math.min(size, TAIL_BYTES);
-    const buf = Buffer.alloc(n);
-    fs.readSync(fd, buf, 0, n, size - n);
-    return buf;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 /** What the flight record says about the run. */
 export interface FlightRecordInput {
   dataRoot: string;
@@ -212,7 +195,7 @@ export function writeFlightRecord(r: FlightRecordInput): string | undefined {
       `${JSON.stringify({ name: r.name, id: r.id, backend: r.backend, image: r.image, vmDir: r.vmDir, at: new Date().toISOString() }, null, 2)}\n`,
     );
     for (const f of ['console.log', 'vm.log', 'stdout.log', 'stderr.log']) {
-      const t = tail(path.join(r.vmDir, f));
+      const t = readTail(path.join(r.vmDir, f), TAIL_BYTES);
       if (t) write(f, t);
     }
     // The newest `keep` records stay (names sort by time within a VM name; order by mtime overall).

@@ -46,6 +46,7 @@ import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, Vm
 import { STOP_SIGNALS } from '../types';
 import { pvhKernelFor } from './kernel';
 import { QmpClient } from './qmp';
+import { readTail } from '../../file-tail';
 import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
@@ -202,19 +203,7 @@ function dataRootOf(vmDir: string): string {
 
 /** The last `max` bytes of a file as text ('' when it cannot be read). */
 function tail(file: string, max = 4000): string {
-  try {
-    const fd = fs.openSync(file, 'r');
-    try {
-      const size = fs.fstatSync(fd).size;
-      const buf = Buffer.alloc(Math.min(max, size));
-      fs.readSync(fd, buf, 0, buf.length, size - buf.length);
-      return buf.toString('utf8');
-    } finally {
-      fs.closeSync(fd);
-    }
-  } catch {
-    return '';
-  }
+  return readTail(file, max)?.toString('utf8') ?? '';
 }
 
 /**
