@@ -67,6 +67,18 @@ export const ERROR_CODES = {
   ERR_MICROVM_SSH_CONNECT: 'the SSH connection failed',
   ERR_MICROVM_SSH_KEY: 'an SSH key could not be generated, read or parsed',
   ERR_MICROVM_SSH_UNAVAILABLE: 'the VM was started without SSH',
+  ERR_MICROVM_AGENT_UNAVAILABLE:
+    'the VM has no guest agent (libkrun backend, `agent: false`), its channel closed, or the VM ended',
+  ERR_MICROVM_AGENT_TIMEOUT:
+    'the guest agent did not answer in time (not running, or another host process holds its channel)',
+  ERR_MICROVM_AGENT_PROTOCOL:
+    'the guest sent a malformed, oversized or unexpected frame; the channel is closed (the VM stays controllable)',
+  ERR_MICROVM_AGENT_REFUSED: 'the guest agent refused to start a process (`guestCode` holds its errno name)',
+  ERR_MICROVM_GUEST_FILE: 'a file operation in the guest failed (`guestCode` holds its errno name, e.g. ENOENT)',
+  ERR_MICROVM_EXEC_TIMEOUT: "`exec()`'s `timeoutMs` passed; the command's process group was killed",
+  ERR_MICROVM_EXEC_MAX_BUFFER: "a command's output exceeded `exec()`'s `maxBuffer`; it was killed",
+  ERR_MICROVM_COPY:
+    'a copy between host and guest failed on the host side, or the guest sent a name or tree unsafe to write',
   ERR_MICROVM_SSH_EXEC: 'a command could not be started over SSH',
   ERR_MICROVM_SSH_COPY: 'a file copy over SSH failed',
   ERR_MICROVM_PLAN_INVALID: "the runner's launch plan is invalid (native check)",

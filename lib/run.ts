@@ -62,6 +62,7 @@ import { type CloneStrategy, cloneRootfs, type ClonedRootfs } from './rootfs/clo
 import { hooks, type RootfsHook, rootfsContext } from './rootfs/hooks';
 import { generateKeyPair, type SshKeyPair, writeKeyPair } from './ssh/keys';
 import { waitForReady } from './ssh/wait-ready';
+import { AgentClient } from './agent/client';
 import { writeState, processStartTime, sweepVms, terminateRecorded, writeOwner } from './state';
 import { ATTR, SPAN } from './telemetry/attributes';
 import { endSpan, getTracer, inSpan, type SpanScope } from './telemetry/tracer';
@@ -153,6 +154,13 @@ export interface RunOptions {
    */
   ssh?: { user?: string; guestPort?: number; hostPort?: number; waitReady?: boolean; timeoutMs?: number };
   /**
+   * The guest agent (QEMU backend): run() resolves once it answered (span microvm.AgentWaitReady),
+   * and `vm.exec()`, `vm.spawn()`, `vm.copyIn()`/`copyOut()`, `vm.readFile()`/`writeFile()` work on
+   * any image, with no SSH server. `timeoutMs` (30000): ERR_MICROVM_AGENT_TIMEOUT when it passes.
+   * `false`: do not connect (the guest still runs its agent, idle). Default true.
+   */
+  agent?: boolean | { timeoutMs?: number };
+  /**
    * Readiness besides SSH (testcontainers-style), checked in PostBoot in order, each in its own span:
    * `{ log: /ready/ }` a line of the command's output (or `stream: 'console'`); `{ tcp: 80 }` a
    * forwarded guest port that keeps a connection open; `{ http: { port: 80, path: '/health',
@@ -204,6 +212,7 @@ const RUN_KEYS = [
   'tracerProvider',
   'signal',
   'ssh',
+  'agent',
   'accel',
   'timeouts',
 ] as const;
@@ -334,6 +343,13 @@ function normalize(image: string, options: RunOptions) {
       timeoutMs: so.timeoutMs === undefined ? 60000 : v.integer('ssh.timeoutMs', so.timeoutMs, 1, 3_600_000),
     };
   }
+  let agent: { timeoutMs: number } | undefined = { timeoutMs: 30000 };
+  if (o.agent === false) agent = undefined;
+  else if (o.agent !== undefined && o.agent !== true) {
+    const ao = v.object('agent', o.agent);
+    v.knownKeys('agent', ao, ['timeoutMs']);
+    if (ao.timeoutMs !== undefined) agent.timeoutMs = v.integer('agent.timeoutMs', ao.timeoutMs, 1, 3_600_000);
+  }
   return {
     id,
     name,
@@ -408,6 +424,7 @@ function normalize(image: string, options: RunOptions) {
     tracerProvider: o.tracerProvider as TracerProvider | undefined,
     signal: o.signal,
     ssh,
+    agent,
   };
 }
 
@@ -737,6 +754,26 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       }
     });
     async function postBoot(inner: SpanScope): Promise<void> {
+      if (o.agent && started.agentSocketPath) {
+        const socketPath = started.agentSocketPath;
+        const timeoutMs = o.agent.timeoutMs;
+        await inSpan(inner, SPAN.AGENT_WAIT_READY, { [ATTR.AGENT_SOCKET]: socketPath }, async (span) => {
+          try {
+            vm.agent = await AgentClient.connect(socketPath, { timeoutMs, signal: postBootSignal });
+          } catch (err) {
+            // A command that ended by itself before the agent answered is no failure of run():
+            // vm.wait() tells how it ended, as without an agent.
+            if (life.signal.aborted && !signal?.aborted && vm.status().reason === 'exited') {
+              span.setAttribute(ATTR.AGENT_READY, false);
+              return;
+            }
+            throw err;
+          }
+          span.setAttribute(ATTR.AGENT_READY, true);
+          span.setAttribute(ATTR.AGENT_UPTIME_MS, Math.round(vm.agent.hello.uptimeNs / 1e5) / 10);
+          undo.push(async () => vm.agent?.close());
+        });
+      }
       if (sshSetup) {
         const sshDir = path.join(vmDir, 'ssh');
         writeKeyPair(sshSetup.key, sshDir);

@@ -7,6 +7,9 @@ import * as fsp from 'node:fs/promises';
 import type { BackendHandle, VmExit } from './backends/types';
 import { MicrovmError } from './errors';
 import type { ExecOptions, ExecResult, SshClient } from './ssh/client';
+import type { AgentClient, AgentProcess, AgentSpawnOptions } from './agent/client';
+import { type AgentExecOptions, execBuffered, execOptions, toArgv } from './agent/exec';
+import { copyIn, copyOut, type CopyOutLimits, readFile, writeFile } from './agent/files';
 import * as v from './validate';
 
 /** What {@link MicroVM.status} reports. */
@@ -51,6 +54,13 @@ export interface MicroVMInfo {
   logPath: string;
 }
 
+/** An absolute guest path. */
+function guestAbsolute(name: string, value: unknown): string {
+  const p = v.string(name, value);
+  if (!p.startsWith('/') || p.includes('\0')) throw v.rangeError(`Expected an absolute guest path for ${name}`);
+  return p;
+}
+
 /** One-line description of how a VM ended. */
 export function describeExit(exit: VmExit): string {
   if (exit.reason === 'exited') return `the guest command exited with code ${exit.exitCode}`;
@@ -86,6 +96,8 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
   #onExit: Array<() => Promise<void>> = [];
   /** Connected SSH client, when run() was given `ssh` (set by the SSHWaitReady post-boot hook). */
   ssh: SshClient | undefined;
+  /** The guest agent's channel (QEMU backend, unless run() was given `agent: false`). */
+  agent: AgentClient | undefined;
 
   /** @internal Created by run(). */
   constructor(info: MicroVMInfo, handle: BackendHandle, onExit: Array<() => Promise<void>> = []) {
@@ -106,6 +118,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     this.#exited = handle.exited.then(async (raw) => {
       const r = toVmExit(raw);
       this.#result = r;
+      this.agent?.close();
       for (const fn of this.#onExit) await fn().catch(() => undefined);
       this.emit('exit', r);
       return r;
@@ -145,14 +158,81 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     };
   }
 
-  /** Runs a command in the guest over SSH (needs `run(image, { ssh })`). */
-  async exec(command: string, options: ExecOptions = {}): Promise<ExecResult> {
-    if (!this.ssh)
-      throw new MicrovmError(
-        'ERR_MICROVM_SSH_UNAVAILABLE',
-        'This VM was started without ssh; pass run(image, { ssh: {} })',
-      );
-    return this.ssh.exec(command, options);
+  /**
+   * Runs a command in the guest to its end: `exec('echo $HOME')` through `/bin/sh -c`, or
+   * `exec(['ls', '-l', '/'])` as an argv. Over the agent when the VM has one (env, cwd, user,
+   * tty, timeoutMs, maxBuffer work there; the environment is the image's Env + run()'s env +
+   * `env`), else over SSH (`run(image, { ssh })`; a string command, `env`, `stdin`, `signal`).
+   */
+  async exec(command: string | readonly string[], options: AgentExecOptions = {}): Promise<ExecResult> {
+    if (this.agent && !this.agent.closedReason) return execBuffered(this.agent, command, options);
+    if (this.ssh) {
+      if (typeof command !== 'string')
+        throw new MicrovmError(
+          'ERR_MICROVM_AGENT_UNAVAILABLE',
+          'An argv command needs the guest agent; over SSH pass a string',
+        );
+      const o = execOptions(options);
+      const extra = (['cwd', 'user', 'tty', 'timeoutMs', 'maxBuffer'] as const).filter((k) => o[k] !== undefined);
+      if (extra.length)
+        throw new MicrovmError(
+          'ERR_MICROVM_AGENT_UNAVAILABLE',
+          `${extra.join(', ')} need the guest agent; this VM has SSH only`,
+        );
+      return this.ssh.exec(command, { signal: o.signal, stdin: o.stdin, env: o.env } satisfies ExecOptions);
+    }
+    throw this.#noAgent();
+  }
+
+  /**
+   * Starts a process in the guest with its streams (`stdout`, `stderr`, `stdin` with
+   * `{ stdin: true }` or a `tty`), `kill()`, `resize()` and `exited`. Needs the agent.
+   */
+  spawn(command: string | readonly string[], options: AgentSpawnOptions = {}): AgentProcess {
+    const o = execOptions({ ...options, stdin: undefined });
+    if (options.stdin !== undefined) v.boolean('options.stdin', options.stdin);
+    return this.#agent().spawn(toArgv(command), { ...o, stdin: options.stdin === true });
+  }
+
+  /**
+   * Copies a host file or tree into the guest (into `guestPath` when that is a directory); modes
+   * and symlinks kept, owners when root; atomic (nothing left behind on failure). Needs the agent.
+   */
+  async copyIn(hostPath: string, guestPath: string): Promise<void> {
+    return copyIn(this.#agent(), v.absolutePath('hostPath', hostPath), guestAbsolute('guestPath', guestPath));
+  }
+
+  /** Copies a guest file or tree to the host; atomic, and the guest's names are checked. */
+  async copyOut(guestPath: string, hostPath: string, limits: CopyOutLimits = {}): Promise<void> {
+    return copyOut(this.#agent(), guestAbsolute('guestPath', guestPath), v.absolutePath('hostPath', hostPath), limits);
+  }
+
+  /** A guest file's contents (at most `maxBytes`, default 256 MiB). */
+  async readFile(guestPath: string, options: { maxBytes?: number } = {}): Promise<Buffer> {
+    const max =
+      options.maxBytes === undefined ? undefined : v.integer('options.maxBytes', options.maxBytes, 0, 2 ** 40);
+    return readFile(this.#agent(), guestAbsolute('guestPath', guestPath), max);
+  }
+
+  /** Writes a guest file atomically (a temporary name, then rename). */
+  async writeFile(guestPath: string, data: string | Buffer, options: { mode?: number } = {}): Promise<void> {
+    const mode = options.mode === undefined ? 0o644 : v.integer('options.mode', options.mode, 0, 0o7777);
+    return writeFile(this.#agent(), guestAbsolute('guestPath', guestPath), data, mode);
+  }
+
+  #agent(): AgentClient {
+    if (this.agent && !this.agent.closedReason) return this.agent;
+    throw this.#noAgent();
+  }
+
+  #noAgent(): MicrovmError {
+    if (this.#result)
+      return new MicrovmError('ERR_MICROVM_AGENT_UNAVAILABLE', `The VM has ended: ${describeExit(this.#result)}`);
+    if (this.agent?.closedReason) return this.agent.closedReason as MicrovmError;
+    return new MicrovmError(
+      'ERR_MICROVM_AGENT_UNAVAILABLE',
+      `This VM has no guest agent (backend ${this.backend}, or run() was given agent: false) and no SSH`,
+    );
   }
 
   /**
@@ -174,6 +254,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     const timeoutMs = o.timeoutMs === undefined ? 5000 : v.integer('options.timeoutMs', o.timeoutMs, 0, 3_600_000);
     this.#stopping ??= (async () => {
       this.ssh?.close();
+      this.agent?.close();
       if (this.#result) return;
       this.#handle.kill('SIGTERM');
       let timer: NodeJS.Timeout | undefined;

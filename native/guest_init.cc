@@ -11,7 +11,8 @@
 //   5. runs Cmd as a child with stdout and stderr on the ports "microvm.stdout"/"microvm.stderr"
 //      when the host provides them (not a tty: no CRLF, no kernel messages mixed in; stdin stays the
 //      console), reaping every orphan while it runs;
-//   6. reports the command's exit status on "microvm.exit" as "EXIT <code>\n" (125: setup failed,
+//   6. serves the host on the port "microvm.agent" when there is one (native/guest_agent.cc);
+//   7. reports the command's exit status on "microvm.exit" as "EXIT <code>\n" (125: setup failed,
 //      126: cannot execute, 127: not found, 128+N: killed by signal N), then powers off.
 // Milestones go on "microvm.exit" too, as "T <name> <ns>" on the guest's CLOCK_MONOTONIC (0 is the
 // kernel's timekeeping start): init (this process started), mounts, network, config (read, shares
@@ -40,9 +41,14 @@
 #include <string>
 #include <vector>
 
+#include "guest_agent.h"
+#include "guest_util.h"
 #include "json.h"
 
 namespace {
+
+using microvm::FindPort;
+using microvm::MonotonicNs;
 
 void Log(const std::string& msg) {
   std::string line = "microvm-init: " + msg + "\n";
@@ -108,27 +114,6 @@ void Network() {
   }
 }
 
-// The /dev/vportNpM whose /sys/class/virtio-ports/<port>/name is `want` ("" when absent).
-std::string FindPort(const char* want) {
-  DIR* d = opendir("/sys/class/virtio-ports");
-  if (d == nullptr) return "";
-  std::string found;
-  while (struct dirent* e = readdir(d)) {
-    if (e->d_name[0] == '.') continue;
-    std::string name_file = std::string("/sys/class/virtio-ports/") + e->d_name + "/name";
-    FILE* f = std::fopen(name_file.c_str(), "re");
-    if (f == nullptr) continue;
-    char buf[64] = {0};
-    if (std::fgets(buf, sizeof buf, f) != nullptr) {
-      buf[std::strcspn(buf, "\n")] = '\0';
-      if (std::strcmp(buf, want) == 0) found = std::string("/dev/") + e->d_name;
-    }
-    std::fclose(f);
-  }
-  closedir(d);
-  return found;
-}
-
 // The microvm.exit port, opened once (a virtio port takes one opener at a time).
 int g_exit_fd = -1;
 
@@ -144,13 +129,6 @@ void SayToHost(const std::string& line) {
   std::string text = line + "\n";
   ssize_t ignored = write(g_exit_fd, text.data(), text.size());  // blocks until the host took it
   (void)ignored;
-}
-
-// Nanoseconds on CLOCK_MONOTONIC.
-long long MonotonicNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<long long>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
 }
 
 void Milestone(const char* name, long long ns) {
@@ -226,6 +204,17 @@ bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, st
   return true;
 }
 
+// Forks the guest agent (native/guest_agent.cc), in a session of its own.
+pid_t StartAgent(const microvm::agent::Defaults& defaults) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    setsid();
+    microvm::agent::Serve(defaults);
+  }
+  if (pid < 0) Log(std::string("cannot start the agent: ") + std::strerror(errno));
+  return pid;
+}
+
 }  // namespace
 
 int main() {
@@ -260,6 +249,13 @@ int main() {
     }
   }
   Milestone("config", MonotonicNs());
+
+  // The agent serves the host's exec and file requests beside the command (when the host gave it
+  // a port); it is restarted if it dies, a few times.
+  microvm::agent::Defaults defaults{env, workdir};
+  const bool with_agent = !FindPort("microvm.agent").empty();
+  pid_t agent = with_agent ? StartAgent(defaults) : -1;
+  int agent_restarts = 0;
 
   pid_t child = fork();
   if (child < 0) Finish(125);
@@ -305,6 +301,11 @@ int main() {
     if (pid < 0) {
       if (errno == EINTR) continue;
       Finish(125);
+    }
+    if (pid == agent && agent > 0) {
+      Log("the agent ended (status " + std::to_string(status) + ")");
+      agent = ++agent_restarts <= 5 ? StartAgent(defaults) : -1;
+      continue;
     }
     if (pid == child) {
       int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);

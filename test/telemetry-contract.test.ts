@@ -58,6 +58,10 @@ const LIBKRUN_ONLY: Record<string, string[]> = {
   'microvm.ImagePull': ['microvm.image.prebuilt'],
 };
 const QEMU_ONLY: Record<string, [string | null, string[]]> = {
+  'microvm.AgentWaitReady': [
+    'microvm.PostBoot',
+    ['microvm.agent.socket', 'microvm.agent.ready', 'microvm.agent.uptime_ms'],
+  ],
   'microvm.SSHWaitReady': [
     'microvm.PostBoot',
     ['ssh.host', 'ssh.port', 'ssh.user', 'ssh.probes_total', 'server.address', 'server.port'],

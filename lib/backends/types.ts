@@ -89,6 +89,11 @@ export interface BackendHandle {
   /** Set when the backend wrote the guest command's stdout/stderr apart from the console. */
   readonly stdoutPath?: string;
   readonly stderrPath?: string;
+  /**
+   * The unix socket of the guest agent's channel (lib/agent/), when the backend provides one
+   * (QEMU); run() connects to it in PostBoot (microvm.AgentWaitReady).
+   */
+  readonly agentSocketPath?: string;
   /** Signals the VM's process group. */
   kill(signal: NodeJS.Signals): boolean;
   /**

@@ -24,6 +24,8 @@ export const SPAN = {
   BACKEND_RESOLVE_FIRMWARE: 'microvm.backend.ResolveFirmware',
   POST_BOOT: 'microvm.PostBoot',
   SSH_WAIT_READY: 'microvm.SSHWaitReady',
+  /** The guest agent answered its first hello (lib/agent/). */
+  AGENT_WAIT_READY: 'microvm.AgentWaitReady',
   WAIT_FOR_LOG: 'microvm.WaitForLog',
   WAIT_FOR_TCP: 'microvm.WaitForTCP',
   WAIT_FOR_HTTP: 'microvm.WaitForHTTP',
@@ -76,6 +78,10 @@ export const ATTR = {
   FIRMWARE_PATH: 'microvm.firmware.path',
   FIRMWARE_ABI: 'microvm.firmware.abi_version',
   VM_PID: 'microvm.vm.pid',
+  /** On microvm.AgentWaitReady: the channel's socket, whether the agent answered (false: the VM ended first), and the guest's uptime at its hello. */
+  AGENT_SOCKET: 'microvm.agent.socket',
+  AGENT_READY: 'microvm.agent.ready',
+  AGENT_UPTIME_MS: 'microvm.agent.uptime_ms',
   /** QEMU backend: the accelerator used ('kvm' | 'tcg') and why it was chosen. */
   QEMU_ACCEL: 'microvm.qemu.accel',
   QEMU_ACCEL_REASON: 'microvm.qemu.accel_reason',

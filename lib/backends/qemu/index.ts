@@ -51,6 +51,9 @@ import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
 
+/** The guest agent's socket, in the VM's directory. */
+export const AGENT_SOCKET = 'agent.sock';
+
 /** Where the guest init is placed in the VM's rootfs. */
 export const GUEST_INIT_PATH = '/.microvm/init';
 
@@ -255,7 +258,7 @@ fi
 # virtiofsd applies the guest's modes and mknod as they come; the preloaded guard strips set-ID
 # bits and refuses device nodes and file capabilities (native/fs_guard.cc). Not a shell function:
 # the background job must exec setpriv, so virtiofsd's parent is QEMU and dies with it.
-LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$MVM_FS_SOCK" -o source="$MVM_ROOT" -o cache=auto &
+LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$MVM_FS_SOCK" -o source="$MVM_ROOT" -o cache=always &
 pids=$!
 # Extra shares: MVM_SHARE_<n>_{SRC,SOCK,RO,MNT}. Read-only ones are served from a read-only bind
 # mount in this namespace (kernel-enforced; this virtiofsd has no read-only option).
@@ -386,7 +389,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     const fsSock = path.join(input.dataDir, 'virtiofs.sock');
     const qmpSock = path.join(input.dataDir, 'qmp.sock');
     const exitFile = path.join(input.dataDir, 'exit-status');
-    for (const f of [fsSock, qmpSock, exitFile, input.consoleLogPath, input.stdoutPath, input.stderrPath])
+    const agentSock = path.join(input.dataDir, AGENT_SOCKET);
+    for (const f of [fsSock, qmpSock, exitFile, agentSock, input.consoleLogPath, input.stdoutPath, input.stderrPath])
       fs.rmSync(f, { force: true });
     const cpus = accel === 'tcg' ? 1 : input.cpus; // this kernel hangs with smp > 1 under TCG
     const khz = hostTscKhz();
@@ -446,6 +450,11 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       ...port('exit', exitFile, 'microvm.exit'),
       ...port('out', input.stdoutPath, 'microvm.stdout'),
       ...port('err', input.stderrPath, 'microvm.stderr'),
+      // The guest agent's channel (native/guest_agent.cc): QEMU listens; one host client at a time.
+      '-chardev',
+      `socket,id=agent,path=${agentSock},server=on,wait=off`,
+      '-device',
+      'virtserialport,chardev=agent,name=microvm.agent',
       '-chardev',
       `socket,id=fs,path=${fsSock}`,
       '-device',
@@ -667,6 +676,12 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         );
     }
     if (!qmp || !running) return settle();
+    // Created with QEMU's umask: only this user may talk to the agent (the VM dir is 0700 too).
+    try {
+      fs.chmodSync(agentSock, 0o600);
+    } catch {
+      /* QEMU makes it before QMP; if not, the connect says so */
+    }
     const watch = qmp;
     watch.unref();
     watch.on('event', (ev: { event: string; data?: Record<string, unknown> }) => {
@@ -740,6 +755,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       kill,
       stdoutPath: input.stdoutPath,
       stderrPath: input.stderrPath,
+      agentSocketPath: agentSock,
       tcpForwardState: async (hostPort) => {
         if (!running) return undefined;
         const text = await watch.execute('human-monitor-command', { 'command-line': 'info usernet' });

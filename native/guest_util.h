@@ -1,0 +1,41 @@
+// Helpers shared by microvm-guest-init and its agent (both run inside the guest).
+#pragma once
+
+#include <dirent.h>
+#include <time.h>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+namespace microvm {
+
+// The /dev/vportNpM whose /sys/class/virtio-ports/<port>/name is `want` ("" when absent).
+inline std::string FindPort(const char* want) {
+  DIR* d = opendir("/sys/class/virtio-ports");
+  if (d == nullptr) return "";
+  std::string found;
+  while (struct dirent* e = readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::string name_file = std::string("/sys/class/virtio-ports/") + e->d_name + "/name";
+    FILE* f = std::fopen(name_file.c_str(), "re");
+    if (f == nullptr) continue;
+    char buf[64] = {0};
+    if (std::fgets(buf, sizeof buf, f) != nullptr) {
+      buf[std::strcspn(buf, "\n")] = '\0';
+      if (std::strcmp(buf, want) == 0) found = std::string("/dev/") + e->d_name;
+    }
+    std::fclose(f);
+  }
+  closedir(d);
+  return found;
+}
+
+// Nanoseconds on CLOCK_MONOTONIC.
+inline long long MonotonicNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<long long>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+}  // namespace microvm
