@@ -761,12 +761,19 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
           try {
             vm.agent = await AgentClient.connect(socketPath, { timeoutMs, signal: postBootSignal });
           } catch (err) {
+            // The channel closes when QEMU exits, a moment before the VM's end is known: wait for it.
+            if ((err as MicrovmError).code === 'ERR_MICROVM_AGENT_UNAVAILABLE') {
+              let timer: NodeJS.Timeout | undefined;
+              await Promise.race([vm.wait(), new Promise((r) => (timer = setTimeout(r, 2000)))]);
+              clearTimeout(timer);
+            }
             // A command that ended by itself before the agent answered is no failure of run():
             // vm.wait() tells how it ended, as without an agent.
-            if (life.signal.aborted && !signal?.aborted && vm.status().reason === 'exited') {
+            if (!signal?.aborted && vm.status().reason === 'exited') {
               span.setAttribute(ATTR.AGENT_READY, false);
               return;
             }
+            if (life.signal.aborted && !signal?.aborted) throw life.signal.reason;
             throw err;
           }
           span.setAttribute(ATTR.AGENT_READY, true);

@@ -199,25 +199,29 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * and symlinks kept, owners when root; atomic (nothing left behind on failure). Needs the agent.
    */
   async copyIn(hostPath: string, guestPath: string): Promise<void> {
-    return copyIn(this.#agent(), v.absolutePath('hostPath', hostPath), guestAbsolute('guestPath', guestPath));
+    const [from, to] = [v.absolutePath('hostPath', hostPath), guestAbsolute('guestPath', guestPath)];
+    return copyIn(this.#agent(), from, to);
   }
 
   /** Copies a guest file or tree to the host; atomic, and the guest's names are checked. */
   async copyOut(guestPath: string, hostPath: string, limits: CopyOutLimits = {}): Promise<void> {
-    return copyOut(this.#agent(), guestAbsolute('guestPath', guestPath), v.absolutePath('hostPath', hostPath), limits);
+    const [from, to] = [guestAbsolute('guestPath', guestPath), v.absolutePath('hostPath', hostPath)];
+    return copyOut(this.#agent(), from, to, limits);
   }
 
   /** A guest file's contents (at most `maxBytes`, default 256 MiB). */
   async readFile(guestPath: string, options: { maxBytes?: number } = {}): Promise<Buffer> {
     const max =
       options.maxBytes === undefined ? undefined : v.integer('options.maxBytes', options.maxBytes, 0, 2 ** 40);
-    return readFile(this.#agent(), guestAbsolute('guestPath', guestPath), max);
+    const p = guestAbsolute('guestPath', guestPath);
+    return readFile(this.#agent(), p, max);
   }
 
   /** Writes a guest file atomically (a temporary name, then rename). */
   async writeFile(guestPath: string, data: string | Buffer, options: { mode?: number } = {}): Promise<void> {
     const mode = options.mode === undefined ? 0o644 : v.integer('options.mode', options.mode, 0, 0o7777);
-    return writeFile(this.#agent(), guestAbsolute('guestPath', guestPath), data, mode);
+    const p = guestAbsolute('guestPath', guestPath);
+    return writeFile(this.#agent(), p, data, mode);
   }
 
   #agent(): AgentClient {

@@ -803,8 +803,11 @@ void Reap() {
 
 void Serve(const Defaults& defaults) {
   g_defaults = defaults;
-  std::string port = FindPort("microvm.agent");
-  if (port.empty()) _exit(1);
+  std::string port = WaitForPort("microvm.agent", 30000);
+  if (port.empty()) {
+    Log("no microvm.agent port");
+    _exit(0);  // nothing to serve: not restarted
+  }
   g_port = open(port.c_str(), O_RDWR | O_CLOEXEC);
   if (g_port < 0) {
     Log(port + ": " + std::strerror(errno));

@@ -5,7 +5,8 @@
 //   2. brings up lo and eth0 (10.0.2.15/24, gateway 10.0.2.2) and, when the image has none,
 //      writes /etc/resolv.conf (nameserver 10.0.2.3);
 //   3. reads /.krun_config.json (or $KRUN_CONFIG): Cmd, Env, WorkingDir, and mounts the virtio-fs
-//      shares listed in MicrovmMounts ([{tag, target, readOnly}]);
+//      shares listed in MicrovmMounts ([{tag, target, readOnly}]), and MicrovmPorts: the virtio ports
+//      the host provides, which it waits for (the driver adds them asynchronously);
 //   4. says "UP\n" on the virtio-serial port "microvm.exit" as soon as /sys and /dev are mounted
 //      (the host's sign of life: the kernel booted and this init runs);
 //   5. runs Cmd as a child with stdout and stderr on the ports "microvm.stdout"/"microvm.stderr"
@@ -49,6 +50,7 @@ namespace {
 
 using microvm::FindPort;
 using microvm::MonotonicNs;
+using microvm::WaitForPort;
 
 void Log(const std::string& msg) {
   std::string line = "microvm-init: " + msg + "\n";
@@ -119,7 +121,7 @@ int g_exit_fd = -1;
 
 void SayToHost(const std::string& line) {
   if (g_exit_fd < 0) {
-    std::string port = FindPort("microvm.exit");
+    std::string port = WaitForPort("microvm.exit", 10000);
     if (!port.empty()) g_exit_fd = open(port.c_str(), O_WRONLY | O_CLOEXEC);
   }
   if (g_exit_fd < 0) {
@@ -154,7 +156,7 @@ void MkdirP(const std::string& path) {
 }
 
 bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, std::string* workdir,
-                std::vector<ShareMount>* mounts) {
+                std::vector<ShareMount>* mounts, std::vector<std::string>* ports) {
   const char* path = getenv("KRUN_CONFIG");
   if (path == nullptr) path = "/.krun_config.json";
   int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -181,6 +183,7 @@ bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, st
   };
   strings(json.Get("Cmd"), cmd);
   strings(json.Get("Env"), env);
+  strings(json.Get("MicrovmPorts"), ports);
   const microvm::JsonValue* ms = json.Get("MicrovmMounts");
   if (ms != nullptr && ms->is_array()) {
     for (const auto& m : ms->array_items()) {
@@ -240,7 +243,14 @@ int main() {
   std::vector<std::string> cmd, env;
   std::string workdir = "/";
   std::vector<ShareMount> mounts;
-  if (!ReadConfig(&cmd, &env, &workdir, &mounts)) Finish(125);
+  std::vector<std::string> ports;  // the virtio ports the host provides (beside microvm.exit)
+  if (!ReadConfig(&cmd, &env, &workdir, &mounts, &ports)) Finish(125);
+  auto provided = [&ports](const char* name) {
+    for (const auto& p : ports) {
+      if (p == name) return true;
+    }
+    return false;
+  };
   for (const auto& m : mounts) {
     MkdirP(m.target);
     if (mount(m.tag.c_str(), m.target.c_str(), "virtiofs", m.read_only ? MS_RDONLY : 0, nullptr) != 0) {
@@ -253,7 +263,7 @@ int main() {
   // The agent serves the host's exec and file requests beside the command (when the host gave it
   // a port); it is restarted if it dies, a few times.
   microvm::agent::Defaults defaults{env, workdir};
-  const bool with_agent = !FindPort("microvm.agent").empty();
+  const bool with_agent = provided("microvm.agent");
   pid_t agent = with_agent ? StartAgent(defaults) : -1;
   int agent_restarts = 0;
 
@@ -265,7 +275,7 @@ int main() {
     // The command's own output channels; without them (an older host) it keeps the console.
     const char* names[2] = {"microvm.stdout", "microvm.stderr"};
     for (int i = 0; i < 2; i++) {
-      std::string port = FindPort(names[i]);
+      std::string port = provided(names[i]) ? WaitForPort(names[i], 10000) : FindPort(names[i]);
       if (port.empty()) continue;
       int fd = open(port.c_str(), O_WRONLY);
       if (fd < 0) {
@@ -303,8 +313,9 @@ int main() {
       Finish(125);
     }
     if (pid == agent && agent > 0) {
-      Log("the agent ended (status " + std::to_string(status) + ")");
-      agent = ++agent_restarts <= 5 ? StartAgent(defaults) : -1;
+      const bool crashed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+      if (crashed) Log("the agent ended (status " + std::to_string(status) + ")");
+      agent = crashed && ++agent_restarts <= 5 ? StartAgent(defaults) : -1;
       continue;
     }
     if (pid == child) {

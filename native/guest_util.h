@@ -32,6 +32,22 @@ inline std::string FindPort(const char* want) {
 }
 
 // Nanoseconds on CLOCK_MONOTONIC.
+long long MonotonicNs();
+
+// FindPort, waiting up to `timeout_ms` for the port to appear: the guest's virtio-console driver
+// adds ports from a work queue as the host announces them, so early in boot one may not be there
+// yet (under load, the last ones often are not).
+inline std::string WaitForPort(const char* want, int timeout_ms) {
+  const long long deadline = MonotonicNs() + static_cast<long long>(timeout_ms) * 1000000LL;
+  for (;;) {
+    std::string found = FindPort(want);
+    if (!found.empty() || MonotonicNs() >= deadline) return found;
+    struct timespec pause = {0, 5 * 1000 * 1000};
+    nanosleep(&pause, nullptr);
+  }
+}
+
+// Nanoseconds on CLOCK_MONOTONIC.
 inline long long MonotonicNs() {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);

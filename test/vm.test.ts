@@ -150,12 +150,15 @@ describe('MicroVM', () => {
     await vm.remove();
   });
 
-  test('exec() without ssh: ERR_MICROVM_SSH_UNAVAILABLE saying how to get it; port() for a forwarded guest port', async () => {
+  test('exec() with neither agent nor ssh: ERR_MICROVM_AGENT_UNAVAILABLE saying why; port() for a forwarded guest port', async () => {
     const vm = vmWith(fakeHandle().handle);
     await expect(vm.exec('true')).rejects.toMatchObject({
-      code: 'ERR_MICROVM_SSH_UNAVAILABLE',
-      message: 'This VM was started without ssh; pass run(image, { ssh: {} })',
+      code: 'ERR_MICROVM_AGENT_UNAVAILABLE',
+      message: 'This VM has no guest agent (backend fake, or run() was given agent: false) and no SSH',
     });
+    expect(() => vm.spawn(['true'])).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_AGENT_UNAVAILABLE' }));
+    await expect(vm.readFile('/etc/hostname')).rejects.toMatchObject({ code: 'ERR_MICROVM_AGENT_UNAVAILABLE' });
+    await expect(vm.readFile('etc/hostname')).rejects.toThrow('Expected an absolute guest path for guestPath');
     expect(vm.port(80)).toBe(8080);
     expect(() => vm.port(81)).toThrow(
       new MicrovmError('ERR_MICROVM_PORT_NOT_FORWARDED', 'vm1 forwards no host port to guest port 81 (forwarded: 80)'),

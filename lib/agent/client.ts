@@ -88,6 +88,10 @@ class Credit {
     this.#left -= n;
     if (this.#left < 0) throw protocolError('output beyond the granted window');
   }
+  /** Records `n` consumed bytes to grant later. */
+  record(n: number): void {
+    this.#ungranted += n;
+  }
   /** Records `n` consumed bytes; returns what to grant now (0: not yet, batch it). */
   consumed(n: number, now = false): number {
     this.#ungranted += n;
@@ -181,7 +185,7 @@ export class AgentProcess extends EventEmitter<{ exit: [AgentExit] }> {
 
   #grant(n: number, now: boolean): void {
     if (this.#ended || this.#blocked.out || this.#blocked.err) {
-      if (n) this.#credit.consumed(n, false);
+      this.#credit.record(n); // granted once the reader takes it
       return;
     }
     const g = this.#credit.consumed(n, now);
@@ -214,8 +218,9 @@ export class AgentProcess extends EventEmitter<{ exit: [AgentExit] }> {
     this.#client.detach(this.#id);
     this.#waitCredit?.();
     if (err) {
-      this.stdout.destroy(err);
-      this.stderr.destroy(err);
+      // The error is `exited`'s; streams just end (an 'error' nobody listens to would throw).
+      this.stdout.destroy();
+      this.stderr.destroy();
     } else {
       this.stdout.push(null);
       this.stderr.push(null);
@@ -448,18 +453,20 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
         finish(new MicrovmError('ERR_MICROVM_AGENT_UNAVAILABLE', `The guest agent's channel closed (${socketPath})`));
       const onData = (chunk: Buffer): void => {
         try {
-          for (const f of decoder.push(chunk)) {
-            const j = jsonPayload(f);
-            if (j.proto === GUEST_PROTO && j.nonce === nonce) {
-              decoder.synced = true;
-              finish(undefined, {
-                pid: typeof j.pid === 'number' ? j.pid : 0,
-                uptimeNs: typeof j.uptimeNs === 'number' ? j.uptimeNs : 0,
-                caps: Array.isArray(j.caps) ? j.caps.filter((c): c is string => typeof c === 'string') : [],
-              });
-              return;
+          // Until synced the decoder yields one hello at a time: look at each.
+          for (let frames = decoder.push(chunk); frames.length > 0; frames = decoder.drain())
+            for (const f of frames) {
+              const j = jsonPayload(f);
+              if (j.proto === GUEST_PROTO && j.nonce === nonce) {
+                decoder.synced = true;
+                finish(undefined, {
+                  pid: typeof j.pid === 'number' ? j.pid : 0,
+                  uptimeNs: typeof j.uptimeNs === 'number' ? j.uptimeNs : 0,
+                  caps: Array.isArray(j.caps) ? j.caps.filter((c): c is string => typeof c === 'string') : [],
+                });
+                return;
+              }
             }
-          }
         } catch (err) {
           finish(err as Error);
         }

@@ -308,7 +308,9 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     supportsOverlay: true,
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const ctx = rootfsContext(input.vmId, input.rootfs);
-      ctx.writeFile('/.krun_config.json', `${JSON.stringify(guestConfig(input))}\n`, { mode: 0o644 });
+      // MicrovmPorts: the ports start() gives the guest, which its init waits for.
+      const config = { ...guestConfig(input), MicrovmPorts: ['microvm.stdout', 'microvm.stderr', 'microvm.agent'] };
+      ctx.writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
       ctx.writeFile(GUEST_INIT_PATH, fs.readFileSync(guestInitPath()), {
         mode: 0o755,
         uid: 0,

@@ -1,0 +1,319 @@
+/**
+ * The host side of the agent channel against a FAKE GUEST AGENT (a TEST DOUBLE: a unix socket
+ * server in this process speaking the guest's side of the protocol), for what a real guest does
+ * not do: lie, flood, overrun its window, send hostile paths. The real agent is tested on real QEMU
+ * boots in test/e2e/agent.test.ts.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { AgentClient } from '../../lib/agent/client';
+import { execBuffered } from '../../lib/agent/exec';
+import { copyOut, readFile } from '../../lib/agent/files';
+import { encodeFrame, FRAME, type FrameType, GUEST_PROTO, HEADER_BYTES, WINDOW } from '../../lib/agent/protocol';
+import { scratch } from '../helpers';
+
+interface HostFrame {
+  type: number;
+  stream: number;
+  payload: Buffer;
+}
+
+/** The fake guest's end of one connection. */
+class FakeGuest {
+  frames: HostFrame[] = [];
+  #buf = Buffer.alloc(0);
+  #waiters: Array<() => void> = [];
+  constructor(readonly sock: net.Socket) {
+    sock.on('data', (d: Buffer) => {
+      this.#buf = Buffer.concat([this.#buf, d]);
+      while (this.#buf.length >= HEADER_BYTES) {
+        const len = this.#buf.readUInt32BE(0);
+        if (this.#buf.length < HEADER_BYTES + len) break;
+        this.frames.push({
+          type: this.#buf[4],
+          stream: this.#buf.readUInt32BE(5),
+          payload: this.#buf.subarray(HEADER_BYTES, HEADER_BYTES + len),
+        });
+        this.#buf = this.#buf.subarray(HEADER_BYTES + len);
+      }
+      for (const w of this.#waiters.splice(0)) w();
+    });
+    sock.on('error', () => undefined);
+  }
+  send(type: FrameType | number, stream: number, payload: Buffer | string = Buffer.alloc(0)): void {
+    const body = typeof payload === 'string' ? Buffer.from(payload) : payload;
+    const head = Buffer.alloc(HEADER_BYTES);
+    head.writeUInt32BE(body.length, 0);
+    head[4] = type;
+    head.writeUInt32BE(stream, 5);
+    this.sock.write(Buffer.concat([head, body]));
+  }
+  /** The next host frame of `type` (waits for it). */
+  async next(type: number): Promise<HostFrame> {
+    for (;;) {
+      const i = this.frames.findIndex((f) => f.type === type);
+      if (i >= 0) return this.frames.splice(i, 1)[0];
+      await new Promise<void>((r) => this.#waiters.push(r));
+    }
+  }
+  granted(stream: number): number {
+    return this.frames
+      .filter((f) => f.type === FRAME.GRANT && f.stream === stream)
+      .reduce((n, f) => n + f.payload.readUInt32BE(0), 0);
+  }
+}
+
+let s: ReturnType<typeof scratch>;
+let server: net.Server;
+let guests: FakeGuest[];
+let sockPath: string;
+
+beforeEach(async () => {
+  s = scratch('microvm-agent-client-');
+  sockPath = path.join(s.dir, 'agent.sock');
+  guests = [];
+  server = net.createServer((sock) => {
+    const g = new FakeGuest(sock);
+    guests.push(g);
+    // Like the real agent: answer the host's hello with its nonce.
+    void g.next(FRAME.HELLO).then((h) => {
+      const { nonce } = JSON.parse(h.payload.toString()) as { nonce: string };
+      g.send(FRAME.HELLO, 0, JSON.stringify({ proto: GUEST_PROTO, nonce, pid: 2, uptimeNs: 5e8, caps: ['exec'] }));
+    });
+  });
+  await new Promise<void>((r) => server.listen(sockPath, r));
+});
+afterEach(async () => {
+  for (const g of guests) g.sock.destroy();
+  await new Promise((r) => server.close(r));
+  s.cleanup();
+});
+
+async function connect(): Promise<[AgentClient, FakeGuest]> {
+  const client = await AgentClient.connect(sockPath, { timeoutMs: 5000 });
+  return [client, guests[guests.length - 1]];
+}
+
+describe('AgentClient against a fake guest agent (test double)', () => {
+  test('hello: the nonce is checked; an unsolicited or stale hello does not count', async () => {
+    server.removeAllListeners('connection');
+    server.on('connection', (sock) => {
+      const g = new FakeGuest(sock);
+      guests.push(g);
+      void g.next(FRAME.HELLO).then((h) => {
+        const { nonce } = JSON.parse(h.payload.toString()) as { nonce: string };
+        g.send(FRAME.HELLO, 0, JSON.stringify({ proto: GUEST_PROTO, nonce: '' })); // unsolicited
+        g.send(FRAME.STDOUT, 4, 'left over from the last host');
+        g.send(FRAME.HELLO, 0, JSON.stringify({ proto: GUEST_PROTO, nonce: 'stale' }));
+        g.send(FRAME.HELLO, 0, JSON.stringify({ proto: GUEST_PROTO, nonce, pid: 9, uptimeNs: 123 }));
+      });
+    });
+    const client = await AgentClient.connect(sockPath, { timeoutMs: 5000 });
+    expect(client.hello).toEqual({ pid: 9, uptimeNs: 123, caps: [] });
+    client.close();
+  });
+
+  test('no answer: ERR_MICROVM_AGENT_TIMEOUT; no socket: ERR_MICROVM_AGENT_UNAVAILABLE', async () => {
+    server.removeAllListeners('connection');
+    server.on('connection', (sock) => guests.push(new FakeGuest(sock)));
+    await expect(AgentClient.connect(sockPath, { timeoutMs: 300 })).rejects.toMatchObject({
+      code: 'ERR_MICROVM_AGENT_TIMEOUT',
+    });
+    await expect(AgentClient.connect(path.join(s.dir, 'none.sock'))).rejects.toMatchObject({
+      code: 'ERR_MICROVM_AGENT_UNAVAILABLE',
+    });
+  });
+
+  test('exec: argv and env go out as asked; stdout and stderr stay apart; the exit code comes back', async () => {
+    const [client, g] = await connect();
+    const result = execBuffered(client, ['echo', 'a b'], { env: { K: 'v' }, cwd: '/tmp', user: '1000' });
+    const req = await g.next(FRAME.EXEC);
+    expect(JSON.parse(req.payload.toString())).toMatchObject({
+      argv: ['echo', 'a b'],
+      env: ['K=v'],
+      cwd: '/tmp',
+      user: '1000',
+      tty: null,
+      stdin: false,
+      window: WINDOW,
+    });
+    g.send(FRAME.STDOUT, req.stream, 'out');
+    g.send(FRAME.STDERR, req.stream, 'err');
+    g.send(FRAME.EXIT, req.stream, '{"code":3}');
+    await expect(result).resolves.toEqual({ stdout: 'out', stderr: 'err', exitCode: 3, signal: null });
+    const killed = execBuffered(client, 'sleep 9');
+    const req2 = await g.next(FRAME.EXEC);
+    expect(JSON.parse(req2.payload.toString()).argv).toEqual(['/bin/sh', '-c', 'sleep 9']);
+    g.send(FRAME.EXIT, req2.stream, '{"signal":15}');
+    await expect(killed).resolves.toMatchObject({ exitCode: null, signal: 'SIGTERM' });
+    client.close();
+  });
+
+  test('output beyond the granted window ends the channel with ERR_MICROVM_AGENT_PROTOCOL', async () => {
+    const [client, g] = await connect();
+    const proc = client.spawn(['yes']);
+    const req = await g.next(FRAME.EXEC);
+    proc.stdout.pause(); // a reader that takes nothing: no grant
+    const chunk = Buffer.alloc(65536, 0x79);
+    for (let sent = 0; sent <= WINDOW; sent += chunk.length) g.send(FRAME.STDOUT, req.stream, chunk);
+    await expect(proc.exited).rejects.toMatchObject({ code: 'ERR_MICROVM_AGENT_PROTOCOL' });
+    expect(client.closedReason).toMatchObject({ code: 'ERR_MICROVM_AGENT_PROTOCOL' });
+    expect(() => client.spawn(['true'])).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_AGENT_PROTOCOL' }));
+  });
+
+  test('a slow reader: grants follow what it consumed, so a guest that respects them cannot run ahead', async () => {
+    const [client, g] = await connect();
+    const proc = client.spawn(['yes']);
+    const req = await g.next(FRAME.EXEC);
+    proc.stdout.pause();
+    const chunk = Buffer.alloc(65536, 0x79);
+    for (let i = 0; i < WINDOW / chunk.length; i++) g.send(FRAME.STDOUT, req.stream, chunk);
+    await new Promise((r) => setTimeout(r, 100));
+    // Paused above its high-water mark: at most what the stream buffered before it pushed back.
+    const grantedWhilePaused = g.granted(req.stream);
+    expect(grantedWhilePaused).toBeLessThan(WINDOW);
+    let read = 0;
+    proc.stdout.on('data', (d: Buffer) => (read += d.length));
+    proc.stdout.resume();
+    await new Promise((r) => setTimeout(r, 100));
+    expect(read).toBe(WINDOW);
+    expect(g.granted(req.stream)).toBe(WINDOW); // everything consumed was granted back
+    g.send(FRAME.EXIT, req.stream, '{"code":0}');
+    await expect(proc.exited).resolves.toEqual({ exitCode: 0, signal: null });
+    client.close();
+  });
+
+  test('a frame for a stream that is not open, an unknown type, an oversized frame: protocol errors', async () => {
+    for (const misdeed of [
+      (g: FakeGuest) => g.send(FRAME.STDOUT, 77, 'x'),
+      (g: FakeGuest) => g.send(42, 1, 'x'),
+      (g: FakeGuest) => g.sock.write(Buffer.from([0, 0x10, 0, 0, FRAME.STDOUT, 0, 0, 0, 1])),
+      (g: FakeGuest) => g.send(FRAME.HELLO, 0, JSON.stringify({ proto: GUEST_PROTO, nonce: '' })),
+    ]) {
+      const [client, g] = await connect();
+      const proc = client.spawn(['true']);
+      await g.next(FRAME.EXEC);
+      misdeed(g);
+      await expect(proc.exited).rejects.toMatchObject({ code: 'ERR_MICROVM_AGENT_PROTOCOL' });
+    }
+  });
+
+  test('the channel closing (the VM died) fails what is in flight with ERR_MICROVM_AGENT_UNAVAILABLE', async () => {
+    const [client, g] = await connect();
+    const r = execBuffered(client, ['sleep', '100']);
+    await g.next(FRAME.EXEC);
+    g.sock.destroy();
+    await expect(r).rejects.toMatchObject({ code: 'ERR_MICROVM_AGENT_UNAVAILABLE' });
+  });
+
+  test('timeout and abort kill the process group (SIGKILL to the guest) and reject with their reason', async () => {
+    const [client, g] = await connect();
+    const r = execBuffered(client, ['sleep', '100'], { timeoutMs: 50 });
+    const req = await g.next(FRAME.EXEC);
+    const sig = await g.next(FRAME.SIGNAL);
+    expect([sig.stream, JSON.parse(sig.payload.toString())]).toEqual([req.stream, { signal: 9 }]);
+    g.send(FRAME.EXIT, req.stream, '{"signal":9}');
+    await expect(r).rejects.toMatchObject({ code: 'ERR_MICROVM_EXEC_TIMEOUT' });
+    const ac = new AbortController();
+    const r2 = execBuffered(client, ['sleep', '100'], { signal: ac.signal });
+    const req2 = await g.next(FRAME.EXEC);
+    ac.abort(new Error('caller gave up'));
+    expect((await g.next(FRAME.SIGNAL)).stream).toBe(req2.stream);
+    g.send(FRAME.EXIT, req2.stream, '{"signal":9}');
+    await expect(r2).rejects.toThrow('caller gave up');
+    client.close();
+  });
+
+  test('maxBuffer: more output than allowed kills the command with ERR_MICROVM_EXEC_MAX_BUFFER', async () => {
+    const [client, g] = await connect();
+    const r = execBuffered(client, ['yes'], { maxBuffer: 1000 });
+    const req = await g.next(FRAME.EXEC);
+    g.send(FRAME.STDOUT, req.stream, Buffer.alloc(1001));
+    await g.next(FRAME.SIGNAL);
+    g.send(FRAME.EXIT, req.stream, '{"signal":9}');
+    await expect(r).rejects.toMatchObject({ code: 'ERR_MICROVM_EXEC_MAX_BUFFER' });
+    client.close();
+  });
+
+  test('stdin is sent in frames within the guest grant and closed with EOF', async () => {
+    const [client, g] = await connect();
+    const proc = client.spawn(['cat'], { stdin: true });
+    const req = await g.next(FRAME.EXEC);
+    const big = Buffer.alloc(WINDOW + 1000, 0x61);
+    proc.stdin?.end(big);
+    await new Promise((r) => setTimeout(r, 100));
+    const sent = () =>
+      g.frames.filter((f) => f.type === FRAME.DATA).reduce((n, f) => n + f.payload.length, 0);
+    expect(sent()).toBe(WINDOW); // the rest waits for a grant
+    expect(g.frames.some((f) => f.type === FRAME.EOF)).toBe(false);
+    const grant = Buffer.alloc(4);
+    grant.writeUInt32BE(4096, 0);
+    g.send(FRAME.GRANT, req.stream, grant);
+    await g.next(FRAME.EOF);
+    expect(sent()).toBe(WINDOW + 1000);
+    g.send(FRAME.EXIT, req.stream, '{"code":0}');
+    await proc.exited;
+    client.close();
+  });
+});
+
+describe('copyOut and readFile against a hostile fake guest (test double)', () => {
+  /** Serves `list` with `entries` and every `get` with `content`. */
+  function serveTree(g: FakeGuest, entries: object[], content = 'data'): void {
+    const loop = async (): Promise<void> => {
+      for (;;) {
+        const f = await g.next(FRAME.OP);
+        const op = JSON.parse(f.payload.toString()) as { op: string };
+        if (op.op === 'list') for (const e of entries) g.send(FRAME.INFO, f.stream, JSON.stringify(e));
+        if (op.op === 'get') {
+          g.send(FRAME.INFO, f.stream, JSON.stringify({ p: '', t: 'f', m: 420, s: 4, u: 0, g: 0 }));
+          g.send(FRAME.STDOUT, f.stream, content);
+        }
+        g.send(FRAME.EXIT, f.stream, '{"code":0}');
+      }
+    };
+    void loop().catch(() => undefined);
+  }
+  const dir = { p: '', t: 'd', m: 0o755, s: 0, u: 0, g: 0 };
+  const file = (p: string) => ({ p, t: 'f', m: 0o644, s: 4, u: 0, g: 0 });
+
+  test('a well-formed tree arrives, modes and links as described', async () => {
+    const [client, g] = await connect();
+    serveTree(g, [dir, { ...dir, p: 'sub', m: 0o700 }, file('sub/a'), { p: 'ln', t: 'l', m: 0o777, s: 1, u: 0, g: 0, l: '/etc/passwd' }]);
+    const dest = path.join(s.dir, 'out');
+    await copyOut(client, '/srv', dest);
+    expect(fs.readFileSync(path.join(dest, 'sub/a'), 'utf8')).toBe('data');
+    expect(fs.statSync(path.join(dest, 'sub')).mode & 0o777).toBe(0o700);
+    expect(fs.readlinkSync(path.join(dest, 'ln'))).toBe('/etc/passwd');
+    client.close();
+  });
+
+  test.each([
+    ['a name with ..', [dir, file('../escape')]],
+    ['a file under a symlink it made', [dir, { p: 'ln', t: 'l', m: 0o777, s: 1, u: 0, g: 0, l: '/tmp' }, file('ln/x')]],
+    ['the same name twice', [dir, file('a'), file('a')]],
+    ['an absolute name', [dir, file('/etc/x')]],
+    ['an entry before its directory', [dir, file('nodir/a')]],
+    ['a NUL in a name', [dir, file('a\u0000b')]],
+  ])('%s: ERR_MICROVM_COPY, and nothing is left on the host', async (_what, entries) => {
+    const [client, g] = await connect();
+    serveTree(g, entries);
+    const dest = path.join(s.dir, 'out');
+    await expect(copyOut(client, '/srv', dest)).rejects.toMatchObject({ code: 'ERR_MICROVM_COPY' });
+    expect(fs.readdirSync(s.dir).sort()).toEqual(['agent.sock']);
+    expect(fs.existsSync('/tmp/x')).toBe(false);
+    client.close();
+  });
+
+  test('more entries or bytes than the limits: ERR_MICROVM_COPY, the channel stays usable', async () => {
+    const [client, g] = await connect();
+    serveTree(g, [dir, file('a'), file('b'), file('c')]);
+    await expect(copyOut(client, '/srv', path.join(s.dir, 'o1'), { maxEntries: 2 })).rejects.toThrow(/more than 2/);
+    await expect(copyOut(client, '/srv', path.join(s.dir, 'o2'), { maxBytes: 6 })).rejects.toThrow(/maxBytes/);
+    await expect(readFile(client, '/srv/a', 3)).rejects.toMatchObject({ code: 'ERR_MICROVM_COPY' });
+    expect(client.closedReason).toBeUndefined();
+    expect(fs.readdirSync(s.dir).sort()).toEqual(['agent.sock']);
+    client.close();
+  });
+});
