@@ -18,6 +18,7 @@
 // Milestones go on "microvm.exit" too, as "T <name> <ns>" on the guest's CLOCK_MONOTONIC (0 is the
 // kernel's timekeeping start): init (this process started), mounts, network, config (read, shares
 // mounted), exec (the command is about to be exec'd). The host turns them into spans.
+// A Cmd of exactly ["/.microvm/init", "--idle"] runs no command: the VM serves its agent until stopped.
 // Statically linked, so it runs in any image.
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -267,9 +268,13 @@ int main() {
   pid_t agent = with_agent ? StartAgent(defaults) : -1;
   int agent_restarts = 0;
 
-  pid_t child = fork();
+  // Idle: no command of its own; the VM serves the agent until it is stopped (`microvm run -it`).
+  const bool idle = cmd.size() == 2 && cmd[0] == "/.microvm/init" && cmd[1] == "--idle";
+  pid_t child = idle ? 0 : fork();
   if (child < 0) Finish(125);
-  if (child == 0) {
+  if (idle) {
+    child = -1;
+  } else if (child == 0) {
     setsid();
     ioctl(STDIN_FILENO, TIOCSCTTY, 0);
     // The command's own output channels; without them (an older host) it keeps the console.
@@ -310,6 +315,10 @@ int main() {
     pid_t pid = waitpid(-1, &status, 0);
     if (pid < 0) {
       if (errno == EINTR) continue;
+      if (idle && errno == ECHILD) {
+        pause();
+        continue;
+      }
       Finish(125);
     }
     if (pid == agent && agent > 0) {

@@ -22,7 +22,7 @@ import { defaultCacheDir, defaultDataRoot } from '../paths';
 import { gc, list, purge } from '../image/cache';
 import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
-import { qemuBackend, resolveQemuRuntime } from '../backends/qemu';
+import { IDLE_COMMAND, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
 import { type AccelChoice, parseAccel, probeKvm } from '../host/kvm';
 import { describeExit, type MicroVM } from '../vm';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from '../resolve/firmware';
@@ -33,6 +33,7 @@ import { formatSpanTree } from '../telemetry/tree';
 import { ATTR, SPAN } from '../telemetry/attributes';
 import type { MicrovmErrorCode } from '../error-codes';
 import { packageRoot } from '../native';
+import { attach, connectVmAgent, copyBetween, envFromArgs, parseCpSide, terminalSize } from './agent-commands';
 
 const USAGE: Record<string, string> = {
   '': `microvm — boot OCI images as lightweight VMs
@@ -49,7 +50,9 @@ Commands:
   inspect NAME...         print what is known about VMs (JSON)
   port NAME [GUEST]       print a VM's forwarded ports (host 127.0.0.1:PORT -> guest port)
   logs NAME [-f] [-n N]   print a VM's output
-  exec NAME -- CMD...     run a command in a VM started with --ssh (exit code: the command's)
+  exec [-i] [-t] NAME -- CMD...
+                          run a command in a VM (exit code: the command's)
+  cp SRC DST              copy files or trees between a VM and the host (NAME:/path on one side)
   stop [-t S] NAME...     stop VMs
   rm [-f] NAME...         remove stopped VMs' data (-f: stop running ones first)
   doctor                  check this machine and say how to fix what is missing
@@ -82,6 +85,8 @@ Options:
                       IMAGE's tag names now; always picks up a re-tagged image
   --ssh               inject a key and wait for SSH on guest port 22
   -d, --detach        return once the VM started (print its name)
+  -i, -t              interactive: run CMD (default /bin/sh) attached to this terminal (-i: stdin,
+                      -t: a tty) through the guest agent, then stop the VM (QEMU backend)
   --trace             print the startup span tree to stderr
   --trace-json FILE   write the spans as JSON
   --otlp URL          export spans over OTLP/HTTP to URL (base, e.g. http://127.0.0.1:4318);
@@ -141,9 +146,23 @@ SIGTERM to each VM, SIGKILL after -t SECONDS (5) (only if its PID still is that 
 
 Removes each VM's data directory (never the image cache). A running VM is refused
 (ERR_MICROVM_VM_RUNNING) unless -f, which stops it first. --json: an array of {name, stopped, removed}.`,
-  exec: `microvm exec NAME [--data-dir DIR] [--json] -- CMD...
+  exec: `microvm exec [-i] [-t] [-e KEY=VALUE]... [-w DIR] [-u USER] NAME [--data-dir DIR] [--json] -- CMD...
 
-Runs CMD over SSH in a VM started with --ssh; exits with its exit code.`,
+Runs CMD (an argv, no shell) in a running VM through its guest agent (any image; no SSH server
+needed) and exits with its exit code (128+N when signal N killed it).
+  -i, --interactive   forward this process's stdin (EOF closes the command's)
+  -t, --tty           a terminal: raw mode, window size and resizes; stdout and stderr merged
+  -e, --env K=V       environment (after the image's Env and run's -e)
+  -w, --workdir DIR   working directory (default: the image's)
+  -u, --user USER     name, UID or UID:GID from the guest's /etc/passwd
+Ctrl-C/SIGTERM are forwarded to the command. VMs without an agent (libkrun) fall back to SSH when
+started with --ssh. --json: {stdout, stderr, exitCode, signal} once it ended.`,
+  cp: `microvm cp SRC DST [--data-dir DIR] [--json]
+
+Copies a file or directory tree between a running VM and the host; one side is NAME:/path, the
+other a host path. Into DST when it is an existing directory. Modes and symlinks (as links) are kept,
+owners when run as root. Atomic: built under a temporary name and renamed; nothing is left on
+failure. Names sent by the guest are checked (no .., no writes through links).`,
   setup: `microvm setup [--data-dir DIR] [--json]
 
 Makes sure libkrunfw 5 (the guest kernel both backends boot) can be found: when it is not installed,
@@ -312,6 +331,8 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       rm: { type: 'boolean' },
       ssh: { type: 'boolean' },
       detach: { type: 'boolean', short: 'd' },
+      interactive: { type: 'boolean', short: 'i' },
+      tty: { type: 'boolean', short: 't' },
       trace: { type: 'boolean' },
       'trace-json': { type: 'string' },
       'log-level': { type: 'string' },
@@ -323,6 +344,10 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     },
   });
   if (positionals.length !== 1) throw new UsageError('run takes one IMAGE (then -- CMD...)');
+  // -i/-t: the VM idles and CMD (default /bin/sh) runs through its agent, attached to this terminal.
+  const attached = values.interactive === true || values.tty === true;
+  if (attached && values.detach) throw new UsageError('-i/-t attach to the VM; -d detaches: use one');
+  if (attached && values.backend === 'libkrun') throw new UsageError('-i/-t need the guest agent (QEMU backend)');
   let pullPolicy: PullPolicy | undefined;
   try {
     pullPolicy = values.pull === undefined ? undefined : parsePullPolicy('--pull', values.pull);
@@ -384,11 +409,13 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     backend:
       values.detach && (values.backend === 'qemu' || (values.backend ?? 'auto') === 'auto')
         ? await detachedBackend(values.backend ?? 'auto', accel, dataRoot)
-        : ((values.backend ?? 'auto') as RunOptions['backend']),
+        : attached
+          ? 'qemu'
+          : ((values.backend ?? 'auto') as RunOptions['backend']),
     accel: values.detach && (values.backend ?? 'auto') !== 'libkrun' ? undefined : accel,
     timeouts: values['boot-timeout'] === undefined ? undefined : { boot: num('boot-timeout', values['boot-timeout']) },
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,
-    initOverride: cmd.length ? cmd : undefined,
+    initOverride: attached ? [...IDLE_COMMAND] : cmd.length ? cmd : undefined,
     ssh: values.ssh ? {} : undefined,
     logLevel: values['log-level'] as RunOptions['logLevel'],
     tracerProvider,
@@ -436,6 +463,23 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     return 0;
   }
   if (interrupted) void vm.stop(); // the signal came as run() resolved
+  if (attached) {
+    unlisten(); // attach() forwards signals to the guest command now
+    const session = vm;
+    let code = 1;
+    try {
+      const proc = session.spawn(cmd.length ? cmd : ['/bin/sh'], {
+        tty: values.tty ? terminalSize() : undefined,
+        stdin: values.interactive === true,
+      });
+      code = await attach(proc, { stdin: values.interactive === true, tty: values.tty === true });
+    } finally {
+      await session.stop();
+      await emitTrace();
+      if (values.rm) await session.remove();
+    }
+    return code;
+  }
   // Stream the guest command's output while it runs: its stdout to ours, its stderr to ours (QEMU
   // keeps them apart from the console); with libkrun both are on the console.
   const started = vm;
@@ -620,7 +664,10 @@ const GLOBAL_OPTIONS = {
   help: { type: 'boolean' },
 } as const;
 /** Each command's own options (run and bench parse theirs in cmdRun/cmdBench). */
-const COMMAND_OPTIONS: Record<string, Record<string, { type: 'string' | 'boolean'; short?: string }>> = {
+const COMMAND_OPTIONS: Record<
+  string,
+  Record<string, { type: 'string' | 'boolean'; short?: string; multiple?: boolean }>
+> = {
   pull: {},
   images: { quiet: { type: 'boolean', short: 'q' } },
   cache: {},
@@ -630,7 +677,14 @@ const COMMAND_OPTIONS: Record<string, Record<string, { type: 'string' | 'boolean
   port: {},
   stop: { time: { type: 'string', short: 't' } },
   rm: { force: { type: 'boolean', short: 'f' } },
-  exec: {},
+  exec: {
+    interactive: { type: 'boolean', short: 'i' },
+    tty: { type: 'boolean', short: 't' },
+    env: { type: 'string', short: 'e', multiple: true },
+    workdir: { type: 'string', short: 'w' },
+    user: { type: 'string', short: 'u' },
+  },
+  cp: {},
   doctor: {},
   setup: {},
   logs: { follow: { type: 'boolean', short: 'f' }, console: { type: 'boolean' }, tail: { type: 'string', short: 'n' } },
@@ -643,7 +697,7 @@ const COMMAND_OPTIONS: Record<string, Record<string, { type: 'string' | 'boolean
 function parseCommand(
   command: string,
   args: string[],
-): { values: Record<string, string | boolean | undefined>; positionals: string[]; after: string[] } {
+): { values: Record<string, string | boolean | string[] | undefined>; positionals: string[]; after: string[] } {
   const dash = args.indexOf('--');
   const own = COMMAND_OPTIONS[command] ?? {};
   const { values, positionals } = parseArgs({
@@ -681,7 +735,7 @@ export async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${USAGE[command] ?? USAGE['']}\n`);
     return 0;
   }
-  let values: Record<string, string | boolean | undefined> = {};
+  let values: Record<string, string | boolean | string[] | undefined> = {};
   let positional: string[] = [];
   let after: string[] = [];
   if (command !== 'run' && command !== 'bench') {
@@ -977,10 +1031,40 @@ export async function main(argv: string[]): Promise<number> {
         const dir = vmDir(dataDir, name);
         const st = readState(dir);
         if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
+        const env = envFromArgs((values.env as string[] | undefined) ?? [], (m) => new UsageError(m));
+        const agent = await connectVmAgent(dir);
+        if (agent) {
+          const tty = values.tty === true;
+          const proc = agent.spawn(words, {
+            env,
+            cwd: values.workdir as string | undefined,
+            user: values.user as string | undefined,
+            tty: tty ? terminalSize() : undefined,
+            stdin: values.interactive === true,
+          });
+          try {
+            if (json) {
+              const outs: Buffer[] = [];
+              const errs: Buffer[] = [];
+              proc.stdout.on('data', (d: Buffer) => outs.push(d));
+              proc.stderr.on('data', (d: Buffer) => errs.push(d));
+              proc.stdin?.end();
+              const exit = await proc.exited;
+              out({ stdout: Buffer.concat(outs).toString(), stderr: Buffer.concat(errs).toString(), ...exit }, '');
+              return exit.exitCode ?? 128 + signalNumber(exit.signal as NodeJS.Signals);
+            }
+            return await attach(proc, { stdin: values.interactive === true, tty });
+          } finally {
+            agent.close();
+          }
+        }
+        // No agent (a libkrun VM): SSH, when it was started with --ssh.
         const port = st.ports.find((p) => p.guest === 22)?.host;
         const keyFile = path.join(dir, 'ssh', 'id_ed25519');
         if (!port || !fs.existsSync(keyFile))
-          throw coded('ERR_MICROVM_SSH_UNAVAILABLE', `${name} was not started with --ssh`);
+          throw coded('ERR_MICROVM_SSH_UNAVAILABLE', `${name} has no guest agent and was not started with --ssh`);
+        if (values.interactive || values.tty || values.workdir || values.user)
+          throw new UsageError('-i, -t, -w and -u need the guest agent (QEMU backend); this VM has SSH only');
         const client = await SshClient.connect({
           host: '127.0.0.1',
           port,
@@ -992,7 +1076,7 @@ export async function main(argv: string[]): Promise<number> {
           const quoted = words
             .map((w) => (/^[A-Za-z0-9_./:=@%+-]+$/.test(w) ? w : `'${w.replace(/'/g, `'\\''`)}'`))
             .join(' ');
-          const r = await client.exec(quoted);
+          const r = await client.exec(quoted, { env });
           if (json) out(r, '');
           else {
             process.stdout.write(r.stdout);
@@ -1002,6 +1086,23 @@ export async function main(argv: string[]): Promise<number> {
         } finally {
           client.close();
         }
+      }
+      case 'cp': {
+        if (positional.length !== 2) throw new UsageError('cp takes SRC DST, one of them NAME:/path');
+        const isVm = (n: string): boolean => fs.existsSync(path.join(dataDir, 'vms', n));
+        const [src, dst] = positional.map((p) => parseCpSide(p, isVm));
+        if ('vm' in src === 'vm' in dst)
+          throw new UsageError('cp copies between a VM and the host: one side is NAME:/path');
+        await copyBetween(src, dst, async (name) => {
+          const dir = vmDir(dataDir, name);
+          const st = readState(dir);
+          if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
+          const agent = await connectVmAgent(dir);
+          if (!agent) throw coded('ERR_MICROVM_AGENT_UNAVAILABLE', `${name} has no guest agent (QEMU backend only)`);
+          return agent;
+        });
+        out({ copied: true }, '');
+        return 0;
       }
       default:
         throw new UsageError(`unknown command ${JSON.stringify(command)}`);

@@ -51,6 +51,9 @@ import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
 
+/** A command for the guest init that runs nothing: the VM serves its agent until stopped. */
+export const IDLE_COMMAND: readonly string[] = ['/.microvm/init', '--idle'];
+
 /** The guest agent's socket, in the VM's directory. */
 export const AGENT_SOCKET = 'agent.sock';
 

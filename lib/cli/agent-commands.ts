@@ -1,0 +1,106 @@
+/**
+ * The CLI's commands that go through the guest agent: `exec` (`-i`, `-t`, `-e`, `-w`, `-u`),
+ * `cp`, and attaching a terminal for `run -it`.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { AgentClient, type AgentProcess } from '../agent/client';
+import { copyIn, copyOut } from '../agent/files';
+import { AGENT_SOCKET } from '../backends/qemu';
+import { MicrovmError } from '../errors';
+
+/** Connects to the agent of the VM whose directory is `dir`; undefined when it has none. */
+export async function connectVmAgent(dir: string): Promise<AgentClient | undefined> {
+  const sock = path.join(dir, AGENT_SOCKET);
+  if (!fs.existsSync(sock)) return undefined;
+  return AgentClient.connect(sock, { timeoutMs: 10_000 });
+}
+
+/**
+ * Wires a guest process to this terminal: its stdout and stderr to ours, our stdin to it when
+ * `stdin`, raw mode and window size when `tty`. Ctrl-C and SIGTERM go to the guest process (on a
+ * tty, Ctrl-C is a byte the guest's terminal turns into SIGINT). Resolves to the exit status to
+ * use: the process's code, or 128+N after signal N.
+ */
+export async function attach(proc: AgentProcess, opts: { stdin: boolean; tty: boolean }): Promise<number> {
+  const input = process.stdin;
+  const raw = opts.tty && input.isTTY;
+  if (raw) input.setRawMode(true);
+  proc.stdout.pipe(process.stdout, { end: false });
+  proc.stderr.pipe(process.stderr, { end: false });
+  if (opts.stdin && proc.stdin) {
+    proc.stdin.on('error', () => undefined);
+    input.pipe(proc.stdin);
+  }
+  const onResize = (): void => proc.resize(process.stdout.rows, process.stdout.columns);
+  if (opts.tty && process.stdout.isTTY) process.stdout.on('resize', onResize);
+  const forward = (sig: NodeJS.Signals): void => {
+    proc.kill(sig);
+  };
+  const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+  for (const sig of signals) process.on(sig, forward);
+  try {
+    const exit = await proc.exited;
+    await Promise.all(
+      [proc.stdout, proc.stderr].map((s) => new Promise((r) => (s.readableEnded ? r(null) : s.once('close', r)))),
+    );
+    return exit.exitCode ?? 128 + (os.constants.signals[exit.signal as NodeJS.Signals] ?? 9);
+  } finally {
+    for (const sig of signals) process.removeListener(sig, forward);
+    process.stdout.removeListener('resize', onResize);
+    if (opts.stdin) input.unpipe();
+    if (raw) input.setRawMode(false);
+    input.pause();
+  }
+}
+
+/** The terminal's size, for a tty exec. */
+export function terminalSize(): { rows: number; cols: number } {
+  return { rows: process.stdout.rows || 24, cols: process.stdout.columns || 80 };
+}
+
+/** `KEY=VALUE` strings (from -e) as an env object; a bad one is a usage problem. */
+export function envFromArgs(list: readonly string[], usage: (m: string) => Error): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const e of list) {
+    const i = e.indexOf('=');
+    if (i <= 0) throw usage(`-e takes KEY=VALUE, not ${JSON.stringify(e)}`);
+    env[e.slice(0, i)] = e.slice(i + 1);
+  }
+  return env;
+}
+
+/** One side of `microvm cp`: `NAME:/path` in a VM, or a host path. */
+export type CpSide = { vm: string; path: string } | { host: string };
+
+export function parseCpSide(spec: string, isVm: (name: string) => boolean): CpSide {
+  const m = /^([A-Za-z0-9][A-Za-z0-9_.-]{0,62}):(\/.*)$/.exec(spec);
+  if (m && isVm(m[1])) return { vm: m[1], path: m[2] };
+  return { host: path.resolve(spec) };
+}
+
+/** `microvm cp SRC DST`: exactly one side is `NAME:/path`. */
+export async function copyBetween(
+  src: CpSide,
+  dst: CpSide,
+  agentFor: (name: string) => Promise<AgentClient>,
+): Promise<void> {
+  if ('vm' in src && 'host' in dst) {
+    const agent = await agentFor(src.vm);
+    try {
+      await copyOut(agent, src.path, dst.host);
+    } finally {
+      agent.close();
+    }
+  } else if ('host' in src && 'vm' in dst) {
+    const agent = await agentFor(dst.vm);
+    try {
+      await copyIn(agent, src.host, dst.path);
+    } finally {
+      agent.close();
+    }
+  } else {
+    throw new MicrovmError('ERR_MICROVM_USAGE', 'cp copies between a VM and the host: one side is NAME:/path');
+  }
+}
