@@ -243,8 +243,7 @@ describe('AgentClient against a fake guest agent (test double)', () => {
     const big = Buffer.alloc(WINDOW + 1000, 0x61);
     proc.stdin?.end(big);
     await new Promise((r) => setTimeout(r, 100));
-    const sent = () =>
-      g.frames.filter((f) => f.type === FRAME.DATA).reduce((n, f) => n + f.payload.length, 0);
+    const sent = () => g.frames.filter((f) => f.type === FRAME.DATA).reduce((n, f) => n + f.payload.length, 0);
     expect(sent()).toBe(WINDOW); // the rest waits for a grant
     expect(g.frames.some((f) => f.type === FRAME.EOF)).toBe(false);
     const grant = Buffer.alloc(4);
@@ -280,7 +279,12 @@ describe('copyOut and readFile against a hostile fake guest (test double)', () =
 
   test('a well-formed tree arrives, modes and links as described', async () => {
     const [client, g] = await connect();
-    serveTree(g, [dir, { ...dir, p: 'sub', m: 0o700 }, file('sub/a'), { p: 'ln', t: 'l', m: 0o777, s: 1, u: 0, g: 0, l: '/etc/passwd' }]);
+    serveTree(g, [
+      dir,
+      { ...dir, p: 'sub', m: 0o700 },
+      file('sub/a'),
+      { p: 'ln', t: 'l', m: 0o777, s: 1, u: 0, g: 0, l: '/etc/passwd' },
+    ]);
     const dest = path.join(s.dir, 'out');
     await copyOut(client, '/srv', dest);
     expect(fs.readFileSync(path.join(dest, 'sub/a'), 'utf8')).toBe('data');
