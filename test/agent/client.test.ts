@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { AgentClient } from '../../lib/agent/client';
 import { execBuffered } from '../../lib/agent/exec';
 import { copyOut, readFile } from '../../lib/agent/files';
-import { encodeFrame, FRAME, type FrameType, GUEST_PROTO, HEADER_BYTES, WINDOW } from '../../lib/agent/protocol';
+import { FRAME, GUEST_PROTO, HEADER_BYTES, WINDOW } from '../../lib/agent/protocol';
 import { scratch } from '../helpers';
 
 interface HostFrame {
@@ -41,7 +41,7 @@ class FakeGuest {
     });
     sock.on('error', () => undefined);
   }
-  send(type: FrameType | number, stream: number, payload: Buffer | string = Buffer.alloc(0)): void {
+  send(type: number, stream: number, payload: Buffer | string = Buffer.alloc(0)): void {
     const body = typeof payload === 'string' ? Buffer.from(payload) : payload;
     const head = Buffer.alloc(HEADER_BYTES);
     head.writeUInt32BE(body.length, 0);
