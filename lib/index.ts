@@ -73,6 +73,17 @@ export const native = {
 } as const;
 
 export { run, chooseBackend, type RunOptions, type PostBootHook } from './run';
+export {
+  AgentClient,
+  AgentProcess,
+  GuestError,
+  type AgentConnectOptions,
+  type AgentExit,
+  type AgentHello,
+  type AgentSpawnOptions,
+} from './agent/client';
+export type { AgentExecOptions, AgentExecResult } from './agent/exec';
+export type { CopyOutLimits } from './agent/files';
 export type { WaitStrategy } from './wait-for';
 export { defaultCacheDir, defaultDataRoot } from './paths';
 export { MicroVM, describeExit, type MicroVMEvents, type VmStatus } from './vm';

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // The README's main command (after scripts/setup.sh): builds a small OCI image (busybox-static +
 // dropbear from this machine's Debian packages, packed by umoci), boots a VM from it, waits for
-// SSH, runs a command in it over SSH, and prints the output and the startup trace. Backend: libkrun with KVM when available,
-// otherwise QEMU (software emulation when there is no KVM).
+// SSH, runs a command in it (through the guest agent on QEMU, over SSH on libkrun), and prints the
+// output and the startup trace. Backend: libkrun with KVM when available, otherwise QEMU (software
+// emulation when there is no KVM).
 //
 //   node scripts/demo.js [command...]      default command: uname -a; cat /etc/layer2
 'use strict';

@@ -77,9 +77,12 @@ describe('public exports', () => {
     const m = require('../dist/index.js') as Record<string, unknown> & { native: Record<string, unknown> };
     expect(Object.keys(m).sort()).toEqual([
       'ATTR',
+      'AgentClient',
+      'AgentProcess',
       'ERROR_CODES',
       'EVENT',
       'FIRMWARE_INSTALL_HINT',
+      'GuestError',
       'KrunContext',
       'KrunError',
       'KrunFeature',
