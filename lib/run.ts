@@ -19,14 +19,7 @@ import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import {
-  type Attributes,
-  context,
-  isSpanContextValid,
-  type Span,
-  type TracerProvider,
-  trace,
-} from '@opentelemetry/api';
+import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
 import { qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
@@ -65,7 +58,7 @@ import { waitForReady } from './ssh/wait-ready';
 import { AgentClient } from './agent/client';
 import { writeState, processStartTime, sweepVms, terminateRecorded, writeOwner } from './state';
 import { ATTR, SPAN } from './telemetry/attributes';
-import { endSpan, getTracer, inSpan, type SpanScope } from './telemetry/tracer';
+import { endSpan, getTracer, inSpan, type SpanScope, traceEnv } from './telemetry/tracer';
 import * as v from './validate';
 import { describeExit, MicroVM } from './vm';
 
@@ -624,13 +617,8 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
 
     // W3C trace context for the guest command, so an instrumented program in the VM continues this
     // trace (its parent: microvm.Run). Not with the no-op tracer; never over the caller's own value.
-    const sc = root.spanContext();
-    if (isSpanContextValid(sc) && !o.env.some((e) => e.startsWith('TRACEPARENT='))) {
-      const flags = sc.traceFlags.toString(16).padStart(2, '0');
-      o.env = [...o.env, `TRACEPARENT=00-${sc.traceId}-${sc.spanId}-${flags}`];
-      const state = sc.traceState?.serialize();
-      if (state && !o.env.some((e) => e.startsWith('TRACESTATE='))) o.env = [...o.env, `TRACESTATE=${state}`];
-    }
+    if (!o.env.some((e) => e.startsWith('TRACEPARENT=') || e.startsWith('TRACESTATE=')))
+      o.env = [...o.env, ...traceEnv(root)];
     await stage(SPAN.BACKEND_PREPARE, { [ATTR.BACKEND]: o.backend.name }, (_s, inner) =>
       o.backend.prepareRootfs({
         vmId: o.id,
@@ -729,6 +717,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       },
       started,
       network ? [() => network.stop()] : [],
+      getTracer(o.tracerProvider), // not the flight recorder's: it keeps every span of run() only
     );
 
     // From here every wait races the VM's end: a VM that dies or fails during PostBoot ends the

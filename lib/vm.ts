@@ -3,6 +3,10 @@
  * concurrently; `await using vm = await run(...)` stops and removes it at scope exit.
  */
 import { EventEmitter } from 'node:events';
+import * as path from 'node:path';
+import { context, type Span, type Tracer } from '@opentelemetry/api';
+import { ATTR, SPAN } from './telemetry/attributes';
+import { endSpan, getTracer, traceEnv } from './telemetry/tracer';
 import * as fsp from 'node:fs/promises';
 import type { BackendHandle, VmExit } from './backends/types';
 import { MicrovmError } from './errors';
@@ -98,10 +102,13 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
   ssh: SshClient | undefined;
   /** The guest agent's channel (QEMU backend, unless run() was given `agent: false`). */
   agent: AgentClient | undefined;
+  /** Where `microvm.Exec` spans go (run()'s tracer provider); the global provider when unset. */
+  #tracer: Tracer | undefined;
 
   /** @internal Created by run(). */
-  constructor(info: MicroVMInfo, handle: BackendHandle, onExit: Array<() => Promise<void>> = []) {
+  constructor(info: MicroVMInfo, handle: BackendHandle, onExit: Array<() => Promise<void>> = [], tracer?: Tracer) {
     super();
+    this.#tracer = tracer;
     this.id = info.id;
     this.name = info.name;
     this.backend = info.backend;
@@ -165,7 +172,16 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * `env`), else over SSH (`run(image, { ssh })`; a string command, `env`, `stdin`, `signal`).
    */
   async exec(command: string | readonly string[], options: AgentExecOptions = {}): Promise<ExecResult> {
-    if (this.agent && !this.agent.closedReason) return execBuffered(this.agent, command, options);
+    if (this.agent && !this.agent.closedReason) {
+      const agent = this.agent;
+      const argv = toArgv(command);
+      const o = execOptions(options);
+      return this.#traced(argv, o.env, async (env, span) => {
+        const r = await execBuffered(agent, argv, { ...o, env });
+        if (r.exitCode !== null) span.setAttribute(ATTR.PROCESS_EXIT_CODE, r.exitCode);
+        return r;
+      });
+    }
     if (this.ssh) {
       if (typeof command !== 'string')
         throw new MicrovmError(
@@ -191,7 +207,65 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
   spawn(command: string | readonly string[], options: AgentSpawnOptions = {}): AgentProcess {
     const o = execOptions({ ...options, stdin: undefined });
     if (options.stdin !== undefined) v.boolean('options.stdin', options.stdin);
-    return this.#agent().spawn(toArgv(command), { ...o, stdin: options.stdin === true });
+    const agent = this.#agent();
+    const argv = toArgv(command);
+    let proc: AgentProcess | undefined;
+    let failed: unknown;
+    void this.#traced(argv, o.env, async (env, span) => {
+      try {
+        proc = agent.spawn(argv, { ...o, env, stdin: options.stdin === true });
+      } catch (err) {
+        failed = err;
+        throw err;
+      }
+      const exit = await proc.exited;
+      if (exit.exitCode !== null) span.setAttribute(ATTR.PROCESS_EXIT_CODE, exit.exitCode);
+    }).catch(() => undefined); // the caller sees it on proc.exited
+    // The callback ran synchronously up to its first await: `proc` is set, or `failed` says why not.
+    if (!proc) throw failed;
+    return proc;
+  }
+
+  /**
+   * Runs `fn` in a `microvm.Exec` span (a child of the caller's active span), with the span's
+   * W3C trace context added to the command's environment unless the caller set its own.
+   */
+  #traced<T>(
+    argv: readonly string[],
+    env: Record<string, string> | undefined,
+    fn: (env: Record<string, string>, span: Span) => Promise<T>,
+  ): Promise<T> {
+    const tracer = this.#tracer ?? getTracer();
+    const span = tracer.startSpan(
+      SPAN.EXEC,
+      {
+        attributes: {
+          [ATTR.NAME]: this.name,
+          [ATTR.PROCESS_EXECUTABLE_NAME]: path.posix.basename(argv[0]),
+        },
+      },
+      context.active(),
+    );
+    const own = { ...(env ?? {}) };
+    if (own.TRACEPARENT === undefined && own.TRACESTATE === undefined)
+      for (const e of traceEnv(span)) own[e.slice(0, e.indexOf('='))] = e.slice(e.indexOf('=') + 1);
+    let result: Promise<T>;
+    try {
+      result = fn(own, span);
+    } catch (err) {
+      endSpan(span, err);
+      throw err;
+    }
+    return result.then(
+      (r) => {
+        endSpan(span);
+        return r;
+      },
+      (err: unknown) => {
+        endSpan(span, err);
+        throw err;
+      },
+    );
   }
 
   /**

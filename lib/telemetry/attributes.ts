@@ -26,6 +26,8 @@ export const SPAN = {
   SSH_WAIT_READY: 'microvm.SSHWaitReady',
   /** The guest agent answered its first hello (lib/agent/). */
   AGENT_WAIT_READY: 'microvm.AgentWaitReady',
+  /** One `vm.exec()`/`vm.spawn()` through the agent, from start to exit (its W3C context goes to the command). */
+  EXEC: 'microvm.Exec',
   WAIT_FOR_LOG: 'microvm.WaitForLog',
   WAIT_FOR_TCP: 'microvm.WaitForTCP',
   WAIT_FOR_HTTP: 'microvm.WaitForHTTP',
@@ -82,6 +84,9 @@ export const ATTR = {
   AGENT_SOCKET: 'microvm.agent.socket',
   AGENT_READY: 'microvm.agent.ready',
   AGENT_UPTIME_MS: 'microvm.agent.uptime_ms',
+  /** On microvm.Exec (semantic conventions): the command's file name (never its arguments) and exit code. */
+  PROCESS_EXECUTABLE_NAME: 'process.executable.name',
+  PROCESS_EXIT_CODE: 'process.exit.code',
   /** QEMU backend: the accelerator used ('kvm' | 'tcg') and why it was chosen. */
   QEMU_ACCEL: 'microvm.qemu.accel',
   QEMU_ACCEL_REASON: 'microvm.qemu.accel_reason',

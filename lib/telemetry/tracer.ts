@@ -9,6 +9,7 @@ import {
   context,
   type Span,
   SpanStatusCode,
+  isSpanContextValid,
   trace,
   type Tracer,
   type TracerProvider,
@@ -21,6 +22,20 @@ const pkg = require('../../package.json') as { name: string; version: string };
 /** The tracer: from `provider` or the global one, named by this package and its version. */
 export function getTracer(provider?: TracerProvider): Tracer {
   return (provider ?? trace.getTracerProvider()).getTracer(pkg.name, pkg.version);
+}
+
+/**
+ * `TRACEPARENT`/`TRACESTATE` (W3C) entries naming `span` as the parent, for a process in the guest
+ * to continue the trace; none for a no-op span.
+ */
+export function traceEnv(span: Span): string[] {
+  const sc = span.spanContext();
+  if (!isSpanContextValid(sc)) return [];
+  const flags = sc.traceFlags.toString(16).padStart(2, '0');
+  const env = [`TRACEPARENT=00-${sc.traceId}-${sc.spanId}-${flags}`];
+  const state = sc.traceState?.serialize();
+  if (state) env.push(`TRACESTATE=${state}`);
+  return env;
 }
 
 /** Ends `span`; with an error: status ERROR with the message, `error.type`, and the exception. */

@@ -84,6 +84,23 @@ const base = (extra: RunOptions = {}): RunOptions => ({
     expect((await vm.exec(['pwd'], { cwd: '/no/such' })).exitCode).toBe(126);
   });
 
+  test('each exec is a microvm.Exec span whose W3C context the command gets (TRACEPARENT)', async () => {
+    const r = await vm.exec('echo $TRACEPARENT');
+    const span = exporter
+      .getFinishedSpans()
+      .filter((x) => x.name === 'microvm.Exec')
+      .pop();
+    const sc = span?.spanContext();
+    expect(r.stdout).toBe(`00-${sc?.traceId}-${sc?.spanId}-01\n`);
+    expect(span?.attributes).toMatchObject({
+      'microvm.name': vm.name,
+      'process.executable.name': 'sh',
+      'process.exit.code': 0,
+    });
+    // The caller's own value wins.
+    expect((await vm.exec('echo $TRACEPARENT', { env: { TRACEPARENT: 'mine' } })).stdout).toBe('mine\n');
+  });
+
   test('stdin: piped in, closed with EOF; a large input arrives whole', async () => {
     expect(await vm.exec(['cat'], { stdin: 'piped\n' })).toMatchObject({ stdout: 'piped\n', exitCode: 0 });
     const big = Buffer.alloc(3 * WINDOW + 123, 0x61);
