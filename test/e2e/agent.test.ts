@@ -187,6 +187,16 @@ const base = (extra: RunOptions = {}): RunOptions => ({
     expect(fs.statSync(path.join(back, 'sub/run.sh')).mode & 0o7777).toBe(0o750);
     expect(fs.statSync(path.join(back, 'sub/deeper')).mode & 0o7777).toBe(0o711);
     expect(fs.readlinkSync(path.join(back, 'link'))).toBe('sub/run.sh');
+    if (process.getuid?.() === 0) {
+      // Owners travel both ways when this process is root.
+      fs.chownSync(path.join(src, 'secret'), 1234, 4321);
+      await vm.copyIn(path.join(src, 'secret'), '/srv/owned');
+      expect((await vm.exec(['stat', '-c', '%u:%g %a', '/srv/owned'])).stdout).toBe('1234:4321 600\n');
+      await vm.exec(['chown', '2345:5432', '/srv/owned']);
+      await vm.copyOut('/srv/owned', path.join(s.dir, 'owned'));
+      const st = fs.statSync(path.join(s.dir, 'owned'));
+      expect([st.uid, st.gid, st.mode & 0o7777]).toEqual([2345, 5432, 0o600]);
+    }
     // Failures: nothing partial on either side.
     await expect(vm.copyOut('/no/such', path.join(s.dir, 'none'))).rejects.toMatchObject({
       code: 'ERR_MICROVM_GUEST_FILE',
