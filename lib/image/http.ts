@@ -11,7 +11,10 @@ import { EventEmitter } from 'node:events';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import * as net from 'node:net';
+import { type Span, SpanKind, SpanStatusCode } from '@opentelemetry/api';
 import { MicrovmError } from '../errors';
+import { ATTR } from '../telemetry/attributes';
+import type { SpanScope } from '../telemetry/tracer';
 import { VERIFIES_DIGEST } from './oci';
 
 /** A response whose body has not been read yet. */
@@ -40,6 +43,62 @@ export interface HttpRequest {
   idleTimeoutMs?: number;
   /** Redirects followed (10). */
   maxRedirects?: number;
+  /** Where each request's CLIENT span goes (one per hop of a redirect chain); none without it. */
+  scope?: SpanScope;
+}
+
+/**
+ * `url` for a span: no user or password, every query value `REDACTED` (object-storage redirects
+ * carry signatures there, token requests their scope), per the semantic conventions' guidance.
+ */
+export function redactedUrl(url: URL): string {
+  const c = new URL(url.toString());
+  c.username = '';
+  c.password = '';
+  for (const k of new Set(c.searchParams.keys())) c.searchParams.set(k, 'REDACTED');
+  return c.toString();
+}
+
+/**
+ * Starts an HTTP CLIENT span (semantic conventions: named by the method; `http.request.method`,
+ * `url.full` redacted, `server.address`, `server.port`). `startTime` lets a span begin before
+ * the decision to record it.
+ */
+export function clientSpan(
+  scope: SpanScope | undefined,
+  method: string,
+  url: URL,
+  startTime?: number,
+): Span | undefined {
+  if (!scope) return undefined;
+  return scope.tracer.startSpan(
+    method,
+    {
+      kind: SpanKind.CLIENT,
+      startTime,
+      attributes: {
+        [ATTR.HTTP_REQUEST_METHOD]: method,
+        [ATTR.URL_FULL]: redactedUrl(url),
+        [ATTR.SERVER_ADDRESS]: url.hostname,
+        [ATTR.SERVER_PORT]: Number(url.port) || (url.protocol === 'https:' ? 443 : 80),
+      },
+    },
+    scope.ctx,
+  );
+}
+
+/** Ends a client span with the response status (4xx/5xx: an error, `error.type` the status). */
+export function endClientSpan(span: Span | undefined, status: number | undefined, err?: Error): void {
+  if (!span) return;
+  if (status !== undefined) span.setAttribute(ATTR.HTTP_STATUS, status);
+  if (err) {
+    span.setAttribute(ATTR.ERROR_TYPE, (err as { code?: string }).code ?? err.name);
+    span.setStatus({ code: SpanStatusCode.ERROR, message: err.message });
+  } else if (status !== undefined && status >= 400) {
+    span.setAttribute(ATTR.ERROR_TYPE, String(status));
+    span.setStatus({ code: SpanStatusCode.ERROR });
+  }
+  span.end();
 }
 
 const agents = { http: new http.Agent({ keepAlive: true }), https: new https.Agent({ keepAlive: true }) };
@@ -76,8 +135,27 @@ export async function request(target: string, init: HttpRequest = {}): Promise<H
   for (let redirects = 0; ; redirects++) {
     if (url.protocol !== 'http:' && url.protocol !== 'https:')
       throw new MicrovmError('ERR_MICROVM_REGISTRY', `Refusing a ${url.protocol} URL from the registry`);
-    const res = await once(url, init, headers, method, body);
+    const span = clientSpan(init.scope, method, url);
+    let res: http.IncomingMessage;
+    try {
+      res = await once(url, init, headers, method, body);
+    } catch (err) {
+      endClientSpan(span, undefined, err as Error);
+      throw err;
+    }
     const status = res.statusCode ?? 0;
+    if (span) {
+      // The span lasts until the body is read, dropped or fails.
+      let ended = false;
+      const end = (err?: Error): void => {
+        if (ended) return;
+        ended = true;
+        endClientSpan(span, status, err);
+      };
+      res.once('end', () => end());
+      res.once('error', (e) => end(e));
+      res.once('close', () => end());
+    }
     const location = res.headers.location;
     if ([301, 302, 303, 307, 308].includes(status) && location) {
       res.destroy();

@@ -121,7 +121,7 @@ export interface PullResult {
 async function resolveSource(
   ref: ReturnType<typeof parseReference>,
   platform: Platform,
-  options: PullOptions & { have?: (digest: string) => boolean },
+  options: PullOptions & { have?: (digest: string) => boolean; fetchScope?: SpanScope },
 ): Promise<ResolvedImage> {
   if (ref.kind === 'oci-layout') return resolveOciLayout(ref.path, ref.tag, platform);
   if (ref.kind === 'oci-archive' || ref.kind === 'docker-archive') {
@@ -141,6 +141,7 @@ async function resolveSource(
     throughput: options.throughput,
     blobDir: path.join(options.cacheDir as string, 'blobs'),
     have: options.have,
+    scope: options.fetchScope,
   });
 }
 
@@ -230,9 +231,10 @@ export async function pull(reference: string, options: PullOptions = {}): Promis
     );
 
   let known: CacheEntry | undefined; // the resolved image, when it is already unpacked
-  const image = await inSpan(scope, SPAN.IMAGE_FETCH, { [ATTR.IMAGE]: ref.canonical }, async (span) => {
+  const image = await inSpan(scope, SPAN.IMAGE_FETCH, { [ATTR.IMAGE]: ref.canonical }, async (span, fetchScope) => {
     const r = await resolveSource(ref, platform, {
       ...options,
+      fetchScope,
       cacheDir,
       have: (digest) => (known = readEntry(cacheDir, digest, verify)) !== undefined,
     });

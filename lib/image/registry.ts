@@ -14,7 +14,16 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { PassThrough, Readable, Transform } from 'node:stream';
 import { MicrovmError } from '../errors';
-import { fastGet, type HttpRequest, type HttpResponse, request, type SocketBody } from './http';
+import {
+  clientSpan,
+  endClientSpan,
+  fastGet,
+  type HttpRequest,
+  type HttpResponse,
+  request,
+  type SocketBody,
+} from './http';
+import type { SpanScope } from '../telemetry/tracer';
 import {
   checkManifest,
   type Descriptor,
@@ -143,6 +152,8 @@ export interface RegistryOptions {
    * on average over any `windowMs` (30000) fails it with ERR_MICROVM_REGISTRY_TIMEOUT.
    */
   throughput?: { minBytesPerSecond?: number; windowMs?: number };
+  /** Where each request's HTTP CLIENT span goes (pull passes microvm.image.Fetch's scope). */
+  scope?: SpanScope;
 }
 
 const MIN_BYTES_PER_SECOND = 1024;
@@ -225,7 +236,7 @@ export class RegistryClient {
     for (let attempt = 0; ; attempt++) {
       this.#opts.signal?.throwIfAborted();
       try {
-        const res = await request(url, { ...init, signal: this.#opts.signal });
+        const res = await request(url, { ...init, signal: this.#opts.signal, scope: this.#opts.scope });
         if ((res.status === 429 || res.status >= 500) && attempt < retries) {
           const ra = Number(res.header('retry-after'));
           res.discard();
@@ -381,6 +392,7 @@ export class RegistryClient {
     if (!this.#base.startsWith('http:') || !/^sha256:[a-f0-9]{64}$/.test(d.digest) || !(d.size >= 0)) return undefined;
     if (!this.#auth && (await this.#creds())) return undefined; // let the general path answer the challenge
     const url = new URL(`${this.#base}/v2/${this.#repository}/blobs/${d.digest}`);
+    const startTime = performance.timeOrigin + performance.now();
     const body = await fastGet(
       url,
       this.#auth ? { authorization: this.#auth } : {},
@@ -388,6 +400,12 @@ export class RegistryClient {
       d.digest,
       this.#opts.signal,
     );
+    // Only a body the fast path took gets a span here (otherwise the general path makes its own).
+    const span = body ? clientSpan(this.#opts.scope, 'GET', url, startTime) : undefined;
+    if (span && body) {
+      body.once('end', () => endClientSpan(span, 200));
+      body.once('error', (e: Error) => endClientSpan(span, 200, e));
+    }
     return body?.watchThroughput(
       this.#opts.throughput?.windowMs ?? THROUGHPUT_WINDOW_MS,
       this.#opts.throughput?.minBytesPerSecond ?? MIN_BYTES_PER_SECOND,

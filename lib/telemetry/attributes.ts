@@ -108,6 +108,9 @@ export const ATTR = {
   SERVER_PORT: 'server.port',
   URL_PATH: 'url.path',
   HTTP_STATUS: 'http.response.status_code',
+  /** Registry requests: CLIENT spans named by the method (`GET`), with the method and the redacted URL. */
+  HTTP_REQUEST_METHOD: 'http.request.method',
+  URL_FULL: 'url.full',
 } as const;
 
 /** Span event names. */

@@ -8,7 +8,10 @@ import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { context, SpanKind } from '@opentelemetry/api';
+import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { gcImages, listImages, pull } from '../../lib';
+import { redactedUrl } from '../../lib/image/http';
 import { realmRefusal } from '../../lib/image/registry';
 import { layoutSkipReason, scratch } from '../helpers';
 import { freePort } from '../ssh/servers';
@@ -208,6 +211,42 @@ const tree = (dir: string): string =>
       if (old === undefined) delete process.env.DOCKER_CONFIG;
       else process.env.DOCKER_CONFIG = old;
     }
+  });
+
+  test('each registry request is an HTTP CLIENT span under microvm.image.Fetch, with no credential anywhere in it', async () => {
+    const exporter = new InMemorySpanExporter();
+    const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+    const tracer = provider.getTracer('test');
+    const ref = `127.0.0.1:${locked.port}/private/img:v1`;
+    const r = await pull(ref, {
+      cacheDir: path.join(s.dir, 'c-spans'),
+      credentials: { username: 'alice', password: 's3cret-pw' },
+      scope: { tracer, ctx: context.active() },
+    });
+    const spans = exporter.getFinishedSpans();
+    const fetchSpan = spans.find((x) => x.name === 'microvm.image.Fetch');
+    const gets = spans.filter((x) => x.name === 'GET');
+    // the manifest (refused, then with credentials), the config, the two layers
+    expect(fs.existsSync(path.join(r.path, 'etc/layer2'))).toBe(true);
+    expect(gets.length).toBeGreaterThanOrEqual(5);
+    for (const g of gets) {
+      expect(g.kind).toBe(SpanKind.CLIENT);
+      expect(g.parentSpanContext?.spanId).toBe(fetchSpan?.spanContext().spanId);
+      expect(g.attributes).toMatchObject({
+        'http.request.method': 'GET',
+        'server.address': '127.0.0.1',
+        'server.port': locked.port,
+        'url.full': expect.stringMatching(new RegExp(`^http://127\\.0\\.0\\.1:${locked.port}/v2/private/img/`)),
+      });
+    }
+    const statuses = gets.map((g) => g.attributes['http.response.status_code']);
+    expect(statuses).toContain(401);
+    expect(statuses).toContain(200);
+    const refused = gets.find((g) => g.attributes['http.response.status_code'] === 401);
+    expect(refused?.attributes['error.type']).toBe('401');
+    const all = JSON.stringify(spans.map((x) => [x.name, x.attributes, x.events]));
+    for (const secret of ['s3cret-pw', Buffer.from('alice:s3cret-pw').toString('base64')])
+      expect(all).not.toContain(secret);
   });
 
   test("a credential helper (config.json credHelpers): asked with the registry's name on stdin, its answer used, never printed", async () => {
@@ -551,5 +590,18 @@ describe('token realm: credentials never downgraded to cleartext', () => {
     expect(realmRefusal('http://127.0.0.1:5000', 'http://127.0.0.1:5001/token', true)).toBeUndefined();
     expect(realmRefusal('https://registry.example', 'file:///etc/passwd', false)).toMatch(/file:, not http/);
     expect(realmRefusal('https://registry.example', 'not a url', false)).toMatch(/not a URL/);
+  });
+});
+
+describe('redactedUrl (url.full on registry spans)', () => {
+  test('drops user and password and redacts every query value', () => {
+    expect(
+      redactedUrl(
+        new URL('https://u:p%40ss@blobs.example:8443/x/y?X-Amz-Signature=abc&scope=repo:a:pull&X-Amz-Signature=d'),
+      ),
+    ).toBe('https://blobs.example:8443/x/y?X-Amz-Signature=REDACTED&scope=REDACTED');
+    expect(redactedUrl(new URL('http://127.0.0.1:5000/v2/a/manifests/v1'))).toBe(
+      'http://127.0.0.1:5000/v2/a/manifests/v1',
+    );
   });
 });
