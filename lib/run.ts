@@ -19,7 +19,14 @@ import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import { type Attributes, context, type Span, type TracerProvider, trace } from '@opentelemetry/api';
+import {
+  type Attributes,
+  context,
+  type MeterProvider,
+  type Span,
+  type TracerProvider,
+  trace,
+} from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
 import { qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
@@ -59,6 +66,7 @@ import { AgentClient } from './agent/client';
 import { writeState, processStartTime, sweepVms, terminateRecorded, writeOwner } from './state';
 import { ATTR, SPAN } from './telemetry/attributes';
 import { endSpan, getTracer, inSpan, type SpanScope, traceEnv } from './telemetry/tracer';
+import { errorType, recordStage, runMetrics } from './telemetry/metrics';
 import * as v from './validate';
 import { describeExit, MicroVM } from './vm';
 
@@ -171,6 +179,11 @@ export interface RunOptions {
   flightRecorder?: { keep?: number } | false;
   /** Tracer provider (the global one). */
   tracerProvider?: TracerProvider;
+  /**
+   * Meter provider for microvm.stage.duration, microvm.runs and microvm.run.failures (the global
+   * one, a no-op unless the application registered one).
+   */
+  meterProvider?: MeterProvider;
   /** Cancels the start; everything started so far is undone. */
   signal?: AbortSignal;
 }
@@ -203,6 +216,7 @@ const RUN_KEYS = [
   'cloneStrategies',
   'network',
   'tracerProvider',
+  'meterProvider',
   'signal',
   'ssh',
   'agent',
@@ -415,6 +429,7 @@ function normalize(image: string, options: RunOptions) {
     cloneStrategies: o.cloneStrategies as CloneStrategy[] | undefined,
     network: o.network as NetworkProvider | undefined,
     tracerProvider: o.tracerProvider as TracerProvider | undefined,
+    meterProvider: o.meterProvider as MeterProvider | undefined,
     signal: o.signal,
     ssh,
     agent,
@@ -529,17 +544,29 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
   const undo: Array<() => Promise<void>> = [];
   // Every stage: a span under microvm.Run; the signal is checked before and after it, so an abort
   // during a stage fails that stage.
-  const stage = <T>(
+  // Each stage's duration also goes to the microvm.stage.duration histogram (lib/telemetry/metrics.ts).
+  const meters = runMetrics(o.meterProvider);
+  const metricAttrs: Attributes = { [ATTR.BACKEND]: o.backend.name };
+  const stage = async <T>(
     name: string,
     attributes: Attributes | undefined,
     fn: (span: Span, inner: SpanScope) => Promise<T> | T,
-  ): Promise<T> =>
-    inSpan(scope, name, attributes, async (span, inner) => {
-      signal?.throwIfAborted();
-      const result = await fn(span, inner);
-      signal?.throwIfAborted();
+  ): Promise<T> => {
+    const t0 = performance.now();
+    try {
+      const result = await inSpan(scope, name, attributes, async (span, inner) => {
+        signal?.throwIfAborted();
+        const r = await fn(span, inner);
+        signal?.throwIfAborted();
+        return r;
+      });
+      recordStage(meters, name, (performance.now() - t0) / 1000, metricAttrs);
       return result;
-    });
+    } catch (err) {
+      recordStage(meters, name, (performance.now() - t0) / 1000, metricAttrs, err);
+      throw err;
+    }
+  };
   try {
     signal?.throwIfAborted();
 
@@ -574,6 +601,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       span.setAttribute(ATTR.IMAGE_SOURCE, 'pull');
       span.setAttribute(ATTR.IMAGE_DIGEST, r.digest);
       span.setAttribute(ATTR.IMAGE_FROM_CACHE, r.fromCache);
+      metricAttrs[ATTR.IMAGE_CACHE_HIT] = r.fromCache;
       const cfg = runtimeConfig(r.config);
       return { rootfsDir: r.path, config: { ...cfg, ...o.imageConfig }, source: 'pull' };
     });
@@ -683,6 +711,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         await h.exited;
       });
       spawnSpan.setAttribute(ATTR.VM_PID, h.pid);
+      if (h.accel) metricAttrs[ATTR.QEMU_ACCEL] = h.accel;
       return h;
     });
     root.setAttribute(ATTR.VM_PID, started.pid);
@@ -817,9 +846,12 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     }
 
     endSpan(root);
+    meters.runs.add(1, { [ATTR.BACKEND]: o.backend.name, 'microvm.outcome': 'ok' });
     return vm;
   } catch (err) {
     endSpan(root, err);
+    meters.runs.add(1, { [ATTR.BACKEND]: o.backend.name, 'microvm.outcome': 'error' });
+    meters.failures.add(1, { [ATTR.BACKEND]: o.backend.name, [ATTR.ERROR_TYPE]: errorType(err) });
     // Before the clean-up removes the VM's directory: its logs go into the flight record.
     const record =
       recorder && !signal?.aborted

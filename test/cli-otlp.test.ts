@@ -1,4 +1,4 @@
-/** `microvm run --otlp URL` exports the spans over OTLP/HTTP to a receiver in this test. */
+/** `microvm run --otlp URL` exports the spans and metrics over OTLP/HTTP to a receiver in this test. */
 import { spawn } from 'node:child_process';
 import * as http from 'node:http';
 import * as path from 'node:path';
@@ -9,6 +9,8 @@ const layout = process.env.MICROVM_TEST_LAYOUT;
 
 (layout ? test : test.skip)(`OTLP export${layout ? '' : ` [skipped: ${layoutSkipReason()}]`}`, async () => {
   const received: { service?: string; spans: string[] }[] = [];
+  const metricNames: string[] = [];
+  const stagePoints: { stage?: string; accel?: string }[] = [];
   const server = http.createServer((req, res) => {
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
@@ -26,6 +28,26 @@ const layout = process.env.MICROVM_TEST_LAYOUT;
             spans: rs.scopeSpans.flatMap((ss) => ss.spans.map((sp) => sp.name)),
           });
         }
+      }
+      if (req.url === '/v1/metrics' && String(req.headers['content-type']).includes('json')) {
+        type Attr = { key: string; value: { stringValue?: string } };
+        const body = JSON.parse(Buffer.concat(chunks).toString('utf8')) as {
+          resourceMetrics: {
+            scopeMetrics: {
+              metrics: { name: string; histogram?: { dataPoints: { attributes: Attr[] }[] } }[];
+            }[];
+          }[];
+        };
+        for (const rm of body.resourceMetrics)
+          for (const sm of rm.scopeMetrics)
+            for (const m of sm.metrics) {
+              metricNames.push(m.name);
+              for (const dp of m.histogram?.dataPoints ?? [])
+                stagePoints.push({
+                  stage: dp.attributes.find((a) => a.key === 'microvm.stage')?.value.stringValue,
+                  accel: dp.attributes.find((a) => a.key === 'microvm.qemu.accel')?.value.stringValue,
+                });
+            }
       }
       res.writeHead(200, { 'content-type': 'application/json' }).end('{}');
     });
@@ -69,6 +91,8 @@ const layout = process.env.MICROVM_TEST_LAYOUT;
     for (const n of ['microvm.Run', 'microvm.ImagePull', 'microvm.VMSpawn', 'microvm.backend.ResolveFirmware'])
       expect(names).toContain(n);
     expect(received.every((r) => r.service === 'otlp-test')).toBe(true);
+    expect(metricNames).toEqual(expect.arrayContaining(['microvm.stage.duration', 'microvm.runs']));
+    expect(stagePoints.find((p) => p.stage === 'microvm.VMSpawn')?.accel).toMatch(/^(tcg|kvm)$/);
   } finally {
     s.cleanup();
     server.close();

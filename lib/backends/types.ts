@@ -94,6 +94,8 @@ export interface BackendHandle {
    * (QEMU); run() connects to it in PostBoot (microvm.AgentWaitReady).
    */
   readonly agentSocketPath?: string;
+  /** The accelerator the VM runs with, where the backend chooses one (QEMU: 'kvm' | 'tcg'). */
+  readonly accel?: string;
   /** Signals the VM's process group. */
   kill(signal: NodeJS.Signals): boolean;
   /**

@@ -89,7 +89,7 @@ Options:
                       -t: a tty) through the guest agent, then stop the VM (QEMU backend)
   --trace             print the startup span tree to stderr
   --trace-json FILE   write the spans as JSON
-  --otlp URL          export spans over OTLP/HTTP to URL (base, e.g. http://127.0.0.1:4318);
+  --otlp URL          export spans and metrics over OTLP/HTTP to URL (base, e.g. http://127.0.0.1:4318);
                       also OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_SERVICE_NAME
   --log-level L       libkrun log level (off, error, warn, info, debug, trace)
   --json              print one JSON object instead of text: with --detach {name, id, pid, backend,
@@ -375,16 +375,32 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     processors.push(new BatchSpanProcessor(new OTLPTraceExporter({ url: tracesUrl })));
   }
   const { resourceFromAttributes } = await import('@opentelemetry/resources');
-  const tracerProvider = new BasicTracerProvider({
-    spanProcessors: processors,
-    resource: resourceFromAttributes({ 'service.name': process.env.OTEL_SERVICE_NAME ?? 'microvm' }),
-  });
+  const resource = resourceFromAttributes({ 'service.name': process.env.OTEL_SERVICE_NAME ?? 'microvm' });
+  const tracerProvider = new BasicTracerProvider({ spanProcessors: processors, resource });
+  // Metrics (microvm.stage.duration, microvm.runs, microvm.run.failures) go where the spans go.
+  const metricsUrl = values.otlp
+    ? `${values.otlp.replace(/\/+$/, '')}/v1/metrics`
+    : (process.env.OTEL_EXPORTER_OTLP_METRICS_ENDPOINT ??
+      (process.env.OTEL_EXPORTER_OTLP_ENDPOINT
+        ? `${process.env.OTEL_EXPORTER_OTLP_ENDPOINT.replace(/\/+$/, '')}/v1/metrics`
+        : undefined));
+  let meterProvider: import('@opentelemetry/sdk-metrics').MeterProvider | undefined;
+  if (metricsUrl) {
+    const { MeterProvider, PeriodicExportingMetricReader } = await import('@opentelemetry/sdk-metrics');
+    const { OTLPMetricExporter } = await import('@opentelemetry/exporter-metrics-otlp-http');
+    meterProvider = new MeterProvider({
+      resource,
+      readers: [new PeriodicExportingMetricReader({ exporter: new OTLPMetricExporter({ url: metricsUrl }) })],
+    });
+  }
   const flush = (): Promise<void> =>
-    tracerProvider
-      .forceFlush()
-      .then(() => tracerProvider.shutdown())
+    Promise.all([
+      tracerProvider.forceFlush().then(() => tracerProvider.shutdown()),
+      meterProvider?.shutdown(), // exports what was recorded
+    ])
+      .then(() => undefined)
       .catch((e: Error) => {
-        process.stderr.write(`microvm: exporting spans failed: ${e.message}\n`);
+        process.stderr.write(`microvm: exporting telemetry failed: ${e.message}\n`);
       });
   const num = (name: string, v: string | undefined): number | undefined => {
     if (v === undefined) return undefined;
@@ -419,6 +435,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     ssh: values.ssh ? {} : undefined,
     logLevel: values['log-level'] as RunOptions['logLevel'],
     tracerProvider,
+    meterProvider,
     autoRemove: values.rm === true,
     pull: pullPolicy,
   };

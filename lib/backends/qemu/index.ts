@@ -767,6 +767,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       stdoutPath: input.stdoutPath,
       stderrPath: input.stderrPath,
       agentSocketPath: agentSock,
+      accel,
       tcpForwardState: async (hostPort) => {
         if (!running) return undefined;
         const text = await watch.execute('human-monitor-command', { 'command-line': 'info usernet' });
