@@ -50,8 +50,7 @@ function options(meterProvider: MeterProvider, extra: RunOptions = {}): RunOptio
 async function collect(reader: TestReader): Promise<Map<string, DataPoint<unknown>[]>> {
   const { resourceMetrics } = await reader.collect();
   const out = new Map<string, DataPoint<unknown>[]>();
-  for (const sm of resourceMetrics.scopeMetrics)
-    for (const m of sm.metrics) out.set(m.descriptor.name, m.dataPoints);
+  for (const sm of resourceMetrics.scopeMetrics) for (const m of sm.metrics) out.set(m.descriptor.name, m.dataPoints);
   return out;
 }
 
