@@ -306,6 +306,12 @@ describe('usage', () => {
     const toExit = rows.find((x) => x.span === "(run() to the command's exit)") as { p50: number; runs: number };
     expect(toExit.runs).toBe(2);
     expect(toExit.p50).toBeGreaterThan((run as { p50: number }).p50);
+    // ... and the first output of the default command (echo ready), before its exit.
+    const first = rows.find((x) => x.span === "(run() to the command's first output)") as { p50: number; runs: number };
+    expect(first.runs).toBe(2);
+    expect(first.p50).toBeGreaterThan(0);
+    expect(first.p50).toBeLessThanOrEqual(toExit.p50);
+    expect(rows.map((x) => x.span)).toContain('microvm.AgentWaitReady');
     const text = cli(['bench', `oci:${layout}:test`, '-n', '1', '--backend', 'qemu', '--data-dir', s.dir]);
     expect(text.stdout.split('\n')[0]).toMatch(/, 1 runs, backend qemu \(accel (tcg|kvm)\)$/);
   });
