@@ -37,6 +37,22 @@ describe('package entry points', () => {
     expect(JSON.parse(out)).toEqual({ fw: 'function', rt: 'function', ctx: 'function', err: 'function' });
   });
 
+  test('the library loads @opentelemetry/api only (a peer dependency); the SDK is for the CLI', () => {
+    const out = consumer(
+      'otel.cjs',
+      `require('node-microvm');
+       const loaded = Object.keys(require.cache).map((k) => /node_modules\\/(@opentelemetry\\/[^/]+)/.exec(k)?.[1]).filter(Boolean);
+       console.log(JSON.stringify([...new Set(loaded)]));`,
+    );
+    expect(JSON.parse(out)).toEqual(['@opentelemetry/api']);
+    const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot, 'package.json'), 'utf8')) as {
+      dependencies: Record<string, string>;
+      peerDependencies: Record<string, string>;
+    };
+    expect(pkg.peerDependencies['@opentelemetry/api']).toBe('^1.3.0');
+    expect(pkg.dependencies['@opentelemetry/api']).toBeUndefined();
+  });
+
   test('import from an ESM consumer (named and default)', () => {
     const out = consumer(
       'e.mjs',
