@@ -67,6 +67,8 @@ export const ERROR_CODES = {
   ERR_MICROVM_SSH_CONNECT: 'the SSH connection failed',
   ERR_MICROVM_SSH_KEY: 'an SSH key could not be generated, read or parsed',
   ERR_MICROVM_SSH_UNAVAILABLE: 'the VM was started without SSH',
+  ERR_MICROVM_EGRESS_UNSUPPORTED:
+    'an `egress` policy the backend (or network provider) cannot enforce; the VM is not started rather than run open',
   ERR_MICROVM_AGENT_UNAVAILABLE:
     'the VM has no guest agent (libkrun backend, `agent: false`), its channel closed, or the VM ended',
   ERR_MICROVM_AGENT_TIMEOUT:

@@ -29,7 +29,7 @@ import {
 } from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
 import { qemuBackend, resolveQemuRuntime } from './backends/qemu';
-import type { Backend, BackendHandle, ImageRuntimeConfig } from './backends/types';
+import type { Backend, BackendHandle, EgressPolicy, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
 import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
 import { RecordingTracer, writeFlightRecord } from './telemetry/recorder';
@@ -148,6 +148,13 @@ export interface RunOptions {
   /** Network provider replacing TSI. */
   network?: NetworkProvider;
   /**
+   * What the guest may reach over the network: `'allow'` (default: whatever the host can) or
+   * `'deny'` (nothing; published `ports` still answer). Enforced on the host, outside the guest's
+   * reach (QEMU backend: user networking in restricted mode); a backend that cannot enforce it
+   * fails with ERR_MICROVM_EGRESS_UNSUPPORTED rather than run open. docs/security.md.
+   */
+  egress?: EgressPolicy;
+  /**
    * SSH into the guest: generates a key, injects it into `~user/.ssh/authorized_keys`, forwards
    * `hostPort` (a free one) to `guestPort` (22), and (unless `waitReady: false`) waits in PostBoot
    * until a handshake with authentication succeeds; then `vm.ssh` / `vm.exec()` work. The image
@@ -215,6 +222,7 @@ const RUN_KEYS = [
   'backend',
   'cloneStrategies',
   'network',
+  'egress',
   'tracerProvider',
   'meterProvider',
   'signal',
@@ -428,6 +436,7 @@ function normalize(image: string, options: RunOptions) {
     bootTimeoutMs,
     cloneStrategies: o.cloneStrategies as CloneStrategy[] | undefined,
     network: o.network as NetworkProvider | undefined,
+    egress: parseEgress(o.egress),
     tracerProvider: o.tracerProvider as TracerProvider | undefined,
     meterProvider: o.meterProvider as MeterProvider | undefined,
     signal: o.signal,
@@ -670,9 +679,15 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         // No provider: libkrun's TSI, or QEMU's user networking (slirp).
         [ATTR.NETWORK_PROVIDER]: o.network?.name ?? (o.backend.name === 'qemu' ? 'qemu-user' : 'tsi'),
         [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`),
+        [ATTR.NETWORK_EGRESS]: o.egress,
       },
       async () => {
         signal?.throwIfAborted();
+        if (o.egress !== 'allow' && (!(o.backend.egressPolicies ?? ['allow']).includes(o.egress) || o.network))
+          throw new MicrovmError(
+            'ERR_MICROVM_EGRESS_UNSUPPORTED',
+            `egress '${o.egress}' cannot be enforced by backend ${o.backend.name}${o.network ? ` with network provider ${o.network.name}` : ''}; refusing to start with an open network (the QEMU backend enforces 'deny')`,
+          );
         if (!o.network) return undefined;
         const n = await o.network.start({ vmId: o.id, dataDir: vmDir, ports: o.ports, signal });
         undo.push(() => n.stop());
@@ -694,6 +709,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         memoryMiB: o.memoryMiB,
         ports: o.ports,
         virtiofs: o.virtiofs,
+        egress: o.egress,
         logLevel: o.logLevel,
         consoleLogPath,
         stdoutPath,
@@ -874,6 +890,14 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     }
     throw err;
   }
+}
+
+/** The `egress` option. */
+function parseEgress(value: unknown): EgressPolicy {
+  if (value === undefined) return 'allow';
+  if (value !== 'allow' && value !== 'deny')
+    throw v.rangeError(`Expected 'allow' or 'deny' for egress but received ${v.describe(value)}`);
+  return value;
 }
 
 /** `flightRecorder` option: how many records to keep (0: none). */

@@ -7,6 +7,9 @@ import type { MicrovmError } from '../errors';
 import type { SpanScope } from '../telemetry/tracer';
 import type { ClonedRootfs } from '../rootfs/clone';
 
+/** Outbound network policy for the guest: `'allow'` (default) or `'deny'`. */
+export type EgressPolicy = 'allow' | 'deny';
+
 /** The image's runtime configuration (OCI `config` section), as far as the VM needs it. */
 export interface ImageRuntimeConfig {
   entrypoint: string[];
@@ -55,6 +58,8 @@ export interface BackendStartInput {
    * the start fails with ERR_MICROVM_BOOT_TIMEOUT.
    */
   bootTimeoutMs: number;
+  /** What the guest may reach: 'allow' everything the host can, 'deny' nothing (published ports still work). */
+  egress?: EgressPolicy;
   /** Set when a network provider replaced TSI (virtio-net over a unix socket). */
   network?: { kind: 'unixstream' | 'unixgram'; socketPath: string; mac: string };
   scope: SpanScope;
@@ -112,6 +117,11 @@ export interface Backend {
   readonly name: string;
   /** Whether `start` can serve an overlay root it mounts itself (O(1) clone). */
   readonly supportsOverlay: boolean;
+  /**
+   * Egress policies `start` can enforce outside the guest (`input.egress`); 'allow' always works.
+   * run() refuses a policy the backend lacks (ERR_MICROVM_EGRESS_UNSUPPORTED), never runs open.
+   */
+  readonly egressPolicies?: readonly EgressPolicy[];
   /** Writes what the guest needs into the VM's writable rootfs layer. */
   prepareRootfs(input: BackendPrepareInput): Promise<void>;
   /** Starts the VM; resolves once it is configured and starting. */

@@ -84,6 +84,8 @@ Options:
   --pull POLICY       missing | always | never (missing): when to ask the registry or layout what
                       IMAGE's tag names now; always picks up a re-tagged image
   --ssh               inject a key and wait for SSH on guest port 22
+  --egress POLICY     allow | deny (allow): deny cuts the guest off every network, the host's
+                      included, enforced by QEMU on the host; -p ports still answer (QEMU backend)
   -d, --detach        return once the VM started (print its name)
   -i, -t              interactive: run CMD (default /bin/sh) attached to this terminal (-i: stdin,
                       -t: a tty) through the guest agent, then stop the VM (QEMU backend)
@@ -345,9 +347,12 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       accel: { type: 'string' },
       'boot-timeout': { type: 'string' },
       pull: { type: 'string' },
+      egress: { type: 'string' },
     },
   });
   if (positionals.length !== 1) throw new UsageError('run takes one IMAGE (then -- CMD...)');
+  if (values.egress !== undefined && values.egress !== 'allow' && values.egress !== 'deny')
+    throw new UsageError(`--egress takes allow or deny, not ${JSON.stringify(values.egress)}`);
   // -i/-t: the VM idles and CMD (default /bin/sh) runs through its agent, attached to this terminal.
   const attached = values.interactive === true || values.tty === true;
   if (attached && values.detach) throw new UsageError('-i/-t attach to the VM; -d detaches: use one');
@@ -437,6 +442,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,
     initOverride: attached ? [...IDLE_COMMAND] : cmd.length ? cmd : undefined,
     ssh: values.ssh ? {} : undefined,
+    egress: values.egress as RunOptions['egress'],
     logLevel: values['log-level'] as RunOptions['logLevel'],
     tracerProvider,
     meterProvider,

@@ -75,6 +75,8 @@ export const ATTR = {
   ROOTFS_CLONE_STRATEGY: 'microvm.rootfs.clone_strategy',
   NETWORK_PROVIDER: 'microvm.network.provider',
   NETWORK_PORTS: 'microvm.network.ports',
+  /** On microvm.NetworkStart: the egress policy ('allow' | 'deny'). */
+  NETWORK_EGRESS: 'microvm.network.egress',
   RUNTIME_LIBKRUN_PATH: 'microvm.runtime.libkrun_path',
   RUNTIME_RUNNER_PATH: 'microvm.runtime.runner_path',
   FIRMWARE_PATH: 'microvm.firmware.path',

@@ -309,6 +309,9 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
   return {
     name: 'qemu',
     supportsOverlay: true,
+    // 'deny': slirp's restrict=on, in the QEMU process on the host: the guest's packets go nowhere
+    // (not the host, not its resolver, not the internet); hostfwd (published ports) still works.
+    egressPolicies: ['allow', 'deny'],
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const ctx = rootfsContext(input.vmId, input.rootfs);
       // MicrovmPorts: the ports start() gives the guest, which its init waits for.
@@ -471,7 +474,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       '-device',
       'vhost-user-fs-device,chardev=fs,tag=root',
       '-netdev',
-      `user,id=n0${hostfwd}`,
+      `user,id=n0${input.egress === 'deny' ? ',restrict=on' : ''}${hostfwd}`,
       '-device',
       'virtio-net-device,netdev=n0',
       '-device',
