@@ -442,7 +442,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,
     initOverride: attached ? [...IDLE_COMMAND] : cmd.length ? cmd : undefined,
     ssh: values.ssh ? {} : undefined,
-    egress: values.egress as RunOptions['egress'],
+    egress: values.egress,
     logLevel: values['log-level'] as RunOptions['logLevel'],
     tracerProvider,
     meterProvider,
