@@ -31,6 +31,10 @@ describe('usage', () => {
   test('--help for the tool and for run; usage errors exit 2', () => {
     expect(cli(['--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('Commands:') });
     expect(cli(['run', '--help'])).toMatchObject({ code: 0, stdout: expect.stringContaining('--trace') });
+    expect(cli(['run', '--egress', 'maybe', 'img'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('[ERR_MICROVM_USAGE] --egress takes allow or deny, not "maybe"'),
+    });
     for (const c of [
       'pull',
       'images',
@@ -43,6 +47,7 @@ describe('usage', () => {
       'stop',
       'rm',
       'exec',
+      'cp',
       'doctor',
       'bench',
     ]) {
