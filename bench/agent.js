@@ -37,7 +37,7 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
     let vm = await m.run('bench', base({ name: `a${i}`, initOverride: ['/bin/sleep', '3600'] }));
     let r = await vm.exec(['cat', '/proc/uptime']);
     agentFirst.push(performance.now() - t0);
-    helloUptime.push(vm.agent.hello.uptimeNs / 1e6);
+    helloUptime.push(vm.agentHello.uptimeNs / 1e6);
     execUptime.push(Number(r.stdout.split(' ')[0]) * 1000);
     accel = fs.readFileSync(vm.logPath, 'utf8').includes('accel kvm') ? 'kvm' : accel;
     await vm.remove();

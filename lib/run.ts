@@ -792,8 +792,9 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         const socketPath = started.agentSocketPath;
         const timeoutMs = o.agent.timeoutMs;
         await inSpan(inner, SPAN.AGENT_WAIT_READY, { [ATTR.AGENT_SOCKET]: socketPath }, async (span) => {
+          let client: AgentClient;
           try {
-            vm.agent = await AgentClient.connect(socketPath, { timeoutMs, signal: postBootSignal });
+            client = await AgentClient.connect(socketPath, { timeoutMs, signal: postBootSignal });
           } catch (err) {
             // The channel closes when QEMU exits, a moment before the VM's end is known: wait for it.
             if ((err as MicrovmError).code === 'ERR_MICROVM_AGENT_UNAVAILABLE') {
@@ -811,8 +812,9 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
             throw err;
           }
           span.setAttribute(ATTR.AGENT_READY, true);
-          span.setAttribute(ATTR.AGENT_UPTIME_MS, Math.round(vm.agent.hello.uptimeNs / 1e5) / 10);
-          undo.push(async () => vm.agent?.close());
+          span.setAttribute(ATTR.AGENT_UPTIME_MS, Math.round(client.hello.uptimeNs / 1e5) / 10);
+          undo.push(async () => client.close());
+          vm.attachAgent(socketPath, client);
         });
       }
       if (sshSetup) {

@@ -11,7 +11,7 @@ import * as fsp from 'node:fs/promises';
 import type { BackendHandle, VmExit } from './backends/types';
 import { MicrovmError } from './errors';
 import type { ExecOptions, ExecResult, SshClient } from './ssh/client';
-import type { AgentClient, AgentProcess, AgentSpawnOptions } from './agent/client';
+import { AgentClient, type AgentHello, type AgentProcess, type AgentSpawnOptions } from './agent/client';
 import { type AgentExecOptions, execBuffered, execOptions, toArgv } from './agent/exec';
 import { copyIn, copyOut, type CopyOutLimits, readFile, writeFile } from './agent/files';
 import * as v from './validate';
@@ -58,6 +58,9 @@ export interface MicroVMInfo {
   logPath: string;
 }
 
+/** How long an idle agent channel stays open after its last use (ms). */
+export const AGENT_IDLE_MS = 250;
+
 /** An absolute guest path. */
 function guestAbsolute(name: string, value: unknown): string {
   const p = v.string(name, value);
@@ -100,8 +103,20 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
   #onExit: Array<() => Promise<void>> = [];
   /** Connected SSH client, when run() was given `ssh` (set by the SSHWaitReady post-boot hook). */
   ssh: SshClient | undefined;
-  /** The guest agent's channel (QEMU backend, unless run() was given `agent: false`). */
-  agent: AgentClient | undefined;
+  /**
+   * What the guest agent said when run() connected (QEMU backend, unless run() was given
+   * `agent: false`); undefined without an agent.
+   */
+  agentHello: AgentHello | undefined;
+  /**
+   * The agent's channel is held only while something uses it (and `AGENT_IDLE_MS` after), so
+   * another process — `microvm exec NAME` — can connect in between: QEMU serves one client at a time.
+   */
+  #agentSocket: string | undefined;
+  #client: AgentClient | undefined;
+  #connecting: Promise<AgentClient> | undefined;
+  #leases = 0;
+  #idle: NodeJS.Timeout | undefined;
   /** Where `microvm.Exec` spans go (run()'s tracer provider); the global provider when unset. */
   #tracer: Tracer | undefined;
 
@@ -125,7 +140,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     this.#exited = handle.exited.then(async (raw) => {
       const r = toVmExit(raw);
       this.#result = r;
-      this.agent?.close();
+      this.#dropAgent();
       for (const fn of this.#onExit) await fn().catch(() => undefined);
       this.emit('exit', r);
       return r;
@@ -172,15 +187,16 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * `env`), else over SSH (`run(image, { ssh })`; a string command, `env`, `stdin`, `signal`).
    */
   async exec(command: string | readonly string[], options: AgentExecOptions = {}): Promise<ExecResult> {
-    if (this.agent && !this.agent.closedReason) {
-      const agent = this.agent;
+    if (this.#agentSocket) {
       const argv = toArgv(command);
       const o = execOptions(options);
-      return this.#traced(argv, o.env, async (env, span) => {
-        const r = await execBuffered(agent, argv, { ...o, env });
-        if (r.exitCode !== null) span.setAttribute(ATTR.PROCESS_EXIT_CODE, r.exitCode);
-        return r;
-      });
+      return this.#traced(argv, o.env, (env, span) =>
+        this.#withAgent(async (agent) => {
+          const r = await execBuffered(agent, argv, { ...o, env });
+          if (r.exitCode !== null) span.setAttribute(ATTR.PROCESS_EXIT_CODE, r.exitCode);
+          return r;
+        }),
+      );
     }
     if (this.ssh) {
       if (typeof command !== 'string')
@@ -204,26 +220,27 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * Starts a process in the guest with its streams (`stdout`, `stderr`, `stdin` with
    * `{ stdin: true }` or a `tty`), `kill()`, `resize()` and `exited`. Needs the agent.
    */
-  spawn(command: string | readonly string[], options: AgentSpawnOptions = {}): AgentProcess {
+  async spawn(command: string | readonly string[], options: AgentSpawnOptions = {}): Promise<AgentProcess> {
     const o = execOptions({ ...options, stdin: undefined });
     if (options.stdin !== undefined) v.boolean('options.stdin', options.stdin);
-    const agent = this.#agent();
     const argv = toArgv(command);
-    let proc: AgentProcess | undefined;
-    let failed: unknown;
-    void this.#traced(argv, o.env, async (env, span) => {
-      try {
-        proc = agent.spawn(argv, { ...o, env, stdin: options.stdin === true });
-      } catch (err) {
-        failed = err;
-        throw err;
-      }
-      const exit = await proc.exited;
-      if (exit.exitCode !== null) span.setAttribute(ATTR.PROCESS_EXIT_CODE, exit.exitCode);
-    }).catch(() => undefined); // the caller sees it on proc.exited
-    // The callback ran synchronously up to its first await: `proc` is set, or `failed` says why not.
-    if (!proc) throw failed;
-    return proc;
+    const agent = await this.#lease();
+    return new Promise<AgentProcess>((resolve, reject) => {
+      this.#traced(argv, o.env, async (env, span) => {
+        let proc: AgentProcess;
+        try {
+          proc = agent.spawn(argv, { ...o, env, stdin: options.stdin === true });
+        } catch (err) {
+          reject(err);
+          throw err;
+        }
+        resolve(proc);
+        const exit = await proc.exited;
+        if (exit.exitCode !== null) span.setAttribute(ATTR.PROCESS_EXIT_CODE, exit.exitCode);
+      })
+        .catch(() => undefined) // the caller sees it on proc.exited
+        .finally(() => this.#release());
+    });
   }
 
   /**
@@ -274,13 +291,13 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    */
   async copyIn(hostPath: string, guestPath: string): Promise<void> {
     const [from, to] = [v.absolutePath('hostPath', hostPath), guestAbsolute('guestPath', guestPath)];
-    return copyIn(this.#agent(), from, to);
+    return this.#withAgent((agent) => copyIn(agent, from, to));
   }
 
   /** Copies a guest file or tree to the host; atomic, and the guest's names are checked. */
   async copyOut(guestPath: string, hostPath: string, limits: CopyOutLimits = {}): Promise<void> {
     const [from, to] = [guestAbsolute('guestPath', guestPath), v.absolutePath('hostPath', hostPath)];
-    return copyOut(this.#agent(), from, to, limits);
+    return this.#withAgent((agent) => copyOut(agent, from, to, limits));
   }
 
   /** A guest file's contents (at most `maxBytes`, default 256 MiB). */
@@ -288,25 +305,77 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     const max =
       options.maxBytes === undefined ? undefined : v.integer('options.maxBytes', options.maxBytes, 0, 2 ** 40);
     const p = guestAbsolute('guestPath', guestPath);
-    return readFile(this.#agent(), p, max);
+    return this.#withAgent((agent) => readFile(agent, p, max));
   }
 
   /** Writes a guest file atomically (a temporary name, then rename). */
   async writeFile(guestPath: string, data: string | Buffer, options: { mode?: number } = {}): Promise<void> {
     const mode = options.mode === undefined ? 0o644 : v.integer('options.mode', options.mode, 0, 0o7777);
     const p = guestAbsolute('guestPath', guestPath);
-    return writeFile(this.#agent(), p, data, mode);
+    return this.#withAgent((agent) => writeFile(agent, p, data, mode));
   }
 
-  #agent(): AgentClient {
-    if (this.agent && !this.agent.closedReason) return this.agent;
-    throw this.#noAgent();
+  /** @internal run() hands over the channel it opened for readiness (and its socket). */
+  attachAgent(socketPath: string, client: AgentClient): void {
+    this.#agentSocket = socketPath;
+    this.agentHello = client.hello;
+    this.#client = client;
+    this.#scheduleIdle();
+  }
+
+  async #withAgent<T>(fn: (agent: AgentClient) => Promise<T>): Promise<T> {
+    const agent = await this.#lease();
+    try {
+      return await fn(agent);
+    } finally {
+      this.#release();
+    }
+  }
+
+  /** The channel, connected (again) if it was let go; every lease is released once. */
+  async #lease(): Promise<AgentClient> {
+    if (this.#result || !this.#agentSocket) throw this.#noAgent();
+    const socketPath = this.#agentSocket;
+    clearTimeout(this.#idle);
+    this.#leases++;
+    try {
+      if (!this.#client || this.#client.closedReason) {
+        this.#connecting ??= AgentClient.connect(socketPath, { timeoutMs: 30_000, vmEnded: this.#exited }).finally(
+          () => (this.#connecting = undefined),
+        );
+        this.#client = await this.#connecting;
+      }
+      return this.#client;
+    } catch (err) {
+      this.#release();
+      throw this.#result ? this.#noAgent() : err;
+    }
+  }
+
+  #release(): void {
+    this.#leases = Math.max(0, this.#leases - 1);
+    if (this.#leases === 0) this.#scheduleIdle();
+  }
+
+  #scheduleIdle(): void {
+    clearTimeout(this.#idle);
+    this.#idle = setTimeout(() => {
+      if (this.#leases > 0) return;
+      this.#client?.close();
+      this.#client = undefined;
+    }, AGENT_IDLE_MS);
+    this.#idle.unref();
+  }
+
+  #dropAgent(): void {
+    clearTimeout(this.#idle);
+    this.#client?.close();
+    this.#client = undefined;
   }
 
   #noAgent(): MicrovmError {
     if (this.#result)
       return new MicrovmError('ERR_MICROVM_AGENT_UNAVAILABLE', `The VM has ended: ${describeExit(this.#result)}`);
-    if (this.agent?.closedReason) return this.agent.closedReason as MicrovmError;
     return new MicrovmError(
       'ERR_MICROVM_AGENT_UNAVAILABLE',
       `This VM has no guest agent (backend ${this.backend}, or run() was given agent: false) and no SSH`,
@@ -332,7 +401,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     const timeoutMs = o.timeoutMs === undefined ? 5000 : v.integer('options.timeoutMs', o.timeoutMs, 0, 3_600_000);
     this.#stopping ??= (async () => {
       this.ssh?.close();
-      this.agent?.close();
+      this.#dropAgent();
       if (this.#result) return;
       this.#handle.kill('SIGTERM');
       let timer: NodeJS.Timeout | undefined;

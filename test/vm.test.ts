@@ -156,7 +156,7 @@ describe('MicroVM', () => {
       code: 'ERR_MICROVM_AGENT_UNAVAILABLE',
       message: 'This VM has no guest agent (backend fake, or run() was given agent: false) and no SSH',
     });
-    expect(() => vm.spawn(['true'])).toThrow(expect.objectContaining({ code: 'ERR_MICROVM_AGENT_UNAVAILABLE' }));
+    await expect(vm.spawn(['true'])).rejects.toMatchObject({ code: 'ERR_MICROVM_AGENT_UNAVAILABLE' });
     await expect(vm.readFile('/etc/hostname')).rejects.toMatchObject({ code: 'ERR_MICROVM_AGENT_UNAVAILABLE' });
     await expect(vm.readFile('etc/hostname')).rejects.toThrow('Expected an absolute guest path for guestPath');
     expect(vm.port(80)).toBe(8080);

@@ -495,7 +495,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     const session = vm;
     let code = 1;
     try {
-      const proc = session.spawn(cmd.length ? cmd : ['/bin/sh'], {
+      const proc = await session.spawn(cmd.length ? cmd : ['/bin/sh'], {
         tty: values.tty ? terminalSize() : undefined,
         stdin: values.interactive === true,
       });

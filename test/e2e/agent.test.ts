@@ -2,12 +2,14 @@
  * The guest agent on real QEMU boots, on an image with no SSH server (the test image with dropbear
  * removed): exec, streams, TTY, signals, files, limits.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { type MicroVM, run, type RunOptions } from '../../lib';
 import { WINDOW } from '../../lib/agent/protocol';
+import { packageRoot } from '../../lib/native';
+import { AGENT_IDLE_MS } from '../../lib/vm';
 import { qemuSkipReason, scratch } from '../helpers';
 
 const skip = qemuSkipReason();
@@ -105,7 +107,7 @@ const base = (extra: RunOptions = {}): RunOptions => ({
     expect(await vm.exec(['cat'], { stdin: 'piped\n' })).toMatchObject({ stdout: 'piped\n', exitCode: 0 });
     const big = Buffer.alloc(3 * WINDOW + 123, 0x61);
     expect((await vm.exec(['wc', '-c'], { stdin: big })).stdout.trim()).toBe(String(big.length));
-    const proc = vm.spawn(['cat'], { stdin: true });
+    const proc = await vm.spawn(['cat'], { stdin: true });
     let out = '';
     proc.stdout.on('data', (d: Buffer) => (out += d.toString()));
     proc.stdin?.write('one\n');
@@ -116,7 +118,7 @@ const base = (extra: RunOptions = {}): RunOptions => ({
 
   test('tty: the size is set and follows resize()', async () => {
     expect((await vm.exec(['stty', 'size'], { tty: { rows: 33, cols: 99 } })).stdout).toBe('33 99\r\n');
-    const proc = vm.spawn(['/bin/sh'], { tty: { rows: 10, cols: 20 } });
+    const proc = await vm.spawn(['/bin/sh'], { tty: { rows: 10, cols: 20 } });
     let out = '';
     proc.stdout.on('data', (d: Buffer) => (out += d.toString()));
     proc.stdin?.write('stty size\n');
@@ -128,7 +130,7 @@ const base = (extra: RunOptions = {}): RunOptions => ({
   });
 
   test('signals reach the process; abort and timeout kill its process group', async () => {
-    const proc = vm.spawn([
+    const proc = await vm.spawn([
       '/bin/sh',
       '-c',
       'trap "echo got-term; exit 7" TERM; echo ready; while :; do sleep 1; done',
@@ -150,7 +152,7 @@ const base = (extra: RunOptions = {}): RunOptions => ({
 
   test('a flood of output with a slow reader: all of it arrives, and what the host holds stays bounded', async () => {
     const total = 20_000_000;
-    const proc = vm.spawn(['/bin/sh', '-c', `yes | head -c ${total}`]);
+    const proc = await vm.spawn(['/bin/sh', '-c', `yes | head -c ${total}`]);
     proc.stdout.pause();
     await new Promise((r) => setTimeout(r, 1500));
     // The guest may not send beyond the window the host granted, and the host grants what went into
@@ -211,6 +213,34 @@ const base = (extra: RunOptions = {}): RunOptions => ({
     await vm.writeFile('/tmp/w', 'written', { mode: 0o640 });
     expect((await vm.readFile('/tmp/w')).toString()).toBe('written');
     await expect(vm.readFile('/tmp/w', { maxBytes: 3 })).rejects.toMatchObject({ code: 'ERR_MICROVM_COPY' });
+  });
+
+  test('the channel is let go when idle: `microvm exec` from another process works while this one holds the VM, and this one reconnects after', async () => {
+    await vm.exec(['true']);
+    await new Promise((r) => setTimeout(r, AGENT_IDLE_MS + 100));
+    const r = spawnSync(
+      process.execPath,
+      [
+        path.join(packageRoot, 'bin', 'microvm.js'),
+        'exec',
+        '--data-dir',
+        path.join(s.dir, 'data'),
+        vm.name,
+        '--',
+        'echo',
+        'from-cli',
+      ],
+      { encoding: 'utf8', timeout: 60_000 },
+    );
+    expect({ code: r.status, stdout: r.stdout, stderr: r.stderr }).toEqual({
+      code: 0,
+      stdout: 'from-cli\n',
+      stderr: '',
+    });
+    expect((await vm.exec(['echo', 'back'])).stdout).toBe('back\n');
+    // Several at once share one connection.
+    const many = await Promise.all([1, 2, 3, 4].map((i) => vm.exec(['echo', String(i)])));
+    expect(many.map((x) => x.stdout)).toEqual(['1\n', '2\n', '3\n', '4\n']);
   });
 
   test('a command that ends before the agent answers is no failure of run(); exec after the end is a coded error', async () => {
