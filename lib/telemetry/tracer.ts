@@ -19,9 +19,20 @@ import { ATTR } from './attributes';
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const pkg = require('../../package.json') as { name: string; version: string };
 
-/** The tracer: from `provider` or the global one, named by this package and its version. */
+const tracers = new WeakMap<TracerProvider, Tracer>();
+
+/**
+ * The tracer: from `provider` or the global one, named by this package and its version. Kept per
+ * provider (an SDK provider's getTracer costs tens of µs; a run asks a few times).
+ */
 export function getTracer(provider?: TracerProvider): Tracer {
-  return (provider ?? trace.getTracerProvider()).getTracer(pkg.name, pkg.version);
+  const p = provider ?? trace.getTracerProvider();
+  let t = tracers.get(p);
+  if (!t) {
+    t = p.getTracer(pkg.name, pkg.version);
+    tracers.set(p, t);
+  }
+  return t;
 }
 
 /**
