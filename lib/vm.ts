@@ -61,6 +61,13 @@ export interface MicroVMInfo {
 /** How long an idle agent channel stays open after its last use (ms). */
 export const AGENT_IDLE_MS = 250;
 
+/** An optional `signal` option. */
+function signalOption(options: { signal?: unknown }): AbortSignal | undefined {
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal))
+    throw v.typeError('Expected an AbortSignal for options.signal');
+  return options.signal;
+}
+
 /** An absolute guest path. */
 function guestAbsolute(name: string, value: unknown): string {
   const p = v.string(name, value);
@@ -289,30 +296,39 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * Copies a host file or tree into the guest (into `guestPath` when that is a directory); modes
    * and symlinks kept, owners when root; atomic (nothing left behind on failure). Needs the agent.
    */
-  async copyIn(hostPath: string, guestPath: string): Promise<void> {
+  async copyIn(hostPath: string, guestPath: string, options: { signal?: AbortSignal } = {}): Promise<void> {
     const [from, to] = [v.absolutePath('hostPath', hostPath), guestAbsolute('guestPath', guestPath)];
-    return this.#withAgent((agent) => copyIn(agent, from, to));
+    return this.#withAgent((agent) => copyIn(agent, from, to), signalOption(options));
   }
 
   /** Copies a guest file or tree to the host; atomic, and the guest's names are checked. */
-  async copyOut(guestPath: string, hostPath: string, limits: CopyOutLimits = {}): Promise<void> {
+  async copyOut(
+    guestPath: string,
+    hostPath: string,
+    options: CopyOutLimits & { signal?: AbortSignal } = {},
+  ): Promise<void> {
     const [from, to] = [guestAbsolute('guestPath', guestPath), v.absolutePath('hostPath', hostPath)];
-    return this.#withAgent((agent) => copyOut(agent, from, to, limits));
+    const { signal, ...limits } = options;
+    return this.#withAgent((agent) => copyOut(agent, from, to, limits), signalOption({ signal }));
   }
 
   /** A guest file's contents (at most `maxBytes`, default 256 MiB). */
-  async readFile(guestPath: string, options: { maxBytes?: number } = {}): Promise<Buffer> {
+  async readFile(guestPath: string, options: { maxBytes?: number; signal?: AbortSignal } = {}): Promise<Buffer> {
     const max =
       options.maxBytes === undefined ? undefined : v.integer('options.maxBytes', options.maxBytes, 0, 2 ** 40);
     const p = guestAbsolute('guestPath', guestPath);
-    return this.#withAgent((agent) => readFile(agent, p, max));
+    return this.#withAgent((agent) => readFile(agent, p, max), signalOption(options));
   }
 
   /** Writes a guest file atomically (a temporary name, then rename). */
-  async writeFile(guestPath: string, data: string | Buffer, options: { mode?: number } = {}): Promise<void> {
+  async writeFile(
+    guestPath: string,
+    data: string | Buffer,
+    options: { mode?: number; signal?: AbortSignal } = {},
+  ): Promise<void> {
     const mode = options.mode === undefined ? 0o644 : v.integer('options.mode', options.mode, 0, 0o7777);
     const p = guestAbsolute('guestPath', guestPath);
-    return this.#withAgent((agent) => writeFile(agent, p, data, mode));
+    return this.#withAgent((agent) => writeFile(agent, p, data, mode), signalOption(options));
   }
 
   /** @internal run() hands over the channel it opened for readiness (and its socket). */
@@ -323,11 +339,29 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     this.#scheduleIdle();
   }
 
-  async #withAgent<T>(fn: (agent: AgentClient) => Promise<T>): Promise<T> {
+  /**
+   * Runs `fn` with the channel leased. With `signal`: an abort ends the wait at once with its
+   * reason and closes the channel (what else ran on it fails too; the next call reconnects): a
+   * guest that stalls a transfer can always be walked away from.
+   */
+  async #withAgent<T>(fn: (agent: AgentClient) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    signal?.throwIfAborted();
     const agent = await this.#lease();
+    let onAbort: (() => void) | undefined;
     try {
-      return await fn(agent);
+      if (!signal) return await fn(agent);
+      const aborted = new Promise<never>((_, reject) => {
+        onAbort = () => {
+          agent.close();
+          reject(signal.reason as Error);
+        };
+        signal.addEventListener('abort', onAbort, { once: true });
+      });
+      const work = fn(agent);
+      work.catch(() => undefined);
+      return await Promise.race([work, aborted]);
     } finally {
+      if (onAbort) signal?.removeEventListener('abort', onAbort);
       this.#release();
     }
   }

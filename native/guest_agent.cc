@@ -489,7 +489,8 @@ void StartOp(uint32_t id, const JsonValue& req) {
     struct stat st;
     if (op == "get") {
       s->kind = Stream::Kind::kGet;
-      s->file_fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      // O_NONBLOCK: a FIFO at that path must not block the agent in open(); it is refused below.
+      s->file_fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
       if (s->file_fd < 0 || fstat(s->file_fd, &st) != 0) {
         int err = errno;
         Release(s.get());
@@ -501,6 +502,7 @@ void StartOp(uint32_t id, const JsonValue& req) {
         SendError(id, S_ISDIR(st.st_mode) ? "EISDIR" : "EINVAL", path + " is not a regular file");
         return;
       }
+      fcntl(s->file_fd, F_SETFL, fcntl(s->file_fd, F_GETFL) & ~O_NONBLOCK);
     } else {
       s->kind = Stream::Kind::kList;
       if (lstat(path.c_str(), &st) != 0) {

@@ -11,6 +11,7 @@ import { AgentClient } from '../../lib/agent/client';
 import { execBuffered } from '../../lib/agent/exec';
 import { copyOut, readFile } from '../../lib/agent/files';
 import { FRAME, GUEST_PROTO, HEADER_BYTES, WINDOW } from '../../lib/agent/protocol';
+import { MicroVM } from '../../lib/vm';
 import { scratch } from '../helpers';
 
 interface HostFrame {
@@ -321,3 +322,45 @@ describe('copyOut and readFile against a hostile fake guest (test double)', () =
     client.close();
   });
 });
+
+describe('MicroVM file operations against a stalling fake guest agent (test double)', () => {
+  test('a signal walks away from a transfer the guest never answers; the next call reconnects', async () => {
+    const [client, g] = await connect();
+    const vm = new MicroVM(
+      {
+        id: 'id',
+        name: 'stall',
+        backend: 'fake',
+        dataDir: s.dir,
+        rootfsPath: '/r',
+        cloneStrategy: 'copy',
+        ports: [],
+        consoleLogPath: '/dev/null',
+        logPath: '/dev/null',
+      },
+      { pid: 1, executable: '/x', exited: new Promise(() => undefined), kill: () => true },
+    );
+    vm.attachAgent(sockPath, client);
+    const ac = new AbortController();
+    const reading = vm.readFile('/etc/hostname', { signal: ac.signal });
+    await g.next(FRAME.OP); // asked, and never answered
+    ac.abort(new Error('gave up waiting'));
+    await expect(reading).rejects.toThrow('gave up waiting');
+    expect(client.closedReason).toBeDefined();
+    // A new lease connects again (a second fake guest connection) and works.
+    const again = vm.readFile('/etc/hostname');
+    await waitFor(() => guests.length === 2);
+    const g2 = guests[1];
+    const op = await g2.next(FRAME.OP);
+    g2.send(FRAME.STDOUT, op.stream, 'name\n');
+    g2.send(FRAME.EXIT, op.stream, '{"code":0}');
+    await expect(again).resolves.toEqual(Buffer.from('name\n'));
+    await expect(vm.readFile('/x', { signal: 'no' as never })).rejects.toThrow(
+      'Expected an AbortSignal for options.signal',
+    );
+  });
+});
+
+async function waitFor(cond: () => boolean): Promise<void> {
+  while (!cond()) await new Promise((r) => setTimeout(r, 10));
+}

@@ -213,6 +213,13 @@ const base = (extra: RunOptions = {}): RunOptions => ({
     await vm.writeFile('/tmp/w', 'written', { mode: 0o640 });
     expect((await vm.readFile('/tmp/w')).toString()).toBe('written');
     await expect(vm.readFile('/tmp/w', { maxBytes: 3 })).rejects.toMatchObject({ code: 'ERR_MICROVM_COPY' });
+    // A FIFO where a file is expected: refused at once, the agent is not stuck in open().
+    await vm.exec(['mkfifo', '/tmp/fifo']);
+    await expect(vm.readFile('/tmp/fifo')).rejects.toMatchObject({
+      code: 'ERR_MICROVM_GUEST_FILE',
+      guestCode: 'EINVAL',
+    });
+    expect((await vm.exec(['echo', 'still-serving'])).stdout).toBe('still-serving\n');
   });
 
   test('the channel is let go when idle: `microvm exec` from another process works while this one holds the VM, and this one reconnects after', async () => {
