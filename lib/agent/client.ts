@@ -393,8 +393,11 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
   #nextId = 1;
   #closed: Error | undefined;
 
-  private constructor(sock: net.Socket, decoder: FrameDecoder, hello: AgentHello, socketPath: string) {
+  readonly #nonce: string;
+
+  private constructor(sock: net.Socket, decoder: FrameDecoder, hello: AgentHello, socketPath: string, nonce: string) {
     super();
+    this.#nonce = nonce;
     this.#sock = sock;
     this.#decoder = decoder;
     this.hello = hello;
@@ -421,6 +424,8 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
   static connect(socketPath: string, options: AgentConnectOptions = {}): Promise<AgentClient> {
     const timeoutMs = options.timeoutMs ?? 10_000;
     const nonce = randomBytes(12).toString('hex');
+    const helloFrame = encodeFrame(FRAME.HELLO, 0, JSON.stringify({ proto: HOST_PROTO, nonce }));
+    let resent = 0;
     return new Promise<AgentClient>((resolve, reject) => {
       const decoder = new FrameDecoder();
       const sock = net.createConnection(socketPath);
@@ -437,7 +442,7 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
         } else {
           sock.off('error', onError);
           sock.off('close', onClose);
-          resolve(new AgentClient(sock, decoder, hello as AgentHello, socketPath));
+          resolve(new AgentClient(sock, decoder, hello as AgentHello, socketPath, nonce));
         }
       };
       const onAbort = (): void => finish(options.signal?.reason as Error);
@@ -457,6 +462,13 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
           for (let frames = decoder.push(chunk); frames.length > 0; frames = decoder.drain())
             for (const f of frames) {
               const j = jsonPayload(f);
+              if (j.proto === GUEST_PROTO && j.nonce === '' && resent < 4) {
+                // An agent's own hello: the one it was blocked writing until we connected, or one
+                // that (re)started after our hello went to its predecessor. Say ours again; the
+                // duplicate answer is ignored once synced.
+                resent++;
+                sock.write(helloFrame);
+              }
               if (j.proto === GUEST_PROTO && j.nonce === nonce) {
                 decoder.synced = true;
                 finish(undefined, {
@@ -490,7 +502,7 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
       sock.on('error', onError);
       sock.on('close', onClose);
       sock.on('data', onData);
-      sock.on('connect', () => sock.write(encodeFrame(FRAME.HELLO, 0, JSON.stringify({ proto: HOST_PROTO, nonce }))));
+      sock.on('connect', () => sock.write(helloFrame));
     });
   }
 
@@ -572,7 +584,12 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
   }
 
   #dispatch(f: Frame): void {
-    if (f.type === FRAME.HELLO) throw protocolError('the agent restarted (a hello in mid-session)');
+    if (f.type === FRAME.HELLO) {
+      // Another answer to our own hello (we said it twice) is harmless; anything else means the
+      // agent started over and what ran on this channel is gone.
+      if (jsonPayload(f).nonce === this.#nonce) return;
+      throw protocolError('the agent restarted (a hello in mid-session)');
+    }
     const handler = this.#streams.get(f.stream);
     if (!handler) throw protocolError(`a frame for stream ${f.stream}, which is not open`);
     handler.frame(f);

@@ -115,6 +115,29 @@ describe('AgentClient against a fake guest agent (test double)', () => {
     client.close();
   });
 
+  test('an agent that (re)started after our hello went to its predecessor gets it again; the second answer is harmless', async () => {
+    server.removeAllListeners('connection');
+    server.on('connection', (sock) => {
+      const g = new FakeGuest(sock);
+      guests.push(g);
+      void (async () => {
+        await g.next(FRAME.HELLO); // the predecessor took it and died
+        g.send(FRAME.HELLO, 0, JSON.stringify({ proto: GUEST_PROTO, nonce: '' })); // the new agent's own
+        const again = await g.next(FRAME.HELLO);
+        const { nonce } = JSON.parse(again.payload.toString()) as { nonce: string };
+        g.send(FRAME.HELLO, 0, JSON.stringify({ proto: GUEST_PROTO, nonce, pid: 3, uptimeNs: 1 }));
+        g.send(FRAME.HELLO, 0, JSON.stringify({ proto: GUEST_PROTO, nonce, pid: 3, uptimeNs: 2 })); // a duplicate
+        const req = await g.next(FRAME.EXEC);
+        g.send(FRAME.EXIT, req.stream, '{"code":0}');
+      })();
+    });
+    const client = await AgentClient.connect(sockPath, { timeoutMs: 5000 });
+    expect(client.hello.pid).toBe(3);
+    await expect(execBuffered(client, ['true'])).resolves.toMatchObject({ exitCode: 0 });
+    expect(client.closedReason).toBeUndefined();
+    client.close();
+  });
+
   test('no answer: ERR_MICROVM_AGENT_TIMEOUT; no socket: ERR_MICROVM_AGENT_UNAVAILABLE', async () => {
     server.removeAllListeners('connection');
     server.on('connection', (sock) => guests.push(new FakeGuest(sock)));
