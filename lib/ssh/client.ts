@@ -4,6 +4,7 @@
  * file copy (SFTP when the server offers it, else `cat` over exec), one reused connection, and
  * AbortSignal support. Keys never appear in errors, logs or spans.
  */
+import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
@@ -405,20 +406,36 @@ export class SshClient {
     await pipeThrough(fs.createReadStream(localPath), stream, stream);
   }
 
-  /** Copies a guest file to the host (SFTP, else `cat`). */
+  /**
+   * Copies a guest file to the host (SFTP, else `cat`). Written to a temporary name beside
+   * `localPath` and renamed: a failed copy leaves nothing (and never a truncated `localPath`).
+   */
   async copyFrom(remotePath: string, localPath: string): Promise<void> {
     v.string('remotePath', remotePath);
     v.absolutePath('localPath', localPath);
-    const sftp = await this.#sftpSession();
-    if (sftp) {
-      await new Promise<void>((resolve, reject) =>
-        sftp.fastGet(remotePath, localPath, (e) => (e ? reject(e) : resolve())),
+    const tmp = path.join(
+      path.dirname(localPath),
+      `.${path.basename(localPath)}.microvm-${randomBytes(6).toString('hex')}`,
+    );
+    try {
+      const sftp = await this.#sftpSession();
+      if (sftp) {
+        await new Promise<void>((resolve, reject) => sftp.fastGet(remotePath, tmp, (e) => (e ? reject(e) : resolve())));
+      } else {
+        const stream = await this.spawn(`cat ${shellQuote(remotePath)}`);
+        stream.end();
+        await pipeThrough(stream, fs.createWriteStream(tmp, { flags: 'wx', mode: 0o600 }), stream);
+      }
+      fs.renameSync(tmp, localPath);
+    } catch (err) {
+      fs.rmSync(tmp, { force: true });
+      if (err instanceof MicrovmError) throw err;
+      throw new MicrovmError(
+        'ERR_MICROVM_SSH_COPY',
+        `Copying ${remotePath} from the guest failed: ${(err as Error).message}`,
+        { cause: err },
       );
-      return;
     }
-    const stream = await this.spawn(`cat ${shellQuote(remotePath)}`);
-    stream.end();
-    await pipeThrough(stream, fs.createWriteStream(localPath), stream);
   }
 
   /** Closes the connection. Idempotent. */

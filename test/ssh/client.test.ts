@@ -134,6 +134,17 @@ describe.each(factories)('SshClient against %s', (_name, start) => {
       const back = path.join(s.dir, 'back.bin');
       await client.copyFrom(remote, back);
       expect(fs.readFileSync(back).equals(data)).toBe(true);
+      // A failed copy leaves nothing: not an empty file, not a temporary one, and an existing
+      // destination untouched.
+      const missing = path.join(s.dir, 'missing.bin');
+      await expect(client.copyFrom(path.join(s.dir, 'no-such-file'), missing)).rejects.toMatchObject({
+        code: 'ERR_MICROVM_SSH_COPY',
+      });
+      await expect(client.copyFrom(path.join(s.dir, 'no-such-file'), back)).rejects.toMatchObject({
+        code: 'ERR_MICROVM_SSH_COPY',
+      });
+      expect(fs.readFileSync(back).equals(data)).toBe(true);
+      expect(fs.readdirSync(s.dir).sort()).toEqual(['back.bin', 'remote.bin', 'src.bin']);
     } finally {
       s.cleanup();
     }
