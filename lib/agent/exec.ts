@@ -53,7 +53,7 @@ export function execOptions(options: unknown): AgentExecOptions {
     for (const [k, val] of Object.entries(env)) {
       if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k))
         throw v.rangeError(`options.env has an invalid name ${JSON.stringify(k)}`);
-      v.string(`options.env.${k}`, val);
+      v.string(`options.env.${k}`, val, { allowEmpty: true }); // FOO= is a value too
     }
     out.env = env as Record<string, string>;
   }
