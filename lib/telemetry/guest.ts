@@ -6,7 +6,10 @@
  * first sees "UP" (inotify on the port's file, and a 10–20 ms poll besides). A guest time g maps
  * to upSeenAt - (mounts - g). The mapped times are late by the delay between the guest's write and
  * the host's read, at most one poll interval (20 ms; typically under 1 ms with inotify), and never
- * early. Guest lines are hostile input: only known names, each once, bounded numbers, in order.
+ * early. The host's own spans are on Date.now() (the SDK anchors each there and measures on from
+ * it with performance.now()); the guest's are anchored at Date.now() too, once for all of them, so
+ * they line up with the host's within Date.now()'s 1 ms resolution. (Epoch times from
+ * performance.timeOrigin drift from Date.now() over a process's life.) Guest lines are hostile input: only known names, each once, bounded numbers, in order.
  */
 import { type Attributes, type Span, trace } from '@opentelemetry/api';
 import { ATTR, SPAN } from './attributes';
@@ -42,13 +45,13 @@ export function parseMilestones(text: string): Partial<Record<GuestMilestone, nu
 
 /**
  * Emits microvm.guest.Boot (guest time 0 → the last milestone) and one child per consecutive pair
- * of milestones, under `scope`. `upSeenAtMs`: host epoch ms when "UP" was first read. Returns false
+ * of milestones, under `scope`. `upSeenAt`: performance.now() when "UP" was first read. Returns false
  * (and emits nothing) when the milestones are out of order or the mounts one is missing.
  */
 export function emitGuestSpans(
   scope: SpanScope,
   milestones: Partial<Record<GuestMilestone, number>>,
-  upSeenAtMs: number,
+  upSeenAt: number,
   attributes: Attributes = {},
 ): boolean {
   const mounts = milestones.mounts;
@@ -56,7 +59,10 @@ export function emitGuestSpans(
   const seen = GUEST_MILESTONES.filter((n) => milestones[n] !== undefined);
   const values = seen.map((n) => milestones[n] as number);
   if (values.some((x, i) => i > 0 && x < values[i - 1])) return false;
-  const at = (ns: number): number => upSeenAtMs - (mounts - ns) / 1e6;
+  // One anchor for all of them (the SDK anchors each span of its own at Date.now(), a clock
+  // performance.timeOrigin drifts from). Epoch milliseconds: the SDK takes them as they are.
+  const anchor = Date.now() - performance.now();
+  const at = (ns: number): number => anchor + upSeenAt - (mounts - ns) / 1e6;
   const last = values[values.length - 1];
   const boot: Span = scope.tracer.startSpan(
     SPAN.GUEST_BOOT,

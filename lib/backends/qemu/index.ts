@@ -593,7 +593,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
 
     // The guest's words on the microvm.exit port: UP, milestones (T <name> <ns>), then EXIT <code>
     // (then stop QEMU). Read on every change of the file (inotify) and on a 20 ms poll besides.
-    let upSeenAt: number | undefined; // host epoch ms when UP was first read (maps the guest clock)
+    let upSeenAt: number | undefined; // performance.now() when UP was first read (maps the guest clock)
     let guestSpans = false;
     const emitGuest = (text: string, final: boolean): void => {
       if (guestSpans || upSeenAt === undefined || !input.guestScope) return;
@@ -622,7 +622,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         }
       }
       const r = readExitPort(text);
-      if (r.up && !up) upSeenAt = performance.timeOrigin + performance.now();
+      if (r.up && !up) upSeenAt = performance.now();
       if (r.up) up = true;
       emitGuest(text, false);
       if (r.code !== undefined && guestCode === undefined && !failure) {
