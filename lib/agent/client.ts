@@ -103,6 +103,44 @@ class Credit {
   }
 }
 
+/** Data this side sends on one stream, within what the other side granted. */
+class Outbox {
+  #credit: number;
+  #wake: (() => void) | undefined;
+  constructor(
+    private readonly client: AgentClient,
+    private readonly id: number,
+    credit: number,
+  ) {
+    this.#credit = credit;
+  }
+  grant(n: number): void {
+    this.#credit += n;
+    this.#wake?.();
+  }
+  /** Wakes a send waiting for credit (the stream ended). */
+  wake(): void {
+    this.#wake?.();
+  }
+  /** Sends `chunk` in frames as credit allows; false when `ended()` stopped it first. */
+  async send(chunk: Buffer, ended: () => boolean): Promise<boolean> {
+    let off = 0;
+    while (off < chunk.length) {
+      if (ended()) return false;
+      if (this.#credit === 0) {
+        await new Promise<void>((resolve) => (this.#wake = resolve));
+        this.#wake = undefined;
+        continue;
+      }
+      const n = Math.min(chunk.length - off, MAX_PAYLOAD, this.#credit);
+      this.client.send(FRAME.DATA, this.id, chunk.subarray(off, off + n));
+      this.#credit -= n;
+      off += n;
+    }
+    return true;
+  }
+}
+
 /**
  * A process in the guest: `stdout`/`stderr` (Readable), `stdin` (Writable, when asked for),
  * `exited`, `kill()`, `resize()`.
@@ -117,15 +155,14 @@ export class AgentProcess extends EventEmitter<{ exit: [AgentExit] }> {
   #credit = new Credit();
   #blocked = { out: false, err: false };
   #ended = false;
-  #sendCredit: number;
-  #waitCredit: (() => void) | undefined;
+  #out: Outbox;
 
   /** @internal */
   constructor(client: AgentClient, id: number, withStdin: boolean, hostWindow: number) {
     super();
     this.#client = client;
     this.#id = id;
-    this.#sendCredit = hostWindow;
+    this.#out = new Outbox(client, id, hostWindow);
     const reader = (which: 'out' | 'err'): Readable =>
       new Readable({
         read: () => {
@@ -138,7 +175,8 @@ export class AgentProcess extends EventEmitter<{ exit: [AgentExit] }> {
     this.stdin = withStdin
       ? new Writable({
           write: (chunk: Buffer, _enc, cb) => {
-            this.#sendInput(chunk).then(() => cb(), cb);
+            // Once the process is gone its stdin swallows the rest, as a closed pipe would.
+            this.#out.send(chunk, () => this.#ended).then(() => cb(), cb);
           },
           final: (cb) => {
             if (!this.#ended) client.send(FRAME.EOF, id);
@@ -156,8 +194,7 @@ export class AgentProcess extends EventEmitter<{ exit: [AgentExit] }> {
             this.#grant(f.payload.length, false);
           } else if (f.type === FRAME.GRANT) {
             if (f.payload.length !== 4) throw protocolError('a grant frame of the wrong size');
-            this.#sendCredit += f.payload.readUInt32BE(0);
-            this.#waitCredit?.();
+            this.#out.grant(f.payload.readUInt32BE(0));
           } else if (f.type === FRAME.EXIT) {
             const j = jsonPayload(f);
             const exit: AgentExit =
@@ -196,27 +233,11 @@ export class AgentProcess extends EventEmitter<{ exit: [AgentExit] }> {
     }
   }
 
-  async #sendInput(chunk: Buffer): Promise<void> {
-    let off = 0;
-    while (off < chunk.length) {
-      if (this.#ended) return; // the process is gone: its stdin swallows the rest, as a closed pipe
-      if (this.#sendCredit === 0) {
-        await new Promise<void>((resolve) => (this.#waitCredit = resolve));
-        this.#waitCredit = undefined;
-        continue;
-      }
-      const n = Math.min(chunk.length - off, MAX_PAYLOAD, this.#sendCredit);
-      this.#client.send(FRAME.DATA, this.#id, chunk.subarray(off, off + n));
-      this.#sendCredit -= n;
-      off += n;
-    }
-  }
-
   #finish(err?: Error): void {
     if (this.#ended) return;
     this.#ended = true;
     this.#client.detach(this.#id);
-    this.#waitCredit?.();
+    this.#out.wake();
     if (err) {
       // The error is `exited`'s; streams just end (an 'error' nobody listens to would throw).
       this.stdout.destroy();
@@ -252,8 +273,7 @@ export class OpStream {
   #client: AgentClient;
   #id: number;
   #credit = new Credit();
-  #sendCredit: number;
-  #waitCredit: (() => void) | undefined;
+  #out: Outbox;
   #ended = false;
   #queue: Promise<void> = Promise.resolve();
   #local: Error | undefined;
@@ -267,13 +287,13 @@ export class OpStream {
   ) {
     this.#client = client;
     this.#id = id;
-    this.#sendCredit = hostWindow;
+    this.#out = new Outbox(client, id, hostWindow);
     this.done = new Promise<void>((resolve, reject) => {
       const end = (err?: Error): void => {
         if (this.#ended) return;
         this.#ended = true;
         client.detach(id);
-        this.#waitCredit?.();
+        this.#out.wake();
         // Data still being written finishes (or fails) first.
         void this.#queue.then(() => {
           const e = err ?? this.#local;
@@ -317,8 +337,7 @@ export class OpStream {
             }
           } else if (f.type === FRAME.GRANT) {
             if (f.payload.length !== 4) throw protocolError('a grant frame of the wrong size');
-            this.#sendCredit += f.payload.readUInt32BE(0);
-            this.#waitCredit?.();
+            this.#out.grant(f.payload.readUInt32BE(0));
           } else if (f.type === FRAME.EXIT) {
             end();
           } else if (f.type === FRAME.ERROR) {
@@ -345,23 +364,11 @@ export class OpStream {
 
   /** Sends input (a file being written), waiting for the guest's grants. */
   async write(chunk: Buffer): Promise<void> {
-    let off = 0;
-    while (off < chunk.length) {
-      if (this.#ended)
-        throw await this.done.then(
-          () => new Error('the transfer ended early'),
-          (e: Error) => e,
-        );
-      if (this.#sendCredit === 0) {
-        await new Promise<void>((resolve) => (this.#waitCredit = resolve));
-        this.#waitCredit = undefined;
-        continue;
-      }
-      const n = Math.min(chunk.length - off, MAX_PAYLOAD, this.#sendCredit);
-      this.#client.send(FRAME.DATA, this.#id, chunk.subarray(off, off + n));
-      this.#sendCredit -= n;
-      off += n;
-    }
+    if (!(await this.#out.send(chunk, () => this.#ended)))
+      throw await this.done.then(
+        () => new Error('the transfer ended early'),
+        (e: Error) => e,
+      );
   }
 
   end(): void {

@@ -372,12 +372,13 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
   const dataRoot = values['data-dir'] ? path.resolve(values['data-dir']) : defaultDataRoot();
   const exporter = new InMemorySpanExporter();
   const processors: SpanProcessor[] = [new SimpleSpanProcessor(exporter)];
-  const tracesUrl = values.otlp
-    ? `${values.otlp.replace(/\/+$/, '')}/v1/traces`
-    : (process.env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ??
-      (process.env.OTEL_EXPORTER_OTLP_ENDPOINT
-        ? `${process.env.OTEL_EXPORTER_OTLP_ENDPOINT.replace(/\/+$/, '')}/v1/traces`
-        : undefined));
+  // --otlp BASE, else the signal's own OTEL_EXPORTER_OTLP_*_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT.
+  const otlpUrl = (signal: 'traces' | 'metrics'): string | undefined => {
+    const base = values.otlp ?? process.env.OTEL_EXPORTER_OTLP_ENDPOINT;
+    const own = values.otlp ? undefined : process.env[`OTEL_EXPORTER_OTLP_${signal.toUpperCase()}_ENDPOINT`];
+    return own ?? (base ? `${base.replace(/\/+$/, '')}/v1/${signal}` : undefined);
+  };
+  const tracesUrl = otlpUrl('traces');
   if (tracesUrl) {
     // Loaded only when asked for: the library itself depends on @opentelemetry/api alone.
     const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-http');
@@ -387,12 +388,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
   const resource = resourceFromAttributes({ 'service.name': process.env.OTEL_SERVICE_NAME ?? 'microvm' });
   const tracerProvider = new BasicTracerProvider({ spanProcessors: processors, resource });
   // Metrics (microvm.stage.duration, microvm.runs, microvm.run.failures) go where the spans go.
-  const metricsUrl = values.otlp
-    ? `${values.otlp.replace(/\/+$/, '')}/v1/metrics`
-    : (process.env.OTEL_EXPORTER_OTLP_METRICS_ENDPOINT ??
-      (process.env.OTEL_EXPORTER_OTLP_ENDPOINT
-        ? `${process.env.OTEL_EXPORTER_OTLP_ENDPOINT.replace(/\/+$/, '')}/v1/metrics`
-        : undefined));
+  const metricsUrl = otlpUrl('metrics');
   let meterProvider: import('@opentelemetry/sdk-metrics').MeterProvider | undefined;
   if (metricsUrl) {
     const { MeterProvider, PeriodicExportingMetricReader } = await import('@opentelemetry/sdk-metrics');
