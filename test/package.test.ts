@@ -350,6 +350,17 @@ describe('the packed package', () => {
       ).split('\n');
       expect(out[0]).toBe(path.join(installed, 'prebuilds', 'linux-x64', 'node-microvm.node'));
       expect(out[1]).toBe(path.join(installed, 'prebuilds', 'linux-x64', 'microvm-runner'));
+      // Of OpenTelemetry, the app got the API alone (the peer), and the CLI's --trace works with it.
+      const otel = fs.readdirSync(path.join(app, 'node_modules', '@opentelemetry'));
+      expect(otel).toEqual(['api']);
+      const traced = spawnSync(
+        process.execPath,
+        [path.join(installed, 'bin', 'microvm.js'), 'run', `oci:${path.join(s.dir, 'no-such-layout')}:x`, '--trace'],
+        { cwd: app, encoding: 'utf8', env: { ...process.env, MICROVM_DATA_DIR: path.join(s.dir, 'data') } },
+      );
+      expect(traced.status).toBe(1);
+      expect(traced.stderr).toMatch(/^microvm\.Run +\d+\.\d{3} s {2}ERROR/m);
+      expect(traced.stderr).toMatch(/^ {2}microvm\.Preflight +\d+\.\d{3} s/m);
     } finally {
       s.cleanup();
     }

@@ -10,13 +10,13 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import {
-  BasicTracerProvider,
-  BatchSpanProcessor,
-  InMemorySpanExporter,
-  type ReadableSpan,
-  SimpleSpanProcessor,
-  type SpanProcessor,
-} from '@opentelemetry/sdk-trace-base';
+  type CollectedSpan,
+  CollectingMeterProvider,
+  CollectingTracerProvider,
+  otlpHeaders,
+  postOtlpJson,
+  spansToOtlpJson,
+} from '../telemetry/collector';
 import { chooseBackend, run, type RunOptions } from '../run';
 import { defaultCacheDir, defaultDataRoot } from '../paths';
 import { gc, list, purge } from '../image/cache';
@@ -248,7 +248,7 @@ function tailOffset(file: string, lines: number): number {
   }
 }
 
-function spansJson(spans: readonly ReadableSpan[]): unknown[] {
+function spansJson(spans: readonly CollectedSpan[]): unknown[] {
   const t = (h: [number, number]): number => h[0] * 1e3 + h[1] / 1e6;
   return spans.map((s) => ({
     name: s.name,
@@ -370,8 +370,9 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     throw new UsageError((err as Error).message);
   }
   const dataRoot = values['data-dir'] ? path.resolve(values['data-dir']) : defaultDataRoot();
-  const exporter = new InMemorySpanExporter();
-  const processors: SpanProcessor[] = [new SimpleSpanProcessor(exporter)];
+  // Spans and metrics are kept in memory (the tree, --trace-json) and, with an OTLP endpoint,
+  // exported once when the command ends (lib/telemetry/collector.ts says why not the SDK).
+  const tracerProvider = new CollectingTracerProvider();
   // --otlp BASE, else the signal's own OTEL_EXPORTER_OTLP_*_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT.
   const otlpUrl = (signal: 'traces' | 'metrics'): string | undefined => {
     const base = values.otlp ?? process.env.OTEL_EXPORTER_OTLP_ENDPOINT;
@@ -379,34 +380,29 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     return own ?? (base ? `${base.replace(/\/+$/, '')}/v1/${signal}` : undefined);
   };
   const tracesUrl = otlpUrl('traces');
-  if (tracesUrl) {
-    // Loaded only when asked for: the library itself depends on @opentelemetry/api alone.
-    const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-http');
-    processors.push(new BatchSpanProcessor(new OTLPTraceExporter({ url: tracesUrl })));
-  }
-  const { resourceFromAttributes } = await import('@opentelemetry/resources');
-  const resource = resourceFromAttributes({ 'service.name': process.env.OTEL_SERVICE_NAME ?? 'microvm' });
-  const tracerProvider = new BasicTracerProvider({ spanProcessors: processors, resource });
-  // Metrics (microvm.stage.duration, microvm.runs, microvm.run.failures) go where the spans go.
   const metricsUrl = otlpUrl('metrics');
-  let meterProvider: import('@opentelemetry/sdk-metrics').MeterProvider | undefined;
-  if (metricsUrl) {
-    const { MeterProvider, PeriodicExportingMetricReader } = await import('@opentelemetry/sdk-metrics');
-    const { OTLPMetricExporter } = await import('@opentelemetry/exporter-metrics-otlp-http');
-    meterProvider = new MeterProvider({
-      resource,
-      readers: [new PeriodicExportingMetricReader({ exporter: new OTLPMetricExporter({ url: metricsUrl }) })],
-    });
-  }
-  const flush = (): Promise<void> =>
-    Promise.all([
-      tracerProvider.forceFlush().then(() => tracerProvider.shutdown()),
-      meterProvider?.shutdown(), // exports what was recorded
-    ])
-      .then(() => undefined)
-      .catch((e: Error) => {
-        process.stderr.write(`microvm: exporting telemetry failed: ${e.message}\n`);
-      });
+  // Metrics (microvm.stage.duration, microvm.runs, microvm.run.failures) go where the spans go.
+  const meterProvider = metricsUrl ? new CollectingMeterProvider() : undefined;
+  const resource = { 'service.name': process.env.OTEL_SERVICE_NAME ?? 'microvm' };
+  let exported = false;
+  const flush = async (): Promise<void> => {
+    if (exported) return;
+    exported = true;
+    const sends: Promise<void>[] = [];
+    if (tracesUrl && tracerProvider.finishedSpans().length > 0)
+      sends.push(
+        postOtlpJson(
+          tracesUrl,
+          spansToOtlpJson(tracerProvider.finishedSpans(), resource),
+          otlpHeaders(process.env, 'traces'),
+        ),
+      );
+    if (metricsUrl && meterProvider)
+      sends.push(postOtlpJson(metricsUrl, meterProvider.toOtlpJson(resource), otlpHeaders(process.env, 'metrics')));
+    for (const r of await Promise.allSettled(sends))
+      if (r.status === 'rejected')
+        process.stderr.write(`microvm: exporting telemetry failed: ${(r.reason as Error).message}\n`);
+  };
   const num = (name: string, v: string | undefined): number | undefined => {
     if (v === undefined) return undefined;
     if (!/^\d+$/.test(v)) throw new UsageError(`--${name} takes a whole number, not ${JSON.stringify(v)}`);
@@ -460,9 +456,9 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     for (const sig of signals) process.removeListener(sig, onSignal);
   };
   opts.signal = ac.signal;
-  let finished: ReadableSpan[] = [];
+  let finished: readonly CollectedSpan[] = [];
   const emitTrace = async (): Promise<void> => {
-    const spans = (finished = [...exporter.getFinishedSpans()]); // before shutdown clears them
+    const spans = (finished = [...tracerProvider.finishedSpans()]);
     await flush();
     if (values.trace) process.stderr.write(`${formatSpanTree(spans)}\n`);
     if (values['trace-json']) fs.writeFileSync(values['trace-json'], `${JSON.stringify(spansJson(spans), null, 2)}\n`);
@@ -582,8 +578,7 @@ async function cmdBench(argv: string[], dataDir: string, out: (o: unknown, text:
   const ms = (h: [number, number]): number => h[0] * 1e3 + h[1] / 1e6;
   let used = '';
   for (let i = 0; i < n; i++) {
-    const exporter = new InMemorySpanExporter();
-    const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+    const tracerProvider = new CollectingTracerProvider();
     const t0 = performance.now();
     const vm = await run(positionals[0], {
       dataDir,
@@ -621,7 +616,7 @@ async function cmdBench(argv: string[], dataDir: string, out: (o: unknown, text:
     };
     if (firstOutput !== undefined) add("(run() to the command's first output)", firstOutput);
     add("(run() to the command's exit)", toExit);
-    for (const sp of exporter.getFinishedSpans()) {
+    for (const sp of tracerProvider.finishedSpans()) {
       if (sp.name === SPAN.BACKEND_START) {
         const accel = sp.attributes[ATTR.QEMU_ACCEL];
         used = `${vm.backend}${accel ? ` (accel ${String(accel)})` : ''}`;
