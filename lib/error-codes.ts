@@ -51,6 +51,8 @@ export const ERROR_CODES = {
   ERR_MICROVM_ROOTFS_SYMLINK: 'a rootfs hook path goes through a symlink out of the root',
   ERR_MICROVM_ROOTFS_WRITE: 'a rootfs hook could not write its file',
   ERR_MICROVM_ROOTFS_USER: 'a user named by a rootfs hook is not in the image',
+  ERR_MICROVM_ROOTFS_OVERRIDE_STAT:
+    'libkrun as a user other than root: the owner override (user.containers.override_stat) could not be set on the rootfs',
   ERR_MICROVM_CLONE_UNSUPPORTED: 'the asked-for clone strategy cannot work on this host',
   ERR_MICROVM_CLONE_COPY: 'copying the root (the copy strategy) failed',
   ERR_MICROVM_NO_COMMAND: 'the image has no Entrypoint or Cmd and no `initOverride` was given',

@@ -98,6 +98,13 @@ export interface NativeAddon {
   markTopDirectory(dir: string): string | null;
   /** Whether libzstd.so.1 can be loaded (then LayerExtractor decompresses zstd itself). */
   zstdAvailable(): boolean;
+  /**
+   * Sets `user.containers.override_stat` (libkrun's virtio-fs: the owner and mode the guest sees,
+   * "uid:gid:0mode") on `path` itself, never through a symlink. Returns null, or the errno name.
+   */
+  setOverrideStat(path: string, value: string): string | null;
+  /** The entry's `user.containers.override_stat`, or null when it has none. */
+  getOverrideStat(path: string): string | null;
   /** Applies one image layer under `root`, never leaving it (see NativeLayerExtractor). */
   LayerExtractor: new (root: string, options: NativeExtractOptions) => NativeLayerExtractor;
 }
@@ -168,7 +175,7 @@ function findPackageRoot(start: string): string {
   }
 }
 
-const EXPECTED_ABI = 4;
+const EXPECTED_ABI = 5;
 let cached: NativeAddon | undefined;
 let loadedFrom: string | undefined;
 

@@ -8,6 +8,7 @@
  *     microvm.RootfsHooks
  *     microvm.BackendPrepare
  *     microvm.NetworkStart
+ *     microvm.VirtioFSOverrideStat   (libkrun, host user not root, copied rootfs: owner overrides)
  *     microvm.VMSpawn          (microvm.backend.Start -> ResolveRuntime, ResolveFirmware)
  *     microvm.PostBoot
  *
@@ -60,6 +61,7 @@ import { resolveFirmware, FIRMWARE_INSTALL_HINT } from './resolve/firmware';
 import { LIBKRUN_INSTALL_HINT, resolveRuntime } from './resolve/runtime';
 import { type CloneStrategy, cloneRootfs, type ClonedRootfs } from './rootfs/clone';
 import { hooks, type RootfsHook, rootfsContext } from './rootfs/hooks';
+import { applyOverrideStat, overrideStatApplies } from './rootfs/override-stat';
 import { generateKeyPair, type SshKeyPair, writeKeyPair } from './ssh/keys';
 import { waitForReady } from './ssh/wait-ready';
 import { AgentClient } from './agent/client';
@@ -694,6 +696,14 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         return n;
       },
     );
+
+    // libkrun as a user other than root on a copied tree: what this process made gets root's owner
+    // in the guest (go-microvm's stage of the same name; lib/rootfs/override-stat.ts).
+    const hostUid = process.getuid?.() ?? 0;
+    if (overrideStatApplies(o.backend.name, rootfs.strategy, hostUid))
+      await stage(SPAN.VIRTIOFS_OVERRIDE_STAT, undefined, async (span) => {
+        span.setAttribute(ATTR.OVERRIDE_STAT_ENTRIES, await applyOverrideStat(rootfs.rootPath, hostUid, signal));
+      });
 
     const consoleLogPath = path.join(vmDir, 'console.log');
     const logPath = path.join(vmDir, 'vm.log');

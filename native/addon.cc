@@ -13,7 +13,11 @@
 //   writeFileBeneath(root, components, data, mode, uid, gid, dirAttrs)
 //                                          -> undefined or throws (no symlink is ever followed)
 //   KrunContext                            -> class; one libkrun configuration context
+#include <fcntl.h>
 #include <napi.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
@@ -586,6 +590,37 @@ Napi::Value MarkTopDirectoryFn(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), ErrnoName(err));
 }
 
+// The xattr libkrun's virtio-fs reads for an entry's owner and mode ("uid:gid:0mode"), so that a
+// tree owned by an unprivileged host user looks as the image says to the guest.
+constexpr char kOverrideStatXattr[] = "user.containers.override_stat";
+
+// setOverrideStat(path, value) -> null, or the errno name. `path` itself, never a link it is: an
+// O_PATH|O_NOFOLLOW handle pins the entry and the xattr goes through its /proc/self/fd name.
+Napi::Value SetOverrideStatFn(const Napi::CallbackInfo& info) {
+  std::string path = StringArg(info, 0, "path");
+  std::string value = StringArg(info, 1, "value");
+  if (value.size() > 63) throw Napi::RangeError::New(info.Env(), "value: at most 63 bytes");
+  Fd self(open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+  if (self.get() < 0) return Napi::String::New(info.Env(), ErrnoName(errno));
+  struct stat st;
+  if (fstat(self.get(), &st) != 0) return Napi::String::New(info.Env(), ErrnoName(errno));
+  if (S_ISLNK(st.st_mode)) return Napi::String::New(info.Env(), ErrnoName(ELOOP));
+  char proc[64];
+  std::snprintf(proc, sizeof proc, "/proc/self/fd/%d", self.get());
+  if (setxattr(proc, kOverrideStatXattr, value.data(), value.size(), 0) != 0)
+    return Napi::String::New(info.Env(), ErrnoName(errno));
+  return info.Env().Null();
+}
+
+// getOverrideStat(path) -> the value, or null when the entry has none (or is a link, or gone).
+Napi::Value GetOverrideStatFn(const Napi::CallbackInfo& info) {
+  std::string path = StringArg(info, 0, "path");
+  char value[64];
+  ssize_t n = lgetxattr(path.c_str(), kOverrideStatXattr, value, sizeof value);
+  if (n < 0) return info.Env().Null();
+  return Napi::String::New(info.Env(), value, static_cast<size_t>(n));
+}
+
 // zstdAvailable() -> whether libzstd.so.1 could be loaded (LayerExtractor's zstd option).
 Napi::Value ZstdAvailableFn(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), Zstd() != nullptr);
@@ -764,9 +799,11 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("summarizeTree", Napi::Function::New<SummarizeTreeFn>(env, "summarizeTree"));
   exports.Set("markTopDirectory", Napi::Function::New<MarkTopDirectoryFn>(env, "markTopDirectory"));
   exports.Set("zstdAvailable", Napi::Function::New<ZstdAvailableFn>(env, "zstdAvailable"));
+  exports.Set("setOverrideStat", Napi::Function::New<SetOverrideStatFn>(env, "setOverrideStat"));
+  exports.Set("getOverrideStat", Napi::Function::New<GetOverrideStatFn>(env, "getOverrideStat"));
   exports.Set("LayerExtractor", LayerExtractorWrap::Define(env));
   exports.Set("KrunContext", ctor);
-  exports.Set("abiVersion", Napi::Number::New(env, 4));
+  exports.Set("abiVersion", Napi::Number::New(env, 5));
   return exports;
 }
 

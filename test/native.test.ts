@@ -7,7 +7,7 @@ import { addon, addonPath, packageRoot } from '../lib/native';
 describe('native addon', () => {
   test('loads on a machine without libkrun, from this package', () => {
     const a = addon();
-    expect(a.abiVersion).toBe(4);
+    expect(a.abiVersion).toBe(5);
     const loaded = addonPath();
     expect(loaded).toBeDefined();
     expect(path.relative(packageRoot, loaded as string).startsWith('..')).toBe(false);

@@ -18,6 +18,8 @@ export const SPAN = {
   ROOTFS_HOOKS: 'microvm.RootfsHooks',
   BACKEND_PREPARE: 'microvm.BackendPrepare',
   NETWORK_START: 'microvm.NetworkStart',
+  /** libkrun as a user other than root, on a copied rootfs: owner overrides (lib/rootfs/override-stat.ts). */
+  VIRTIOFS_OVERRIDE_STAT: 'microvm.VirtioFSOverrideStat',
   VM_SPAWN: 'microvm.VMSpawn',
   BACKEND_START: 'microvm.backend.Start',
   BACKEND_RESOLVE_RUNTIME: 'microvm.backend.ResolveRuntime',
@@ -73,6 +75,8 @@ export const ATTR = {
   IMAGE_SOURCE: 'microvm.image.source',
   IMAGE_DIGEST: 'microvm.image.digest',
   ROOTFS_CLONE_STRATEGY: 'microvm.rootfs.clone_strategy',
+  /** On microvm.VirtioFSOverrideStat: how many entries got "0:0:<mode>". */
+  OVERRIDE_STAT_ENTRIES: 'microvm.virtiofs.override_stat.entries',
   NETWORK_PROVIDER: 'microvm.network.provider',
   NETWORK_PORTS: 'microvm.network.ports',
   /** On microvm.NetworkStart: the egress policy ('allow' | 'deny'). */
