@@ -105,8 +105,31 @@ export interface NativeAddon {
   setOverrideStat(path: string, value: string): string | null;
   /** The entry's `user.containers.override_stat`, or null when it has none. */
   getOverrideStat(path: string): string | null;
+  /**
+   * Copies the tree at `src` to `dst` (which must not exist) off the JS thread, like `cp -a`
+   * (modes, owners where permitted, times, xattrs, symlinks as links, hard links kept), `threads`
+   * files at a time; FICLONE first (`reflink: 'always'`: nothing else). `cancel()` stops it between
+   * files (the promise rejects with code ECANCELED). What was made under `dst` stays on failure.
+   */
+  copyTree(
+    src: string,
+    dst: string,
+    options: { reflink: 'auto' | 'always'; threads: number },
+  ): { promise: Promise<TreeCopyResult>; cancel(): void };
   /** Applies one image layer under `root`, never leaving it (see NativeLayerExtractor). */
   LayerExtractor: new (root: string, options: NativeExtractOptions) => NativeLayerExtractor;
+}
+
+/** What {@link NativeAddon.copyTree} copied. */
+export interface TreeCopyResult {
+  dirs: number;
+  files: number;
+  /** Hard links made to a file copied once. */
+  links: number;
+  symlinks: number;
+  bytes: number;
+  /** Files cloned with FICLONE (no data copied). */
+  reflinked: number;
 }
 
 /** What a layer extractor was told (native/layer_extract.h). */

@@ -23,6 +23,7 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -34,6 +35,7 @@
 #include "krun_api.h"
 #include "layer_extract.h"
 #include "plan.h"
+#include "tree_copy.h"
 #include "zstd_api.h"
 
 namespace microvm {
@@ -590,6 +592,62 @@ Napi::Value MarkTopDirectoryFn(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), ErrnoName(err));
 }
 
+// copyTree(src, dst, { reflink: 'auto' | 'always', threads }) -> { promise, cancel() }: the tree
+// copied by tree_copy.cc off the JS thread. The promise resolves { dirs, files, links, symlinks,
+// bytes, reflinked }, or rejects with a PathError (code ECANCELED after cancel()). What was made
+// under dst stays for the caller to remove.
+class CopyTreeWorker : public PromiseWorker {
+ public:
+  CopyTreeWorker(Napi::Env env, std::string src, std::string dst, TreeCopyOptions options,
+                 std::shared_ptr<std::atomic<bool>> cancel)
+      : PromiseWorker(env), src_(std::move(src)), dst_(std::move(dst)), options_(options), cancel_(std::move(cancel)) {}
+  void Execute() override { ok_ = CopyTree(src_, dst_, options_, *cancel_, &result_, &failure_); }
+  Napi::Value Settle(Napi::Env env) override {
+    if (!ok_) throw PathError(env, "copy " + failure_.what, failure_.err, failure_.path);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("dirs", static_cast<double>(result_.dirs));
+    o.Set("files", static_cast<double>(result_.files));
+    o.Set("links", static_cast<double>(result_.links));
+    o.Set("symlinks", static_cast<double>(result_.symlinks));
+    o.Set("bytes", static_cast<double>(result_.bytes));
+    o.Set("reflinked", static_cast<double>(result_.reflinked));
+    return o;
+  }
+
+ private:
+  std::string src_, dst_;
+  TreeCopyOptions options_;
+  std::shared_ptr<std::atomic<bool>> cancel_;
+  bool ok_ = false;
+  TreeCopyResult result_;
+  TreeCopyFailure failure_;
+};
+
+Napi::Value CopyTreeFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string src = StringArg(info, 0, "src");
+  std::string dst = StringArg(info, 1, "dst");
+  if (!info[2].IsObject()) throw Napi::TypeError::New(env, "options must be an object");
+  Napi::Object o = info[2].As<Napi::Object>();
+  TreeCopyOptions options;
+  std::string reflink = o.Get("reflink").As<Napi::String>().Utf8Value();
+  if (reflink != "auto" && reflink != "always") throw Napi::RangeError::New(env, "reflink: 'auto' or 'always'");
+  options.reflink = reflink == "always" ? ReflinkMode::kAlways : ReflinkMode::kAuto;
+  int threads = o.Get("threads").As<Napi::Number>().Int32Value();
+  if (threads < 1 || threads > 64) throw Napi::RangeError::New(env, "threads: 1-64");
+  options.threads = threads;
+  auto cancel = std::make_shared<std::atomic<bool>>(false);
+  auto* w = new CopyTreeWorker(env, std::move(src), std::move(dst), options, cancel);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("promise", w->Promise());
+  out.Set("cancel", Napi::Function::New(env, [cancel](const Napi::CallbackInfo& i) -> Napi::Value {
+            cancel->store(true);
+            return i.Env().Undefined();
+          }));
+  w->Queue();
+  return out;
+}
+
 // The xattr libkrun's virtio-fs reads for an entry's owner and mode ("uid:gid:0mode"), so that a
 // tree owned by an unprivileged host user looks as the image says to the guest.
 constexpr char kOverrideStatXattr[] = "user.containers.override_stat";
@@ -799,6 +857,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("summarizeTree", Napi::Function::New<SummarizeTreeFn>(env, "summarizeTree"));
   exports.Set("markTopDirectory", Napi::Function::New<MarkTopDirectoryFn>(env, "markTopDirectory"));
   exports.Set("zstdAvailable", Napi::Function::New<ZstdAvailableFn>(env, "zstdAvailable"));
+  exports.Set("copyTree", Napi::Function::New<CopyTreeFn>(env, "copyTree"));
   exports.Set("setOverrideStat", Napi::Function::New<SetOverrideStatFn>(env, "setOverrideStat"));
   exports.Set("getOverrideStat", Napi::Function::New<GetOverrideStatFn>(env, "getOverrideStat"));
   exports.Set("LayerExtractor", LayerExtractorWrap::Define(env));

@@ -1,9 +1,10 @@
-/** cloneRootfs on real trees: both copy engines keep contents, modes, symlinks and hardlinks. */
+/** cloneRootfs on real trees: every copy engine keeps contents, modes, symlinks and hardlinks. */
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { cloneRootfs } from '../lib';
+import { addon } from '../lib/native';
 import { scratch } from './helpers';
 
 let s: ReturnType<typeof scratch>;
@@ -23,7 +24,7 @@ function tree(): string {
   return src;
 }
 
-describe.each(['cp', 'node'] as const)('copy strategy, %s engine', (copyEngine) => {
+describe.each(['native', 'cp', 'node'] as const)('copy strategy, %s engine', (copyEngine) => {
   test('keeps contents, modes, absolute symlink targets and hardlinks; the source is untouched', async () => {
     const src = tree();
     const vmDir = path.join(s.dir, 'vm');
@@ -60,6 +61,98 @@ describe.each(['cp', 'node'] as const)('copy strategy, %s engine', (copyEngine) 
       }),
     ).rejects.toMatchObject({ name: 'AbortError' });
     expect(fs.existsSync(path.join(vmDir, 'rootfs'))).toBe(false);
+  });
+});
+
+const isRoot = process.getuid?.() === 0;
+
+describe.each(['native', 'cp'] as const)('copy strategy, %s engine, as cp -a', (copyEngine) => {
+  (isRoot ? test : test.skip)(
+    `owners, times, xattrs, FIFOs, empty and large files, many files${isRoot ? '' : ' [skipped: needs root to give files other owners]'}`,
+    async () => {
+      const src = tree();
+      const many = path.join(src, 'many');
+      fs.mkdirSync(path.join(many, 'sub'), { recursive: true });
+      for (let i = 0; i < 300; i++) fs.writeFileSync(path.join(many, i % 2 ? 'sub' : '', `f${i}`), `file ${i}\n`);
+      const big = Buffer.alloc(5 * 1024 * 1024 + 3);
+      for (let i = 0; i < big.length; i += 4096) big[i] = i & 0xff;
+      fs.writeFileSync(path.join(src, 'big'), big);
+      fs.writeFileSync(path.join(src, 'empty'), '');
+      execFileSync('mkfifo', [path.join(src, 'fifo')]);
+      fs.chownSync(path.join(src, 'usr'), 1234, 5678);
+      fs.chownSync(path.join(src, 'many', 'f10'), 42, 43);
+      fs.lchownSync(path.join(src, 'usr', 'bin', 'abs-link'), 7, 8);
+      expect(addon().setOverrideStat(path.join(src, 'many', 'f10'), '1000:1000:0640')).toBeNull();
+      expect(addon().setOverrideStat(path.join(src, 'usr'), '0:0:0755')).toBeNull();
+      const old = new Date('2001-02-03T04:05:06Z');
+      fs.utimesSync(path.join(src, 'many', 'sub', 'f1'), old, old);
+      fs.utimesSync(path.join(src, 'many', 'sub'), old, old); // after its children: set again below
+      fs.utimesSync(path.join(src, 'empty'), old, old);
+      const vmDir = path.join(s.dir, 'vm');
+      fs.mkdirSync(vmDir);
+      const r = await cloneRootfs({ sourceDir: src, vmDir, overlaySupported: false, strategies: ['copy'], copyEngine });
+      const dst = r.rootPath;
+      const st = (p: string): fs.Stats => fs.lstatSync(path.join(dst, p));
+      expect([st('usr').uid, st('usr').gid]).toEqual([1234, 5678]);
+      expect([st('many/f10').uid, st('many/f10').gid]).toEqual([42, 43]);
+      expect([st('usr/bin/abs-link').uid, st('usr/bin/abs-link').gid]).toEqual([7, 8]);
+      expect(addon().getOverrideStat(path.join(dst, 'many', 'f10'))).toBe('1000:1000:0640');
+      expect(addon().getOverrideStat(path.join(dst, 'usr'))).toBe('0:0:0755');
+      expect(st('many/sub/f1').mtimeMs).toBe(old.getTime());
+      expect(st('many/sub').mtimeMs).toBe(old.getTime()); // set after the children were made
+      expect(st('empty').size).toBe(0);
+      expect(st('empty').mtimeMs).toBe(old.getTime());
+      expect(fs.readFileSync(path.join(dst, 'big')).equals(big)).toBe(true);
+      expect(st('fifo').isFIFO()).toBe(true);
+      for (let i = 0; i < 300; i++)
+        expect(fs.readFileSync(path.join(dst, 'many', i % 2 ? 'sub' : '', `f${i}`), 'utf8')).toBe(`file ${i}\n`);
+      expect(fs.readdirSync(path.join(dst, 'many', 'sub'))).toHaveLength(150);
+    },
+  );
+});
+
+describe('the native copy', () => {
+  test('a destination that exists is refused (EEXIST, with the path); cancel() stops it with ECANCELED', async () => {
+    const src = tree();
+    const dst = path.join(s.dir, 'exists');
+    fs.mkdirSync(dst);
+    await expect(addon().copyTree(src, dst, { reflink: 'auto', threads: 2 }).promise).rejects.toMatchObject({
+      code: 'EEXIST',
+      path: dst,
+    });
+    for (let i = 0; i < 2000; i++) {
+      if (i % 100 === 0) fs.mkdirSync(path.join(src, `d${i}`));
+      fs.writeFileSync(path.join(src, `d${i - (i % 100)}`, `f${i}`), 'x');
+    }
+    const job = addon().copyTree(src, path.join(s.dir, 'cancelled'), { reflink: 'auto', threads: 2 });
+    job.cancel();
+    await expect(job.promise).rejects.toMatchObject({ code: 'ECANCELED' });
+    const done = await addon().copyTree(src, path.join(s.dir, 'whole'), { reflink: 'auto', threads: 3 }).promise;
+    expect(done).toMatchObject({ files: 2001, links: 1, symlinks: 1, dirs: 24, reflinked: 0 }); // /, usr, usr/bin, root, d0..d1900; ext4 here: no FICLONE
+    expect(() => addon().copyTree(src, path.join(s.dir, 'x'), { reflink: 'auto', threads: 0 })).toThrow(
+      'threads: 1-64',
+    );
+  });
+
+  test('copyThreads out of 1-64 is a RangeError with ERR_OUT_OF_RANGE', async () => {
+    const src = tree();
+    const vmDir = path.join(s.dir, 'vm');
+    fs.mkdirSync(vmDir);
+    for (const copyThreads of [0, 65, 1.5])
+      await expect(
+        cloneRootfs({ sourceDir: src, vmDir, overlaySupported: false, strategies: ['copy'], copyThreads }),
+      ).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    expect(fs.existsSync(path.join(vmDir, 'rootfs'))).toBe(false);
+  });
+
+  test('reflink always on a filesystem without FICLONE fails instead of copying', async () => {
+    const src = tree();
+    const r = await addon()
+      .copyTree(src, path.join(s.dir, 'r'), { reflink: 'always', threads: 1 })
+      .promise.catch((e: Error & { code?: string }) => e);
+    const fsType = execFileSync('stat', ['-f', '-c', '%T', s.dir], { encoding: 'utf8' }).trim();
+    if (fsType === 'xfs' || fsType === 'btrfs') expect(r).toMatchObject({ files: 1 });
+    else expect(r).toMatchObject({ code: expect.stringMatching(/^(EOPNOTSUPP|ENOTSUP|EXDEV|EINVAL|ENOTTY)$/) });
   });
 });
 
