@@ -12,6 +12,7 @@
 #include <ftw.h>
 #include <grp.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/ioctl.h>
@@ -275,15 +276,92 @@ bool ResolveUser(const std::string& spec, uid_t* uid, gid_t* gid, std::string* h
   return true;
 }
 
+// Names of the calls the exec child can fail in (it must not build strings: its memory is the agent's).
+const std::string kSetgroups = "setgroups", kSetgid = "setgid", kSetuid = "setuid";
+
+// In the exec child: no allocation (its memory is the agent's), only write() and _exit().
 [[noreturn]] void ChildFail(const std::string& what, int err, int code) {
-  std::string line = "microvm: " + what + ": " + std::strerror(err) + "\n";
-  ssize_t ignored = write(STDERR_FILENO, line.data(), line.size());
-  (void)ignored;
+  const char* parts[] = {"microvm: ", what.c_str(), ": ", std::strerror(err), "\n"};
+  for (const char* p : parts) {
+    ssize_t ignored = write(STDERR_FILENO, p, std::strlen(p));
+    (void)ignored;
+  }
   _exit(code);
+}
+
+// execvp's search, done before vfork() with the command's own PATH (the child must not allocate):
+// the first PATH entry where `name` is an executable file, else `name` (execve then says why).
+std::string FindProgram(const std::string& name, const std::vector<std::string>& env) {
+  if (name.find('/') != std::string::npos) return name;
+  std::string path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+  for (const auto& e : env)
+    if (e.compare(0, 5, "PATH=") == 0) path = e.substr(5);
+  size_t start = 0;
+  while (start <= path.size()) {
+    size_t end = path.find(':', start);
+    if (end == std::string::npos) end = path.size();
+    std::string dir = path.substr(start, end - start);
+    std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + name;
+    struct stat st;
+    if (stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) && access(candidate.c_str(), X_OK) == 0)
+      return candidate;
+    start = end + 1;
+  }
+  return name;
 }
 
 void SetNonBlocking(int fd) {
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+// What the exec child needs, all made before clone(): it shares the agent's memory until it execs.
+struct SpawnArgs {
+  bool use_tty;
+  const char* slave_name;
+  int child_in, child_out, child_err;
+  bool user_ok, switch_user;
+  uid_t uid;
+  gid_t gid;
+  const char* cwd;
+  const char* program;
+  char* const* argv;
+  char* const* envp;
+  const std::string& user_what;
+  const std::string& chdir_what;
+  const std::string& exec_what;
+};
+
+// The exec child (clone(CLONE_VM | CLONE_VFORK), a stack of its own): system calls only, then
+// execve or _exit. Its own session; the tty or the pipes as 0, 1, 2; the user; the directory.
+int SpawnChild(void* arg) {
+  const SpawnArgs& a = *static_cast<const SpawnArgs*>(arg);
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, nullptr);
+  signal(SIGPIPE, SIG_DFL);
+  setsid();
+  if (a.use_tty) {
+    int slave = open(a.slave_name, O_RDWR);
+    if (slave < 0) _exit(126);
+    ioctl(slave, TIOCSCTTY, 0);
+    for (int fd = 0; fd < 3; fd++) dup2(slave, fd);
+    if (slave > 2) close(slave);
+  } else {
+    int in = a.child_in >= 0 ? a.child_in : open("/dev/null", O_RDONLY | O_CLOEXEC);
+    dup2(in, STDIN_FILENO);
+    dup2(a.child_out, STDOUT_FILENO);
+    dup2(a.child_err, STDERR_FILENO);
+  }
+  if (!a.user_ok) ChildFail(a.user_what, ENOENT, 126);
+  if (a.switch_user) {
+    if (setgroups(0, nullptr) != 0 && getuid() == 0) ChildFail(kSetgroups, errno, 126);
+    if (setgid(a.gid) != 0) ChildFail(kSetgid, errno, 126);
+    if (setuid(a.uid) != 0) ChildFail(kSetuid, errno, 126);
+  }
+  if (chdir(a.cwd) != 0) ChildFail(a.chdir_what, errno, 126);
+  execve(a.program, a.argv, a.envp);
+  int err = errno;
+  ChildFail(a.exec_what, err, err == ENOENT ? 127 : 126);
 }
 
 // {argv, env, cwd, user, tty: {rows, cols} | null, stdin, window}
@@ -361,7 +439,43 @@ void StartExec(uint32_t id, const JsonValue& req) {
     SetNonBlocking(s->err_fd);
     if (s->in_fd >= 0) SetNonBlocking(s->in_fd);
   }
-  pid_t pid = fork();
+  // Everything the child needs is made here: it shares the agent's memory until it execs (no copy
+  // of the agent's page tables, no copy-on-write faults in the agent after it; under TCG every
+  // page fault is emulated) and may only make system calls.
+  bool user_ok = true;
+  uid_t uid = 0;
+  gid_t gid = 0;
+  std::string home;
+  if (!user.empty()) user_ok = ResolveUser(user, &uid, &gid, &home);
+  auto set_env = [&env](const std::string& key, const std::string& value, bool overwrite) {
+    for (auto& have : env) {
+      if (have.compare(0, key.size() + 1, key + "=") == 0) {
+        if (overwrite) have = key + "=" + value;
+        return;
+      }
+    }
+    env.push_back(key + "=" + value);
+  };
+  if (!home.empty()) set_env("HOME", home, true);
+  set_env("HOME", "/root", false);
+  if (use_tty) set_env("TERM", "xterm", false);
+  std::vector<char*> envp;
+  for (auto& e : env) envp.push_back(&e[0]);
+  envp.push_back(nullptr);
+  std::vector<char*> args;
+  for (auto& a : argv) args.push_back(&a[0]);
+  args.push_back(nullptr);
+  const std::string program = FindProgram(argv[0], env);
+  const std::string user_what = "unknown user " + user;
+  const std::string chdir_what = "chdir " + cwd;
+  const std::string exec_what = "cannot execute " + argv[0];
+  SpawnArgs sa{
+      use_tty, slave_name.c_str(), child_in,        child_out,   child_err,   user_ok,   !user.empty(), uid,
+      gid,     cwd.c_str(),        program.c_str(), args.data(), envp.data(), user_what, chdir_what,    exec_what};
+  // The child runs on a stack of its own (as posix_spawn does): with plain vfork() it would share
+  // this function's frame, whose spilled values it could overwrite before the agent resumes.
+  std::vector<char> stack(256 * 1024);
+  pid_t pid = clone(SpawnChild, stack.data() + stack.size(), CLONE_VM | CLONE_VFORK | SIGCHLD, &sa);
   if (pid < 0) {
     int err = errno;
     Release(s.get());
@@ -370,46 +484,6 @@ void StartExec(uint32_t id, const JsonValue& req) {
     CloseFd(&child_err);
     SendErrno(id, err, "fork");
     return;
-  }
-  if (pid == 0) {
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, nullptr);
-    signal(SIGPIPE, SIG_DFL);
-    setsid();
-    if (use_tty) {
-      int slave = open(slave_name.c_str(), O_RDWR);
-      if (slave < 0) _exit(126);
-      ioctl(slave, TIOCSCTTY, 0);
-      for (int fd = 0; fd < 3; fd++) dup2(slave, fd);
-      if (slave > 2) close(slave);
-    } else {
-      if (child_in < 0) child_in = open("/dev/null", O_RDONLY | O_CLOEXEC);
-      dup2(child_in, STDIN_FILENO);
-      dup2(child_out, STDOUT_FILENO);
-      dup2(child_err, STDERR_FILENO);
-    }
-    std::string home;
-    if (!user.empty()) {
-      uid_t uid;
-      gid_t gid;
-      if (!ResolveUser(user, &uid, &gid, &home)) ChildFail("unknown user " + user, ENOENT, 126);
-      if (setgroups(0, nullptr) != 0 && getuid() == 0) ChildFail("setgroups", errno, 126);
-      if (setgid(gid) != 0) ChildFail("setgid", errno, 126);
-      if (setuid(uid) != 0) ChildFail("setuid", errno, 126);
-    }
-    clearenv();
-    for (auto& e : env) putenv(&e[0]);
-    if (!home.empty()) setenv("HOME", home.c_str(), 1);
-    if (getenv("HOME") == nullptr) setenv("HOME", "/root", 0);
-    if (use_tty && getenv("TERM") == nullptr) setenv("TERM", "xterm", 0);
-    if (chdir(cwd.c_str()) != 0) ChildFail("chdir " + cwd, errno, 126);
-    std::vector<char*> args;
-    for (auto& a : argv) args.push_back(&a[0]);
-    args.push_back(nullptr);
-    execvp(args[0], args.data());
-    int err = errno;
-    ChildFail("cannot execute " + argv[0], err, err == ENOENT ? 127 : 126);
   }
   CloseFd(&child_in);
   CloseFd(&child_out);
