@@ -157,6 +157,7 @@ describe('CollectingMeterProvider', () => {
     recordStage(m, 'microvm.VMSpawn', 0.004, { 'microvm.backend': 'qemu' });
     recordStage(m, 'microvm.VMSpawn', 1.5, { 'microvm.backend': 'qemu' });
     recordStage(m, 'microvm.VMSpawn', 120, { 'microvm.backend': 'qemu' });
+    recordStage(m, 'microvm.VMSpawn', 0.005, { 'microvm.backend': 'qemu' }); // on a bound: that bucket
     recordStage(m, 'microvm.Preflight', 0.0001, { 'microvm.backend': 'qemu' }, { code: 'ERR_X' });
     m.runs.add(1, { 'microvm.outcome': 'ok' });
     m.runs.add(1, { 'microvm.outcome': 'ok' });
@@ -182,11 +183,12 @@ describe('CollectingMeterProvider', () => {
     const spawn = h.histogram?.dataPoints.find(
       (d) => attr(d.attributes as Attr[], 'microvm.stage') === 'microvm.VMSpawn',
     );
-    expect(spawn).toMatchObject({ count: '3', sum: 121.504, min: 0.004, max: 120 });
+    expect(spawn).toMatchObject({ count: '4', min: 0.004, max: 120 });
+    expect(spawn?.sum).toBeCloseTo(121.509, 9);
     const bounds = spawn?.explicitBounds as number[];
     const buckets = (spawn?.bucketCounts as string[]).map(Number);
     expect(buckets).toHaveLength(bounds.length + 1);
-    expect(buckets[bounds.indexOf(0.005)]).toBe(1); // 4 ms in (2.5 ms, 5 ms]
+    expect(buckets[bounds.indexOf(0.005)]).toBe(2); // 4 ms and 5 ms in (2.5 ms, 5 ms]
     expect(buckets[bounds.indexOf(2.5)]).toBe(1);
     expect(buckets[bounds.length]).toBe(1); // 120 s beyond the last bound
     const failed = h.histogram?.dataPoints.find((d) => attr(d.attributes as Attr[], 'error.type') === 'ERR_X');
@@ -252,5 +254,147 @@ describe('export', () => {
     expect((dead as Error).message).toMatch(
       /OTLP export to http:\/\/127\.0\.0\.1:\d+\/v1\/traces failed: ECONNREFUSED/,
     );
+  });
+});
+
+describe('collector edges (bounds, clocks, links, instruments)', () => {
+  const ms = (h: [number, number]): number => h[0] * 1e3 + h[1] / 1e6;
+
+  test('attributes: undefined and null are not set; at most 128 keys, an existing one may change', () => {
+    const p = new CollectingTracerProvider();
+    const s = p.getTracer('x').startSpan('s');
+    s.setAttributes({ u: undefined, n: null as unknown as string });
+    expect('u' in (s as unknown as { attributes: object }).attributes).toBe(false);
+    expect('n' in (s as unknown as { attributes: object }).attributes).toBe(false);
+    for (let i = 0; i < 130; i++) s.setAttribute(`k${i}`, i);
+    s.setAttribute('k0', 'changed');
+    s.end();
+    const [r] = p.finishedSpans();
+    expect(Object.keys(r.attributes)).toHaveLength(128);
+    expect(r.attributes.k0).toBe('changed');
+    expect(r.attributes.k128).toBeUndefined();
+  });
+
+  test('events: every time form; none after the end; a name change before it; exceptions as events', () => {
+    const p = new CollectingTracerProvider();
+    const s = p.getTracer('x').startSpan('old');
+    s.addEvent('epoch', 1_790_000_000_000);
+    s.addEvent('date', new Date(1_790_000_000_500));
+    s.addEvent('hr', [1_790_000_001, 7]);
+    s.addEvent('attrs-and-time', { a: 1 }, [1_790_000_002, 0]);
+    s.recordException(new RangeError('bad range'));
+    s.recordException('plain text');
+    s.updateName('new');
+    s.end();
+    s.addEvent('late');
+    const [r] = p.finishedSpans();
+    expect(r.name).toBe('new');
+    expect(r.events.map((e) => [e.name, e.time, e.attributes])).toEqual([
+      ['epoch', [1_790_000_000, 0], undefined],
+      ['date', [1_790_000_000, 500_000_000], undefined],
+      ['hr', [1_790_000_001, 7], undefined],
+      ['attrs-and-time', [1_790_000_002, 0], { a: 1 }],
+      [
+        'exception',
+        expect.any(Array),
+        expect.objectContaining({
+          'exception.type': 'RangeError',
+          'exception.message': 'bad range',
+          'exception.stacktrace': expect.stringContaining('bad range'),
+        }),
+      ],
+      ['exception', expect.any(Array), { 'exception.message': 'plain text' }],
+    ]);
+  });
+
+  test('a number of 1e12 or more is epoch milliseconds; an invalid parent starts a new trace', () => {
+    const p = new CollectingTracerProvider();
+    const t = p.getTracer('x');
+    t.startSpan('edge', { startTime: 1e12 }).end(1e12 + 1);
+    const bad = trace.setSpanContext(
+      context.active(),
+      trace.wrapSpanContext({ traceId: '0'.repeat(32), spanId: '0'.repeat(16), traceFlags: 0 }).spanContext(),
+    );
+    t.startSpan('orphan', {}, bad).end();
+    const [edge, orphan] = p.finishedSpans();
+    expect(edge.startTime).toEqual([1e9, 0]);
+    expect(ms(edge.endTime) - ms(edge.startTime)).toBeCloseTo(1, 6);
+    expect(orphan.parentSpanContext).toBeUndefined();
+    expect(orphan.spanContext().traceId).not.toBe('0'.repeat(32));
+  });
+
+  test('startActiveSpan in its three forms; at most 10,000 spans kept (the rest counted); reset()', () => {
+    const p = new CollectingTracerProvider();
+    const t = p.getTracer('x');
+    const parent = t.startSpan('parent');
+    const ctx = trace.setSpan(context.active(), parent);
+    expect(t.startActiveSpan('a', (s) => (s.end(), 1))).toBe(1);
+    expect(t.startActiveSpan('b', { attributes: { x: 1 } }, (s) => (s.end(), 2))).toBe(2);
+    expect(t.startActiveSpan('c', {}, ctx, (s) => (s.end(), 3))).toBe(3);
+    const [a, b, c] = p.finishedSpans();
+    expect([a.name, b.name, c.name]).toEqual(['a', 'b', 'c']);
+    expect(b.attributes).toEqual({ x: 1 });
+    expect(c.parentSpanContext?.spanId).toBe(parent.spanContext().spanId);
+    for (let i = 0; i < 10_000; i++) t.startSpan('many').end();
+    expect(p.finishedSpans()).toHaveLength(10_000);
+    expect(p.dropped).toBe(3);
+    p.reset();
+    expect(p.finishedSpans()).toHaveLength(0);
+  });
+
+  test('links: kept until the end, at most 128, in the OTLP/JSON', () => {
+    const p = new CollectingTracerProvider();
+    const t = p.getTracer('x');
+    const other = t.startSpan('other');
+    const link = { context: other.spanContext(), attributes: { why: 'retry' } };
+    const s = t.startSpan('s', { links: [link] });
+    s.addLinks(Array.from({ length: 200 }, () => ({ context: other.spanContext() })));
+    s.end();
+    s.addLink(link);
+    const r = p.finishedSpans()[0];
+    expect(r.links).toHaveLength(128);
+    const body = spansToOtlpJson([r], {}) as { resourceSpans: { scopeSpans: { spans: { links: unknown[] }[] }[] }[] };
+    expect(body.resourceSpans[0].scopeSpans[0].spans[0].links[0]).toEqual({
+      traceId: other.spanContext().traceId,
+      spanId: other.spanContext().spanId,
+      attributes: [{ key: 'why', value: { stringValue: 'retry' } }],
+    });
+  });
+
+  test('instruments: one per name and kind, shared by meters of one name; attribute order does not split a series', () => {
+    const p = new CollectingMeterProvider();
+    const c1 = p.getMeter('m').createCounter('n');
+    const c2 = p.getMeter('m').createCounter('n', { unit: 'ignored' });
+    const h = p.getMeter('m').createHistogram('n', { advice: { explicitBucketBoundaries: [1, 2] } });
+    c1.add(0, { a: 1, b: 2 });
+    c2.add(0.5, { b: 2, a: 1 });
+    h.record(1.5);
+    type Body = {
+      resourceMetrics: {
+        scopeMetrics: {
+          metrics: {
+            name: string;
+            unit: string;
+            description: string;
+            sum?: { dataPoints: Record<string, unknown>[] };
+            histogram?: { dataPoints: Record<string, unknown>[] };
+          }[];
+        }[];
+      }[];
+    };
+    const body = JSON.parse(JSON.stringify(p.toOtlpJson({}))) as Body;
+    const metrics = body.resourceMetrics[0].scopeMetrics[0].metrics;
+    expect(body.resourceMetrics[0].scopeMetrics).toHaveLength(1);
+    expect(metrics).toHaveLength(2);
+    const [counter, hist] = metrics;
+    expect([counter.unit, counter.description]).toEqual(['', '']);
+    expect(counter.sum?.dataPoints).toHaveLength(1);
+    expect(counter.sum?.dataPoints[0].asDouble).toBe(0.5);
+    expect(counter.sum?.dataPoints[0].asInt).toBeUndefined();
+    expect(hist.histogram?.dataPoints[0]).toMatchObject({ explicitBounds: [1, 2], bucketCounts: ['0', '1', '0'] });
+  });
+
+  test('an endpoint that is not a URL is an error that says so', async () => {
+    await expect(postOtlpJson('not a url', {}, {})).rejects.toThrow('OTLP export failed: the endpoint is not a URL');
   });
 });
