@@ -69,6 +69,8 @@ export const ERROR_CODES = {
   ERR_MICROVM_SSH_CONNECT: 'the SSH connection failed',
   ERR_MICROVM_SSH_KEY: 'an SSH key could not be generated, read or parsed',
   ERR_MICROVM_SSH_UNAVAILABLE: 'the VM was started without SSH',
+  ERR_MICROVM_EGRESS_RELAY:
+    'an egress allow-list cannot hand connections to its relay: a path with spaces, commas, quotes or backslashes',
   ERR_MICROVM_EGRESS_UNSUPPORTED:
     'an `egress` policy the backend (or network provider) cannot enforce; the VM is not started rather than run open',
   ERR_MICROVM_AGENT_UNAVAILABLE:

@@ -73,7 +73,7 @@ export const native = {
 } as const;
 
 export { run, chooseBackend, type RunOptions, type PostBootHook } from './run';
-export type { EgressPolicy } from './backends/types';
+export type { EgressMode, EgressPolicy, EgressRule } from './backends/types';
 export {
   AgentClient,
   AgentProcess,

@@ -39,6 +39,7 @@ import { normalizeWaitFor, waitFor, type WaitStrategy } from './wait-for';
 import { freePort } from './net';
 import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
+import { describeEgress, egressMode, parseEgress } from './network/egress';
 import {
   normalizeLogLevel,
   normalizePortMap,
@@ -667,6 +668,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         initOverride: o.initOverride,
         env: o.env,
         workdir: o.workdir,
+        egress: o.egress,
         scope: inner,
         signal,
         mounts: o.virtiofs
@@ -681,14 +683,15 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         // No provider: libkrun's TSI, or QEMU's user networking (slirp).
         [ATTR.NETWORK_PROVIDER]: o.network?.name ?? (o.backend.name === 'qemu' ? 'qemu-user' : 'tsi'),
         [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`),
-        [ATTR.NETWORK_EGRESS]: o.egress,
+        [ATTR.NETWORK_EGRESS]: describeEgress(o.egress),
       },
       async () => {
         signal?.throwIfAborted();
-        if (o.egress !== 'allow' && (!(o.backend.egressPolicies ?? ['allow']).includes(o.egress) || o.network))
+        const mode = egressMode(o.egress);
+        if (mode !== 'allow' && (!(o.backend.egressPolicies ?? ['allow']).includes(mode) || o.network))
           throw new MicrovmError(
             'ERR_MICROVM_EGRESS_UNSUPPORTED',
-            `egress '${o.egress}' cannot be enforced by backend ${o.backend.name}${o.network ? ` with network provider ${o.network.name}` : ''}; refusing to start with an open network (the QEMU backend enforces 'deny')`,
+            `egress '${describeEgress(o.egress)}' cannot be enforced by backend ${o.backend.name}${o.network ? ` with network provider ${o.network.name}` : ''}; refusing to start with an open network (the QEMU backend enforces 'deny' and allow-lists)`,
           );
         if (!o.network) return undefined;
         const n = await o.network.start({ vmId: o.id, dataDir: vmDir, ports: o.ports, signal });
@@ -902,14 +905,6 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     }
     throw err;
   }
-}
-
-/** The `egress` option. */
-function parseEgress(value: unknown): EgressPolicy {
-  if (value === undefined) return 'allow';
-  if (value !== 'allow' && value !== 'deny')
-    throw v.rangeError(`Expected 'allow' or 'deny' for egress but received ${v.describe(value)}`);
-  return value;
 }
 
 /** `flightRecorder` option: how many records to keep (0: none). */

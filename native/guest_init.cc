@@ -156,6 +156,35 @@ void MkdirP(const std::string& path) {
   }
 }
 
+// An egress allow-list's names at their virtual addresses ([[ip, name], ...], lib/network/egress.ts),
+// appended to /etc/hosts. Only characters a host name or an IPv4 address has; the rest is skipped.
+void AddHosts(const microvm::JsonValue* hosts) {
+  if (hosts == nullptr || !hosts->is_array() || hosts->array_items().empty()) return;
+  auto only = [](const std::string& s, const char* allowed) {
+    return !s.empty() && s.size() <= 253 && s.find_first_not_of(allowed) == std::string::npos;
+  };
+  std::string lines;
+  for (const auto& h : hosts->array_items()) {
+    if (!h.is_array() || h.array_items().size() != 2 || !h.array_items()[0].is_string() ||
+        !h.array_items()[1].is_string())
+      continue;
+    const std::string& ip = h.array_items()[0].string_value();
+    const std::string& name = h.array_items()[1].string_value();
+    if (!only(ip, "0123456789.") || !only(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-"))
+      continue;
+    lines += ip + " " + name + "\n";
+  }
+  mkdir("/etc", 0755);
+  int fd = open("/etc/hosts", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0644);
+  if (fd < 0) {
+    Log(std::string("/etc/hosts: ") + std::strerror(errno));
+    return;
+  }
+  ssize_t ignored = write(fd, lines.data(), lines.size());
+  (void)ignored;
+  close(fd);
+}
+
 bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, std::string* workdir,
                 std::vector<ShareMount>* mounts, std::vector<std::string>* ports) {
   const char* path = getenv("KRUN_CONFIG");
@@ -185,6 +214,7 @@ bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, st
   strings(json.Get("Cmd"), cmd);
   strings(json.Get("Env"), env);
   strings(json.Get("MicrovmPorts"), ports);
+  AddHosts(json.Get("MicrovmHosts"));
   const microvm::JsonValue* ms = json.Get("MicrovmMounts");
   if (ms != nullptr && ms->is_array()) {
     for (const auto& m : ms->array_items()) {

@@ -35,6 +35,18 @@ describe('usage', () => {
       code: 2,
       stderr: expect.stringContaining('[ERR_MICROVM_USAGE] --egress takes allow or deny, not "maybe"'),
     });
+    expect(cli(['run', '--allow-host', 'svc.test', 'img'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('--allow-host takes HOST:PORT or HOST:PORT=ADDRESS, not "svc.test"'),
+    });
+    expect(cli(['run', '--allow-host', 'a.test:80', '--allow-host', '*.b.test:443', 'img'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('--allow-host: egress.allow[1].host "*.b.test": wildcards'),
+    });
+    expect(cli(['run', '--allow-host', 'a.test:80', '--egress', 'deny', 'img'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('--allow-host is an allow-list: drop --egress'),
+    });
     for (const c of [
       'pull',
       'images',

@@ -7,8 +7,26 @@ import type { MicrovmError } from '../errors';
 import type { SpanScope } from '../telemetry/tracer';
 import type { ClonedRootfs } from '../rootfs/clone';
 
-/** Outbound network policy for the guest: `'allow'` (default) or `'deny'`. */
-export type EgressPolicy = 'allow' | 'deny';
+/**
+ * One destination an allow-list lets the guest reach: a host name (exact, resolved on the host
+ * when the guest connects, unless `address` says where) and a TCP port.
+ */
+export interface EgressRule {
+  host: string;
+  port: number;
+  /** Connect here instead of resolving `host` (an IPv4 or IPv6 address), like curl's --resolve. */
+  address?: string;
+}
+
+/**
+ * Outbound network policy for the guest: `'allow'` (default: everything the host can reach),
+ * `'deny'` (nothing; published ports still answer) or `{ allow: [...] }` (only those names and
+ * ports, over TCP; see docs/security.md).
+ */
+export type EgressPolicy = 'allow' | 'deny' | { allow: EgressRule[] };
+
+/** The kinds of egress policy, as a backend lists those it can enforce. */
+export type EgressMode = 'allow' | 'deny' | 'allow-list';
 
 /** The image's runtime configuration (OCI `config` section), as far as the VM needs it. */
 export interface ImageRuntimeConfig {
@@ -31,6 +49,8 @@ export interface BackendPrepareInput {
   workdir?: string;
   /** virtio-fs shares the guest should mount (by tag) at a path; see guest init. */
   mounts?: { tag: string; guestPath: string; readOnly: boolean }[];
+  /** The egress policy start() will get (a backend may need to prepare the guest for it). */
+  egress?: EgressPolicy;
   scope: SpanScope;
   signal?: AbortSignal;
 }
@@ -121,7 +141,7 @@ export interface Backend {
    * Egress policies `start` can enforce outside the guest (`input.egress`); 'allow' always works.
    * run() refuses a policy the backend lacks (ERR_MICROVM_EGRESS_UNSUPPORTED), never runs open.
    */
-  readonly egressPolicies?: readonly EgressPolicy[];
+  readonly egressPolicies?: readonly EgressMode[];
   /** Writes what the guest needs into the VM's writable rootfs layer. */
   prepareRootfs(input: BackendPrepareInput): Promise<void>;
   /** Starts the VM; resolves once it is configured and starting. */

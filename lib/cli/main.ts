@@ -23,6 +23,7 @@ import { gc, list, purge } from '../image/cache';
 import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
 import { IDLE_COMMAND, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
+import { parseEgress } from '../network/egress';
 import { type AccelChoice, parseAccel, probeKvm } from '../host/kvm';
 import { describeExit, type MicroVM } from '../vm';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from '../resolve/firmware';
@@ -86,6 +87,9 @@ Options:
   --ssh               inject a key and wait for SSH on guest port 22
   --egress POLICY     allow | deny (allow): deny cuts the guest off every network, the host's
                       included, enforced by QEMU on the host; -p ports still answer (QEMU backend)
+  --allow-host H:P[=ADDR]  (repeatable) an allow-list: the guest reaches only host name H on TCP
+                      port P (at ADDR instead of H's DNS answer), nothing else; connections are
+                      logged to the VM's egress.log (QEMU backend)
   -d, --detach        return once the VM started (print its name)
   -i, -t              interactive: run CMD (default /bin/sh) attached to this terminal (-i: stdin,
                       -t: a tty) through the guest agent, then stop the VM (QEMU backend)
@@ -348,11 +352,27 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       'boot-timeout': { type: 'string' },
       pull: { type: 'string' },
       egress: { type: 'string' },
+      'allow-host': { type: 'string', multiple: true },
     },
   });
   if (positionals.length !== 1) throw new UsageError('run takes one IMAGE (then -- CMD...)');
   if (values.egress !== undefined && values.egress !== 'allow' && values.egress !== 'deny')
     throw new UsageError(`--egress takes allow or deny, not ${JSON.stringify(values.egress)}`);
+  let egress: RunOptions['egress'] = values.egress;
+  if (values['allow-host']?.length) {
+    if (values.egress !== undefined) throw new UsageError('--allow-host is an allow-list: drop --egress');
+    const allow = values['allow-host'].map((spec) => {
+      const m = /^([^:=\s]+):(\d{1,5})(?:=(.+))?$/.exec(spec);
+      if (!m) throw new UsageError(`--allow-host takes HOST:PORT or HOST:PORT=ADDRESS, not ${JSON.stringify(spec)}`);
+      return { host: m[1], port: Number(m[2]), ...(m[3] ? { address: m[3] } : {}) };
+    });
+    try {
+      egress = parseEgress({ allow });
+    } catch (err) {
+      // The rules are numbered as the --allow-host options are given (egress.allow[0] is the first).
+      throw new UsageError(`--allow-host: ${(err as Error).message}`);
+    }
+  }
   // -i/-t: the VM idles and CMD (default /bin/sh) runs through its agent, attached to this terminal.
   const attached = values.interactive === true || values.tty === true;
   if (attached && values.detach) throw new UsageError('-i/-t attach to the VM; -d detaches: use one');
@@ -434,7 +454,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,
     initOverride: attached ? [...IDLE_COMMAND] : cmd.length ? cmd : undefined,
     ssh: values.ssh ? {} : undefined,
-    egress: values.egress,
+    egress,
     logLevel: values['log-level'] as RunOptions['logLevel'],
     tracerProvider,
     meterProvider,

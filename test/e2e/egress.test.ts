@@ -97,8 +97,26 @@ test("a backend that cannot enforce 'deny' (libkrun's TSI) refuses to start: ERR
         }),
       }),
     ).rejects.toMatchObject({ code: 'ERR_MICROVM_EGRESS_UNSUPPORTED' });
+    // An allow-list too: libkrun's TSI gives the guest the host's sockets.
+    await expect(
+      run('img', {
+        rootfsPath: process.env.MICROVM_TEST_IMAGE,
+        dataDir: path.join(d.dir, 'data'),
+        initOverride: ['/bin/true'],
+        preflight: [],
+        egress: { allow: [{ host: 'svc.test', port: 80 }] },
+        backend: libkrunBackend({
+          runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
+          firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
+          env: { PATH: process.env.PATH },
+        }),
+      }),
+    ).rejects.toMatchObject({
+      code: 'ERR_MICROVM_EGRESS_UNSUPPORTED',
+      message: expect.stringContaining("egress 'allow-list(1)' cannot be enforced by backend libkrun"),
+    });
     await expect(run('img', { rootfsPath: process.env.MICROVM_TEST_IMAGE, egress: 'none' as never })).rejects.toThrow(
-      "Expected 'allow' or 'deny' for egress but received \"none\"",
+      "Expected 'allow', 'deny' or { allow: [...] } for egress but received \"none\"",
     );
   } finally {
     d.cleanup();

@@ -36,7 +36,8 @@ import {
   parseAccel,
   recordKvmVerdict,
 } from '../../host/kvm';
-import { addonPath } from '../../native';
+import { addonPath, packageRoot } from '../../native';
+import { guestForwards, virtualHosts } from '../../network/egress';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
@@ -311,11 +312,19 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     supportsOverlay: true,
     // 'deny': slirp's restrict=on, in the QEMU process on the host: the guest's packets go nowhere
     // (not the host, not its resolver, not the internet); hostfwd (published ports) still works.
-    egressPolicies: ['allow', 'deny'],
+    egressPolicies: ['allow', 'deny', 'allow-list'],
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const ctx = rootfsContext(input.vmId, input.rootfs);
       // MicrovmPorts: the ports start() gives the guest, which its init waits for.
-      const config = { ...guestConfig(input), MicrovmPorts: ['microvm.stdout', 'microvm.stderr', 'microvm.agent'] };
+      const config = {
+        ...guestConfig(input),
+        MicrovmPorts: ['microvm.stdout', 'microvm.stderr', 'microvm.agent'],
+        // An egress allow-list's names, at their virtual addresses (lib/network/egress.ts); the
+        // init adds them to /etc/hosts.
+        ...(input.egress !== undefined && typeof input.egress === 'object'
+          ? { MicrovmHosts: virtualHosts(input.egress.allow).map((h) => [h.ip, h.host]) }
+          : {}),
+      };
       ctx.writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
       ctx.writeFile(GUEST_INIT_PATH, fs.readFileSync(guestInitPath()), {
         mode: 0o755,
@@ -428,6 +437,16 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     // milliseconds: its command line stays as it was.
     if (accel === 'tcg') cmdline.push('nolapic_timer', 'initcall_blacklist=jent_mod_init', 'loop.max_loop=0');
     const hostfwd = input.ports.map((p) => `,hostfwd=tcp:127.0.0.1:${p.host}-:${p.guest}`).join('');
+    // An allow-list: nothing leaves (restrict=on) but connections to the allowed names' virtual
+    // addresses and ports, each handed to a relay on the host (lib/network/egress.ts).
+    const egressForwards =
+      input.egress !== undefined && typeof input.egress === 'object'
+        ? guestForwards(input.egress.allow, {
+            node: process.execPath,
+            script: path.join(packageRoot, 'dist', 'network', 'relay.js'),
+            log: path.join(input.dataDir, 'egress.log'),
+          })
+        : '';
     const port = (id: string, file: string, name: string): string[] => [
       '-chardev',
       `file,id=${id},path=${file}`,
@@ -484,7 +503,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       '-device',
       'vhost-user-fs-device,chardev=fs,tag=root',
       '-netdev',
-      `user,id=n0${input.egress === 'deny' ? ',restrict=on' : ''}${hostfwd}`,
+      `user,id=n0${input.egress !== undefined && input.egress !== 'allow' ? ',restrict=on' : ''}${hostfwd}${egressForwards}`,
       '-device',
       'virtio-net-device,netdev=n0',
       '-device',
