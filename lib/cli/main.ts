@@ -139,11 +139,12 @@ stdout, stderr, hypervisor log). Exit 1 when a NAME is unknown (the others are s
 
 Prints each forwarded port as "GUEST -> 127.0.0.1:HOST" (with GUEST: that one's host port only).
 --json: an array of {host, guest}.`,
-  logs: `microvm logs NAME [-f] [-n N] [--console] [--data-dir DIR]
+  logs: `microvm logs NAME [-f] [-n N] [--console | --network] [--data-dir DIR]
 
 Prints the guest command's stdout (to stdout) and stderr (to stderr); with the libkrun backend, or
-with --console, the VM's console (kernel and init messages too). -n/--tail N: only the last N lines of
-each. -f follows.`,
+with --console, the VM's console (kernel and init messages too); with --network, the egress
+allow-list's connection log (one JSON object per line: time, host, port, address, ok, error,
+bytesIn, bytesOut). -n/--tail N: only the last N lines of each. -f follows.`,
   stop: `microvm stop [-t SECONDS] NAME... [--data-dir DIR] [--json]
 
 SIGTERM to each VM, SIGKILL after -t SECONDS (5) (only if its PID still is that VM).
@@ -741,7 +742,12 @@ const COMMAND_OPTIONS: Record<
   cp: {},
   doctor: {},
   setup: {},
-  logs: { follow: { type: 'boolean', short: 'f' }, console: { type: 'boolean' }, tail: { type: 'string', short: 'n' } },
+  logs: {
+    follow: { type: 'boolean', short: 'f' },
+    console: { type: 'boolean' },
+    network: { type: 'boolean' },
+    tail: { type: 'string', short: 'n' },
+  },
 };
 
 /**
@@ -993,14 +999,17 @@ export async function main(argv: string[]): Promise<number> {
             throw new UsageError(`--tail takes a number of lines, not ${JSON.stringify(values.tail)}`);
           tail = Number(values.tail);
         }
+        if (values.console && values.network) throw new UsageError('logs: --console or --network, not both');
         // The command's stdout and stderr where the backend kept them apart (QEMU), else the console.
         const separate = !values.console && fs.existsSync(path.join(dir, 'stdout.log'));
-        const streams = separate
-          ? [
-              { file: path.join(dir, 'stdout.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) },
-              { file: path.join(dir, 'stderr.log'), offset: 0, write: (b: Buffer) => process.stderr.write(b) },
-            ]
-          : [{ file: path.join(dir, 'console.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }];
+        const streams = values.network
+          ? [{ file: path.join(dir, 'egress.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }]
+          : separate
+            ? [
+                { file: path.join(dir, 'stdout.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) },
+                { file: path.join(dir, 'stderr.log'), offset: 0, write: (b: Buffer) => process.stderr.write(b) },
+              ]
+            : [{ file: path.join(dir, 'console.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }];
         if (tail !== undefined) for (const st of streams) st.offset = tailOffset(st.file, tail);
         const pump = (): void => {
           for (const st of streams) st.offset = pumpFile(st.file, st.offset, st.write);

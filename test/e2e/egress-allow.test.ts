@@ -9,6 +9,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { type MicroVM, run, type RunOptions } from '../../lib';
 import { parseEgress } from '../../lib/network/egress';
+import { packageRoot } from '../../lib/native';
 import { qemuSkipReason, scratch } from '../helpers';
 
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
@@ -193,6 +194,20 @@ for (const [port, body] of [[8080, 'allowed-service'], [9090, 'forbidden-service
       expect(log[0]).toMatchObject({ host: 'svc.test', port: 8080, address: farIp, ok: true });
       expect(log[0].bytesIn as number).toBeGreaterThan(15);
       expect((fs.statSync(path.join(vm.dataDir, 'egress.log')).mode & 0o777).toString(8)).toBe('600');
+      // The same through the CLI.
+      const cliOut = execFileSync(
+        process.execPath,
+        [
+          path.join(packageRoot, 'bin', 'microvm.js'),
+          'logs',
+          'listed',
+          '--network',
+          '--data-dir',
+          path.join(s.dir, 'data'),
+        ],
+        { encoding: 'utf8' },
+      );
+      expect(JSON.parse(cliOut.trim())).toMatchObject({ host: 'svc.test', port: 8080, ok: true });
     }, 180_000);
 
     test('an allowed name whose host is down: the guest sees the connection end, the log says why', async () => {
