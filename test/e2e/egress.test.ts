@@ -52,32 +52,39 @@ const fetchFromGuest = (host: string) =>
     expect((await closed.exec('nslookup localhost 10.0.2.3 >/dev/null 2>&1; echo $?')).stdout).not.toBe('0\n');
   }, 120_000);
 
-  test("'deny' keeps published ports answering", async () => {
-    const vm = await run(
-      'egress',
-      base({
-        egress: 'deny',
-        initOverride: [
-          '/bin/sh',
-          '-c',
-          'mkdir -p /www && echo inside > /www/index.html && exec httpd -f -p 80 -h /www',
-        ],
-        ports: [{ host: 0, guest: 80 }],
-        waitFor: { http: { port: 80, path: '/' } },
-      }),
-    );
-    vms.push(vm);
-    const body = await new Promise<string>((resolve, reject) =>
-      http
-        .get(`http://127.0.0.1:${vm.port(80)}/`, (res) => {
-          let b = '';
-          res.on('data', (d: Buffer) => (b += d.toString()));
-          res.on('end', () => resolve(b));
-        })
-        .on('error', reject),
-    );
-    expect(body).toBe('inside\n');
-  }, 120_000);
+  test.each([
+    ['deny', 'deny' as const],
+    ['an allow-list', { allow: [{ host: 'svc.test', port: 8080, address: '192.0.2.1' }] }],
+  ])(
+    '%s keeps published ports answering',
+    async (_label, egress) => {
+      const vm = await run(
+        'egress',
+        base({
+          egress,
+          initOverride: [
+            '/bin/sh',
+            '-c',
+            'mkdir -p /www && echo inside > /www/index.html && exec httpd -f -p 80 -h /www',
+          ],
+          ports: [{ host: 0, guest: 80 }],
+          waitFor: { http: { port: 80, path: '/' } },
+        }),
+      );
+      vms.push(vm);
+      const body = await new Promise<string>((resolve, reject) =>
+        http
+          .get(`http://127.0.0.1:${vm.port(80)}/`, (res) => {
+            let b = '';
+            res.on('data', (d: Buffer) => (b += d.toString()));
+            res.on('end', () => resolve(b));
+          })
+          .on('error', reject),
+      );
+      expect(body).toBe('inside\n');
+    },
+    120_000,
+  );
 });
 
 test("a backend that cannot enforce 'deny' (libkrun's TSI) refuses to start: ERR_MICROVM_EGRESS_UNSUPPORTED, never an open network", async () => {
