@@ -473,9 +473,10 @@ void StartExec(uint32_t id, const JsonValue& req) {
       use_tty, slave_name.c_str(), child_in,        child_out,   child_err,   user_ok,   !user.empty(), uid,
       gid,     cwd.c_str(),        program.c_str(), args.data(), envp.data(), user_what, chdir_what,    exec_what};
   // The child runs on a stack of its own (as posix_spawn does): with plain vfork() it would share
-  // this function's frame, whose spilled values it could overwrite before the agent resumes.
-  std::vector<char> stack(256 * 1024);
-  pid_t pid = clone(SpawnChild, stack.data() + stack.size(), CLONE_VM | CLONE_VFORK | SIGCHLD, &sa);
+  // this function's frame, whose spilled values it could overwrite before the agent resumes. One
+  // static stack serves every exec: the agent is suspended until the child has exec'd or exited.
+  alignas(16) static char spawn_stack[64 * 1024];
+  pid_t pid = clone(SpawnChild, spawn_stack + sizeof spawn_stack, CLONE_VM | CLONE_VFORK | SIGCHLD, &sa);
   if (pid < 0) {
     int err = errno;
     Release(s.get());

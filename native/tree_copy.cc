@@ -201,7 +201,9 @@ class Copier {
       if (errno != ERANGE) return Fail(errno, src, "listxattr");
       return Fail(E2BIG, src, "listxattr");  // more than 8 KiB of names: not an image we made
     }
-    std::vector<char> value(65536);
+    if (len == 0) return true;
+    // One buffer per copying thread (xattr values are at most 64 KiB), not one per file.
+    thread_local std::vector<char> value(65536);
     for (ssize_t i = 0; i < len;) {
       const char* name = names + i;
       i += static_cast<ssize_t>(std::strlen(name)) + 1;
