@@ -289,22 +289,41 @@ const std::string kSetgroups = "setgroups", kSetgid = "setgid", kSetuid = "setui
   _exit(code);
 }
 
-// execvp's search, done before vfork() with the command's own PATH (the child must not allocate):
-// the first PATH entry where `name` is an executable file, else `name` (execve then says why).
+bool IsExecutableFile(const std::string& p) {
+  struct stat st;
+  return stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode) && access(p.c_str(), X_OK) == 0;
+}
+
+// execvp's search, done before the child is made with the command's own PATH (the child must not
+// allocate): the first PATH entry where `name` is an executable file, else `name` (execve then
+// says why). Found paths are remembered per PATH, as a shell's hash table does: each directory
+// before the one that has it is a lookup that fails, and on the VM's virtio-fs root every lookup
+// is a round trip to the host (`true` from /bin with the default PATH: 9.7 ms an exec under TCG,
+// 7.3 ms by absolute path). A remembered path is checked again before use; one that is gone is
+// searched for anew. A program put earlier in PATH later is not seen until then (`hash -r`).
 std::string FindProgram(const std::string& name, const std::vector<std::string>& env) {
   if (name.find('/') != std::string::npos) return name;
   std::string path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
   for (const auto& e : env)
     if (e.compare(0, 5, "PATH=") == 0) path = e.substr(5);
+  static std::map<std::string, std::string> found;
+  const std::string key = path + '\0' + name;
+  auto hit = found.find(key);
+  if (hit != found.end()) {
+    if (IsExecutableFile(hit->second)) return hit->second;
+    found.erase(hit);
+  }
+  if (found.size() >= 256) found.clear();
   size_t start = 0;
   while (start <= path.size()) {
     size_t end = path.find(':', start);
     if (end == std::string::npos) end = path.size();
     std::string dir = path.substr(start, end - start);
     std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + name;
-    struct stat st;
-    if (stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) && access(candidate.c_str(), X_OK) == 0)
+    if (IsExecutableFile(candidate)) {
+      if (!dir.empty() && dir[0] == '/') found[key] = candidate;  // a relative entry depends on the cwd
       return candidate;
+    }
     start = end + 1;
   }
   return name;

@@ -78,6 +78,20 @@ const base = (extra: RunOptions = {}): RunOptions => ({
     });
   });
 
+  test("a bare name is looked up on the command's own PATH; a remembered one that is gone is looked up anew", async () => {
+    await vm.exec(
+      'mkdir -p /opt/a /opt/b && printf "#!/bin/sh\\necho from-a\\n" > /opt/a/tool && printf "#!/bin/sh\\necho from-b\\n" > /opt/b/tool && chmod +x /opt/a/tool /opt/b/tool',
+    );
+    const env = { PATH: '/opt/a:/opt/b:/bin' };
+    expect((await vm.exec(['tool'], { env })).stdout).toBe('from-a\n');
+    expect((await vm.exec(['tool'], { env })).stdout).toBe('from-a\n'); // remembered
+    expect((await vm.exec(['tool'], { env: { PATH: '/opt/b:/bin' } })).stdout).toBe('from-b\n'); // another PATH
+    await vm.exec(['rm', '/opt/a/tool']);
+    expect((await vm.exec(['tool'], { env })).stdout).toBe('from-b\n');
+    await vm.exec(['rm', '/opt/b/tool']);
+    expect(await vm.exec(['tool'], { env })).toMatchObject({ exitCode: 127, stderr: expect.stringContaining('tool') });
+  });
+
   test("env: the image's Env, then run()'s env, then the call's; cwd: the image's unless given; user", async () => {
     const r = await vm.exec('echo "$GREETING $FROM_RUN $CALL"; pwd; id -u', { env: { CALL: 'c', FROM_RUN: '2' } });
     expect(r.stdout).toBe('overridden-by-run 2 c\n/\n0\n');
