@@ -40,6 +40,7 @@ import { freePort } from './net';
 import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
 import { describeEgress, egressMode, parseEgress } from './network/egress';
+import { startEgressAudit } from './network/egress-audit';
 import {
   normalizeLogLevel,
   normalizePortMap,
@@ -761,6 +762,16 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
       ...(imageDigest ? { imageDigest } : {}),
     });
 
+    const onExit: Array<() => Promise<void>> = network ? [() => network.stop()] : [];
+    if (typeof o.egress === 'object') {
+      // The allow-list's connections become events of a span that lasts as long as the VM.
+      const audit = startEgressAudit(
+        path.join(vmDir, 'egress.log'),
+        { tracer: getTracer(o.tracerProvider), ctx: scope.ctx },
+        meters.connections,
+      );
+      onExit.push(() => Promise.resolve(audit.close()));
+    }
     const vm = new MicroVM(
       {
         id: o.id,
@@ -774,7 +785,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         logPath,
       },
       started,
-      network ? [() => network.stop()] : [],
+      onExit,
       getTracer(o.tracerProvider), // not the flight recorder's: it keeps every span of run() only
     );
 

@@ -18,6 +18,8 @@ export const SPAN = {
   ROOTFS_HOOKS: 'microvm.RootfsHooks',
   BACKEND_PREPARE: 'microvm.BackendPrepare',
   NETWORK_START: 'microvm.NetworkStart',
+  /** An egress allow-list's connections while the VM runs (lib/network/egress-audit.ts). */
+  NETWORK_EGRESS: 'microvm.network.Egress',
   /** libkrun as a user other than root, on a copied rootfs: owner overrides (lib/rootfs/override-stat.ts). */
   VIRTIOFS_OVERRIDE_STAT: 'microvm.VirtioFSOverrideStat',
   VM_SPAWN: 'microvm.VMSpawn',
@@ -81,6 +83,14 @@ export const ATTR = {
   NETWORK_PORTS: 'microvm.network.ports',
   /** On microvm.NetworkStart: the egress policy ('allow' | 'deny'). */
   NETWORK_EGRESS: 'microvm.network.egress',
+  /** On microvm.network.Egress: connections the relays made / that failed; events left out beyond the cap. */
+  NETWORK_CONNECTIONS: 'microvm.network.connections',
+  NETWORK_CONNECTION_FAILURES: 'microvm.network.connection_failures',
+  NETWORK_EVENTS_DROPPED: 'microvm.network.events_dropped',
+  /** On each microvm.network.connection event: connected | failed. */
+  NETWORK_OUTCOME: 'microvm.network.outcome',
+  NETWORK_BYTES_IN: 'microvm.network.bytes_in',
+  NETWORK_BYTES_OUT: 'microvm.network.bytes_out',
   RUNTIME_LIBKRUN_PATH: 'microvm.runtime.libkrun_path',
   RUNTIME_RUNNER_PATH: 'microvm.runtime.runner_path',
   FIRMWARE_PATH: 'microvm.firmware.path',
@@ -124,4 +134,6 @@ export const EVENT = {
   SSH_PROBE_FAILED: 'ssh.probe_failed',
   ACCEL_FALLBACK: 'microvm.accel_fallback',
   BOOT_RETRY: 'microvm.boot_retry',
+  /** One connection of an egress allow-list (server.address, server.port, outcome, error.type, bytes). */
+  NETWORK_CONNECTION: 'microvm.network.connection',
 } as const;

@@ -14,6 +14,8 @@ export const METRIC = {
   RUNS: 'microvm.runs',
   /** run() calls that failed (attributes: microvm.backend, error.type: the error's code). */
   FAILURES: 'microvm.run.failures',
+  /** Connections an egress allow-list's relays made (attribute: microvm.network.outcome connected|failed). */
+  CONNECTIONS: 'microvm.network.connections',
 } as const;
 
 /** The instruments one run() records to. */
@@ -21,6 +23,7 @@ export interface RunMetrics {
   stage: Histogram;
   runs: Counter;
   failures: Counter;
+  connections: Counter;
 }
 
 export function runMetrics(provider?: MeterProvider): RunMetrics {
@@ -32,6 +35,10 @@ export function runMetrics(provider?: MeterProvider): RunMetrics {
     }),
     runs: meter.createCounter(METRIC.RUNS, { unit: '{run}', description: 'run() calls that ended' }),
     failures: meter.createCounter(METRIC.FAILURES, { unit: '{run}', description: 'run() calls that failed' }),
+    connections: meter.createCounter(METRIC.CONNECTIONS, {
+      unit: '{connection}',
+      description: "Connections an egress allow-list's relays made or tried",
+    }),
   };
 }
 

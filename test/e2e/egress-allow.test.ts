@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import { type MicroVM, run, type RunOptions } from '../../lib';
 import { parseEgress } from '../../lib/network/egress';
 import { packageRoot } from '../../lib/native';
+import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { qemuSkipReason, scratch } from '../helpers';
 
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
@@ -162,9 +163,14 @@ for (const [port, body] of [[8080, 'allowed-service'], [9090, 'forbidden-service
     test('only the allowed name and port answer; raw addresses, other ports, the host and DNS do not; each connection is in egress.log', async () => {
       // Reachable from the host itself: the services are up.
       expect(execFileSync('ip', ['netns', 'exec', ns, 'true'])).toBeDefined();
+      const exporter = new InMemorySpanExporter();
       const vm = await run(
         'egress-allow',
-        base({ name: 'listed', egress: { allow: [{ host: 'svc.test', port: 8080, address: farIp }] } }),
+        base({
+          name: 'listed',
+          egress: { allow: [{ host: 'svc.test', port: 8080, address: farIp }] },
+          tracerProvider: new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }),
+        }),
       );
       vms.push(vm);
       expect((await vm.exec(fetch('svc.test', 8080))).stdout).toBe('allowed-service exit=0\n');
@@ -208,6 +214,22 @@ for (const [port, body] of [[8080, 'allowed-service'], [9090, 'forbidden-service
         { encoding: 'utf8' },
       );
       expect(JSON.parse(cliOut.trim())).toMatchObject({ host: 'svc.test', port: 8080, ok: true });
+      // And in the trace: one event on microvm.network.Egress, which ends with the VM.
+      await vm.stop();
+      const egressSpan = exporter.getFinishedSpans().find((x) => x.name === 'microvm.network.Egress');
+      const runSpan = exporter.getFinishedSpans().find((x) => x.name === 'microvm.Run');
+      expect(egressSpan?.parentSpanContext?.spanId).toBe(runSpan?.spanContext().spanId);
+      expect(egressSpan?.events.map((e) => e.attributes)).toEqual([
+        expect.objectContaining({
+          'server.address': 'svc.test',
+          'server.port': 8080,
+          'microvm.network.outcome': 'connected',
+        }),
+      ]);
+      expect(egressSpan?.attributes).toMatchObject({
+        'microvm.network.connections': 1,
+        'microvm.network.connection_failures': 0,
+      });
     }, 180_000);
 
     test('an allowed name whose host is down: the guest sees the connection end, the log says why', async () => {

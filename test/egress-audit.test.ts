@@ -1,0 +1,93 @@
+/**
+ * lib/network/egress-audit.ts on a log this test writes as the relays would (no VM): events on
+ * microvm.network.Egress, the counter, the caps, and hostile lines skipped.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { context, trace } from '@opentelemetry/api';
+import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { startEgressAudit } from '../lib/network/egress-audit';
+import { scratch } from './helpers';
+
+test('each line is an event at its time; failures counted; after 128 events only the totals grow; bad lines skipped', () => {
+  const s = scratch('microvm-audit-');
+  try {
+    const exporter = new InMemorySpanExporter();
+    const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
+    const root = tracer.startSpan('microvm.Run');
+    const counted: [number, unknown][] = [];
+    const file = path.join(s.dir, 'egress.log');
+    const audit = startEgressAudit(
+      file,
+      { tracer, ctx: trace.setSpan(context.active(), root) },
+      { add: (n: number, a?: unknown) => void counted.push([n, a]) },
+    );
+    const line = (o: Record<string, unknown>): string => `${JSON.stringify(o)}\n`;
+    fs.writeFileSync(
+      file,
+      line({ time: '2026-12-03T10:00:00.000Z', host: 'svc.test', port: 8080, ok: true, bytesIn: 120, bytesOut: 40 }) +
+        line({ time: '2026-12-03T10:00:01.000Z', host: 'svc.test', port: 8080, ok: false, error: 'ECONNREFUSED' }) +
+        'not json\n' +
+        line({ host: 'x'.repeat(300), port: 1, ok: true }) + // a name no rule can have
+        line({ host: 'svc.test', port: 'eighty', ok: true }) +
+        `${'{'.repeat(5000)}\n`,
+    );
+    // More than the cap, written in pieces (a line split across two reads still counts once).
+    let more = '';
+    for (let i = 0; i < 300; i++) more += line({ host: 'bulk.test', port: 443, ok: true, bytesIn: i });
+    fs.appendFileSync(file, more.slice(0, 1000));
+    fs.appendFileSync(file, more.slice(1000));
+    audit.close();
+    audit.close(); // once only
+    root.end();
+    const egress = exporter.getFinishedSpans().filter((x) => x.name === 'microvm.network.Egress');
+    expect(egress).toHaveLength(1);
+    const sp = egress[0];
+    expect(sp.parentSpanContext?.spanId).toBe(root.spanContext().spanId);
+    expect(sp.events).toHaveLength(128);
+    expect(sp.events[0].name).toBe('microvm.network.connection');
+    expect(sp.events[0].attributes).toEqual({
+      'server.address': 'svc.test',
+      'server.port': 8080,
+      'microvm.network.outcome': 'connected',
+      'microvm.network.bytes_in': 120,
+      'microvm.network.bytes_out': 40,
+    });
+    expect(sp.events[0].time).toEqual([Date.parse('2026-12-03T10:00:00.000Z') / 1000, 0]);
+    expect(sp.events[1].attributes).toMatchObject({
+      'microvm.network.outcome': 'failed',
+      'error.type': 'ECONNREFUSED',
+    });
+    expect(sp.attributes).toMatchObject({
+      'microvm.network.connections': 302,
+      'microvm.network.connection_failures': 1,
+      'microvm.network.events_dropped': 174,
+    });
+    expect(counted).toHaveLength(302);
+    expect(
+      counted.filter(([, a]) => (a as Record<string, string>)['microvm.network.outcome'] === 'failed'),
+    ).toHaveLength(1);
+  } finally {
+    s.cleanup();
+  }
+});
+
+test('no log at all (no connection was made): the span ends with zero counts', () => {
+  const s = scratch('microvm-audit-');
+  try {
+    const exporter = new InMemorySpanExporter();
+    const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
+    const audit = startEgressAudit(
+      path.join(s.dir, 'egress.log'),
+      { tracer, ctx: context.active() },
+      { add: () => undefined },
+    );
+    audit.close();
+    const [sp] = exporter.getFinishedSpans();
+    expect(sp.name).toBe('microvm.network.Egress');
+    expect(sp.events).toHaveLength(0);
+    expect(sp.attributes).toMatchObject({ 'microvm.network.connections': 0, 'microvm.network.events_dropped': 0 });
+  } finally {
+    s.cleanup();
+  }
+});
