@@ -91,3 +91,46 @@ test('no log at all (no connection was made): the span ends with zero counts', (
     s.cleanup();
   }
 });
+
+test('fields are checked one by one: bad byte counts left out, long errors cut, a missing time is now', () => {
+  const s = scratch('microvm-audit-');
+  try {
+    const exporter = new InMemorySpanExporter();
+    const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
+    const counted: unknown[] = [];
+    const file = path.join(s.dir, 'egress.log');
+    const before = Date.now();
+    fs.writeFileSync(
+      file,
+      `${JSON.stringify({ host: 'a.test', port: 1, ok: false, error: 'E'.repeat(100), bytesIn: -1, bytesOut: 1.5 })}\n` +
+        `${JSON.stringify({ host: 'a.test', port: 1, ok: true, bytesIn: 0, time: 'not a time' })}\n` +
+        `${JSON.stringify({ host: 'a.test', port: 1, ok: 'yes' })}\n` +
+        `${JSON.stringify({ host: 7, port: 1, ok: true })}\n` +
+        `${JSON.stringify({ host: 'a.test', port: 1, ok: true }).padEnd(5000, ' ')}\n` +
+        '{"host": "cut.test", "port": 1, "ok": true',
+    );
+    const audit = startEgressAudit(file, { tracer, ctx: context.active() }, { add: (_n, a) => void counted.push(a) });
+    audit.close();
+    const [sp] = exporter.getFinishedSpans();
+    expect(sp.events.map((e) => e.attributes)).toEqual([
+      {
+        'server.address': 'a.test',
+        'server.port': 1,
+        'microvm.network.outcome': 'failed',
+        'error.type': 'E'.repeat(64),
+      },
+      {
+        'server.address': 'a.test',
+        'server.port': 1,
+        'microvm.network.outcome': 'connected',
+        'microvm.network.bytes_in': 0,
+      },
+    ]);
+    const ms = (h: [number, number]): number => h[0] * 1e3 + h[1] / 1e6;
+    expect(ms(sp.events[1].time)).toBeGreaterThanOrEqual(before - 1);
+    expect(counted).toEqual([{ 'microvm.network.outcome': 'failed' }, { 'microvm.network.outcome': 'connected' }]);
+    expect(sp.attributes).toMatchObject({ 'microvm.network.connections': 2, 'microvm.network.connection_failures': 1 });
+  } finally {
+    s.cleanup();
+  }
+});
