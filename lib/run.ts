@@ -39,7 +39,7 @@ import { normalizeWaitFor, waitFor, type WaitStrategy } from './wait-for';
 import { freePort } from './net';
 import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
-import { describeEgress, egressMode, parseEgress } from './network/egress';
+import { allowListOf, describeEgress, egressMode, parseEgress } from './network/egress';
 import { startEgressAudit } from './network/egress-audit';
 import {
   normalizeLogLevel,
@@ -763,7 +763,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     });
 
     const onExit: Array<() => Promise<void>> = network ? [() => network.stop()] : [];
-    if (typeof o.egress === 'object') {
+    if (allowListOf(o.egress)) {
       // The allow-list's connections become events of a span that lasts as long as the VM.
       const audit = startEgressAudit(
         path.join(vmDir, 'egress.log'),

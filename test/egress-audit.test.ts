@@ -4,16 +4,24 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { context, trace } from '@opentelemetry/api';
+import { context, trace, type Tracer } from '@opentelemetry/api';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { startEgressAudit } from '../lib/network/egress-audit';
 import { scratch } from './helpers';
 
+/** A tracer whose finished spans the test reads. */
+function capture(): { exporter: InMemorySpanExporter; tracer: Tracer } {
+  const exporter = new InMemorySpanExporter();
+  return {
+    exporter,
+    tracer: new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t'),
+  };
+}
+
 test('each line is an event at its time; failures counted; after 128 events only the totals grow; bad lines skipped', () => {
   const s = scratch('microvm-audit-');
   try {
-    const exporter = new InMemorySpanExporter();
-    const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
+    const { exporter, tracer } = capture();
     const root = tracer.startSpan('microvm.Run');
     const counted: [number, unknown][] = [];
     const file = path.join(s.dir, 'egress.log');
@@ -75,8 +83,7 @@ test('each line is an event at its time; failures counted; after 128 events only
 test('no log at all (no connection was made): the span ends with zero counts', () => {
   const s = scratch('microvm-audit-');
   try {
-    const exporter = new InMemorySpanExporter();
-    const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
+    const { exporter, tracer } = capture();
     const audit = startEgressAudit(
       path.join(s.dir, 'egress.log'),
       { tracer, ctx: context.active() },
@@ -95,8 +102,7 @@ test('no log at all (no connection was made): the span ends with zero counts', (
 test('fields are checked one by one: bad byte counts left out, long errors cut, a missing time is now', () => {
   const s = scratch('microvm-audit-');
   try {
-    const exporter = new InMemorySpanExporter();
-    const tracer = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }).getTracer('t');
+    const { exporter, tracer } = capture();
     const counted: unknown[] = [];
     const file = path.join(s.dir, 'egress.log');
     const before = Date.now();

@@ -24,6 +24,7 @@ import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
 import { IDLE_COMMAND, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
 import { parseEgress } from '../network/egress';
+import { readAppended } from '../file-tail';
 import { type AccelChoice, parseAccel, probeKvm } from '../host/kvm';
 import { describeExit, type MicroVM } from '../vm';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from '../resolve/firmware';
@@ -285,28 +286,6 @@ async function detachedBackend(
 
 const signalNumber = (sig: NodeJS.Signals): number => os.constants.signals[sig] ?? 9;
 
-/** Copies what was appended to `file` since `offset` to `sink`; returns the new offset. */
-function pumpFile(file: string, offset: number, sink: (buf: Buffer) => void): number {
-  let fd: number;
-  try {
-    fd = fs.openSync(file, 'r');
-  } catch {
-    return offset; // not there yet
-  }
-  try {
-    const size = fs.fstatSync(fd).size;
-    if (size > offset) {
-      const buf = Buffer.alloc(size - offset);
-      const n = fs.readSync(fd, buf, 0, buf.length, offset);
-      sink(buf.subarray(0, n));
-      return offset + n;
-    }
-    return offset;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 /** A console stream with CRLF made LF (a CR held back until the next chunk shows what follows). */
 function crlfToLf(sink: (buf: Buffer) => void): { write: (buf: Buffer) => void; end: () => void } {
   let held = false;
@@ -534,7 +513,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     }
   }
   const pump = (): void => {
-    for (const st of streams) st.offset = pumpFile(st.file, st.offset, st.write);
+    for (const st of streams) st.offset = readAppended(st.file, st.offset, st.write);
   };
   const timer = setInterval(pump, 50);
   const exit = await started.wait();
@@ -1012,7 +991,7 @@ export async function main(argv: string[]): Promise<number> {
             : [{ file: path.join(dir, 'console.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }];
         if (tail !== undefined) for (const st of streams) st.offset = tailOffset(st.file, tail);
         const pump = (): void => {
-          for (const st of streams) st.offset = pumpFile(st.file, st.offset, st.write);
+          for (const st of streams) st.offset = readAppended(st.file, st.offset, st.write);
         };
         pump();
         if (values.follow) await new Promise<void>(() => setInterval(pump, 200));

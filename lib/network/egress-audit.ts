@@ -6,8 +6,8 @@
  * lines are capped in length and checked field by field; at most MAX_EVENTS events, then only the
  * totals grow (`microvm.network.events_dropped` says how many were left out).
  */
-import * as fs from 'node:fs';
 import type { Counter, Span } from '@opentelemetry/api';
+import { readAppended } from '../file-tail';
 import { ATTR, EVENT, SPAN } from '../telemetry/attributes';
 import { endSpan, type SpanScope } from '../telemetry/tracer';
 
@@ -86,28 +86,20 @@ export function startEgressAudit(file: string, scope: SpanScope, connections: Co
     );
   };
   const read = (): void => {
-    let fd: number;
-    try {
-      fd = fs.openSync(file, 'r');
-    } catch {
-      return; // no connection yet
-    }
-    try {
-      const size = fs.fstatSync(fd).size;
-      if (size <= offset) return;
-      const buf = Buffer.alloc(Math.min(size - offset, 1 << 20));
-      const got = fs.readSync(fd, buf, 0, buf.length, offset);
-      offset += got;
-      const lines = (rest + buf.subarray(0, got).toString('utf8')).split('\n');
-      rest = lines.pop() ?? '';
-      if (rest.length > MAX_LINE) rest = ''; // an endless line: skipped
-      for (const l of lines) {
-        const e = parse(l);
-        if (e) take(e);
-      }
-    } finally {
-      fs.closeSync(fd);
-    }
+    offset = readAppended(
+      file,
+      offset,
+      (chunk) => {
+        const lines = (rest + chunk.toString('utf8')).split('\n');
+        rest = lines.pop() ?? '';
+        if (rest.length > MAX_LINE) rest = ''; // an endless line: skipped
+        for (const l of lines) {
+          const e = parse(l);
+          if (e) take(e);
+        }
+      },
+      1 << 20,
+    );
   };
   const timer = setInterval(read, POLL_MS);
   timer.unref();

@@ -75,6 +75,11 @@ export function egressMode(p: EgressPolicy): EgressMode {
   return typeof p === 'string' ? p : 'allow-list';
 }
 
+/** The rules of an allow-list policy; undefined for 'allow', 'deny' or none. */
+export function allowListOf(p: EgressPolicy | undefined): readonly EgressRule[] | undefined {
+  return typeof p === 'object' ? p.allow : undefined;
+}
+
 /** How a policy reads in a span attribute or a message: `allow`, `deny`, `allow-list(2)`. */
 export function describeEgress(p: EgressPolicy): string {
   return typeof p === 'string' ? p : `allow-list(${p.allow.length})`;

@@ -354,7 +354,11 @@ function otlpAttributes(a: Attributes | undefined): { key: string; value: AnyVal
 /** The OTLP/JSON body of `spans` (ExportTraceServiceRequest), grouped by instrumentation scope. */
 export function spansToOtlpJson(spans: readonly CollectedSpan[], resource: Attributes): unknown {
   const byScope = new Map<string, CollectedSpan[]>();
-  for (const s of spans) byScope.set(s.scope, [...(byScope.get(s.scope) ?? []), s]);
+  for (const s of spans) {
+    const list = byScope.get(s.scope);
+    if (list) list.push(s);
+    else byScope.set(s.scope, [s]);
+  }
   return {
     resourceSpans: [
       {

@@ -90,35 +90,22 @@ const fetchFromGuest = (host: string) =>
 test("a backend that cannot enforce 'deny' (libkrun's TSI) refuses to start: ERR_MICROVM_EGRESS_UNSUPPORTED, never an open network", async () => {
   const d = scratch('microvm-egress-krun-');
   try {
-    await expect(
+    const onKrun = (egress: RunOptions['egress']): Promise<unknown> =>
       run('img', {
         rootfsPath: process.env.MICROVM_TEST_IMAGE,
         dataDir: path.join(d.dir, 'data'),
         initOverride: ['/bin/true'],
         preflight: [],
-        egress: 'deny',
+        egress,
         backend: libkrunBackend({
           runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
           firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
           env: { PATH: process.env.PATH },
         }),
-      }),
-    ).rejects.toMatchObject({ code: 'ERR_MICROVM_EGRESS_UNSUPPORTED' });
+      });
+    await expect(onKrun('deny')).rejects.toMatchObject({ code: 'ERR_MICROVM_EGRESS_UNSUPPORTED' });
     // An allow-list too: libkrun's TSI gives the guest the host's sockets.
-    await expect(
-      run('img', {
-        rootfsPath: process.env.MICROVM_TEST_IMAGE,
-        dataDir: path.join(d.dir, 'data'),
-        initOverride: ['/bin/true'],
-        preflight: [],
-        egress: { allow: [{ host: 'svc.test', port: 80 }] },
-        backend: libkrunBackend({
-          runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
-          firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
-          env: { PATH: process.env.PATH },
-        }),
-      }),
-    ).rejects.toMatchObject({
+    await expect(onKrun({ allow: [{ host: 'svc.test', port: 80 }] })).rejects.toMatchObject({
       code: 'ERR_MICROVM_EGRESS_UNSUPPORTED',
       message: expect.stringContaining("egress 'allow-list(1)' cannot be enforced by backend libkrun"),
     });

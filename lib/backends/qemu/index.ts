@@ -37,7 +37,7 @@ import {
   recordKvmVerdict,
 } from '../../host/kvm';
 import { addonPath, packageRoot } from '../../native';
-import { guestForwards, virtualHosts } from '../../network/egress';
+import { allowListOf, guestForwards, virtualHosts } from '../../network/egress';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
@@ -316,14 +316,13 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const ctx = rootfsContext(input.vmId, input.rootfs);
       // MicrovmPorts: the ports start() gives the guest, which its init waits for.
+      const allow = allowListOf(input.egress);
       const config = {
         ...guestConfig(input),
         MicrovmPorts: ['microvm.stdout', 'microvm.stderr', 'microvm.agent'],
         // An egress allow-list's names, at their virtual addresses (lib/network/egress.ts); the
         // init adds them to /etc/hosts.
-        ...(input.egress !== undefined && typeof input.egress === 'object'
-          ? { MicrovmHosts: virtualHosts(input.egress.allow).map((h) => [h.ip, h.host]) }
-          : {}),
+        ...(allow ? { MicrovmHosts: virtualHosts(allow).map((h) => [h.ip, h.host]) } : {}),
       };
       ctx.writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
       ctx.writeFile(GUEST_INIT_PATH, fs.readFileSync(guestInitPath()), {
@@ -439,14 +438,14 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     const hostfwd = input.ports.map((p) => `,hostfwd=tcp:127.0.0.1:${p.host}-:${p.guest}`).join('');
     // An allow-list: nothing leaves (restrict=on) but connections to the allowed names' virtual
     // addresses and ports, each handed to a relay on the host (lib/network/egress.ts).
-    const egressForwards =
-      input.egress !== undefined && typeof input.egress === 'object'
-        ? guestForwards(input.egress.allow, {
-            node: process.execPath,
-            script: path.join(packageRoot, 'dist', 'network', 'relay.js'),
-            log: path.join(input.dataDir, 'egress.log'),
-          })
-        : '';
+    const allow = allowListOf(input.egress);
+    const egressForwards = allow
+      ? guestForwards(allow, {
+          node: process.execPath,
+          script: path.join(packageRoot, 'dist', 'network', 'relay.js'),
+          log: path.join(input.dataDir, 'egress.log'),
+        })
+      : '';
     const port = (id: string, file: string, name: string): string[] => [
       '-chardev',
       `file,id=${id},path=${file}`,
