@@ -60,6 +60,8 @@ export const ERROR_CODES = {
   ERR_MICROVM_LOCK_TIMEOUT: 'a state or cache lock was held by another process for too long',
   ERR_MICROVM_VM_NOT_FOUND: 'no VM of that name (CLI)',
   ERR_MICROVM_USAGE: 'a CLI command was used wrongly (exit status 2); the message says how to get its help',
+  ERR_MICROVM_LOG_TIMES:
+    '`microvm logs --since` on output that has no arrival times (the console, the libkrun backend, a VM started by an older version)',
   ERR_MICROVM_PORT_NOT_FORWARDED: 'the VM forwards no host port to that guest port (`vm.port()`, `microvm port`)',
   ERR_MICROVM_VM_RUNNING: 'the VM is running and the command needs it stopped (CLI `rm` without `-f`)',
   ERR_MICROVM_BENCH_RUN_FAILED: 'a boot measured by `microvm bench` did not exit 0',

@@ -11,7 +11,10 @@
 //      (the host's sign of life: the kernel booted and this init runs);
 //   5. runs Cmd as a child with stdout and stderr on the ports "microvm.stdout"/"microvm.stderr"
 //      when the host provides them (not a tty: no CRLF, no kernel messages mixed in; stdin stays the
-//      console), reaping every orphan while it runs;
+//      console), reaping every orphan while it runs. When the host also provides "microvm.logtimes",
+//      the command writes into pipes and this init copies each chunk to its port and notes on
+//      "microvm.logtimes" when it arrived, as "<1|2> <offset> <ns>\n" (stream, the chunk's offset
+//      in that stream, CLOCK_MONOTONIC): what `microvm logs --since` reads;
 //   6. serves the host on the port "microvm.agent" when there is one (native/guest_agent.cc);
 //   7. reports the command's exit status on "microvm.exit" as "EXIT <code>\n" (125: setup failed,
 //      126: cannot execute, 127: not found, 128+N: killed by signal N), then powers off.
@@ -26,10 +29,12 @@
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -300,6 +305,15 @@ int main() {
 
   // Idle: no command of its own; the VM serves the agent until it is stopped (`microvm run -it`).
   const bool idle = cmd.size() == 2 && cmd[0] == "/.microvm/init" && cmd[1] == "--idle";
+  // With "microvm.logtimes": the command's stdout and stderr are pipes this process relays.
+  const bool relay = !idle && provided("microvm.logtimes");
+  int pipes[2][2] = {{-1, -1}, {-1, -1}};
+  for (int i = 0; relay && i < 2; i++) {
+    if (pipe2(pipes[i], O_CLOEXEC) != 0) {
+      Log(std::string("pipe: ") + std::strerror(errno));
+      Finish(125);
+    }
+  }
   pid_t child = idle ? 0 : fork();
   if (child < 0) Finish(125);
   if (idle) {
@@ -310,6 +324,10 @@ int main() {
     // The command's own output channels; without them (an older host) it keeps the console.
     const char* names[2] = {"microvm.stdout", "microvm.stderr"};
     for (int i = 0; i < 2; i++) {
+      if (relay) {
+        dup2(pipes[i][1], STDOUT_FILENO + i);  // the copy is not close-on-exec
+        continue;
+      }
       std::string port = provided(names[i]) ? WaitForPort(names[i], 10000) : FindPort(names[i]);
       if (port.empty()) continue;
       int fd = open(port.c_str(), O_WRONLY);
@@ -339,27 +357,131 @@ int main() {
     _exit(err == ENOENT ? 127 : 126);
   }
 
-  // Reap everything; the VM's status is the command's.
+  // Reap everything; the VM's status is the command's. SIGCHLD comes through a signalfd so that one
+  // poll waits for the command's output and for its end alike. It is blocked only now: the
+  // command was forked with the mask as it was; a SIGCHLD that came before is caught by the
+  // waitpid(WNOHANG) that starts every round.
+  sigset_t chld;
+  sigemptyset(&chld);
+  sigaddset(&chld, SIGCHLD);
+  sigprocmask(SIG_BLOCK, &chld, nullptr);
+  const int sigfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (sigfd < 0) {
+    Log(std::string("signalfd: ") + std::strerror(errno));
+    Finish(125);
+  }
+  struct Stream {
+    int in = -1;   // the pipe's read end (-1: none, or at its end)
+    int out = -1;  // the port
+    bool splice = true;
+    unsigned long long offset = 0;
+    long long noted = -1;  // when the last note on microvm.logtimes was taken
+  } streams[2];
+  int times_fd = -1;
+  if (relay) {
+    const char* names[2] = {"microvm.stdout", "microvm.stderr"};
+    for (int i = 0; i < 2; i++) {
+      close(pipes[i][1]);
+      streams[i].in = pipes[i][0];
+      fcntl(streams[i].in, F_SETPIPE_SZ, 1 << 20);  // room to batch: fewer wake-ups under TCG
+      std::string port = WaitForPort(names[i], 10000);
+      streams[i].out = port.empty() ? -1 : open(port.c_str(), O_WRONLY | O_CLOEXEC);
+      if (streams[i].out < 0) Log(std::string("no port ") + names[i] + ": the command's output is dropped");
+    }
+    std::string port = WaitForPort("microvm.logtimes", 10000);
+    times_fd = port.empty() ? -1 : open(port.c_str(), O_WRONLY | O_CLOEXEC);
+  }
+  // Moves what one pipe has to its port and notes when; false at the pipe's end. splice keeps the
+  // bytes in the kernel (virtio ports take it); a port that refuses it gets read + write instead.
+  // `drain`: the command has ended; take only what is there (the pipe is non-blocking then).
+  static char chunk[64 * 1024];
+  constexpr long long kNoteEveryNs = 10 * 1000 * 1000;
+  constexpr long kBatchNs = 2 * 1000 * 1000;
+  auto pump = [&](int i, bool drain) -> bool {
+    Stream& st = streams[i];
+    const long long at = MonotonicNs();
+    ssize_t n = -1;
+    if (st.out >= 0 && st.splice) {
+      n = splice(st.in, nullptr, st.out, nullptr, 1 << 20, SPLICE_F_MOVE | (drain ? SPLICE_F_NONBLOCK : 0));
+      if (n < 0 && errno == EINVAL) {
+        st.splice = false;
+        return true;
+      }
+    } else {
+      n = read(st.in, chunk, sizeof chunk);
+      for (ssize_t done = 0; st.out >= 0 && n > 0 && done < n;) {
+        ssize_t w = write(st.out, chunk + done, static_cast<size_t>(n - done));
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) break;  // the port is gone: the rest is dropped
+        done += w;
+      }
+    }
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return true;
+    if (n <= 0) {
+      close(st.in);
+      st.in = -1;
+      return false;
+    }
+    // One note per 10 ms of each stream at most (a note per write would double the port traffic of
+    // chatty commands): a chunk without one arrived less than 10 ms after the last note's time.
+    if (times_fd >= 0 && (st.noted < 0 || at - st.noted >= kNoteEveryNs)) {
+      st.noted = at;
+      std::string line =
+          std::to_string(i + 1) + " " + std::to_string(streams[i].offset) + " " + std::to_string(at) + "\n";
+      ssize_t ignored = write(times_fd, line.data(), line.size());
+      (void)ignored;
+    }
+    streams[i].offset += static_cast<unsigned long long>(n);
+    return true;
+  };
   for (;;) {
-    int status = 0;
-    pid_t pid = waitpid(-1, &status, 0);
-    if (pid < 0) {
-      if (errno == EINTR) continue;
-      if (idle && errno == ECHILD) {
-        pause();
+    for (;;) {
+      int status = 0;
+      pid_t pid = waitpid(-1, &status, WNOHANG);
+      if (pid == 0) break;
+      if (pid < 0) {
+        if (errno == EINTR) continue;
+        if (errno == ECHILD && (idle || child < 0)) break;
+        Finish(125);
+      }
+      if (pid == agent && agent > 0) {
+        const bool crashed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+        if (crashed) Log("the agent ended (status " + std::to_string(status) + ")");
+        agent = crashed && ++agent_restarts <= 5 ? StartAgent(defaults) : -1;
         continue;
       }
-      Finish(125);
+      if (pid == child) {
+        // What the command wrote before it ended is in the pipes: relay that much, without
+        // waiting for the pipes' end (a process it left behind may hold them open, and write on).
+        for (int i = 0; i < 2; i++) {
+          int queued = 0;
+          if (streams[i].in < 0 || ioctl(streams[i].in, FIONREAD, &queued) != 0) continue;
+          fcntl(streams[i].in, F_SETFL, O_NONBLOCK);
+          const unsigned long long until = streams[i].offset + static_cast<unsigned long long>(queued);
+          while (streams[i].in >= 0 && streams[i].offset < until) {
+            const unsigned long long before = streams[i].offset;
+            if (!pump(i, true) || streams[i].offset == before) break;
+          }
+        }
+        int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        Finish(code);
+      }
     }
-    if (pid == agent && agent > 0) {
-      const bool crashed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
-      if (crashed) Log("the agent ended (status " + std::to_string(status) + ")");
-      agent = crashed && ++agent_restarts <= 5 ? StartAgent(defaults) : -1;
-      continue;
+    struct pollfd fds[3] = {{sigfd, POLLIN, 0}, {streams[0].in, POLLIN, 0}, {streams[1].in, POLLIN, 0}};
+    if (poll(fds, 3, -1) < 0 && errno != EINTR) Finish(125);
+    if (fds[0].revents & POLLIN) {
+      struct signalfd_siginfo si;
+      while (read(sigfd, &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
+      }
     }
-    if (pid == child) {
-      int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      Finish(code);
+    if ((fds[1].revents | fds[2].revents) & POLLIN) {
+      // Let a writing command fill the pipe a little before moving it: under emulation each
+      // switch between the command and this process costs more than the copy (bench/output.js).
+      struct timespec batch = {0, kBatchNs};
+      nanosleep(&batch, nullptr);
+    }
+    for (int i = 0; i < 2; i++) {
+      if (fds[i + 1].revents & (POLLIN | POLLHUP | POLLERR)) pump(i, false);
     }
   }
 }

@@ -51,6 +51,8 @@ export interface BackendPrepareInput {
   mounts?: { tag: string; guestPath: string; readOnly: boolean }[];
   /** The egress policy start() will get (a backend may need to prepare the guest for it). */
   egress?: EgressPolicy;
+  /** Have the guest record when each chunk of the command's output arrives (run()'s `outputTimes`). */
+  outputTimes?: boolean;
   scope: SpanScope;
   signal?: AbortSignal;
 }
@@ -80,6 +82,8 @@ export interface BackendStartInput {
   bootTimeoutMs: number;
   /** What the guest may reach: 'allow' everything the host can, 'deny' nothing (published ports still work). */
   egress?: EgressPolicy;
+  /** As BackendPrepareInput's: the QEMU backend provides the port microvm.logtimes only then. */
+  outputTimes?: boolean;
   /** Set when a network provider replaced TSI (virtio-net over a unix socket). */
   network?: { kind: 'unixstream' | 'unixgram'; socketPath: string; mac: string };
   scope: SpanScope;

@@ -25,6 +25,14 @@ import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespac
 import { IDLE_COMMAND, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
 import { parseEgress } from '../network/egress';
 import { readAppended } from '../file-tail';
+import {
+  GUEST_CLOCK_FILE,
+  OUTPUT_TIMES_FILE,
+  jsonLinesOffsetSince,
+  offsetsSince,
+  parseSince,
+  readGuestClock,
+} from '../log-times';
 import { type AccelChoice, parseAccel, probeKvm } from '../host/kvm';
 import { describeExit, type MicroVM } from '../vm';
 import { resolveFirmware, FIRMWARE_INSTALL_HINT } from '../resolve/firmware';
@@ -140,12 +148,16 @@ stdout, stderr, hypervisor log). Exit 1 when a NAME is unknown (the others are s
 
 Prints each forwarded port as "GUEST -> 127.0.0.1:HOST" (with GUEST: that one's host port only).
 --json: an array of {host, guest}.`,
-  logs: `microvm logs NAME [-f] [-n N] [--console | --network] [--data-dir DIR]
+  logs: `microvm logs NAME [-f] [-n N] [--since T] [--console | --network] [--data-dir DIR]
 
 Prints the guest command's stdout (to stdout) and stderr (to stderr); with the libkrun backend, or
 with --console, the VM's console (kernel and init messages too); with --network, the egress
 allow-list's connection log (one JSON object per line: time, host, port, address, ok, error,
-bytesIn, bytesOut). -n/--tail N: only the last N lines of each. -f follows.`,
+bytesIn, bytesOut). -n/--tail N: only the last N lines of each. --since T: only what arrived at or
+after T: an ISO 8601 time (2026-12-03T14:00:00Z; no zone: local time), Unix seconds, or a duration
+back from now (90s, 10m, 1h30m); by the time each chunk of output reached the guest's init (lines
+written together share it); the command's output on QEMU VMs and --network only
+(ERR_MICROVM_LOG_TIMES otherwise). With both, the last N lines of what is that recent. -f follows.`,
   stop: `microvm stop [-t SECONDS] NAME... [--data-dir DIR] [--json]
 
 SIGTERM to each VM, SIGKILL after -t SECONDS (5) (only if its PID still is that VM).
@@ -726,6 +738,7 @@ const COMMAND_OPTIONS: Record<
     console: { type: 'boolean' },
     network: { type: 'boolean' },
     tail: { type: 'string', short: 'n' },
+    since: { type: 'string' },
   },
 };
 
@@ -979,6 +992,14 @@ export async function main(argv: string[]): Promise<number> {
           tail = Number(values.tail);
         }
         if (values.console && values.network) throw new UsageError('logs: --console or --network, not both');
+        let since: number | undefined;
+        if (values.since !== undefined) {
+          since = parseSince(String(values.since));
+          if (since === undefined)
+            throw new UsageError(
+              `--since takes a time (2026-12-03T14:00:00Z), Unix seconds or a duration back (10m, 1h30m), not ${JSON.stringify(values.since)}`,
+            );
+        }
         // The command's stdout and stderr where the backend kept them apart (QEMU), else the console.
         const separate = !values.console && fs.existsSync(path.join(dir, 'stdout.log'));
         const streams = values.network
@@ -989,7 +1010,25 @@ export async function main(argv: string[]): Promise<number> {
                 { file: path.join(dir, 'stderr.log'), offset: 0, write: (b: Buffer) => process.stderr.write(b) },
               ]
             : [{ file: path.join(dir, 'console.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }];
-        if (tail !== undefined) for (const st of streams) st.offset = tailOffset(st.file, tail);
+        if (since !== undefined) {
+          if (values.network) streams[0].offset = jsonLinesOffsetSince(streams[0].file, since);
+          else {
+            // Chunk times exist for the command's own stdout and stderr on the QEMU backend.
+            const zero = readGuestClock(path.join(dir, GUEST_CLOCK_FILE));
+            const times = path.join(dir, OUTPUT_TIMES_FILE);
+            if (!separate || zero === undefined || !fs.existsSync(times))
+              throw coded(
+                'ERR_MICROVM_LOG_TIMES',
+                `${positional[0]} has no arrival times for ${separate ? 'its output' : 'the console'}: --since works on the command's stdout and stderr of VMs the QEMU backend started`,
+              );
+            const size = (f: string): number => (fs.existsSync(f) ? fs.statSync(f).size : 0);
+            const offsets = offsetsSince(times, zero, since, [size(streams[0].file), size(streams[1].file)]);
+            streams[0].offset = offsets[0];
+            streams[1].offset = offsets[1];
+          }
+        }
+        // -n with --since: the last N lines of what is that recent.
+        if (tail !== undefined) for (const st of streams) st.offset = Math.max(st.offset, tailOffset(st.file, tail));
         const pump = (): void => {
           for (const st of streams) st.offset = readAppended(st.file, st.offset, st.write);
         };

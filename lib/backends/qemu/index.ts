@@ -48,6 +48,7 @@ import { STOP_SIGNALS } from '../types';
 import { pvhKernelFor } from './kernel';
 import { QmpClient } from './qmp';
 import { readTail } from '../../file-tail';
+import { GUEST_CLOCK_FILE, OUTPUT_TIMES_FILE, writeGuestClock } from '../../log-times';
 import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
@@ -319,7 +320,12 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       const allow = allowListOf(input.egress);
       const config = {
         ...guestConfig(input),
-        MicrovmPorts: ['microvm.stdout', 'microvm.stderr', 'microvm.agent'],
+        MicrovmPorts: [
+          'microvm.stdout',
+          'microvm.stderr',
+          ...(input.outputTimes === false ? [] : ['microvm.logtimes']),
+          'microvm.agent',
+        ],
         // An egress allow-list's names, at their virtual addresses (lib/network/egress.ts); the
         // init adds them to /etc/hosts.
         ...(allow ? { MicrovmHosts: virtualHosts(allow).map((h) => [h.ip, h.host]) } : {}),
@@ -406,7 +412,19 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     const qmpSock = path.join(input.dataDir, 'qmp.sock');
     const exitFile = path.join(input.dataDir, 'exit-status');
     const agentSock = path.join(input.dataDir, AGENT_SOCKET);
-    for (const f of [fsSock, qmpSock, exitFile, agentSock, input.consoleLogPath, input.stdoutPath, input.stderrPath])
+    const timesFile = path.join(input.dataDir, OUTPUT_TIMES_FILE);
+    const clockFile = path.join(input.dataDir, GUEST_CLOCK_FILE);
+    for (const f of [
+      fsSock,
+      qmpSock,
+      exitFile,
+      agentSock,
+      timesFile,
+      clockFile,
+      input.consoleLogPath,
+      input.stdoutPath,
+      input.stderrPath,
+    ])
       fs.rmSync(f, { force: true });
     const cpus = accel === 'tcg' ? 1 : input.cpus; // this kernel hangs with smp > 1 under TCG
     const khz = hostTscKhz();
@@ -492,6 +510,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       ...port('exit', exitFile, 'microvm.exit'),
       ...port('out', input.stdoutPath, 'microvm.stdout'),
       ...port('err', input.stderrPath, 'microvm.stderr'),
+      // When each chunk of the command's output arrived (the init relays it): for logs --since.
+      ...(input.outputTimes === false ? [] : port('times', timesFile, 'microvm.logtimes')),
       // The guest agent's channel (native/guest_agent.cc): QEMU listens; one host client at a time.
       '-chardev',
       `socket,id=agent,path=${agentSock},server=on,wait=off`,
@@ -623,6 +643,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     // (then stop QEMU). Read on every change of the file (inotify) and on a 20 ms poll besides.
     let upSeenAt: number | undefined; // performance.now() when UP was first read (maps the guest clock)
     let guestSpans = false;
+    let clockWritten = false;
     const emitGuest = (text: string, final: boolean): void => {
       if (guestSpans || upSeenAt === undefined || !input.guestScope) return;
       const m = parseMilestones(text);
@@ -652,6 +673,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       const r = readExitPort(text);
       if (r.up && !up) upSeenAt = performance.now();
       if (r.up) up = true;
+      if (!clockWritten && upSeenAt !== undefined) clockWritten = writeGuestClock(clockFile, text, upSeenAt);
       emitGuest(text, false);
       if (r.code !== undefined && guestCode === undefined && !failure) {
         guestCode = r.code;
