@@ -36,6 +36,14 @@
       "sources": ["native/fs_guard.cc"]
     },
     {
+      # LD_PRELOADed into QEMU when an egress policy needs it (see native/net_guard.cc).
+      "target_name": "microvm-netguard",
+      "type": "shared_library",
+      "product_prefix": "",
+      "product_extension": "so",
+      "sources": ["native/net_guard.cc"]
+    },
+    {
       # PID 1 of VMs booted by the QEMU backend: static, so it runs in any image.
       "target_name": "microvm-guest-init",
       "type": "executable",

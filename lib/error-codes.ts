@@ -73,6 +73,8 @@ export const ERROR_CODES = {
   ERR_MICROVM_SSH_UNAVAILABLE: 'the VM was started without SSH',
   ERR_MICROVM_EGRESS_RELAY:
     'an egress allow-list cannot hand connections to its relay: a path with spaces, commas, quotes or backslashes',
+  ERR_MICROVM_EGRESS_GUARD:
+    'the egress filter (microvm-netguard.so) is missing, or QEMU ran without it or without its policy: the VM is stopped rather than run open',
   ERR_MICROVM_EGRESS_UNSUPPORTED:
     'an `egress` policy the backend (or network provider) cannot enforce; the VM is not started rather than run open',
   ERR_MICROVM_AGENT_UNAVAILABLE:

@@ -95,10 +95,10 @@ if (mode === 'gyp') {
   const gyp = nodeGypScript();
   if (gyp) env.PREBUILD_NODE_GYP = gyp;
   const secs = run(process.execPath, [prebuildify, '--napi', '--strip'], env);
-  // prebuildify copies only .node files; the runner, the guest init and the fs guard ship beside the addon.
+  // prebuildify copies only .node files; the runner, the guest init and the two guards ship beside the addon.
   const dest = path.join(root, 'prebuilds', `${process.platform}-${process.arch}`);
   fs.mkdirSync(dest, { recursive: true });
-  for (const exe of ['microvm-runner', 'microvm-guest-init', 'microvm-fsguard.so']) {
+  for (const exe of ['microvm-runner', 'microvm-guest-init', 'microvm-fsguard.so', 'microvm-netguard.so']) {
     const out = path.join(dest, exe);
     fs.copyFileSync(path.join(root, 'build', 'Release', exe), out);
     fs.chmodSync(out, 0o755);

@@ -35,17 +35,35 @@ describe('usage', () => {
       code: 2,
       stderr: expect.stringContaining('[ERR_MICROVM_USAGE] --egress takes allow or deny, not "maybe"'),
     });
-    expect(cli(['run', '--allow-host', 'svc.test', 'img'])).toMatchObject({
+    expect(cli(['run', '--allow-host', 'svc.test:http', 'img'])).toMatchObject({
       code: 2,
-      stderr: expect.stringContaining('--allow-host takes HOST:PORT or HOST:PORT=ADDRESS, not "svc.test"'),
+      stderr: expect.stringContaining(
+        '--allow-host takes HOST, *.HOST, HOST:PORT[/udp] or HOST:PORT=ADDRESS, not "svc.test:http"',
+      ),
     });
-    expect(cli(['run', '--allow-host', 'a.test:80', '--allow-host', '*.b.test:443', 'img'])).toMatchObject({
+    expect(cli(['run', '--allow-host', 'a.test:80', '--allow-host', '*b.test:443', 'img'])).toMatchObject({
       code: 2,
-      stderr: expect.stringContaining('--allow-host: egress.allow[1].host "*.b.test": wildcards'),
+      stderr: expect.stringContaining(
+        'egress rules: egress.allow[1].host "*b.test" is not a host name (a wildcard is "*." before a name)',
+      ),
+    });
+    expect(cli(['run', '--allow-cidr', '10.0.0.0/33', 'img'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining(
+        'egress rules: egress.allow[0].cidr "10.0.0.0/33" is not an address or a network',
+      ),
+    });
+    expect(cli(['run', '--deny-cidr', '10.0.0.0/8:80/icmp', 'img'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('--deny-cidr takes CIDR, CIDR:PORT[/udp] or [IPV6-CIDR]:PORT[/udp]'),
+    });
+    expect(cli(['run', '--dns', '8.8.8.8:99999', 'img'])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('egress.dns "8.8.8.8:99999" is not a resolver address'),
     });
     expect(cli(['run', '--allow-host', 'a.test:80', '--egress', 'deny', 'img'])).toMatchObject({
       code: 2,
-      stderr: expect.stringContaining('--allow-host is an allow-list: drop --egress'),
+      stderr: expect.stringContaining('--egress deny and rules: drop --egress'),
     });
     for (const c of [
       'pull',

@@ -2,7 +2,17 @@
  * lib/network/egress.ts's pieces without a VM: the policy kinds, the virtual addresses and the QEMU
  * forwards an allow-list becomes, and the paths a relay may not have.
  */
-import { describeEgress, egressMode, guestForwards, virtualHosts } from '../lib/network/egress';
+import {
+  allowListOf,
+  describeEgress,
+  egressMode,
+  guardPolicy,
+  guestForwards,
+  needsGuard,
+  parseEgress,
+  parseResolver,
+  virtualHosts,
+} from '../lib/network/egress';
 
 const rules = [
   { host: 'api.test', port: 443 },
@@ -49,5 +59,59 @@ test.each([
 ])('a relay %s path %j that QEMU or its command line would split is refused: ERR_MICROVM_EGRESS_RELAY', (key, p) => {
   expect(() => guestForwards(rules, { ...relay, [key]: p })).toThrow(
     expect.objectContaining({ code: 'ERR_MICROVM_EGRESS_RELAY', message: expect.stringContaining(JSON.stringify(p)) }),
+  );
+});
+
+test('rules beyond relayed names: normalized, and which need the filter in QEMU', () => {
+  const p = parseEgress({
+    allow: [
+      { cidr: '10.1.2.3' },
+      { host: '*.Svc.Test', port: 8080 },
+      { host: 'api.test', port: 443 },
+      { cidr: '2001:DB8::/32', protocol: 'udp' },
+    ],
+    deny: [{ host: 'bad.svc.test' }],
+    dns: '[::1]:5353',
+  });
+  expect(p).toEqual({
+    allow: [
+      { cidr: '10.1.2.3/32' },
+      { host: '*.svc.test', port: 8080 },
+      { host: 'api.test', port: 443 },
+      { cidr: '2001:db8::/32', protocol: 'udp' },
+    ],
+    deny: [{ host: 'bad.svc.test' }],
+    dns: '[::1]:5353',
+  });
+  expect(describeEgress(p)).toBe('rules(allow 4, deny 1, dns [::1]:5353)');
+  expect(allowListOf(p)).toEqual([{ host: 'api.test', port: 443 }]); // the relayed one
+  expect([
+    needsGuard(p),
+    needsGuard({ allow: rules }),
+    needsGuard('deny'),
+    needsGuard({ deny: [] }),
+    needsGuard({ dns: '10.0.0.1' }),
+  ]).toEqual([true, false, false, false, true]);
+  expect(guardPolicy(p as Exclude<typeof p, string>, { log: '/d/egress.log', ready: '/d/ready' }).split('\n')).toEqual([
+    'default deny',
+    'log /d/egress.log',
+    'ready /d/ready',
+    'upstream ::1 5353',
+    'rule deny host bad.svc.test 0 any egress.deny[0]',
+    'rule allow cidr 10.1.2.3/32 0 any egress.allow[0]',
+    'rule allow suffix .svc.test 8080 any egress.allow[1]',
+    'rule allow cidr 2001:db8::/32 0 udp egress.allow[3]',
+    '',
+  ]);
+  // Only deny rules: what they do not name stays allowed.
+  expect(guardPolicy({ deny: [{ cidr: '10.0.0.0/8' }] }, { log: '/l', ready: '/r' })).toMatch(/^default allow\n/);
+  expect(() => guardPolicy({ deny: [] }, { log: 'relative', ready: '/r' })).toThrow(/Bad path/);
+  expect(parseResolver('10.0.0.1')).toEqual({ ip: '10.0.0.1', port: 53 });
+  expect([parseResolver('10.0.0.1:0'), parseResolver('[::1]'), parseResolver('::1:53'), parseResolver('x:53')]).toEqual(
+    [undefined, undefined, { ip: '::1:53', port: 53 }, undefined],
+  );
+  expect(() => parseEgress({})).toThrow(/egress needs allow or deny rules/);
+  expect(() => parseEgress({ allow: [{ host: 'a.test', cidr: '10.0.0.0/8' }] })).toThrow(
+    /exactly one of host and cidr/,
   );
 });

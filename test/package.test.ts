@@ -298,6 +298,7 @@ describe('the packed package', () => {
         'package/prebuilds/linux-x64/microvm-runner',
         'package/prebuilds/linux-x64/microvm-guest-init',
         'package/prebuilds/linux-x64/microvm-fsguard.so',
+        'package/prebuilds/linux-x64/microvm-netguard.so',
         'package/LICENSE',
         'package/docs/api.md',
         'package/dist/index.js',

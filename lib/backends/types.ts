@@ -8,22 +8,36 @@ import type { SpanScope } from '../telemetry/tracer';
 import type { ClonedRootfs } from '../rootfs/clone';
 
 /**
- * One destination an allow-list lets the guest reach: a host name (exact, resolved on the host
- * when the guest connects, unless `address` says where) and a TCP port.
+ * One egress rule. Exactly one of `host` and `cidr`:
+ * - `{ host: 'api.example.com', port: 443, address? }` (allow only): relayed. The name gets a virtual
+ *   address in the guest's /etc/hosts; each connection to it and the port goes to a relay on the
+ *   host that connects to that host (or `address`) and nothing else. No DNS involved.
+ * - `{ host: '*.example.com' | 'example.com', port?, protocol? }` without a port, or with a wildcard:
+ *   by DNS. Questions for the name are answered (refused names get NXDOMAIN) and the addresses
+ *   in the answers are reachable (on `port`, `protocol` if given) while the answer is fresh.
+ *   `*.example.com` covers every name below example.com, not example.com itself.
+ * - `{ cidr: '203.0.113.0/24' | '2001:db8::/32', port?, protocol? }`: addresses.
+ * In `deny`, a host rule refuses the name's DNS questions and the addresses learned for it.
  */
 export interface EgressRule {
-  host: string;
-  port: number;
-  /** Connect here instead of resolving `host` (an IPv4 or IPv6 address), like curl's --resolve. */
+  host?: string;
+  cidr?: string;
+  /** Any port when not given (required for a relayed host rule). */
+  port?: number;
+  /** 'tcp' or 'udp'; both (and ICMP) when not given. */
+  protocol?: 'tcp' | 'udp';
+  /** Relayed host rules: connect here instead of resolving `host` (IPv4 or IPv6), like curl's --resolve. */
   address?: string;
 }
 
 /**
  * Outbound network policy for the guest: `'allow'` (default: everything the host can reach),
- * `'deny'` (nothing; published ports still answer) or `{ allow: [...] }` (only those names and
- * ports, over TCP; see docs/security.md).
+ * `'deny'` (nothing; published ports still answer) or rules: `{ allow?: [...], deny?: [...], dns? }`.
+ * Deny rules win over allow rules; what no rule names is refused when there are allow rules and
+ * allowed when there are only deny rules. `dns`: the resolver ('IP' or 'IP:PORT') allowed questions
+ * go to (default: the one the guest asked, through QEMU). See docs/security.md.
  */
-export type EgressPolicy = 'allow' | 'deny' | { allow: EgressRule[] };
+export type EgressPolicy = 'allow' | 'deny' | { allow?: EgressRule[]; deny?: EgressRule[]; dns?: string };
 
 /** The kinds of egress policy, as a backend lists those it can enforce. */
 export type EgressMode = 'allow' | 'deny' | 'allow-list';

@@ -98,7 +98,13 @@ Options:
                       included, enforced by QEMU on the host; -p ports still answer (QEMU backend)
   --allow-host H:P[=ADDR]  (repeatable) an allow-list: the guest reaches only host name H on TCP
                       port P (at ADDR instead of H's DNS answer), nothing else; connections are
-                      logged to the VM's egress.log (QEMU backend)
+                      logged to the VM's egress.log (QEMU backend). H, *.H or H:P/udp: by DNS,
+                      the addresses answered for H (or any name below it) on any port (or P)
+  --allow-cidr NET    (repeatable) the guest reaches addresses in NET (10.0.0.0/8, NET:443,
+                      NET:53/udp, [2001:db8::/32]:443)
+  --deny-host H, --deny-cidr NET  (repeatable) refused even where an allow rule matches; with
+                      only deny rules, everything else is allowed
+  --dns IP[:PORT]     the resolver DNS questions for allowed names go to
   -d, --detach        return once the VM started (print its name)
   -i, -t              interactive: run CMD (default /bin/sh) attached to this terminal (-i: stdin,
                       -t: a tty) through the guest agent, then stop the VM (QEMU backend)
@@ -230,6 +236,37 @@ function table(header: string[], rows: string[][]): string {
     .join('\n');
 }
 
+/** `--allow-host`/`--deny-host`: HOST, *.HOST, HOST:PORT[/udp] or HOST:PORT=ADDRESS. */
+function hostRule(flag: string, spec: string): Record<string, unknown> {
+  const m = /^([^:=\s/]+)(?::(\d{1,5})(?:\/(tcp|udp))?)?(?:=(.+))?$/.exec(spec);
+  if (!m)
+    throw new UsageError(
+      `--${flag} takes HOST, *.HOST, HOST:PORT[/udp] or HOST:PORT=ADDRESS, not ${JSON.stringify(spec)}`,
+    );
+  return {
+    host: m[1],
+    ...(m[2] ? { port: Number(m[2]) } : {}),
+    ...(m[3] ? { protocol: m[3] } : {}),
+    ...(m[4] ? { address: m[4] } : {}),
+  };
+}
+
+/** `--allow-cidr`/`--deny-cidr`: CIDR, CIDR:PORT[/udp] (IPv4), or [CIDR]:PORT[/udp] (IPv6). */
+function cidrRule(flag: string, spec: string): Record<string, unknown> {
+  const m = /^(?:\[([^\]]+)\]|([^:\s\[\]]+))(?::(\d{1,5})(?:\/(tcp|udp))?)?$/.exec(spec);
+  const cidr = m?.[1] ?? m?.[2] ?? (/^[0-9a-fA-F:./]+$/.test(spec) && spec.includes(':') ? spec : undefined);
+  if (!cidr)
+    throw new UsageError(
+      `--${flag} takes CIDR, CIDR:PORT[/udp] or [IPV6-CIDR]:PORT[/udp], not ${JSON.stringify(spec)}`,
+    );
+  const bareV6 = !m || (m[2] === undefined && m[1] === undefined);
+  return {
+    cidr,
+    ...(!bareV6 && m?.[3] ? { port: Number(m[3]) } : {}),
+    ...(!bareV6 && m?.[4] ? { protocol: m[4] } : {}),
+  };
+}
+
 /** VM names in the data dir, sorted. */
 function vmNames(dataDir: string): string[] {
   const dir = path.join(dataDir, 'vms');
@@ -345,24 +382,37 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       pull: { type: 'string' },
       egress: { type: 'string' },
       'allow-host': { type: 'string', multiple: true },
+      'allow-cidr': { type: 'string', multiple: true },
+      'deny-host': { type: 'string', multiple: true },
+      'deny-cidr': { type: 'string', multiple: true },
+      dns: { type: 'string' },
     },
   });
   if (positionals.length !== 1) throw new UsageError('run takes one IMAGE (then -- CMD...)');
   if (values.egress !== undefined && values.egress !== 'allow' && values.egress !== 'deny')
     throw new UsageError(`--egress takes allow or deny, not ${JSON.stringify(values.egress)}`);
   let egress: RunOptions['egress'] = values.egress;
-  if (values['allow-host']?.length) {
-    if (values.egress !== undefined) throw new UsageError('--allow-host is an allow-list: drop --egress');
-    const allow = values['allow-host'].map((spec) => {
-      const m = /^([^:=\s]+):(\d{1,5})(?:=(.+))?$/.exec(spec);
-      if (!m) throw new UsageError(`--allow-host takes HOST:PORT or HOST:PORT=ADDRESS, not ${JSON.stringify(spec)}`);
-      return { host: m[1], port: Number(m[2]), ...(m[3] ? { address: m[3] } : {}) };
-    });
+  const ruleFlags = ['allow-host', 'allow-cidr', 'deny-host', 'deny-cidr'] as const;
+  if (ruleFlags.some((f) => values[f]?.length) || values.dns !== undefined) {
+    const hasAllow = Boolean(values['allow-host']?.length || values['allow-cidr']?.length);
+    if (values.egress === 'deny' || (values.egress === 'allow' && hasAllow))
+      throw new UsageError(`--egress ${values.egress} and rules: drop --egress (allow rules make an allow-list)`);
+    const policy: { allow?: unknown[]; deny?: unknown[]; dns?: string } = {};
+    if (hasAllow) policy.allow = [];
+    if (values['deny-host']?.length || values['deny-cidr']?.length) policy.deny = [];
+    for (const flag of ruleFlags) {
+      const verdict = flag.startsWith('allow') ? 'allow' : 'deny';
+      for (const spec of values[flag] ?? []) {
+        const rule = flag.endsWith('host') ? hostRule(flag, spec) : cidrRule(flag, spec);
+        (policy[verdict] as unknown[]).push(rule);
+      }
+    }
+    if (values.dns !== undefined) policy.dns = values.dns;
     try {
-      egress = parseEgress({ allow });
+      egress = parseEgress(policy);
     } catch (err) {
-      // The rules are numbered as the --allow-host options are given (egress.allow[0] is the first).
-      throw new UsageError(`--allow-host: ${(err as Error).message}`);
+      // Rules are numbered as given, --allow-host before --allow-cidr (egress.allow[0] is the first).
+      throw new UsageError(`egress rules: ${(err as Error).message}`);
     }
   }
   // -i/-t: the VM idles and CMD (default /bin/sh) runs through its agent, attached to this terminal.

@@ -9,6 +9,11 @@
  * process on the host (`guestfwd ... cmd:`), which connects to the real host and port and nothing
  * else, and appends one line per connection to the VM's `egress.log`. The guest can only reach
  * what a relay was started for.
+ *
+ * Rules that a relay cannot serve (address ranges, wildcard or port-less names, deny rules, a
+ * resolver) need the egress filter (native/net_guard.cc): QEMU's network is then not restricted,
+ * and the filter, preloaded into QEMU, decides every connection, datagram and DNS question that
+ * leaves it; relayed names keep their relays beside it.
  */
 import { isIP } from 'node:net';
 import * as path from 'node:path';
@@ -24,50 +29,107 @@ const FIRST_VIRTUAL = 100; // 10.0.2.100: clear of QEMU's .2 (host), .3 (DNS), .
 const HOST_RE =
   /^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
 
+/** `*.` and a host name: every name below it. */
+const WILDCARD_RE = /^\*\.(.+)$/;
+
+function parseRule(name: string, raw: unknown, verdict: 'allow' | 'deny'): EgressRule {
+  const r = v.object(name, raw);
+  v.knownKeys(name, r, ['host', 'cidr', 'port', 'protocol', 'address']);
+  if ((r.host === undefined) === (r.cidr === undefined))
+    throw v.typeError(`${name} needs exactly one of host and cidr`);
+  const out: EgressRule = {};
+  if (r.host !== undefined) {
+    const host = v.string(`${name}.host`, r.host, { maxLength: 253 }).toLowerCase();
+    if (isIP(host))
+      throw v.rangeError(
+        `${name}.host ${JSON.stringify(host)} is an address: use { cidr: '${host}' }, or give the name the guest will use and the address as ${name}.address`,
+      );
+    const bare = WILDCARD_RE.exec(host)?.[1] ?? host;
+    if (!HOST_RE.test(bare) || /^\d+$/.test(bare.split('.').pop() as string))
+      throw v.rangeError(
+        `${name}.host ${JSON.stringify(host)} is not a host name${host.includes('*') ? ' (a wildcard is "*." before a name)' : ''}`,
+      );
+    out.host = host;
+  } else {
+    const cidr = v.string(`${name}.cidr`, r.cidr, { maxLength: 49 }).toLowerCase();
+    const [ip, bits, more] = cidr.split('/');
+    const family = isIP(ip);
+    const max = family === 6 ? 128 : 32;
+    if (!family || more !== undefined || (bits !== undefined && (!/^\d{1,3}$/.test(bits) || Number(bits) > max)))
+      throw v.rangeError(
+        `${name}.cidr ${JSON.stringify(cidr)} is not an address or a network (203.0.113.0/24, 2001:db8::/32)`,
+      );
+    out.cidr = bits === undefined ? `${ip}/${max}` : cidr;
+  }
+  if (r.port !== undefined) out.port = v.integer(`${name}.port`, r.port, 1, 65535);
+  if (r.protocol !== undefined) {
+    if (r.protocol !== 'tcp' && r.protocol !== 'udp')
+      throw v.rangeError(`${name}.protocol must be 'tcp' or 'udp', not ${v.describe(r.protocol)}`);
+    out.protocol = r.protocol;
+  }
+  if (r.address !== undefined) {
+    if (verdict !== 'allow' || !isRelayed({ ...out, address: '' }))
+      throw v.rangeError(`${name}.address goes with an allowed host name, a port, and TCP only`);
+    const address = v.string(`${name}.address`, r.address, { maxLength: 45 });
+    if (!isIP(address)) throw v.rangeError(`${name}.address ${JSON.stringify(address)} is not an IP address`);
+    out.address = address;
+  }
+  return out;
+}
+
+/** An allow rule served by a relay: an exact host name with a port, over TCP. */
+function isRelayed(r: EgressRule): boolean {
+  return r.host !== undefined && !r.host.startsWith('*.') && r.port !== undefined && r.protocol !== 'udp';
+}
+
+/** `IP` or `IP:PORT` (`[IPv6]:PORT`) of a resolver; undefined when it is not one. */
+export function parseResolver(value: string): { ip: string; port: number } | undefined {
+  if (isIP(value)) return { ip: value, port: 53 };
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([0-9.]+)):(\d{1,5})$/.exec(value);
+  const ip = m?.[1] ?? m?.[2];
+  if (!m || !ip || !isIP(ip) || Number(m[3]) < 1 || Number(m[3]) > 65535) return undefined;
+  return { ip, port: Number(m[3]) };
+}
+
 /** The `egress` option, checked: a TypeError or RangeError (coded) that names the bad rule. */
 export function parseEgress(value: unknown): EgressPolicy {
   if (value === undefined) return 'allow';
   if (value === 'allow' || value === 'deny') return value;
   if (typeof value === 'string')
-    throw v.rangeError(`Expected 'allow', 'deny' or { allow: [...] } for egress but received ${v.describe(value)}`);
+    throw v.rangeError(
+      `Expected 'allow', 'deny' or { allow: [...], deny: [...] } for egress but received ${v.describe(value)}`,
+    );
   const o = v.object('egress', value);
-  v.knownKeys('egress', o, ['allow']);
-  if (!Array.isArray(o.allow)) throw v.typeError(`egress.allow must be an array of { host, port } rules`);
-  if (o.allow.length > MAX_EGRESS_RULES)
-    throw v.rangeError(`egress.allow has ${o.allow.length} rules; at most ${MAX_EGRESS_RULES}`);
+  v.knownKeys('egress', o, ['allow', 'deny', 'dns']);
+  const policy: { allow?: EgressRule[]; deny?: EgressRule[]; dns?: string } = {};
+  for (const verdict of ['allow', 'deny'] as const) {
+    const list = o[verdict];
+    if (list === undefined) continue;
+    if (!Array.isArray(list)) throw v.typeError(`egress.${verdict} must be an array of { host | cidr, port? } rules`);
+    if (list.length > MAX_EGRESS_RULES)
+      throw v.rangeError(`egress.${verdict} has ${list.length} rules; at most ${MAX_EGRESS_RULES}`);
+    policy[verdict] = list.map((raw, i) => parseRule(`egress.${verdict}[${i}]`, raw, verdict));
+  }
+  if (o.dns !== undefined) {
+    const dns = v.string('egress.dns', o.dns, { maxLength: 60 });
+    if (!parseResolver(dns))
+      throw v.rangeError(`egress.dns ${JSON.stringify(dns)} is not a resolver address (IP, IP:PORT or [IPv6]:PORT)`);
+    policy.dns = dns;
+  }
+  if (policy.allow === undefined && policy.deny === undefined && policy.dns === undefined)
+    throw v.typeError('egress needs allow or deny rules (or a dns resolver)');
+  const relayed = (policy.allow ?? []).filter(isRelayed);
   const seen = new Set<string>();
-  const rules = o.allow.map((raw, i): EgressRule => {
-    const name = `egress.allow[${i}]`;
-    const r = v.object(name, raw);
-    v.knownKeys(name, r, ['host', 'port', 'address']);
-    const host = v.string(`${name}.host`, r.host, { maxLength: 253 }).toLowerCase();
-    if (host.includes('*'))
-      throw v.rangeError(
-        `${name}.host ${JSON.stringify(host)}: wildcards need a filtering resolver, which this backend does not have yet; list each name`,
-      );
-    if (isIP(host))
-      throw v.rangeError(
-        `${name}.host ${JSON.stringify(host)} is an address: give the name the guest will use, and the address as ${name}.address`,
-      );
-    if (!HOST_RE.test(host) || /^\d+$/.test(host.split('.').pop() as string))
-      throw v.rangeError(`${name}.host ${JSON.stringify(host)} is not a host name`);
-    const port = v.integer(`${name}.port`, r.port, 1, 65535);
-    let address: string | undefined;
-    if (r.address !== undefined) {
-      address = v.string(`${name}.address`, r.address, { maxLength: 45 });
-      if (!isIP(address)) throw v.rangeError(`${name}.address ${JSON.stringify(address)} is not an IP address`);
-    }
-    const key = `${host}:${port}`;
-    if (seen.has(key)) throw v.rangeError(`${name}: ${key} is listed twice`);
+  relayed.forEach((r) => {
+    const key = `${r.host}:${r.port}`;
+    if (seen.has(key)) throw v.rangeError(`egress.allow[${(policy.allow ?? []).indexOf(r)}]: ${key} is listed twice`);
     seen.add(key);
-    return address === undefined ? { host, port } : { host, port, address };
   });
-  const hosts = new Set(rules.map((r) => r.host));
-  for (const h of hosts) {
-    const addrs = new Set(rules.filter((r) => r.host === h).map((r) => r.address ?? ''));
+  for (const h of new Set(relayed.map((r) => r.host))) {
+    const addrs = new Set(relayed.filter((r) => r.host === h).map((r) => r.address ?? ''));
     if (addrs.size > 1) throw v.rangeError(`egress.allow: ${h} is given different addresses`);
   }
-  return { allow: rules };
+  return policy;
 }
 
 /** What kind of policy `p` is. */
@@ -75,21 +137,58 @@ export function egressMode(p: EgressPolicy): EgressMode {
   return typeof p === 'string' ? p : 'allow-list';
 }
 
-/** The rules of an allow-list policy; undefined for 'allow', 'deny' or none. */
+/** The allow rules served by relays (exact names with a port, TCP); undefined for 'allow'/'deny'/none. */
 export function allowListOf(p: EgressPolicy | undefined): readonly EgressRule[] | undefined {
-  return typeof p === 'object' ? p.allow : undefined;
+  return typeof p === 'object' ? (p.allow ?? []).filter(isRelayed) : undefined;
 }
 
-/** How a policy reads in a span attribute or a message: `allow`, `deny`, `allow-list(2)`. */
+/**
+ * Whether the policy needs the egress filter in QEMU (native/net_guard.cc): any rule that is not a
+ * relayed name (addresses, wildcards, names by DNS, deny rules) or a resolver. Without it, QEMU's
+ * restricted mode and the relays enforce the policy alone.
+ */
+export function needsGuard(p: EgressPolicy | undefined): boolean {
+  if (typeof p !== 'object') return false;
+  return p.dns !== undefined || (p.deny ?? []).length > 0 || (p.allow ?? []).some((r) => !isRelayed(r));
+}
+
+/** The egress filter's policy file (its format: native/net_guard.cc). */
+export function guardPolicy(p: Exclude<EgressPolicy, string>, files: { log: string; ready: string }): string {
+  for (const f of [files.log, files.ready])
+    if (!path.isAbsolute(f) || /[\n\r]/.test(f))
+      throw new MicrovmError('ERR_MICROVM_EGRESS_RELAY', `Bad path ${JSON.stringify(f)}`);
+  const lines = [`default ${p.allow === undefined ? 'allow' : 'deny'}`, `log ${files.log}`, `ready ${files.ready}`];
+  if (p.dns !== undefined) {
+    const r = parseResolver(p.dns) as { ip: string; port: number };
+    lines.push(`upstream ${r.ip} ${r.port}`);
+  }
+  for (const verdict of ['deny', 'allow'] as const)
+    (p[verdict] ?? []).forEach((r, i) => {
+      if (verdict === 'allow' && isRelayed(r)) return; // the relays' business
+      const what =
+        r.cidr !== undefined
+          ? `cidr ${r.cidr}`
+          : (r.host as string).startsWith('*.')
+            ? `suffix ${(r.host as string).slice(1)}`
+            : `host ${r.host as string}`;
+      lines.push(`rule ${verdict} ${what} ${r.port ?? 0} ${r.protocol ?? 'any'} egress.${verdict}[${i}]`);
+    });
+  return `${lines.join('\n')}\n`;
+}
+
+/** How a policy reads in a span attribute or a message: `allow`, `deny`, `allow-list(2)`, `rules(allow 2, deny 1)`. */
 export function describeEgress(p: EgressPolicy): string {
-  return typeof p === 'string' ? p : `allow-list(${p.allow.length})`;
+  if (typeof p === 'string') return p;
+  if (p.deny === undefined && p.dns === undefined) return `allow-list(${(p.allow ?? []).length})`;
+  return `rules(allow ${p.allow === undefined ? 'all' : p.allow.length}, deny ${(p.deny ?? []).length}${p.dns ? `, dns ${p.dns}` : ''})`;
 }
 
 /** Each allowed host's virtual address in QEMU's network, in the order the rules name them. */
 export function virtualHosts(rules: readonly EgressRule[]): { host: string; ip: string }[] {
   const out: { host: string; ip: string }[] = [];
   for (const r of rules)
-    if (!out.some((x) => x.host === r.host)) out.push({ host: r.host, ip: `10.0.2.${FIRST_VIRTUAL + out.length}` });
+    if (r.host !== undefined && !out.some((x) => x.host === r.host))
+      out.push({ host: r.host, ip: `10.0.2.${FIRST_VIRTUAL + out.length}` });
   return out;
 }
 
@@ -108,7 +207,7 @@ export function guestForwards(
         'ERR_MICROVM_EGRESS_RELAY',
         `An allow-list needs paths without spaces, commas, quotes or backslashes for its relay: ${JSON.stringify(p)}`,
       );
-  const ips = new Map(virtualHosts(rules).map((x) => [x.host, x.ip]));
+  const ips = new Map<string | undefined, string>(virtualHosts(rules).map((x) => [x.host, x.ip]));
   return rules
     .map(
       (r) =>

@@ -17,7 +17,20 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 
 describe('egress option validation', () => {
   test.each([
-    [{ allow: [{ host: '*.example.com', port: 443 }] }, /egress\.allow\[0\]\.host "\*\.example\.com": wildcards/],
+    [
+      { allow: [{ host: '*example.com', port: 443 }] },
+      /egress\.allow\[0\]\.host "\*example\.com" is not a host name \(a wildcard/,
+    ],
+    [
+      { deny: [{ cidr: '10.0.0.0/8', port: 80, address: '10.0.0.1' }] },
+      /egress\.deny\[0\]\.address goes with an allowed host name/,
+    ],
+    [{ allow: [{ cidr: '::1/129' }] }, /egress\.allow\[0\]\.cidr "::1\/129" is not an address or a network/],
+    [
+      { allow: [{ host: '*.a.test', port: 80, protocol: 'icmp' }] },
+      /egress\.allow\[0\]\.protocol must be 'tcp' or 'udp'/,
+    ],
+    [{ dns: 'resolver.test' }, /egress\.dns "resolver\.test" is not a resolver address/],
     [{ allow: [{ host: '10.0.0.1', port: 443 }] }, /egress\.allow\[0\]\.host "10\.0\.0\.1" is an address/],
     [{ allow: [{ host: 'bad_name', port: 443 }] }, /egress\.allow\[0\]\.host "bad_name" is not a host name/],
     [{ allow: [{ host: 'ok.test', port: 0 }] }, /egress\.allow\[0\]\.port/],
@@ -42,7 +55,7 @@ describe('egress option validation', () => {
       /a\.test is given different addresses/,
     ],
     [{ allow: Array.from({ length: 65 }, (_, i) => ({ host: 'a.test', port: i + 1 })) }, /65 rules; at most 64/],
-    ['sometimes', /Expected 'allow', 'deny' or \{ allow: \[\.\.\.\] \}/],
+    ['sometimes', /Expected 'allow', 'deny' or \{ allow: \[\.\.\.\], deny: \[\.\.\.\] \}/],
   ])('refused with a RangeError that names the rule (case %#)', (value, message) => {
     let err: unknown;
     try {

@@ -110,7 +110,7 @@ test("a backend that cannot enforce 'deny' (libkrun's TSI) refuses to start: ERR
       message: expect.stringContaining("egress 'allow-list(1)' cannot be enforced by backend libkrun"),
     });
     await expect(run('img', { rootfsPath: process.env.MICROVM_TEST_IMAGE, egress: 'none' as never })).rejects.toThrow(
-      "Expected 'allow', 'deny' or { allow: [...] } for egress but received \"none\"",
+      "Expected 'allow', 'deny' or { allow: [...], deny: [...] } for egress but received \"none\"",
     );
   } finally {
     d.cleanup();

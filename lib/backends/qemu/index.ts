@@ -37,7 +37,7 @@ import {
   recordKvmVerdict,
 } from '../../host/kvm';
 import { addonPath, packageRoot } from '../../native';
-import { allowListOf, guestForwards, virtualHosts } from '../../network/egress';
+import { allowListOf, guardPolicy, guestForwards, needsGuard, virtualHosts } from '../../network/egress';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
@@ -142,6 +142,24 @@ export function fsGuardPath(): string {
     throw new MicrovmError(
       'ERR_MICROVM_FSGUARD_NOT_FOUND',
       `microvm-fsguard.so was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
+    );
+  return found;
+}
+
+/**
+ * The egress filter (native/net_guard.cc), preloaded into QEMU when a policy has rules beyond
+ * relayed names: beside the loaded addon, else in this package's build.
+ */
+export function netGuardPath(): string {
+  const candidates = [
+    path.join(path.dirname(addonPath() ?? ''), 'microvm-netguard.so'),
+    path.join(__dirname, '..', '..', '..', 'build', 'Release', 'microvm-netguard.so'),
+  ];
+  const found = candidates.find((c) => fs.existsSync(c));
+  if (!found)
+    throw new MicrovmError(
+      'ERR_MICROVM_EGRESS_GUARD',
+      `microvm-netguard.so was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
     );
   return found;
 }
@@ -290,6 +308,9 @@ for sock in "$MVM_FS_SOCK" \${MVM_SHARE_SOCKS:-}; do
     sleep 0.01
   done
 done
+# The egress filter goes into QEMU alone (native/net_guard.cc); it removes itself from the
+# environment QEMU's children get.
+if [ -n "\${MVM_NETGUARD:-}" ]; then export LD_PRELOAD="$MVM_NETGUARD"; fi
 exec "$@"
 `;
 
@@ -464,6 +485,19 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
           log: path.join(input.dataDir, 'egress.log'),
         })
       : '';
+    // Rules beyond relayed names: the egress filter, preloaded into QEMU, decides what leaves it
+    // (native/net_guard.cc); its policy file, and the file where it says it loaded it.
+    const guard = needsGuard(input.egress) && typeof input.egress === 'object' ? input.egress : undefined;
+    const restrict = input.egress !== undefined && input.egress !== 'allow' && !guard;
+    const guardPolicyFile = path.join(input.dataDir, 'egress-policy');
+    const guardReady = path.join(input.dataDir, 'egress-guard.ready');
+    fs.rmSync(guardReady, { force: true });
+    if (guard)
+      fs.writeFileSync(
+        guardPolicyFile,
+        guardPolicy(guard, { log: path.join(input.dataDir, 'egress.log'), ready: guardReady }),
+        { mode: 0o600 },
+      );
     const port = (id: string, file: string, name: string): string[] => [
       '-chardev',
       `file,id=${id},path=${file}`,
@@ -522,7 +556,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       '-device',
       'vhost-user-fs-device,chardev=fs,tag=root',
       '-netdev',
-      `user,id=n0${input.egress !== undefined && input.egress !== 'allow' ? ',restrict=on' : ''}${hostfwd}${egressForwards}`,
+      `user,id=n0${restrict ? ',restrict=on' : ''}${hostfwd}${egressForwards}`,
       '-device',
       'virtio-net-device,netdev=n0',
       '-device',
@@ -541,6 +575,10 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       MVM_VIRTIOFSD: rt.virtiofsdPath,
       MVM_FSGUARD: rt.fsGuard,
     };
+    if (guard) {
+      env.MVM_NETGUARD = netGuardPath();
+      env.MICROVM_NETGUARD_POLICY = guardPolicyFile;
+    }
     if (process.env.MICROVM_FSGUARD_LOG) env.MICROVM_FSGUARD_LOG = process.env.MICROVM_FSGUARD_LOG;
     env.MVM_SHARES = String(input.virtiofs.length);
     const socks: string[] = [];
@@ -715,6 +753,24 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     if (!fs.existsSync(qmpSock)) {
       fail('ERR_MICROVM_BOOT_FAILED', `${what} did not start within ${options.startTimeoutSeconds ?? 30} s.`);
       return settle();
+    }
+    if (guard) {
+      // QEMU is past its start, so a preloaded filter has loaded; never run with its policy unapplied.
+      let said = '';
+      try {
+        said = fs.readFileSync(guardReady, 'utf8').slice(0, 300);
+      } catch {
+        /* not loaded */
+      }
+      if (said !== 'ok\n') {
+        fail(
+          'ERR_MICROVM_EGRESS_GUARD',
+          said
+            ? `The egress filter in QEMU could not apply the policy (${said.replace(/^error /, '').trim()}); the VM was stopped rather than run with an open network.`
+            : 'The egress filter was not loaded into QEMU (LD_PRELOAD did not take); the VM was stopped rather than run with an open network.',
+        );
+        return settle();
+      }
     }
     // The socket file appears at bind(); QEMU listens a moment later: retry a refused connect.
     let lastErr: Error | undefined;
