@@ -253,7 +253,7 @@ function hostRule(flag: string, spec: string): Record<string, unknown> {
 
 /** `--allow-cidr`/`--deny-cidr`: CIDR, CIDR:PORT[/udp] (IPv4), or [CIDR]:PORT[/udp] (IPv6). */
 function cidrRule(flag: string, spec: string): Record<string, unknown> {
-  const m = /^(?:\[([^\]]+)\]|([^:\s\[\]]+))(?::(\d{1,5})(?:\/(tcp|udp))?)?$/.exec(spec);
+  const m = /^(?:\[([^\]]+)\]|([^:\s[\]]+))(?::(\d{1,5})(?:\/(tcp|udp))?)?$/.exec(spec);
   const cidr = m?.[1] ?? m?.[2] ?? (/^[0-9a-fA-F:./]+$/.test(spec) && spec.includes(':') ? spec : undefined);
   if (!cidr)
     throw new UsageError(
