@@ -140,3 +140,54 @@ test('fields are checked one by one: bad byte counts left out, long errors cut, 
     s.cleanup();
   }
 });
+
+test("the filter's lines: refused and resolved outcomes, what was decided and by which rule; a rule that is not one is left out", () => {
+  const s = scratch('microvm-audit-');
+  try {
+    const { exporter, tracer } = capture();
+    const counted: unknown[] = [];
+    const file = path.join(s.dir, 'egress.log');
+    const line = (o: Record<string, unknown>): string =>
+      `${JSON.stringify({ time: '2026-12-03T15:00:00.000Z', address: null, protocol: 'any', ...o })}\n`;
+    fs.writeFileSync(
+      file,
+      line({ host: 'a.svc.test', port: 53, ok: true, rule: 'egress.allow[0]', kind: 'dns' }) +
+        line({ host: 'bad.test', port: 53, ok: false, error: 'ENOTFOUND', rule: 'egress.deny[0]', kind: 'dns' }) +
+        line({ host: '10.0.0.3', port: 80, ok: false, error: 'ECONNREFUSED', rule: 'default', kind: 'connect' }) +
+        line({ host: 'a.svc.test', port: 80, ok: true, rule: 'egress.allow[0]', kind: 'connect' }) +
+        line({ host: '10.0.0.3', port: 9, ok: false, error: 'EACCES', rule: '"><script>', kind: 'udp-ish' }),
+    );
+    const audit = startEgressAudit(file, { tracer, ctx: context.active() }, { add: (_n, a) => void counted.push(a) });
+    audit.close();
+    const [sp] = exporter.getFinishedSpans();
+    expect(sp.events.map((e) => e.attributes)).toEqual([
+      expect.objectContaining({
+        'microvm.network.outcome': 'resolved',
+        'microvm.network.kind': 'dns',
+        'microvm.network.rule': 'egress.allow[0]',
+      }),
+      expect.objectContaining({
+        'server.address': 'bad.test',
+        'microvm.network.outcome': 'refused',
+        'error.type': 'ENOTFOUND',
+      }),
+      expect.objectContaining({
+        'microvm.network.outcome': 'refused',
+        'microvm.network.rule': 'default',
+        'microvm.network.kind': 'connect',
+      }),
+      expect.objectContaining({ 'microvm.network.outcome': 'connected', 'microvm.network.kind': 'connect' }),
+      // Neither kind nor rule is one the filter writes: a plain failure.
+      { 'server.address': '10.0.0.3', 'server.port': 9, 'microvm.network.outcome': 'failed', 'error.type': 'EACCES' },
+    ]);
+    expect(counted.map((a) => (a as Record<string, string>)['microvm.network.outcome'])).toEqual([
+      'resolved',
+      'refused',
+      'refused',
+      'connected',
+      'failed',
+    ]);
+  } finally {
+    s.cleanup();
+  }
+});

@@ -1,6 +1,7 @@
 /**
- * An egress allow-list's connections in the trace and the metrics: while the VM runs, the lines
- * its relays append to `egress.log` (lib/network/relay.ts) become `microvm.network.connection`
+ * An egress policy's decisions in the trace and the metrics: while the VM runs, the lines its
+ * relays (lib/network/relay.ts) and the egress filter in QEMU (native/net_guard.cc: connects,
+ * datagrams and DNS questions, each with the rule that decided) append to `egress.log` become `microvm.network.connection`
  * events on a `microvm.network.Egress` span (a child of microvm.Run that lives as long as the VM)
  * and a `microvm.network.connections` count by outcome. The log is ours but read as untrusted:
  * lines are capped in length and checked field by field; at most MAX_EVENTS events, then only the
@@ -24,6 +25,9 @@ interface Entry {
   host: string;
   port: number;
   ok: boolean;
+  /** The egress filter's lines (native/net_guard.cc): what was decided, and by which rule. */
+  kind?: 'connect' | 'datagram' | 'dns';
+  rule?: string;
   error?: string;
   bytesIn?: number;
   bytesOut?: number;
@@ -48,6 +52,8 @@ function parse(line: string): Entry | undefined {
     port: o.port as number,
     ok: o.ok,
     error: typeof o.error === 'string' ? o.error.slice(0, 64) : undefined,
+    kind: o.kind === 'connect' || o.kind === 'datagram' || o.kind === 'dns' ? o.kind : undefined,
+    rule: typeof o.rule === 'string' && /^[a-z0-9.[\]-]{1,64}$/.test(o.rule) ? o.rule : undefined,
     bytesIn: n(o.bytesIn),
     bytesOut: n(o.bytesOut),
     timeMs: Number.isFinite(t) ? t : Date.now(),
@@ -66,7 +72,18 @@ export function startEgressAudit(file: string, scope: SpanScope, connections: Co
   const take = (e: Entry): void => {
     total++;
     if (!e.ok) failures++;
-    connections.add(1, { [ATTR.NETWORK_OUTCOME]: e.ok ? 'connected' : 'failed' });
+    // A relay's line: connected or failed; the filter's: connected, resolved (DNS) or refused.
+    const outcome =
+      e.kind === undefined
+        ? e.ok
+          ? 'connected'
+          : 'failed'
+        : !e.ok
+          ? 'refused'
+          : e.kind === 'dns'
+            ? 'resolved'
+            : 'connected';
+    connections.add(1, { [ATTR.NETWORK_OUTCOME]: outcome });
     if (events >= MAX_EVENTS) {
       dropped++;
       return;
@@ -77,7 +94,9 @@ export function startEgressAudit(file: string, scope: SpanScope, connections: Co
       {
         [ATTR.SERVER_ADDRESS]: e.host,
         [ATTR.SERVER_PORT]: e.port,
-        [ATTR.NETWORK_OUTCOME]: e.ok ? 'connected' : 'failed',
+        [ATTR.NETWORK_OUTCOME]: outcome,
+        ...(e.kind ? { [ATTR.NETWORK_KIND]: e.kind } : {}),
+        ...(e.rule ? { [ATTR.NETWORK_RULE]: e.rule } : {}),
         ...(e.error ? { [ATTR.ERROR_TYPE]: e.error } : {}),
         ...(e.bytesIn !== undefined ? { [ATTR.NETWORK_BYTES_IN]: e.bytesIn } : {}),
         ...(e.bytesOut !== undefined ? { [ATTR.NETWORK_BYTES_OUT]: e.bytesOut } : {}),

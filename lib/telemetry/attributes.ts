@@ -87,8 +87,11 @@ export const ATTR = {
   NETWORK_CONNECTIONS: 'microvm.network.connections',
   NETWORK_CONNECTION_FAILURES: 'microvm.network.connection_failures',
   NETWORK_EVENTS_DROPPED: 'microvm.network.events_dropped',
-  /** On each microvm.network.connection event: connected | failed. */
+  /** On each microvm.network.connection event: connected | failed | refused | resolved. */
   NETWORK_OUTCOME: 'microvm.network.outcome',
+  /** On filter decisions (native/net_guard.cc): connect | datagram | dns, and the rule that decided. */
+  NETWORK_KIND: 'microvm.network.kind',
+  NETWORK_RULE: 'microvm.network.rule',
   NETWORK_BYTES_IN: 'microvm.network.bytes_in',
   NETWORK_BYTES_OUT: 'microvm.network.bytes_out',
   RUNTIME_LIBKRUN_PATH: 'microvm.runtime.libkrun_path',

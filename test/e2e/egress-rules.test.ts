@@ -11,6 +11,7 @@ import * as http from 'node:http';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { type MicroVM, run, type RunOptions } from '../../lib';
+import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { qemuSkipReason, scratch } from '../helpers';
 
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
@@ -131,10 +132,12 @@ for (const port of [8080, 9090])
 
   test('an allow-list of a wildcard name and a CIDR: exactly those answer; raw addresses, other ports, the host, refused names and other resolvers do not', async () => {
     asked.length = 0;
+    const exporter = new InMemorySpanExporter();
     const vm = await run(
       'egress-rules',
       base({
         name: 'rules',
+        tracerProvider: new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }),
         ports: [{ host: 0, guest: 8000 }],
         egress: {
           allow: [
@@ -195,6 +198,26 @@ for (const port of [8080, 9090])
         expect.objectContaining({ kind: 'connect', address: '127.0.0.1', port: 22, ok: false }),
         expect.objectContaining({ kind: 'dns', host: 'bad.svc.test', ok: false, rule: 'egress.deny[0]' }),
         expect.objectContaining({ kind: 'dns', host: 'elsewhere.test', ok: false, rule: 'default' }),
+      ]),
+    );
+    // The same decisions in the trace, on microvm.network.Egress (it ends with the VM).
+    await vm.stop();
+    const egressSpan = exporter.getFinishedSpans().find((x) => x.name === 'microvm.network.Egress');
+    expect(egressSpan?.events.map((e) => e.attributes)).toEqual(
+      expect.arrayContaining([
+        expect.objectContaining({
+          'server.address': 'bad.svc.test',
+          'microvm.network.outcome': 'refused',
+          'microvm.network.kind': 'dns',
+          'microvm.network.rule': 'egress.deny[0]',
+        }),
+        expect.objectContaining({
+          'server.address': farB,
+          'server.port': 8080,
+          'microvm.network.outcome': 'refused',
+          'microvm.network.rule': 'default',
+        }),
+        expect.objectContaining({ 'server.address': 'a.svc.test', 'microvm.network.outcome': 'resolved' }),
       ]),
     );
   }, 180_000);
