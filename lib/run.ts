@@ -29,7 +29,7 @@ import {
   trace,
 } from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
-import { qemuBackend, resolveQemuRuntime } from './backends/qemu';
+import { netGuardPath, qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, EgressPolicy, ImageRuntimeConfig } from './backends/types';
 import { MicrovmError } from './errors';
 import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
@@ -39,7 +39,7 @@ import { normalizeWaitFor, waitFor, type WaitStrategy } from './wait-for';
 import { freePort } from './net';
 import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
-import { allowListOf, describeEgress, egressMode, parseEgress } from './network/egress';
+import { allowListOf, describeEgress, egressMode, needsGuard, parseEgress } from './network/egress';
 import { startEgressAudit } from './network/egress-audit';
 import {
   normalizeLogLevel,
@@ -465,6 +465,7 @@ function defaultChecks(
   cpus: number,
   memoryMiB: number,
   ports: number[],
+  egress: EgressPolicy,
 ): PreflightCheck[] {
   const list: PreflightCheck[] = [];
   if (backend.name === 'libkrun') {
@@ -480,6 +481,16 @@ function defaultChecks(
         async () => resolveQemuRuntime(),
       ),
     );
+    // Rules beyond relayed names need the egress filter in QEMU: without it, no start (never open).
+    if (needsGuard(egress))
+      list.push(
+        probeCheck(
+          'egress-filter',
+          'the egress filter (microvm-netguard.so) is present',
+          'npm rebuild node-microvm (in a checkout: npm run build:native)',
+          async () => netGuardPath(),
+        ),
+      );
   }
   if (backend.name === 'libkrun' || backend.name === 'qemu') {
     list.push(probeCheck('libkrunfw', 'libkrunfw 5 can be loaded', FIRMWARE_INSTALL_HINT, () => resolveFirmware()));
@@ -603,6 +614,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
             o.cpus,
             o.memoryMiB,
             o.ports.map((p) => p.host),
+            o.egress,
           ),
           ...o.preflightChecks,
         ],

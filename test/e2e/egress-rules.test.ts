@@ -200,8 +200,15 @@ for (const port of [8080, 9090])
         expect.objectContaining({ kind: 'dns', host: 'elsewhere.test', ok: false, rule: 'default' }),
       ]),
     );
-    // The same decisions in the trace, on microvm.network.Egress (it ends with the VM).
+    // The same decisions in the trace, on microvm.network.Egress (it ends with the VM); the filter
+    // was checked for at preflight.
     await vm.stop();
+    expect(
+      exporter
+        .getFinishedSpans()
+        .filter((x) => x.name === 'microvm.preflight.Check')
+        .map((x) => x.attributes['preflight.check.name']),
+    ).toContain('egress-filter');
     const egressSpan = exporter.getFinishedSpans().find((x) => x.name === 'microvm.network.Egress');
     expect(egressSpan?.events.map((e) => e.attributes)).toEqual(
       expect.arrayContaining([
