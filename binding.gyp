@@ -24,6 +24,9 @@
       # (ld does so anyway for symbols libc also defines; -rdynamic says it) so libkrun, loaded
       # later, calls it instead of libc's.
       "ldflags": ["-Wl,-z,relro,-z,now", "-pie", "-rdynamic"],
+      # The egress filter (native/net_guard.cc) is linked in too: libkrun's TSI makes the guest's
+      # connections with the runner's connect()/sendto(). Without a policy it passes all through.
+      "defines": ["MICROVM_NETGUARD_LINKED"],
       "cflags": ["-fPIE"],
       "cflags_cc": ["-fPIE"]
     },

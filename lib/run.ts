@@ -154,8 +154,9 @@ export interface RunOptions {
   /**
    * What the guest may reach over the network: `'allow'` (default: whatever the host can) or
    * `'deny'` (nothing; published `ports` still answer). Enforced on the host, outside the guest's
-   * reach (QEMU backend: user networking in restricted mode); a backend that cannot enforce it
-   * fails with ERR_MICROVM_EGRESS_UNSUPPORTED rather than run open. docs/security.md.
+   * reach (QEMU: restricted user networking, relays, and the egress filter preloaded into QEMU;
+   * libkrun: the same filter in its runner); a backend that cannot enforce it fails with
+   * ERR_MICROVM_EGRESS_UNSUPPORTED rather than run open. Rules: {@link EgressPolicy}, docs/security.md.
    */
   egress?: EgressPolicy;
   /**
@@ -715,7 +716,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         if (mode !== 'allow' && (!(o.backend.egressPolicies ?? ['allow']).includes(mode) || o.network))
           throw new MicrovmError(
             'ERR_MICROVM_EGRESS_UNSUPPORTED',
-            `egress '${describeEgress(o.egress)}' cannot be enforced by backend ${o.backend.name}${o.network ? ` with network provider ${o.network.name}` : ''}; refusing to start with an open network (the QEMU backend enforces 'deny' and allow-lists)`,
+            `egress '${describeEgress(o.egress)}' cannot be enforced by backend ${o.backend.name}${o.network ? ` with network provider ${o.network.name}` : ''}; refusing to start with an open network (the QEMU and libkrun backends enforce policies when no network provider replaces their networking)`,
           );
         if (!o.network) return undefined;
         const n = await o.network.start({ vmId: o.id, dataDir: vmDir, ports: o.ports, signal });
@@ -787,8 +788,9 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     });
 
     const onExit: Array<() => Promise<void>> = network ? [() => network.stop()] : [];
-    if (allowListOf(o.egress)) {
-      // The allow-list's connections become events of a span that lasts as long as the VM.
+    if (allowListOf(o.egress) || (o.egress === 'deny' && o.backend.name === 'libkrun')) {
+      // The policy's decisions (relays, the egress filter) become events of a span as long as the VM.
+      // (QEMU's 'deny' is restricted networking: nothing to log.)
       const audit = startEgressAudit(
         path.join(vmDir, 'egress.log'),
         { tracer: getTracer(o.tracerProvider), ctx: scope.ctx },

@@ -30,6 +30,10 @@
 // Any line it cannot read makes every inet connection and datagram refused (fail closed). Deny
 // rules are checked first, then allow rules, then the default. LD_PRELOAD and the policy variable
 // are removed from the environment at load, so QEMU's children (the allow-list relays) run without.
+//
+// The libkrun runner links this file too (MICROVM_NETGUARD_LINKED; its exported connect() and
+// friends are what libkrun, loaded later, calls for the guest's TSI sockets). There, no policy
+// variable means no policy: every call passes straight through.
 #include <arpa/inet.h>
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -105,6 +109,7 @@ struct Limit {
 
 std::mutex g_mu;
 bool g_ok = false;
+bool g_passthrough = false;  // the runner without a policy
 bool g_default_allow = false;
 bool g_has_upstream = false;
 struct sockaddr_storage g_upstream;
@@ -588,6 +593,13 @@ __attribute__((constructor)) void Init() {
   real_recvfrom = reinterpret_cast<RecvfromFn>(dlsym(RTLD_NEXT, "recvfrom"));
   real_recvmsg = reinterpret_cast<RecvmsgFn>(dlsym(RTLD_NEXT, "recvmsg"));
   const char* policy = getenv("MICROVM_NETGUARD_POLICY");
+#ifdef MICROVM_NETGUARD_LINKED
+  if (policy == nullptr) {
+    g_passthrough = real_connect && real_sendto && real_sendmsg && real_recvfrom && real_recvmsg;
+    g_ok = g_passthrough;
+    return;
+  }
+#endif
   std::string log_path, ready_path, why;
   g_ok = policy != nullptr && real_connect && real_sendto && real_sendmsg && real_recvfrom && real_recvmsg &&
          LoadPolicy(policy, &log_path, &ready_path, &why);
@@ -626,7 +638,7 @@ extern "C" {
 
 __attribute__((visibility("default"))) int connect(int fd, const struct sockaddr* addr, socklen_t len) {
   Addr a;
-  if (!ToAddr(addr, len, &a)) return real_connect(fd, addr, len);
+  if (g_passthrough || !ToAddr(addr, len, &a)) return real_connect(fd, addr, len);
   int proto = kTcp;
   SocketType(fd, &proto);
   std::string rule, name;
@@ -647,7 +659,7 @@ __attribute__((visibility("default"))) int connect(int fd, const struct sockaddr
 __attribute__((visibility("default"))) ssize_t sendto(int fd, const void* buf, size_t n, int flags,
                                                       const struct sockaddr* dest, socklen_t dlen) {
   Addr a;
-  if (!ToAddr(dest, dlen, &a)) return real_sendto(fd, buf, n, flags, dest, dlen);
+  if (g_passthrough || !ToAddr(dest, dlen, &a)) return real_sendto(fd, buf, n, flags, dest, dlen);
   int proto = kUdp;
   const int type = SocketType(fd, &proto);
   if (type == SOCK_DGRAM && proto == kUdp && a.port == 53)
@@ -664,7 +676,8 @@ __attribute__((visibility("default"))) ssize_t sendto(int fd, const void* buf, s
 
 __attribute__((visibility("default"))) ssize_t sendmsg(int fd, const struct msghdr* msg, int flags) {
   Addr a;
-  if (msg == nullptr || !ToAddr(static_cast<const struct sockaddr*>(msg->msg_name), msg->msg_namelen, &a))
+  if (g_passthrough || msg == nullptr ||
+      !ToAddr(static_cast<const struct sockaddr*>(msg->msg_name), msg->msg_namelen, &a))
     return real_sendmsg(fd, msg, flags);
   // As sendto: the bytes gathered into one buffer (a datagram is at most 64 KiB).
   std::vector<uint8_t> all;
@@ -683,13 +696,13 @@ __attribute__((visibility("default"))) ssize_t sendmsg(int fd, const struct msgh
 __attribute__((visibility("default"))) ssize_t recvfrom(int fd, void* buf, size_t n, int flags, struct sockaddr* from,
                                                         socklen_t* from_len) {
   ssize_t got = real_recvfrom(fd, buf, n, flags, from, from_len);
-  if (!(flags & MSG_PEEK)) AfterReceive(fd, buf, got, from, from_len);
+  if (!g_passthrough && !(flags & MSG_PEEK)) AfterReceive(fd, buf, got, from, from_len);
   return got;
 }
 
 __attribute__((visibility("default"))) ssize_t recvmsg(int fd, struct msghdr* msg, int flags) {
   ssize_t got = real_recvmsg(fd, msg, flags);
-  if (got > 0 && msg != nullptr && msg->msg_iovlen >= 1 && !(flags & MSG_PEEK)) {
+  if (!g_passthrough && got > 0 && msg != nullptr && msg->msg_iovlen >= 1 && !(flags & MSG_PEEK)) {
     socklen_t len = msg->msg_namelen;
     const size_t first = std::min(static_cast<size_t>(got), msg->msg_iov[0].iov_len);
     AfterReceive(fd, msg->msg_iov[0].iov_base, static_cast<ssize_t>(first),

@@ -152,8 +152,15 @@ export function needsGuard(p: EgressPolicy | undefined): boolean {
   return p.dns !== undefined || (p.deny ?? []).length > 0 || (p.allow ?? []).some((r) => !isRelayed(r));
 }
 
-/** The egress filter's policy file (its format: native/net_guard.cc). */
-export function guardPolicy(p: Exclude<EgressPolicy, string>, files: { log: string; ready: string }): string {
+/**
+ * The egress filter's policy file (its format: native/net_guard.cc). `relayHosts: false` (libkrun,
+ * which has no relays): exact names with a port are rules by DNS like the others.
+ */
+export function guardPolicy(
+  p: Exclude<EgressPolicy, string>,
+  files: { log: string; ready: string },
+  { relayHosts = true }: { relayHosts?: boolean } = {},
+): string {
   for (const f of [files.log, files.ready])
     if (!path.isAbsolute(f) || /[\n\r]/.test(f))
       throw new MicrovmError('ERR_MICROVM_EGRESS_RELAY', `Bad path ${JSON.stringify(f)}`);
@@ -164,7 +171,7 @@ export function guardPolicy(p: Exclude<EgressPolicy, string>, files: { log: stri
   }
   for (const verdict of ['deny', 'allow'] as const)
     (p[verdict] ?? []).forEach((r, i) => {
-      if (verdict === 'allow' && isRelayed(r)) return; // the relays' business
+      if (relayHosts && verdict === 'allow' && isRelayed(r)) return; // the relays' business
       const what =
         r.cidr !== undefined
           ? `cidr ${r.cidr}`

@@ -3,7 +3,10 @@
  * from the guest as 10.0.2.2, QEMU user networking's address of the host): 'allow' reaches it,
  * 'deny' reaches nothing, and a published port still answers under 'deny'. Never any outside address.
  */
+import * as dgram from 'node:dgram';
+import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as net from 'node:net';
 import * as path from 'node:path';
 import { libkrunBackend, type MicroVM, run, type RunOptions } from '../../lib';
 import { doubleDir, firmwareDir, qemuSkipReason, scratch } from '../helpers';
@@ -87,32 +90,127 @@ const fetchFromGuest = (host: string) =>
   );
 });
 
-test("a backend that cannot enforce 'deny' (libkrun's TSI) refuses to start: ERR_MICROVM_EGRESS_UNSUPPORTED, never an open network", async () => {
-  const d = scratch('microvm-egress-krun-');
-  try {
-    const onKrun = (egress: RunOptions['egress']): Promise<unknown> =>
-      run('img', {
-        rootfsPath: process.env.MICROVM_TEST_IMAGE,
-        dataDir: path.join(d.dir, 'data'),
-        initOverride: ['/bin/true'],
-        preflight: [],
-        egress,
-        backend: libkrunBackend({
-          runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
-          firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
-          env: { PATH: process.env.PATH },
-        }),
+describe("libkrun: the runner's egress filter decides what TSI does for the guest (over the libkrun double, which makes TSI's calls)", () => {
+  let d: ReturnType<typeof scratch>;
+  const servers: net.Server[] = [];
+  const ports: Record<string, number> = {};
+  let dns: dgram.Socket;
+  beforeAll(async () => {
+    // Services on three loopback addresses; a resolver that answers every name with 127.0.0.5.
+    for (const host of ['127.0.0.5', '127.0.0.6', '127.0.0.7']) {
+      const srv = net.createServer((c) => {
+        c.on('error', () => undefined); // the VM may be gone before the answer is
+        c.end(host);
       });
-    await expect(onKrun('deny')).rejects.toMatchObject({ code: 'ERR_MICROVM_EGRESS_UNSUPPORTED' });
-    // An allow-list too: libkrun's TSI gives the guest the host's sockets.
-    await expect(onKrun({ allow: [{ host: 'svc.test', port: 80 }] })).rejects.toMatchObject({
+      await new Promise<void>((r) => srv.listen(0, host, r));
+      ports[host] = (srv.address() as net.AddressInfo).port;
+      servers.push(srv);
+    }
+    dns = dgram.createSocket('udp4');
+    dns.on('message', (q, from) => {
+      let i = 12;
+      while (i < q.length && q[i]) i += 1 + q[i];
+      const head = Buffer.from(q.subarray(0, 12));
+      head[2] = 0x81;
+      head[3] = 0x80;
+      head.writeUInt16BE(1, 6);
+      const rr = Buffer.from([0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 127, 0, 0, 5]);
+      dns.send(Buffer.concat([head, q.subarray(12, i + 5), rr]), from.port, from.address);
+    });
+    await new Promise<void>((r) => dns.bind(0, '127.0.0.1', r));
+  });
+  afterAll(() => {
+    for (const srv of servers) srv.close();
+    dns.close();
+  });
+  beforeEach(() => {
+    d = scratch('microvm-egress-krun-');
+  });
+  afterEach(() => d.cleanup());
+
+  // The guest asks 127.0.0.1:53, where nothing listens: only the filter (or `dns`) answers there.
+  const onKrun = async (
+    egress: RunOptions['egress'],
+    name: string,
+    server = '127.0.0.1:53',
+  ): Promise<{ console: string; log: string }> => {
+    const vm = await run('img', {
+      rootfsPath: process.env.MICROVM_TEST_IMAGE,
+      dataDir: path.join(d.dir, 'data'),
+      name,
+      initOverride: ['/bin/true'],
+      preflight: [],
+      egress,
+      backend: libkrunBackend({
+        runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
+        firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
+        env: {
+          PATH: process.env.PATH,
+          KRUN_DOUBLE_GUEST_DNS: `a.svc.test@${server},x.other.test@${server}`,
+          KRUN_DOUBLE_GUEST_CONNECT: ['127.0.0.5', '127.0.0.6', '127.0.0.7'].map((h) => `${h}:${ports[h]}`).join(','),
+        },
+      }),
+    });
+    try {
+      let text = '';
+      for (let i = 0; i < 200 && (text.match(/^connect /gm) ?? []).length < 3; i++) {
+        await new Promise((r) => setTimeout(r, 25));
+        text = fs.existsSync(vm.consoleLogPath) ? fs.readFileSync(vm.consoleLogPath, 'utf8') : '';
+      }
+      const logFile = path.join(vm.dataDir, 'egress.log');
+      return { console: text, log: fs.existsSync(logFile) ? fs.readFileSync(logFile, 'utf8') : '' };
+    } finally {
+      await vm.remove();
+    }
+  };
+  const ECONNREFUSED = 111;
+
+  test("'deny': every connection and every question refused, each logged", async () => {
+    const r = await onKrun('deny', 'deny');
+    for (const h of ['127.0.0.5', '127.0.0.6', '127.0.0.7'])
+      expect(r.console).toContain(`connect ${h}:${ports[h]}=-1 ${ECONNREFUSED}\n`);
+    expect(r.console).toContain('dns a.svc.test rcode=3 answers=0 from=127.0.0.1:53\n');
+    expect(r.log).toContain(
+      '"host":"a.svc.test","port":53,"address":null,"ok":false,"error":"ENOTFOUND","rule":"default"',
+    );
+  });
+
+  test("rules: a name learned from DNS (through the policy's resolver) and a CIDR connect; the rest is refused", async () => {
+    const r = await onKrun(
+      {
+        allow: [{ host: '*.svc.test', port: ports['127.0.0.5'] }, { cidr: '127.0.0.6' }],
+        dns: `127.0.0.1:${(dns.address() as net.AddressInfo).port}`,
+      },
+      'rules',
+    );
+    expect(r.console).toContain('dns a.svc.test rcode=0 answers=1 from=127.0.0.1:53\n');
+    expect(r.console).toContain('dns x.other.test rcode=3 answers=0 from=127.0.0.1:53\n');
+    expect(r.console).toContain(`connect 127.0.0.5:${ports['127.0.0.5']}=0 0\n`);
+    expect(r.console).toContain(`connect 127.0.0.6:${ports['127.0.0.6']}=0 0\n`);
+    expect(r.console).toContain(`connect 127.0.0.7:${ports['127.0.0.7']}=-1 ${ECONNREFUSED}\n`);
+    expect(r.log).toMatch(
+      /"host":"a\.svc\.test","port":\d+,"address":"127\.0\.0\.5","ok":true,"rule":"egress\.allow\[0\]"/,
+    );
+  });
+
+  test('without a policy the filter in the runner passes everything through', async () => {
+    const port = (dns.address() as net.AddressInfo).port;
+    const r = await onKrun('allow', 'open', `127.0.0.1:${port}`);
+    expect(r.console).toContain(`dns x.other.test rcode=0 answers=1 from=127.0.0.1:${port}\n`);
+    for (const h of ['127.0.0.5', '127.0.0.6', '127.0.0.7'])
+      expect(r.console).toContain(`connect ${h}:${ports[h]}=0 0\n`);
+    expect(r.log).toBe('');
+  });
+
+  test('what libkrun cannot do is refused before anything starts: an address override, a bad policy', async () => {
+    await expect(
+      onKrun({ allow: [{ host: 'svc.test', port: 80, address: '127.0.0.5' }] }, 'addr'),
+    ).rejects.toMatchObject({
       code: 'ERR_MICROVM_EGRESS_UNSUPPORTED',
-      message: expect.stringContaining("egress 'allow-list(1)' cannot be enforced by backend libkrun"),
+      message: expect.stringContaining('needs the QEMU backend'),
     });
     await expect(run('img', { rootfsPath: process.env.MICROVM_TEST_IMAGE, egress: 'none' as never })).rejects.toThrow(
       "Expected 'allow', 'deny' or { allow: [...], deny: [...] } for egress but received \"none\"",
     );
-  } finally {
-    d.cleanup();
-  }
+  });
 });

@@ -5,6 +5,8 @@
  * the launch plan, dry-runs it in-process against the real libkrun, and starts the runner, which
  * mounts the overlay root (when cloned that way), configures libkrun and calls krun_start_enter.
  */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { MicrovmError } from '../../errors';
 import { buildLaunchPlan, type LaunchPlanInput, validateLaunchPlan } from './plan';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
@@ -14,6 +16,7 @@ import { parseRunnerError, readTail, type RunnerExitStatus, runnerFailure, start
 import { ATTR, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
+import { guardPolicy } from '../../network/egress';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { STOP_SIGNALS } from '../types';
 
@@ -89,11 +92,39 @@ export function classifyRunnerExit(
   return { reason: 'exited', exitCode: status.code ?? 0, signal: null };
 }
 
+/**
+ * The egress filter's policy for a policy other than 'allow' (written to the VM's directory), or
+ * undefined. 'deny' is a policy with no rules; an `address` override needs the QEMU backend's relays.
+ */
+function egressGuard(input: BackendStartInput): { policy: string; ready: string } | undefined {
+  const egress = input.egress;
+  if (egress === undefined || egress === 'allow') return undefined;
+  const rules = egress === 'deny' ? { allow: [] } : egress;
+  const overridden = (rules.allow ?? []).find((r) => r.address !== undefined);
+  if (overridden)
+    throw new MicrovmError(
+      'ERR_MICROVM_EGRESS_UNSUPPORTED',
+      `egress rule for ${overridden.host ?? ''} gives an address: that needs the QEMU backend's relays (libkrun resolves names through the guest's DNS)`,
+    );
+  const policy = path.join(input.dataDir, 'egress-policy');
+  const ready = path.join(input.dataDir, 'egress-guard.ready');
+  fs.rmSync(ready, { force: true });
+  fs.writeFileSync(
+    policy,
+    guardPolicy(rules, { log: path.join(input.dataDir, 'egress.log'), ready }, { relayHosts: false }),
+    { mode: 0o600 },
+  );
+  return { policy, ready };
+}
+
 /** Creates the libkrun backend. */
 export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
   return {
     name: 'libkrun',
     supportsOverlay: true,
+    // TSI makes the guest's connections with the runner's own connect()/sendto(): the egress filter
+    // linked into the runner (native/net_guard.cc) decides them, with the policy start() writes.
+    egressPolicies: ['allow', 'deny', 'allow-list'],
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const config = guestConfig(input);
       rootfsContext(input.vmId, input.rootfs).writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, {
@@ -133,13 +164,32 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
         const plan = buildLaunchPlan(planInput);
         if (options.validatePlan !== false) await validateLaunchPlan(plan);
         input.signal?.throwIfAborted();
+        const guard = egressGuard(input);
         const runner = await startRunner({
           runnerPath: runtime.runnerPath,
           plan,
           logPath: input.logPath,
-          env: options.env,
+          env: guard ? { ...(options.env ?? process.env), MICROVM_NETGUARD_POLICY: guard.policy } : options.env,
           signal: input.signal,
         });
+        if (guard) {
+          // The runner's constructors ran before it read the plan: its filter has said whether it
+          // applies the policy. If not, the VM goes now (the filter refuses everything meanwhile).
+          let said = '';
+          try {
+            said = fs.readFileSync(guard.ready, 'utf8').slice(0, 300);
+          } catch {
+            /* not said */
+          }
+          if (said !== 'ok\n') {
+            runner.kill('SIGKILL');
+            await runner.exited;
+            throw new MicrovmError(
+              'ERR_MICROVM_EGRESS_GUARD',
+              `The runner's egress filter did not apply the policy (${said.replace(/^error /, '').trim() || 'it said nothing'}); the VM was stopped rather than run with an open network.`,
+            );
+          }
+        }
         span.setAttribute(ATTR.VM_PID, runner.pid);
         let sent: NodeJS.Signals | undefined;
         const exited = runner.exited.then((status) =>
