@@ -179,7 +179,7 @@ describe("libkrun: the runner's egress filter decides what TSI does for the gues
     const r = await onKrun(
       {
         allow: [{ host: '*.svc.test', port: ports['127.0.0.5'] }, { cidr: '127.0.0.6' }],
-        dns: `127.0.0.1:${(dns.address() as net.AddressInfo).port}`,
+        dns: `127.0.0.1:${dns.address().port}`,
       },
       'rules',
     );
@@ -194,7 +194,7 @@ describe("libkrun: the runner's egress filter decides what TSI does for the gues
   });
 
   test('without a policy the filter in the runner passes everything through', async () => {
-    const port = (dns.address() as net.AddressInfo).port;
+    const port = dns.address().port;
     const r = await onKrun('allow', 'open', `127.0.0.1:${port}`);
     expect(r.console).toContain(`dns x.other.test rcode=0 answers=1 from=127.0.0.1:${port}\n`);
     for (const h of ['127.0.0.5', '127.0.0.6', '127.0.0.7'])
