@@ -174,6 +174,11 @@ for (const port of [8080, 9090])
     expect(await sh('nslookup b.svc.test 192.0.2.53 >/dev/null 2>&1; echo $?')).toBe('0\n');
     expect(asked.filter((n) => n === 'bad.svc.test' || n === 'elsewhere.test')).toEqual([]);
     expect(asked).toContain('b.svc.test');
+    // Other routes and MTU change nothing: everything still leaves through QEMU's sockets.
+    await sh('ip link set eth0 mtu 576; ip route del default; ip route add default via 10.0.2.3 dev eth0');
+    expect(await sh('ip route show default')).toContain('via 10.0.2.3');
+    expect(await sh(fetch(farB, 8080))).toMatch(/^ exit=[1-9]\d*\n$/);
+    expect(await sh(fetch('a.svc.test', 8080))).toBe(`service-8080@${farA} exit=0\n`);
     // A published port still answers.
     await sh('mkdir -p /tmp/www && echo published > /tmp/www/index.html && httpd -p 8000 -h /tmp/www');
     const body = await new Promise<string>((resolve, reject) => {
