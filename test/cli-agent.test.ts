@@ -3,7 +3,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
-import { layoutSkipReason, qemuSkipReason, scratch } from './helpers';
+import { layoutSkipReason, qemuSkipReason, runCli, scratch } from './helpers';
 
 const bin = path.join(packageRoot, 'bin', 'microvm.js');
 const skip = qemuSkipReason() ?? layoutSkipReason();
@@ -12,15 +12,7 @@ const image = `oci:${process.env.MICROVM_TEST_LAYOUT}:test`;
 let s: ReturnType<typeof scratch>;
 let dataDir: string;
 
-function cli(args: string[], input?: string): { code: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [bin, ...args], {
-    encoding: 'utf8',
-    timeout: 120_000,
-    input,
-    env: { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR },
-  });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
+const cli = (args: string[], input?: string): ReturnType<typeof runCli> => runCli(args, { input });
 
 function hasScript(): boolean {
   return spawnSync('script', ['--version'], { stdio: 'ignore' }).status === 0;

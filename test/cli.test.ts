@@ -3,7 +3,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
-import { layoutSkipReason, scratch } from './helpers';
+import { layoutSkipReason, runCli, scratch } from './helpers';
 import { makeHost } from './host/fake-host';
 
 const bin = path.join(packageRoot, 'bin', 'microvm.js');
@@ -14,18 +14,8 @@ beforeEach(() => {
 });
 afterEach(() => s.cleanup());
 
-function cli(
-  args: string[],
-  timeout = 120000,
-  extraEnv: Record<string, string> = {},
-): { code: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [bin, ...args], {
-    encoding: 'utf8',
-    timeout,
-    env: { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR, ...extraEnv },
-  });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
+const cli = (args: string[], timeout = 120000, env: Record<string, string> = {}): ReturnType<typeof runCli> =>
+  runCli(args, { timeout, env });
 
 describe('usage', () => {
   test('--help for the tool and for run; usage errors exit 2', () => {

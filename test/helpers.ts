@@ -1,5 +1,5 @@
 /** Shared test helpers: fixture locations, scratch directories, the double's call log. */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -121,4 +121,21 @@ export function qemuSkipReason(): string | undefined {
 export function layoutSkipReason(): string | undefined {
   if (process.env.MICROVM_TEST_LAYOUT) return undefined;
   return `no test layout: ${process.env.MICROVM_TEST_LAYOUT_MISSING ?? 'not built'}`;
+}
+
+/**
+ * The `microvm` CLI as a child process (deadline `timeout`, default 120 s), with the test
+ * libkrunfw; what it printed and its exit status.
+ */
+export function runCli(
+  args: string[],
+  opts: { input?: string; timeout?: number; env?: Record<string, string> } = {},
+): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [path.join(__dirname, '..', 'bin', 'microvm.js'), ...args], {
+    encoding: 'utf8',
+    timeout: opts.timeout ?? 120_000,
+    input: opts.input,
+    env: { ...process.env, MICROVM_LIBKRUNFW_DIR: process.env.MICROVM_TEST_LIBKRUNFW_DIR, ...opts.env },
+  });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }

@@ -3,15 +3,15 @@
  * of its own (a veth pair to the host; two HTTP services on the far side), never any outside address.
  * Plus the option's validation, which needs no VM.
  */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { type MicroVM, run, type RunOptions } from '../../lib';
 import { parseEgress } from '../../lib/network/egress';
 import { packageRoot } from '../../lib/native';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
-import { qemuSkipReason, scratch } from '../helpers';
+import { scratch } from '../helpers';
+import { makeTestHosts, netnsSkipReason, type TestHosts } from './test-hosts';
 
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 
@@ -89,75 +89,36 @@ describe('egress option validation', () => {
   });
 });
 
-/** Root creates network namespaces; without it the real-traffic tests cannot run here. */
-function netnsSkipReason(): string | undefined {
-  const q = qemuSkipReason();
-  if (q) return q;
-  if (process.getuid?.() !== 0) return 'not root (needed to create a network namespace for the test hosts)';
-  try {
-    execFileSync('ip', ['-V'], { stdio: 'ignore' });
-  } catch {
-    return 'no ip command (iproute2)';
-  }
-  return undefined;
-}
 const skip = netnsSkipReason();
 
 (skip ? describe.skip : describe)(
   `egress allow-list, real VMs and test hosts${skip ? ` [skipped: ${skip}]` : ''}`,
   () => {
-    const ns = `mvmeg${process.pid}`;
-    const hostIf = `mvh${process.pid}`.slice(0, 15);
-    const nsIf = `mvn${process.pid}`.slice(0, 15);
-    const net3 = 16 + (process.pid % 200);
-    const hostIp = `10.213.${net3}.1`;
-    const farIp = `10.213.${net3}.2`;
-    let server: ChildProcess | undefined;
+    let hosts: TestHosts;
+    let hostIp = '';
+    let farIp = '';
     let s: ReturnType<typeof scratch>;
     const vms: MicroVM[] = [];
 
     beforeAll(async () => {
       s = scratch('microvm-egress-allow-');
-      const ip = (...args: string[]): void => void execFileSync('ip', args, { stdio: 'pipe' });
-      ip('netns', 'add', ns);
-      ip('link', 'add', hostIf, 'type', 'veth', 'peer', 'name', nsIf);
-      ip('link', 'set', nsIf, 'netns', ns);
-      ip('addr', 'add', `${hostIp}/30`, 'dev', hostIf);
-      ip('link', 'set', hostIf, 'up');
-      ip('-n', ns, 'addr', 'add', `${farIp}/30`, 'dev', nsIf);
-      ip('-n', ns, 'link', 'set', nsIf, 'up');
-      ip('-n', ns, 'link', 'set', 'lo', 'up');
       // Two services on the far side: 8080 (to be allowed) and 9090 (never allowed).
-      const script = path.join(s.dir, 'server.js');
-      fs.writeFileSync(
-        script,
-        `const http = require('http');
+      hosts = await makeTestHosts({
+        tag: 'mvmeg',
+        octet: 213,
+        farCount: 1,
+        dir: s.dir,
+        probePort: 9090,
+        server: `const http = require('http');
 for (const [port, body] of [[8080, 'allowed-service'], [9090, 'forbidden-service']])
   http.createServer((req, res) => res.end(body)).listen(port, '0.0.0.0');`,
-      );
-      server = spawn('ip', ['netns', 'exec', ns, process.execPath, script], { stdio: 'ignore' });
-      for (let i = 0; i < 100; i++) {
-        const ok = await new Promise<boolean>((resolve) => {
-          const c = net.connect({ host: farIp, port: 9090 }, () => (c.destroy(), resolve(true)));
-          c.on('error', () => resolve(false));
-        });
-        if (ok) break;
-        await new Promise((r) => setTimeout(r, 50));
-      }
+      });
+      hostIp = hosts.hostIp;
+      farIp = hosts.far[0];
     });
     afterAll(async () => {
       for (const vm of vms.splice(0)) await vm.remove().catch(() => undefined);
-      server?.kill('SIGKILL');
-      try {
-        execFileSync('ip', ['netns', 'del', ns], { stdio: 'ignore' });
-      } catch {
-        // already gone
-      }
-      try {
-        execFileSync('ip', ['link', 'del', hostIf], { stdio: 'ignore' });
-      } catch {
-        // went with the namespace
-      }
+      hosts.stop();
       s.cleanup();
     });
 
@@ -175,7 +136,6 @@ for (const [port, body] of [[8080, 'allowed-service'], [9090, 'forbidden-service
 
     test('only the allowed name and port answer; raw addresses, other ports, the host and DNS do not; each connection is in egress.log', async () => {
       // Reachable from the host itself: the services are up.
-      expect(execFileSync('ip', ['netns', 'exec', ns, 'true'])).toBeDefined();
       const exporter = new InMemorySpanExporter();
       const vm = await run(
         'egress-allow',

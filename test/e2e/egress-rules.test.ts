@@ -4,40 +4,24 @@
  * namespace of its own (a veth pair; HTTP services on two addresses) and a resolver it runs on the
  * host's loopback, never any outside address. The filter's logic without a VM: test/net-guard.test.ts.
  */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import * as dgram from 'node:dgram';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { type MicroVM, run, type RunOptions } from '../../lib';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
-import { qemuSkipReason, scratch } from '../helpers';
+import { scratch } from '../helpers';
+import { makeTestHosts, netnsSkipReason, type TestHosts } from './test-hosts';
 
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 
-function skipReason(): string | undefined {
-  const q = qemuSkipReason();
-  if (q) return q;
-  if (process.getuid?.() !== 0) return 'not root (needed to create a network namespace for the test hosts)';
-  try {
-    execFileSync('ip', ['-V'], { stdio: 'ignore' });
-  } catch {
-    return 'no ip command (iproute2)';
-  }
-  return undefined;
-}
-const skip = skipReason();
+const skip = netnsSkipReason();
 
 (skip ? describe.skip : describe)(`egress rules, real VMs and test hosts${skip ? ` [skipped: ${skip}]` : ''}`, () => {
-  const ns = `mvmer${process.pid}`;
-  const hostIf = `mvrh${process.pid}`.slice(0, 15);
-  const nsIf = `mvrn${process.pid}`.slice(0, 15);
-  const net3 = 16 + ((process.pid + 97) % 200);
-  const hostIp = `10.214.${net3}.1`;
-  const farA = `10.214.${net3}.2`; // what *.svc.test resolves to
-  const farB = `10.214.${net3}.3`; // never in a DNS answer
-  let server: ChildProcess | undefined;
+  let hosts: TestHosts;
+  let hostIp = '';
+  let farA = ''; // what *.svc.test resolves to
+  let farB = ''; // never in a DNS answer
   let dns: dgram.Socket | undefined;
   const asked: string[] = [];
   let s: ReturnType<typeof scratch>;
@@ -45,24 +29,18 @@ const skip = skipReason();
 
   beforeAll(async () => {
     s = scratch('microvm-egress-rules-');
-    const ip = (...args: string[]): void => void execFileSync('ip', args, { stdio: 'pipe' });
-    ip('netns', 'add', ns);
-    ip('link', 'add', hostIf, 'type', 'veth', 'peer', 'name', nsIf);
-    ip('link', 'set', nsIf, 'netns', ns);
-    ip('addr', 'add', `${hostIp}/29`, 'dev', hostIf);
-    ip('link', 'set', hostIf, 'up');
-    ip('-n', ns, 'addr', 'add', `${farA}/29`, 'dev', nsIf);
-    ip('-n', ns, 'addr', 'add', `${farB}/29`, 'dev', nsIf);
-    ip('-n', ns, 'link', 'set', nsIf, 'up');
-    ip('-n', ns, 'link', 'set', 'lo', 'up');
-    const script = path.join(s.dir, 'server.js');
-    fs.writeFileSync(
-      script,
-      `const http = require('http');
+    hosts = await makeTestHosts({
+      tag: 'mvmer',
+      octet: 214,
+      farCount: 2,
+      dir: s.dir,
+      probePort: 9090,
+      server: `const http = require('http');
 for (const port of [8080, 9090])
   http.createServer((req, res) => res.end('service-' + port + '@' + req.socket.localAddress)).listen(port, '0.0.0.0');`,
-    );
-    server = spawn('ip', ['netns', 'exec', ns, process.execPath, script], { stdio: 'ignore' });
+    });
+    hostIp = hosts.hostIp;
+    [farA, farB] = hosts.far;
     // The resolver: *.svc.test -> farA (TTL 300), anything else NXDOMAIN; it notes every question.
     dns = dgram.createSocket('udp4');
     dns.on('message', (q, from) => {
@@ -88,28 +66,11 @@ for (const port of [8080, 9090])
       dns?.send(Buffer.concat([head, q.subarray(12, i + 5), rr]), from.port, from.address);
     });
     await new Promise<void>((r) => dns?.bind(0, '127.0.0.1', r));
-    for (let i = 0; i < 100; i++) {
-      const ok = await new Promise<boolean>((resolve) => {
-        const c = net.connect({ host: farB, port: 9090 }, () => (c.destroy(), resolve(true)));
-        c.on('error', () => resolve(false));
-      });
-      if (ok) break;
-      await new Promise((r) => setTimeout(r, 50));
-    }
   });
   afterAll(async () => {
     for (const vm of vms.splice(0)) await vm.remove().catch(() => undefined);
-    server?.kill('SIGKILL');
+    hosts.stop();
     dns?.close();
-    for (const args of [
-      ['netns', 'del', ns],
-      ['link', 'del', hostIf],
-    ])
-      try {
-        execFileSync('ip', args, { stdio: 'ignore' });
-      } catch {
-        // already gone
-      }
     s.cleanup();
   });
 

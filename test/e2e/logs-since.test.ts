@@ -4,23 +4,17 @@
  * (lib/log-times.ts). The command prints, waits for a file the test creates in a share after the
  * cut-off time, then prints again: what --since prints is decided by the guest's clock alone.
  */
-import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { run } from '../../lib';
 import { OUTPUT_TIMES_FILE } from '../../lib/log-times';
-import { packageRoot } from '../../lib/native';
-import { qemuSkipReason, scratch } from '../helpers';
+import { qemuSkipReason, runCli, scratch } from '../helpers';
 
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
-const bin = path.join(packageRoot, 'bin', 'microvm.js');
 const layout = process.env.MICROVM_TEST_LAYOUT;
 const skip = qemuSkipReason() ?? (layout ? undefined : 'no test layout (MICROVM_TEST_LAYOUT)');
 
-function cli(args: string[]): { code: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', timeout: 120000 });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
+const cli = (args: string[]): ReturnType<typeof runCli> => runCli(args);
 
 async function until(what: string, check: () => boolean, ms = 60000): Promise<void> {
   const end = Date.now() + ms;

@@ -113,55 +113,40 @@ export function hostTscKhz(): number | undefined {
   }
 }
 
-/** The guest init binary: beside the loaded addon, else in this package's build. */
-export function guestInitPath(): string {
+/** A file the package ships beside the addon (else in this package's build); `code` when missing. */
+function shippedFile(name: string, code: MicrovmErrorCode): string {
   const candidates = [
-    path.join(path.dirname(addonPath() ?? ''), 'microvm-guest-init'),
-    path.join(__dirname, '..', '..', '..', 'build', 'Release', 'microvm-guest-init'),
+    path.join(path.dirname(addonPath() ?? ''), name),
+    path.join(__dirname, '..', '..', '..', 'build', 'Release', name),
   ];
   const found = candidates.find((c) => fs.existsSync(c));
   if (!found)
     throw new MicrovmError(
-      'ERR_MICROVM_GUEST_INIT_NOT_FOUND',
-      `microvm-guest-init was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
+      code,
+      `${name} was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
     );
   return found;
+}
+
+/** The guest init binary (native/guest_init.cc). */
+export function guestInitPath(): string {
+  return shippedFile('microvm-guest-init', 'ERR_MICROVM_GUEST_INIT_NOT_FOUND');
 }
 
 /**
  * The file-server guard (native/fs_guard.cc), preloaded into virtiofsd so a guest's chmod/mknod can
- * never give a host user a privilege: beside the loaded addon, else in this package's build.
+ * never give a host user a privilege.
  */
 export function fsGuardPath(): string {
-  const candidates = [
-    path.join(path.dirname(addonPath() ?? ''), 'microvm-fsguard.so'),
-    path.join(__dirname, '..', '..', '..', 'build', 'Release', 'microvm-fsguard.so'),
-  ];
-  const found = candidates.find((c) => fs.existsSync(c));
-  if (!found)
-    throw new MicrovmError(
-      'ERR_MICROVM_FSGUARD_NOT_FOUND',
-      `microvm-fsguard.so was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
-    );
-  return found;
+  return shippedFile('microvm-fsguard.so', 'ERR_MICROVM_FSGUARD_NOT_FOUND');
 }
 
 /**
  * The egress filter (native/net_guard.cc), preloaded into QEMU when a policy has rules beyond
- * relayed names: beside the loaded addon, else in this package's build.
+ * relayed names.
  */
 export function netGuardPath(): string {
-  const candidates = [
-    path.join(path.dirname(addonPath() ?? ''), 'microvm-netguard.so'),
-    path.join(__dirname, '..', '..', '..', 'build', 'Release', 'microvm-netguard.so'),
-  ];
-  const found = candidates.find((c) => fs.existsSync(c));
-  if (!found)
-    throw new MicrovmError(
-      'ERR_MICROVM_EGRESS_GUARD',
-      `microvm-netguard.so was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
-    );
-  return found;
+  return shippedFile('microvm-netguard.so', 'ERR_MICROVM_EGRESS_GUARD');
 }
 
 /** What the QEMU backend needs on the host, and the accelerator it will use (with the reason). */
