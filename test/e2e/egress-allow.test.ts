@@ -11,7 +11,7 @@ import { parseEgress } from '../../lib/network/egress';
 import { packageRoot } from '../../lib/native';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { scratch } from '../helpers';
-import { makeTestHosts, netnsSkipReason, type TestHosts } from './test-hosts';
+import { guestHttpGet, makeTestHosts, netnsSkipReason, type TestHosts } from './test-hosts';
 
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 
@@ -129,10 +129,7 @@ for (const [port, body] of [[8080, 'allowed-service'], [9090, 'forbidden-service
       initOverride: ['/bin/sleep', '600'],
       ...extra,
     });
-    // busybox nc; what came back (its last line) and nc's status. Its stdin stays open until the
-    // server has answered and closed (busybox nc ends at stdin's end, before a relayed answer).
-    const fetch = (host: string, port: number): string =>
-      `(printf 'GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n'; sleep 2) | timeout 3 nc ${host} ${port} > /tmp/got 2>/dev/null; st=$?; printf '%s exit=%s\\n' "$(tail -n 1 /tmp/got)" $st`;
+    const fetch = (host: string, port: number): string => guestHttpGet(host, port);
 
     test('only the allowed name and port answer; raw addresses, other ports, the host and DNS do not; each connection is in egress.log', async () => {
       // Reachable from the host itself: the services are up.

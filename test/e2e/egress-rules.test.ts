@@ -11,7 +11,7 @@ import * as path from 'node:path';
 import { type MicroVM, run, type RunOptions } from '../../lib';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { scratch } from '../helpers';
-import { makeTestHosts, netnsSkipReason, type TestHosts } from './test-hosts';
+import { guestHttpGet, makeTestHosts, netnsSkipReason, type TestHosts } from './test-hosts';
 
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 
@@ -81,9 +81,7 @@ for (const port of [8080, 9090])
     initOverride: ['/bin/sleep', '600'],
     ...extra,
   });
-  // busybox nc: what came back (its last line) and nc's status; stdin stays open until the answer.
-  const fetch = (host: string, port: number): string =>
-    `(printf 'GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n'; sleep 1) | timeout 3 nc ${host} ${port} > /tmp/got 2>/dev/null; st=$?; printf '%s exit=%s\\n' "$(tail -n 1 /tmp/got)" $st`;
+  const fetch = (host: string, port: number): string => guestHttpGet(host, port, 1);
   const readLog = (vm: MicroVM): Record<string, unknown>[] =>
     fs
       .readFileSync(path.join(vm.dataDir, 'egress.log'), 'utf8')

@@ -85,3 +85,12 @@ export async function makeTestHosts(opts: {
     },
   };
 }
+
+/**
+ * A guest shell command: an HTTP GET to host:port with busybox nc, printing the answer's last line
+ * and nc's status ("BODY exit=0"). nc's stdin stays open `holdSeconds` (busybox nc ends at its
+ * stdin's end, which can come before a relayed answer).
+ */
+export function guestHttpGet(host: string, port: number, holdSeconds = 2): string {
+  return `(printf 'GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n'; sleep ${holdSeconds}) | timeout 3 nc ${host} ${port} > /tmp/got 2>/dev/null; st=$?; printf '%s exit=%s\\n' "$(tail -n 1 /tmp/got)" $st`;
+}
