@@ -693,6 +693,18 @@ __attribute__((visibility("default"))) ssize_t sendmsg(int fd, const struct msgh
                 msg->msg_namelen);
 }
 
+// Several datagrams at once: each goes through sendmsg() above (none of QEMU's or libkrun's paths
+// use it today; a future one must not slip past the policy).
+__attribute__((visibility("default"))) int sendmmsg(int fd, struct mmsghdr* vec, unsigned int n, int flags) {
+  unsigned int sent = 0;
+  for (; vec != nullptr && sent < n; sent++) {
+    ssize_t r = sendmsg(fd, &vec[sent].msg_hdr, flags);
+    if (r < 0) return sent > 0 ? static_cast<int>(sent) : -1;
+    vec[sent].msg_len = static_cast<unsigned int>(r);
+  }
+  return static_cast<int>(sent);
+}
+
 __attribute__((visibility("default"))) ssize_t recvfrom(int fd, void* buf, size_t n, int flags, struct sockaddr* from,
                                                         socklen_t* from_len) {
   ssize_t got = real_recvfrom(fd, buf, n, flags, from, from_len);

@@ -5,7 +5,7 @@
  * sendmsg, recvfrom, recvmsg) libuv calls too. The same filter inside real QEMU boots:
  * test/e2e/egress-rules.test.ts.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import * as dgram from 'node:dgram';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -230,4 +230,49 @@ test('a policy it cannot read: it says so, and refuses every connection (fail cl
   );
   expect(r.ready).toBe('error unreadable line\n');
   expect(r.out).toEqual(['error ECONNREFUSED']);
+});
+
+test('sendmmsg (several datagrams in one call) goes through the same verdicts, message by message', async () => {
+  const src = path.join(s.dir, 'mmsg.c');
+  fs.writeFileSync(
+    src,
+    `#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+int main(void) {
+  int fd = socket(AF_INET, SOCK_DGRAM, 0);
+  struct sockaddr_in to[2];
+  struct iovec iov = {"x", 1};
+  struct mmsghdr m[2];
+  memset(m, 0, sizeof m);
+  for (int i = 0; i < 2; i++) {
+    memset(&to[i], 0, sizeof to[i]);
+    to[i].sin_family = AF_INET;
+    to[i].sin_port = htons(9);
+    inet_pton(AF_INET, i == 0 ? "127.0.0.5" : "127.0.0.6", &to[i].sin_addr);
+    m[i].msg_hdr.msg_name = &to[i];
+    m[i].msg_hdr.msg_namelen = sizeof to[i];
+    m[i].msg_hdr.msg_iov = &iov;
+    m[i].msg_hdr.msg_iovlen = 1;
+  }
+  printf("%d\\n", sendmmsg(fd, m, 2, 0));
+  return 0;
+}
+`,
+  );
+  const exe = path.join(s.dir, 'mmsg');
+  execFileSync('cc', ['-o', exe, src]);
+  const policy = path.join(s.dir, 'policy');
+  fs.writeFileSync(policy, policyOf({ allow: [{ cidr: '127.0.0.5', protocol: 'udp' }] }), { mode: 0o600 });
+  const out = execFileSync(exe, {
+    encoding: 'utf8',
+    env: { LD_PRELOAD: netGuardPath(), MICROVM_NETGUARD_POLICY: policy },
+  });
+  expect(out).toBe('1\n'); // the first went, the second was refused
+  const log = fs.readFileSync(path.join(s.dir, 'egress.log'), 'utf8').trim().split('\n');
+  expect(log.map((l) => JSON.parse(l) as Record<string, unknown>)).toEqual([
+    expect.objectContaining({ address: '127.0.0.6', port: 9, ok: false, kind: 'datagram', protocol: 'udp' }),
+  ]);
 });
