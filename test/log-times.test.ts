@@ -127,6 +127,37 @@ describe('offsetsSince', () => {
   });
 });
 
+describe('offsetsSince across its 1 MiB reads', () => {
+  test('a note cut by the read boundary is put back together; a stream found early waits for the other', () => {
+    const file = path.join(s.dir, 'output-times');
+    // Old stdout notes up to just before 1 MiB, then the one the answer is in, cut by the boundary,
+    // then stderr's first note (only in the second read).
+    const zero = 1_000_000;
+    const old: string[] = [];
+    let size = 0;
+    for (let i = 0; size < (1 << 20) - 40; i++) {
+      const l = `1 ${i} ${1e6 * 10}\n`; // 10 ms after zero: too early
+      old.push(l);
+      size += l.length;
+    }
+    const pad = (1 << 20) - 5 - size; // the next note starts 5 bytes before the boundary
+    old.push(`${' '.repeat(pad - 1)}\n`); // a line that is no note
+    const target = `1 ${old.length + 1000} ${1e6 * 500}\n`;
+    fs.writeFileSync(file, `${old.join('')}${target}2 0 ${1e6 * 600}\n`);
+    expect(fs.statSync(file).size).toBeGreaterThan(1 << 20);
+    expect(offsetsSince(file, zero, zero + 400, [1e9, 100])).toEqual([old.length + 1000, 0]);
+  });
+
+  test('the guest clock: zero is no clock; a file of 4096 bytes is still read', () => {
+    const clock = path.join(s.dir, 'guest-clock.json');
+    fs.writeFileSync(clock, '{"zeroEpochMs":0}');
+    expect(readGuestClock(clock)).toBeUndefined();
+    fs.writeFileSync(clock, `{"zeroEpochMs":7}${' '.repeat(4096 - 17)}`);
+    expect(fs.statSync(clock).size).toBe(4096);
+    expect(readGuestClock(clock)).toBe(7);
+  });
+});
+
 describe('jsonLinesOffsetSince (the egress log)', () => {
   test('the first line at or after the time; bad lines skipped', () => {
     const file = path.join(s.dir, 'egress.log');
