@@ -158,8 +158,8 @@ Prints each forwarded port as "GUEST -> 127.0.0.1:HOST" (with GUEST: that one's 
 
 Prints the guest command's stdout (to stdout) and stderr (to stderr); with the libkrun backend, or
 with --console, the VM's console (kernel and init messages too); with --network, the egress
-allow-list's connection log (one JSON object per line: time, host, port, address, ok, error,
-bytesIn, bytesOut). -n/--tail N: only the last N lines of each. --since T: only what arrived at or
+policy's log (one JSON object per line: time, host, port, address, ok, error; bytesIn, bytesOut
+for relayed connections; kind, rule, protocol for the egress filter's decisions). -n/--tail N: only the last N lines of each. --since T: only what arrived at or
 after T: an ISO 8601 time (2026-12-03T14:00:00Z; no zone: local time), Unix seconds, or a duration
 back from now (90s, 10m, 1h30m); by the time each chunk of output reached the guest's init (lines
 written together share it); the command's output on QEMU VMs and --network only
