@@ -6,7 +6,10 @@
  * in the VM's directory): the stream (1 stdout, 2 stderr), where the chunk starts in that stream's
  * log, and the guest's CLOCK_MONOTONIC when it arrived. The host maps the guest clock to epoch
  * milliseconds with GUEST_CLOCK_FILE, written when the init says UP (the mapping of
- * lib/telemetry/guest.ts). Chunk times: lines written together share one.
+ * lib/telemetry/guest.ts). Chunk times: lines written together share one. The mapping is late by
+ * however long the host took to read UP, and a chunk's time is when the init took it: times come
+ * out late, never early, so --since may show output from just before T and never leaves out any
+ * that came after it.
  *
  * Both files come from the guest side and are read as hostile: lines that do not parse, offsets
  * that go backwards or past the log's end are skipped, and the index is read in bounded pieces.

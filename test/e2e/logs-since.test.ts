@@ -59,9 +59,9 @@ async function until(what: string, check: () => boolean, ms = 60000): Promise<vo
         'the early output',
         () => out('stdout.log').includes('early-2') && out('stderr.log').includes('early-err'),
       );
-      await new Promise((r) => setTimeout(r, 300));
+      await new Promise((r) => setTimeout(r, 1000)); // wide of the guest clock mapping error under load
       const cut = Date.now();
-      await new Promise((r) => setTimeout(r, 300));
+      await new Promise((r) => setTimeout(r, 1000)); // wide of the guest clock mapping error under load
       fs.writeFileSync(path.join(share, 'go'), '');
       await until(
         'the late output',
