@@ -136,6 +136,8 @@ int g_log_fd = -1;
 long long g_log_bytes = 0;
 int g_fake_fd = -1;  // NXDOMAIN answers come from here (127.0.0.1, an ephemeral port)
 struct sockaddr_in g_fake_addr;
+int g_fake6_fd = -1;  // the same for questions from IPv6 sockets ([::1])
+struct sockaddr_in6 g_fake6_addr;
 
 long long Now(clockid_t clock) {
   struct timespec ts;
@@ -424,25 +426,37 @@ ssize_t DnsOut(int fd, const uint8_t* q, size_t n, int flags, const struct socka
   socklen_t llen = sizeof local;
   std::memset(&local, 0, sizeof local);
   if (getsockname(fd, reinterpret_cast<struct sockaddr*>(&local), &llen) != 0) return -1;
-  if (local.ss_family == AF_INET && reinterpret_cast<struct sockaddr_in*>(&local)->sin_port == 0) {
-    struct sockaddr_in any {};
-    any.sin_family = AF_INET;
-    if (bind(fd, reinterpret_cast<struct sockaddr*>(&any), sizeof any) != 0) return -1;
+  const bool v6 = local.ss_family == AF_INET6;
+  const bool unbound = v6 ? reinterpret_cast<struct sockaddr_in6*>(&local)->sin6_port == 0
+                          : reinterpret_cast<struct sockaddr_in*>(&local)->sin_port == 0;
+  if (unbound) {
+    // Never sent from yet: bind it to an ephemeral port on all addresses, as sendto would have.
+    struct sockaddr_storage any {};
+    any.ss_family = local.ss_family;
+    if (bind(fd, reinterpret_cast<struct sockaddr*>(&any),
+             v6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in)) != 0)
+      return -1;
     llen = sizeof local;
     getsockname(fd, reinterpret_cast<struct sockaddr*>(&local), &llen);
   }
-  if (local.ss_family != AF_INET) {
-    errno = EACCES;  // an IPv6 socket asking: dropped (the guest's resolver retries over IPv4)
+  if ((v6 && g_fake6_fd < 0) || (!v6 && local.ss_family != AF_INET)) {
+    errno = EACCES;  // no loopback socket to answer from: dropped (the resolver retries or gives up)
     return -1;
   }
-  struct sockaddr_in to = *reinterpret_cast<struct sockaddr_in*>(&local);
-  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   std::vector<uint8_t> answer(q, q + qend);
   answer[2] = static_cast<uint8_t>(0x80 | (q[2] & 0x79));  // QR, opcode, RD
   answer[3] = 0x83;                                        // RA, NXDOMAIN
   for (int k = 6; k < 12; k++) answer[k] = 0;
   RememberDest(fd, dest, dlen);
-  real_sendto(g_fake_fd, answer.data(), answer.size(), 0, reinterpret_cast<struct sockaddr*>(&to), sizeof to);
+  if (v6) {
+    struct sockaddr_in6 to = *reinterpret_cast<struct sockaddr_in6*>(&local);
+    to.sin6_addr = in6addr_loopback;
+    real_sendto(g_fake6_fd, answer.data(), answer.size(), 0, reinterpret_cast<struct sockaddr*>(&to), sizeof to);
+  } else {
+    struct sockaddr_in to = *reinterpret_cast<struct sockaddr_in*>(&local);
+    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    real_sendto(g_fake_fd, answer.data(), answer.size(), 0, reinterpret_cast<struct sockaddr*>(&to), sizeof to);
+  }
   return static_cast<ssize_t>(n);
 }
 
@@ -453,9 +467,11 @@ void AfterReceive(int fd, const void* buf, ssize_t n, struct sockaddr* from, soc
   Addr src;
   if (!ToAddr(from, *from_len, &src)) return;
   std::lock_guard<std::mutex> lock(g_mu);
-  Addr fake, up;
+  Addr fake, fake6, up;
   ToAddr(reinterpret_cast<struct sockaddr*>(&g_fake_addr), sizeof g_fake_addr, &fake);
-  const bool from_fake = g_fake_fd >= 0 && SameIp(src, fake) && src.port == fake.port;
+  ToAddr(reinterpret_cast<struct sockaddr*>(&g_fake6_addr), sizeof g_fake6_addr, &fake6);
+  const bool from_fake = (g_fake_fd >= 0 && SameIp(src, fake) && src.port == fake.port) ||
+                         (g_fake6_fd >= 0 && SameIp(src, fake6) && src.port == fake6.port);
   const bool from_up = g_has_upstream && ToAddr(reinterpret_cast<struct sockaddr*>(&g_upstream), g_upstream_len, &up) &&
                        SameIp(src, up) && src.port == up.port;
   if (from_fake || from_up) {
@@ -618,6 +634,16 @@ __attribute__((constructor)) void Init() {
       getsockname(g_fake_fd, reinterpret_cast<struct sockaddr*>(&g_fake_addr), &len) != 0) {
     if (g_fake_fd >= 0) close(g_fake_fd);
     g_fake_fd = -1;
+  }
+  g_fake6_fd = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  std::memset(&g_fake6_addr, 0, sizeof g_fake6_addr);
+  g_fake6_addr.sin6_family = AF_INET6;
+  g_fake6_addr.sin6_addr = in6addr_loopback;
+  len = sizeof g_fake6_addr;
+  if (g_fake6_fd < 0 || bind(g_fake6_fd, reinterpret_cast<struct sockaddr*>(&g_fake6_addr), sizeof g_fake6_addr) != 0 ||
+      getsockname(g_fake6_fd, reinterpret_cast<struct sockaddr*>(&g_fake6_addr), &len) != 0) {
+    if (g_fake6_fd >= 0) close(g_fake6_fd);
+    g_fake6_fd = -1;  // a host without IPv6 loopback: questions from IPv6 sockets are dropped
   }
   if (!ready_path.empty()) {
     int fd = open(ready_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);

@@ -60,7 +60,7 @@ const steps = JSON.parse(process.argv[process.argv.length - 1]);
 const listen = (host) => new Promise((r) => { const srv = net.createServer((c) => c.end(host)).listen(0, host, () => r(srv.address().port)); });
 const connect = (host, port) => new Promise((r) => { const c = net.connect(port, host); let d = ''; c.on('data', (x) => (d += x)); c.on('end', () => r('ok ' + d)); c.on('error', (e) => r('error ' + e.code)); });
 const ask = (q, server, port) => new Promise((r) => {
-  const sock = dgram.createSocket('udp4');
+  const sock = dgram.createSocket(server.includes(':') ? 'udp6' : 'udp4');
   const t = setTimeout(() => (sock.close(), r({ timeout: true })), 3000);
   sock.on('message', (m, from) => { clearTimeout(t); sock.close(); r({ from: from.address + ':' + from.port, rcode: m[3] & 15, answers: m.readUInt16BE(6), a: m.readUInt16BE(6) ? [...m.subarray(m.length - 4)].join('.') : null }); });
   sock.send(Buffer.from(q, 'hex'), port, server, (err) => { if (err) { clearTimeout(t); sock.close(); r({ sendError: err.code }); } });
@@ -172,6 +172,7 @@ test('DNS: an allowed name goes to the resolver and its answer opens its address
         { ask: question('bad.svc.test', 8).toString('hex'), server: '192.0.2.53', port: 53 },
         { ask: question('elsewhere.test', 9).toString('hex'), server: '127.0.0.1', port: 53 },
         { ask: question('svc.test', 10).toString('hex'), server: '127.0.0.1', port: 53 }, // *. is below only
+        { ask: question('v6.other.test', 11).toString('hex'), server: '::1', port: 53 }, // from an IPv6 socket
       ],
     );
     expect(r.out).toEqual([
@@ -182,6 +183,7 @@ test('DNS: an allowed name goes to the resolver and its answer opens its address
       { from: '192.0.2.53:53', rcode: 3, answers: 0, a: null },
       { from: '127.0.0.1:53', rcode: 3, answers: 0, a: null },
       { from: '127.0.0.1:53', rcode: 3, answers: 0, a: null },
+      { from: '::1:53', rcode: 3, answers: 0, a: null },
     ]);
     // Only the allowed question reached the resolver.
     expect(dns.asked).toEqual(['a.svc.test']);
@@ -190,6 +192,7 @@ test('DNS: an allowed name goes to the resolver and its answer opens its address
       expect.objectContaining({ host: 'bad.svc.test', ok: false, error: 'ENOTFOUND', rule: 'egress.deny[0]' }),
       expect.objectContaining({ host: 'elsewhere.test', ok: false, rule: 'default' }),
       expect.objectContaining({ host: 'svc.test', ok: false, rule: 'default' }),
+      expect.objectContaining({ host: 'v6.other.test', ok: false, rule: 'default' }),
     ]);
     expect(r.log.find((e) => e.kind === 'connect' && e.ok)).toMatchObject({ host: 'a.svc.test', address: '127.0.0.5' });
   } finally {
