@@ -151,6 +151,7 @@ describe('usage', () => {
       'libkrun',
       'libkrunfw',
       'qemu',
+      'egress-filter',
       'user-namespaces',
       'disk-space',
     ]);

@@ -22,7 +22,7 @@ import { defaultCacheDir, defaultDataRoot } from '../paths';
 import { gc, list, purge } from '../image/cache';
 import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
-import { IDLE_COMMAND, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
+import { IDLE_COMMAND, netGuardPath, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
 import { parseEgress } from '../network/egress';
 import { readAppended } from '../file-tail';
 import {
@@ -720,6 +720,16 @@ async function cmdDoctor(dataDir: string, out: (o: unknown, text: string) => voi
       'apt-get install qemu-system-x86',
       async () => resolveQemuRuntime(),
     ),
+    // Not required to boot: only egress rules beyond relayed names need it.
+    {
+      ...probeCheck(
+        'egress-filter',
+        'the egress filter is present (egress rules by address or DNS)',
+        'npm rebuild node-microvm (in a checkout: npm run build:native)',
+        async () => netGuardPath(),
+      ),
+      required: false,
+    },
     userNamespacesCheck(),
     diskSpaceCheck(fs.existsSync(dataDir) ? dataDir : path.dirname(dataDir)),
   ];
