@@ -551,7 +551,11 @@ describe('usage', () => {
         running: true,
         ports: [{ host, guest: 8080 }],
         imageDigest: imgs[0].digest,
-        files: expect.objectContaining({ console: expect.stringContaining('console.log') }),
+        files: expect.objectContaining({
+          console: expect.stringContaining('console.log'),
+          outputTimes: expect.stringContaining('output-times'),
+          egress: null, // no egress policy
+        }),
       }),
     ]);
     expect(cli(['inspect', 'bg', 'nope', '--data-dir', s.dir])).toMatchObject({

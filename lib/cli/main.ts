@@ -149,7 +149,8 @@ executable checked). --json: an array of {name, running, backend, pid, image, po
 
 Prints a JSON array, one object per VM: its recorded state (id, backend, pid, image, image digest,
 cpus, memory, ports, root, clone strategy, creation time), whether it runs, and its files (console,
-stdout, stderr, hypervisor log). Exit 1 when a NAME is unknown (the others are still printed).`,
+stdout, stderr, hypervisor log, egress log and policy, output arrival times; null when absent).
+Exit 1 when a NAME is unknown (the others are still printed).`,
   port: `microvm port NAME [GUEST] [--data-dir DIR] [--json]
 
 Prints each forwarded port as "GUEST -> 127.0.0.1:HOST" (with GUEST: that one's host port only).
@@ -1014,6 +1015,9 @@ export async function main(argv: string[]): Promise<number> {
               stdout: file('stdout.log'),
               stderr: file('stderr.log'),
               log: file('vm.log'),
+              egress: file('egress.log'),
+              egressPolicy: file('egress-policy'),
+              outputTimes: file(OUTPUT_TIMES_FILE),
             },
           });
         }
