@@ -9,20 +9,15 @@
 //
 // Usage: node bench/agent.js [boots=10]     (after scripts/setup.sh)
 'use strict';
-const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 
-const root = path.resolve(__dirname, '..');
-const m = require(root);
+const { setup, median, p90 } = require('./common');
+
 const boots = Number(process.argv[2] || 10);
-const work = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-agent-bench-'));
-const image = path.join(work, 'image');
-execFileSync('bash', [path.join(root, 'scripts', 'make-test-image.sh'), image], { stdio: 'ignore' });
+const { m, work, image, done } = setup('agent');
 const DROPBEAR = ['/usr/sbin/dropbear', '-F', '-E', '-r', '/etc/dropbear/dropbear_ed25519_host_key', '-p', '22'];
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
-const p90 = (xs) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length - 1) * 0.9))];
 const fmt = (ms) => `${ms.toFixed(ms < 10 ? 2 : 0)} ms`;
 const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.join(work, 'data'), ...extra });
 
@@ -79,7 +74,7 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
     await vm.exec(['rm', `/tmp/s${i}`]);
   }
   await vm.remove();
-  fs.rmSync(work, { recursive: true, force: true });
+  done();
 
   const mbps = (ms) => `${(100 / (ms / 1000)).toFixed(1)} MB/s`;
   const rows = [

@@ -11,18 +11,13 @@
 // Usage: node bench/egress.js [runs=5]     (after scripts/setup.sh)
 'use strict';
 const { execFileSync } = require('node:child_process');
-const fs = require('node:fs');
 const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
+const { setup, median } = require('./common');
 
-const root = path.resolve(__dirname, '..');
-const m = require(root);
 const runs = Number(process.argv[2] || 5);
-const work = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-egress-bench-'));
-const image = path.join(work, 'image');
-execFileSync('bash', [path.join(root, 'scripts', 'make-test-image.sh'), image], { stdio: 'ignore' });
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
+const { m, work, image, done } = setup('egress');
 const MB = 32;
 
 (async () => {
@@ -101,9 +96,9 @@ const MB = 32;
       .map((x) => `${(((x - r[0]) / r[0]) * 100).toFixed(1)}%`)
       .join(' | ')} |`,
   );
-  fs.rmSync(work, { recursive: true, force: true });
+  done();
 })().catch((e) => {
   console.error(e);
-  fs.rmSync(work, { recursive: true, force: true });
+  done();
   process.exit(1);
 });

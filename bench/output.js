@@ -7,18 +7,12 @@
 //
 // Usage: node bench/output.js [rounds=5]     (after scripts/setup.sh)
 'use strict';
-const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
-const os = require('node:os');
 const path = require('node:path');
+const { setup, median } = require('./common');
 
-const root = path.resolve(__dirname, '..');
-const m = require(root);
 const rounds = Number(process.argv[2] || 5);
-const work = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-output-bench-'));
-const image = path.join(work, 'image');
-execFileSync('bash', [path.join(root, 'scripts', 'make-test-image.sh'), image], { stdio: 'ignore' });
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
+const { m, work, image, done } = setup('output');
 const COMMANDS = {
   '32 MiB, large writes': ['/bin/sh', '-c', 'head -c 33554432 /dev/zero'],
   '20,000 lines, one write each': ['/bin/sh', '-c', 'i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done'],
@@ -60,7 +54,7 @@ const COMMANDS = {
       `${label.padEnd(30)} ${`${Math.round(a)} ms`.padStart(10)} ${`${Math.round(b)} ms`.padStart(10)} ${(b / a).toFixed(2).padStart(6)}x`,
     );
   }
-  fs.rmSync(work, { recursive: true, force: true });
+  done();
 })().catch((err) => {
   console.error(err);
   process.exit(1);

@@ -426,12 +426,11 @@ int main() {
     // chatty commands): a chunk without one arrived less than 10 ms after the last note's time.
     if (times_fd >= 0 && (st.noted < 0 || at - st.noted >= kNoteEveryNs)) {
       st.noted = at;
-      std::string line =
-          std::to_string(i + 1) + " " + std::to_string(streams[i].offset) + " " + std::to_string(at) + "\n";
+      std::string line = std::to_string(i + 1) + " " + std::to_string(st.offset) + " " + std::to_string(at) + "\n";
       ssize_t ignored = write(times_fd, line.data(), line.size());
       (void)ignored;
     }
-    streams[i].offset += static_cast<unsigned long long>(n);
+    st.offset += static_cast<unsigned long long>(n);
     return true;
   };
   for (;;) {

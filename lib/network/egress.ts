@@ -15,6 +15,7 @@
  * and the filter, preloaded into QEMU, decides every connection, datagram and DNS question that
  * leaves it; relayed names keep their relays beside it.
  */
+import * as fs from 'node:fs';
 import { isIP } from 'node:net';
 import * as path from 'node:path';
 import type { EgressMode, EgressPolicy, EgressRule } from '../backends/types';
@@ -181,6 +182,47 @@ export function guardPolicy(
       lines.push(`rule ${verdict} ${what} ${r.port ?? 0} ${r.protocol ?? 'any'} egress.${verdict}[${i}]`);
     });
   return `${lines.join('\n')}\n`;
+}
+
+/** Where the egress filter finds its policy and says whether it applies it, in a VM's directory. */
+export interface GuardFiles {
+  policy: string;
+  ready: string;
+}
+
+/**
+ * Writes the filter's policy (0600) into the VM's directory `dataDir`, its decisions going to the
+ * VM's egress.log, and clears the filter's last word (so a stale "ok" never counts).
+ */
+export function writeGuardPolicy(
+  dataDir: string,
+  p: Exclude<EgressPolicy, string>,
+  options?: { relayHosts?: boolean },
+): GuardFiles {
+  const files = { policy: path.join(dataDir, 'egress-policy'), ready: path.join(dataDir, 'egress-guard.ready') };
+  fs.rmSync(files.ready, { force: true });
+  fs.writeFileSync(
+    files.policy,
+    guardPolicy(p, { log: path.join(dataDir, 'egress.log'), ready: files.ready }, options),
+    {
+      mode: 0o600,
+    },
+  );
+  return files;
+}
+
+/**
+ * What the filter said once loaded: undefined when it applies the policy; otherwise why not (its
+ * "error ..." line, or '' when it said nothing: it was not loaded).
+ */
+export function guardRefusal(files: GuardFiles): string | undefined {
+  let said = '';
+  try {
+    said = fs.readFileSync(files.ready, 'utf8').slice(0, 300);
+  } catch {
+    /* not loaded */
+  }
+  return said === 'ok\n' ? undefined : said.replace(/^error /, '').trim();
 }
 
 /** How a policy reads in a span attribute or a message: `allow`, `deny`, `allow-list(2)`, `rules(allow 2, deny 1)`. */

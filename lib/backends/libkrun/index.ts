@@ -5,8 +5,6 @@
  * the launch plan, dry-runs it in-process against the real libkrun, and starts the runner, which
  * mounts the overlay root (when cloned that way), configures libkrun and calls krun_start_enter.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { MicrovmError } from '../../errors';
 import { buildLaunchPlan, type LaunchPlanInput, validateLaunchPlan } from './plan';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
@@ -16,7 +14,7 @@ import { parseRunnerError, readTail, type RunnerExitStatus, runnerFailure, start
 import { ATTR, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
-import { guardPolicy } from '../../network/egress';
+import { type GuardFiles, guardRefusal, writeGuardPolicy } from '../../network/egress';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { STOP_SIGNALS } from '../types';
 
@@ -96,7 +94,7 @@ export function classifyRunnerExit(
  * The egress filter's policy for a policy other than 'allow' (written to the VM's directory), or
  * undefined. 'deny' is a policy with no rules; an `address` override needs the QEMU backend's relays.
  */
-function egressGuard(input: BackendStartInput): { policy: string; ready: string } | undefined {
+function egressGuard(input: BackendStartInput): GuardFiles | undefined {
   const egress = input.egress;
   if (egress === undefined || egress === 'allow') return undefined;
   const rules = egress === 'deny' ? { allow: [] } : egress;
@@ -106,15 +104,7 @@ function egressGuard(input: BackendStartInput): { policy: string; ready: string 
       'ERR_MICROVM_EGRESS_UNSUPPORTED',
       `egress rule for ${overridden.host ?? ''} gives an address: that needs the QEMU backend's relays (libkrun resolves names through the guest's DNS)`,
     );
-  const policy = path.join(input.dataDir, 'egress-policy');
-  const ready = path.join(input.dataDir, 'egress-guard.ready');
-  fs.rmSync(ready, { force: true });
-  fs.writeFileSync(
-    policy,
-    guardPolicy(rules, { log: path.join(input.dataDir, 'egress.log'), ready }, { relayHosts: false }),
-    { mode: 0o600 },
-  );
-  return { policy, ready };
+  return writeGuardPolicy(input.dataDir, rules, { relayHosts: false });
 }
 
 /** Creates the libkrun backend. */
@@ -175,18 +165,13 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
         if (guard) {
           // The runner's constructors ran before it read the plan: its filter has said whether it
           // applies the policy. If not, the VM goes now (the filter refuses everything meanwhile).
-          let said = '';
-          try {
-            said = fs.readFileSync(guard.ready, 'utf8').slice(0, 300);
-          } catch {
-            /* not said */
-          }
-          if (said !== 'ok\n') {
+          const why = guardRefusal(guard);
+          if (why !== undefined) {
             runner.kill('SIGKILL');
             await runner.exited;
             throw new MicrovmError(
               'ERR_MICROVM_EGRESS_GUARD',
-              `The runner's egress filter did not apply the policy (${said.replace(/^error /, '').trim() || 'it said nothing'}); the VM was stopped rather than run with an open network.`,
+              `The runner's egress filter did not apply the policy (${why || 'it said nothing'}); the VM was stopped rather than run with an open network.`,
             );
           }
         }

@@ -37,7 +37,14 @@ import {
   recordKvmVerdict,
 } from '../../host/kvm';
 import { addonPath, packageRoot } from '../../native';
-import { allowListOf, guardPolicy, guestForwards, needsGuard, virtualHosts } from '../../network/egress';
+import {
+  allowListOf,
+  guardRefusal,
+  guestForwards,
+  needsGuard,
+  virtualHosts,
+  writeGuardPolicy,
+} from '../../network/egress';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
@@ -472,17 +479,11 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       : '';
     // Rules beyond relayed names: the egress filter, preloaded into QEMU, decides what leaves it
     // (native/net_guard.cc); its policy file, and the file where it says it loaded it.
-    const guard = needsGuard(input.egress) && typeof input.egress === 'object' ? input.egress : undefined;
+    const guard =
+      needsGuard(input.egress) && typeof input.egress === 'object'
+        ? writeGuardPolicy(input.dataDir, input.egress)
+        : undefined;
     const restrict = input.egress !== undefined && input.egress !== 'allow' && !guard;
-    const guardPolicyFile = path.join(input.dataDir, 'egress-policy');
-    const guardReady = path.join(input.dataDir, 'egress-guard.ready');
-    fs.rmSync(guardReady, { force: true });
-    if (guard)
-      fs.writeFileSync(
-        guardPolicyFile,
-        guardPolicy(guard, { log: path.join(input.dataDir, 'egress.log'), ready: guardReady }),
-        { mode: 0o600 },
-      );
     const port = (id: string, file: string, name: string): string[] => [
       '-chardev',
       `file,id=${id},path=${file}`,
@@ -562,7 +563,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     };
     if (guard) {
       env.MVM_NETGUARD = netGuardPath();
-      env.MICROVM_NETGUARD_POLICY = guardPolicyFile;
+      env.MICROVM_NETGUARD_POLICY = guard.policy;
     }
     if (process.env.MICROVM_FSGUARD_LOG) env.MICROVM_FSGUARD_LOG = process.env.MICROVM_FSGUARD_LOG;
     env.MVM_SHARES = String(input.virtiofs.length);
@@ -741,17 +742,12 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     }
     if (guard) {
       // QEMU is past its start, so a preloaded filter has loaded; never run with its policy unapplied.
-      let said = '';
-      try {
-        said = fs.readFileSync(guardReady, 'utf8').slice(0, 300);
-      } catch {
-        /* not loaded */
-      }
-      if (said !== 'ok\n') {
+      const why = guardRefusal(guard);
+      if (why !== undefined) {
         fail(
           'ERR_MICROVM_EGRESS_GUARD',
-          said
-            ? `The egress filter in QEMU could not apply the policy (${said.replace(/^error /, '').trim()}); the VM was stopped rather than run with an open network.`
+          why
+            ? `The egress filter in QEMU could not apply the policy (${why}); the VM was stopped rather than run with an open network.`
             : 'The egress filter was not loaded into QEMU (LD_PRELOAD did not take); the VM was stopped rather than run with an open network.',
         );
         return settle();
