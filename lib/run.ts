@@ -175,7 +175,7 @@ export interface RunOptions {
    */
   ssh?: { user?: string; guestPort?: number; hostPort?: number; waitReady?: boolean; timeoutMs?: number };
   /**
-   * The guest agent (QEMU backend): run() resolves once it answered (span microvm.AgentWaitReady),
+   * The guest agent (both backends): run() resolves once it answered (span microvm.AgentWaitReady),
    * and `vm.exec()`, `vm.spawn()`, `vm.copyIn()`/`copyOut()`, `vm.readFile()`/`writeFile()` work on
    * any image, with no SSH server. `timeoutMs` (30000): ERR_MICROVM_AGENT_TIMEOUT when it passes.
    * `false`: do not connect (the guest still runs its agent, idle). Default true.
@@ -844,7 +844,11 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
         await inSpan(inner, SPAN.AGENT_WAIT_READY, { [ATTR.AGENT_SOCKET]: socketPath }, async (span) => {
           let client: AgentClient;
           try {
-            client = await AgentClient.connect(socketPath, { timeoutMs, signal: postBootSignal });
+            client = await AgentClient.connect(socketPath, {
+              timeoutMs,
+              signal: postBootSignal,
+              acceptsLate: started.agentAcceptsLate,
+            });
           } catch (err) {
             // The channel closes when QEMU exits, a moment before the VM's end is known: wait for it.
             if ((err as MicrovmError).code === 'ERR_MICROVM_AGENT_UNAVAILABLE') {
@@ -864,7 +868,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
           span.setAttribute(ATTR.AGENT_READY, true);
           span.setAttribute(ATTR.AGENT_UPTIME_MS, Math.round(client.hello.uptimeNs / 1e5) / 10);
           undo.push(async () => client.close());
-          vm.attachAgent(socketPath, client);
+          vm.attachAgent(socketPath, client, started.agentAcceptsLate === true);
         });
       }
       if (sshSetup) {

@@ -111,7 +111,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
   /** Connected SSH client, when run() was given `ssh` (set by the SSHWaitReady post-boot hook). */
   ssh: SshClient | undefined;
   /**
-   * What the guest agent said when run() connected (QEMU backend, unless run() was given
+   * What the guest agent said when run() connected (unless run() was given
    * `agent: false`); undefined without an agent.
    */
   agentHello: AgentHello | undefined;
@@ -120,6 +120,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * another process — `microvm exec NAME` — can connect in between: QEMU serves one client at a time.
    */
   #agentSocket: string | undefined;
+  #agentAcceptsLate = false;
   #client: AgentClient | undefined;
   #connecting: Promise<AgentClient> | undefined;
   #leases = 0;
@@ -332,7 +333,8 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
   }
 
   /** @internal run() hands over the channel it opened for readiness (and its socket). */
-  attachAgent(socketPath: string, client: AgentClient): void {
+  attachAgent(socketPath: string, client: AgentClient, acceptsLate = false): void {
+    this.#agentAcceptsLate = acceptsLate;
     this.#agentSocket = socketPath;
     this.agentHello = client.hello;
     this.#client = client;
@@ -374,9 +376,11 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     this.#leases++;
     try {
       if (!this.#client || this.#client.closedReason) {
-        this.#connecting ??= AgentClient.connect(socketPath, { timeoutMs: 30_000, vmEnded: this.#exited }).finally(
-          () => (this.#connecting = undefined),
-        );
+        this.#connecting ??= AgentClient.connect(socketPath, {
+          timeoutMs: 30_000,
+          vmEnded: this.#exited,
+          acceptsLate: this.#agentAcceptsLate,
+        }).finally(() => (this.#connecting = undefined));
         this.#client = await this.#connecting;
       }
       return this.#client;
@@ -412,7 +416,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
       return new MicrovmError('ERR_MICROVM_AGENT_UNAVAILABLE', `The VM has ended: ${describeExit(this.#result)}`);
     return new MicrovmError(
       'ERR_MICROVM_AGENT_UNAVAILABLE',
-      `This VM has no guest agent (backend ${this.backend}, or run() was given agent: false) and no SSH`,
+      `This VM has no guest agent (run() was given agent: false) and no SSH`,
     );
   }
 

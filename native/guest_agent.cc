@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -897,6 +898,29 @@ void Reap() {
 
 }  // namespace
 
+// A listening socket (ServeListening), or -1: the port (Serve).
+int g_listen = -1;
+
+// Waits for the next host and greets it. On the port the hello's write is the wait (it blocks
+// until a host connects); on a listening socket the previous connection is closed and the next
+// one accepted.
+void NextHost() {
+  if (g_listen >= 0) {
+    if (g_port >= 0) close(g_port);
+    g_port = -1;
+    while (g_port < 0) {
+      g_port = accept4(g_listen, nullptr, nullptr, SOCK_CLOEXEC);
+      if (g_port < 0 && errno != EINTR) {
+        Log(std::string("accept: ") + std::strerror(errno));
+        usleep(100000);
+      }
+    }
+  }
+  SendHello("");
+}
+
+[[noreturn]] void ServeLoop();
+
 void Serve(const Defaults& defaults) {
   g_defaults = defaults;
   std::string port = WaitForPort("microvm.agent", 30000);
@@ -909,13 +933,23 @@ void Serve(const Defaults& defaults) {
     Log(port + ": " + std::strerror(errno));
     _exit(1);
   }
+  ServeLoop();
+}
+
+void ServeListening(const Defaults& defaults, int listen_fd) {
+  g_defaults = defaults;
+  g_listen = listen_fd;
+  ServeLoop();
+}
+
+void ServeLoop() {
   signal(SIGPIPE, SIG_IGN);
   sigset_t chld;
   sigemptyset(&chld);
   sigaddset(&chld, SIGCHLD);
   sigprocmask(SIG_BLOCK, &chld, nullptr);
   int sigfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
-  SendHello("");  // blocks until a host connects
+  NextHost();  // blocks until a host connects
   std::string inbuf;
   std::vector<char> rbuf(kMaxPayload + kHeader);
   for (;;) {
@@ -924,7 +958,7 @@ void Serve(const Defaults& defaults) {
       inbuf.clear();
       g_broken = false;
       usleep(100000);
-      SendHello("");
+      NextHost();
       continue;
     }
     std::vector<struct pollfd> fds = {{g_port, POLLIN, 0}, {sigfd, POLLIN, 0}};
@@ -960,7 +994,7 @@ void Serve(const Defaults& defaults) {
         // The host went away: end what it started, then wait (in the write) for the next one.
         ResetAll();
         inbuf.clear();
-        SendHello("");
+        NextHost();
         continue;
       }
     }

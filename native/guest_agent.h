@@ -18,5 +18,10 @@ struct Defaults {
 // Opens the port and serves until the VM ends. Never returns; exits 1 when the port is missing.
 [[noreturn]] void Serve(const Defaults& defaults);
 
+// Serves each connection accepted on `listen_fd` (a listening stream socket: vsock under libkrun,
+// where libkrun bridges the host's unix socket to a guest port), one host at a time, until the VM
+// ends. The protocol is the same as on the port: a hello as soon as a host is connected.
+[[noreturn]] void ServeListening(const Defaults& defaults, int listen_fd);
+
 }  // namespace agent
 }  // namespace microvm

@@ -22,6 +22,15 @@
 // kernel's timekeeping start): init (this process started), mounts, network, config (read, shares
 // mounted), exec (the command is about to be exec'd). The host turns them into spans.
 // A Cmd of exactly ["/.microvm/init", "--idle"] runs no command: the VM serves its agent until stopped.
+//
+// Under libkrun (not PID 1): libkrun's own init mounts, sets up the network (TSI), reads
+// /.krun_config.json and runs Cmd, which the libkrun backend makes
+//   /.microvm/init --agent-listen=vsock:PORT -- CMD...
+// This process then starts the agent on that listening socket (libkrun bridges the host's unix
+// socket to the guest port), outside the command's process tree so that the command never reaps
+// or waits for it, and becomes CMD (exec): libkrun's init reports CMD's exit status as before.
+// `unix:PATH` listens on a unix socket instead (what the libkrun test double's guest gets: it has no
+// vsock device).
 // Statically linked, so it runs in any image.
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -37,9 +46,12 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <linux/vm_sockets.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -254,10 +266,107 @@ pid_t StartAgent(const microvm::agent::Defaults& defaults) {
   return pid;
 }
 
+// A listening socket for the agent from `vsock:PORT` or `unix:PATH`; -1 (logged) when it cannot be.
+int ListenFor(const std::string& spec) {
+  int fd = -1;
+  if (spec.compare(0, 6, "vsock:") == 0) {
+    const std::string digits = spec.substr(6);
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long port = std::strtoull(digits.c_str(), &end, 10);
+    if (digits.empty() || digits.size() > 10 || *end != '\0' || errno != 0 || port == 0 || port >= VMADDR_PORT_ANY) {
+      Log("bad agent port: " + spec);
+      return -1;
+    }
+    fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_vm addr;
+    std::memset(&addr, 0, sizeof addr);
+    addr.svm_family = AF_VSOCK;
+    addr.svm_cid = VMADDR_CID_ANY;
+    addr.svm_port = static_cast<unsigned int>(port);
+    if (fd >= 0 && bind(fd, reinterpret_cast<struct sockaddr*>(&addr), sizeof addr) != 0) {
+      close(fd);
+      fd = -1;
+    }
+  } else if (spec.compare(0, 5, "unix:") == 0) {
+    const std::string path = spec.substr(5);
+    struct sockaddr_un addr;
+    std::memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    if (path.empty() || path.size() >= sizeof addr.sun_path) {
+      Log("bad agent socket path: " + spec);
+      return -1;
+    }
+    std::memcpy(addr.sun_path, path.data(), path.size());
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd >= 0 &&
+        (bind(fd, reinterpret_cast<struct sockaddr*>(&addr), sizeof addr) != 0 || chmod(path.c_str(), 0600) != 0)) {
+      close(fd);
+      fd = -1;
+    }
+  } else {
+    Log("bad agent listen address: " + spec);
+    return -1;
+  }
+  if (fd >= 0 && listen(fd, 4) != 0) {
+    close(fd);
+    fd = -1;
+  }
+  if (fd < 0) Log("cannot listen for the host on " + spec + ": " + std::strerror(errno));
+  return fd;
+}
+
+// Under libkrun: see the top of this file. argv: --agent-listen=SPEC -- CMD...
+int AgentThenExec(int argc, char** argv) {
+  const std::string spec = argv[1] + std::strlen("--agent-listen=");
+  if (argc < 4 || std::strcmp(argv[2], "--") != 0) {
+    Log("usage: /.microvm/init --agent-listen=vsock:PORT -- CMD...");
+    return 125;
+  }
+  char** cmd = argv + 3;
+  const bool idle = argc == 5 && std::strcmp(cmd[0], "/.microvm/init") == 0 && std::strcmp(cmd[1], "--idle") == 0;
+  int lfd = ListenFor(spec);
+  if (lfd >= 0) {
+    microvm::agent::Defaults defaults;
+    for (char** e = environ; *e != nullptr; e++) defaults.env.emplace_back(*e);
+    char cwd[4096];
+    if (getcwd(cwd, sizeof cwd) != nullptr) defaults.workdir = cwd;
+    pid_t first = fork();
+    if (first == 0) {
+      // The middle process exits at once: its child, the supervisor, is re-parented to PID 1
+      // (libkrun's init), never to the command. It restarts an agent that crashed, a few times.
+      setsid();
+      if (fork() != 0) _exit(0);
+      for (int restarts = 0;; restarts++) {
+        pid_t agent = fork();
+        if (agent == 0) microvm::agent::ServeListening(defaults, lfd);
+        int status = 0;
+        while (agent > 0 && waitpid(agent, &status, 0) < 0 && errno == EINTR) {
+        }
+        const bool crashed = agent < 0 || WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) != 0);
+        if (!crashed || restarts >= 5) _exit(0);
+        Log("the agent ended (status " + std::to_string(status) + ")");
+      }
+    }
+    while (first > 0 && waitpid(first, nullptr, 0) < 0 && errno == EINTR) {
+    }
+    if (first < 0) Log(std::string("cannot start the agent: ") + std::strerror(errno));
+    close(lfd);
+  }
+  if (idle) {
+    for (;;) pause();  // no command: the VM serves its agent until it is stopped
+  }
+  execvp(cmd[0], cmd);
+  const int err = errno;
+  Log(std::string("cannot execute ") + cmd[0] + ": " + std::strerror(err));
+  return err == ENOENT ? 127 : 126;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   const long long started = MonotonicNs();
+  if (argc >= 2 && std::strncmp(argv[1], "--agent-listen=", 15) == 0) return AgentThenExec(argc, argv);
   if (getpid() != 1) {
     std::fprintf(stderr, "microvm-guest-init runs as PID 1 inside a VM\n");
     return 125;

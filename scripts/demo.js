@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // The README's main command (after scripts/setup.sh): builds a small OCI image (busybox-static +
 // dropbear from this machine's Debian packages, packed by umoci), boots a VM from it, waits for
-// SSH, runs a command in it (through the guest agent on QEMU, over SSH on libkrun), and prints the
+// SSH, runs a command in it (through the guest agent; SSH stays up beside it), and prints the
 // output and the startup trace. Backend: libkrun with KVM when available, otherwise QEMU (software
 // emulation when there is no KVM).
 //

@@ -37,6 +37,8 @@ function options(meterProvider: MeterProvider, extra: RunOptions = {}): RunOptio
     dataDir: path.join(s.dir, 'data'),
     initOverride: ['/bin/sh', '-c', 'echo hi'],
     preflight: [],
+    // This double runs no guest (no KRUN_DOUBLE_RUN_GUEST): nothing would answer as the agent.
+    agent: false,
     backend: libkrunBackend({
       runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
       firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },

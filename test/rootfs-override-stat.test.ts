@@ -82,7 +82,7 @@ const { BasicTracerProvider, SimpleSpanProcessor, InMemorySpanExporter } = requi
   const e = new InMemorySpanExporter();
   const vm = await m.run('ovr', {
     rootfsPath: ${JSON.stringify(image)}, dataDir: ${JSON.stringify(path.join(s.dir, 'data'))},
-    initOverride: ['/bin/true'], preflight: [], cloneStrategies: ['copy'],
+    initOverride: ['/bin/true'], preflight: [], cloneStrategies: ['copy'], agent: false,
     backend: m.libkrunBackend({
       runtime: { libDir: ${JSON.stringify(doubleDir())}, pkgConfig: false, systemDirs: [], loaderSearch: false },
       firmware: { dir: ${JSON.stringify(firmwareDir())}, systemDirs: [], loaderSearch: false },

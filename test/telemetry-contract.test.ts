@@ -175,6 +175,8 @@ describe('the telemetry contract', () => {
       rootfsHooks: [hooks.injectFile('/etc/motd', 'x\n')],
       // The built-in checks would fail here (no hardware KVM, no libkrun): one that passes.
       preflight: [{ name: 'always', description: 'passes', required: true, run: () => ({ ok: true }) }],
+      // This double runs no guest (no KRUN_DOUBLE_RUN_GUEST): nothing would answer as the agent.
+      agent: false,
       backend: libkrunBackend({
         runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
         firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },

@@ -154,7 +154,8 @@ describe('MicroVM', () => {
     const vm = vmWith(fakeHandle().handle);
     await expect(vm.exec('true')).rejects.toMatchObject({
       code: 'ERR_MICROVM_AGENT_UNAVAILABLE',
-      message: 'This VM has no guest agent (backend fake, or run() was given agent: false) and no SSH',
+      message:
+        'This VM has no guest agent (its backend, fake, provides none, or run() was given agent: false) and no SSH',
     });
     await expect(vm.spawn(['true'])).rejects.toMatchObject({ code: 'ERR_MICROVM_AGENT_UNAVAILABLE' });
     await expect(vm.readFile('/etc/hostname')).rejects.toMatchObject({ code: 'ERR_MICROVM_AGENT_UNAVAILABLE' });

@@ -388,7 +388,16 @@ export interface AgentConnectOptions {
   signal?: AbortSignal;
   /** Settles when the VM ends: the wait stops at once (ERR_MICROVM_AGENT_UNAVAILABLE). */
   vmEnded?: Promise<unknown>;
+  /**
+   * The socket may exist (or not yet) before the agent listens behind it, and a connection closed
+   * before any frame means "not yet" (libkrun's vsock bridge): try again every 20 ms until the
+   * timeout, the VM's end or the signal.
+   */
+  acceptsLate?: boolean;
 }
+
+/** Marks a connection attempt that failed because nothing listened yet. */
+const NOT_YET = Symbol('microvm.agent.notYet');
 
 /** A connected agent channel. One host process at a time may hold a VM's channel. */
 export class AgentClient extends EventEmitter<{ close: [Error] }> {
@@ -428,7 +437,31 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
    * no answer comes in time (the agent is not running, or another process holds the channel),
    * ERR_MICROVM_AGENT_UNAVAILABLE when the socket is gone or the VM ended.
    */
-  static connect(socketPath: string, options: AgentConnectOptions = {}): Promise<AgentClient> {
+  static async connect(socketPath: string, options: AgentConnectOptions = {}): Promise<AgentClient> {
+    if (!options.acceptsLate) return AgentClient.#attempt(socketPath, options);
+    const timeoutMs = options.timeoutMs ?? 10_000;
+    const deadline = Date.now() + timeoutMs;
+    let ended = false;
+    options.vmEnded?.then(
+      () => (ended = true),
+      () => undefined,
+    );
+    for (;;) {
+      try {
+        return await AgentClient.#attempt(socketPath, { ...options, timeoutMs: Math.max(1, deadline - Date.now()) });
+      } catch (err) {
+        if (!(err as { [NOT_YET]?: boolean })[NOT_YET] || ended || options.signal?.aborted) throw err;
+        if (Date.now() + 20 >= deadline)
+          throw new MicrovmError(
+            'ERR_MICROVM_AGENT_TIMEOUT',
+            `The guest agent did not answer within ${timeoutMs} ms (${socketPath}): nothing listened in the guest (last: ${(err as Error).message})`,
+          );
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+  }
+
+  static #attempt(socketPath: string, options: AgentConnectOptions): Promise<AgentClient> {
     const timeoutMs = options.timeoutMs ?? 10_000;
     const nonce = randomBytes(12).toString('hex');
     const helloFrame = encodeFrame(FRAME.HELLO, 0, JSON.stringify({ proto: HOST_PROTO, nonce }));
@@ -453,17 +486,29 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
         }
       };
       const onAbort = (): void => finish(options.signal?.reason as Error);
+      let heard = false;
       const onError = (err: NodeJS.ErrnoException): void =>
         finish(
-          new MicrovmError(
-            'ERR_MICROVM_AGENT_UNAVAILABLE',
-            `Cannot connect to the guest agent at ${socketPath}: ${err.code ?? err.message}`,
-            { cause: err },
+          Object.assign(
+            new MicrovmError(
+              'ERR_MICROVM_AGENT_UNAVAILABLE',
+              `Cannot connect to the guest agent at ${socketPath}: ${err.code ?? err.message}`,
+              { cause: err },
+            ),
+            {
+              [NOT_YET]: !heard && (err.code === 'ENOENT' || err.code === 'ECONNREFUSED' || err.code === 'ECONNRESET'),
+            },
           ),
         );
       const onClose = (): void =>
-        finish(new MicrovmError('ERR_MICROVM_AGENT_UNAVAILABLE', `The guest agent's channel closed (${socketPath})`));
+        finish(
+          Object.assign(
+            new MicrovmError('ERR_MICROVM_AGENT_UNAVAILABLE', `The guest agent's channel closed (${socketPath})`),
+            { [NOT_YET]: !heard },
+          ),
+        );
       const onData = (chunk: Buffer): void => {
+        heard = true;
         try {
           // Until synced the decoder yields one hello at a time: look at each.
           for (let frames = decoder.push(chunk); frames.length > 0; frames = decoder.drain())

@@ -137,6 +137,11 @@ export interface BackendHandle {
    * (QEMU); run() connects to it in PostBoot (microvm.AgentWaitReady).
    */
   readonly agentSocketPath?: string;
+  /**
+   * The socket accepts before the guest's agent listens, and a connection closed before any frame
+   * means "not yet" (libkrun's vsock bridge): connecting keeps trying until the timeout or the VM's end.
+   */
+  readonly agentAcceptsLate?: boolean;
   /** The accelerator the VM runs with, where the backend chooses one (QEMU: 'kvm' | 'tcg'). */
   readonly accel?: string;
   /** Signals the VM's process group. */

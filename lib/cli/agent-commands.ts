@@ -10,11 +10,14 @@ import { copyIn, copyOut } from '../agent/files';
 import { AGENT_SOCKET } from '../backends/qemu';
 import { MicrovmError } from '../errors';
 
-/** Connects to the agent of the VM whose directory is `dir`; undefined when it has none. */
-export async function connectVmAgent(dir: string): Promise<AgentClient | undefined> {
+/**
+ * Connects to the agent of the VM whose directory is `dir` (run by `backend`); undefined when it has
+ * none. A libkrun VM's socket accepts before its agent listens (libkrun bridges it to a vsock port).
+ */
+export async function connectVmAgent(dir: string, backend: string): Promise<AgentClient | undefined> {
   const sock = path.join(dir, AGENT_SOCKET);
   if (!fs.existsSync(sock)) return undefined;
-  return AgentClient.connect(sock, { timeoutMs: 10_000 });
+  return AgentClient.connect(sock, { timeoutMs: 10_000, acceptsLate: backend === 'libkrun' });
 }
 
 /**

@@ -1177,7 +1177,7 @@ export async function main(argv: string[]): Promise<number> {
         const st = readState(dir);
         if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
         const env = envFromArgs((values.env as string[] | undefined) ?? [], (m) => new UsageError(m));
-        const agent = await connectVmAgent(dir);
+        const agent = await connectVmAgent(dir, st.backend);
         if (agent) {
           const tty = values.tty === true;
           const proc = agent.spawn(words, {
@@ -1242,8 +1242,8 @@ export async function main(argv: string[]): Promise<number> {
           const dir = vmDir(dataDir, name);
           const st = readState(dir);
           if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
-          const agent = await connectVmAgent(dir);
-          if (!agent) throw coded('ERR_MICROVM_AGENT_UNAVAILABLE', `${name} has no guest agent (QEMU backend only)`);
+          const agent = await connectVmAgent(dir, st.backend);
+          if (!agent) throw coded('ERR_MICROVM_AGENT_UNAVAILABLE', `${name} has no guest agent`);
           return agent;
         });
         out({ copied: true }, '');

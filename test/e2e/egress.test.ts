@@ -141,6 +141,7 @@ describe("libkrun: the runner's egress filter decides what TSI does for the gues
       initOverride: ['/bin/true'],
       preflight: [],
       egress,
+      agent: false, // this double runs no guest: nothing would answer as the agent
       backend: libkrunBackend({
         runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
         firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },

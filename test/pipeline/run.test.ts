@@ -13,6 +13,7 @@ import {
   SimpleSpanProcessor,
 } from '@opentelemetry/sdk-trace-base';
 import { type Backend, hooks, libkrunBackend, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
+import { AGENT_VSOCK_PORT } from '../../lib/backends/libkrun';
 import { alive, doubleDir, firmwareDir, readCalls, scratch } from '../helpers';
 
 let s: ReturnType<typeof scratch>;
@@ -40,6 +41,8 @@ function options(extra: RunOptions = {}): RunOptions {
     dataDir: path.join(s.dir, 'data'),
     initOverride: ['/bin/sh', '-c', 'echo hi'],
     preflight: [],
+    // This double runs no guest (no KRUN_DOUBLE_RUN_GUEST): nothing would answer as the agent.
+    agent: false,
     backend: libkrunBackend({
       runtime: { libDir: doubleDir(), pkgConfig: false, systemDirs: [], loaderSearch: false },
       firmware: { dir: firmwareDir(), systemDirs: [], loaderSearch: false },
@@ -145,7 +148,8 @@ describe('run() over the libkrun double', () => {
     const config = JSON.parse(fs.readFileSync(guest('.krun_config.json'), 'utf8'));
     const rootCtx = one(SPAN.RUN).spanContext();
     expect(config).toEqual({
-      Cmd: ['/bin/sh', '-c', 'echo hi'],
+      // libkrun's init runs ours, which starts the guest agent on its vsock port, then becomes the command.
+      Cmd: ['/.microvm/init', `--agent-listen=vsock:${AGENT_VSOCK_PORT}`, '--', '/bin/sh', '-c', 'echo hi'],
       // W3C trace context: the guest command continues this trace under microvm.Run.
       Env: [
         expect.stringMatching(/^PATH=/),
@@ -158,6 +162,7 @@ describe('run() over the libkrun double', () => {
     expect(fs.statSync(guest('root/.ssh')).mode & 0o777).toBe(0o700);
     expect(fs.statSync(guest('root')).mode & 0o777).toBe(0o700);
     expect(fs.readFileSync(guest('etc/hostname'), 'utf8')).toBe('image\n');
+    expect(fs.statSync(guest('.microvm/init')).mode & 0o7777).toBe(0o755);
     expect(fs.readdirSync(img, { recursive: true }).sort()).toEqual(before);
   });
 

@@ -1,10 +1,15 @@
 /**
  * The libkrun backend. BackendPrepare writes `/.krun_config.json` (read by libkrun's built-in guest
- * init: Cmd, Env, WorkingDir) into the VM's writable layer. backend.Start resolves libkrun and the
+ * init: Cmd, Env, WorkingDir) into the VM's writable layer, and our guest init beside it: Cmd
+ * becomes `/.microvm/init --agent-listen=vsock:PORT -- CMD...`, which starts the guest agent on that
+ * vsock port and then becomes CMD (native/guest_init.cc). backend.Start resolves libkrun and the
  * runner (microvm.backend.ResolveRuntime) and libkrunfw (microvm.backend.ResolveFirmware), builds
- * the launch plan, dry-runs it in-process against the real libkrun, and starts the runner, which
+ * the launch plan (the agent's port bridged to `agent.sock` in the VM's directory, libkrun
+ * listening), dry-runs it in-process against the real libkrun, and starts the runner, which
  * mounts the overlay root (when cloned that way), configures libkrun and calls krun_start_enter.
  */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { MicrovmError } from '../../errors';
 import { buildLaunchPlan, type LaunchPlanInput, validateLaunchPlan } from './plan';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
@@ -17,6 +22,38 @@ import { guestConfig } from '../guest-config';
 import { type GuardFiles, guardRefusal, writeGuardPolicy } from '../../network/egress';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { STOP_SIGNALS } from '../types';
+import { AGENT_SOCKET, GUEST_INIT_PATH, guestInitPath } from '../qemu';
+
+/**
+ * The guest port the agent listens on (vsock); libkrun bridges the VM directory's `agent.sock` to it.
+ * A high port, away from the ones TSI takes for the guest's own listening sockets.
+ */
+export const AGENT_VSOCK_PORT = 19_798;
+
+/** Cmd for libkrun's init: our init starts the agent, then becomes the command. */
+export function agentCommand(cmd: readonly string[]): string[] {
+  return [GUEST_INIT_PATH, `--agent-listen=vsock:${AGENT_VSOCK_PORT}`, '--', ...cmd];
+}
+
+/**
+ * libkrun makes the agent's socket when the VM starts, with the runner's umask: it is made private
+ * (0600) as soon as it is there (the VM's directory is 0700 in any case).
+ */
+function makePrivateWhenMade(file: string, ended: Promise<unknown>): void {
+  let done = false;
+  void ended.finally(() => (done = true));
+  const started = Date.now();
+  const look = (): void => {
+    if (done || Date.now() - started > 60_000) return;
+    try {
+      fs.chmodSync(file, 0o600);
+      return;
+    } catch {
+      setTimeout(look, 10).unref();
+    }
+  };
+  look();
+}
 
 /** Options of {@link libkrunBackend}. */
 export interface LibkrunBackendOptions {
@@ -117,8 +154,14 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
     egressPolicies: ['allow', 'deny', 'allow-list'],
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const config = guestConfig(input);
-      rootfsContext(input.vmId, input.rootfs).writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, {
-        mode: 0o644,
+      config.Cmd = agentCommand(config.Cmd);
+      const ctx = rootfsContext(input.vmId, input.rootfs);
+      ctx.writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
+      ctx.writeFile(GUEST_INIT_PATH, fs.readFileSync(guestInitPath()), {
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        parents: { mode: 0o755 },
       });
     },
     async start(input: BackendStartInput): Promise<BackendHandle> {
@@ -135,6 +178,8 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
           s.setAttribute(ATTR.FIRMWARE_ABI, fw.abiVersion);
           return fw;
         });
+        const agentSock = path.join(input.dataDir, AGENT_SOCKET);
+        fs.rmSync(agentSock, { force: true }); // libkrun refuses a path that exists (-EEXIST)
         const planInput: LaunchPlanInput = {
           libkrunPath: runtime.libkrunPath,
           firmwarePath: firmware.path,
@@ -144,6 +189,9 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
           root: input.rootfs.rootPath,
           consoleOutput: input.consoleLogPath,
           virtiofs: input.virtiofs.map(({ tag, hostPath, readOnly }) => ({ tag, hostPath, readOnly })),
+          // The guest agent's channel: libkrun listens on the socket and connects each client to
+          // the agent's vsock port in the guest.
+          vsockPorts: [{ port: AGENT_VSOCK_PORT, path: agentSock, listen: true }],
         };
         if (input.rootfs.overlay) planInput.overlay = input.rootfs.overlay;
         if (input.network) {
@@ -185,7 +233,16 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
           if (ok) sent = sig;
           return ok;
         };
-        return { pid: runner.pid, executable: runtime.runnerPath, exited, kill };
+        makePrivateWhenMade(agentSock, exited);
+        return {
+          pid: runner.pid,
+          executable: runtime.runnerPath,
+          exited,
+          kill,
+          agentSocketPath: agentSock,
+          // Until the guest's agent listens, libkrun closes each connection at once: keep trying.
+          agentAcceptsLate: true,
+        };
       });
     },
   };
