@@ -77,8 +77,7 @@ export const ERROR_CODES = {
     'the egress filter (microvm-netguard.so) is missing, or QEMU ran without it or without its policy: the VM is stopped rather than run open',
   ERR_MICROVM_EGRESS_UNSUPPORTED:
     'an `egress` policy the backend (or network provider) cannot enforce; the VM is not started rather than run open',
-  ERR_MICROVM_AGENT_UNAVAILABLE:
-    'the VM has no guest agent (libkrun backend, `agent: false`), its channel closed, or the VM ended',
+  ERR_MICROVM_AGENT_UNAVAILABLE: 'the VM has no guest agent (`agent: false`), its channel closed, or the VM ended',
   ERR_MICROVM_AGENT_TIMEOUT:
     'the guest agent did not answer in time (not running, or another host process holds its channel)',
   ERR_MICROVM_AGENT_PROTOCOL:

@@ -416,7 +416,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
       return new MicrovmError('ERR_MICROVM_AGENT_UNAVAILABLE', `The VM has ended: ${describeExit(this.#result)}`);
     return new MicrovmError(
       'ERR_MICROVM_AGENT_UNAVAILABLE',
-      `This VM has no guest agent (run() was given agent: false) and no SSH`,
+      `This VM has no guest agent (its backend, ${this.backend}, provides none, or run() was given agent: false) and no SSH`,
     );
   }
 
