@@ -284,6 +284,25 @@ function outputTail(file: string, label: string): string {
   return lines.length ? `\n${label}:\n${lines.map((l) => `  ${l.slice(0, 300)}`).join('\n')}` : '';
 }
 
+/** An agent that will not come: the guest's init said so on the console (libkrun). */
+class AgentNotStarted extends MicrovmError {}
+
+/**
+ * What our init said on the console when it could not start the agent (under libkrun it cannot
+ * report otherwise), as an error; undefined while it said nothing of the kind. The console is the
+ * guest's: only the init's own fixed phrases are looked for, and the line is cut and made printable.
+ */
+function agentNotStarted(consoleLogPath: string): AgentNotStarted | undefined {
+  const text = readTail(consoleLogPath, 16 * 1024)?.toString('utf8') ?? '';
+  const said = /^microvm-init: (?:cannot listen for the host on|bad agent|cannot start the agent)[^\r\n]*/m.exec(text);
+  if (!said) return undefined;
+  const line = said[0].replace(/[^\x20-\x7e]/g, '?').slice(0, 300);
+  return new AgentNotStarted(
+    'ERR_MICROVM_AGENT_UNAVAILABLE',
+    `The guest's init could not start the agent: ${line} (see ${consoleLogPath})`,
+  );
+}
+
 /** Overlay mount options list directories separated by ',' (options) and ':' (lower layers). */
 const OVERLAY_UNSAFE = /[,:]/;
 /** The data dir also names QEMU's sockets and files, split on white space by the launcher. */
@@ -848,10 +867,11 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
               timeoutMs,
               signal: postBootSignal,
               acceptsLate: started.agentAcceptsLate,
+              notComing: () => agentNotStarted(consoleLogPath),
             });
           } catch (err) {
             // The channel closes when QEMU exits, a moment before the VM's end is known: wait for it.
-            if ((err as MicrovmError).code === 'ERR_MICROVM_AGENT_UNAVAILABLE') {
+            if ((err as MicrovmError).code === 'ERR_MICROVM_AGENT_UNAVAILABLE' && !(err instanceof AgentNotStarted)) {
               let timer: NodeJS.Timeout | undefined;
               await Promise.race([vm.wait(), new Promise((r) => (timer = setTimeout(r, 2000)))]);
               clearTimeout(timer);

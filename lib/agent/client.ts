@@ -394,6 +394,11 @@ export interface AgentConnectOptions {
    * timeout, the VM's end or the signal.
    */
   acceptsLate?: boolean;
+  /**
+   * With `acceptsLate`: asked before each new try; an error it returns ends the wait with it (the
+   * guest said its agent will not come, say).
+   */
+  notComing?: () => Error | undefined;
 }
 
 /** Marks a connection attempt that failed because nothing listened yet. */
@@ -451,6 +456,8 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
         return await AgentClient.#attempt(socketPath, { ...options, timeoutMs: Math.max(1, deadline - Date.now()) });
       } catch (err) {
         if (!(err as { [NOT_YET]?: boolean })[NOT_YET] || ended || options.signal?.aborted) throw err;
+        const why = options.notComing?.();
+        if (why) throw why;
         if (Date.now() + 20 >= deadline)
           throw new MicrovmError(
             'ERR_MICROVM_AGENT_TIMEOUT',
@@ -496,7 +503,8 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
               { cause: err },
             ),
             {
-              [NOT_YET]: !heard && (err.code === 'ENOENT' || err.code === 'ECONNREFUSED' || err.code === 'ECONNRESET'),
+              // Nothing there yet, or libkrun closed the connection under our hello (EPIPE).
+              [NOT_YET]: !heard && ['ENOENT', 'ECONNREFUSED', 'ECONNRESET', 'EPIPE'].includes(err.code ?? ''),
             },
           ),
         );

@@ -11,7 +11,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
-import { libkrunBackend, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
+import { hooks, libkrunBackend, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
 import { AGENT_VSOCK_PORT } from '../../lib/backends/libkrun';
 import { IDLE_COMMAND } from '../../lib/backends/qemu';
 import { ATTR } from '../../lib/telemetry/attributes';
@@ -115,6 +115,21 @@ const options = (extra: RunOptions = {}, env: Record<string, string> = { KRUN_DO
       expect((await vm.exec(['echo', 'idle'])).stdout).toBe('idle\n');
       await vm.stop();
       expect(await vm.wait()).toMatchObject({ reason: 'stopped' });
+    });
+
+    test('an agent the init could not start: ERR_MICROVM_AGENT_UNAVAILABLE with its line, long before the timeout', async () => {
+      // Something already at the path the agent would listen on (in the double's guest: a unix socket).
+      const t0 = Date.now();
+      const err = await run(
+        'krun-agent',
+        options({ name: 'x', rootfsHooks: [hooks.injectFile(`/.krun-double-vsock-${AGENT_VSOCK_PORT}/taken`, 'x')] }),
+      ).catch((e: Error) => e);
+      expect(err).toMatchObject({
+        code: 'ERR_MICROVM_AGENT_UNAVAILABLE',
+        message: expect.stringContaining('cannot listen for the host on unix:'),
+      });
+      expect(Date.now() - t0).toBeLessThan(15_000); // the agent's own timeout is 30 s
+      expect(fs.existsSync(path.join(s.dir, 'data', 'vms', 'x'))).toBe(false);
     });
 
     test('nothing listening behind the socket: ERR_MICROVM_AGENT_TIMEOUT at the timeout, nothing left', async () => {
