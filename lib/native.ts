@@ -8,6 +8,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import type { MicrovmErrorCode } from './error-codes';
 import { MicrovmError } from './errors';
 
 /** What the addon reports about a libkrunfw library it opened. */
@@ -238,4 +239,19 @@ export function addon(): NativeAddon {
 export function addonPath(): string | undefined {
   addon();
   return loadedFrom;
+}
+
+/** A file the package ships beside the addon (else in this package's build); `code` when missing. */
+export function shippedFile(name: string, code: MicrovmErrorCode): string {
+  const candidates = [
+    path.join(path.dirname(addonPath() ?? ''), name),
+    path.join(packageRoot, 'build', 'Release', name),
+  ];
+  const found = candidates.find((c) => fs.existsSync(c));
+  if (!found)
+    throw new MicrovmError(
+      code,
+      `${name} was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
+    );
+  return found;
 }

@@ -7,7 +7,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { AgentClient, type AgentProcess } from '../agent/client';
 import { copyIn, copyOut } from '../agent/files';
-import { AGENT_SOCKET } from '../backends/qemu';
+import { AGENT_SOCKET } from '../backends/guest-init';
 import { MicrovmError } from '../errors';
 
 /**

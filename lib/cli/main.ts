@@ -22,7 +22,8 @@ import { defaultCacheDir, defaultDataRoot } from '../paths';
 import { gc, list, purge } from '../image/cache';
 import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
-import { IDLE_COMMAND, netGuardPath, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
+import { IDLE_COMMAND } from '../backends/guest-init';
+import { netGuardPath, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
 import { parseEgress } from '../network/egress';
 import { readAppended } from '../file-tail';
 import {

@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { AgentClient } from '../../lib/agent/client';
 import { execBuffered } from '../../lib/agent/exec';
-import { guestInitPath } from '../../lib/backends/qemu';
+import { guestInitPath } from '../../lib/backends/guest-init';
 import { scratch } from '../helpers';
 
 let s: ReturnType<typeof scratch>;

@@ -13,7 +13,7 @@ import * as path from 'node:path';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { hooks, libkrunBackend, type MicroVM, run, type RunOptions, SPAN } from '../../lib';
 import { AGENT_VSOCK_PORT } from '../../lib/backends/libkrun';
-import { IDLE_COMMAND } from '../../lib/backends/qemu';
+import { IDLE_COMMAND } from '../../lib/backends/guest-init';
 import { ATTR } from '../../lib/telemetry/attributes';
 import { doubleDir, firmwareDir, readCalls, scratch } from '../helpers';
 

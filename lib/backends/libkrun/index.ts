@@ -22,7 +22,7 @@ import { guestConfig } from '../guest-config';
 import { type GuardFiles, guardRefusal, writeGuardPolicy } from '../../network/egress';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { STOP_SIGNALS } from '../types';
-import { AGENT_SOCKET, GUEST_INIT_PATH, guestInitPath } from '../qemu';
+import { AGENT_SOCKET, GUEST_INIT_PATH, injectGuestInit } from '../guest-init';
 
 /**
  * The guest port the agent listens on (vsock); libkrun bridges the VM directory's `agent.sock` to it.
@@ -157,12 +157,7 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
       config.Cmd = agentCommand(config.Cmd);
       const ctx = rootfsContext(input.vmId, input.rootfs);
       ctx.writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
-      ctx.writeFile(GUEST_INIT_PATH, fs.readFileSync(guestInitPath()), {
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        parents: { mode: 0o755 },
-      });
+      injectGuestInit(ctx);
     },
     async start(input: BackendStartInput): Promise<BackendHandle> {
       return inSpan(input.scope, SPAN.BACKEND_START, { [ATTR.BACKEND]: 'libkrun' }, async (span, scope) => {

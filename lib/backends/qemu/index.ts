@@ -36,7 +36,7 @@ import {
   parseAccel,
   recordKvmVerdict,
 } from '../../host/kvm';
-import { addonPath, packageRoot } from '../../native';
+import { packageRoot, shippedFile } from '../../native';
 import {
   allowListOf,
   guardRefusal,
@@ -50,6 +50,7 @@ import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
+import { AGENT_SOCKET, GUEST_INIT_PATH, guestInitPath, injectGuestInit } from '../guest-init';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { STOP_SIGNALS } from '../types';
 import { pvhKernelFor } from './kernel';
@@ -59,15 +60,6 @@ import { GUEST_CLOCK_FILE, OUTPUT_TIMES_FILE, writeGuestClock } from '../../log-
 import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
-
-/** A command for the guest init that runs nothing: the VM serves its agent until stopped. */
-export const IDLE_COMMAND: readonly string[] = ['/.microvm/init', '--idle'];
-
-/** The guest agent's socket, in the VM's directory. */
-export const AGENT_SOCKET = 'agent.sock';
-
-/** Where the guest init is placed in the VM's rootfs. */
-export const GUEST_INIT_PATH = '/.microvm/init';
 
 /** Options of {@link qemuBackend}. */
 export interface QemuBackendOptions {
@@ -118,26 +110,6 @@ export function hostTscKhz(): number | undefined {
   } catch {
     return undefined;
   }
-}
-
-/** A file the package ships beside the addon (else in this package's build); `code` when missing. */
-function shippedFile(name: string, code: MicrovmErrorCode): string {
-  const candidates = [
-    path.join(path.dirname(addonPath() ?? ''), name),
-    path.join(__dirname, '..', '..', '..', 'build', 'Release', name),
-  ];
-  const found = candidates.find((c) => fs.existsSync(c));
-  if (!found)
-    throw new MicrovmError(
-      code,
-      `${name} was not found (looked in ${candidates.join(', ')}); build it with \`npm rebuild node-microvm\` (in a checkout: \`npm run build:native\`)`,
-    );
-  return found;
-}
-
-/** The guest init binary (native/guest_init.cc). */
-export function guestInitPath(): string {
-  return shippedFile('microvm-guest-init', 'ERR_MICROVM_GUEST_INIT_NOT_FOUND');
 }
 
 /**
@@ -344,12 +316,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         ...(allow ? { MicrovmHosts: virtualHosts(allow).map((h) => [h.ip, h.host]) } : {}),
       };
       ctx.writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
-      ctx.writeFile(GUEST_INIT_PATH, fs.readFileSync(guestInitPath()), {
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        parents: { mode: 0o755 },
-      });
+      injectGuestInit(ctx);
     },
     async start(input: BackendStartInput): Promise<BackendHandle> {
       const spawnSpan = trace.getSpan(input.scope.ctx);
