@@ -885,6 +885,9 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
             if (life.signal.aborted && !signal?.aborted) throw life.signal.reason;
             throw err;
           }
+          // A socket the backend did not make itself (libkrun makes it with the runner's umask: others
+          // could not write to it, and the VM's directory is 0700) is made private all the same.
+          if (started.agentAcceptsLate) fs.chmodSync(socketPath, 0o600);
           span.setAttribute(ATTR.AGENT_READY, true);
           span.setAttribute(ATTR.AGENT_UPTIME_MS, Math.round(client.hello.uptimeNs / 1e5) / 10);
           undo.push(async () => client.close());

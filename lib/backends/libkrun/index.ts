@@ -35,26 +35,6 @@ export function agentCommand(cmd: readonly string[]): string[] {
   return [GUEST_INIT_PATH, `--agent-listen=vsock:${AGENT_VSOCK_PORT}`, '--', ...cmd];
 }
 
-/**
- * libkrun makes the agent's socket when the VM starts, with the runner's umask: it is made private
- * (0600) as soon as it is there (the VM's directory is 0700 in any case).
- */
-function makePrivateWhenMade(file: string, ended: Promise<unknown>): void {
-  let done = false;
-  void ended.finally(() => (done = true));
-  const started = Date.now();
-  const look = (): void => {
-    if (done || Date.now() - started > 60_000) return;
-    try {
-      fs.chmodSync(file, 0o600);
-      return;
-    } catch {
-      setTimeout(look, 10).unref();
-    }
-  };
-  look();
-}
-
 /** Options of {@link libkrunBackend}. */
 export interface LibkrunBackendOptions {
   runtime?: ResolveRuntimeOptions;
@@ -228,7 +208,6 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
           if (ok) sent = sig;
           return ok;
         };
-        makePrivateWhenMade(agentSock, exited);
         return {
           pid: runner.pid,
           executable: runtime.runnerPath,
