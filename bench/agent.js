@@ -4,7 +4,9 @@
 //   1. run() start -> first output of an exec (`cat /proc/uptime`), N boots each, alternating: the
 //      agent (no SSH server running) vs SSH (dropbear as the VM's command, run({ ssh })). The guest's
 //      own uptime at the agent's hello and at the exec shows where the time goes.
-//   2. exec(['true']) round trip on a running VM, 30 each.
+//   2. exec(['true']) round trip on a running VM, 30 each; also on a VM with no SSH server running,
+//      beside the guest's own cost of creating that process (its sh running /bin/true in a loop):
+//      the floor under the agent's round trip.
 //   3. copyIn of a 100 MB file: agent vs SFTP (ssh2 fastPut), 3 each.
 //
 // Usage: node bench/agent.js [boots=10]     (after scripts/setup.sh)
@@ -45,6 +47,27 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
     sshFirst.push(performance.now() - t0);
     await vm.remove();
   }
+
+  // The agent alone (no SSH server running), and what the guest itself needs per /bin/true.
+  const quiet = await m.run('bench', base({ name: 'quiet', initOverride: ['/bin/sleep', '3600'] }));
+  const rtQuiet = [];
+  for (let i = 0; i < 30; i++) {
+    const t = performance.now();
+    await quiet.exec(['true']);
+    rtQuiet.push(performance.now() - t);
+  }
+  const loops = 200;
+  const inGuest = [];
+  for (let i = 0; i < 3; i++) {
+    const r = await quiet.exec([
+      'sh',
+      '-c',
+      `a=$(cut -d' ' -f1 /proc/uptime); i=0; while [ $i -lt ${loops} ]; do /bin/true; i=$((i+1)); done; b=$(cut -d' ' -f1 /proc/uptime); echo "$a $b"`,
+    ]);
+    const [a, b] = r.stdout.trim().split(' ').map(Number);
+    inGuest.push(((b - a) * 1000) / loops);
+  }
+  await quiet.remove();
 
   // One VM with both: round trips and copies in the same guest.
   const vm = await m.run('bench', base({ name: 'both', initOverride: DROPBEAR, ssh: { timeoutMs: 120000 } }));
@@ -98,10 +121,16 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
     ],
     ['copyIn 100 MB (median of 3)', mbps(median(cpAgent)), mbps(median(cpSsh)), median(cpSsh) / median(cpAgent)],
   ];
+  const floor = [
+    ["exec(['true']), VM with no SSH (median of 30)", fmt(median(rtQuiet))],
+    [`the guest's sh running /bin/true (per run, ${loops} x 3)`, fmt(median(inGuest))],
+  ];
   console.log(`guest agent vs SSH, QEMU backend (${accel || 'tcg'}), ${os.cpus().length} CPUs, ${boots} boots each\n`);
   console.log(`${'measure'.padEnd(44)}${'agent'.padStart(14)}${'SSH'.padStart(14)}${'SSH/agent'.padStart(11)}`);
   for (const [name, a, s, ratio] of rows)
     console.log(`${name.padEnd(44)}${a.padStart(14)}${s.padStart(14)}${`${ratio.toFixed(2)}x`.padStart(11)}`);
+  console.log(`\nthe exec round trip's floor: what creating the process costs the guest itself\n`);
+  for (const [name, v] of floor) console.log(`${name.padEnd(58)}${v.padStart(14)}`);
   console.log(
     `\nwhere the agent's first output goes (median): guest uptime at the agent's hello ${fmt(median(helloUptime))} (kernel + init), at the exec ${fmt(median(execUptime))}; host before the kernel and after: ${fmt(median(agentFirst) - median(execUptime))}`,
   );
