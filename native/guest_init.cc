@@ -2,8 +2,8 @@
 //
 // It does what libkrun's built-in init does for a container image, for QEMU's user-mode network:
 //   1. mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run;
-//   2. brings up lo and eth0 (10.0.2.15/24, gateway 10.0.2.2) and, when the image has none,
-//      writes /etc/resolv.conf (nameserver 10.0.2.3);
+//   2. brings up lo and eth0 (10.0.2.15/24, gateway 10.0.2.2) (the host has written
+//      /etc/resolv.conf, nameserver 10.0.2.3, when the image has none);
 //   3. reads /.krun_config.json (or $KRUN_CONFIG): Cmd, Env, WorkingDir, and mounts the virtio-fs
 //      shares listed in MicrovmMounts ([{tag, target, readOnly}]), and MicrovmPorts: the virtio ports
 //      the host provides, which it waits for (the driver adds them asynchronously);
@@ -121,17 +121,6 @@ void Network() {
     if (ioctl(sock, SIOCADDRT, &rt) != 0 && errno != EEXIST) Log(std::string("default route: ") + std::strerror(errno));
   }
   close(sock);
-  struct stat st;
-  if (stat("/etc/resolv.conf", &st) != 0 || st.st_size == 0) {
-    mkdir("/etc", 0755);
-    int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
-    if (fd >= 0) {
-      static const char kResolv[] = "nameserver 10.0.2.3\n";
-      ssize_t ignored = write(fd, kResolv, sizeof kResolv - 1);
-      (void)ignored;
-      close(fd);
-    }
-  }
 }
 
 // The microvm.exit port, opened once (a virtio port takes one opener at a time).

@@ -188,6 +188,24 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
       expect(cmdline.split(' ').includes(opt)).toBe(tcg);
   });
 
+  test("the guest's resolver: QEMU's where the image names none, the image's own kept", async () => {
+    const [none, own] = await Promise.all([
+      run('test-image', base({ name: 'none', initOverride: ['/bin/cat', '/etc/resolv.conf'] })),
+      run(
+        'test-image',
+        base({
+          name: 'own',
+          initOverride: ['/bin/cat', '/etc/resolv.conf'],
+          rootfsHooks: [hooks.injectFile('/etc/resolv.conf', 'nameserver 192.0.2.53\n')],
+        }),
+      ),
+    ]);
+    vms.push(none, own);
+    await Promise.all([none.wait(), own.wait()]);
+    expect(fs.readFileSync(none.stdoutPath as string, 'utf8')).toBe('nameserver 10.0.2.3\n');
+    expect(fs.readFileSync(own.stdoutPath as string, 'utf8')).toBe('nameserver 192.0.2.53\n');
+  });
+
   test('two VMs at once', async () => {
     const [a, b] = await Promise.all([
       run('test-image', base({ name: 'a', initOverride: ['/bin/sh', '-c', 'echo I am a; exit 5'] })),
