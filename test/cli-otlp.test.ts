@@ -3,7 +3,7 @@ import { spawn } from 'node:child_process';
 import * as http from 'node:http';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
-import { layoutSkipReason, scratch } from './helpers';
+import { layoutSkipReason, qemuRunArgs, scratch } from './helpers';
 
 const layout = process.env.MICROVM_TEST_LAYOUT;
 
@@ -61,12 +61,7 @@ const layout = process.env.MICROVM_TEST_LAYOUT;
         process.execPath,
         [
           path.join(packageRoot, 'bin', 'microvm.js'),
-          'run',
-          `oci:${layout}:test`,
-          '--data-dir',
-          s.dir,
-          '--backend',
-          'qemu',
+          ...qemuRunArgs(layout, s.dir),
           '--rm',
           '--otlp',
           `http://127.0.0.1:${port}`,

@@ -3,7 +3,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../lib/native';
-import { layoutSkipReason, runCli, scratch } from './helpers';
+import { layoutSkipReason, qemuRunArgs, runCli, scratch } from './helpers';
 import { makeHost } from './host/fake-host';
 
 const bin = path.join(packageRoot, 'bin', 'microvm.js');
@@ -181,12 +181,7 @@ describe('usage', () => {
 (layout ? describe : describe.skip)(`VMs from the CLI${layout ? '' : ` [skipped: ${layoutSkipReason()}]`}`, () => {
   test('run -- CMD: streams the output and exits with the guest code; --trace prints every stage', () => {
     const r = cli([
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      s.dir,
-      '--backend',
-      'qemu',
+      ...qemuRunArgs(layout, s.dir),
       '--rm',
       '--trace',
       '--',
@@ -246,12 +241,7 @@ describe('usage', () => {
     fs.mkdirSync(ro);
     fs.writeFileSync(path.join(ro, 'in'), 'from the host\n');
     const r = cli([
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      path.join(s.dir, 'd'),
-      '--backend',
-      'qemu',
+      ...qemuRunArgs(layout, path.join(s.dir, 'd')),
       '--rm',
       '-v',
       `${rw}:/mnt/rw`,
@@ -274,12 +264,7 @@ describe('usage', () => {
 
   test('logs -f follows the console of a running VM', async () => {
     const started = cli([
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      s.dir,
-      '--backend',
-      'qemu',
+      ...qemuRunArgs(layout, s.dir),
       '--name',
       'ticker',
       '--detach',
@@ -344,12 +329,7 @@ describe('usage', () => {
 
   test('run --json: one JSON object with how the VM ended, the output and spans', () => {
     const r = cli([
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      s.dir,
-      '--backend',
-      'qemu',
+      ...qemuRunArgs(layout, s.dir),
       '--rm',
       '--json',
       '--',
@@ -466,12 +446,7 @@ describe('usage', () => {
 
   test('exec over SSH into a detached VM started with --ssh', () => {
     const started = cli([
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      s.dir,
-      '--backend',
-      'qemu',
+      ...qemuRunArgs(layout, s.dir),
       '--name',
       'sshvm',
       '--ssh',
@@ -506,12 +481,7 @@ describe('usage', () => {
     expect(imagesText[1]).toContain(`oci:${layout}:test`);
     expect(cli(['images', '-q', '--data-dir', s.dir]).stdout).toBe(`${imgs[0].digest}\n`);
     const started = cli([
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      s.dir,
-      '--backend',
-      'qemu',
+      ...qemuRunArgs(layout, s.dir),
       '--name',
       'bg',
       '-d',
@@ -605,12 +575,7 @@ describe('usage', () => {
 
   test('run --detach --ssh whose guest never serves SSH (it ends): a coded error with its stderr, exit 1, nothing left', () => {
     const r = cli([
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      s.dir,
-      '--backend',
-      'qemu',
+      ...qemuRunArgs(layout, s.dir),
       '--name',
       'nossh',
       '--detach',
@@ -628,12 +593,7 @@ describe('usage', () => {
   test('kill -9 of `run --rm` leaves a directory the next run sweeps; prune removes stopped VMs and keeps running ones', async () => {
     const args = (name: string, ...extra: string[]): string[] => [
       bin,
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      s.dir,
-      '--backend',
-      'qemu',
+      ...qemuRunArgs(layout, s.dir),
       '--name',
       name,
       ...extra,
@@ -667,18 +627,7 @@ describe('usage', () => {
     expect(kept).toMatchObject({ code: 0, stdout: 'kept\n' });
     expect(fs.existsSync(doomed)).toBe(false);
     // A stopped VM (not --rm) stays until prune; the running one survives prune.
-    const stopped = cli([
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      s.dir,
-      '--backend',
-      'qemu',
-      '--name',
-      'stopped',
-      '--',
-      '/bin/true',
-    ]);
+    const stopped = cli([...qemuRunArgs(layout, s.dir), '--name', 'stopped', '--', '/bin/true']);
     expect(stopped.code).toBe(0);
     const pruned = JSON.parse(cli(['prune', '--json', '--data-dir', s.dir]).stdout) as { vms: string[] };
     expect(pruned.vms).toEqual(['stopped']);

@@ -127,6 +127,11 @@ export function layoutSkipReason(): string | undefined {
  * The `microvm` CLI as a child process (deadline `timeout`, default 120 s), with the test
  * libkrunfw; what it printed and its exit status.
  */
+/** `microvm run` of the test layout's image on the QEMU backend in `dataDir`: the start of a CLI argument list. */
+export function qemuRunArgs(layout: string | undefined, dataDir: string): string[] {
+  return ['run', `oci:${layout}:test`, '--data-dir', dataDir, '--backend', 'qemu'];
+}
+
 export function runCli(
   args: string[],
   opts: { input?: string; timeout?: number; env?: Record<string, string> } = {},

@@ -446,16 +446,12 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
     if (!options.acceptsLate) return AgentClient.#attempt(socketPath, options);
     const timeoutMs = options.timeoutMs ?? 10_000;
     const deadline = Date.now() + timeoutMs;
-    let ended = false;
-    options.vmEnded?.then(
-      () => (ended = true),
-      () => undefined,
-    );
     for (;;) {
       try {
         return await AgentClient.#attempt(socketPath, { ...options, timeoutMs: Math.max(1, deadline - Date.now()) });
       } catch (err) {
-        if (!(err as { [NOT_YET]?: boolean })[NOT_YET] || ended || options.signal?.aborted) throw err;
+        // The VM's end and an abort come as errors of their own (without NOT_YET) from the attempt.
+        if (!(err as { [NOT_YET]?: boolean })[NOT_YET] || options.signal?.aborted) throw err;
         const why = options.notComing?.();
         if (why) throw why;
         if (Date.now() + 20 >= deadline)

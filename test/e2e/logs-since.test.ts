@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { run } from '../../lib';
 import { OUTPUT_TIMES_FILE } from '../../lib/log-times';
-import { qemuSkipReason, runCli, scratch } from '../helpers';
+import { qemuRunArgs, qemuSkipReason, runCli, scratch } from '../helpers';
 
 process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
 const layout = process.env.MICROVM_TEST_LAYOUT;
@@ -35,12 +35,7 @@ async function until(what: string, check: () => boolean, ms = 60000): Promise<vo
     const share = path.join(s.dir, 'share');
     fs.mkdirSync(share);
     const started = cli([
-      'run',
-      `oci:${layout}:test`,
-      '--data-dir',
-      s.dir,
-      '--backend',
-      'qemu',
+      ...qemuRunArgs(layout, s.dir),
       '--name',
       'since',
       '--detach',
