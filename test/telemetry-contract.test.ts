@@ -346,7 +346,9 @@ describe('inside the guest', () => {
       expect(t(boot.startTime)).toBeGreaterThan(t(spawn.startTime));
       // (within 1 ms: the SDK anchors each host span at Date.now(), whose resolution is 1 ms)
       expect(t(parts[1].endTime)).toBeLessThanOrEqual(t(spawn.endTime) + 1);
-      expect(t(spawn.endTime) - t(parts[1].endTime)).toBeLessThan(250); // start() returns within its 10 ms check
+      // ...and not early: the mounts end inside VMSpawn (a load-independent bound; how soon after UP
+      // start() returns depends on how busy the host is).
+      expect(t(parts[1].endTime)).toBeGreaterThan(t(spawn.startTime));
       // The guest's uptime at exec is the Boot span's length.
       expect(boot.attributes['microvm.guest.uptime_ms'] as number).toBeCloseTo(t(boot.endTime) - t(boot.startTime), 3);
     },

@@ -163,7 +163,8 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
       code: 'ERR_MICROVM_WAIT_TIMEOUT',
       message: expect.stringContaining('guest port 9999 of nolisten was not ready within 4000 ms'),
     });
-    expect((err as Error).message).toMatch(/last: connection closed by the VM side|last: ECONNRESET/);
+    // What the last attempt saw (QEMU's user network closes or resets it: its words, not ours).
+    expect((err as Error).message).toMatch(/; last: \S/);
     expect(fs.existsSync(path.join(s.dir, 'data', 'vms', 'nolisten'))).toBe(false);
   });
 
@@ -181,7 +182,8 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
     vms.push(vm);
     expect(await vm.wait()).toMatchObject({ reason: 'exited', exitCode: 0 });
     const [cmdline, slept] = fs.readFileSync(vm.stdoutPath as string, 'utf8').split('\n');
-    expect(slept).toMatch(/slept [23]/);
+    // Whole seconds of uptime around a 2 s sleep: at least 2 (more on a busy host; never a hang).
+    expect(Number(/^slept (\d+)$/.exec(slept)?.[1])).toBeGreaterThanOrEqual(2);
     // Under TCG only: the boot-time savings (lib/backends/qemu/index.ts); a KVM guest keeps defaults.
     const tcg = decideAccel('auto', { dataRoot: path.join(s.dir, 'data') }).accel === 'tcg';
     for (const opt of ['mitigations=off', 'nolapic_timer', 'noreplace-smp'])
