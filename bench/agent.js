@@ -15,15 +15,26 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 
-const { setup, median, p90 } = require('./common');
+const { setup, median, p90, main, small } = require('./common');
 
 const boots = Number(process.argv[2] || 10);
+// Fixed sizes (smaller in the smoke configuration, MICROVM_BENCH_SMALL=1).
+const ROUND_TRIPS = small ? 5 : 30;
+const LOOPS = small ? 20 : 200;
+const COPY_MB = small ? 8 : 100;
+const COPIES = small ? 1 : 3;
 const { m, work, image, done } = setup('agent');
 const DROPBEAR = ['/usr/sbin/dropbear', '-F', '-E', '-r', '/etc/dropbear/dropbear_ed25519_host_key', '-p', '22'];
 const fmt = (ms) => `${ms.toFixed(ms < 10 ? 2 : 0)} ms`;
 const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.join(work, 'data'), ...extra });
 
-(async () => {
+/** An exec that must have succeeded: a failed one would measure the wrong thing. */
+function ok(r, what) {
+  if (r.exitCode !== 0) throw new Error(`${what} exited ${r.exitCode}: ${r.stderr}`);
+  return r;
+}
+
+main(async () => {
   const agentFirst = [];
   const sshFirst = [];
   const helloUptime = [];
@@ -32,7 +43,7 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
   for (let i = 0; i < boots; i++) {
     let t0 = performance.now();
     let vm = await m.run('bench', base({ name: `a${i}`, initOverride: ['/bin/sleep', '3600'] }));
-    let r = await vm.exec(['cat', '/proc/uptime']);
+    let r = ok(await vm.exec(['cat', '/proc/uptime']), 'cat /proc/uptime');
     agentFirst.push(performance.now() - t0);
     helloUptime.push(vm.agentHello.uptimeNs / 1e6);
     execUptime.push(Number(r.stdout.split(' ')[0]) * 1000);
@@ -43,7 +54,7 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
       'bench',
       base({ name: `s${i}`, initOverride: DROPBEAR, ssh: { timeoutMs: 120000 }, agent: false }),
     );
-    r = await vm.exec('cat /proc/uptime');
+    r = ok(await vm.exec('cat /proc/uptime'), 'cat /proc/uptime over SSH');
     sshFirst.push(performance.now() - t0);
     await vm.remove();
   }
@@ -51,19 +62,22 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
   // The agent alone (no SSH server running), and what the guest itself needs per /bin/true.
   const quiet = await m.run('bench', base({ name: 'quiet', initOverride: ['/bin/sleep', '3600'] }));
   const rtQuiet = [];
-  for (let i = 0; i < 30; i++) {
+  for (let i = 0; i < ROUND_TRIPS; i++) {
     const t = performance.now();
-    await quiet.exec(['true']);
+    ok(await quiet.exec(['true']), 'true');
     rtQuiet.push(performance.now() - t);
   }
-  const loops = 200;
+  const loops = LOOPS;
   const inGuest = [];
   for (let i = 0; i < 3; i++) {
-    const r = await quiet.exec([
-      'sh',
-      '-c',
-      `a=$(cut -d' ' -f1 /proc/uptime); i=0; while [ $i -lt ${loops} ]; do /bin/true; i=$((i+1)); done; b=$(cut -d' ' -f1 /proc/uptime); echo "$a $b"`,
-    ]);
+    const r = ok(
+      await quiet.exec([
+        'sh',
+        '-c',
+        `a=$(cut -d' ' -f1 /proc/uptime); i=0; while [ $i -lt ${loops} ]; do /bin/true; i=$((i+1)); done; b=$(cut -d' ' -f1 /proc/uptime); echo "$a $b"`,
+      ]),
+      'the /bin/true loop',
+    );
     const [a, b] = r.stdout.trim().split(' ').map(Number);
     inGuest.push(((b - a) * 1000) / loops);
   }
@@ -74,19 +88,19 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
   const viaSsh = (cmd) => vm.ssh.exec(cmd);
   const rtAgent = [];
   const rtSsh = [];
-  for (let i = 0; i < 30; i++) {
+  for (let i = 0; i < ROUND_TRIPS; i++) {
     let t = performance.now();
-    await vm.exec(['true']);
+    ok(await vm.exec(['true']), 'true');
     rtAgent.push(performance.now() - t);
     t = performance.now();
-    await viaSsh('true');
+    ok(await viaSsh('true'), 'true over SSH');
     rtSsh.push(performance.now() - t);
   }
   const file = path.join(work, 'big');
-  fs.writeFileSync(file, Buffer.alloc(100 * 2 ** 20, 0x5a));
+  fs.writeFileSync(file, Buffer.alloc(COPY_MB * 2 ** 20, 0x5a));
   const cpAgent = [];
   const cpSsh = [];
-  for (let i = 0; i < 3; i++) {
+  for (let i = 0; i < COPIES; i++) {
     let t = performance.now();
     await vm.copyIn(file, `/tmp/a${i}`);
     cpAgent.push(performance.now() - t);
@@ -97,9 +111,8 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
     await vm.exec(['rm', `/tmp/s${i}`]);
   }
   await vm.remove();
-  done();
 
-  const mbps = (ms) => `${(100 / (ms / 1000)).toFixed(1)} MB/s`;
+  const mbps = (ms) => `${(COPY_MB / (ms / 1000)).toFixed(1)} MB/s`;
   const rows = [
     [
       'run() start -> first exec output (median)',
@@ -114,15 +127,20 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
       p90(sshFirst) / p90(agentFirst),
     ],
     [
-      "exec(['true']) round trip (median of 30)",
+      `exec(['true']) round trip (median of ${ROUND_TRIPS})`,
       fmt(median(rtAgent)),
       fmt(median(rtSsh)),
       median(rtSsh) / median(rtAgent),
     ],
-    ['copyIn 100 MB (median of 3)', mbps(median(cpAgent)), mbps(median(cpSsh)), median(cpSsh) / median(cpAgent)],
+    [
+      `copyIn ${COPY_MB} MB (median of ${COPIES})`,
+      mbps(median(cpAgent)),
+      mbps(median(cpSsh)),
+      median(cpSsh) / median(cpAgent),
+    ],
   ];
   const floor = [
-    ["exec(['true']), VM with no SSH (median of 30)", fmt(median(rtQuiet))],
+    [`exec(['true']), VM with no SSH (median of ${ROUND_TRIPS})`, fmt(median(rtQuiet))],
     [`the guest's sh running /bin/true (per run, ${loops} x 3)`, fmt(median(inGuest))],
   ];
   console.log(`guest agent vs SSH, QEMU backend (${accel || 'tcg'}), ${os.cpus().length} CPUs, ${boots} boots each\n`);
@@ -134,7 +152,4 @@ const base = (extra) => ({ rootfsPath: image, backend: 'qemu', dataDir: path.joi
   console.log(
     `\nwhere the agent's first output goes (median): guest uptime at the agent's hello ${fmt(median(helloUptime))} (kernel + init), at the exec ${fmt(median(execUptime))}; host before the kernel and after: ${fmt(median(agentFirst) - median(execUptime))}`,
   );
-})().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+}, done);

@@ -8,11 +8,12 @@ const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
 const path = require('node:path');
 
-const root = path.resolve(__dirname, '..');
+const { root, main, measured } = require('./common');
 const m = require(root);
 const { addon } = require(path.join(root, 'dist', 'native.js'));
 
 const iterations = Number(process.argv[2] || 200000);
+if (!(iterations >= 1)) throw new Error(`iterations must be a positive number, not ${process.argv[2]}`);
 const doubleDir = path.join(root, '.test-artifacts', 'libkrun-recording-double');
 const doublePath = path.join(doubleDir, 'libkrun.so.1');
 if (!fs.existsSync(doublePath)) {
@@ -42,15 +43,15 @@ function time(label, fn) {
     for (let i = 0; i < iterations; i++) fn(i);
     runs.push(Number(process.hrtime.bigint() - t0) / iterations);
   }
-  runs.sort((a, b) => a - b);
+  measured(runs, label).sort((a, b) => a - b);
   return { label, ns: runs[2] };
 }
 
-(async () => {
+main(async () => {
   const ctx = await m.KrunContext.create({ libkrunPath: doublePath, firmwarePath: path.join(fwDir, 'libkrunfw.so.5') });
   const nativeCtx = await addon().createContext(doublePath, '');
   // Baseline: a JS object whose method does the same validation and stores the result.
-  const plan = require(path.join(root, 'dist', 'plan.js'));
+  const plan = require(path.join(root, 'dist', 'backends', 'libkrun', 'plan.js'));
   const baselineObj = {
     cfg: null,
     setVmConfig(c) {
@@ -76,4 +77,4 @@ function time(label, fn) {
   console.log('| call | ns/call | vs baseline |');
   console.log('|---|---:|---:|');
   for (const r of rows) console.log(`| ${r.label} | ${r.ns.toFixed(0)} | ${(r.ns / base).toFixed(2)}x |`);
-})();
+});

@@ -14,13 +14,13 @@ const { execFileSync } = require('node:child_process');
 const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
-const { setup, median } = require('./common');
+const { setup, median, main, small } = require('./common');
 
 const runs = Number(process.argv[2] || 5);
 const { m, work, image, done } = setup('egress');
-const MB = 32;
+const MB = small ? 4 : 32;
 
-(async () => {
+main(async () => {
   const payload = Buffer.alloc(MB * 1024 * 1024, 7);
   const server = net.createServer((c) => {
     c.on('error', () => undefined);
@@ -96,9 +96,4 @@ const MB = 32;
       .map((x) => `${(((x - r[0]) / r[0]) * 100).toFixed(1)}%`)
       .join(' | ')} |`,
   );
-  done();
-})().catch((e) => {
-  console.error(e);
-  done();
-  process.exit(1);
-});
+}, done);

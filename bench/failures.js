@@ -1,14 +1,17 @@
 #!/usr/bin/env node
 // How fast a failing VM becomes a coded error (or, for the automatic fallback, the command's
 // output), for each failure form the QEMU backend watches, next to a plain TCG boot measured in
-// the same run as the baseline. N runs per form; prints a table; asserts nothing.
+// the same run as the baseline. N runs per form; prints a table. Each form must end the way it
+// should (its code): a form that ends otherwise fails the bench (exit 1), as the numbers would
+// then measure something else.
 //
 //   node bench/failures.js [runs=3]       (after scripts/setup.sh)
 //
-// Forms: a QEMU that dies at once (the real one on a PVM /dev/kvm, else skipped; and a wrapper that
-// dies like it, anywhere), a guest paused by a KVM emulation failure (real PVM only: 15-35 s in),
-// a guest never started (-S) against a 3 s boot deadline, a pause through QMP after run()
-// resolved, and 'auto' on a host that looks like hardware KVM whose KVM start dies (-> TCG).
+// Forms: a KVM start that dies at once and one that pauses the guest (the QEMU wrappers in
+// test/fixtures/qemu-wrappers, on a fake host tree that looks like hardware KVM, so on any host;
+// and the real thing on a PVM /dev/kvm, else skipped), a guest never started (-S) against a 3 s
+// boot deadline, a pause through QMP after run() resolved, and 'auto' on a host that looks like
+// hardware KVM whose KVM start dies (-> TCG).
 'use strict';
 const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
@@ -16,7 +19,8 @@ const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 
-const root = path.resolve(__dirname, '..');
+const { root, main, median } = require('./common');
+
 const m = require(root);
 const runs = Number(process.argv[2] || 3);
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-fail-bench-'));
@@ -25,13 +29,9 @@ execFileSync('bash', [path.join(root, 'scripts', 'make-test-image.sh'), image], 
 process.env.MICROVM_LIBKRUNFW_DIR ??= execFileSync('bash', [path.join(root, 'scripts', 'fetch-libkrunfw.sh')], {
   encoding: 'utf8',
 }).trim();
-const real = execFileSync('sh', ['-c', 'command -v qemu-system-x86_64'], { encoding: 'utf8' }).trim();
-const dying = path.join(work, 'qemu-kvm-dies');
-fs.writeFileSync(
-  dying,
-  `#!/bin/sh\ncase " $* " in *" -accel kvm "*) echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69" >&2; kill -ABRT $$ ;; esac\nexec ${real} "$@"\n`,
-  { mode: 0o755 },
-);
+const wrappers = path.join(root, 'test', 'fixtures', 'qemu-wrappers');
+const dying = path.join(wrappers, 'kvm-dies');
+const pausing = path.join(wrappers, 'kvm-pauses');
 const host = path.join(work, 'host');
 for (const d of ['dev', 'proc/sys/kernel/random', 'sys/module/kvm_intel'])
   fs.mkdirSync(path.join(host, d), { recursive: true });
@@ -43,7 +43,6 @@ const hostProbe = {
   sysModule: path.join(host, 'sys/module'),
   bootId: path.join(host, 'proc/sys/kernel/random/boot_id'),
 };
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
 let n = 0;
 const base = (extra) => ({
   rootfsPath: image,
@@ -96,68 +95,73 @@ async function pausedAfterStart() {
   return { ms, code: exit.error?.code ?? exit.reason };
 }
 
-(async () => {
-  const pvm = m.probeKvm().kind === 'pvm';
-  const forms = [
-    ['baseline: TCG boot, command output', () => toOutput({ backend: 'qemu', accel: 'tcg' })],
-    [
-      'QEMU dies at once (wrapper, MSR + SIGABRT)',
-      () => toError({ backend: m.qemuBackend({ qemuPath: dying, accel: 'kvm' }) }),
-    ],
-    [
-      "QEMU dies at once (this host's PVM, accel kvm)",
-      pvm ? () => toError({ backend: 'qemu', accel: 'kvm' }) : undefined,
-    ],
-    [
-      'guest paused by KVM emulation failure (PVM, -cpu host,-arch-capabilities)',
-      pvm
-        ? () => toError({ backend: m.qemuBackend({ accel: 'kvm', extraArgs: ['-cpu', 'host,-arch-capabilities'] }) })
-        : undefined,
-    ],
-    [
-      'guest never started (-S), boot deadline 3000 ms',
-      () => toError({ backend: m.qemuBackend({ extraArgs: ['-S'] }), timeouts: { boot: 3000 } }),
-    ],
-    ['paused through QMP after run() resolved (stop -> wait())', pausedAfterStart],
-    [
-      "'auto' fallback: KVM dies -> TCG, command output",
-      () => {
-        fs.writeFileSync(hostProbe.bootId, `${require('node:crypto').randomUUID()}\n`); // a fresh "host boot": no verdict yet
-        return toOutput({ backend: m.qemuBackend({ qemuPath: dying, hostProbe }) });
-      },
-    ],
-  ];
-  const rows = [];
-  for (const [name, fn] of forms) {
-    if (!fn) {
-      rows.push([name, 'skipped (/dev/kvm here is not PVM)', '', '']);
-      continue;
+main(
+  async () => {
+    const pvm = m.probeKvm().kind === 'pvm';
+    // [form, expected outcome, run] (run undefined: skipped on this host)
+    const forms = [
+      ['baseline: TCG boot, command output', 'exit 0', () => toOutput({ backend: 'qemu', accel: 'tcg' })],
+      [
+        'KVM start dies at once (wrapper: MSR + SIGABRT)',
+        'ERR_MICROVM_BOOT_FAILED',
+        () => toError({ backend: m.qemuBackend({ qemuPath: dying, accel: 'kvm', hostProbe }) }),
+      ],
+      [
+        'KVM start pauses the guest (wrapper: an early QMP stop)',
+        'ERR_MICROVM_BOOT_FAILED',
+        () => toError({ backend: m.qemuBackend({ qemuPath: pausing, accel: 'kvm', hostProbe }) }),
+      ],
+      [
+        "this host's PVM, accel kvm (dies or pauses, by host)",
+        'ERR_MICROVM_BOOT_FAILED',
+        pvm ? () => toError({ backend: 'qemu', accel: 'kvm' }) : undefined,
+      ],
+      [
+        'guest never started (-S), boot deadline 3000 ms',
+        'ERR_MICROVM_BOOT_TIMEOUT',
+        () => toError({ backend: m.qemuBackend({ extraArgs: ['-S'] }), timeouts: { boot: 3000 } }),
+      ],
+      ['paused through QMP after run() resolved (stop -> wait())', 'ERR_MICROVM_HYPERVISOR_FAILED', pausedAfterStart],
+      [
+        "'auto' fallback: KVM dies -> TCG, command output",
+        'exit 0',
+        () => {
+          fs.writeFileSync(hostProbe.bootId, `${require('node:crypto').randomUUID()}\n`); // a fresh "host boot": no verdict yet
+          return toOutput({ backend: m.qemuBackend({ qemuPath: dying, hostProbe }) });
+        },
+      ],
+    ];
+    const rows = [];
+    for (const [name, expected, fn] of forms) {
+      if (!fn) {
+        rows.push([name, 'skipped (/dev/kvm here is not PVM)', '', '']);
+        continue;
+      }
+      const samples = [];
+      let code = '';
+      for (let i = 0; i < runs; i++) {
+        const r = await fn();
+        if (r.code !== expected) throw new Error(`${name}: expected ${expected}, got ${r.code}`);
+        samples.push(r.ms);
+        code = r.code;
+      }
+      rows.push([
+        name,
+        code,
+        median(samples, name).toFixed(0),
+        `${Math.min(...samples).toFixed(0)}-${Math.max(...samples).toFixed(0)}`,
+      ]);
     }
-    const samples = [];
-    let code = '';
-    for (let i = 0; i < (name.includes('emulation failure') ? 1 : runs); i++) {
-      const r = await fn();
-      samples.push(r.ms);
-      code = r.code;
-    }
-    rows.push([
-      name,
-      code,
-      median(samples).toFixed(0),
-      `${Math.min(...samples).toFixed(0)}-${Math.max(...samples).toFixed(0)}`,
-    ]);
-  }
-  const baseline = Number(rows[0][2]);
-  console.log(
-    `Failure -> coded error (QEMU backend), ${runs} runs per form (1 for the slow PVM pause), ${os.cpus().length} CPUs, /dev/kvm: ${m.probeKvm().kind}`,
-  );
-  console.log('| form | outcome | median ms | range ms | vs TCG boot |');
-  console.log('|---|---|---:|---:|---:|');
-  for (const [name, code, med, range] of rows)
-    console.log(`| ${name} | ${code} | ${med} | ${range} | ${med ? `${(Number(med) / baseline).toFixed(2)}x` : ''} |`);
-  fs.rmSync(work, { recursive: true, force: true });
-})().catch((e) => {
-  console.error(e);
-  fs.rmSync(work, { recursive: true, force: true });
-  process.exit(1);
-});
+    const baseline = Number(rows[0][2]);
+    console.log(
+      `Failure -> coded error (QEMU backend), ${runs} runs per form, ${os.cpus().length} CPUs, /dev/kvm: ${m.probeKvm().kind}`,
+    );
+    console.log('| form | outcome | median ms | range ms | vs TCG boot |');
+    console.log('|---|---|---:|---:|---:|');
+    for (const [name, code, med, range] of rows)
+      console.log(
+        `| ${name} | ${code} | ${med} | ${range} | ${med ? `${(Number(med) / baseline).toFixed(2)}x` : ''} |`,
+      );
+  },
+  () => fs.rmSync(work, { recursive: true, force: true }),
+);

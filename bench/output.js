@@ -9,16 +9,21 @@
 'use strict';
 const fs = require('node:fs');
 const path = require('node:path');
-const { setup, median } = require('./common');
+const { setup, median, main, small } = require('./common');
 
 const rounds = Number(process.argv[2] || 5);
 const { m, work, image, done } = setup('output');
+const [MIB, LINES] = small ? [2, 1000] : [32, 20000];
 const COMMANDS = {
-  '32 MiB, large writes': ['/bin/sh', '-c', 'head -c 33554432 /dev/zero'],
-  '20,000 lines, one write each': ['/bin/sh', '-c', 'i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done'],
+  [`${MIB} MiB, large writes`]: ['/bin/sh', '-c', `head -c ${MIB * 1048576} /dev/zero`],
+  [`${LINES.toLocaleString('en')} lines, one write each`]: [
+    '/bin/sh',
+    '-c',
+    `i=0; while [ $i -lt ${LINES} ]; do echo line $i; i=$((i+1)); done`,
+  ],
 };
 
-(async () => {
+main(async () => {
   const times = {};
   for (let r = 0; r < rounds; r++) {
     for (const [label, cmd] of Object.entries(COMMANDS)) {
@@ -54,8 +59,4 @@ const COMMANDS = {
       `${label.padEnd(30)} ${`${Math.round(a)} ms`.padStart(10)} ${`${Math.round(b)} ms`.padStart(10)} ${(b / a).toFixed(2).padStart(6)}x`,
     );
   }
-  done();
-})().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+}, done);

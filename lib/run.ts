@@ -37,6 +37,7 @@ import { RecordingTracer, writeFlightRecord } from './telemetry/recorder';
 import { readTail } from './file-tail';
 import { normalizeWaitFor, waitFor, type WaitStrategy } from './wait-for';
 import { freePort } from './net';
+import { keepAlive } from './keep-alive';
 import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
 import { allowListOf, describeEgress, egressMode, needsGuard, parseEgress } from './network/egress';
@@ -72,7 +73,7 @@ import { ATTR, SPAN } from './telemetry/attributes';
 import { endSpan, getTracer, inSpan, type SpanScope, traceEnv } from './telemetry/tracer';
 import { errorType, recordStage, runMetrics } from './telemetry/metrics';
 import * as v from './validate';
-import { describeExit, MicroVM } from './vm';
+import { describeExit, MicroVM, VM_ENDED } from './vm';
 
 /** A function run with the started VM (stage microvm.PostBoot). */
 export type PostBootHook = (vm: MicroVM, scope: SpanScope) => void | Promise<void>;
@@ -544,8 +545,15 @@ export async function chooseBackend(options: { accel?: AccelChoice; dataRoot?: s
   return qemuBackend({ accel: options.accel });
 }
 
-/** Boots `image` as a VM. See {@link RunOptions}; resolves to a started {@link MicroVM}. */
-export async function run(image: string, options: RunOptions = {}): Promise<MicroVM> {
+/**
+ * Boots `image` as a VM. See {@link RunOptions}; resolves to a started {@link MicroVM}. Until it
+ * settles, the pending call keeps Node's event loop alive (lib/keep-alive.ts), on every backend.
+ */
+export function run(image: string, options: RunOptions = {}): Promise<MicroVM> {
+  return keepAlive(boot(image, options));
+}
+
+async function boot(image: string, options: RunOptions): Promise<MicroVM> {
   const n = normalize(image, options);
   const o = {
     ...n,
@@ -837,7 +845,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
     // From here every wait races the VM's end: a VM that dies or fails during PostBoot ends the
     // wait at once with a coded error (the hypervisor's, or ERR_MICROVM_VM_EXITED).
     const life = new AbortController();
-    void vm.wait().then((exit) => {
+    void vm[VM_ENDED]().then((exit) => {
       life.abort(
         exit.reason === 'failed'
           ? exit.error
@@ -873,7 +881,7 @@ export async function run(image: string, options: RunOptions = {}): Promise<Micr
             // The channel closes when QEMU exits, a moment before the VM's end is known: wait for it.
             if ((err as MicrovmError).code === 'ERR_MICROVM_AGENT_UNAVAILABLE' && !(err instanceof AgentNotStarted)) {
               let timer: NodeJS.Timeout | undefined;
-              await Promise.race([vm.wait(), new Promise((r) => (timer = setTimeout(r, 2000)))]);
+              await Promise.race([vm[VM_ENDED](), new Promise((r) => (timer = setTimeout(r, 2000)))]);
               clearTimeout(timer);
             }
             // A command that ended by itself before the agent answered is no failure of run():

@@ -14,6 +14,7 @@ import type { ExecOptions, ExecResult, SshClient } from './ssh/client';
 import { AgentClient, type AgentHello, type AgentProcess, type AgentSpawnOptions } from './agent/client';
 import { type AgentExecOptions, execBuffered, execOptions, toArgv } from './agent/exec';
 import { copyIn, copyOut, type CopyOutLimits, readFile, writeFile } from './agent/files';
+import { KeepAlive } from './keep-alive';
 import * as v from './validate';
 
 /** What {@link MicroVM.status} reports. */
@@ -57,6 +58,12 @@ export interface MicroVMInfo {
   consoleLogPath: string;
   logPath: string;
 }
+
+/**
+ * @internal The VM's end without keeping the event loop alive: for the library's own races (run()'s
+ * PostBoot), which must not hold a process that the caller let go. Users call `vm.wait()`.
+ */
+export const VM_ENDED = Symbol('microvm.vm.ended');
 
 /** How long an idle agent channel stays open after its last use (ms). */
 export const AGENT_IDLE_MS = 250;
@@ -127,6 +134,8 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
   #idle: NodeJS.Timeout | undefined;
   /** Where `microvm.Exec` spans go (run()'s tracer provider); the global provider when unset. */
   #tracer: Tracer | undefined;
+  /** Pending waits on this VM keep the event loop alive (see {@link MicroVM.unref}). */
+  readonly #keep = new KeepAlive();
 
   /** @internal Created by run(). */
   constructor(info: MicroVMInfo, handle: BackendHandle, onExit: Array<() => Promise<void>> = [], tracer?: Tracer) {
@@ -194,7 +203,11 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * tty, timeoutMs, maxBuffer work there; the environment is the image's Env + run()'s env +
    * `env`), else over SSH (`run(image, { ssh })`; a string command, `env`, `stdin`, `signal`).
    */
-  async exec(command: string | readonly string[], options: AgentExecOptions = {}): Promise<ExecResult> {
+  exec(command: string | readonly string[], options: AgentExecOptions = {}): Promise<ExecResult> {
+    return this.#keep.hold(this.#exec(command, options));
+  }
+
+  async #exec(command: string | readonly string[], options: AgentExecOptions): Promise<ExecResult> {
     if (this.#agentSocket) {
       const argv = toArgv(command);
       const o = execOptions(options);
@@ -232,9 +245,10 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     const o = execOptions({ ...options, stdin: undefined });
     if (options.stdin !== undefined) v.boolean('options.stdin', options.stdin);
     const argv = toArgv(command);
-    const agent = await this.#lease();
+    const agent = await this.#keep.hold(this.#lease());
     return new Promise<AgentProcess>((resolve, reject) => {
-      this.#traced(argv, o.env, async (env, span) => {
+      // Held until the guest process ends: its `exited` is a promise handed out too.
+      const traced = this.#traced(argv, o.env, async (env, span) => {
         let proc: AgentProcess;
         try {
           proc = agent.spawn(argv, { ...o, env, stdin: options.stdin === true });
@@ -248,6 +262,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
       })
         .catch(() => undefined) // the caller sees it on proc.exited
         .finally(() => this.#release());
+      void this.#keep.hold(traced);
     });
   }
 
@@ -346,7 +361,11 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * reason and closes the channel (what else ran on it fails too; the next call reconnects): a
    * guest that stalls a transfer can always be walked away from.
    */
-  async #withAgent<T>(fn: (agent: AgentClient) => Promise<T>, signal?: AbortSignal): Promise<T> {
+  #withAgent<T>(fn: (agent: AgentClient) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    return this.#keep.hold(this.#leased(fn, signal));
+  }
+
+  async #leased<T>(fn: (agent: AgentClient) => Promise<T>, signal?: AbortSignal): Promise<T> {
     signal?.throwIfAborted();
     const agent = await this.#lease();
     let onAbort: (() => void) | undefined;
@@ -426,7 +445,31 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * (the hypervisor failed; `error` is coded and carries its last log lines). Never rejects.
    */
   wait(): Promise<VmExit> {
+    return this.#keep.hold(this.#exited);
+  }
+
+  /** @internal See {@link VM_ENDED}. */
+  [VM_ENDED](): Promise<VmExit> {
     return this.#exited;
+  }
+
+  /**
+   * Like a child process, a running VM keeps Node's event loop alive (on every backend), and so does
+   * every pending promise that waits on it (`wait()`, `exec()`, copies, `stop()`). `unref()` lets the
+   * process exit while they are pending; the VM then ends with the process unless its backend was
+   * made with `dieWithParent: false` (`microvm run -d`). Returns the VM.
+   */
+  unref(): this {
+    this.#keep.unref();
+    this.#handle.unref?.();
+    return this;
+  }
+
+  /** Undoes {@link MicroVM.unref}: the VM and the waits on it keep the process alive again. */
+  ref(): this {
+    this.#keep.ref();
+    this.#handle.ref?.();
+    return this;
   }
 
   /**
@@ -437,31 +480,37 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     const o = v.object('options', options);
     v.knownKeys('options', o, ['timeoutMs']);
     const timeoutMs = o.timeoutMs === undefined ? 5000 : v.integer('options.timeoutMs', o.timeoutMs, 0, 3_600_000);
-    this.#stopping ??= (async () => {
-      this.ssh?.close();
-      this.#dropAgent();
-      if (this.#result) return;
-      this.#handle.kill('SIGTERM');
-      let timer: NodeJS.Timeout | undefined;
-      const timedOut = await Promise.race([
-        this.#exited.then(() => false),
-        new Promise<boolean>((resolve) => {
-          timer = setTimeout(() => resolve(true), timeoutMs);
-        }),
-      ]);
-      clearTimeout(timer);
-      if (timedOut) {
-        this.#handle.kill('SIGKILL');
-        await this.#exited;
-      }
-    })();
+    this.#stopping ??= this.#keep.hold(
+      (async () => {
+        this.ssh?.close();
+        this.#dropAgent();
+        if (this.#result) return;
+        this.#handle.kill('SIGTERM');
+        let timer: NodeJS.Timeout | undefined;
+        const timedOut = await Promise.race([
+          this.#exited.then(() => false),
+          new Promise<boolean>((resolve) => {
+            timer = setTimeout(() => resolve(true), timeoutMs);
+          }),
+        ]);
+        clearTimeout(timer);
+        if (timedOut) {
+          this.#handle.kill('SIGKILL');
+          await this.#exited;
+        }
+      })(),
+    );
     return this.#stopping;
   }
 
   /** Stops the VM and deletes its data directory (never the shared image cache). */
-  async remove(): Promise<void> {
-    await this.stop();
-    await fsp.rm(this.dataDir, { recursive: true, force: true });
+  remove(): Promise<void> {
+    return this.#keep.hold(
+      (async () => {
+        await this.stop();
+        await fsp.rm(this.dataDir, { recursive: true, force: true });
+      })(),
+    );
   }
 
   /** `await using`: stop and remove. */

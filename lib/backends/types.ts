@@ -147,6 +147,13 @@ export interface BackendHandle {
   /** Signals the VM's process group. */
   kill(signal: NodeJS.Signals): boolean;
   /**
+   * Whether the VM's process keeps this process's event loop alive (as `child.ref()`/`unref()`).
+   * A VM tied to this process (the default of both built-in backends) starts ref'd; see
+   * `MicroVM.unref()`.
+   */
+  ref?(): void;
+  unref?(): void;
+  /**
    * While a host connection to the forwarded `hostPort` is open: the state of its guest side
    * (`'ESTABLISHED'` once the guest accepted, `'SYN_SENT'` while it has not answered), undefined
    * when the hypervisor has none. Only where a host-side accept proves nothing about the guest

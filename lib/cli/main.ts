@@ -23,6 +23,7 @@ import { gc, list, purge } from '../image/cache';
 import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
 import { IDLE_COMMAND } from '../backends/guest-init';
+import { libkrunBackend } from '../backends/libkrun';
 import { netGuardPath, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
 import { parseEgress } from '../network/egress';
 import { readAppended } from '../file-tail';
@@ -325,14 +326,14 @@ function vmDir(dataDir: string, name: string): string {
   return path.join(dataDir, 'vms', name);
 }
 
-/** For --detach: a QEMU VM must not die with this CLI process. */
+/** For --detach: the VM must not die with this CLI process. */
 async function detachedBackend(
   choice: string,
   accel: AccelChoice | undefined,
   dataRoot: string,
 ): Promise<RunOptions['backend']> {
-  const b = choice === 'qemu' ? qemuBackend({ accel }) : await chooseBackend({ accel, dataRoot });
-  return b.name === 'qemu' ? qemuBackend({ dieWithParent: false, accel }) : b;
+  const name = choice === 'auto' ? (await chooseBackend({ accel, dataRoot })).name : choice;
+  return name === 'qemu' ? qemuBackend({ dieWithParent: false, accel }) : libkrunBackend({ dieWithParent: false });
 }
 
 const signalNumber = (sig: NodeJS.Signals): number => os.constants.signals[sig] ?? 9;
@@ -487,12 +488,11 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       if (!m) throw new UsageError(`-v takes HOST:GUEST[:ro], not ${JSON.stringify(spec)}`);
       return { tag: `vol${i}`, hostPath: path.resolve(m[1]), guestPath: m[2], readOnly: m[3] === 'ro' };
     }),
-    backend:
-      values.detach && (values.backend === 'qemu' || (values.backend ?? 'auto') === 'auto')
-        ? await detachedBackend(values.backend ?? 'auto', accel, dataRoot)
-        : attached
-          ? 'qemu'
-          : ((values.backend ?? 'auto') as RunOptions['backend']),
+    backend: values.detach
+      ? await detachedBackend(values.backend ?? 'auto', accel, dataRoot)
+      : attached
+        ? 'qemu'
+        : ((values.backend ?? 'auto') as RunOptions['backend']),
     accel: values.detach && (values.backend ?? 'auto') !== 'libkrun' ? undefined : accel,
     timeouts: values['boot-timeout'] === undefined ? undefined : { boot: num('boot-timeout', values['boot-timeout']) },
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,

@@ -52,69 +52,11 @@ function related(dir: string): number[] {
     });
 }
 
-/**
- * A QEMU wrapper that behaves like QEMU with KVM on one flavour of PVM host (the MSR assertion,
- * then SIGABRT) when asked for KVM, and execs the real QEMU otherwise. The wrapper is ours, so the
- * tests that use it may pin its lines; the real-host test below asserts only the contract.
- */
-function kvmDyingQemu(dir: string): string {
-  const real = execFileSync('sh', ['-c', 'command -v qemu-system-x86_64'], { encoding: 'utf8' }).trim();
-  const file = path.join(dir, 'qemu-kvm-dies');
-  fs.writeFileSync(
-    file,
-    `#!/bin/sh
-case " $* " in
-  *" -accel kvm "*)
-    echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69" >&2
-    echo "qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion \\\`ret == cpu->kvm_msr_buf->nmsrs' failed." >&2
-    kill -ABRT $$ ;;
-esac
-exec ${real} "$@"
-`,
-    { mode: 0o755 },
-  );
-  return file;
-}
-
-/**
- * A QEMU wrapper that behaves like QEMU with KVM on the other flavour of PVM host: asked for KVM,
- * it does not exit but pauses the guest early in its boot (here: the real QEMU under TCG, told to
- * `stop` on a QMP monitor of the wrapper's own, as a KVM emulation failure does).
- */
-function kvmPausingQemu(dir: string): string {
-  const real = execFileSync('sh', ['-c', 'command -v qemu-system-x86_64'], { encoding: 'utf8' }).trim();
-  const file = path.join(dir, 'qemu-kvm-pauses');
-  const sock = path.join(dir, 'pause-qmp.sock');
-  const pauser = path.join(dir, 'pause.py');
-  fs.writeFileSync(
-    pauser,
-    [
-      'import socket, sys, time',
-      'for _ in range(1000):',
-      '    try:',
-      '        s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); break',
-      '    except OSError:',
-      '        time.sleep(0.01)',
-      `s.sendall(b'${JSON.stringify({ execute: 'qmp_capabilities' })}\\n${JSON.stringify({ execute: 'stop' })}\\n')`,
-      'time.sleep(2)',
-      '',
-    ].join('\n'),
-  );
-  fs.writeFileSync(
-    file,
-    `#!/bin/bash
-case " $* " in
-  *" -accel kvm "*)
-    args=(); for a in "$@"; do case "$a" in kvm) args+=(tcg);; host) args+=(max);; *) args+=("$a");; esac; done
-    python3 ${pauser} ${sock} &
-    exec ${real} "\${args[@]}" -qmp unix:${sock},server=on,wait=off ;;
-esac
-exec ${real} "$@"
-`,
-    { mode: 0o755 },
-  );
-  return file;
-}
+/** The QEMU WRAPPERS in test/fixtures/qemu-wrappers: a KVM start that dies at once, or that pauses the guest. */
+const wrapper = (name: 'kvm-dies' | 'kvm-pauses'): string =>
+  path.join(__dirname, '..', 'fixtures', 'qemu-wrappers', name);
+const kvmDyingQemu = (): string => wrapper('kvm-dies');
+const kvmPausingQemu = (): string => wrapper('kvm-pauses');
 
 /** What run() rejected with; a VM it started against expectation is removed afterwards. */
 async function runError(options: RunOptions): Promise<unknown> {
@@ -142,7 +84,7 @@ function one(spans: readonly ReadableSpan[], name: string): ReadableSpan {
       const err = await run(
         'img',
         base({
-          backend: qemuBackend({ qemuPath: kvmDyingQemu(s.dir), accel: 'kvm', hostProbe }),
+          backend: qemuBackend({ qemuPath: kvmDyingQemu(), accel: 'kvm', hostProbe }),
           initOverride: ['/bin/true'],
           timeouts: { boot: 600_000 },
         }),
@@ -163,7 +105,7 @@ function one(spans: readonly ReadableSpan[], name: string): ReadableSpan {
       const t0 = Date.now();
       const err = await runError(
         base({
-          backend: qemuBackend({ qemuPath: kvmPausingQemu(s.dir), accel: 'kvm', hostProbe }),
+          backend: qemuBackend({ qemuPath: kvmPausingQemu(), accel: 'kvm', hostProbe }),
           initOverride: ['/bin/true'],
           timeouts: { boot: 600_000 },
         }),
@@ -253,7 +195,7 @@ function one(spans: readonly ReadableSpan[], name: string): ReadableSpan {
         modules: ['kvm', 'kvm_intel'],
         bootId: 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee',
       });
-      const qemuPath = kvmDyingQemu(s.dir);
+      const qemuPath = kvmDyingQemu();
       const boot = async (name: string): Promise<ReadableSpan[]> => {
         const exporter = new InMemorySpanExporter();
         const tracerProvider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });

@@ -43,6 +43,12 @@ export interface LibkrunBackendOptions {
   validatePlan?: boolean;
   /** Environment of the runner process. Default: process.env. */
   env?: NodeJS.ProcessEnv;
+  /**
+   * Tie the VM to this process (default true), as the QEMU backend does: the runner dies with it
+   * (PR_SET_PDEATHSIG) and keeps its event loop alive while the VM runs. `false` lets the VM
+   * outlive this process (`microvm run -d`): it runs until stopped.
+   */
+  dieWithParent?: boolean;
 }
 
 /** libkrun log lines that say the VMM (not the guest) failed. */
@@ -178,10 +184,12 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
         if (options.validatePlan !== false) await validateLaunchPlan(plan);
         input.signal?.throwIfAborted();
         const guard = egressGuard(input);
+        const tied = options.dieWithParent !== false;
         const runner = await startRunner({
           runnerPath: runtime.runnerPath,
           plan,
           logPath: input.logPath,
+          dieWithParent: tied,
           env: guard ? { ...(options.env ?? process.env), MICROVM_NETGUARD_POLICY: guard.policy } : options.env,
           signal: input.signal,
         });
@@ -199,6 +207,8 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
           }
         }
         span.setAttribute(ATTR.VM_PID, runner.pid);
+        // startRunner lets a detached runner go; one tied to this process holds it like a child.
+        if (tied) runner.ref();
         let sent: NodeJS.Signals | undefined;
         const exited = runner.exited.then((status) =>
           classifyRunnerExit(status, readTail(input.logPath, runner.logStart), input.logPath, sent),
@@ -213,6 +223,8 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
           executable: runtime.runnerPath,
           exited,
           kill,
+          ref: () => runner.ref(),
+          unref: () => runner.unref(),
           agentSocketPath: agentSock,
           // Until the guest's agent listens, libkrun closes each connection at once: keep trying.
           agentAcceptsLate: true,

@@ -61,6 +61,9 @@ export interface RunnerHandle {
   kill(signal?: NodeJS.Signals): boolean;
   /** Size of the log file when this runner started: its own lines come after. */
   readonly logStart: number;
+  /** Whether the runner keeps this process's event loop alive (a detached one starts unref'd). */
+  ref(): void;
+  unref(): void;
 }
 
 interface RunnerErrorLine {
@@ -241,5 +244,7 @@ export async function startRunner(options: StartRunnerOptions): Promise<RunnerHa
     exited,
     kill: (sig: NodeJS.Signals = 'SIGTERM') => killGroup(sig),
     logStart,
+    ref: () => child.ref(),
+    unref: () => child.unref(),
   };
 }

@@ -856,6 +856,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       executable,
       exited,
       kill,
+      ref: () => child.ref(),
+      unref: () => child.unref(),
       stdoutPath: input.stdoutPath,
       stderrPath: input.stderrPath,
       agentSocketPath: agentSock,
