@@ -277,6 +277,7 @@ export class OpStream {
   #ended = false;
   #queue: Promise<void> = Promise.resolve();
   #local: Error | undefined;
+  #deadline: NodeJS.Timeout | undefined;
 
   /** @internal */
   constructor(
@@ -292,11 +293,13 @@ export class OpStream {
       const end = (err?: Error): void => {
         if (this.#ended) return;
         this.#ended = true;
+        clearTimeout(this.#deadline);
         client.detach(id);
         this.#out.wake();
         // Data still being written finishes (or fails) first.
         void this.#queue.then(() => {
-          const e = err ?? this.#local;
+          // A local failure (a limit, a full disk) is the reason, also when the channel then closed.
+          const e = this.#local ?? err;
           if (e) reject(e);
           else resolve();
         });
@@ -375,9 +378,23 @@ export class OpStream {
     if (!this.#ended) this.#client.send(FRAME.EOF, this.#id);
   }
 
-  /** Abandons the transfer: the guest drops what it wrote (ECANCELED). */
+  /**
+   * Abandons the transfer: the guest drops what it wrote (ECANCELED). A guest that does not end
+   * the stream within {@link KILL_GRACE_MS} loses the channel (`done` then rejects).
+   */
   cancel(): void {
-    if (!this.#ended) this.#client.send(FRAME.SIGNAL, this.#id, '{"signal":9}');
+    if (this.#ended) return;
+    this.#client.send(FRAME.SIGNAL, this.#id, '{"signal":9}');
+    this.#deadline ??= setTimeout(() => {
+      if (!this.#ended)
+        this.#client.close(
+          new MicrovmError(
+            'ERR_MICROVM_AGENT_UNAVAILABLE',
+            `The guest agent did not end a cancelled transfer within ${KILL_GRACE_MS} ms; the channel was closed`,
+          ),
+        );
+    }, KILL_GRACE_MS);
+    this.#deadline.unref();
   }
 }
 
@@ -400,6 +417,13 @@ export interface AgentConnectOptions {
    */
   notComing?: () => Error | undefined;
 }
+
+/**
+ * How long the agent has to end a stream after this side killed or cancelled it (SIGKILL to the
+ * guest process, a cancelled transfer) before the channel is closed: the agent is guest code, and a
+ * guest that never answers must not keep a host wait open.
+ */
+export const KILL_GRACE_MS = 2000;
 
 /** Marks a connection attempt that failed because nothing listened yet. */
 const NOT_YET = Symbol('microvm.agent.notYet');
@@ -598,9 +622,9 @@ export class AgentClient extends EventEmitter<{ close: [Error] }> {
     return stream;
   }
 
-  /** Closes the channel (the agent ends what this client started). */
-  close(): void {
-    this.#fatal(new MicrovmError('ERR_MICROVM_AGENT_UNAVAILABLE', 'The agent channel was closed'));
+  /** Closes the channel (the agent ends what this client started); what is in flight fails with `reason`. */
+  close(reason?: Error): void {
+    this.#fatal(reason ?? new MicrovmError('ERR_MICROVM_AGENT_UNAVAILABLE', 'The agent channel was closed'));
   }
 
   #open(): number {

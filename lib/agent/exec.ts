@@ -6,7 +6,7 @@
 import { finished } from 'node:stream/promises';
 import { MicrovmError } from '../errors';
 import * as v from '../validate';
-import type { AgentClient, AgentSpawnOptions } from './client';
+import { type AgentClient, type AgentSpawnOptions, KILL_GRACE_MS } from './client';
 
 /** Options of {@link execBuffered} (and `vm.exec()` with an agent). */
 export interface AgentExecOptions extends Omit<AgentSpawnOptions, 'stdin'> {
@@ -101,10 +101,23 @@ export async function execBuffered(
   const err: Buffer[] = [];
   const sizes = { out: 0, err: 0 };
   let why: Error | undefined; // set when this side ended it (abort, timeout, too much output)
+  let grace: NodeJS.Timeout | undefined;
   const stopWith = (e: Error): void => {
     if (why) return;
     why = e;
     proc.kill('SIGKILL');
+    // The agent is guest code: one that never reports the kill loses the channel, and the call
+    // ends with its reason all the same.
+    grace = setTimeout(
+      () =>
+        agent.close(
+          new MicrovmError(
+            'ERR_MICROVM_AGENT_UNAVAILABLE',
+            `The guest agent did not report a killed command within ${KILL_GRACE_MS} ms; the channel was closed`,
+          ),
+        ),
+      KILL_GRACE_MS,
+    );
   };
   const collect = (which: 'out' | 'err', into: Buffer[]) => (d: Buffer) => {
     sizes[which] += d.length;
@@ -141,7 +154,9 @@ export async function execBuffered(
     proc.stdin.end(o.stdin);
   }
   try {
-    const exit = await proc.exited;
+    const exit = await proc.exited.catch((err: unknown) => {
+      throw why ?? err;
+    });
     if (why) throw why;
     // The streams end with the exit frame; let their last 'data' events run.
     await Promise.all([finished(proc.stdout), finished(proc.stderr)]);
@@ -153,6 +168,7 @@ export async function execBuffered(
     };
   } finally {
     clearTimeout(timer);
+    clearTimeout(grace);
     o.signal?.removeEventListener('abort', onAbort);
   }
 }

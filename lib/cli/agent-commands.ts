@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { AgentClient, type AgentProcess } from '../agent/client';
+import { AgentClient, type AgentProcess, KILL_GRACE_MS } from '../agent/client';
 import { copyIn, copyOut } from '../agent/files';
 import { AGENT_SOCKET } from '../backends/guest-init';
 import { MicrovmError } from '../errors';
@@ -38,18 +38,32 @@ export async function attach(proc: AgentProcess, opts: { stdin: boolean; tty: bo
   }
   const onResize = (): void => proc.resize(process.stdout.rows, process.stdout.columns);
   if (opts.tty && process.stdout.isTTY) process.stdout.on('resize', onResize);
+  // A signal goes to the guest process; if it has not ended KILL_GRACE_MS later (or at a second
+  // signal) we stop waiting and exit 128+N whatever the agent does (the caller then closes the
+  // channel, and the agent ends what it started for us).
+  let giveUp: (code: number) => void = () => undefined;
+  const abandoned = new Promise<number>((resolve) => (giveUp = resolve));
+  let grace: NodeJS.Timeout | undefined;
   const forward = (sig: NodeJS.Signals): void => {
     proc.kill(sig);
+    const code = 128 + (os.constants.signals[sig] ?? 9);
+    if (grace) giveUp(code);
+    else grace = setTimeout(() => giveUp(code), KILL_GRACE_MS);
   };
   const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
   for (const sig of signals) process.on(sig, forward);
-  try {
+  const ended = (async (): Promise<number> => {
     const exit = await proc.exited;
     await Promise.all(
       [proc.stdout, proc.stderr].map((s) => new Promise((r) => (s.readableEnded ? r(null) : s.once('close', r)))),
     );
     return exit.exitCode ?? 128 + (os.constants.signals[exit.signal as NodeJS.Signals] ?? 9);
+  })();
+  ended.catch(() => undefined);
+  try {
+    return await Promise.race([ended, abandoned]);
   } finally {
+    clearTimeout(grace);
     for (const sig of signals) process.removeListener(sig, forward);
     process.stdout.removeListener('resize', onResize);
     if (opts.stdin) input.unpipe();
@@ -83,27 +97,28 @@ export function parseCpSide(spec: string, isVm: (name: string) => boolean): CpSi
   return { host: path.resolve(spec) };
 }
 
-/** `microvm cp SRC DST`: exactly one side is `NAME:/path`. */
+/**
+ * `microvm cp SRC DST`: exactly one side is `NAME:/path`. `signal` ends the copy at once: the
+ * channel is closed (whatever the agent does), the partial copy removed, and the abort's reason thrown.
+ */
 export async function copyBetween(
   src: CpSide,
   dst: CpSide,
   agentFor: (name: string) => Promise<AgentClient>,
+  signal?: AbortSignal,
 ): Promise<void> {
-  if ('vm' in src && 'host' in dst) {
-    const agent = await agentFor(src.vm);
-    try {
-      await copyOut(agent, src.path, dst.host);
-    } finally {
-      agent.close();
-    }
-  } else if ('host' in src && 'vm' in dst) {
-    const agent = await agentFor(dst.vm);
-    try {
-      await copyIn(agent, src.host, dst.path);
-    } finally {
-      agent.close();
-    }
-  } else {
+  const vmSide = 'vm' in src ? src : 'vm' in dst ? dst : undefined;
+  if (!vmSide || ('vm' in src && 'vm' in dst))
     throw new MicrovmError('ERR_MICROVM_USAGE', 'cp copies between a VM and the host: one side is NAME:/path');
+  signal?.throwIfAborted();
+  const agent = await agentFor(vmSide.vm);
+  const onAbort = (): void => agent.close((signal?.reason as Error | undefined) ?? undefined);
+  signal?.addEventListener('abort', onAbort, { once: true });
+  try {
+    if ('vm' in src && 'host' in dst) await copyOut(agent, src.path, dst.host);
+    else if ('host' in src && 'vm' in dst) await copyIn(agent, src.host, dst.path);
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
+    agent.close();
   }
 }

@@ -1237,16 +1237,44 @@ export async function main(argv: string[]): Promise<number> {
         if (positional.length !== 2) throw new UsageError('cp takes SRC DST, one of them NAME:/path');
         const isVm = (n: string): boolean => fs.existsSync(path.join(dataDir, 'vms', n));
         const [src, dst] = positional.map((p) => parseCpSide(p, isVm));
-        if ('vm' in src === 'vm' in dst)
+        if ('vm' in src === 'vm' in dst) {
+          // NAME:/path where no VM has that name: say so rather than "one side is NAME:/path".
+          const named = positional.map((p) => /^([A-Za-z0-9][A-Za-z0-9_.-]{0,62}):\//.exec(p)?.[1]).find(Boolean);
+          if (named && !('vm' in src) && !('vm' in dst))
+            throw coded('ERR_MICROVM_VM_NOT_FOUND', `no VM named ${named} (cp ${positional.join(' ')})`);
           throw new UsageError('cp copies between a VM and the host: one side is NAME:/path');
-        await copyBetween(src, dst, async (name) => {
-          const dir = vmDir(dataDir, name);
-          const st = readState(dir);
-          if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
-          const agent = await connectVmAgent(dir, st.backend);
-          if (!agent) throw coded('ERR_MICROVM_AGENT_UNAVAILABLE', `${name} has no guest agent`);
-          return agent;
-        });
+        }
+        // Ctrl-C / SIGTERM: the copy ends at once (whatever the agent does), nothing partial is
+        // left, and we exit 128+N.
+        const ac = new AbortController();
+        let interrupted: NodeJS.Signals | undefined;
+        const onSignal = (sig: NodeJS.Signals): void => {
+          interrupted ??= sig;
+          ac.abort();
+        };
+        const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+        for (const sig of signals) process.on(sig, onSignal);
+        try {
+          await copyBetween(
+            src,
+            dst,
+            async (name) => {
+              const dir = vmDir(dataDir, name);
+              const st = readState(dir);
+              if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
+              const agent = await connectVmAgent(dir, st.backend);
+              if (!agent) throw coded('ERR_MICROVM_AGENT_UNAVAILABLE', `${name} has no guest agent`);
+              return agent;
+            },
+            ac.signal,
+          );
+        } catch (err) {
+          if (!interrupted) throw err;
+          process.stderr.write(`microvm: cp interrupted by ${interrupted}; nothing partial was left\n`);
+          return 128 + signalNumber(interrupted);
+        } finally {
+          for (const sig of signals) process.removeListener(sig, onSignal);
+        }
         out({ copied: true }, '');
         return 0;
       }

@@ -10,7 +10,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { AgentClient } from '../../lib/agent/client';
 import { execBuffered } from '../../lib/agent/exec';
-import { copyOut, readFile } from '../../lib/agent/files';
+import { copyOut, MAX_LISTING_NAME_BYTES, readFile } from '../../lib/agent/files';
+import { attach, copyBetween } from '../../lib/cli/agent-commands';
 import { FRAME, GUEST_PROTO, HEADER_BYTES, WINDOW } from '../../lib/agent/protocol';
 import { MicroVM } from '../../lib/vm';
 import { scratch } from '../helpers';
@@ -342,6 +343,45 @@ describe('copyOut and readFile against a hostile fake guest (test double)', () =
     client.close();
   });
 
+  test('set-ID bits from the guest are dropped (kept only for root with keepSetId); mid-transfer only a private 0700 directory is there', async () => {
+    const [client, g] = await connect();
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((r) => (release = r));
+    let asked: () => void = () => undefined;
+    const getAsked = new Promise<void>((r) => (asked = r));
+    const suid = { p: '', t: 'f', m: 0o4755, s: 4, u: 0, g: 0 };
+    void (async () => {
+      for (;;) {
+        const f = await g.next(FRAME.OP);
+        const op = JSON.parse(f.payload.toString()) as { op: string };
+        if (op.op === 'list') g.send(FRAME.INFO, f.stream, JSON.stringify(suid));
+        if (op.op === 'get') {
+          g.send(FRAME.INFO, f.stream, JSON.stringify(suid));
+          g.send(FRAME.STDOUT, f.stream, 'data');
+          asked();
+          await held;
+        }
+        g.send(FRAME.EXIT, f.stream, '{"code":0}');
+      }
+    })().catch(() => undefined);
+    const out = path.join(s.dir, 'out');
+    fs.mkdirSync(out);
+    const copying = copyOut(client, '/bin/tool', path.join(out, 'tool'));
+    await getAsked;
+    // The file being written is inside a directory no one else may enter; nothing else is there yet.
+    const inside = fs.readdirSync(out);
+    expect(inside).toEqual([expect.stringMatching(/^\.microvm-copy-[0-9a-f]{12}$/)]);
+    expect(fs.statSync(path.join(out, inside[0])).mode & 0o777).toBe(0o700);
+    release();
+    await copying;
+    expect(fs.readdirSync(out)).toEqual(['tool']);
+    expect(fs.statSync(path.join(out, 'tool')).mode & 0o7777).toBe(0o755);
+    const root = process.getuid?.() === 0;
+    await copyOut(client, '/bin/tool', path.join(out, 'kept'), { keepSetId: true });
+    expect(fs.statSync(path.join(out, 'kept')).mode & 0o7777).toBe(root ? 0o4755 : 0o755);
+    client.close();
+  });
+
   test('more entries or bytes than the limits: ERR_MICROVM_COPY, the channel stays usable', async () => {
     const [client, g] = await connect();
     serveTree(g, [dir, file('a'), file('b'), file('c')]);
@@ -395,3 +435,98 @@ describe('MicroVM file operations against a stalling fake guest agent (test doub
 async function waitFor(cond: () => boolean): Promise<void> {
   while (!cond()) await new Promise((r) => setTimeout(r, 10));
 }
+
+describe('a hostile agent cannot make a host wait forever or allocate without bound (test double)', () => {
+  /** Sends INFO frames of `entries` on `stream` within the host's grants, as a well-behaved sender would. */
+  async function sendWithinGrants(g: FakeGuest, stream: number, payloads: Buffer[]): Promise<void> {
+    let sent = 0;
+    for (const p of payloads) {
+      while (sent + p.length > WINDOW + g.granted(stream)) {
+        await new Promise((r) => setTimeout(r, 1));
+        if (g.sock.destroyed) return;
+      }
+      g.send(FRAME.INFO, stream, p);
+      sent += p.length;
+    }
+  }
+
+  test('a listing entry with a path over 4096 characters is refused before it is kept', async () => {
+    const [client, g] = await connect();
+    const copying = copyOut(client, '/srv', path.join(s.dir, 'out'));
+    const op = await g.next(FRAME.OP);
+    g.send(FRAME.INFO, op.stream, JSON.stringify({ p: '', t: 'd', m: 0o755, s: 0, u: 0, g: 0 }));
+    g.send(FRAME.INFO, op.stream, JSON.stringify({ p: 'x'.repeat(60_000), t: 'f', m: 0o644, s: 0, u: 0, g: 0 }));
+    await expect(copying).rejects.toMatchObject({ code: 'ERR_MICROVM_COPY', message: expect.stringContaining('4096') });
+    client.close();
+  });
+
+  test('a listing whose names add up past the budget is refused (ERR_MICROVM_COPY), however it is paced', async () => {
+    const [client, g] = await connect();
+    const copying = copyOut(client, '/srv', path.join(s.dir, 'out'));
+    const op = await g.next(FRAME.OP);
+    const entry = (i: number): Buffer =>
+      Buffer.from(
+        JSON.stringify({ p: `${String(i).padStart(8, '0')}${'n'.repeat(4000)}`, t: 'f', m: 0o644, s: 0, u: 0, g: 0 }),
+      );
+    const count = Math.ceil(MAX_LISTING_NAME_BYTES / 4008) + 10;
+    const root = Buffer.from(JSON.stringify({ p: '', t: 'd', m: 0o755, s: 0, u: 0, g: 0 }));
+    void sendWithinGrants(g, op.stream, [root, ...Array.from({ length: count }, (_, i) => entry(i))]).then(() =>
+      g.send(FRAME.EXIT, op.stream, '{"code":0}'),
+    );
+    await expect(copying).rejects.toMatchObject({
+      code: 'ERR_MICROVM_COPY',
+      message: expect.stringContaining('names'),
+    });
+    expect(fs.readdirSync(s.dir).sort()).toEqual(['agent.sock']);
+    client.close();
+  });
+
+  test('exec with timeoutMs against an agent that ignores the kill and never reports an exit: the timeout error all the same', async () => {
+    const [client, g] = await connect();
+    const r = execBuffered(client, ['sleep', '100'], { timeoutMs: 50 });
+    await g.next(FRAME.EXEC);
+    await g.next(FRAME.SIGNAL); // ignored: no EXIT ever comes
+    await expect(r).rejects.toMatchObject({ code: 'ERR_MICROVM_EXEC_TIMEOUT' });
+    expect(client.closedReason).toMatchObject({ code: 'ERR_MICROVM_AGENT_UNAVAILABLE' });
+  });
+
+  test('a transfer cancelled on a local failure (a full disk, a limit) ends even when the agent never acknowledges the cancel', async () => {
+    const [client, g] = await connect();
+    const reading = readFile(client, '/big', 3);
+    const op = await g.next(FRAME.OP);
+    g.send(FRAME.STDOUT, op.stream, 'more than three');
+    await g.next(FRAME.SIGNAL); // the cancel; never answered
+    await expect(reading).rejects.toMatchObject({ code: 'ERR_MICROVM_COPY' });
+  });
+
+  test('attach (microvm exec): a signal goes to the guest; when the agent ignores it we exit 128+N anyway, at once on a second one', async () => {
+    const [client, g] = await connect();
+    const proc = client.spawn(['sleep', '100']);
+    await g.next(FRAME.EXEC);
+    const waiting = attach(proc, { stdin: false, tty: false });
+    process.emit('SIGTERM', 'SIGTERM');
+    expect(JSON.parse((await g.next(FRAME.SIGNAL)).payload.toString())).toEqual({ signal: 15 });
+    await expect(waiting).resolves.toBe(143); // after the grace, with no EXIT from the agent
+    const proc2 = client.spawn(['sleep', '100']);
+    await g.next(FRAME.EXEC);
+    const again = attach(proc2, { stdin: false, tty: false });
+    process.emit('SIGINT', 'SIGINT');
+    process.emit('SIGINT', 'SIGINT');
+    await expect(again).resolves.toBe(130);
+    client.close();
+  });
+
+  test('microvm cp interrupted while the agent stalls: the copy ends at once and nothing partial is left', async () => {
+    const [client, g] = await connect();
+    const ac = new AbortController();
+    const dest = path.join(s.dir, 'dest');
+    const copying = copyBetween({ vm: 'x', path: '/srv' }, { host: dest }, async () => client, ac.signal);
+    const list = await g.next(FRAME.OP);
+    g.send(FRAME.INFO, list.stream, JSON.stringify({ p: '', t: 'f', m: 0o644, s: 1, u: 0, g: 0 }));
+    g.send(FRAME.EXIT, list.stream, '{"code":0}');
+    await g.next(FRAME.OP); // the get: never answered
+    ac.abort();
+    await expect(copying).rejects.toMatchObject({ name: 'AbortError' });
+    expect(fs.readdirSync(s.dir).sort()).toEqual(['agent.sock']);
+  });
+});
