@@ -11,6 +11,7 @@
 // Usage: node bench/egress.js [runs=5]     (after scripts/setup.sh)
 'use strict';
 const { execFileSync } = require('node:child_process');
+const fs = require('node:fs');
 const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
@@ -61,6 +62,57 @@ main(async () => {
     }
   }
   server.close();
+
+  // 3. A guest that opens many connections to an allowed name and holds them: what the host runs
+  // for them (the VM's one relay, a copier per open connection, the cap's refusals).
+  const HELD = small ? 80 : 1000;
+  const holder = net.createServer((c) => c.on('error', () => undefined));
+  await new Promise((r) => holder.listen(0, '127.0.0.1', r));
+  const hport = holder.address().port;
+  const vm = await m.run('bench', {
+    rootfsPath: image,
+    backend: 'qemu',
+    dataDir: path.join(work, 'data'),
+    name: 'held',
+    initOverride: ['/bin/sleep', '3600'],
+    egress: { allow: [{ host: 'svc.test', port: hport, address: '127.0.0.1' }] },
+  });
+  await vm.exec([
+    '/bin/sh',
+    '-c',
+    `i=0; while [ $i -lt ${HELD} ]; do (sleep 600 | nc svc.test ${hport} > /dev/null 2>&1 &); i=$((i+1)); done; sleep 2`,
+  ]);
+  const logFile = path.join(vm.dataDir, 'egress.log');
+  const lines = () => (fs.existsSync(logFile) ? fs.readFileSync(logFile, 'utf8').split('\n').filter(Boolean) : []);
+  for (let t = 0; t < 600 && lines().length < HELD - 64; t++) await new Promise((r) => setTimeout(r, 100));
+  const helpers = fs
+    .readdirSync('/proc')
+    .filter((d) => /^\d+$/.test(d))
+    .map((pid) => {
+      try {
+        const cmd = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+        if (!cmd.includes(vm.dataDir)) return undefined;
+        const rss = Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) / 1024;
+        // PSS: shared pages (the C++ runtime every copier maps) divided among the processes that map them.
+        const pss =
+          Number(/^Pss:\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))?.[1] ?? 0) / 1024;
+        const kind = cmd.includes('relay.js')
+          ? 'relay'
+          : cmd.startsWith(`${path.sep}`) && cmd.includes('microvm-runner\0--relay-connect')
+            ? 'copier'
+            : undefined;
+        return kind ? { kind, rss, pss } : undefined;
+      } catch {
+        return undefined;
+      }
+    })
+    .filter(Boolean);
+  const refused = lines().filter((l) => JSON.parse(l).ok === false).length;
+  await vm.remove();
+  holder.close();
+  const sum = (k, f = 'rss') => helpers.filter((h) => h.kind === k).reduce((n, h) => n + h[f], 0);
+  const count = (k) => helpers.filter((h) => h.kind === k).length;
+  if (count('relay') !== 1) throw new Error(`expected one relay process, found ${count('relay')}`);
   const mode = execFileSync(
     'bash',
     ['-c', 'test -w /dev/kvm && grep -qE "vmx|svm" /proc/cpuinfo && echo kvm || echo tcg'],
@@ -95,5 +147,8 @@ main(async () => {
       .slice(1)
       .map((x) => `${(((x - r[0]) / r[0]) * 100).toFixed(1)}%`)
       .join(' | ')} |`,
+  );
+  console.log(
+    `\n${HELD} connections opened and held by the guest (allow-list, default cap): ${count('relay')} relay process (${sum('relay').toFixed(0)} MiB RSS), ${count('copier')} copier processes (${sum('copier').toFixed(0)} MiB RSS, ${sum('copier', 'pss').toFixed(0)} MiB PSS in all), ${refused} refused and logged`,
   );
 }, done);

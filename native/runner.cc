@@ -1,6 +1,13 @@
 // microvm-runner: a small native executable (no Node inside) that owns one libkrun VM.
 //
 //   microvm-runner (--plan PATH | --plan-fd N) [--ready-fd N] [--die-with-parent]
+//   microvm-runner --relay-connect SOCKET RULE
+//
+// The second form is the QEMU backend's per-connection helper for egress allow-lists: QEMU starts
+// it for each guest connection to an allowed name (guestfwd=...-cmd:), with that connection as
+// its stdin and stdout. It connects to the VM's one relay (lib/network/relay.ts, listening on
+// SOCKET), says which rule it serves ("RULE\n"), and copies bytes both ways until both sides are
+// done. It decides nothing: the relay connects upstream (or refuses) and logs.
 //
 // It reads a launch plan (JSON, see plan.h), preloads libkrunfw from the plan's firmwarePath,
 // dlopens libkrun from the plan's libkrunPath, creates a context, applies the plan with the same
@@ -17,10 +24,13 @@
 //   72 the overlay root could not be mounted (plan.overlay)
 // Once 'C' was written, the exit status is the guest's (or 71 with the JSON line).
 #include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -148,9 +158,62 @@ void MountOverlay(const microvm::OverlaySpec& o) {
   }
 }
 
+// Copies what arrives on `from` to `to` once; false at end of input or on an error.
+bool Pump(int from, int to) {
+  char buf[65536];
+  ssize_t n = read(from, buf, sizeof buf);
+  if (n < 0 && (errno == EINTR || errno == EAGAIN)) return true;
+  if (n <= 0) return false;
+  for (ssize_t off = 0; off < n;) {
+    ssize_t w = write(to, buf + off, static_cast<size_t>(n - off));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    off += w;
+  }
+  return true;
+}
+
+// --relay-connect SOCKET RULE: see the header. Exits 0 when both directions are done, 1 when the
+// relay cannot be reached (the guest then sees its connection closed).
+int RelayConnect(const char* socket_path, const char* rule) {
+  signal(SIGPIPE, SIG_IGN);
+  size_t rule_len = std::strlen(rule);
+  if (rule_len == 0 || rule_len > 8 || std::strspn(rule, "0123456789") != rule_len) return kExitUsage;
+  int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (s < 0 || std::strlen(socket_path) >= sizeof addr.sun_path) return 1;
+  std::memcpy(addr.sun_path, socket_path, std::strlen(socket_path) + 1);
+  if (connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return 1;
+  std::string hello = std::string(rule) + "\n";
+  if (write(s, hello.data(), hello.size()) != static_cast<ssize_t>(hello.size())) return 1;
+  // fd 0 and fd 1 are the guest's connection (QEMU hands over one socket as both).
+  bool from_guest = true, to_guest = true;
+  while (from_guest || to_guest) {
+    // The relay's socket stays watched after its end of input: POLLHUP there means the relay closed
+    // both directions (a refusal, an idle close), and nothing the guest sends can go anywhere.
+    pollfd fds[2] = {{from_guest ? 0 : -1, POLLIN, 0}, {s, static_cast<short>(to_guest ? POLLIN : 0), 0}};
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return 1;
+    }
+    if (!to_guest && (fds[1].revents & (POLLHUP | POLLERR))) return 0;
+    if (from_guest && (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) && !Pump(0, s)) {
+      from_guest = false;
+      shutdown(s, SHUT_WR);
+    }
+    if (to_guest && (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) && !Pump(s, 1)) {
+      to_guest = false;
+      if (shutdown(1, SHUT_WR) != 0) close(1);
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 4 && std::strcmp(argv[1], "--relay-connect") == 0) return RelayConnect(argv[2], argv[3]);
   std::string plan_path;
   int plan_fd = -1;
   int ready_fd = -1;

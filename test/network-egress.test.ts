@@ -10,6 +10,7 @@ import {
   guestForwards,
   needsGuard,
   parseEgress,
+  relayRules,
   parseResolver,
   virtualHosts,
 } from '../lib/network/egress';
@@ -19,7 +20,7 @@ const rules = [
   { host: 'db.test', port: 5432, address: '192.0.2.7' },
   { host: 'api.test', port: 80 },
 ];
-const relay = { node: '/usr/bin/node', script: '/opt/m/dist/network/relay.js', log: '/data/vms/x/egress.log' };
+const relay = { runner: '/opt/m/build/Release/microvm-runner', socket: '/data/vms/x/relay.sock' };
 
 test('kinds and descriptions', () => {
   expect([egressMode('allow'), egressMode('deny'), egressMode({ allow: rules })]).toEqual([
@@ -42,20 +43,25 @@ test('one virtual address per name, from 10.0.2.100, in the order the rules name
   expect(virtualHosts([])).toEqual([]);
 });
 
-test("one guestfwd per rule, to the name's virtual address, handing the connection to the relay", () => {
+test("one guestfwd per rule, to the name's virtual address, handing the connection to the VM's relay as rule N", () => {
   expect(guestForwards(rules, relay)).toBe(
-    ',guestfwd=tcp:10.0.2.100:443-cmd:/usr/bin/node /opt/m/dist/network/relay.js api.test 443 - /data/vms/x/egress.log' +
-      ',guestfwd=tcp:10.0.2.101:5432-cmd:/usr/bin/node /opt/m/dist/network/relay.js db.test 5432 192.0.2.7 /data/vms/x/egress.log' +
-      ',guestfwd=tcp:10.0.2.100:80-cmd:/usr/bin/node /opt/m/dist/network/relay.js api.test 80 - /data/vms/x/egress.log',
+    ',guestfwd=tcp:10.0.2.100:443-cmd:/opt/m/build/Release/microvm-runner --relay-connect /data/vms/x/relay.sock 0' +
+      ',guestfwd=tcp:10.0.2.101:5432-cmd:/opt/m/build/Release/microvm-runner --relay-connect /data/vms/x/relay.sock 1' +
+      ',guestfwd=tcp:10.0.2.100:80-cmd:/opt/m/build/Release/microvm-runner --relay-connect /data/vms/x/relay.sock 2',
   );
+  expect(JSON.parse(relayRules(rules))).toEqual([
+    { host: 'api.test', port: 443, address: null },
+    { host: 'db.test', port: 5432, address: '192.0.2.7' },
+    { host: 'api.test', port: 80, address: null },
+  ]);
 });
 
 test.each([
-  ['node', '/opt/my node/bin/node'],
-  ['script', '/opt/a,b/relay.js'],
-  ['log', "/data/it's/egress.log"],
-  ['log', 'relative/egress.log'],
-  ['script', '/opt/back\\slash/relay.js'],
+  ['runner', '/opt/my node/bin/microvm-runner'],
+  ['runner', '/opt/a,b/microvm-runner'],
+  ['socket', "/data/it's/relay.sock"],
+  ['socket', 'relative/relay.sock'],
+  ['runner', '/opt/back\\slash/microvm-runner'],
 ])('a relay %s path %j that QEMU or its command line would split is refused: ERR_MICROVM_EGRESS_RELAY', (key, p) => {
   expect(() => guestForwards(rules, { ...relay, [key]: p })).toThrow(
     expect.objectContaining({ code: 'ERR_MICROVM_EGRESS_RELAY', message: expect.stringContaining(JSON.stringify(p)) }),

@@ -243,14 +243,12 @@ export function virtualHosts(rules: readonly EgressRule[]): { host: string; ip: 
 
 /**
  * QEMU `-netdev user` parameters for an allow-list: one `guestfwd` per rule, handing each guest
- * connection to `node relay.js HOST PORT ADDRESS LOG`. Paths go into QEMU's option string and a
+ * connection to `RUNNER --relay-connect SOCKET N`, which passes it to the VM's one relay
+ * (lib/network/relay.ts) as rule N of {@link relayRules}. Paths go into QEMU's option string and a
  * shell-like command line: they must not hold commas, spaces or quotes (ERR_MICROVM_EGRESS_RELAY).
  */
-export function guestForwards(
-  rules: readonly EgressRule[],
-  relay: { node: string; script: string; log: string },
-): string {
-  for (const p of [relay.node, relay.script, relay.log])
+export function guestForwards(rules: readonly EgressRule[], relay: { runner: string; socket: string }): string {
+  for (const p of [relay.runner, relay.socket])
     if (!path.isAbsolute(p) || /[\s,'"\\]/.test(p))
       throw new MicrovmError(
         'ERR_MICROVM_EGRESS_RELAY',
@@ -259,8 +257,12 @@ export function guestForwards(
   const ips = new Map<string | undefined, string>(virtualHosts(rules).map((x) => [x.host, x.ip]));
   return rules
     .map(
-      (r) =>
-        `,guestfwd=tcp:${ips.get(r.host)}:${r.port}-cmd:${relay.node} ${relay.script} ${r.host} ${r.port} ${r.address ?? '-'} ${relay.log}`,
+      (r, i) => `,guestfwd=tcp:${ips.get(r.host)}:${r.port}-cmd:${relay.runner} --relay-connect ${relay.socket} ${i}`,
     )
     .join('');
+}
+
+/** The relay's rules file (RULES of lib/network/relay.ts): the allow-list's rules in guestForwards' order. */
+export function relayRules(rules: readonly EgressRule[]): string {
+  return `${JSON.stringify(rules.map((r) => ({ host: r.host, port: r.port, address: r.address ?? null })))}\n`;
 }

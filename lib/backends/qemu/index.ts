@@ -42,9 +42,11 @@ import {
   guardRefusal,
   guestForwards,
   needsGuard,
+  relayRules,
   virtualHosts,
   writeGuardPolicy,
 } from '../../network/egress';
+import { resolveRunner } from '../../resolve/runtime';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
@@ -261,13 +263,18 @@ while [ "$n" -lt "\${MVM_SHARES:-0}" ]; do
   pids="$pids $!"
   n=$((n + 1))
 done
-for sock in "$MVM_FS_SOCK" \${MVM_SHARE_SOCKS:-}; do
+# The egress allow-list's relay, one per VM (lib/network/relay.ts); dies with QEMU like virtiofsd.
+if [ -n "\${MVM_RELAY_SOCK:-}" ]; then
+  setpriv --pdeathsig SIGKILL -- "$MVM_RELAY_NODE" "$MVM_RELAY_SCRIPT" "$MVM_RELAY_SOCK" "$MVM_RELAY_RULES" "$MVM_RELAY_LOG" &
+  pids="$pids $!"
+fi
+for sock in "$MVM_FS_SOCK" \${MVM_SHARE_SOCKS:-} \${MVM_RELAY_SOCK:-}; do
   i=0
   while [ ! -S "$sock" ]; do
     i=$((i + 1))
-    if [ "$i" -gt 1000 ]; then echo "microvm: virtiofsd did not create $sock" >&2; exit 70; fi
+    if [ "$i" -gt 1000 ]; then echo "microvm: $sock was not created" >&2; exit 70; fi
     for p in $pids; do
-      kill -0 "$p" 2>/dev/null || { wait "$p" || st=$?; echo "microvm: virtiofsd exited (status \${st:-0}) before creating $sock" >&2; exit 70; }
+      kill -0 "$p" 2>/dev/null || { wait "$p" || st=$?; echo "microvm: a helper (virtiofsd, the relay) exited (status \${st:-0}) before creating $sock" >&2; exit 70; }
     done
     sleep 0.01
   done
@@ -471,14 +478,10 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     const hostfwd = input.ports.map((p) => `,hostfwd=tcp:127.0.0.1:${p.host}-:${p.guest}`).join('');
     // An allow-list: nothing leaves (restrict=on) but connections to the allowed names' virtual
     // addresses and ports, each handed to a relay on the host (lib/network/egress.ts).
-    const allow = allowListOf(input.egress);
-    const egressForwards = allow
-      ? guestForwards(allow, {
-          node: process.execPath,
-          script: path.join(packageRoot, 'dist', 'network', 'relay.js'),
-          log: path.join(input.dataDir, 'egress.log'),
-        })
-      : '';
+    const relayed = allowListOf(input.egress);
+    const allow = relayed?.length ? relayed : undefined; // names the relay serves, if any
+    const relaySock = path.join(input.dataDir, 'relay.sock');
+    const egressForwards = allow ? guestForwards(allow, { runner: resolveRunner(), socket: relaySock }) : '';
     // Rules beyond relayed names: the egress filter, preloaded into QEMU, decides what leaves it
     // (native/net_guard.cc); its policy file, and the file where it says it loaded it.
     const guard =
@@ -568,6 +571,19 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       env.MICROVM_NETGUARD_POLICY = guard.policy;
     }
     if (process.env.MICROVM_FSGUARD_LOG) env.MICROVM_FSGUARD_LOG = process.env.MICROVM_FSGUARD_LOG;
+    if (allow) {
+      // The VM's one relay (lib/network/relay.ts), started by the launcher beside QEMU.
+      const rules = path.join(input.dataDir, 'relay-rules.json');
+      fs.writeFileSync(rules, relayRules(allow), { mode: 0o600 });
+      fs.rmSync(relaySock, { force: true });
+      env.MVM_RELAY_NODE = process.execPath;
+      env.MVM_RELAY_SCRIPT = path.join(packageRoot, 'dist', 'network', 'relay.js');
+      env.MVM_RELAY_SOCK = relaySock;
+      env.MVM_RELAY_RULES = rules;
+      env.MVM_RELAY_LOG = path.join(input.dataDir, 'egress.log');
+      for (const k of ['MICROVM_RELAY_MAX_CONNECTIONS', 'MICROVM_RELAY_IDLE_MS'])
+        if (process.env[k] !== undefined) env[k] = process.env[k];
+    }
     env.MVM_SHARES = String(input.virtiofs.length);
     const socks: string[] = [];
     input.virtiofs.forEach((share, n) => {
