@@ -28,7 +28,9 @@
 //   rule allow|deny host <name> <port|0> any|tcp|udp <label>
 //   rule allow|deny suffix <.name> <port|0> any|tcp|udp <label>
 // Any line it cannot read makes every inet connection and datagram refused (fail closed). Deny
-// rules are checked first, then allow rules, then the default. LD_PRELOAD and the policy variable
+// rules are checked first, then allow rules, then the default. The host itself (loopback,
+// link-local; QEMU's gateway arrives as loopback) is refused under any policy unless an address
+// rule names it, and DNS answers never teach such addresses. LD_PRELOAD and the policy variable
 // are removed from the environment at load, so QEMU's children (the allow-list relays) run without.
 //
 // The libkrun runner links this file too (MICROVM_NETGUARD_LINKED; its exported connect() and
@@ -243,10 +245,43 @@ std::vector<std::string> NamesOf(const Addr& a) {
   return out;
 }
 
+// The host itself: loopback, unspecified and link-local addresses (QEMU's gateway 10.0.2.2 and its
+// IPv6 twin fec0::2 reach libslirp's calls as 127.0.0.1 and ::1).
+bool HostLocal(const Addr& a) {
+  const uint8_t* b = a.bytes;
+  if (a.family == AF_INET) return b[0] == 127 || b[0] == 0 || (b[0] == 169 && b[1] == 254);
+  static const uint8_t kZero[16] = {0};
+  if (std::memcmp(b, kZero, 15) == 0 && (b[15] == 0 || b[15] == 1)) return true;  // :: and ::1
+  return b[0] == 0xfe && (b[1] & 0xc0) == 0x80;                                   // fe80::/10
+}
+
+// QEMU's own user networks (10.0.2.0/24, fec0::/64): what a DNS answer may not teach.
+bool QemuNet(const Addr& a) {
+  if (a.family == AF_INET) return a.bytes[0] == 10 && a.bytes[1] == 0 && a.bytes[2] == 2;
+  static const uint8_t kFec0[8] = {0xfe, 0xc0, 0, 0, 0, 0, 0, 0};
+  return std::memcmp(a.bytes, kFec0, 8) == 0;
+}
+
 // The verdict on a connection or datagram to `a` (g_mu held); `rule` gets the deciding rule's label.
 bool Decide(const Addr& a, int proto, std::string* rule, std::string* name) {
   if (!g_ok) {
     *rule = "guard-not-loaded";
+    return false;
+  }
+  if (HostLocal(a)) {
+    // The host is reachable only through a rule that names it by address (a CIDR narrower than a
+    // default route), whatever the default or a name's DNS answers say; deny rules still win.
+    for (int pass = 0; pass < 2; pass++) {
+      for (const Rule& r : Rules()) {
+        if (r.allow != (pass == 1) || r.kind != Rule::kCidr || r.bits == 0) continue;
+        if ((r.port != 0 && r.port != a.port) || (r.proto != kAny && r.proto != proto)) continue;
+        if (InNet(a, r.net, r.bits)) {
+          *rule = r.label;
+          return r.allow;
+        }
+      }
+    }
+    *rule = "host";
     return false;
   }
   std::vector<std::string> names = NamesOf(a);
@@ -364,7 +399,8 @@ void Learn(const uint8_t* p, size_t n) {
       std::memcpy(a.bytes, p + i, 16);
     }
     i += rdlen;
-    if (a.family == 0) continue;
+    // An answer never opens the host or QEMU's own networks (a name pointing at 127.0.0.1, 10.0.2.2).
+    if (a.family == 0 || HostLocal(a) || QemuNet(a)) continue;
     const long long keep_s = std::max(60LL, std::min(ttl, 3600LL));
     if (LearnedList().size() >= kMaxLearned) LearnedList().erase(LearnedList().begin());
     LearnedList().push_back({a, name, now + keep_s * 1000000000LL});

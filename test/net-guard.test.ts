@@ -30,7 +30,9 @@ function question(name: string, id: number): Buffer {
 }
 
 /** A resolver on 127.0.0.1: every question gets one A record, `answer` (TTL 300); records what it was asked. */
-async function resolver(answer: string): Promise<{ port: number; asked: string[]; close: () => void }> {
+async function resolver(
+  answerFor: string | ((name: string) => string),
+): Promise<{ port: number; asked: string[]; close: () => void }> {
   const sock = dgram.createSocket('udp4');
   const asked: string[] = [];
   sock.on('message', (q, from) => {
@@ -41,6 +43,7 @@ async function resolver(answer: string): Promise<{ port: number; asked: string[]
       i += 1 + q[i];
     }
     asked.push(parts.join('.'));
+    const answer = typeof answerFor === 'string' ? answerFor : answerFor(parts.join('.'));
     const head = Buffer.from(q.subarray(0, 12));
     head[2] = 0x81;
     head[3] = 0x80;
@@ -142,7 +145,7 @@ test('CIDR rules: the allowed address connects, another is refused at once; deny
       address: '127.0.0.5',
       port: 9,
       ok: false,
-      rule: 'default',
+      rule: 'host', // the host itself, and no rule names it for UDP
       protocol: 'udp',
       kind: 'datagram',
     }),
@@ -150,51 +153,86 @@ test('CIDR rules: the allowed address connects, another is refused at once; deny
   expect(fs.statSync(path.join(s.dir, 'egress.log')).mode & 0o777).toBe(0o600);
 });
 
-test('deny rules alone: everything else is allowed', async () => {
-  const r = await runGuarded(policyOf({ deny: [{ cidr: '127.0.0.6/32', port: 1 }, { cidr: '127.0.0.6/32' }] }), [
+test('deny rules alone: everything else is allowed, but not the host itself', async () => {
+  const r = await runGuarded(policyOf({ deny: [{ cidr: '192.0.2.6/32', port: 1 }, { cidr: '192.0.2.6/32' }] }), [
+    { datagram: '192.0.2.5', port: 9 },
+    { datagram: '192.0.2.6', port: 9 },
+    { connect: '127.0.0.5' },
+  ]);
+  expect(r.out[0]).not.toBe('error EACCES'); // allowed: sent (or no route here), never refused
+  expect(r.out.slice(1)).toEqual(['error EACCES', 'error ECONNREFUSED']);
+  expect(r.log).toEqual([
+    expect.objectContaining({ address: '192.0.2.6', ok: false, rule: 'egress.deny[1]' }),
+    expect.objectContaining({ address: '127.0.0.5', ok: false, rule: 'host' }),
+  ]);
+});
+
+test("the host is reachable only through an address rule that names it: not a default route, not a name's answer, and 10.0.2.2 or fec0::2 in a rule stand for it", async () => {
+  const named = await runGuarded(policyOf({ allow: [{ cidr: '127.0.0.5' }] }), [
     { connect: '127.0.0.5' },
     { connect: '127.0.0.6' },
   ]);
-  expect(r.out).toEqual(['ok 127.0.0.5', 'error ECONNREFUSED']);
-  expect(r.log[1]).toMatchObject({ rule: 'egress.deny[1]' });
+  expect(named.out).toEqual(['ok 127.0.0.5', 'error ECONNREFUSED']);
+  const everything = await runGuarded(policyOf({ allow: [{ cidr: '0.0.0.0/0' }] }), [{ connect: '127.0.0.5' }]);
+  expect(everything.out).toEqual(['error ECONNREFUSED']);
+  // QEMU's gateway stands for the host: a rule on 10.0.2.2 (or a network holding it) is one on 127.0.0.1.
+  expect(policyOf({ deny: [{ cidr: '10.0.2.2' }, { cidr: 'fec0::/64', port: 22 }] }).split('\n')).toEqual(
+    expect.arrayContaining([
+      'rule deny cidr 10.0.2.2/32 0 any egress.deny[0]',
+      'rule deny cidr 127.0.0.1/32 0 any egress.deny[0]',
+      'rule deny cidr fec0::/64 22 any egress.deny[1]',
+      'rule deny cidr ::1/128 22 any egress.deny[1]',
+    ]),
+  );
+  expect(policyOf({ allow: [{ cidr: '10.0.2.0/24' }] })).toContain(
+    'rule allow cidr 127.0.0.1/32 0 any egress.allow[0]',
+  );
+  expect(policyOf({ allow: [{ cidr: '10.0.0.0/8' }, { cidr: '0.0.0.0/0' }] })).not.toContain('127.0.0.1');
+  const gateway = await runGuarded(policyOf({ allow: [{ cidr: '10.0.2.0/24' }] }), [{ connect: '127.0.0.5' }]);
+  expect(gateway.out).toEqual(['error ECONNREFUSED']); // 127.0.0.1 is opened, not the rest of 127/8
 });
 
-test('DNS: an allowed name goes to the resolver and its answer opens its address; refused names get NXDOMAIN here, whatever server was asked', async () => {
-  const dns = await resolver('127.0.0.5');
+test("DNS: an allowed name goes to the resolver and its answer opens its address (never the host's); refused names get NXDOMAIN here, whatever server was asked", async () => {
+  const dns = await resolver((name) => (name.startsWith('loop.') ? '127.0.0.5' : '192.0.2.5'));
   try {
     const r = await runGuarded(
       policyOf({ allow: [{ host: '*.svc.test' }], deny: [{ host: 'bad.svc.test' }], dns: `127.0.0.1:${dns.port}` }),
       [
-        { connect: '127.0.0.5' }, // before any answer: no rule opens it
+        { datagram: '192.0.2.5', port: 9 }, // before any answer: no rule opens it
         { ask: question('a.svc.test', 7).toString('hex'), server: '127.0.0.1', port: 53 },
-        { connect: '127.0.0.5' }, // learned for a.svc.test
-        { connect: '127.0.0.6' },
+        { datagram: '192.0.2.5', port: 9 }, // learned for a.svc.test
+        { datagram: '192.0.2.6', port: 9 },
         { ask: question('bad.svc.test', 8).toString('hex'), server: '192.0.2.53', port: 53 },
         { ask: question('elsewhere.test', 9).toString('hex'), server: '127.0.0.1', port: 53 },
         { ask: question('svc.test', 10).toString('hex'), server: '127.0.0.1', port: 53 }, // *. is below only
         { ask: question('v6.other.test', 11).toString('hex'), server: '::1', port: 53 }, // from an IPv6 socket
+        { ask: question('loop.svc.test', 12).toString('hex'), server: '127.0.0.1', port: 53 }, // answered: 127.0.0.5
+        { connect: '127.0.0.5' }, // ...which stays closed: the host itself
       ],
     );
-    expect(r.out).toEqual([
-      'error ECONNREFUSED',
-      { from: '127.0.0.1:53', rcode: 0, answers: 1, a: '127.0.0.5' },
-      'ok 127.0.0.5',
-      'error ECONNREFUSED',
+    expect(r.out[0]).toBe('error EACCES');
+    expect(r.out[2]).not.toBe('error EACCES');
+    expect([r.out[1], ...r.out.slice(3)]).toEqual([
+      { from: '127.0.0.1:53', rcode: 0, answers: 1, a: '192.0.2.5' },
+      'error EACCES',
       { from: '192.0.2.53:53', rcode: 3, answers: 0, a: null },
       { from: '127.0.0.1:53', rcode: 3, answers: 0, a: null },
       { from: '127.0.0.1:53', rcode: 3, answers: 0, a: null },
       { from: '::1:53', rcode: 3, answers: 0, a: null },
+      { from: '127.0.0.1:53', rcode: 0, answers: 1, a: '127.0.0.5' },
+      'error ECONNREFUSED',
     ]);
-    // Only the allowed question reached the resolver.
-    expect(dns.asked).toEqual(['a.svc.test']);
+    // Only the allowed questions reached the resolver.
+    expect(dns.asked).toEqual(['a.svc.test', 'loop.svc.test']);
     expect(r.log.filter((e) => e.kind === 'dns')).toEqual([
       expect.objectContaining({ host: 'a.svc.test', ok: true, rule: 'egress.allow[0]' }),
       expect.objectContaining({ host: 'bad.svc.test', ok: false, error: 'ENOTFOUND', rule: 'egress.deny[0]' }),
       expect.objectContaining({ host: 'elsewhere.test', ok: false, rule: 'default' }),
       expect.objectContaining({ host: 'svc.test', ok: false, rule: 'default' }),
       expect.objectContaining({ host: 'v6.other.test', ok: false, rule: 'default' }),
+      expect.objectContaining({ host: 'loop.svc.test', ok: true, rule: 'egress.allow[0]' }),
     ]);
-    expect(r.log.find((e) => e.kind === 'connect' && e.ok)).toMatchObject({ host: 'a.svc.test', address: '127.0.0.5' });
+    expect(r.log.find((e) => e.kind === 'connect')).toMatchObject({ address: '127.0.0.5', ok: false, rule: 'host' });
   } finally {
     dns.close();
   }

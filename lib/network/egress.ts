@@ -16,7 +16,7 @@
  * leaves it; relayed names keep their relays beside it.
  */
 import * as fs from 'node:fs';
-import { isIP } from 'node:net';
+import { BlockList, isIP } from 'node:net';
 import * as path from 'node:path';
 import type { EgressMode, EgressPolicy, EgressRule } from '../backends/types';
 import { MicrovmError } from '../errors';
@@ -153,9 +153,27 @@ export function needsGuard(p: EgressPolicy | undefined): boolean {
   return p.dns !== undefined || (p.deny ?? []).length > 0 || (p.allow ?? []).some((r) => !isRelayed(r));
 }
 
+/** QEMU's gateway, as the guest sees it, and where QEMU's user network takes it: the host itself. */
+const GATEWAY_ALIASES: readonly { gateway: string; family: 'ipv4' | 'ipv6'; host: string; network: number }[] = [
+  { gateway: '10.0.2.2', family: 'ipv4', host: '127.0.0.1/32', network: 24 },
+  { gateway: 'fec0::2', family: 'ipv6', host: '::1/128', network: 64 },
+];
+
+/** Whether the network `cidr` (a.b.c.d/n or v6/n) holds `ip`. */
+function cidrHolds(cidr: string, ip: string, family: 'ipv4' | 'ipv6'): boolean {
+  const [net, bits] = cidr.split('/');
+  if (isIP(net) !== (family === 'ipv4' ? 4 : 6)) return false;
+  const list = new BlockList();
+  list.addSubnet(net, Number(bits), family);
+  return list.check(ip, family);
+}
+
 /**
  * The egress filter's policy file (its format: native/net_guard.cc). `relayHosts: false` (libkrun,
- * which has no relays): exact names with a port are rules by DNS like the others.
+ * which has no relays): exact names with a port are rules by DNS like the others. On QEMU
+ * (`relayHosts`), a rule whose network holds QEMU's gateway (10.0.2.2, fec0::2) also holds the
+ * host's loopback address it stands for: `deny 10.0.2.2` means the host (an allow, only when it
+ * names QEMU's network or narrower).
  */
 export function guardPolicy(
   p: Exclude<EgressPolicy, string>,
@@ -179,7 +197,17 @@ export function guardPolicy(
           : (r.host as string).startsWith('*.')
             ? `suffix ${(r.host as string).slice(1)}`
             : `host ${r.host as string}`;
-      lines.push(`rule ${verdict} ${what} ${r.port ?? 0} ${r.protocol ?? 'any'} egress.${verdict}[${i}]`);
+      const tail = `${r.port ?? 0} ${r.protocol ?? 'any'} egress.${verdict}[${i}]`;
+      lines.push(`rule ${verdict} ${what} ${tail}`);
+      // A deny on any network holding the gateway denies the host; an allow opens it only when it
+      // names QEMU's network or narrower (an allow of 0.0.0.0/0 or 10.0.0.0/8 does not mean the host).
+      if (relayHosts && r.cidr !== undefined)
+        for (const a of GATEWAY_ALIASES)
+          if (
+            cidrHolds(r.cidr, a.gateway, a.family) &&
+            (verdict === 'deny' || Number(r.cidr.split('/')[1]) >= a.network)
+          )
+            lines.push(`rule ${verdict} cidr ${a.host} ${tail}`);
     });
   return `${lines.join('\n')}\n`;
 }

@@ -55,6 +55,22 @@ const fetchFromGuest = (host: string) =>
     expect((await closed.exec('nslookup localhost 10.0.2.3 >/dev/null 2>&1; echo $?')).stdout).not.toBe('0\n');
   }, 120_000);
 
+  test('the host is reachable under a policy only through a rule naming it (10.0.2.2): not under deny-only rules, not under an allow-all CIDR', async () => {
+    const denyOnly = await run('egress', base({ name: 'deny-only', egress: { deny: [{ cidr: '192.0.2.0/24' }] } }));
+    vms.push(denyOnly);
+    expect((await denyOnly.exec(fetchFromGuest('10.0.2.2'))).stdout).toMatch(/^ exit=[1-9]\d*\n$/);
+    const all = await run('egress', base({ name: 'all', egress: { allow: [{ cidr: '0.0.0.0/0' }] } }));
+    vms.push(all);
+    expect((await all.exec(fetchFromGuest('10.0.2.2'))).stdout).toMatch(/^ exit=[1-9]\d*\n$/);
+    const named = await run('egress', base({ name: 'named', egress: { allow: [{ cidr: '10.0.2.2', port }] } }));
+    vms.push(named);
+    expect((await named.exec(fetchFromGuest('10.0.2.2'))).stdout).toBe('host-secret exit=0\n');
+    const log = fs.readFileSync(path.join(denyOnly.dataDir, 'egress.log'), 'utf8');
+    expect(log).toMatch(
+      new RegExp(`"port":${port},"address":"127\\.0\\.0\\.1","ok":false,"error":"ECONNREFUSED","rule":"host"`),
+    );
+  }, 180_000);
+
   test.each([
     ['deny', 'deny' as const],
     ['an allow-list', { allow: [{ host: 'svc.test', port: 8080, address: '192.0.2.1' }] }],
@@ -176,7 +192,7 @@ describe("libkrun: the runner's egress filter decides what TSI does for the gues
     );
   });
 
-  test("rules: a name learned from DNS (through the policy's resolver) and a CIDR connect; the rest is refused", async () => {
+  test("rules: an allowed name is answered through the policy's resolver, but its answer (the host's loopback) opens nothing; a CIDR naming the address does; the rest is refused", async () => {
     const r = await onKrun(
       {
         allow: [{ host: '*.svc.test', port: ports['127.0.0.5'] }, { cidr: '127.0.0.6' }],
@@ -186,12 +202,12 @@ describe("libkrun: the runner's egress filter decides what TSI does for the gues
     );
     expect(r.console).toContain('dns a.svc.test rcode=0 answers=1 from=127.0.0.1:53\n');
     expect(r.console).toContain('dns x.other.test rcode=3 answers=0 from=127.0.0.1:53\n');
-    expect(r.console).toContain(`connect 127.0.0.5:${ports['127.0.0.5']}=0 0\n`);
+    // Under TSI, 127.0.0.5 is the host itself: a DNS answer never makes it reachable.
+    expect(r.console).toContain(`connect 127.0.0.5:${ports['127.0.0.5']}=-1 ${ECONNREFUSED}\n`);
     expect(r.console).toContain(`connect 127.0.0.6:${ports['127.0.0.6']}=0 0\n`);
     expect(r.console).toContain(`connect 127.0.0.7:${ports['127.0.0.7']}=-1 ${ECONNREFUSED}\n`);
-    expect(r.log).toMatch(
-      /"host":"a\.svc\.test","port":\d+,"address":"127\.0\.0\.5","ok":true,"rule":"egress\.allow\[0\]"/,
-    );
+    expect(r.log).toMatch(/"address":"127\.0\.0\.5","ok":false,"error":"ECONNREFUSED","rule":"host"/);
+    expect(r.log).toMatch(/"address":"127\.0\.0\.6","ok":true,"rule":"egress\.allow\[1\]"/);
   });
 
   test('without a policy the filter in the runner passes everything through', async () => {
