@@ -32,6 +32,8 @@ export const ERROR_CODES = {
   ERR_MICROVM_KVM_UNAVAILABLE: "`accel: 'kvm'` on a host without a usable hardware `/dev/kvm`",
   ERR_MICROVM_INVALID_ACCEL: 'a bad `accel` option or `MICROVM_ACCEL` value',
   ERR_MICROVM_IMAGE_NOT_FOUND: 'the image, tag or layout does not exist',
+  ERR_MICROVM_IMAGE_INPUT:
+    'an image input (an archive, a layout file) is not a regular file (a FIFO, a device, a directory) or cannot be read',
   ERR_MICROVM_IMAGE_NOT_CACHED: "`pull: 'never'` and the image is not in the cache",
   ERR_MICROVM_IMAGE_DIGEST: 'downloaded or stored content does not match its digest',
   ERR_MICROVM_IMAGE_PLATFORM: 'the image has no manifest for this platform',

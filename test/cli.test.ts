@@ -573,6 +573,29 @@ describe('usage', () => {
     expect(JSON.parse(cli(['images', '--json', '--data-dir', s.dir]).stdout)).toEqual([]);
   });
 
+  test('a detached VM ends when its command ends, with no host process watching: ps says exited (N), --rm removes it, no QEMU left', async () => {
+    const kept = cli([...qemuRunArgs(layout, s.dir), '--name', 'kept', '-d', '--', '/bin/sh', '-c', 'sleep 1; exit 3']);
+    const gone = cli([...qemuRunArgs(layout, s.dir), '--name', 'gone', '-d', '--rm', '--', '/bin/sh', '-c', 'exit 4']);
+    expect([kept.code, gone.code]).toEqual([0, 0]);
+    const qemus = (): string[] =>
+      fs.readdirSync('/proc').filter((p) => {
+        try {
+          return /^\d+$/.test(p) && fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(path.join(s.dir, 'vms'));
+        } catch {
+          return false;
+        }
+      });
+    for (let i = 0; i < 200 && qemus().length > 0; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(qemus()).toEqual([]);
+    const ps = JSON.parse(cli(['ps', '-a', '--json', '--data-dir', s.dir]).stdout) as {
+      name: string;
+      exitCode: number | null;
+    }[];
+    expect(ps).toEqual([expect.objectContaining({ name: 'kept', running: false, exitCode: 3 })]);
+    expect(cli(['ps', '-a', '--data-dir', s.dir]).stdout.split('\n')[1]).toMatch(/^kept\s+exited \(3\)\s+qemu\s/);
+    expect(fs.readdirSync(path.join(s.dir, 'vms'))).toEqual(['kept']);
+  });
+
   test('run --detach --ssh whose guest never serves SSH (it ends): a coded error with its stderr, exit 1, nothing left', () => {
     const r = cli([
       ...qemuRunArgs(layout, s.dir),

@@ -24,7 +24,7 @@ import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
 import { IDLE_COMMAND } from '../backends/guest-init';
 import { libkrunBackend } from '../backends/libkrun';
-import { netGuardPath, qemuBackend, resolveQemuRuntime } from '../backends/qemu';
+import { netGuardPath, qemuBackend, readExitPort, resolveQemuRuntime } from '../backends/qemu';
 import { parseEgress } from '../network/egress';
 import { readAppended } from '../file-tail';
 import {
@@ -319,6 +319,22 @@ function spansJson(spans: readonly CollectedSpan[]): unknown[] {
     attributes: s.attributes,
     events: s.events.map((e) => ({ name: e.name, attributes: e.attributes })),
   }));
+}
+
+/** The exit code a VM's guest reported (QEMU backend: its exit port's file), or null. */
+function reportedExit(dir: string): number | null {
+  try {
+    const fd = fs.openSync(path.join(dir, 'exit-status'), 'r');
+    try {
+      const buf = Buffer.alloc(4096); // what readExitPort reads of it (the guest wrote it: hostile)
+      const n = fs.readSync(fd, buf, 0, buf.length, 0);
+      return readExitPort(buf.subarray(0, n).toString('utf8')).code ?? null;
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch {
+    return null;
+  }
 }
 
 function vmDir(dataDir: string, name: string): string {
@@ -880,8 +896,18 @@ export async function main(argv: string[]): Promise<number> {
         if (positional.length !== 1) throw new UsageError('pull takes one IMAGE');
         const tty = process.stderr.isTTY && !json;
         const doneLayers = new Set<number>();
+        // Ctrl-C / SIGTERM: the pull stops (nothing half-stored) and we exit 128+N.
+        const ac = new AbortController();
+        let interrupted: NodeJS.Signals | undefined;
+        const onSignal = (sig: NodeJS.Signals): void => {
+          interrupted ??= sig;
+          ac.abort();
+        };
+        const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+        for (const sig of signals) process.on(sig, onSignal);
         const r = await pull(positional[0], {
           cacheDir,
+          signal: ac.signal,
           onProgress: (p) => {
             const pct = p.total > 0 ? Math.min(100, Math.floor((p.bytes / p.total) * 100)) : 0;
             const bar = `${'#'.repeat(Math.floor(pct / 5)).padEnd(20, '.')}`;
@@ -893,7 +919,17 @@ export async function main(argv: string[]): Promise<number> {
               );
             }
           },
-        });
+        })
+          .catch((err: unknown) => {
+            if (!interrupted) throw err;
+            if (tty) process.stderr.write('\n');
+            process.stderr.write(`microvm: pull interrupted by ${interrupted}; nothing was stored\n`);
+            return undefined;
+          })
+          .finally(() => {
+            for (const sig of signals) process.removeListener(sig, onSignal);
+          });
+        if (!r) return 128 + signalNumber(interrupted as NodeJS.Signals);
         if (tty) process.stderr.write('\n');
         out(
           {
@@ -958,17 +994,22 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'ps': {
         if (positional.length) throw new UsageError('ps takes no arguments');
+        // A detached --rm VM that ended by itself (nobody watched it) goes now, as run() would.
+        await sweepVms(dataDir);
         const rows = vmNames(dataDir)
           .map((name) => {
-            const st = readState(path.join(dataDir, 'vms', name));
+            const dir = path.join(dataDir, 'vms', name);
+            const st = readState(dir);
+            const running = st ? isRecordedProcess(st) : false;
             return {
               name,
-              running: st ? isRecordedProcess(st) : false,
+              running,
               backend: st?.backend ?? null,
               pid: st?.pid ?? null,
               image: st?.image ?? null,
               ports: st?.ports ?? [],
               createdAt: st?.createdAt ?? null,
+              exitCode: running ? null : reportedExit(dir),
             };
           })
           .filter((r) => values.all || r.running);
@@ -985,7 +1026,7 @@ export async function main(argv: string[]): Promise<number> {
             ['NAME', 'STATUS', 'BACKEND', 'PID', 'PORTS', 'IMAGE'],
             rows.map((r) => [
               r.name,
-              r.running ? 'running' : 'stopped',
+              r.running ? 'running' : r.exitCode !== null ? `exited (${r.exitCode})` : 'stopped',
               r.backend ?? '',
               r.running ? String(r.pid) : '',
               r.ports.map((p) => `${p.host}->${p.guest}`).join(','),

@@ -130,7 +130,7 @@ async function resolveSource(
       'tmp',
       `a-${process.pid}-${randomBytes(4).toString('hex')}`,
     );
-    return resolveArchive(ref.kind, ref.path, ref.tag, platform, scratchDir);
+    return resolveArchive(ref.kind, ref.path, ref.tag, platform, scratchDir, options.signal);
   }
   const { resolveRegistryImage } = await import('./registry');
   return resolveRegistryImage(ref, platform, {

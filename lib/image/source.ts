@@ -70,6 +70,54 @@ export function verifying(input: Readable, d: Descriptor, what: string): Readabl
   return markVerifying(input.pipe(t));
 }
 
+/** What kind of file `st` is, in words, for a refusal. */
+function fileKind(st: fs.Stats): string {
+  if (st.isFIFO()) return 'a FIFO';
+  if (st.isCharacterDevice() || st.isBlockDevice()) return 'a device';
+  if (st.isDirectory()) return 'a directory';
+  if (st.isSocket()) return 'a socket';
+  return 'not a regular file';
+}
+
+/**
+ * Opens an image input (an archive, a layout's index or blob) for reading only if it is a regular
+ * file, checked on the open descriptor: a FIFO, a device (`/dev/zero`) or a directory could be read
+ * forever or block, so it is refused up front (ERR_MICROVM_IMAGE_INPUT). The open never blocks
+ * (O_NONBLOCK, which reads of a regular file ignore).
+ */
+export function openImageInput(file: string, what: string): number {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    throw new MicrovmError(
+      code === 'ENOENT' ? 'ERR_MICROVM_IMAGE_NOT_FOUND' : 'ERR_MICROVM_IMAGE_INPUT',
+      `${what} ${file} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code ?? (err as Error).message})`}`,
+      { cause: err },
+    );
+  }
+  const st = fs.fstatSync(fd);
+  if (!st.isFile()) {
+    fs.closeSync(fd);
+    throw new MicrovmError(
+      'ERR_MICROVM_IMAGE_INPUT',
+      `${what} ${file} is ${fileKind(st)}, not a regular file: refused (it could be read forever or block)`,
+    );
+  }
+  return fd;
+}
+
+/** A whole small image input (index, manifest, config), read through {@link openImageInput}. */
+function readImageInput(file: string, what: string): Buffer {
+  const fd = openImageInput(file, what);
+  try {
+    return fs.readFileSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 function blobPath(layout: string, digest: string): string {
   const m = /^(sha256|sha512):([a-f0-9]+)$/.exec(digest);
   if (!m) throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `bad digest ${JSON.stringify(digest)}`);
@@ -80,9 +128,14 @@ function readBlob(layout: string, d: Descriptor, what: string, max = 4 * 1024 * 
   let data: Buffer;
   try {
     const p = blobPath(layout, d.digest);
-    if (fs.statSync(p).size > max)
-      throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} is larger than ${max} bytes`);
-    data = fs.readFileSync(p);
+    const fd = openImageInput(p, what);
+    try {
+      if (fs.fstatSync(fd).size > max)
+        throw new MicrovmError('ERR_MICROVM_IMAGE_MANIFEST', `${what} is larger than ${max} bytes`);
+      data = fs.readFileSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
   } catch (err) {
     if (String((err as MicrovmError).code).startsWith('ERR_')) throw err;
     throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${what} (${d.digest}) is missing from the layout`, {
@@ -98,9 +151,10 @@ export function resolveOciLayout(layout: string, tag: string | undefined, platfo
   const where = `OCI layout ${layout}`;
   let index: ImageIndex;
   try {
-    index = parseJson<ImageIndex>(fs.readFileSync(path.join(layout, 'index.json')), `${where} index.json`);
+    index = parseJson<ImageIndex>(readImageInput(path.join(layout, 'index.json'), where), `${where} index.json`);
   } catch (err) {
-    if ((err as MicrovmError).code === 'ERR_MICROVM_IMAGE_MANIFEST') throw err;
+    const code = (err as MicrovmError).code;
+    if (code === 'ERR_MICROVM_IMAGE_MANIFEST' || code === 'ERR_MICROVM_IMAGE_INPUT') throw err;
     throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where} has no readable index.json`, { cause: err });
   }
   if (!Array.isArray(index.manifests))
@@ -135,7 +189,8 @@ export function resolveOciLayout(layout: string, tag: string | undefined, platfo
       const p = blobPath(layout, d.digest);
       if (!fs.existsSync(p))
         throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${where}: layer ${d.digest} is missing`);
-      return verifying(fs.createReadStream(p, { highWaterMark: 1 << 20 }), d, `layer ${d.digest}`);
+      const fd = openImageInput(p, `${where}: layer`);
+      return verifying(fs.createReadStream('', { fd, highWaterMark: 1 << 20 }), d, `layer ${d.digest}`);
     },
   };
 }
@@ -182,16 +237,29 @@ export async function resolveArchive(
   tag: string | undefined,
   platform: Platform,
   scratchDir: string,
+  signal?: AbortSignal,
 ): Promise<ResolvedImage> {
   const { applyLayer } = await import('./extract');
-  if (!fs.existsSync(file)) throw new MicrovmError('ERR_MICROVM_IMAGE_NOT_FOUND', `${kind} ${file} does not exist`);
+  const fd = openImageInput(file, kind);
   fs.mkdirSync(scratchDir, { recursive: true, mode: 0o700 });
   const close = (): void => fs.rmSync(scratchDir, { recursive: true, force: true });
   try {
-    await applyLayer(scratchDir, fs.createReadStream(file, { highWaterMark: 1 << 20 }), {
-      state: { bytes: 0, entries: 0, warnings: [] },
-      privileged: false,
-    });
+    try {
+      await applyLayer(scratchDir, fs.createReadStream('', { fd, highWaterMark: 1 << 20 }), {
+        state: { bytes: 0, entries: 0, warnings: [] },
+        privileged: false,
+        signal,
+      });
+    } catch (err) {
+      // Name the user's archive, not the scratch directory it was unpacked into.
+      const e = err as Error;
+      if (e.name === 'AbortError') throw err;
+      if (err instanceof MicrovmError)
+        throw new MicrovmError(err.code, `${kind} ${file}: ${e.message.split(scratchDir).join('<archive>')}`, {
+          cause: err,
+        });
+      throw err;
+    }
     confineSymlinks(scratchDir, `${kind} ${file}`);
     if (kind === 'oci-archive') return { ...resolveOciLayout(scratchDir, tag, platform), close };
     const where = `docker-archive ${file}`;

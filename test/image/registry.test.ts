@@ -13,6 +13,7 @@ import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '
 import { gcImages, listImages, pull } from '../../lib';
 import { redactedUrl } from '../../lib/image/http';
 import { realmRefusal } from '../../lib/image/registry';
+import { packageRoot } from '../../lib/native';
 import { layoutSkipReason, scratch } from '../helpers';
 import { freePort } from '../ssh/servers';
 
@@ -432,6 +433,47 @@ const tree = (dir: string): string =>
         expect(listImages(cacheDir)).toEqual([]);
       },
     );
+
+    test('microvm pull interrupted (SIGINT, SIGTERM) while a blob drips: it stops at once, exits 128+N, nothing is stored', async () => {
+      const timers: NodeJS.Timeout[] = [];
+      fault = (req, res) => {
+        if (!String(req.url).includes('/blobs/') || req.method !== 'GET') return false;
+        res.writeHead(200, { 'content-type': 'application/octet-stream' });
+        timers.push(setInterval(() => res.write(Buffer.alloc(1)), 100));
+        return true;
+      };
+      try {
+        for (const [sig, code] of [
+          ['SIGINT', 130],
+          ['SIGTERM', 143],
+        ] as const) {
+          const data = path.join(s.dir, `interrupted-${sig}`);
+          const child = spawn(process.execPath, [
+            path.join(packageRoot, 'bin', 'microvm.js'),
+            'pull',
+            ref(),
+            '--data-dir',
+            data,
+          ]);
+          let stderr = '';
+          child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+          // Once it is fetching the blob: the drip has begun.
+          while (!timers.length) await new Promise((r) => setTimeout(r, 20));
+          const t0 = Date.now();
+          child.kill(sig);
+          const status = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+          expect({ status, stderr: stderr.slice(-200) }).toEqual({
+            status: code,
+            stderr: expect.stringContaining(`pull interrupted by ${sig}; nothing was stored`),
+          });
+          expect(Date.now() - t0).toBeLessThan(10_000);
+          expect(listImages(path.join(data, 'cache'))).toEqual([]);
+          for (const t of timers.splice(0)) clearInterval(t);
+        }
+      } finally {
+        for (const t of timers) clearInterval(t);
+      }
+    });
 
     test('a manifest announced as 2 GB is refused by its size, before reading it', async () => {
       fault = (req, res) => {

@@ -451,6 +451,9 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       'rw',
       `init=${GUEST_INIT_PATH}`,
       'panic=-1',
+      // The init ends the VM after it reported the command's exit (a restart, which -no-reboot
+      // turns into QEMU's exit): by a triple fault at once, not the slower methods that need ACPI.
+      'reboot=t',
       'quiet',
       'loglevel=3',
     ];
@@ -657,6 +660,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     const exited: Promise<VmExit> = processExit.then((status) => {
       running = false;
       qmp?.close();
+      // The guest ends the VM itself once it reported its exit: read the report QEMU wrote last.
+      readPort();
       if (guestCode !== undefined) return { reason: 'exited', exitCode: guestCode, signal: null };
       if (failure) return { reason: 'failed', exitCode: null, signal: status.signal, error: failure };
       if (sent) return { reason: 'stopped', exitCode: null, signal: sent };
