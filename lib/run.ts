@@ -972,6 +972,8 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
         : undefined;
     for (const fn of undo.reverse()) await fn().catch(() => undefined);
     if (record && err instanceof Error) {
+      // The VM's directory is gone: its logs the message names are in the record now.
+      if (!fs.existsSync(vmDir)) err.message = err.message.split(`${vmDir}${path.sep}`).join(`${record}${path.sep}`);
       err.message += `\nFlight record (spans, logs): ${record}`;
       Object.assign(err, { flightRecord: record });
     }

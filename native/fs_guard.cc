@@ -11,7 +11,14 @@
 //     removed, and set-group-ID too except on directories (where it only makes new entries inherit
 //     the group, which grants nothing);
 //   - mknod/mknodat of a block or character device fails with EPERM (FIFOs and sockets are fine);
-//   - setxattr/lsetxattr/fsetxattr of security.capability (file capabilities) fails with EPERM.
+//   - setxattr/lsetxattr/fsetxattr of security.capability (file capabilities) fails with EPERM;
+//   - mkfifo/mkfifoat (glibc does not route them through the exported mknodat): set-ID bits removed.
+// And one thing for a caller who is not root: in the user namespace the QEMU backend runs virtiofsd
+// in (`unshare -r`), the kernel denies setgroups() (an unprivileged gid map requires it), and
+// virtiofsd refuses to start when it cannot drop its supplementary groups. There, getgroups()
+// reports none and setgroups(0, NULL) succeeds without changing anything: the groups stay the
+// caller's own (host gids the namespace does not map), which grant the guest nothing the calling
+// user's files do not already give it through the share.
 // A guest therefore sees EPERM for device nodes and loses set-ID bits it sets (documented in
 // docs/security.md). Files the image already carries keep their bits: they are the image's, and the
 // image cache and VM directories are 0700 so no other host user reaches them.
@@ -53,6 +60,10 @@ using mknodat_t = int (*)(int, const char*, mode_t, dev_t);
 using mknod_t = int (*)(const char*, mode_t, dev_t);
 using setxattr_t = int (*)(const char*, const char*, const void*, size_t, int);
 using fsetxattr_t = int (*)(int, const char*, const void*, size_t, int);
+using mkfifo_t = int (*)(const char*, mode_t);
+using mkfifoat_t = int (*)(int, const char*, mode_t);
+using getgroups_t = int (*)(int, gid_t*);
+using setgroups_t = int (*)(size_t, const gid_t*);
 
 struct Real {
   chmod_t chmod_;
@@ -65,7 +76,14 @@ struct Real {
   mknod_t mknod_;
   setxattr_t setxattr_, lsetxattr_;
   fsetxattr_t fsetxattr_;
+  mkfifo_t mkfifo_;
+  mkfifoat_t mkfifoat_;
+  getgroups_t getgroups_;
+  setgroups_t setgroups_;
 };
+
+// Whether this process is in a user namespace whose setgroups() the kernel denies.
+bool groups_locked = false;
 
 Real real;
 void open_log();
@@ -90,7 +108,21 @@ __attribute__((constructor)) void resolve() {
   real.setxattr_ = next<setxattr_t>("setxattr");
   real.lsetxattr_ = next<setxattr_t>("lsetxattr");
   real.fsetxattr_ = next<fsetxattr_t>("fsetxattr");
+  real.mkfifo_ = next<mkfifo_t>("mkfifo");
+  real.mkfifoat_ = next<mkfifoat_t>("mkfifoat");
+  real.getgroups_ = next<getgroups_t>("getgroups");
+  real.setgroups_ = next<setgroups_t>("setgroups");
   open_log();
+  // Read once, before virtiofsd sandboxes itself (later /proc may be another namespace's).
+  if (real.open_) {
+    int fd = real.open_("/proc/self/setgroups", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      char buf[16] = {0};
+      ssize_t n = read(fd, buf, sizeof buf - 1);
+      groups_locked = n >= 4 && strncmp(buf, "deny", 4) == 0;
+      close(fd);
+    }
+  }
 }
 
 // Log for tests, opened once here: virtiofsd later pivots into the shared directory, where the
@@ -249,4 +281,26 @@ GUARD_EXPORT int fsetxattr(int fd, const char* name, const void* value, size_t s
   resolve();
   if (is_capability(name)) return refuse("xattr", "(fd)", 0);
   return real.fsetxattr_(fd, name, value, size, flags);
+}
+
+GUARD_EXPORT int mkfifo(const char* path, mode_t mode) {
+  resolve();
+  return real.mkfifo_(path, safe_mode(mode, false, path));
+}
+
+GUARD_EXPORT int mkfifoat(int dirfd, const char* path, mode_t mode) {
+  resolve();
+  return real.mkfifoat_(dirfd, path, safe_mode(mode, false, path));
+}
+
+GUARD_EXPORT int getgroups(int size, gid_t list[]) {
+  resolve();
+  if (groups_locked) return 0;  // see the header: nothing this process could drop
+  return real.getgroups_(size, list);
+}
+
+GUARD_EXPORT int setgroups(size_t size, const gid_t* list) {
+  resolve();
+  if (groups_locked && size == 0) return 0;
+  return real.setgroups_(size, list);
 }

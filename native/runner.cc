@@ -2,12 +2,18 @@
 //
 //   microvm-runner (--plan PATH | --plan-fd N) [--ready-fd N] [--die-with-parent]
 //   microvm-runner --relay-connect SOCKET RULE
+//   microvm-runner --listen-unix PATH -- PROGRAM ARGS...
 //
 // The second form is the QEMU backend's per-connection helper for egress allow-lists: QEMU starts
 // it for each guest connection to an allowed name (guestfwd=...-cmd:), with that connection as
 // its stdin and stdout. It connects to the VM's one relay (lib/network/relay.ts, listening on
 // SOCKET), says which rule it serves ("RULE\n"), and copies bytes both ways until both sides are
 // done. It decides nothing: the relay connects upstream (or refuses) and logs.
+//
+// The third form starts the QEMU backend's virtiofsd on a socket made beforehand: it creates the
+// listening unix socket PATH (0600), puts it on fd 3 and execs PROGRAM (virtiofsd --fd=3 ...).
+// Given its socket, virtiofsd writes no pid file under /run (which a caller who is not root cannot
+// write) and the socket exists before virtiofsd has started, so QEMU can connect at once.
 //
 // It reads a launch plan (JSON, see plan.h), preloads libkrunfw from the plan's firmwarePath,
 // dlopens libkrun from the plan's libkrunPath, creates a context, applies the plan with the same
@@ -30,6 +36,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -212,8 +219,33 @@ int RelayConnect(const char* socket_path, const char* rule) {
 
 }  // namespace
 
+// --listen-unix PATH -- PROGRAM ARGS...: see the header. Returns only on failure.
+int ListenExec(const char* socket_path, char** program) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (std::strlen(socket_path) >= sizeof addr.sun_path) {
+    std::fprintf(stderr, "microvm-runner: socket path too long: %s\n", socket_path);
+    return kExitUsage;
+  }
+  std::memcpy(addr.sun_path, socket_path, std::strlen(socket_path) + 1);
+  int s = socket(AF_UNIX, SOCK_STREAM, 0);
+  mode_t old_mask = umask(0177);
+  bool ok = s >= 0 && bind(s, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 && listen(s, 16) == 0;
+  umask(old_mask);
+  if (!ok || (s != 3 && dup2(s, 3) != 3)) {
+    std::fprintf(stderr, "microvm-runner: cannot listen on %s: %s\n", socket_path, std::strerror(errno));
+    return 1;
+  }
+  if (s != 3) close(s);
+  execv(program[0], program);
+  std::fprintf(stderr, "microvm-runner: cannot run %s: %s\n", program[0], std::strerror(errno));
+  return 1;
+}
+
 int main(int argc, char** argv) {
   if (argc == 4 && std::strcmp(argv[1], "--relay-connect") == 0) return RelayConnect(argv[2], argv[3]);
+  if (argc >= 5 && std::strcmp(argv[1], "--listen-unix") == 0 && std::strcmp(argv[3], "--") == 0)
+    return ListenExec(argv[2], argv + 4);
   std::string plan_path;
   int plan_fd = -1;
   int ready_fd = -1;

@@ -153,6 +153,7 @@ describe('usage', () => {
       'qemu',
       'egress-filter',
       'user-namespaces',
+      'file-server',
       'disk-space',
     ]);
     expect(j).toMatchObject({ backend: 'qemu', accel: { accel: 'tcg' }, kvm: { kind: 'pvm' } });

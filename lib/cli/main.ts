@@ -24,7 +24,7 @@ import { parsePullPolicy, pull, type PullPolicy } from '../image/pull';
 import { diskSpaceCheck, kvmCheck, type PreflightCheck, probeCheck, userNamespacesCheck } from '../preflight/checks';
 import { IDLE_COMMAND } from '../backends/guest-init';
 import { libkrunBackend } from '../backends/libkrun';
-import { netGuardPath, qemuBackend, readExitPort, resolveQemuRuntime } from '../backends/qemu';
+import { checkFileServer, netGuardPath, qemuBackend, readExitPort, resolveQemuRuntime } from '../backends/qemu';
 import { parseEgress } from '../network/egress';
 import { readAppended } from '../file-tail';
 import {
@@ -749,6 +749,15 @@ async function cmdDoctor(dataDir: string, out: (o: unknown, text: string) => voi
       required: false,
     },
     userNamespacesCheck(),
+    // What a boot needs of virtiofsd on this host, as this user (setgroups, /run, its sandbox).
+    probeCheck(
+      'file-server',
+      "virtiofsd serves a VM's files as this user (backend qemu)",
+      process.getuid?.() === 0
+        ? 'apt-get install qemu-system-x86'
+        : 'enable unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu also kernel.apparmor_restrict_unprivileged_userns=0), or run as root',
+      () => checkFileServer(),
+    ),
     diskSpaceCheck(fs.existsSync(dataDir) ? dataDir : path.dirname(dataDir)),
   ];
   const results = [];

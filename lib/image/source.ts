@@ -93,7 +93,7 @@ export function openImageInput(file: string, what: string): number {
     const code = (err as NodeJS.ErrnoException).code;
     throw new MicrovmError(
       code === 'ENOENT' ? 'ERR_MICROVM_IMAGE_NOT_FOUND' : 'ERR_MICROVM_IMAGE_INPUT',
-      `${what} ${file} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code ?? (err as Error).message})`}`,
+      `${what}: ${file} ${code === 'ENOENT' ? 'does not exist' : `cannot be read (${code ?? (err as Error).message})`}`,
       { cause: err },
     );
   }
@@ -102,7 +102,7 @@ export function openImageInput(file: string, what: string): number {
     fs.closeSync(fd);
     throw new MicrovmError(
       'ERR_MICROVM_IMAGE_INPUT',
-      `${what} ${file} is ${fileKind(st)}, not a regular file: refused (it could be read forever or block)`,
+      `${what}: ${file} is ${fileKind(st)}, not a regular file: refused (it could be read forever or block)`,
     );
   }
   return fd;

@@ -188,6 +188,60 @@ export function resolveQemuRuntime(options: QemuBackendOptions = {}, dataRoot?: 
   return { qemuPath, virtiofsdPath, guestInit: guestInitPath(), fsGuard: fsGuardPath(), ...decision };
 }
 
+/**
+ * Starts the file server the way a boot does — virtiofsd with the guard preloaded, on a socket made
+ * beforehand, in the namespaces the launcher uses (a user namespace when this process is not root)
+ * — on an empty directory, and resolves once it waits for QEMU; rejects with its own last line when
+ * it exits first, or after `timeoutMs`. What `microvm doctor` runs as the `file-server` check.
+ */
+export async function checkFileServer(timeoutMs = 5000): Promise<void> {
+  const rt = resolveQemuRuntime({ accel: 'tcg' });
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-fscheck-'));
+  const root = process.getuid?.() === 0;
+  try {
+    fs.mkdirSync(path.join(dir, 'share'));
+    const child = spawn(
+      'unshare',
+      [
+        ...(root ? ['-m'] : ['-U', '-r', '-m']),
+        '--propagation',
+        'private',
+        '--',
+        resolveRunner(),
+        '--listen-unix',
+        path.join(dir, 'fs.sock'),
+        '--',
+        rt.virtiofsdPath,
+        '--fd=3',
+        '-o',
+        `source=${path.join(dir, 'share')}`,
+      ],
+      { stdio: ['ignore', 'ignore', 'pipe'], env: { PATH: process.env.PATH, LD_PRELOAD: rt.fsGuard } },
+    );
+    let err = '';
+    const outcome = await new Promise<string | undefined>((resolve) => {
+      const timer = setTimeout(() => resolve(`it did not start within ${timeoutMs} ms`), timeoutMs);
+      child.stderr.on('data', (d: Buffer) => {
+        err = (err + d.toString()).slice(-4000);
+        if (err.includes('Waiting for vhost-user socket connection')) {
+          clearTimeout(timer);
+          resolve(undefined);
+        }
+      });
+      child.once('exit', (code, signal) => {
+        clearTimeout(timer);
+        const last = err.trim().split('\n').pop() ?? '';
+        resolve(`it exited (${signal ?? `code ${String(code)}`})${last ? `: ${last}` : ''}`);
+      });
+    });
+    child.kill('SIGKILL');
+    if (outcome)
+      throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', `virtiofsd cannot serve a VM's files here: ${outcome}`);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 /** The data root of a VM directory (`<dataRoot>/vms/<name>`). */
 function dataRootOf(vmDir: string): string {
   return path.join(vmDir, '..', '..');
@@ -247,7 +301,9 @@ fi
 # virtiofsd applies the guest's modes and mknod as they come; the preloaded guard strips set-ID
 # bits and refuses device nodes and file capabilities (native/fs_guard.cc). Not a shell function:
 # the background job must exec setpriv, so virtiofsd's parent is QEMU and dies with it.
-LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$MVM_FS_SOCK" -o source="$MVM_ROOT" -o cache=always &
+# Each virtiofsd gets its socket made beforehand (microvm-runner --listen-unix: fd 3), so it writes
+# no pid file under /run, which a caller who is not root could not.
+LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_RUNNER" --listen-unix "$MVM_FS_SOCK" -- "$MVM_VIRTIOFSD" --fd=3 -o source="$MVM_ROOT" -o cache=always &
 pids=$!
 # Extra shares: MVM_SHARE_<n>_{SRC,SOCK,RO,MNT}. Read-only ones are served from a read-only bind
 # mount in this namespace (kernel-enforced; this virtiofsd has no read-only option).
@@ -259,7 +315,7 @@ while [ "$n" -lt "\${MVM_SHARES:-0}" ]; do
     mount -o remount,bind,ro "$mnt"
     src=$mnt
   fi
-  LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_VIRTIOFSD" --socket-path="$sock" -o source="$src" -o cache=auto &
+  LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_RUNNER" --listen-unix "$sock" -- "$MVM_VIRTIOFSD" --fd=3 -o source="$src" -o cache=auto &
   pids="$pids $!"
   n=$((n + 1))
 done
@@ -567,6 +623,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       MVM_ROOT: input.rootfs.rootPath,
       MVM_FS_SOCK: fsSock,
       MVM_VIRTIOFSD: rt.virtiofsdPath,
+      MVM_RUNNER: resolveRunner(),
       MVM_FSGUARD: rt.fsGuard,
     };
     if (guard) {
