@@ -69,7 +69,7 @@ test('an OCI layout whose index.json or layer blob is a FIFO or a device is refu
       manifests: [{ mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: manifest, size: 1 }],
     }),
   );
-  await refuse(`oci:${layout}`, /layer .* is a device, not a regular file/);
+  await refuse(`oci:${layout}`, /layer.* is a device, not a regular file/);
 });
 
 test("an archive that is not one: the error names the user's file, not the scratch directory", async () => {
