@@ -28,7 +28,9 @@ export const ERROR_CODES = {
     'a `waitFor` condition (log line, TCP port, HTTP status) did not hold within its `timeoutMs`',
   ERR_MICROVM_VM_EXITED: 'the VM ended while `run()` still waited for it (readiness, post-boot hooks)',
   ERR_MICROVM_UNSAFE_PATH:
-    "a path that goes into another program's option string (`dataDir`, `rootfsPath`, a share's `hostPath`) contains `,` (or `:`/white space where those separate too)",
+    "a path that goes into another program's option string (`dataDir`, `rootfsPath`, a share's `hostPath`) contains `,` (or `:`/white space where those separate too), or a share's `guestPath` has `.`, `..`, empty components or control characters",
+  ERR_MICROVM_SHARE_SOURCE:
+    "a share's `hostPath` does not exist or is not a directory (checked before anything starts)",
   ERR_MICROVM_KVM_UNAVAILABLE: "`accel: 'kvm'` on a host without a usable hardware `/dev/kvm`",
   ERR_MICROVM_INVALID_ACCEL: 'a bad `accel` option or `MICROVM_ACCEL` value',
   ERR_MICROVM_IMAGE_NOT_FOUND: 'the image, tag or layout does not exist',

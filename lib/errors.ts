@@ -82,3 +82,31 @@ export async function awaitNative<T>(promise: Promise<T>): Promise<T> {
     throw fromNativeError(err);
   }
 }
+
+const NO_SPACE_CODES = new Set(['ENOSPC', 'EDQUOT', 'EFBIG']);
+
+/** The errno code of `err` or of an error in its `cause` chain, if it says the disk is full. */
+function noSpaceCode(err: unknown): string | undefined {
+  for (
+    let e = err as { code?: unknown; cause?: unknown } | undefined, depth = 0;
+    e && depth < 5;
+    e = e.cause as typeof e, depth++
+  ) {
+    if (typeof e.code === 'string' && NO_SPACE_CODES.has(e.code)) return e.code;
+  }
+  return undefined;
+}
+
+/**
+ * `err` as ERR_MICROVM_NO_SPACE when it (or its cause) is ENOSPC, EDQUOT or EFBIG: `what` says
+ * which write failed; the original is the cause. Anything else is returned unchanged.
+ */
+export function asNoSpace(err: unknown, what: string): unknown {
+  const code = noSpaceCode(err);
+  if (!code || (err as { code?: unknown }).code === 'ERR_MICROVM_NO_SPACE') return err;
+  return new MicrovmError(
+    'ERR_MICROVM_NO_SPACE',
+    `${what}: the disk is full or over quota (${code}): free space or use another --data-dir / dataDir`,
+    { cause: err },
+  );
+}

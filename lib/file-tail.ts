@@ -46,3 +46,34 @@ export function readAppended(file: string, offset: number, sink: (buf: Buffer) =
     fs.closeSync(fd);
   }
 }
+
+/**
+ * Copies what was appended to `file` since `offset` to `out`, in pieces of at most `chunk` bytes,
+ * waiting for `out` to drain whenever it asks to: constant memory whatever the file's size (a log
+ * can be gigabytes). Resolves with the new offset; a file not there yet is no error.
+ */
+export async function copyAppended(
+  file: string,
+  offset: number,
+  out: NodeJS.WritableStream,
+  chunk = 1 << 20,
+): Promise<number> {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch {
+    return offset;
+  }
+  try {
+    const buf = Buffer.alloc(chunk);
+    for (;;) {
+      const n = fs.readSync(fd, buf, 0, buf.length, offset);
+      if (n === 0) return offset;
+      offset += n;
+      // A copy: `out` may hold the piece until it is written.
+      if (!out.write(Buffer.from(buf.subarray(0, n)))) await new Promise((r) => out.once('drain', r));
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}

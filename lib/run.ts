@@ -31,7 +31,7 @@ import {
 import { libkrunBackend } from './backends/libkrun';
 import { netGuardPath, qemuBackend, resolveQemuRuntime } from './backends/qemu';
 import type { Backend, BackendHandle, EgressPolicy, ImageRuntimeConfig } from './backends/types';
-import { MicrovmError } from './errors';
+import { asNoSpace, MicrovmError } from './errors';
 import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
 import { RecordingTracer, writeFlightRecord } from './telemetry/recorder';
 import { readTail } from './file-tail';
@@ -169,6 +169,12 @@ export interface RunOptions {
    */
   outputTimes?: boolean;
   /**
+   * The most each of the VM's console, stdout and stderr files keeps, in bytes (64 MiB; QEMU
+   * backend). Beyond it a marker line ends the file and the rest is discarded, enforced on the host
+   * whatever the guest does; `vm.outputStatus()` says what was cut, and what a full disk lost.
+   */
+  logMaxBytes?: number;
+  /**
    * SSH into the guest: generates a key, injects it into `~user/.ssh/authorized_keys`, forwards
    * `hostPort` (a free one) to `guestPort` (22), and (unless `waitReady: false`) waits in PostBoot
    * until a handshake with authentication succeeds; then `vm.ssh` / `vm.exec()` work. The image
@@ -238,6 +244,7 @@ const RUN_KEYS = [
   'network',
   'egress',
   'outputTimes',
+  'logMaxBytes',
   'tracerProvider',
   'meterProvider',
   'signal',
@@ -326,6 +333,45 @@ function optionSafePath(name: string, value: string, unsafe: RegExp): string {
     );
   }
   return value;
+}
+
+/**
+ * A share's mount point in the guest: absolute, plain components (no `.`/`..`, no empty ones) and
+ * no control characters (a newline would add a line to the guest's mount table).
+ */
+function guestMountPath(name: string, value: unknown): string {
+  const p = v.absolutePath(name, value);
+  const parts = p.split('/').slice(1);
+  const control = [...p].some((c) => c.charCodeAt(0) < 0x20 || c.charCodeAt(0) === 0x7f);
+  const odd = parts.some((c, i) => c === '.' || c === '..' || (c === '' && i < parts.length - 1));
+  if (control || odd)
+    throw Object.assign(
+      v.rangeError(
+        `Expected a plain absolute guest path for ${name} (no '.', '..', empty components or control characters) but received ${JSON.stringify(p)}`,
+      ),
+      { code: 'ERR_MICROVM_UNSAFE_PATH' },
+    );
+  return p;
+}
+
+/** A share's host directory, checked now rather than failing at boot: it must be a directory. */
+function shareSource(name: string, p: string): string {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(p);
+  } catch (err) {
+    throw Object.assign(
+      v.rangeError(
+        `Expected an existing directory for ${name} but ${JSON.stringify(p)} cannot be reached (${(err as NodeJS.ErrnoException).code ?? 'error'})`,
+      ),
+      { code: 'ERR_MICROVM_SHARE_SOURCE' },
+    );
+  }
+  if (!st.isDirectory())
+    throw Object.assign(v.rangeError(`Expected a directory for ${name} but ${JSON.stringify(p)} is not one`), {
+      code: 'ERR_MICROVM_SHARE_SOURCE',
+    });
+  return p;
 }
 
 /** Validates options and fills in defaults. */
@@ -430,10 +476,13 @@ function normalize(image: string, options: RunOptions) {
             .map((m, i) => {
               const { guestPath, ...share } = v.object(`virtiofs[${i}]`, m);
               const n = normalizeVirtiofs(`virtiofs[${i}]`, share);
-              const gp = guestPath === undefined ? undefined : v.absolutePath(`virtiofs[${i}].guestPath`, guestPath);
+              const gp = guestPath === undefined ? undefined : guestMountPath(`virtiofs[${i}].guestPath`, guestPath);
               return {
                 tag: n.tag,
-                hostPath: optionSafePath(`virtiofs[${i}].hostPath`, n.path, /,/),
+                hostPath: shareSource(
+                  `virtiofs[${i}].hostPath`,
+                  optionSafePath(`virtiofs[${i}].hostPath`, n.path, /,/),
+                ),
                 readOnly: n.readOnly,
                 guestPath: gp,
               };
@@ -472,6 +521,8 @@ function normalize(image: string, options: RunOptions) {
     network: o.network as NetworkProvider | undefined,
     egress: parseEgress(o.egress),
     outputTimes: o.outputTimes === undefined ? true : v.boolean('outputTimes', o.outputTimes),
+    logMaxBytes:
+      o.logMaxBytes === undefined ? undefined : v.integer('logMaxBytes', o.logMaxBytes, 4096, Number.MAX_SAFE_INTEGER),
     tracerProvider: o.tracerProvider as TracerProvider | undefined,
     meterProvider: o.meterProvider as MeterProvider | undefined,
     signal: o.signal,
@@ -776,6 +827,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
         virtiofs: o.virtiofs,
         egress: o.egress,
         outputTimes: o.outputTimes,
+        logMaxBytes: o.logMaxBytes,
         logLevel: o.logLevel,
         consoleLogPath,
         stdoutPath,
@@ -951,12 +1003,13 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
     endSpan(root);
     meters.runs.add(1, { [ATTR.BACKEND]: o.backend.name, 'microvm.outcome': 'ok' });
     return vm;
-  } catch (err) {
+  } catch (caught) {
+    const err = asNoSpace(caught, `run ${o.name}`);
     endSpan(root, err);
     meters.runs.add(1, { [ATTR.BACKEND]: o.backend.name, 'microvm.outcome': 'error' });
     meters.failures.add(1, { [ATTR.BACKEND]: o.backend.name, [ATTR.ERROR_TYPE]: errorType(err) });
     // Before the clean-up removes the VM's directory: its logs go into the flight record.
-    const record =
+    const written =
       recorder && !signal?.aborted
         ? writeFlightRecord({
             dataRoot: o.dataRoot,
@@ -971,6 +1024,9 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
           })
         : undefined;
     for (const fn of undo.reverse()) await fn().catch(() => undefined);
+    const record = written && 'dir' in written ? written.dir : undefined;
+    if (written && 'skipped' in written && err instanceof Error)
+      err.message += `\nNo flight record: ${written.skipped}`;
     if (record && err instanceof Error) {
       // The VM's directory is gone: its logs the message names are in the record now.
       if (!fs.existsSync(vmDir)) err.message = err.message.split(`${vmDir}${path.sep}`).join(`${record}${path.sep}`);

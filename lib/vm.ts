@@ -15,6 +15,7 @@ import { AgentClient, type AgentHello, type AgentProcess, type AgentSpawnOptions
 import { type AgentExecOptions, execBuffered, execOptions, toArgv } from './agent/exec';
 import { copyIn, copyOut, type CopyOutLimits, readFile, writeFile } from './agent/files';
 import { KeepAlive } from './keep-alive';
+import { type OutputStream, readOutputStatus, type StreamStatus } from './output-status';
 import * as v from './validate';
 
 /** What {@link MicroVM.status} reports. */
@@ -446,6 +447,16 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    */
   wait(): Promise<VmExit> {
     return this.#keep.hold(this.#exited);
+  }
+
+  /**
+   * What became of the VM's output (QEMU backend): per stream (`console`, `stdout`, `stderr`, ...)
+   * the bytes kept and whether the rest was cut at `logMaxBytes` (`'truncated'`) or lost because the
+   * disk refused it (`'lost'`), with the bytes discarded. Final once the VM has ended; undefined
+   * where the backend keeps no such record (libkrun).
+   */
+  outputStatus(): Partial<Record<OutputStream, StreamStatus>> | undefined {
+    return readOutputStatus(this.dataDir);
   }
 
   /** @internal See {@link VM_ENDED}. */

@@ -3,6 +3,7 @@
 //   microvm-runner (--plan PATH | --plan-fd N) [--ready-fd N] [--die-with-parent]
 //   microvm-runner --relay-connect SOCKET RULE
 //   microvm-runner --listen-unix PATH -- PROGRAM ARGS...
+//   microvm-runner --log-sink STATUS [NAME MAXBYTES SOCKET FILE]...
 //
 // The second form is the QEMU backend's per-connection helper for egress allow-lists: QEMU starts
 // it for each guest connection to an allowed name (guestfwd=...-cmd:), with that connection as
@@ -14,6 +15,14 @@
 // listening unix socket PATH (0600), puts it on fd 3 and execs PROGRAM (virtiofsd --fd=3 ...).
 // Given its socket, virtiofsd writes no pid file under /run (which a caller who is not root cannot
 // write) and the socket exists before virtiofsd has started, so QEMU can connect at once.
+//
+// The fourth form writes what the guest sends on the QEMU backend's output ports (console, stdout,
+// stderr, exit, output times) to their files, bounded on the host: it listens on each SOCKET (QEMU
+// connects to them as a client), appends to FILE up to MAXBYTES, then writes one marker line and
+// discards the rest. A write the disk refuses (ENOSPC, EDQUOT, EFBIG) discards the rest of that
+// stream too, and says so: STATUS, preallocated at start so that it can be written on a full disk,
+// holds one line per stream, "NAME BYTES truncated|lost|ok DISCARDED". It exits when every stream
+// has ended (QEMU's exit closes them); until every stream is connected it dies with its parent.
 //
 // It reads a launch plan (JSON, see plan.h), preloads libkrunfw from the plan's firmwarePath,
 // dlopens libkrun from the plan's libkrunPath, creates a context, applies the plan with the same
@@ -40,11 +49,13 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "errno_names.h"
 #include "json.h"
@@ -242,8 +253,138 @@ int ListenExec(const char* socket_path, char** program) {
   return 1;
 }
 
+struct SinkStream {
+  std::string name;
+  unsigned long long max = 0, written = 0, discarded = 0;
+  int listen_fd = -1, conn_fd = -1, file_fd = -1;
+  bool ended = false;
+  const char* state = "ok";  // "truncated" at the limit, "lost" when the disk refused a write
+};
+
+// Rewrites the status file in place (it was preallocated: no write here needs new space): the
+// sink's pid, a line per stream, and "end" once every stream has ended and all is written.
+void WriteSinkStatus(int fd, const std::vector<SinkStream>& streams, bool end = false) {
+  std::string text = "pid " + std::to_string(getpid()) + "\n";
+  for (const auto& st : streams)
+    text += st.name + " " + std::to_string(st.written) + " " + st.state + " " + std::to_string(st.discarded) + "\n";
+  if (end) text += "end\n";
+  text.resize(4096, ' ');
+  ssize_t ignored = pwrite(fd, text.data(), text.size(), 0);
+  (void)ignored;
+}
+
+int LogSink(int argc, char** argv) {
+  signal(SIGPIPE, SIG_IGN);
+  if (argc < 7 || (argc - 3) % 4 != 0) {
+    std::fprintf(stderr, "usage: microvm-runner --log-sink STATUS [NAME MAXBYTES SOCKET FILE]...\n");
+    return kExitUsage;
+  }
+  prctl(PR_SET_PDEATHSIG, SIGKILL);  // until every stream is connected (then QEMU's exit ends them)
+  // Out of the VM's process group: a stop signals QEMU's group, and the sink must still write what
+  // QEMU sent before it went (it ends on its own when QEMU's exit closes the streams).
+  setpgid(0, 0);
+  int status_fd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (status_fd < 0 || posix_fallocate(status_fd, 0, 4096) != 0) {
+    std::fprintf(stderr, "microvm-runner: cannot make %s: %s\n", argv[2], std::strerror(errno));
+    return 1;
+  }
+  std::vector<SinkStream> streams;
+  for (int i = 3; i + 3 < argc; i += 4) {
+    SinkStream st;
+    st.name = argv[i];
+    st.max = std::strtoull(argv[i + 1], nullptr, 10);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    if (std::strlen(argv[i + 2]) >= sizeof addr.sun_path) return kExitUsage;
+    std::memcpy(addr.sun_path, argv[i + 2], std::strlen(argv[i + 2]) + 1);
+    st.listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    mode_t old_mask = umask(0177);
+    bool ok = st.listen_fd >= 0 && bind(st.listen_fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+              listen(st.listen_fd, 1) == 0;
+    umask(old_mask);
+    st.file_fd = open(argv[i + 3], O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0640);
+    if (!ok || st.file_fd < 0) {
+      std::fprintf(stderr, "microvm-runner: log sink %s: %s\n", st.name.c_str(), std::strerror(errno));
+      return 1;
+    }
+    streams.push_back(st);
+  }
+  WriteSinkStatus(status_fd, streams);
+  std::vector<char> buf(65536);
+  for (;;) {
+    std::vector<pollfd> fds;
+    std::vector<size_t> which;
+    bool all_connected = true, all_ended = true;
+    for (size_t k = 0; k < streams.size(); k++) {
+      auto& st = streams[k];
+      if (st.conn_fd < 0 && !st.ended) all_connected = false;
+      if (!st.ended) all_ended = false;
+      int fd = st.ended ? -1 : (st.conn_fd >= 0 ? st.conn_fd : st.listen_fd);
+      if (fd < 0) continue;
+      fds.push_back({fd, POLLIN, 0});
+      which.push_back(k);
+    }
+    if (all_ended) break;
+    if (all_connected) prctl(PR_SET_PDEATHSIG, 0);
+    if (poll(fds.data(), fds.size(), -1) < 0) {
+      if (errno == EINTR) continue;
+      return 1;
+    }
+    bool changed = false;
+    for (size_t j = 0; j < fds.size(); j++) {
+      if (!(fds[j].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      auto& st = streams[which[j]];
+      if (st.conn_fd < 0) {
+        st.conn_fd = accept4(st.listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+        if (st.conn_fd >= 0) {
+          close(st.listen_fd);
+          st.listen_fd = -1;
+        }
+        continue;
+      }
+      ssize_t n = read(st.conn_fd, buf.data(), buf.size());
+      if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+      if (n <= 0) {
+        st.ended = true;
+        close(st.conn_fd);
+        continue;
+      }
+      size_t len = static_cast<size_t>(n), off = 0;
+      if (std::strcmp(st.state, "ok") == 0) {
+        size_t room =
+            st.written >= st.max ? 0 : static_cast<size_t>(std::min<unsigned long long>(st.max - st.written, len));
+        while (off < room) {
+          ssize_t w = write(st.file_fd, buf.data() + off, room - off);
+          if (w < 0 && errno == EINTR) continue;
+          if (w <= 0) {
+            st.state = "lost";  // the disk is full (or over quota): the rest goes nowhere, and we say so
+            changed = true;
+            break;
+          }
+          off += static_cast<size_t>(w);
+          st.written += static_cast<unsigned long long>(w);
+        }
+        if (std::strcmp(st.state, "ok") == 0 && off < len) {
+          st.state = "truncated";
+          changed = true;
+          std::string mark = "\n[microvm: this log reached its limit of " + std::to_string(st.max) +
+                             " bytes; the rest is discarded]\n";
+          ssize_t ignored = write(st.file_fd, mark.data(), mark.size());
+          (void)ignored;
+        }
+      }
+      if (off < len) st.discarded += len - off;
+    }
+    if (changed) WriteSinkStatus(status_fd, streams);  // on a change of state; the counts at the end
+  }
+  for (auto& st : streams) close(st.file_fd);
+  WriteSinkStatus(status_fd, streams, true);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc == 4 && std::strcmp(argv[1], "--relay-connect") == 0) return RelayConnect(argv[2], argv[3]);
+  if (argc >= 2 && std::strcmp(argv[1], "--log-sink") == 0) return LogSink(argc, argv);
   if (argc >= 5 && std::strcmp(argv[1], "--listen-unix") == 0 && std::strcmp(argv[3], "--") == 0)
     return ListenExec(argv[2], argv + 4);
   std::string plan_path;

@@ -121,6 +121,38 @@ describe('usage', () => {
     expect(fs.existsSync(path.join(def, 'vms', 'victim'))).toBe(true);
   });
 
+  test('global options before the command work as after it; an option given twice is a usage error; bad -v shares are refused before anything starts; cp to a missing VM says so', () => {
+    const data = path.join(s.dir, 'g');
+    expect(cli(['--data-dir', data, 'ps', '-a', '--json'])).toMatchObject({ code: 0, stdout: '[]\n' });
+    expect(cli([`--data-dir=${data}`, '--json', 'images'])).toMatchObject({ code: 0, stdout: '[]\n' });
+    expect(cli(['run', 'img', '--name', 'a', '--name', 'b', '--data-dir', data])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('--name was given twice'),
+    });
+    expect(cli(['ps', '--data-dir', data, '--data-dir', data])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining('--data-dir was given twice'),
+    });
+    const share = path.join(s.dir, 'share');
+    fs.mkdirSync(share);
+    fs.writeFileSync(path.join(s.dir, 'file'), '');
+    for (const [spec, code, why] of [
+      [`${share}:/mnt/../etc`, 'ERR_MICROVM_UNSAFE_PATH', 'plain absolute guest path'],
+      [`${share}:/mnt/a\nb`, 'ERR_MICROVM_UNSAFE_PATH', 'plain absolute guest path'],
+      [`${path.join(s.dir, 'missing')}:/mnt`, 'ERR_MICROVM_SHARE_SOURCE', 'cannot be reached (ENOENT)'],
+      [`${path.join(s.dir, 'file')}:/mnt`, 'ERR_MICROVM_SHARE_SOURCE', 'is not one'],
+    ]) {
+      const r = cli(['run', 'img', '--data-dir', data, '--backend', 'qemu', '-v', spec]);
+      expect({ code: r.code, stderr: r.stderr }).toEqual({ code: 1, stderr: expect.stringContaining(code) });
+      expect(r.stderr).toContain(why);
+    }
+    expect(fs.existsSync(path.join(data, 'vms'))).toBe(false);
+    expect(cli(['cp', 'nosuchvm:/etc/hostname', s.dir, '--data-dir', data])).toMatchObject({
+      code: 1,
+      stderr: expect.stringContaining('[ERR_MICROVM_VM_NOT_FOUND] no VM named nosuchvm'),
+    });
+  });
+
   test('run: --pull takes missing | always | never; a -v path with a comma (option injection into virtiofsd) is refused, naming the option', () => {
     expect(cli(['run', 'img', '--pull', 'sometimes', '--data-dir', s.dir])).toMatchObject({
       code: 2,

@@ -14,7 +14,7 @@ import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import { MicrovmError } from '../errors';
+import { asNoSpace, MicrovmError } from '../errors';
 import type { AgentClient } from './client';
 import { MAX_PAYLOAD } from './protocol';
 import { DirHandle } from '../host/dir-handle';
@@ -133,6 +133,8 @@ async function putFile(agent: AgentClient, fh: fsp.FileHandle, st: fs.Stats, gue
 function hostFailure(what: string, err: unknown): MicrovmError {
   const e = err as NodeJS.ErrnoException;
   if (e instanceof MicrovmError) return e;
+  const full = asNoSpace(err, `Cannot copy ${what}`);
+  if (full !== err) return full as MicrovmError;
   const why =
     e.code === 'ELOOP' || e.code === 'ENOTDIR'
       ? 'it was replaced by a symlink or another kind of file during the copy'

@@ -98,6 +98,8 @@ export interface BackendStartInput {
   egress?: EgressPolicy;
   /** As BackendPrepareInput's: the QEMU backend provides the port microvm.logtimes only then. */
   outputTimes?: boolean;
+  /** The most each of the console, stdout and stderr files keeps (run()'s `logMaxBytes`). */
+  logMaxBytes?: number;
   /** Set when a network provider replaced TSI (virtio-net over a unix socket). */
   network?: { kind: 'unixstream' | 'unixgram'; socketPath: string; mac: string };
   scope: SpanScope;

@@ -26,7 +26,7 @@ import { IDLE_COMMAND } from '../backends/guest-init';
 import { libkrunBackend } from '../backends/libkrun';
 import { checkFileServer, netGuardPath, qemuBackend, readExitPort, resolveQemuRuntime } from '../backends/qemu';
 import { parseEgress } from '../network/egress';
-import { readAppended } from '../file-tail';
+import { copyAppended, readAppended } from '../file-tail';
 import {
   GUEST_CLOCK_FILE,
   OUTPUT_TIMES_FILE,
@@ -41,6 +41,7 @@ import { resolveFirmware, FIRMWARE_INSTALL_HINT } from '../resolve/firmware';
 import { LIBKRUN_INSTALL_HINT, resolveRuntime } from '../resolve/runtime';
 import { isRecordedProcess, readState, sweepVms, terminateRecorded } from '../state';
 import { SshClient } from '../ssh/client';
+import { asNoSpace } from '../errors';
 import { formatSpanTree } from '../telemetry/tree';
 import { ATTR, SPAN } from '../telemetry/attributes';
 import type { MicrovmErrorCode } from '../error-codes';
@@ -91,6 +92,8 @@ Options:
   --accel A           QEMU accelerator: auto | kvm | tcg (auto: hardware KVM when usable, else TCG;
                       also MICROVM_ACCEL)
   --boot-timeout MS   fail when the guest shows no sign of life within MS (60000)
+  --log-max-bytes N   keep at most N bytes of each of the console, stdout and stderr (64 MiB); the
+                      rest is discarded after a marker line (QEMU backend)
   --rm                remove the VM's data when it exits (if microvm is killed, the next run or
                       \`microvm prune\` removes it)
   --pull POLICY       missing | always | never (missing): when to ask the registry or layout what
@@ -213,6 +216,44 @@ backend and accelerator used.`,
 
 class UsageError extends Error {
   readonly code = 'ERR_MICROVM_USAGE';
+}
+
+type ParseConfig = {
+  args: string[];
+  options: Record<string, { type: 'string' | 'boolean'; short?: string; multiple?: boolean }>;
+  allowPositionals: true;
+};
+
+/**
+ * parseArgs (strict), and an option that takes one value given twice (`--name a --name b`) is a
+ * usage error rather than the last one silently winning.
+ */
+function parseStrict<T extends ParseConfig>(config: T) {
+  const r = parseArgs({ ...config, strict: true, tokens: true });
+  const seen = new Set<string>();
+  for (const t of r.tokens ?? []) {
+    if (t.kind !== 'option' || config.options[t.name]?.multiple) continue;
+    if (seen.has(t.name)) throw new UsageError(`--${t.name} was given twice`);
+    seen.add(t.name);
+  }
+  return r;
+}
+
+/** Options every command takes, when given before the command (`microvm --data-dir X ps`). */
+const LEADING_GLOBALS = new Set(['--data-dir', '--json']);
+
+/** argv with global options given before the command moved after it. */
+function commandFirst(argv: string[]): string[] {
+  const globals: string[] = [];
+  let i = 0;
+  while (i < argv.length && argv[i].startsWith('--')) {
+    const name = argv[i].split('=')[0];
+    if (!LEADING_GLOBALS.has(name)) break;
+    const takesValue = name === '--data-dir' && !argv[i].includes('=');
+    globals.push(...argv.slice(i, i + (takesValue ? 2 : 1)));
+    i += takesValue ? 2 : 1;
+  }
+  return i < argv.length ? [argv[i], ...globals, ...argv.slice(i + 1)] : argv;
 }
 
 /** The code a usage error prints: node:util's ERR_PARSE_ARGS_* as it is, else ERR_MICROVM_USAGE. */
@@ -374,7 +415,7 @@ function crlfToLf(sink: (buf: Buffer) => void): { write: (buf: Buffer) => void; 
 async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): Promise<number> {
   const dash = argv.indexOf('--');
   const cmd = dash >= 0 ? argv.slice(dash + 1) : [];
-  const { values, positionals } = parseArgs({
+  const { values, positionals } = parseStrict({
     args: dash >= 0 ? argv.slice(0, dash) : argv,
     allowPositionals: true,
     options: {
@@ -398,6 +439,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
       json: { type: 'boolean' },
       accel: { type: 'string' },
       'boot-timeout': { type: 'string' },
+      'log-max-bytes': { type: 'string' },
       pull: { type: 'string' },
       egress: { type: 'string' },
       'allow-host': { type: 'string', multiple: true },
@@ -511,6 +553,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
         : ((values.backend ?? 'auto') as RunOptions['backend']),
     accel: values.detach && (values.backend ?? 'auto') !== 'libkrun' ? undefined : accel,
     timeouts: values['boot-timeout'] === undefined ? undefined : { boot: num('boot-timeout', values['boot-timeout']) },
+    logMaxBytes: values['log-max-bytes'] === undefined ? undefined : num('log-max-bytes', values['log-max-bytes']),
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,
     initOverride: attached ? [...IDLE_COMMAND] : cmd.length ? cmd : undefined,
     ssh: values.ssh ? {} : undefined,
@@ -609,9 +652,20 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
     stderr: read(started.stderrPath),
     console: read(started.consoleLogPath),
   };
+  // Output the host did not keep: cut at the limit (said), or lost to a full disk (an error).
+  const cut = Object.entries(started.outputStatus() ?? {}).filter(
+    ([k, st]) => ['stdout', 'stderr', 'console'].includes(k) && st.state !== 'ok',
+  );
+  for (const [k, st] of cut)
+    process.stderr.write(
+      st.state === 'lost'
+        ? `microvm: [ERR_MICROVM_NO_SPACE] the guest's ${k} was cut after ${st.bytes} bytes: the disk of ${started.dataDir} is full (${st.discardedBytes} bytes lost)\n`
+        : `microvm: the guest's ${k} reached its limit (--log-max-bytes, ${st.bytes} bytes kept); ${st.discardedBytes} bytes were discarded\n`,
+    );
+  const lost = cut.some(([, st]) => st.state === 'lost');
   if (values.rm) await started.remove();
   let code: number;
-  if (exit.reason === 'exited') code = exit.exitCode;
+  if (exit.reason === 'exited') code = lost && exit.exitCode === 0 ? 1 : exit.exitCode;
   else if (interrupted) code = 128 + signalNumber(interrupted);
   else if (exit.reason === 'stopped') code = 128 + signalNumber(exit.signal);
   else code = 1;
@@ -641,7 +695,7 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
 async function cmdBench(argv: string[], dataDir: string, out: (o: unknown, text: string) => void): Promise<number> {
   const dash = argv.indexOf('--');
   const cmd = dash >= 0 ? argv.slice(dash + 1) : ['/bin/sh', '-c', 'echo ready'];
-  const { values, positionals } = parseArgs({
+  const { values, positionals } = parseStrict({
     args: dash >= 0 ? argv.slice(0, dash) : argv,
     allowPositionals: true,
     options: {
@@ -839,21 +893,21 @@ function parseCommand(
 ): { values: Record<string, string | boolean | string[] | undefined>; positionals: string[]; after: string[] } {
   const dash = args.indexOf('--');
   const own = COMMAND_OPTIONS[command] ?? {};
-  const { values, positionals } = parseArgs({
+  const { values, positionals } = parseStrict({
     args: dash >= 0 ? args.slice(0, dash) : args,
     allowPositionals: true,
-    strict: true,
     options: { ...GLOBAL_OPTIONS, ...own },
   });
   return {
-    values: values,
+    values,
     positionals,
     after: dash >= 0 ? args.slice(dash + 1) : [],
   };
 }
 
 /** Runs the CLI; returns the exit code. */
-export async function main(argv: string[]): Promise<number> {
+export async function main(args: string[]): Promise<number> {
+  const argv = commandFirst(args);
   const command = argv[0] ?? '';
   const rest = argv.slice(1);
   const ours = rest.indexOf('--') >= 0 ? rest.slice(0, rest.indexOf('--')) : rest;
@@ -1117,14 +1171,14 @@ export async function main(argv: string[]): Promise<number> {
         }
         // The command's stdout and stderr where the backend kept them apart (QEMU), else the console.
         const separate = !values.console && fs.existsSync(path.join(dir, 'stdout.log'));
-        const streams = values.network
-          ? [{ file: path.join(dir, 'egress.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }]
+        const streams: { file: string; offset: number; out: NodeJS.WritableStream }[] = values.network
+          ? [{ file: path.join(dir, 'egress.log'), offset: 0, out: process.stdout }]
           : separate
             ? [
-                { file: path.join(dir, 'stdout.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) },
-                { file: path.join(dir, 'stderr.log'), offset: 0, write: (b: Buffer) => process.stderr.write(b) },
+                { file: path.join(dir, 'stdout.log'), offset: 0, out: process.stdout },
+                { file: path.join(dir, 'stderr.log'), offset: 0, out: process.stderr },
               ]
-            : [{ file: path.join(dir, 'console.log'), offset: 0, write: (b: Buffer) => process.stdout.write(b) }];
+            : [{ file: path.join(dir, 'console.log'), offset: 0, out: process.stdout }];
         if (since !== undefined) {
           if (values.network) streams[0].offset = jsonLinesOffsetSince(streams[0].file, since);
           else {
@@ -1144,11 +1198,12 @@ export async function main(argv: string[]): Promise<number> {
         }
         // -n with --since: the last N lines of what is that recent.
         if (tail !== undefined) for (const st of streams) st.offset = Math.max(st.offset, tailOffset(st.file, tail));
-        const pump = (): void => {
-          for (const st of streams) st.offset = readAppended(st.file, st.offset, st.write);
+        // Streamed in pieces, waiting for the terminal or pipe to take each: constant memory.
+        const pump = async (): Promise<void> => {
+          for (const st of streams) st.offset = await copyAppended(st.file, st.offset, st.out);
         };
-        pump();
-        if (values.follow) await new Promise<void>(() => setInterval(pump, 200));
+        await pump();
+        for (; values.follow; await new Promise((r) => setTimeout(r, 200))) await pump();
         return 0;
       }
       case 'stop':
@@ -1342,7 +1397,7 @@ export async function main(argv: string[]): Promise<number> {
       );
       return 2;
     }
-    const e = err as Error & { code?: string };
+    const e = asNoSpace(err, `microvm ${command}`) as Error & { code?: string };
     if (json) process.stdout.write(`${JSON.stringify({ error: { code: e.code ?? e.name, message: e.message } })}\n`);
     else process.stderr.write(`microvm: ${e.code ? `[${e.code}] ` : ''}${e.message}\n`);
     return 1;

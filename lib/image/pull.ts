@@ -18,7 +18,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { context, type Span } from '@opentelemetry/api';
 import type { ImageRuntimeConfig } from '../backends/types';
-import { MicrovmError } from '../errors';
+import { asNoSpace, MicrovmError } from '../errors';
 import { addon } from '../native';
 import { withFileLock } from '../state';
 import { ATTR, SPAN } from '../telemetry/attributes';
@@ -147,6 +147,12 @@ async function resolveSource(
 
 /** Pulls `reference` into the cache (or finds it there). */
 export async function pull(reference: string, options: PullOptions = {}): Promise<PullResult> {
+  return pullImage(reference, options).catch((err: unknown) => {
+    throw asNoSpace(err, `pull ${reference}`);
+  });
+}
+
+async function pullImage(reference: string, options: PullOptions): Promise<PullResult> {
   const o = v.object('options', options);
   v.knownKeys('options', o, [
     'cacheDir',

@@ -172,16 +172,18 @@ export interface FlightRecordInput {
 }
 
 /**
- * Writes the record; returns its directory, or undefined when it could not be written (a failing
- * recorder never hides the run's own error).
+ * Writes the record; returns its directory, or why it could not be written (a full disk, say): a
+ * failing recorder never hides the run's own error, and leaves no half-written record behind.
  */
-export function writeFlightRecord(r: FlightRecordInput): string | undefined {
+export function writeFlightRecord(r: FlightRecordInput): { dir: string } | { skipped: string } {
+  let made: string | undefined;
   try {
     const base = path.join(r.dataRoot, 'failed');
     fs.mkdirSync(base, { recursive: true, mode: 0o700 });
     const stamp = new Date().toISOString().replace(/[:.]/g, '-');
     const dir = path.join(base, `${r.name}-${stamp}`);
     fs.mkdirSync(dir, { mode: 0o700 });
+    made = dir;
     const write = (file: string, data: string | Buffer): void =>
       fs.writeFileSync(path.join(dir, file), data, { mode: 0o600, flag: 'wx' });
     const e = r.error as { code?: unknown; message?: unknown; stack?: unknown; name?: unknown };
@@ -204,8 +206,12 @@ export function writeFlightRecord(r: FlightRecordInput): string | undefined {
       .map((n) => ({ n, t: fs.statSync(path.join(base, n)).mtimeMs }))
       .sort((a, b) => b.t - a.t || (a.n < b.n ? 1 : -1));
     for (const old of all.slice(r.keep)) fs.rmSync(path.join(base, old.n), { recursive: true, force: true });
-    return fs.existsSync(dir) ? dir : undefined;
-  } catch {
-    return undefined;
+    return fs.existsSync(dir) ? { dir } : { skipped: 'it was removed at once (flightRecorder.keep)' };
+  } catch (err) {
+    if (made) fs.rmSync(made, { recursive: true, force: true });
+    const code = (err as NodeJS.ErrnoException).code;
+    return {
+      skipped: code === 'ENOSPC' || code === 'EDQUOT' ? `the disk is full (${code})` : (code ?? (err as Error).message),
+    };
   }
 }

@@ -59,6 +59,7 @@ import { pvhKernelFor } from './kernel';
 import { QmpClient } from './qmp';
 import { readTail } from '../../file-tail';
 import { GUEST_CLOCK_FILE, OUTPUT_TIMES_FILE, writeGuestClock } from '../../log-times';
+import { DEFAULT_LOG_MAX_BYTES, OUTPUT_STATUS_FILE, sinkFinished } from '../../output-status';
 import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
@@ -324,7 +325,12 @@ if [ -n "\${MVM_RELAY_SOCK:-}" ]; then
   setpriv --pdeathsig SIGKILL -- "$MVM_RELAY_NODE" "$MVM_RELAY_SCRIPT" "$MVM_RELAY_SOCK" "$MVM_RELAY_RULES" "$MVM_RELAY_LOG" &
   pids="$pids $!"
 fi
-for sock in "$MVM_FS_SOCK" \${MVM_SHARE_SOCKS:-} \${MVM_RELAY_SOCK:-}; do
+# The output ports' sink (microvm-runner --log-sink): bounded files, and what was cut or lost.
+# Not tied to QEMU by a parent-death signal: it ends when QEMU's exit closes its streams, after
+# writing what QEMU sent last.
+"$MVM_RUNNER" --log-sink $MVM_SINK &
+pids="$pids $!"
+for sock in "$MVM_FS_SOCK" \${MVM_SHARE_SOCKS:-} \${MVM_RELAY_SOCK:-} $MVM_SINK_SOCKS; do
   i=0
   while [ ! -S "$sock" ]; do
     i=$((i + 1))
@@ -548,9 +554,19 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         ? writeGuardPolicy(input.dataDir, input.egress)
         : undefined;
     const restrict = input.egress !== undefined && input.egress !== 'allow' && !guard;
-    const port = (id: string, file: string, name: string): string[] => [
+    // Every output port goes to the VM's log sink (microvm-runner --log-sink, started by the
+    // launcher), which bounds each file on the host and says when output was cut or lost.
+    const sink: string[] = [path.join(input.dataDir, OUTPUT_STATUS_FILE)];
+    const sinkSocket = (id: string, file: string, max: number): string => {
+      const sock = path.join(input.dataDir, `${id}.sink`);
+      fs.rmSync(sock, { force: true });
+      sink.push(id, String(max), sock, file);
+      return sock;
+    };
+    const logMax = input.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES;
+    const port = (id: string, file: string, name: string, max = logMax): string[] => [
       '-chardev',
-      `file,id=${id},path=${file}`,
+      `socket,id=${id},path=${sinkSocket(id, file, max)}`,
       '-device',
       `virtserialport,chardev=${id},name=${name}`,
     ];
@@ -588,14 +604,14 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       '-device',
       'virtio-serial-device',
       '-chardev',
-      `file,id=con,path=${input.consoleLogPath}`,
+      `socket,id=console,path=${sinkSocket('console', input.consoleLogPath, logMax)}`,
       '-device',
-      'virtconsole,chardev=con',
-      ...port('exit', exitFile, 'microvm.exit'),
-      ...port('out', input.stdoutPath, 'microvm.stdout'),
-      ...port('err', input.stderrPath, 'microvm.stderr'),
+      'virtconsole,chardev=console',
+      ...port('exit', exitFile, 'microvm.exit', 64 * 1024),
+      ...port('stdout', input.stdoutPath, 'microvm.stdout'),
+      ...port('stderr', input.stderrPath, 'microvm.stderr'),
       // When each chunk of the command's output arrived (the init relays it): for logs --since.
-      ...(input.outputTimes === false ? [] : port('times', timesFile, 'microvm.logtimes')),
+      ...(input.outputTimes === false ? [] : port('times', timesFile, 'microvm.logtimes', 16 * 2 ** 20)),
       // The guest agent's channel (native/guest_agent.cc): QEMU listens; one host client at a time.
       '-chardev',
       `socket,id=agent,path=${agentSock},server=on,wait=off`,
@@ -661,6 +677,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     if (socks.some((x) => /\s/.test(x)))
       throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', 'The data dir path must not contain white space');
     env.MVM_SHARE_SOCKS = socks.join(' ');
+    env.MVM_SINK = sink.join(' ');
+    env.MVM_SINK_SOCKS = sink.filter((x) => x.endsWith('.sink')).join(' ');
     if (input.rootfs.overlay) {
       env.MVM_OVERLAY_LOWER = input.rootfs.overlay.lower;
       env.MVM_OVERLAY_UPPER = input.rootfs.overlay.upper;
@@ -714,10 +732,12 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       failure = new Kind(code, `${message}${advice}${lastLines(input)}`);
       signalGroup('SIGKILL');
     };
-    const exited: Promise<VmExit> = processExit.then((status) => {
+    const exited: Promise<VmExit> = processExit.then(async (status) => {
       running = false;
       qmp?.close();
-      // The guest ends the VM itself once it reported its exit: read the report QEMU wrote last.
+      // The output files are complete once the sink wrote what QEMU sent last; then the guest's
+      // last report (it ends the VM itself once it reported its exit) is read.
+      await sinkFinished(input.dataDir);
       readPort();
       if (guestCode !== undefined) return { reason: 'exited', exitCode: guestCode, signal: null };
       if (failure) return { reason: 'failed', exitCode: null, signal: status.signal, error: failure };
