@@ -479,10 +479,7 @@ function normalize(image: string, options: RunOptions) {
               const gp = guestPath === undefined ? undefined : guestMountPath(`virtiofs[${i}].guestPath`, guestPath);
               return {
                 tag: n.tag,
-                hostPath: shareSource(
-                  `virtiofs[${i}].hostPath`,
-                  optionSafePath(`virtiofs[${i}].hostPath`, n.path, /,/),
-                ),
+                hostPath: optionSafePath(`virtiofs[${i}].hostPath`, n.path, /,/),
                 readOnly: n.readOnly,
                 guestPath: gp,
               };
@@ -493,7 +490,9 @@ function normalize(image: string, options: RunOptions) {
                   `Expected a unique tag for virtiofs[${i}].tag but ${JSON.stringify(m.tag)} is used twice`,
                 );
               return m;
-            }),
+            })
+            // Last: what is on the host (after every check of the options themselves).
+            .map((m, i) => ({ ...m, hostPath: shareSource(`virtiofs[${i}].hostPath`, m.hostPath) })),
     dataRoot: optionSafePath(
       'dataDir',
       o.dataDir === undefined ? defaultDataRoot() : v.absolutePath('dataDir', o.dataDir),

@@ -54,6 +54,12 @@ process.env.MICROVM_LIBKRUNFW_DIR ??= process.env.MICROVM_TEST_LIBKRUNFW_DIR;
     expect(vm.status()).toMatchObject({ state: 'exited', reason: 'exited', exitCode: 3, backend: 'qemu' });
   });
 
+  test('cpus: the guest gets the vCPUs asked for, under TCG as under KVM', async () => {
+    const vm = await run('test-image', base({ cpus: 2, initOverride: ['/bin/sleep', '600'] }));
+    vms.push(vm);
+    expect((await vm.exec(['nproc'])).stdout).toBe('2\n');
+  });
+
   test('SSH end to end with the complete span tree of a real boot', async () => {
     const caller = new AbortController();
     const exporter = new InMemorySpanExporter();

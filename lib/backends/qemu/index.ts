@@ -504,7 +504,9 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       input.stderrPath,
     ])
       fs.rmSync(f, { force: true });
-    const cpus = accel === 'tcg' ? 1 : input.cpus; // this kernel hangs with smp > 1 under TCG
+    // Under TCG too: QEMU runs one host thread per vCPU (multi-threaded TCG) and the kernel finds
+    // them in the MP table the microvm machine writes (no ACPI needed).
+    const cpus = input.cpus;
     const khz = hostTscKhz();
     const cmdline = [
       `console=hvc0`,
