@@ -2,7 +2,7 @@
  * The egress allow-list's relay (lib/network/egress.ts): ONE process per VM, started beside QEMU
  * (and dying with it), listening on a unix socket in the VM's directory:
  *
- *   node relay.js SOCKET RULES LOG
+ *   node relay.js (SOCKET | --fd N) RULES LOG
  *
  * For each guest connection to an allowed name's virtual address and port, QEMU starts
  * `microvm-runner --relay-connect SOCKET N` (native/runner.cc), which says "N\n" — the index of the
@@ -51,9 +51,16 @@ function readRules(file: string): Rule[] {
 }
 
 function main(argv: string[]): void {
-  const [socketPath, rulesFile, log] = argv;
-  if (!socketPath || !rulesFile || !log) {
-    process.stderr.write('usage: relay.js SOCKET RULES LOG\n');
+  // `--fd N`: the launcher made the listening socket (native/qemu_launch.cc); else a path.
+  const listenFd = argv[0] === '--fd' ? Number(argv[1]) : undefined;
+  const [socketPath, rulesFile, log] = listenFd === undefined ? argv : ['', argv[2], argv[3]];
+  if (
+    (listenFd === undefined && !socketPath) ||
+    (listenFd !== undefined && !Number.isInteger(listenFd)) ||
+    !rulesFile ||
+    !log
+  ) {
+    process.stderr.write('usage: relay.js (SOCKET | --fd N) RULES LOG\n');
     process.exit(2);
   }
   const rules = readRules(rulesFile);
@@ -147,9 +154,12 @@ function main(argv: string[]): void {
     guest.once('close', () => clearTimeout(hello));
     guest.resume();
   });
-  fs.rmSync(socketPath, { force: true });
-  const mask = process.umask(0o177); // the socket: this user's only
-  server.listen(socketPath, () => process.umask(mask));
+  if (listenFd !== undefined) server.listen({ fd: listenFd });
+  else {
+    fs.rmSync(socketPath, { force: true });
+    const mask = process.umask(0o177); // the socket: this user's only
+    server.listen(socketPath, () => process.umask(mask));
+  }
   server.on('error', (err) => {
     process.stderr.write(`microvm relay: ${err.message}\n`);
     process.exit(1);

@@ -37,29 +37,22 @@ import {
   recordKvmVerdict,
 } from '../../host/kvm';
 import { packageRoot, shippedFile } from '../../native';
-import {
-  allowListOf,
-  guardRefusal,
-  guestForwards,
-  needsGuard,
-  relayRules,
-  virtualHosts,
-  writeGuardPolicy,
-} from '../../network/egress';
+import { allowListOf, guardRefusal, needsGuard, virtualHosts, writeGuardPolicy } from '../../network/egress';
 import { resolveRunner } from '../../resolve/runtime';
 import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
-import { AGENT_SOCKET, GUEST_INIT_PATH, guestInitPath, injectGuestInit } from '../guest-init';
+import { guestInitPath, injectGuestInit } from '../guest-init';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { STOP_SIGNALS } from '../types';
 import { pvhKernelFor } from './kernel';
+import { launchFiles, qemuLaunch } from './launch';
 import { QmpClient } from './qmp';
 import { readTail } from '../../file-tail';
-import { GUEST_CLOCK_FILE, OUTPUT_TIMES_FILE, writeGuestClock } from '../../log-times';
-import { DEFAULT_LOG_MAX_BYTES, OUTPUT_STATUS_FILE, sinkFinished } from '../../output-status';
+import { GUEST_CLOCK_FILE, writeGuestClock } from '../../log-times';
+import { sinkFinished } from '../../output-status';
 import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
@@ -113,6 +106,15 @@ export function hostTscKhz(): number | undefined {
   } catch {
     return undefined;
   }
+}
+
+/**
+ * The allow-list relay's script (lib/network/relay.ts, compiled): beside this module's own
+ * compiled tree when it runs from dist/, else the package's dist/ (running from source).
+ */
+function relayScript(): string {
+  const sibling = path.join(__dirname, '..', '..', 'network', 'relay.js');
+  return fs.existsSync(sibling) ? sibling : path.join(packageRoot, 'dist', 'network', 'relay.js');
 }
 
 /**
@@ -288,65 +290,6 @@ export function readExitPort(text: string): { up: boolean; code?: number } {
   return { up };
 }
 
-// The launcher run by `sh -c` inside the new namespace(s). Parameters arrive as environment
-// variables and QEMU's argv as "$@", so no path is ever spliced into shell code.
-const LAUNCHER = `set -eu
-if [ -n "\${MVM_OVERLAY_LOWER:-}" ]; then
-  opts="lowerdir=$MVM_OVERLAY_LOWER,upperdir=$MVM_OVERLAY_UPPER,workdir=$MVM_OVERLAY_WORK"
-  if [ -n "\${MVM_USERNS:-}" ]; then
-    mount -t overlay overlay -o "$opts,userxattr" "$MVM_ROOT" 2>/dev/null || mount -t overlay overlay -o "$opts" "$MVM_ROOT"
-  else
-    mount -t overlay overlay -o "$opts" "$MVM_ROOT"
-  fi
-fi
-# virtiofsd applies the guest's modes and mknod as they come; the preloaded guard strips set-ID
-# bits and refuses device nodes and file capabilities (native/fs_guard.cc). Not a shell function:
-# the background job must exec setpriv, so virtiofsd's parent is QEMU and dies with it.
-# Each virtiofsd gets its socket made beforehand (microvm-runner --listen-unix: fd 3), so it writes
-# no pid file under /run, which a caller who is not root could not.
-LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_RUNNER" --listen-unix "$MVM_FS_SOCK" -- "$MVM_VIRTIOFSD" --fd=3 -o source="$MVM_ROOT" -o cache=always &
-pids=$!
-# Extra shares: MVM_SHARE_<n>_{SRC,SOCK,RO,MNT}. Read-only ones are served from a read-only bind
-# mount in this namespace (kernel-enforced; this virtiofsd has no read-only option).
-n=0
-while [ "$n" -lt "\${MVM_SHARES:-0}" ]; do
-  eval "src=\\\${MVM_SHARE_\${n}_SRC} sock=\\\${MVM_SHARE_\${n}_SOCK} ro=\\\${MVM_SHARE_\${n}_RO} mnt=\\\${MVM_SHARE_\${n}_MNT}"
-  if [ "$ro" = 1 ]; then
-    mount --bind "$src" "$mnt"
-    mount -o remount,bind,ro "$mnt"
-    src=$mnt
-  fi
-  LD_PRELOAD="$MVM_FSGUARD" setpriv --pdeathsig SIGKILL -- "$MVM_RUNNER" --listen-unix "$sock" -- "$MVM_VIRTIOFSD" --fd=3 -o source="$src" -o cache=auto &
-  pids="$pids $!"
-  n=$((n + 1))
-done
-# The egress allow-list's relay, one per VM (lib/network/relay.ts); dies with QEMU like virtiofsd.
-if [ -n "\${MVM_RELAY_SOCK:-}" ]; then
-  setpriv --pdeathsig SIGKILL -- "$MVM_RELAY_NODE" "$MVM_RELAY_SCRIPT" "$MVM_RELAY_SOCK" "$MVM_RELAY_RULES" "$MVM_RELAY_LOG" &
-  pids="$pids $!"
-fi
-# The output ports' sink (microvm-runner --log-sink): bounded files, and what was cut or lost.
-# Not tied to QEMU by a parent-death signal: it ends when QEMU's exit closes its streams, after
-# writing what QEMU sent last.
-"$MVM_RUNNER" --log-sink $MVM_SINK &
-pids="$pids $!"
-for sock in "$MVM_FS_SOCK" \${MVM_SHARE_SOCKS:-} \${MVM_RELAY_SOCK:-} $MVM_SINK_SOCKS; do
-  i=0
-  while [ ! -S "$sock" ]; do
-    i=$((i + 1))
-    if [ "$i" -gt 1000 ]; then echo "microvm: $sock was not created" >&2; exit 70; fi
-    for p in $pids; do
-      kill -0 "$p" 2>/dev/null || { wait "$p" || st=$?; echo "microvm: a helper (virtiofsd, the relay) exited (status \${st:-0}) before creating $sock" >&2; exit 70; }
-    done
-    sleep 0.01
-  done
-done
-# The egress filter goes into QEMU alone (native/net_guard.cc); it removes itself from the
-# environment QEMU's children get.
-if [ -n "\${MVM_NETGUARD:-}" ]; then export LD_PRELOAD="$MVM_NETGUARD"; fi
-exec "$@"
-`;
-
 /**
  * Whether the cloned root has no /etc/resolv.conf, or an empty regular file there: the top layer
  * that has the entry decides. An /etc or resolv.conf that is a symlink (or anything but a directory
@@ -486,220 +429,66 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     kernel: string,
     input: BackendStartInput,
   ): Promise<BackendHandle> {
-    const fsSock = path.join(input.dataDir, 'virtiofs.sock');
-    const qmpSock = path.join(input.dataDir, 'qmp.sock');
-    const exitFile = path.join(input.dataDir, 'exit-status');
-    const agentSock = path.join(input.dataDir, AGENT_SOCKET);
-    const timesFile = path.join(input.dataDir, OUTPUT_TIMES_FILE);
-    const clockFile = path.join(input.dataDir, GUEST_CLOCK_FILE);
-    for (const f of [
-      fsSock,
-      qmpSock,
-      exitFile,
-      agentSock,
-      timesFile,
-      clockFile,
-      input.consoleLogPath,
-      input.stdoutPath,
-      input.stderrPath,
-    ])
-      fs.rmSync(f, { force: true });
-    // Under TCG too: QEMU runs one host thread per vCPU (multi-threaded TCG) and the kernel finds
-    // them in the MP table the microvm machine writes (no ACPI needed).
-    const cpus = input.cpus;
-    const khz = hostTscKhz();
-    const cmdline = [
-      `console=hvc0`,
-      'rootfstype=virtiofs',
-      'root=root',
-      'rw',
-      `init=${GUEST_INIT_PATH}`,
-      'panic=-1',
-      // The init ends the VM after it reported the command's exit (a restart, which -no-reboot
-      // turns into QEMU's exit): by a triple fault at once, not the slower methods that need ACPI.
-      'reboot=t',
-      'quiet',
-      'loglevel=3',
-    ];
-    if (khz) cmdline.push(`tsc_early_khz=${khz}`);
-    // TCG executes nothing speculatively, so the guest's Spectre/Meltdown work (retpolines, barriers,
-    // patched at boot) protects from nothing there and costs boot and syscall time. Under KVM the
-    // guest runs on the real CPU and keeps its defaults.
-    if (accel === 'tcg') cmdline.push('mitigations=off');
-    // Under TCG, three fixed costs of the kernel's boot, measured from its log (dmesg with
-    // printk times and initcall_debug, 2026-12-03): the local APIC timer's calibration and its
-    // check take 0.22 s (two 100 ms windows counted in PIT ticks), so the PIT stays the timer
-    // (one CPU under TCG; sleeps and timeouts keep working); the jitter-entropy RNG's self-test
-    // takes 86 ms of emulated timing loops (the kernel's RNG is seeded by RDRAND and virtio-rng
-    // long before); making 8 idle loop devices takes 50 ms (loop-control still makes them when
-    // asked). Guest uptime at the command, 6 boots each, interleaved: 1.55 s -> 1.11 s median.
-    // Under KVM the APIC timer uses TSC deadline without calibrating, and the rest costs
-    // milliseconds: its command line stays as it was.
-    // noreplace-smp: with one CPU the kernel rewrites every `lock` prefix in its text to a no-op
-    // prefix, one patch and one serializing instruction each: 0.2 s of a TCG boot (the window
-    // from the FPU setup to "Freeing SMP alternatives" went from 0.33 s to 0.14 s; first exec
-    // output 1252 -> 1101 ms median, 5 boots each, alternating, 2026-12-03). Under single-threaded
-    // TCG a locked instruction costs what an unlocked one does, so keeping them costs nothing.
-    if (accel === 'tcg')
-      cmdline.push('nolapic_timer', 'initcall_blacklist=jent_mod_init', 'loop.max_loop=0', 'noreplace-smp');
-    const hostfwd = input.ports.map((p) => `,hostfwd=tcp:127.0.0.1:${p.host}-:${p.guest}`).join('');
-    // An allow-list: nothing leaves (restrict=on) but connections to the allowed names' virtual
-    // addresses and ports, each handed to a relay on the host (lib/network/egress.ts).
-    const relayed = allowListOf(input.egress);
-    const allow = relayed?.length ? relayed : undefined; // names the relay serves, if any
-    const relaySock = path.join(input.dataDir, 'relay.sock');
-    const egressForwards = allow ? guestForwards(allow, { runner: resolveRunner(), socket: relaySock }) : '';
     // Rules beyond relayed names: the egress filter, preloaded into QEMU, decides what leaves it
     // (native/net_guard.cc); its policy file, and the file where it says it loaded it.
     const guard =
       needsGuard(input.egress) && typeof input.egress === 'object'
         ? writeGuardPolicy(input.dataDir, input.egress)
         : undefined;
-    const restrict = input.egress !== undefined && input.egress !== 'allow' && !guard;
-    // Every output port goes to the VM's log sink (microvm-runner --log-sink, started by the
-    // launcher), which bounds each file on the host and says when output was cut or lost.
-    const sink: string[] = [path.join(input.dataDir, OUTPUT_STATUS_FILE)];
-    const sinkSocket = (id: string, file: string, max: number): string => {
-      const sock = path.join(input.dataDir, `${id}.sink`);
-      fs.rmSync(sock, { force: true });
-      sink.push(id, String(max), sock, file);
-      return sock;
-    };
-    const logMax = input.logMaxBytes ?? DEFAULT_LOG_MAX_BYTES;
-    const port = (id: string, file: string, name: string, max = logMax): string[] => [
-      '-chardev',
-      `socket,id=${id},path=${sinkSocket(id, file, max)}`,
-      '-device',
-      `virtserialport,chardev=${id},name=${name}`,
-    ];
-    const qemuArgs = [
-      rt.qemuPath,
-      // pic=on: with pic=off the PIT tick never reaches the guest, the kernel disables its APIC
-      // timer ("verification failure") and every sleep in the guest hangs under TCG.
-      '-M',
-      'microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=off,acpi=off,memory-backend=mem',
-      '-global',
-      'virtio-mmio.force-legacy=false',
-      '-accel',
-      accel,
-      '-cpu',
-      // Under TCG: every feature QEMU emulates, except nested virtualization (svm/vmx): the guest
-      // kernel's KVM would spend ~0.1 s of boot setting up something a TCG guest cannot use.
-      accel === 'kvm' ? 'host' : 'max,-svm,-vmx',
-      '-smp',
-      String(cpus),
-      '-m',
-      `${input.memoryMiB}M`,
-      '-object',
-      `memory-backend-memfd,id=mem,size=${input.memoryMiB}M,share=on`,
-      '-nodefaults',
-      '-no-user-config',
-      '-display',
-      'none',
-      '-no-reboot',
-      '-qmp',
-      `unix:${qmpSock},server=on,wait=off`,
-      '-kernel',
+    const hostEnv: Record<string, string> = { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin' };
+    for (const k of ['MICROVM_FSGUARD_LOG', 'MICROVM_RELAY_MAX_CONNECTIONS', 'MICROVM_RELAY_IDLE_MS']) {
+      const value = process.env[k];
+      if (value !== undefined) hostEnv[k] = value;
+    }
+    const launch = qemuLaunch(input, {
+      qemuPath: rt.qemuPath,
+      virtiofsdPath: rt.virtiofsdPath,
+      fsGuard: rt.fsGuard,
+      runnerPath: resolveRunner(),
       kernel,
-      '-append',
-      cmdline.join(' '),
-      '-device',
-      'virtio-serial-device',
-      '-chardev',
-      `socket,id=console,path=${sinkSocket('console', input.consoleLogPath, logMax)}`,
-      '-device',
-      'virtconsole,chardev=console',
-      ...port('exit', exitFile, 'microvm.exit', 64 * 1024),
-      ...port('stdout', input.stdoutPath, 'microvm.stdout'),
-      ...port('stderr', input.stderrPath, 'microvm.stderr'),
-      // When each chunk of the command's output arrived (the init relays it): for logs --since.
-      ...(input.outputTimes === false ? [] : port('times', timesFile, 'microvm.logtimes', 16 * 2 ** 20)),
-      // The guest agent's channel (native/guest_agent.cc): QEMU listens; one host client at a time.
-      '-chardev',
-      `socket,id=agent,path=${agentSock},server=on,wait=off`,
-      '-device',
-      'virtserialport,chardev=agent,name=microvm.agent',
-      '-chardev',
-      `socket,id=fs,path=${fsSock}`,
-      '-device',
-      'vhost-user-fs-device,chardev=fs,tag=root',
-      '-netdev',
-      `user,id=n0${restrict ? ',restrict=on' : ''}${hostfwd}${egressForwards}`,
-      '-device',
-      'virtio-net-device,netdev=n0',
-      '-device',
-      'virtio-rng-device',
-    ];
-    input.virtiofs.forEach((share, n) => {
-      qemuArgs.push('-chardev', `socket,id=fs${n + 1},path=${path.join(input.dataDir, `share-${n}.sock`)}`);
-      qemuArgs.push('-device', `vhost-user-fs-device,chardev=fs${n + 1},tag=${share.tag}`);
+      accel,
+      tscKhz: hostTscKhz(),
+      extraArgs: options.extraArgs,
+      netGuard: guard ? { library: netGuardPath(), policy: guard.policy } : undefined,
+      relay: { node: process.execPath, script: relayScript() },
+      env: hostEnv,
     });
-    qemuArgs.push(...(options.extraArgs ?? []));
-    const root = process.getuid?.() === 0;
-    const env: NodeJS.ProcessEnv = {
-      PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
-      MVM_ROOT: input.rootfs.rootPath,
-      MVM_FS_SOCK: fsSock,
-      MVM_VIRTIOFSD: rt.virtiofsdPath,
-      MVM_RUNNER: resolveRunner(),
-      MVM_FSGUARD: rt.fsGuard,
-    };
-    if (guard) {
-      env.MVM_NETGUARD = netGuardPath();
-      env.MICROVM_NETGUARD_POLICY = guard.policy;
-    }
-    if (process.env.MICROVM_FSGUARD_LOG) env.MICROVM_FSGUARD_LOG = process.env.MICROVM_FSGUARD_LOG;
-    if (allow) {
-      // The VM's one relay (lib/network/relay.ts), started by the launcher beside QEMU.
-      const rules = path.join(input.dataDir, 'relay-rules.json');
-      fs.writeFileSync(rules, relayRules(allow), { mode: 0o600 });
-      fs.rmSync(relaySock, { force: true });
-      env.MVM_RELAY_NODE = process.execPath;
-      env.MVM_RELAY_SCRIPT = path.join(packageRoot, 'dist', 'network', 'relay.js');
-      env.MVM_RELAY_SOCK = relaySock;
-      env.MVM_RELAY_RULES = rules;
-      env.MVM_RELAY_LOG = path.join(input.dataDir, 'egress.log');
-      for (const k of ['MICROVM_RELAY_MAX_CONNECTIONS', 'MICROVM_RELAY_IDLE_MS'])
-        if (process.env[k] !== undefined) env[k] = process.env[k];
-    }
-    env.MVM_SHARES = String(input.virtiofs.length);
-    const socks: string[] = [];
-    input.virtiofs.forEach((share, n) => {
-      const sock = path.join(input.dataDir, `share-${n}.sock`);
-      const mnt = path.join(input.dataDir, 'shares', String(n));
-      fs.rmSync(sock, { force: true });
-      fs.mkdirSync(mnt, { recursive: true });
-      env[`MVM_SHARE_${n}_SRC`] = share.hostPath;
-      env[`MVM_SHARE_${n}_SOCK`] = sock;
-      env[`MVM_SHARE_${n}_RO`] = share.readOnly ? '1' : '0';
-      env[`MVM_SHARE_${n}_MNT`] = mnt;
-      socks.push(sock);
-    });
-    // Socket paths are ours (data dir), without spaces: safe to split in the launcher.
-    if (socks.some((x) => /\s/.test(x)))
-      throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', 'The data dir path must not contain white space');
-    env.MVM_SHARE_SOCKS = socks.join(' ');
-    env.MVM_SINK = sink.join(' ');
-    env.MVM_SINK_SOCKS = sink.filter((x) => x.endsWith('.sink')).join(' ');
-    if (input.rootfs.overlay) {
-      env.MVM_OVERLAY_LOWER = input.rootfs.overlay.lower;
-      env.MVM_OVERLAY_UPPER = input.rootfs.overlay.upper;
-      env.MVM_OVERLAY_WORK = input.rootfs.overlay.work;
-      if (!root) env.MVM_USERNS = '1';
-    }
-    const unshareArgs = root ? ['-m', '--propagation', 'private'] : ['-U', '-r', '-m', '--propagation', 'private'];
+    const files = launchFiles(input.dataDir);
+    const qmpSock = files.qmpSocket;
+    const exitFile = files.exitFile;
+    const agentSock = files.agentSocket;
+    const clockFile = path.join(input.dataDir, GUEST_CLOCK_FILE);
+    // What an earlier start left: every socket the launcher makes, and the files it writes.
+    const sinkSockets = ((launch.plan.sink as { streams: { socket: string }[] }).streams ?? []).map((x) => x.socket);
+    for (const f of [
+      files.rootSocket,
+      qmpSock,
+      exitFile,
+      agentSock,
+      files.timesFile,
+      clockFile,
+      files.relaySocket,
+      ...sinkSockets,
+      ...input.virtiofs.map((_, n) => files.shareSocket(n)),
+      input.consoleLogPath,
+      input.stdoutPath,
+      input.stderrPath,
+    ])
+      fs.rmSync(f, { force: true });
+    for (const m of launch.mountPoints) fs.mkdirSync(m, { recursive: true });
+    if (launch.relayRules) fs.writeFileSync(launch.relayRules.path, launch.relayRules.text, { mode: 0o600 });
+    // The launcher (native/qemu_launch.cc) reads its plan on fd 3, then becomes QEMU: its pid is
+    // QEMU's, its process group the VM's (with virtiofsd and the relay).
     const logFd = fs.openSync(input.logPath, 'a', 0o640);
-    const tie = options.dieWithParent === false ? [] : ['setpriv', '--pdeathsig', 'SIGKILL', '--'];
     const child = spawn(
-      'unshare',
-      [...unshareArgs, '--', ...tie, 'sh', '-c', LAUNCHER, 'microvm-launcher', ...qemuArgs],
-      {
-        stdio: ['ignore', logFd, logFd],
-        detached: true,
-        env,
-      },
+      resolveRunner(),
+      ['--qemu-plan-fd', '3', ...(options.dieWithParent === false ? [] : ['--die-with-parent'])],
+      { stdio: ['ignore', logFd, logFd, 'pipe'], detached: true, env: hostEnv },
     );
     fs.closeSync(logFd);
+    const planPipe = child.stdio[3] as import('node:stream').Writable;
+    planPipe.on('error', () => undefined); // a launcher that died early says why in vm.log
+    planPipe.end(JSON.stringify(launch.plan));
 
     // What is known about this VM so far; `exited` classifies the end from it.
     let up = false;
