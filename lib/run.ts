@@ -74,6 +74,7 @@ import { endSpan, getTracer, inSpan, type SpanScope, traceEnv } from './telemetr
 import { errorType, recordStage, runMetrics } from './telemetry/metrics';
 import * as v from './validate';
 import { describeExit, MicroVM, VM_ENDED } from './vm';
+import { AGENT_FAILURE_PHRASES, CONSOLE_PREFIX } from './guest/protocol';
 
 /** A function run with the started VM (stage microvm.PostBoot). */
 export type PostBootHook = (vm: MicroVM, scope: SpanScope) => void | Promise<void>;
@@ -302,7 +303,7 @@ class AgentNotStarted extends MicrovmError {}
  */
 function agentNotStarted(consoleLogPath: string): AgentNotStarted | undefined {
   const text = readTail(consoleLogPath, 16 * 1024)?.toString('utf8') ?? '';
-  const said = /^microvm-init: (?:cannot listen for the host on|bad agent|cannot start the agent)[^\r\n]*/m.exec(text);
+  const said = new RegExp(`^${CONSOLE_PREFIX}(?:${AGENT_FAILURE_PHRASES.join('|')})[^\\r\\n]*`, 'm').exec(text);
   if (!said) return undefined;
   const line = said[0].replace(/[^\x20-\x7e]/g, '?').slice(0, 300);
   return new AgentNotStarted(

@@ -7,6 +7,8 @@
 // host that stops reading stops the child (its pipe fills) instead of growing this process.
 #include "guest_agent.h"
 
+#include "guest/protocol.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -923,9 +925,9 @@ void NextHost() {
 
 void Serve(const Defaults& defaults) {
   g_defaults = defaults;
-  std::string port = WaitForPort("microvm.agent", 30000);
+  std::string port = WaitForPort(guest::kPortAgent, 30000);
   if (port.empty()) {
-    Log("no microvm.agent port");
+    Log(std::string("no ") + guest::kPortAgent + " port");
     _exit(0);  // nothing to serve: not restarted
   }
   g_port = open(port.c_str(), O_RDWR | O_CLOEXEC);

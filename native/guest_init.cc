@@ -60,9 +60,12 @@
 #include <string>
 #include <vector>
 
+#include "guest/protocol.h"
 #include "guest_agent.h"
 #include "guest_util.h"
 #include "json.h"
+
+namespace guest = microvm::guest;
 
 namespace {
 
@@ -71,7 +74,7 @@ using microvm::MonotonicNs;
 using microvm::WaitForPort;
 
 void Log(const std::string& msg) {
-  std::string line = "microvm-init: " + msg + "\n";
+  std::string line = std::string(guest::kConsolePrefix) + msg + "\n";
   ssize_t ignored = write(STDERR_FILENO, line.data(), line.size());
   (void)ignored;
 }
@@ -128,7 +131,7 @@ int g_exit_fd = -1;
 
 void SayToHost(const std::string& line) {
   if (g_exit_fd < 0) {
-    std::string port = WaitForPort("microvm.exit", 10000);
+    std::string port = WaitForPort(guest::kPortExit, 10000);
     if (!port.empty()) g_exit_fd = open(port.c_str(), O_WRONLY | O_CLOEXEC);
   }
   if (g_exit_fd < 0) {
@@ -141,11 +144,11 @@ void SayToHost(const std::string& line) {
 }
 
 void Milestone(const char* name, long long ns) {
-  SayToHost(std::string("T ") + name + " " + std::to_string(ns));
+  SayToHost(std::string(guest::kLineMilestone) + " " + name + " " + std::to_string(ns));
 }
 
 [[noreturn]] void Finish(int code) {
-  SayToHost("EXIT " + std::to_string(code));
+  SayToHost(std::string(guest::kLineExit) + " " + std::to_string(code));
   sync();
   // The VM ends itself, with no host process needing to watch (a detached VM): a restart, which
   // the kernel does by a triple fault (reboot=t on the QEMU backend's command line) and QEMU, run
@@ -197,7 +200,7 @@ void AddHosts(const microvm::JsonValue* hosts) {
 bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, std::string* workdir,
                 std::vector<ShareMount>* mounts, std::vector<std::string>* ports) {
   const char* path = getenv("KRUN_CONFIG");
-  if (path == nullptr) path = "/.krun_config.json";
+  if (path == nullptr) path = guest::kConfigPath;
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     Log(std::string("cannot open ") + path + ": " + std::strerror(errno));
@@ -220,11 +223,11 @@ bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, st
       if (item.is_string()) out->push_back(item.string_value());
     }
   };
-  strings(json.Get("Cmd"), cmd);
-  strings(json.Get("Env"), env);
-  strings(json.Get("MicrovmPorts"), ports);
-  AddHosts(json.Get("MicrovmHosts"));
-  const microvm::JsonValue* ms = json.Get("MicrovmMounts");
+  strings(json.Get(guest::kConfigCmd), cmd);
+  strings(json.Get(guest::kConfigEnv), env);
+  strings(json.Get(guest::kConfigPorts), ports);
+  AddHosts(json.Get(guest::kConfigHosts));
+  const microvm::JsonValue* ms = json.Get(guest::kConfigMounts);
   if (ms != nullptr && ms->is_array()) {
     for (const auto& m : ms->array_items()) {
       const microvm::JsonValue* tag = m.Get("tag");
@@ -238,7 +241,7 @@ bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, st
           {tag->string_value(), target->string_value(), ro != nullptr && ro->is_bool() && ro->bool_value()});
     }
   }
-  const microvm::JsonValue* wd = json.Get("WorkingDir");
+  const microvm::JsonValue* wd = json.Get(guest::kConfigWorkingDir);
   if (wd != nullptr && wd->is_string() && !wd->string_value().empty()) *workdir = wd->string_value();
   if (cmd->empty()) {
     Log(std::string(path) + ": no Cmd");
@@ -254,7 +257,7 @@ pid_t StartAgent(const microvm::agent::Defaults& defaults) {
     setsid();
     microvm::agent::Serve(defaults);
   }
-  if (pid < 0) Log(std::string("cannot start the agent: ") + std::strerror(errno));
+  if (pid < 0) Log(std::string(guest::kPhraseCannotStartAgent) + ": " + std::strerror(errno));
   return pid;
 }
 
@@ -267,7 +270,7 @@ int ListenFor(const std::string& spec) {
     errno = 0;
     unsigned long long port = std::strtoull(digits.c_str(), &end, 10);
     if (digits.empty() || digits.size() > 10 || *end != '\0' || errno != 0 || port == 0 || port >= VMADDR_PORT_ANY) {
-      Log("bad agent port: " + spec);
+      Log(std::string(guest::kPhraseBadAgent) + " port: " + spec);
       return -1;
     }
     fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -286,7 +289,7 @@ int ListenFor(const std::string& spec) {
     std::memset(&addr, 0, sizeof addr);
     addr.sun_family = AF_UNIX;
     if (path.empty() || path.size() >= sizeof addr.sun_path) {
-      Log("bad agent socket path: " + spec);
+      Log(std::string(guest::kPhraseBadAgent) + " socket path: " + spec);
       return -1;
     }
     std::memcpy(addr.sun_path, path.data(), path.size());
@@ -297,26 +300,27 @@ int ListenFor(const std::string& spec) {
       fd = -1;
     }
   } else {
-    Log("bad agent listen address: " + spec);
+    Log(std::string(guest::kPhraseBadAgent) + " listen address: " + spec);
     return -1;
   }
   if (fd >= 0 && listen(fd, 4) != 0) {
     close(fd);
     fd = -1;
   }
-  if (fd < 0) Log("cannot listen for the host on " + spec + ": " + std::strerror(errno));
+  if (fd < 0) Log(std::string(guest::kPhraseCannotListen) + " " + spec + ": " + std::strerror(errno));
   return fd;
 }
 
 // Under libkrun: see the top of this file. argv: --agent-listen=SPEC -- CMD...
 int AgentThenExec(int argc, char** argv) {
-  const std::string spec = argv[1] + std::strlen("--agent-listen=");
+  const std::string spec = argv[1] + std::strlen(guest::kArgAgentListen);
   if (argc < 4 || std::strcmp(argv[2], "--") != 0) {
     Log("usage: /.microvm/init --agent-listen=vsock:PORT -- CMD...");
     return 125;
   }
   char** cmd = argv + 3;
-  const bool idle = argc == 5 && std::strcmp(cmd[0], "/.microvm/init") == 0 && std::strcmp(cmd[1], "--idle") == 0;
+  const bool idle =
+      argc == 5 && std::strcmp(cmd[0], guest::kInitPath) == 0 && std::strcmp(cmd[1], guest::kArgIdle) == 0;
   int lfd = ListenFor(spec);
   if (lfd >= 0) {
     microvm::agent::Defaults defaults;
@@ -342,7 +346,7 @@ int AgentThenExec(int argc, char** argv) {
     }
     while (first > 0 && waitpid(first, nullptr, 0) < 0 && errno == EINTR) {
     }
-    if (first < 0) Log(std::string("cannot start the agent: ") + std::strerror(errno));
+    if (first < 0) Log(std::string(guest::kPhraseCannotStartAgent) + ": " + std::strerror(errno));
     close(lfd);
   }
   if (idle) {
@@ -358,7 +362,8 @@ int AgentThenExec(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   const long long started = MonotonicNs();
-  if (argc >= 2 && std::strncmp(argv[1], "--agent-listen=", 15) == 0) return AgentThenExec(argc, argv);
+  if (argc >= 2 && std::strncmp(argv[1], guest::kArgAgentListen, std::strlen(guest::kArgAgentListen)) == 0)
+    return AgentThenExec(argc, argv);
   if (getpid() != 1) {
     std::fprintf(stderr, "microvm-guest-init runs as PID 1 inside a VM\n");
     return 125;
@@ -370,7 +375,7 @@ int main(int argc, char** argv) {
   MountFs("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
   MountFs("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
   const long long mounted = MonotonicNs();
-  SayToHost("UP");
+  SayToHost(guest::kLineUp);
   Milestone("init", started);
   Milestone("mounts", mounted);
   if (sethostname("microvm", 7) != 0) Log(std::string("sethostname: ") + std::strerror(errno));
@@ -400,14 +405,14 @@ int main(int argc, char** argv) {
   // The agent serves the host's exec and file requests beside the command (when the host gave it
   // a port); it is restarted if it dies, a few times.
   microvm::agent::Defaults defaults{env, workdir};
-  const bool with_agent = provided("microvm.agent");
+  const bool with_agent = provided(guest::kPortAgent);
   pid_t agent = with_agent ? StartAgent(defaults) : -1;
   int agent_restarts = 0;
 
   // Idle: no command of its own; the VM serves the agent until it is stopped (`microvm run -it`).
-  const bool idle = cmd.size() == 2 && cmd[0] == "/.microvm/init" && cmd[1] == "--idle";
+  const bool idle = cmd.size() == 2 && cmd[0] == guest::kInitPath && cmd[1] == guest::kArgIdle;
   // With "microvm.logtimes": the command's stdout and stderr are pipes this process relays.
-  const bool relay = !idle && provided("microvm.logtimes");
+  const bool relay = !idle && provided(guest::kPortLogTimes);
   int pipes[2][2] = {{-1, -1}, {-1, -1}};
   for (int i = 0; relay && i < 2; i++) {
     if (pipe2(pipes[i], O_CLOEXEC) != 0) {
@@ -423,7 +428,7 @@ int main(int argc, char** argv) {
     setsid();
     ioctl(STDIN_FILENO, TIOCSCTTY, 0);
     // The command's own output channels; without them (an older host) it keeps the console.
-    const char* names[2] = {"microvm.stdout", "microvm.stderr"};
+    const char* names[2] = {guest::kPortStdout, guest::kPortStderr};
     for (int i = 0; i < 2; i++) {
       if (relay) {
         dup2(pipes[i][1], STDOUT_FILENO + i);  // the copy is not close-on-exec
@@ -480,7 +485,7 @@ int main(int argc, char** argv) {
   } streams[2];
   int times_fd = -1;
   if (relay) {
-    const char* names[2] = {"microvm.stdout", "microvm.stderr"};
+    const char* names[2] = {guest::kPortStdout, guest::kPortStderr};
     for (int i = 0; i < 2; i++) {
       close(pipes[i][1]);
       streams[i].in = pipes[i][0];
@@ -489,7 +494,7 @@ int main(int argc, char** argv) {
       streams[i].out = port.empty() ? -1 : open(port.c_str(), O_WRONLY | O_CLOEXEC);
       if (streams[i].out < 0) Log(std::string("no port ") + names[i] + ": the command's output is dropped");
     }
-    std::string port = WaitForPort("microvm.logtimes", 10000);
+    std::string port = WaitForPort(guest::kPortLogTimes, 10000);
     times_fd = port.empty() ? -1 : open(port.c_str(), O_WRONLY | O_CLOEXEC);
   }
   // Moves what one pipe has to its port and notes when; false at the pipe's end. splice keeps the

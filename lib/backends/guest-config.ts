@@ -4,6 +4,7 @@
  * shares our init mounts.
  */
 import type { BackendPrepareInput } from './types';
+import { CONFIG_KEY } from '../guest/protocol';
 
 /** Default PATH for the guest when the image sets none. */
 export const DEFAULT_GUEST_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
@@ -27,12 +28,12 @@ export function guestConfig(input: BackendPrepareInput): {
     env.set(e.slice(0, i), e);
   }
   const config: ReturnType<typeof guestConfig> = {
-    Cmd: cmd,
-    Env: [...env.values()],
-    WorkingDir: input.workdir ?? (input.image.workingDir || '/'),
+    [CONFIG_KEY.cmd]: cmd,
+    [CONFIG_KEY.env]: [...env.values()],
+    [CONFIG_KEY.workingDir]: input.workdir ?? (input.image.workingDir || '/'),
   };
   // Read by microvm-guest-init (QEMU backend); libkrun's own init ignores it (mount the tags yourself).
   if (input.mounts?.length)
-    config.MicrovmMounts = input.mounts.map((m) => ({ tag: m.tag, target: m.guestPath, readOnly: m.readOnly }));
+    config[CONFIG_KEY.mounts] = input.mounts.map((m) => ({ tag: m.tag, target: m.guestPath, readOnly: m.readOnly }));
   return config;
 }

@@ -6,12 +6,9 @@
 import * as fs from 'node:fs';
 import { shippedFile } from '../native';
 import type { RootfsContext } from '../rootfs/hooks';
+import { GUEST_INIT_PATH } from '../guest/protocol';
 
-/** Where the guest init is placed in the VM's rootfs. */
-export const GUEST_INIT_PATH = '/.microvm/init';
-
-/** A command for the guest init that runs nothing: the VM serves its agent until stopped. */
-export const IDLE_COMMAND: readonly string[] = [GUEST_INIT_PATH, '--idle'];
+export { GUEST_INIT_PATH, IDLE_COMMAND } from '../guest/protocol';
 
 /** The guest agent's socket, in the VM's directory. */
 export const AGENT_SOCKET = 'agent.sock';

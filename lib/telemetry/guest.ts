@@ -11,6 +11,7 @@
  * they line up with the host's within Date.now()'s 1 ms resolution. (Epoch times from
  * performance.timeOrigin drift from Date.now() over a process's life.) Guest lines are hostile input: only known names, each once, bounded numbers, in order.
  */
+import { EXIT_LINE } from '../guest/protocol';
 import { type Attributes, type Span, trace } from '@opentelemetry/api';
 import { ATTR, SPAN } from './attributes';
 import type { SpanScope } from './tracer';
@@ -35,7 +36,7 @@ export const GUEST_CLOCK_ERROR_MS = 20;
 export function parseMilestones(text: string): Partial<Record<GuestMilestone, number>> {
   const out: Partial<Record<GuestMilestone, number>> = {};
   for (const line of text.slice(0, 8192).split('\n')) {
-    const m = /^T ([a-z]{1,16}) (\d{1,16})$/.exec(line);
+    const m = line.startsWith(`${EXIT_LINE.milestone} `) ? /^\S+ ([a-z]{1,16}) (\d{1,16})$/.exec(line) : null;
     if (!m || !(GUEST_MILESTONES as readonly string[]).includes(m[1])) continue;
     const name = m[1] as GuestMilestone;
     out[name] ??= Number(m[2]);

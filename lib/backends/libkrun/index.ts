@@ -8,6 +8,7 @@
  * listening), dry-runs it in-process against the real libkrun, and starts the runner, which
  * mounts the overlay root (when cloned that way), configures libkrun and calls krun_start_enter.
  */
+import { AGENT_VSOCK_PORT, GUEST_CONFIG_PATH, INIT_ARG } from '../../guest/protocol';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { MicrovmError } from '../../errors';
@@ -28,11 +29,11 @@ import { AGENT_SOCKET, GUEST_INIT_PATH, injectGuestInit } from '../guest-init';
  * The guest port the agent listens on (vsock); libkrun bridges the VM directory's `agent.sock` to it.
  * A high port, away from the ones TSI takes for the guest's own listening sockets.
  */
-export const AGENT_VSOCK_PORT = 19_798;
+export { AGENT_VSOCK_PORT } from '../../guest/protocol';
 
 /** Cmd for libkrun's init: our init starts the agent, then becomes the command. */
 export function agentCommand(cmd: readonly string[]): string[] {
-  return [GUEST_INIT_PATH, `--agent-listen=vsock:${AGENT_VSOCK_PORT}`, '--', ...cmd];
+  return [GUEST_INIT_PATH, `${INIT_ARG.agentListen}vsock:${AGENT_VSOCK_PORT}`, '--', ...cmd];
 }
 
 /** Options of {@link libkrunBackend}. */
@@ -142,7 +143,7 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
       const config = guestConfig(input);
       config.Cmd = agentCommand(config.Cmd);
       const ctx = rootfsContext(input.vmId, input.rootfs);
-      ctx.writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
+      ctx.writeFile(GUEST_CONFIG_PATH, `${JSON.stringify(config)}\n`, { mode: 0o644 });
       injectGuestInit(ctx);
     },
     async start(input: BackendStartInput): Promise<BackendHandle> {

@@ -45,6 +45,7 @@ import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
 import { guestInitPath, injectGuestInit } from '../guest-init';
+import { CONFIG_KEY, EXIT_LINE, GUEST_CONFIG_PATH, PORT } from '../../guest/protocol';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { STOP_SIGNALS } from '../types';
 import { pvhKernelFor } from './kernel';
@@ -282,9 +283,9 @@ const SIGNAL_NAMES = new Map(Object.entries(os.constants.signals).map(([name, n]
 /** What the guest said on the microvm.exit port: "UP", then "EXIT <code>". Hostile input: capped, strict. */
 export function readExitPort(text: string): { up: boolean; code?: number } {
   const lines = text.slice(0, 4096).split('\n');
-  const up = lines.includes('UP');
+  const up = lines.includes(EXIT_LINE.up);
   for (const l of lines) {
-    const m = /^EXIT (\d{1,3})$/.exec(l);
+    const m = l.startsWith(`${EXIT_LINE.exit} `) ? /^\S+ (\d{1,3})$/.exec(l) : null;
     if (m && Number(m[1]) <= 255) return { up: true, code: Number(m[1]) };
   }
   return { up };
@@ -341,17 +342,17 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       const allow = allowListOf(input.egress);
       const config = {
         ...guestConfig(input),
-        MicrovmPorts: [
-          'microvm.stdout',
-          'microvm.stderr',
-          ...(input.outputTimes === false ? [] : ['microvm.logtimes']),
-          'microvm.agent',
+        [CONFIG_KEY.ports]: [
+          PORT.stdout,
+          PORT.stderr,
+          ...(input.outputTimes === false ? [] : [PORT.logTimes]),
+          PORT.agent,
         ],
         // An egress allow-list's names, at their virtual addresses (lib/network/egress.ts); the
         // init adds them to /etc/hosts.
-        ...(allow ? { MicrovmHosts: virtualHosts(allow).map((h) => [h.ip, h.host]) } : {}),
+        ...(allow ? { [CONFIG_KEY.hosts]: virtualHosts(allow).map((h) => [h.ip, h.host]) } : {}),
       };
-      ctx.writeFile('/.krun_config.json', `${JSON.stringify(config)}\n`, { mode: 0o644 });
+      ctx.writeFile(GUEST_CONFIG_PATH, `${JSON.stringify(config)}\n`, { mode: 0o644 });
       injectGuestInit(ctx);
       // The resolver is QEMU's (10.0.2.3) when the image names none. Written here rather than by
       // the guest's init: a file made through virtio-fs costs the init 7-17 ms of round trips to

@@ -5,7 +5,8 @@
  * (index.ts) writes the files this names and starts the runner; tests read these functions alone.
  */
 import * as path from 'node:path';
-import { AGENT_SOCKET, GUEST_INIT_PATH } from '../guest-init';
+import { AGENT_SOCKET } from '../guest-init';
+import { GUEST_INIT_PATH, PORT } from '../../guest/protocol';
 import { OUTPUT_TIMES_FILE } from '../../log-times';
 import { DEFAULT_LOG_MAX_BYTES, OUTPUT_STATUS_FILE } from '../../output-status';
 import { allowListOf, guestForwards, relayRules } from '../../network/egress';
@@ -160,16 +161,16 @@ export function qemuLaunch(input: BackendStartInput, host: LaunchHost): QemuLaun
     sinkPort('console', input.consoleLogPath, logMax),
     '-device',
     'virtconsole,chardev=console',
-    ...port('exit', f.exitFile, 'microvm.exit', 64 * 1024),
-    ...port('stdout', input.stdoutPath, 'microvm.stdout'),
-    ...port('stderr', input.stderrPath, 'microvm.stderr'),
+    ...port('exit', f.exitFile, PORT.exit, 64 * 1024),
+    ...port('stdout', input.stdoutPath, PORT.stdout),
+    ...port('stderr', input.stderrPath, PORT.stderr),
     // When each chunk of the command's output arrived (the init relays it): for logs --since.
-    ...(input.outputTimes === false ? [] : port('times', f.timesFile, 'microvm.logtimes', 16 * 2 ** 20)),
+    ...(input.outputTimes === false ? [] : port('times', f.timesFile, PORT.logTimes, 16 * 2 ** 20)),
     // The guest agent's channel (native/guest_agent.cc): QEMU listens; one host client at a time.
     '-chardev',
     `socket,id=agent,path=${f.agentSocket},server=on,wait=off`,
     '-device',
-    'virtserialport,chardev=agent,name=microvm.agent',
+    `virtserialport,chardev=agent,name=${PORT.agent}`,
     '-chardev',
     `socket,id=fs,path=${f.rootSocket}`,
     '-device',
