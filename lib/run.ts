@@ -75,6 +75,8 @@ import { errorType, recordStage, runMetrics } from './telemetry/metrics';
 import * as v from './validate';
 import { describeExit, MicroVM, VM_ENDED } from './vm';
 import { AGENT_FAILURE_PHRASES, CONSOLE_PREFIX } from './guest/protocol';
+import { guestBlock, guestLines } from './guest/text';
+import { VM_NAME, vmDir as vmDirOf, vmFile, vmsDir } from './vm-dir';
 
 /** A function run with the started VM (stage microvm.PostBoot). */
 export type PostBootHook = (vm: MicroVM, scope: SpanScope) => void | Promise<void>;
@@ -284,13 +286,7 @@ function checks(name: string, value: unknown): PreflightCheck[] {
 
 /** The last lines of a guest output file for an error message (the VM's directory is removed after). */
 function outputTail(file: string, label: string): string {
-  const text = readTail(file, 2000)?.toString('utf8') ?? '';
-  const lines = text
-    .replace(/\r/g, '')
-    .split('\n')
-    .filter((l) => l.trim())
-    .slice(-6);
-  return lines.length ? `\n${label}:\n${lines.map((l) => `  ${l.slice(0, 300)}`).join('\n')}` : '';
+  return guestBlock(label, readTail(file, 2000)?.toString('utf8') ?? '', 6);
 }
 
 /** An agent that will not come: the guest's init said so on the console (libkrun). */
@@ -305,7 +301,7 @@ function agentNotStarted(consoleLogPath: string): AgentNotStarted | undefined {
   const text = readTail(consoleLogPath, 16 * 1024)?.toString('utf8') ?? '';
   const said = new RegExp(`^${CONSOLE_PREFIX}(?:${AGENT_FAILURE_PHRASES.join('|')})[^\\r\\n]*`, 'm').exec(text);
   if (!said) return undefined;
-  const line = said[0].replace(/[^\x20-\x7e]/g, '?').slice(0, 300);
+  const line = guestLines(said[0], 1)[0] ?? '';
   return new AgentNotStarted(
     'ERR_MICROVM_AGENT_UNAVAILABLE',
     `The guest's init could not start the agent: ${line} (see ${consoleLogPath})`,
@@ -382,7 +378,7 @@ function normalize(image: string, options: RunOptions) {
   v.string('image', image);
   const id = randomBytes(6).toString('hex');
   const name = o.name === undefined ? `vm-${id}` : v.string('name', o.name);
-  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(name))
+  if (!VM_NAME.test(name))
     throw v.rangeError(`Expected 1–63 letters, digits, '_', '.' or '-' for name but received ${v.describe(name)}`);
   let env: string[] = [];
   if (Array.isArray(o.env)) env = v.envEntries('env', o.env);
@@ -653,7 +649,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
   );
   const scope: SpanScope = { tracer, ctx: trace.setSpan(context.active(), root) };
   const signal = o.signal;
-  const vmDir = path.join(o.dataRoot, 'vms', o.name);
+  const vmDir = vmDirOf(o.dataRoot, o.name);
   const undo: Array<() => Promise<void>> = [];
   // Every stage: a span under microvm.Run; the signal is checked before and after it, so an abort
   // during a stage fails that stage.
@@ -721,7 +717,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
     });
 
     // The VM's directory: a leftover one is an error unless cleanDataDir says to replace it.
-    await fsp.mkdir(path.join(o.dataRoot, 'vms'), { recursive: true, mode: 0o700 });
+    await fsp.mkdir(vmsDir(o.dataRoot), { recursive: true, mode: 0o700 });
     // Directories of disposable VMs whose process was killed before it could remove them.
     await sweepVms(o.dataRoot);
     if (fs.existsSync(vmDir)) {
@@ -811,10 +807,10 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
         span.setAttribute(ATTR.OVERRIDE_STAT_ENTRIES, await applyOverrideStat(rootfs.rootPath, hostUid, signal));
       });
 
-    const consoleLogPath = path.join(vmDir, 'console.log');
-    const logPath = path.join(vmDir, 'vm.log');
-    const stdoutPath = path.join(vmDir, 'stdout.log');
-    const stderrPath = path.join(vmDir, 'stderr.log');
+    const consoleLogPath = vmFile(vmDir, 'console');
+    const logPath = vmFile(vmDir, 'vmm');
+    const stdoutPath = vmFile(vmDir, 'stdout');
+    const stderrPath = vmFile(vmDir, 'stderr');
     const started: BackendHandle = await stage(SPAN.VM_SPAWN, undefined, async (spawnSpan, inner) => {
       const h = await o.backend.start({
         vmId: o.id,
@@ -871,7 +867,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
       // The policy's decisions (relays, the egress filter) become events of a span as long as the VM.
       // (QEMU's 'deny' is restricted networking: nothing to log.)
       const audit = startEgressAudit(
-        path.join(vmDir, 'egress.log'),
+        vmFile(vmDir, 'egressLog'),
         { tracer: getTracer(o.tracerProvider), ctx: scope.ctx },
         meters.connections,
       );

@@ -2,6 +2,7 @@
  * Per-VM state in `<dataDir>/state.json`, written atomically (temp file, fsync, rename) under a
  * lock file, and the PID-reuse guard used before signalling a recorded VM process.
  */
+import { vmFile, vmsDir } from './vm-dir';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
@@ -109,14 +110,14 @@ export async function writeState(dir: string, state: VmState): Promise<void> {
     } finally {
       fs.closeSync(fd);
     }
-    fs.renameSync(tmp, path.join(dir, 'state.json'));
+    fs.renameSync(tmp, vmFile(dir, 'state'));
   });
 }
 
 /** Reads state.json, or undefined when absent or unreadable. */
 export function readState(dir: string): VmState | undefined {
   try {
-    return JSON.parse(fs.readFileSync(path.join(dir, 'state.json'), 'utf8')) as VmState;
+    return JSON.parse(fs.readFileSync(vmFile(dir, 'state'), 'utf8')) as VmState;
   } catch {
     return undefined;
   }
@@ -157,13 +158,13 @@ export interface VmOwner {
 /** Records this process as the creator of the VM directory `dir` (`owner.json`). */
 export function writeOwner(dir: string, autoRemove: boolean): VmOwner {
   const owner = { pid: process.pid, startTime: processStartTime(process.pid) ?? '', autoRemove };
-  fs.writeFileSync(path.join(dir, 'owner.json'), `${JSON.stringify(owner)}\n`, { mode: 0o600 });
+  fs.writeFileSync(vmFile(dir, 'owner'), `${JSON.stringify(owner)}\n`, { mode: 0o600 });
   return owner;
 }
 
 function readOwner(dir: string): VmOwner | undefined {
   try {
-    const o = JSON.parse(fs.readFileSync(path.join(dir, 'owner.json'), 'utf8')) as VmOwner;
+    const o = JSON.parse(fs.readFileSync(vmFile(dir, 'owner'), 'utf8')) as VmOwner;
     return Number.isInteger(o.pid) && typeof o.startTime === 'string' ? o : undefined;
   } catch {
     return undefined;
@@ -186,7 +187,7 @@ function ownerAlive(o: VmOwner): boolean {
  * unless `all`. Returns the names removed.
  */
 export async function sweepVms(dataRoot: string, all = false): Promise<string[]> {
-  const vms = path.join(dataRoot, 'vms');
+  const vms = vmsDir(dataRoot);
   let names: string[];
   try {
     names = fs.readdirSync(vms);

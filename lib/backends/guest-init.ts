@@ -3,6 +3,7 @@
  * QEMU; under libkrun the command libkrun's init runs first, to start the guest agent. Where it
  * goes, the names it answers to, and the one place that writes it.
  */
+import { VM_FILE } from '../vm-dir';
 import * as fs from 'node:fs';
 import { shippedFile } from '../native';
 import type { RootfsContext } from '../rootfs/hooks';
@@ -11,7 +12,7 @@ import { GUEST_INIT_PATH } from '../guest/protocol';
 export { GUEST_INIT_PATH, IDLE_COMMAND } from '../guest/protocol';
 
 /** The guest agent's socket, in the VM's directory. */
-export const AGENT_SOCKET = 'agent.sock';
+export const AGENT_SOCKET = VM_FILE.agentSocket;
 
 /** The guest init binary (native/guest_init.cc). */
 export function guestInitPath(): string {

@@ -2,6 +2,7 @@
  * The CLI's commands that go through the guest agent: `exec` (`-i`, `-t`, `-e`, `-w`, `-u`),
  * `cp`, and attaching a terminal for `run -it`.
  */
+import { VM_NAME_PART } from '../vm-dir';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -92,7 +93,7 @@ export function envFromArgs(list: readonly string[], usage: (m: string) => Error
 export type CpSide = { vm: string; path: string } | { host: string };
 
 export function parseCpSide(spec: string, isVm: (name: string) => boolean): CpSide {
-  const m = /^([A-Za-z0-9][A-Za-z0-9_.-]{0,62}):(\/.*)$/.exec(spec);
+  const m = new RegExp(`^(${VM_NAME_PART}):(/.*)$`).exec(spec);
   if (m && isVm(m[1])) return { vm: m[1], path: m[2] };
   return { host: path.resolve(spec) };
 }

@@ -4,6 +4,7 @@
  * message when the hypervisor failed; otherwise 0 success, 1 failure (the message carries the error
  * code), 2 usage error.
  */
+import { VM_FILE, VM_NAME, VM_NAME_PART, vmDir as vmDirOf, vmFile, vmsDir } from '../vm-dir';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -313,7 +314,7 @@ function cidrRule(flag: string, spec: string): Record<string, unknown> {
 
 /** VM names in the data dir, sorted. */
 function vmNames(dataDir: string): string[] {
-  const dir = path.join(dataDir, 'vms');
+  const dir = vmsDir(dataDir);
   return fs.existsSync(dir) ? fs.readdirSync(dir).sort() : [];
 }
 
@@ -379,8 +380,8 @@ function reportedExit(dir: string): number | null {
 }
 
 function vmDir(dataDir: string, name: string): string {
-  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(name)) throw new UsageError(`bad VM name ${JSON.stringify(name)}`);
-  return path.join(dataDir, 'vms', name);
+  if (!VM_NAME.test(name)) throw new UsageError(`bad VM name ${JSON.stringify(name)}`);
+  return vmDirOf(dataDir, name);
 }
 
 /** For --detach: the VM must not die with this CLI process. */
@@ -1061,7 +1062,7 @@ export async function main(args: string[]): Promise<number> {
         await sweepVms(dataDir);
         const rows = vmNames(dataDir)
           .map((name) => {
-            const dir = path.join(dataDir, 'vms', name);
+            const dir = vmDirOf(dataDir, name);
             const st = readState(dir);
             const running = st ? isRecordedProcess(st) : false;
             return {
@@ -1116,11 +1117,11 @@ export async function main(args: string[]): Promise<number> {
             running: isRecordedProcess(st),
             dataDir: dir,
             files: {
-              console: file('console.log'),
-              stdout: file('stdout.log'),
-              stderr: file('stderr.log'),
-              log: file('vm.log'),
-              egress: file('egress.log'),
+              console: file(VM_FILE.console),
+              stdout: file(VM_FILE.stdout),
+              stderr: file(VM_FILE.stderr),
+              log: file(VM_FILE.vmm),
+              egress: file(VM_FILE.egressLog),
               egressPolicy: file('egress-policy'),
               outputTimes: file(OUTPUT_TIMES_FILE),
             },
@@ -1152,7 +1153,7 @@ export async function main(args: string[]): Promise<number> {
       case 'logs': {
         if (positional.length !== 1) throw new UsageError('logs takes one NAME');
         const dir = vmDir(dataDir, positional[0]);
-        if (!fs.existsSync(path.join(dir, 'console.log')) && !fs.existsSync(path.join(dir, 'stdout.log')))
+        if (!fs.existsSync(vmFile(dir, 'console')) && !fs.existsSync(vmFile(dir, 'stdout')))
           throw coded('ERR_MICROVM_VM_NOT_FOUND', `no VM named ${positional[0]}`);
         let tail: number | undefined;
         if (values.tail !== undefined) {
@@ -1170,15 +1171,15 @@ export async function main(args: string[]): Promise<number> {
             );
         }
         // The command's stdout and stderr where the backend kept them apart (QEMU), else the console.
-        const separate = !values.console && fs.existsSync(path.join(dir, 'stdout.log'));
+        const separate = !values.console && fs.existsSync(vmFile(dir, 'stdout'));
         const streams: { file: string; offset: number; out: NodeJS.WritableStream }[] = values.network
-          ? [{ file: path.join(dir, 'egress.log'), offset: 0, out: process.stdout }]
+          ? [{ file: vmFile(dir, 'egressLog'), offset: 0, out: process.stdout }]
           : separate
             ? [
-                { file: path.join(dir, 'stdout.log'), offset: 0, out: process.stdout },
-                { file: path.join(dir, 'stderr.log'), offset: 0, out: process.stderr },
+                { file: vmFile(dir, 'stdout'), offset: 0, out: process.stdout },
+                { file: vmFile(dir, 'stderr'), offset: 0, out: process.stderr },
               ]
-            : [{ file: path.join(dir, 'console.log'), offset: 0, out: process.stdout }];
+            : [{ file: vmFile(dir, 'console'), offset: 0, out: process.stdout }];
         if (since !== undefined) {
           if (values.network) streams[0].offset = jsonLinesOffsetSince(streams[0].file, since);
           else {
@@ -1340,11 +1341,11 @@ export async function main(args: string[]): Promise<number> {
       }
       case 'cp': {
         if (positional.length !== 2) throw new UsageError('cp takes SRC DST, one of them NAME:/path');
-        const isVm = (n: string): boolean => fs.existsSync(path.join(dataDir, 'vms', n));
+        const isVm = (n: string): boolean => fs.existsSync(vmDirOf(dataDir, n));
         const [src, dst] = positional.map((p) => parseCpSide(p, isVm));
         if ('vm' in src === 'vm' in dst) {
           // NAME:/path where no VM has that name: say so rather than "one side is NAME:/path".
-          const named = positional.map((p) => /^([A-Za-z0-9][A-Za-z0-9_.-]{0,62}):\//.exec(p)?.[1]).find(Boolean);
+          const named = positional.map((p) => new RegExp(`^(${VM_NAME_PART}):/`).exec(p)?.[1]).find(Boolean);
           if (named && !('vm' in src) && !('vm' in dst))
             throw coded('ERR_MICROVM_VM_NOT_FOUND', `no VM named ${named} (cp ${positional.join(' ')})`);
           throw new UsageError('cp copies between a VM and the host: one side is NAME:/path');

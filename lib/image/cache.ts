@@ -10,6 +10,7 @@
  *
  * An entry appears only complete: it is extracted under tmp/, fsynced, and renamed into place.
  */
+import { vmsDir } from '../vm-dir';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { addon } from '../native';
@@ -200,7 +201,7 @@ export function list(cacheDir: string = defaultCacheDir()): CachedImage[] {
  */
 export function imagesInUse(cacheDir: string): Set<string> {
   const used = new Set<string>();
-  const vms = path.join(cacheDir, '..', 'vms');
+  const vms = vmsDir(path.dirname(cacheDir));
   for (const name of fs.existsSync(vms) ? fs.readdirSync(vms) : []) {
     const st = readState(path.join(vms, name));
     if (st?.imageDigest && isRecordedProcess(st)) used.add(hexOf(st.imageDigest));

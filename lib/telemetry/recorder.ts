@@ -13,6 +13,7 @@
  * starts is the real span plus a plain record of what was set on it. Children are started from a
  * context holding the wrapper, whose span context is the real span's, so the real tree is intact.
  */
+import { VM_FILE } from '../vm-dir';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import {
@@ -196,7 +197,7 @@ export function writeFlightRecord(r: FlightRecordInput): { dir: string } | { ski
       'record.json',
       `${JSON.stringify({ name: r.name, id: r.id, backend: r.backend, image: r.image, vmDir: r.vmDir, at: new Date().toISOString() }, null, 2)}\n`,
     );
-    for (const f of ['console.log', 'vm.log', 'stdout.log', 'stderr.log']) {
+    for (const f of [VM_FILE.console, VM_FILE.vmm, VM_FILE.stdout, VM_FILE.stderr]) {
       const t = readTail(path.join(r.vmDir, f), TAIL_BYTES);
       if (t) write(f, t);
     }

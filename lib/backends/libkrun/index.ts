@@ -8,6 +8,7 @@
  * listening), dry-runs it in-process against the real libkrun, and starts the runner, which
  * mounts the overlay root (when cloned that way), configures libkrun and calls krun_start_enter.
  */
+import { guestLines } from '../../guest/text';
 import { AGENT_VSOCK_PORT, GUEST_CONFIG_PATH, INIT_ARG } from '../../guest/protocol';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -70,13 +71,10 @@ export function classifyRunnerExit(
   if (sent) return { reason: 'stopped', exitCode: null, signal: sent };
   if (status.signal && STOP_SIGNALS.has(status.signal))
     return { reason: 'stopped', exitCode: null, signal: status.signal };
-  const lines = log
-    .split('\n')
-    .map((l) => l.trim())
-    .filter(Boolean);
+  const lines = guestLines(log, Infinity).map((l) => l.trim());
   const last = lines
     .slice(-12)
-    .map((l) => `  ${l.replace(/[^\x20-\x7e\u00a0-\uffff]/g, '?')}`)
+    .map((l) => `  ${l}`)
     .join('\n');
   if (status.signal) {
     return {

@@ -22,6 +22,7 @@
  * When 'auto' chose KVM and the VM fails before UP, it is retried once under TCG and the verdict is
  * recorded for this host boot, so later runs use TCG at once.
  */
+import { dataRootOf } from '../../vm-dir';
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -54,6 +55,7 @@ import { QmpClient } from './qmp';
 import { readTail } from '../../file-tail';
 import { GUEST_CLOCK_FILE, writeGuestClock } from '../../log-times';
 import { sinkFinished } from '../../output-status';
+import { guestLines } from '../../guest/text';
 import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
@@ -246,11 +248,6 @@ export async function checkFileServer(timeoutMs = 5000): Promise<void> {
   }
 }
 
-/** The data root of a VM directory (`<dataRoot>/vms/<name>`). */
-function dataRootOf(vmDir: string): string {
-  return path.join(vmDir, '..', '..');
-}
-
 /** The last `max` bytes of a file as text ('' when it cannot be read). */
 function tail(file: string, max = 4000): string {
   return readTail(file, max)?.toString('utf8') ?? '';
@@ -261,14 +258,8 @@ function tail(file: string, max = 4000): string {
  * failure is followed by a register dump), then the last lines. Guest text is shown, never trusted.
  */
 export function lastLines(input: Pick<BackendStartInput, 'logPath' | 'consoleLogPath'>): string {
-  const lines = (t: string): string[] =>
-    t
-      .replace(/\r/g, '')
-      // eslint-disable-next-line no-control-regex -- keeping tab and newline, replacing the other control bytes is the point
-      .replace(/[^\x09\x0a\x20-\x7e\u00a0-\uffff]/g, '?')
-      .split('\n')
-      .filter((l) => l.trim());
-  const show = (ls: string[]): string => ls.map((l) => `  ${l.slice(0, 300)}`).join('\n');
+  const lines = (t: string): string[] => guestLines(t, Infinity);
+  const show = (ls: string[]): string => ls.map((l) => `  ${l}`).join('\n');
   const log = lines(tail(input.logPath, 16000));
   const errors = log
     .filter((l) => /error|Assertion|failed|panic|terminating/i.test(l) && !/^virtio_/.test(l))
