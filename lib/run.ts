@@ -29,10 +29,10 @@ import {
   trace,
 } from '@opentelemetry/api';
 import { libkrunBackend } from './backends/libkrun';
-import { netGuardPath, qemuBackend, resolveQemuRuntime } from './backends/qemu';
+import { qemuBackend } from './backends/qemu';
 import type { Backend, BackendHandle, EgressPolicy, ImageRuntimeConfig } from './backends/types';
 import { asNoSpace, MicrovmError } from './errors';
-import { type AccelChoice, decideAccel, parseAccel } from './host/kvm';
+import { type AccelChoice, decideAccel, parseAccel, requestedAccel } from './host/kvm';
 import { RecordingTracer, writeFlightRecord } from './telemetry/recorder';
 import { readTail } from './file-tail';
 import { normalizeWaitFor, waitFor, type WaitStrategy } from './wait-for';
@@ -40,7 +40,7 @@ import { freePort } from './net';
 import { keepAlive } from './keep-alive';
 import { localRootfs, parsePullPolicy, pull, type PullPolicy, runtimeConfig, type PulledImage } from './image/pull';
 import type { NetworkHandle, NetworkProvider } from './network/start';
-import { allowListOf, describeEgress, egressMode, needsGuard, parseEgress } from './network/egress';
+import { describeEgress, egressMode, parseEgress } from './network/egress';
 import { startEgressAudit } from './network/egress-audit';
 import {
   normalizeLogLevel,
@@ -51,17 +51,14 @@ import {
 } from './backends/libkrun/plan';
 import {
   diskSpaceCheck,
-  kvmCheck,
   memoryCheck,
   portsCheck,
   type PreflightCheck,
-  probeCheck,
   resourcesCheck,
   userNamespacesCheck,
 } from './preflight/checks';
 import { runAllChecks } from './preflight/run-all';
-import { resolveFirmware, FIRMWARE_INSTALL_HINT } from './resolve/firmware';
-import { LIBKRUN_INSTALL_HINT, resolveRuntime } from './resolve/runtime';
+import { resolveRuntime } from './resolve/runtime';
 import { type CloneStrategy, cloneRootfs, type ClonedRootfs } from './rootfs/clone';
 import { hooks, type RootfsHook, rootfsContext } from './rootfs/hooks';
 import { applyOverrideStat, overrideStatApplies } from './rootfs/override-stat';
@@ -400,10 +397,10 @@ function normalize(image: string, options: RunOptions) {
     throw v.typeError(
       `Expected 'auto', 'libkrun', 'qemu' or a Backend object for backend but received ${v.describe(o.backend)}`,
     );
-  if (accel !== undefined && backend !== 'auto' && backend.name !== 'qemu') {
+  if (accel !== undefined && backend !== 'auto' && !backend.takesAccel) {
     throw Object.assign(
       v.rangeError(
-        `accel applies to backend 'auto' or 'qemu', not ${backend.name === 'libkrun' ? "'libkrun' (always hardware KVM)" : 'a Backend object (configure it there)'}`,
+        `accel applies to backend 'auto' or 'qemu', not ${o.backend === 'libkrun' ? "'libkrun' (always hardware KVM)" : 'a Backend object (configure it there)'}`,
       ),
       { code: 'ERR_MICROVM_INVALID_ACCEL' },
     );
@@ -527,6 +524,7 @@ function normalize(image: string, options: RunOptions) {
   };
 }
 
+/** The checks a start makes: the backend's own, then the host's (disk, memory, CPUs, ports, namespaces). */
 function defaultChecks(
   backend: Backend,
   dataRoot: string,
@@ -535,42 +533,14 @@ function defaultChecks(
   ports: number[],
   egress: EgressPolicy,
 ): PreflightCheck[] {
-  const list: PreflightCheck[] = [];
-  if (backend.name === 'libkrun') {
-    list.push(kvmCheck());
-    list.push(probeCheck('libkrun', 'libkrun 1.x can be loaded', LIBKRUN_INSTALL_HINT, () => resolveRuntime()));
-  }
-  if (backend.name === 'qemu') {
-    list.push(
-      probeCheck(
-        'qemu',
-        'qemu-system-x86_64, virtiofsd and the guest init are present',
-        'apt-get install qemu-system-x86 (Debian 12 includes virtiofsd); npm rebuild node-microvm',
-        async () => resolveQemuRuntime(),
-      ),
-    );
-    // Rules beyond relayed names need the egress filter in QEMU: without it, no start (never open).
-    if (needsGuard(egress))
-      list.push(
-        probeCheck(
-          'egress-filter',
-          'the egress filter (microvm-netguard.so) is present',
-          'npm rebuild node-microvm (in a checkout: npm run build:native)',
-          async () => netGuardPath(),
-        ),
-      );
-  }
-  if (backend.name === 'libkrun' || backend.name === 'qemu') {
-    list.push(probeCheck('libkrunfw', 'libkrunfw 5 can be loaded', FIRMWARE_INSTALL_HINT, () => resolveFirmware()));
-  }
-  list.push(
+  return [
+    ...(backend.preflightChecks?.({ egress }) ?? []),
     diskSpaceCheck(fs.existsSync(dataRoot) ? dataRoot : path.dirname(dataRoot)),
     memoryCheck(memoryMiB),
     resourcesCheck(cpus, memoryMiB),
     portsCheck(ports),
-  );
-  if (backend.supportsOverlay) list.push(userNamespacesCheck());
-  return list;
+    ...(backend.supportsOverlay ? [userNamespacesCheck()] : []),
+  ];
 }
 
 /**
@@ -579,8 +549,7 @@ function defaultChecks(
  * uses KVM or TCG by the same rule. `accel: 'tcg'` always means QEMU.
  */
 export async function chooseBackend(options: { accel?: AccelChoice; dataRoot?: string } = {}): Promise<Backend> {
-  const accel =
-    options.accel ?? (process.env.MICROVM_ACCEL ? parseAccel('MICROVM_ACCEL', process.env.MICROVM_ACCEL) : 'auto');
+  const accel = requestedAccel(options.accel);
   if (accel !== 'tcg' && decideAccel('auto', { dataRoot: options.dataRoot }).accel === 'kvm') {
     try {
       await resolveRuntime();
@@ -780,7 +749,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
       SPAN.NETWORK_START,
       {
         // No provider: libkrun's TSI, or QEMU's user networking (slirp).
-        [ATTR.NETWORK_PROVIDER]: o.network?.name ?? (o.backend.name === 'qemu' ? 'qemu-user' : 'tsi'),
+        [ATTR.NETWORK_PROVIDER]: o.network?.name ?? o.backend.networkName ?? 'backend',
         [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`),
         [ATTR.NETWORK_EGRESS]: describeEgress(o.egress),
       },
@@ -802,7 +771,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
     // libkrun as a user other than root on a copied tree: what this process made gets root's owner
     // in the guest (go-microvm's stage of the same name; lib/rootfs/override-stat.ts).
     const hostUid = process.getuid?.() ?? 0;
-    if (overrideStatApplies(o.backend.name, rootfs.strategy, hostUid))
+    if (overrideStatApplies(o.backend.needsOverrideStat === true, rootfs.strategy, hostUid))
       await stage(SPAN.VIRTIOFS_OVERRIDE_STAT, undefined, async (span) => {
         span.setAttribute(ATTR.OVERRIDE_STAT_ENTRIES, await applyOverrideStat(rootfs.rootPath, hostUid, signal));
       });
@@ -860,12 +829,12 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
       cloneStrategy: rootfs.strategy,
       createdAt: new Date().toISOString(),
       ...(imageDigest ? { imageDigest } : {}),
+      ...(started.agentAcceptsLate ? { agentAcceptsLate: true } : {}),
     });
 
     const onExit: Array<() => Promise<void>> = network ? [() => network.stop()] : [];
-    if (allowListOf(o.egress) || (o.egress === 'deny' && o.backend.name === 'libkrun')) {
+    if (o.backend.egressLogged ? o.backend.egressLogged(o.egress) : typeof o.egress === 'object') {
       // The policy's decisions (relays, the egress filter) become events of a span as long as the VM.
-      // (QEMU's 'deny' is restricted networking: nothing to log.)
       const audit = startEgressAudit(
         vmFile(vmDir, 'egressLog'),
         { tracer: getTracer(o.tracerProvider), ctx: scope.ctx },

@@ -25,6 +25,8 @@ export interface VmState {
   createdAt: string;
   /** The cached image the VM's root was cloned from (gc and the size cap never remove it under a live VM). */
   imageDigest?: string;
+  /** The agent's socket accepts before the agent listens (libkrun's vsock bridge): keep trying. */
+  agentAcceptsLate?: boolean;
 }
 
 /** Start time of a process (field 22 of /proc/PID/stat), or undefined when it is gone. */

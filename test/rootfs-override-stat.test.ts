@@ -9,16 +9,19 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { addon, packageRoot } from '../lib/native';
 import { applyOverrideStat, overrideStatApplies } from '../lib/rootfs/override-stat';
+import { libkrunBackend, qemuBackend } from '../lib';
 import { doubleDir, firmwareDir, scratch } from './helpers';
 
 const isRoot = process.getuid?.() === 0;
 
 test('applies to libkrun on a copied tree when the host user is not root, nowhere else', () => {
-  expect(overrideStatApplies('libkrun', 'copy', 1000)).toBe(true);
-  expect(overrideStatApplies('libkrun', 'reflink', 1000)).toBe(true);
-  expect(overrideStatApplies('libkrun', 'overlay', 1000)).toBe(false); // the runner's userns maps the user to root
-  expect(overrideStatApplies('libkrun', 'copy', 0)).toBe(false); // extraction chowned for real
-  expect(overrideStatApplies('qemu', 'copy', 1000)).toBe(false);
+  const libkrun = libkrunBackend().needsOverrideStat === true;
+  const qemu = qemuBackend().needsOverrideStat === true;
+  expect(overrideStatApplies(libkrun, 'copy', 1000)).toBe(true);
+  expect(overrideStatApplies(libkrun, 'reflink', 1000)).toBe(true);
+  expect(overrideStatApplies(libkrun, 'overlay', 1000)).toBe(false); // the runner's userns maps the user to root
+  expect(overrideStatApplies(libkrun, 'copy', 0)).toBe(false); // extraction chowned for real
+  expect(overrideStatApplies(qemu, 'copy', 1000)).toBe(false);
 });
 
 (isRoot ? test : test.skip)(

@@ -6,6 +6,7 @@
 import type { MicrovmError } from '../errors';
 import type { SpanScope } from '../telemetry/tracer';
 import type { ClonedRootfs } from '../rootfs/clone';
+import type { PreflightCheck } from '../preflight/checks';
 
 /**
  * One egress rule. Exactly one of `host` and `cidr`:
@@ -174,6 +175,24 @@ export interface Backend {
    * run() refuses a policy the backend lacks (ERR_MICROVM_EGRESS_UNSUPPORTED), never runs open.
    */
   readonly egressPolicies?: readonly EgressMode[];
+  /** Takes run()'s `accel` choice (QEMU); run() refuses `accel` for a backend that does not. */
+  readonly takesAccel?: boolean;
+  /** What the guest's network is when run() has no `network` provider, for the spans ('qemu-user', 'tsi'). */
+  readonly networkName?: string;
+  /**
+   * The file server maps a copied root's owners from `user.containers.override_stat` when the caller
+   * is not root (libkrun's virtio-fs): run() then runs the stage microvm.VirtioFSOverrideStat.
+   */
+  readonly needsOverrideStat?: boolean;
+  /**
+   * Whether `start` logs this egress policy's decisions to the VM's egress.log (run() then follows
+   * it in the trace). Default: policies with rules.
+   */
+  egressLogged?(policy: EgressPolicy): boolean;
+  /** The checks this backend needs before a start (run() adds the host's own: disk, memory, ports...). */
+  preflightChecks?(input: { egress: EgressPolicy }): PreflightCheck[];
+  /** The same backend, but its VMs outlive this process (`microvm run -d`). */
+  detached?(): Backend;
   /** Writes what the guest needs into the VM's writable rootfs layer. */
   prepareRootfs(input: BackendPrepareInput): Promise<void>;
   /** Starts the VM; resolves once it is configured and starting. */

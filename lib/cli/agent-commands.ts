@@ -12,13 +12,14 @@ import { AGENT_SOCKET } from '../backends/guest-init';
 import { MicrovmError } from '../errors';
 
 /**
- * Connects to the agent of the VM whose directory is `dir` (run by `backend`); undefined when it has
- * none. A libkrun VM's socket accepts before its agent listens (libkrun bridges it to a vsock port).
+ * Connects to the agent of the VM whose directory is `dir`; undefined when it has none.
+ * `acceptsLate` (recorded in its state): the socket accepts before the agent listens behind it
+ * (libkrun bridges it to a vsock port), so keep trying.
  */
-export async function connectVmAgent(dir: string, backend: string): Promise<AgentClient | undefined> {
+export async function connectVmAgent(dir: string, acceptsLate: boolean): Promise<AgentClient | undefined> {
   const sock = path.join(dir, AGENT_SOCKET);
   if (!fs.existsSync(sock)) return undefined;
-  return AgentClient.connect(sock, { timeoutMs: 10_000, acceptsLate: backend === 'libkrun' });
+  return AgentClient.connect(sock, { timeoutMs: 10_000, acceptsLate });
 }
 
 /**

@@ -390,8 +390,13 @@ async function detachedBackend(
   accel: AccelChoice | undefined,
   dataRoot: string,
 ): Promise<RunOptions['backend']> {
-  const name = choice === 'auto' ? (await chooseBackend({ accel, dataRoot })).name : choice;
-  return name === 'qemu' ? qemuBackend({ dieWithParent: false, accel }) : libkrunBackend({ dieWithParent: false });
+  const b =
+    choice === 'qemu'
+      ? qemuBackend({ accel })
+      : choice === 'libkrun'
+        ? libkrunBackend()
+        : await chooseBackend({ accel, dataRoot });
+  return b.detached?.() ?? b;
 }
 
 const signalNumber = (sig: NodeJS.Signals): number => os.constants.signals[sig] ?? 9;
@@ -480,7 +485,6 @@ async function cmdRun(argv: string[], out: (o: unknown, text: string) => void): 
   // -i/-t: the VM idles and CMD (default /bin/sh) runs through its agent, attached to this terminal.
   const attached = values.interactive === true || values.tty === true;
   if (attached && values.detach) throw new UsageError('-i/-t attach to the VM; -d detaches: use one');
-  if (attached && values.backend === 'libkrun') throw new UsageError('-i/-t need the guest agent (QEMU backend)');
   let pullPolicy: PullPolicy | undefined;
   try {
     pullPolicy = values.pull === undefined ? undefined : parsePullPolicy('--pull', values.pull);
@@ -1284,7 +1288,7 @@ export async function main(args: string[]): Promise<number> {
         const st = readState(dir);
         if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
         const env = envFromArgs((values.env as string[] | undefined) ?? [], (m) => new UsageError(m));
-        const agent = await connectVmAgent(dir, st.backend);
+        const agent = await connectVmAgent(dir, st.agentAcceptsLate === true);
         if (agent) {
           const tty = values.tty === true;
           const proc = agent.spawn(words, {
@@ -1368,7 +1372,7 @@ export async function main(args: string[]): Promise<number> {
               const dir = vmDir(dataDir, name);
               const st = readState(dir);
               if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
-              const agent = await connectVmAgent(dir, st.backend);
+              const agent = await connectVmAgent(dir, st.agentAcceptsLate === true);
               if (!agent) throw coded('ERR_MICROVM_AGENT_UNAVAILABLE', `${name} has no guest agent`);
               return agent;
             },

@@ -187,6 +187,15 @@ export interface AccelDecision {
   reason: string;
 }
 
+/**
+ * The accelerator asked for: `option` when given, else `$MICROVM_ACCEL`, else 'auto'. The one
+ * reader of MICROVM_ACCEL (run()'s 'auto' backend choice and the QEMU backend both ask here).
+ */
+export function requestedAccel(option: unknown, env: NodeJS.ProcessEnv = process.env): AccelChoice {
+  if (option !== undefined) return parseAccel('accel', option);
+  return env.MICROVM_ACCEL ? parseAccel('MICROVM_ACCEL', env.MICROVM_ACCEL) : 'auto';
+}
+
 /** Validates an accel value (option or `MICROVM_ACCEL`). */
 export function parseAccel(name: string, value: unknown): AccelChoice {
   if (value === 'auto' || value === 'kvm' || value === 'tcg') return value;

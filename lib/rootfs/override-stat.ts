@@ -21,9 +21,9 @@ import { MicrovmError } from '../errors';
 import { addon } from '../native';
 import type { CloneStrategy } from './clone';
 
-/** Whether the stage runs for this backend, clone strategy and host user. */
-export function overrideStatApplies(backend: string, strategy: CloneStrategy, hostUid: number): boolean {
-  return backend === 'libkrun' && strategy !== 'overlay' && hostUid !== 0;
+/** Whether the stage runs: a backend whose file server needs it, a copied root, a host user other than root. */
+export function overrideStatApplies(backendNeedsIt: boolean, strategy: CloneStrategy, hostUid: number): boolean {
+  return backendNeedsIt && strategy !== 'overlay' && hostUid !== 0;
 }
 
 /** Entries at most: a rootfs tree beyond this is refused (the extraction's own cap is lower). */

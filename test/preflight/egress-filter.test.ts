@@ -8,8 +8,8 @@ import * as path from 'node:path';
 import { MicrovmError } from '../../lib/errors';
 import { scratch } from '../helpers';
 
-jest.mock('../../lib/backends/qemu', () => ({
-  ...jest.requireActual<object>('../../lib/backends/qemu'),
+jest.mock('../../lib/backends/qemu/shipped', () => ({
+  ...jest.requireActual<object>('../../lib/backends/qemu/shipped'),
   netGuardPath: (): string => {
     throw new MicrovmError('ERR_MICROVM_EGRESS_GUARD', 'microvm-netguard.so was not found (looked in /nowhere)');
   },

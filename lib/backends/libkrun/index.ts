@@ -8,14 +8,15 @@
  * listening), dry-runs it in-process against the real libkrun, and starts the runner, which
  * mounts the overlay root (when cloned that way), configures libkrun and calls krun_start_enter.
  */
+import { kvmCheck, probeCheck } from '../../preflight/checks';
 import { guestLines } from '../../guest/text';
 import { AGENT_VSOCK_PORT, GUEST_CONFIG_PATH, INIT_ARG } from '../../guest/protocol';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { MicrovmError } from '../../errors';
 import { buildLaunchPlan, type LaunchPlanInput, validateLaunchPlan } from './plan';
-import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
-import { resolveRuntime, type ResolveRuntimeOptions } from '../../resolve/runtime';
+import { FIRMWARE_INSTALL_HINT, resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
+import { LIBKRUN_INSTALL_HINT, resolveRuntime, type ResolveRuntimeOptions } from '../../resolve/runtime';
 import { rootfsContext } from '../../rootfs/hooks';
 import { parseRunnerError, readTail, type RunnerExitStatus, runnerFailure, startRunner } from './runner';
 import { ATTR, SPAN } from '../../telemetry/attributes';
@@ -137,6 +138,16 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
     // TSI makes the guest's connections with the runner's own connect()/sendto(): the egress filter
     // linked into the runner (native/net_guard.cc) decides them, with the policy start() writes.
     egressPolicies: ['allow', 'deny', 'allow-list'],
+    networkName: 'tsi',
+    needsOverrideStat: true,
+    // 'deny' too goes through the filter in the runner, which logs each refusal.
+    egressLogged: (policy) => policy !== 'allow',
+    preflightChecks: () => [
+      kvmCheck(),
+      probeCheck('libkrun', 'libkrun 1.x can be loaded', LIBKRUN_INSTALL_HINT, () => resolveRuntime()),
+      probeCheck('libkrunfw', 'libkrunfw 5 can be loaded', FIRMWARE_INSTALL_HINT, () => resolveFirmware()),
+    ],
+    detached: () => libkrunBackend({ ...options, dieWithParent: false }),
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const config = guestConfig(input);
       config.Cmd = agentCommand(config.Cmd);

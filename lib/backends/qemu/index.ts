@@ -22,6 +22,8 @@
  * When 'auto' chose KVM and the VM fails before UP, it is retried once under TCG and the verdict is
  * recorded for this host boot, so later runs use TCG at once.
  */
+import { fsGuardPath, netGuardPath, relayScript } from './shipped';
+import { probeCheck } from '../../preflight/checks';
 import { dataRootOf } from '../../vm-dir';
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -36,11 +38,11 @@ import {
   type HostProbePaths,
   parseAccel,
   recordKvmVerdict,
+  requestedAccel,
 } from '../../host/kvm';
-import { packageRoot, shippedFile } from '../../native';
 import { allowListOf, guardRefusal, needsGuard, virtualHosts, writeGuardPolicy } from '../../network/egress';
 import { resolveRunner } from '../../resolve/runtime';
-import { resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
+import { FIRMWARE_INSTALL_HINT, resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
@@ -111,30 +113,7 @@ export function hostTscKhz(): number | undefined {
   }
 }
 
-/**
- * The allow-list relay's script (lib/network/relay.ts, compiled): beside this module's own
- * compiled tree when it runs from dist/, else the package's dist/ (running from source).
- */
-function relayScript(): string {
-  const sibling = path.join(__dirname, '..', '..', 'network', 'relay.js');
-  return fs.existsSync(sibling) ? sibling : path.join(packageRoot, 'dist', 'network', 'relay.js');
-}
-
-/**
- * The file-server guard (native/fs_guard.cc), preloaded into virtiofsd so a guest's chmod/mknod can
- * never give a host user a privilege.
- */
-export function fsGuardPath(): string {
-  return shippedFile('microvm-fsguard.so', 'ERR_MICROVM_FSGUARD_NOT_FOUND');
-}
-
-/**
- * The egress filter (native/net_guard.cc), preloaded into QEMU when a policy has rules beyond
- * relayed names.
- */
-export function netGuardPath(): string {
-  return shippedFile('microvm-netguard.so', 'ERR_MICROVM_EGRESS_GUARD');
-}
+export { fsGuardPath, netGuardPath } from './shipped';
 
 /** What the QEMU backend needs on the host, and the accelerator it will use (with the reason). */
 export interface QemuRuntime extends AccelDecision {
@@ -174,12 +153,7 @@ export function resolveQemuRuntime(options: QemuBackendOptions = {}, dataRoot?: 
         `${tool} (util-linux) was not found; install util-linux and mount.`,
       );
   }
-  const requested =
-    options.accel !== undefined
-      ? parseAccel('accel', options.accel)
-      : process.env.MICROVM_ACCEL
-        ? parseAccel('MICROVM_ACCEL', process.env.MICROVM_ACCEL)
-        : 'auto';
+  const requested = requestedAccel(options.accel);
   const { probe, ...decision } = decideAccel(requested, { dataRoot, paths: options.hostProbe });
   if (
     decision.accel === 'kvm' &&
@@ -321,9 +295,34 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
   ) {
     throw typeError('Expected an array of strings for extraArgs');
   }
-  return {
+  const backend: Backend = {
     name: 'qemu',
     supportsOverlay: true,
+    takesAccel: true,
+    networkName: 'qemu-user',
+    // 'deny' is restricted networking (nothing to log); rules go through relays or the filter.
+    egressLogged: (policy) => typeof policy === 'object',
+    preflightChecks: ({ egress }) => [
+      probeCheck(
+        'qemu',
+        'qemu-system-x86_64, virtiofsd and the guest init are present',
+        'apt-get install qemu-system-x86 (Debian 12 includes virtiofsd); npm rebuild node-microvm',
+        async () => resolveQemuRuntime(),
+      ),
+      // Rules beyond relayed names need the egress filter in QEMU: without it, no start (never open).
+      ...(needsGuard(egress)
+        ? [
+            probeCheck(
+              'egress-filter',
+              'the egress filter (microvm-netguard.so) is present',
+              'npm rebuild node-microvm (in a checkout: npm run build:native)',
+              async () => netGuardPath(),
+            ),
+          ]
+        : []),
+      probeCheck('libkrunfw', 'libkrunfw 5 can be loaded', FIRMWARE_INSTALL_HINT, () => resolveFirmware()),
+    ],
+    detached: () => qemuBackend({ ...options, dieWithParent: false }),
     // 'deny': slirp's restrict=on, in the QEMU process on the host: the guest's packets go nowhere
     // (not the host, not its resolver, not the internet); hostfwd (published ports) still works.
     egressPolicies: ['allow', 'deny', 'allow-list'],
@@ -413,6 +412,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       });
     },
   };
+  return backend;
 
   /** One launch of QEMU with `accel`; resolves once the guest init said UP. */
   async function boot(
