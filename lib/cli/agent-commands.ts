@@ -2,7 +2,7 @@
  * The CLI's commands that go through the guest agent: `exec` (`-i`, `-t`, `-e`, `-w`, `-u`),
  * `cp`, and attaching a terminal for `run -it`.
  */
-import { VM_NAME_PART } from '../vm-dir';
+import { VM_NAME_PART, vmDir as vmDirOf } from '../vm-dir';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -10,6 +10,9 @@ import { AgentClient, type AgentProcess, KILL_GRACE_MS } from '../agent/client';
 import { copyIn, copyOut } from '../agent/files';
 import { AGENT_SOCKET } from '../backends/guest-init';
 import { MicrovmError } from '../errors';
+import { SshClient } from '../ssh/client';
+import { isRecordedProcess, readState } from '../state';
+import { type CommandContext, UsageError, coded, signalNumber, untilInterrupted, vmDir } from './common';
 
 /**
  * Connects to the agent of the VM whose directory is `dir`; undefined when it has none.
@@ -123,4 +126,108 @@ export async function copyBetween(
     signal?.removeEventListener('abort', onAbort);
     agent.close();
   }
+}
+
+/** `microvm exec NAME -- CMD...`: through the agent, or SSH for a VM started with --ssh only. */
+export async function cmdExec(c: CommandContext): Promise<number> {
+  const { values, positional, after, dataDir, json, out } = c;
+  const name = positional[0];
+  const words = after;
+  if (positional.length !== 1 || words.length === 0) throw new UsageError('exec takes NAME -- CMD...');
+  const dir = vmDir(dataDir, name);
+  const st = readState(dir);
+  if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
+  const env = envFromArgs((values.env as string[] | undefined) ?? [], (m) => new UsageError(m));
+  const agent = await connectVmAgent(dir, st.agentAcceptsLate === true);
+  if (agent) {
+    const tty = values.tty === true;
+    const proc = agent.spawn(words, {
+      env,
+      cwd: values.workdir as string | undefined,
+      user: values.user as string | undefined,
+      tty: tty ? terminalSize() : undefined,
+      stdin: values.interactive === true,
+    });
+    try {
+      if (json) {
+        const outs: Buffer[] = [];
+        const errs: Buffer[] = [];
+        proc.stdout.on('data', (d: Buffer) => outs.push(d));
+        proc.stderr.on('data', (d: Buffer) => errs.push(d));
+        proc.stdin?.end();
+        const exit = await proc.exited;
+        out({ stdout: Buffer.concat(outs).toString(), stderr: Buffer.concat(errs).toString(), ...exit }, '');
+        return exit.exitCode ?? 128 + signalNumber(exit.signal as NodeJS.Signals);
+      }
+      return await attach(proc, { stdin: values.interactive === true, tty });
+    } finally {
+      agent.close();
+    }
+  }
+  // No agent (a libkrun VM): SSH, when it was started with --ssh.
+  const port = st.ports.find((p) => p.guest === 22)?.host;
+  const keyFile = path.join(dir, 'ssh', 'id_ed25519');
+  if (!port || !fs.existsSync(keyFile))
+    throw coded('ERR_MICROVM_SSH_UNAVAILABLE', `${name} has no guest agent and was not started with --ssh`);
+  if (values.interactive || values.tty || values.workdir || values.user)
+    throw new UsageError('-i, -t, -w and -u need the guest agent (QEMU backend); this VM has SSH only');
+  const client = await SshClient.connect({
+    host: '127.0.0.1',
+    port,
+    username: 'root',
+    privateKey: fs.readFileSync(keyFile, 'utf8'),
+    hostKey: { knownHostsFile: path.join(dir, 'ssh', 'known_hosts') },
+  });
+  try {
+    const quoted = words
+      .map((w) => (/^[A-Za-z0-9_./:=@%+-]+$/.test(w) ? w : `'${w.replace(/'/g, `'\\''`)}'`))
+      .join(' ');
+    const r = await client.exec(quoted, { env });
+    if (json) out(r, '');
+    else {
+      process.stdout.write(r.stdout);
+      process.stderr.write(r.stderr);
+    }
+    return r.exitCode ?? 128 + 15;
+  } finally {
+    client.close();
+  }
+}
+
+/** `microvm cp SRC DST`, one side NAME:/path. */
+export async function cmdCp(c: CommandContext): Promise<number> {
+  const { positional, dataDir, out } = c;
+  if (positional.length !== 2) throw new UsageError('cp takes SRC DST, one of them NAME:/path');
+  const isVm = (n: string): boolean => fs.existsSync(vmDirOf(dataDir, n));
+  const [src, dst] = positional.map((p) => parseCpSide(p, isVm));
+  if ('vm' in src === 'vm' in dst) {
+    // NAME:/path where no VM has that name: say so rather than "one side is NAME:/path".
+    const named = positional.map((p) => new RegExp(`^(${VM_NAME_PART}):/`).exec(p)?.[1]).find(Boolean);
+    if (named && !('vm' in src) && !('vm' in dst))
+      throw coded('ERR_MICROVM_VM_NOT_FOUND', `no VM named ${named} (cp ${positional.join(' ')})`);
+    throw new UsageError('cp copies between a VM and the host: one side is NAME:/path');
+  }
+  // Ctrl-C / SIGTERM: the copy ends at once (whatever the agent does), nothing partial is left,
+  // and we exit 128+N.
+  const copied = await untilInterrupted((signal) =>
+    copyBetween(
+      src,
+      dst,
+      async (name) => {
+        const dir = vmDir(dataDir, name);
+        const st = readState(dir);
+        if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
+        const agent = await connectVmAgent(dir, st.agentAcceptsLate === true);
+        if (!agent) throw coded('ERR_MICROVM_AGENT_UNAVAILABLE', `${name} has no guest agent`);
+        return agent;
+      },
+      signal,
+    ),
+  );
+  if ('interrupted' in copied) {
+    process.stderr.write(`microvm: cp interrupted by ${copied.interrupted}; nothing partial was left\n`);
+    return 128 + signalNumber(copied.interrupted);
+  }
+  out({ copied: true }, '');
+  return 0;
 }
