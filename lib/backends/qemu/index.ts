@@ -4,10 +4,11 @@
  * (lib/host/kvm.ts tells it from a PVM or otherwise software /dev/kvm) and TCG (software emulation)
  * otherwise. So `run()` works on any Linux host, KVM or not.
  *
- * Processes: Node -> `unshare` (a private mount namespace; plus a user namespace when not root)
- * -> `setpriv --pdeathsig SIGKILL` -> `sh` launcher: mounts the overlay root (when cloned that
- * way), starts virtiofsd on it (also with a parent-death signal) and execs QEMU. QEMU and virtiofsd
- * therefore die with the Node process, even on `kill -9`, and share one process group for stop().
+ * Processes: Node -> the native launcher (`microvm-runner --qemu-plan-fd`, native/qemu_launch.cc),
+ * which reads a plan (lib/backends/qemu/launch.ts), enters a private mount namespace (and a user
+ * namespace when not root), mounts the overlay root, makes every socket, starts virtiofsd, the
+ * relay and the log sink on them and becomes QEMU. With a parent-death signal (unless detached)
+ * they die with the Node process, even on `kill -9`, and share one process group for stop().
  *
  * The guest runs `microvm-guest-init` (native/guest_init.cc) as PID 1, which reads
  * /.krun_config.json like libkrun's init, says "UP" on the virtio-serial port "microvm.exit" as soon
@@ -22,7 +23,7 @@
  * When 'auto' chose KVM and the VM fails before UP, it is retried once under TCG and the verdict is
  * recorded for this host boot, so later runs use TCG at once.
  */
-import { fsGuardPath, netGuardPath, relayScript } from './shipped';
+import { netGuardPath, relayScript } from './shipped';
 import { probeCheck } from '../../preflight/checks';
 import { dataRootOf } from '../../vm-dir';
 import { spawn } from 'node:child_process';
@@ -31,254 +32,37 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { trace } from '@opentelemetry/api';
 import { MicrovmError } from '../../errors';
-import {
-  type AccelChoice,
-  type AccelDecision,
-  decideAccel,
-  type HostProbePaths,
-  parseAccel,
-  recordKvmVerdict,
-  requestedAccel,
-} from '../../host/kvm';
+import { parseAccel, recordKvmVerdict } from '../../host/kvm';
 import { allowListOf, guardRefusal, needsGuard, virtualHosts, writeGuardPolicy } from '../../network/egress';
 import { resolveRunner } from '../../resolve/runtime';
-import { FIRMWARE_INSTALL_HINT, resolveFirmware, type ResolveFirmwareOptions } from '../../resolve/firmware';
+import { FIRMWARE_INSTALL_HINT, resolveFirmware } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
 import { ATTR, EVENT, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
-import { guestInitPath, injectGuestInit } from '../guest-init';
-import { CONFIG_KEY, EXIT_LINE, GUEST_CONFIG_PATH, PORT } from '../../guest/protocol';
+import { injectGuestInit } from '../guest-init';
+import { CONFIG_KEY, GUEST_CONFIG_PATH, PORT } from '../../guest/protocol';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { STOP_SIGNALS } from '../types';
 import { pvhKernelFor } from './kernel';
 import { launchFiles, qemuLaunch } from './launch';
 import { QmpClient } from './qmp';
-import { readTail } from '../../file-tail';
+
 import { GUEST_CLOCK_FILE, writeGuestClock } from '../../log-times';
 import { sinkFinished } from '../../output-status';
-import { guestLines } from '../../guest/text';
+
 import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
 import type { MicrovmErrorCode } from '../../error-codes';
+import { hostTscKhz, type QemuBackendOptions, type QemuRuntime, resolveQemuRuntime } from './runtime';
+import { lastLines, readExitPort, resolverMissing, tail, usernetState } from './guest-report';
 
-/** Options of {@link qemuBackend}. */
-export interface QemuBackendOptions {
-  /** qemu-system-x86_64 to use. Default: found on PATH. */
-  qemuPath?: string;
-  /** virtiofsd to use. Default: /usr/libexec/virtiofsd, /usr/lib/qemu/virtiofsd, then PATH. */
-  virtiofsdPath?: string;
-  /**
-   * 'kvm', 'tcg', or 'auto': hardware KVM when /dev/kvm opens read-write and the CPU has vmx/svm (a
-   * PVM /dev/kvm does not count) and KVM has not failed on this host boot; else TCG. Default:
-   * `$MICROVM_ACCEL`, else 'auto'.
-   */
-  accel?: AccelChoice;
-  /** Where the KVM probe reads /dev/kvm, /proc/cpuinfo, /sys/module and the boot id (tests). */
-  hostProbe?: HostProbePaths;
-  /** Extra QEMU arguments, appended after the backend's own. */
-  extraArgs?: readonly string[];
-  firmware?: ResolveFirmwareOptions;
-  /** Where bootable kernels are cached. Default: `<dataDir>/kernels`. */
-  kernelCacheDir?: string;
-  /** Seconds QEMU may take to come up before start() fails. Default 30. */
-  startTimeoutSeconds?: number;
-  /**
-   * QEMU dies with this Node process (parent-death signal), even on kill -9. Default true; false
-   * lets the VM outlive it (`microvm run --detach`); virtiofsd always dies with QEMU.
-   */
-  dieWithParent?: boolean;
-}
-
-function onPath(name: string): string | undefined {
-  for (const dir of (process.env.PATH ?? '/usr/bin:/bin').split(':')) {
-    const file = path.join(dir, name);
-    try {
-      fs.accessSync(file, fs.constants.X_OK);
-      return file;
-    } catch {
-      /* next */
-    }
-  }
-  return undefined;
-}
-
-/** Host TSC frequency in kHz (the microvm guest cannot calibrate it under TCG without a hint). */
-export function hostTscKhz(): number | undefined {
-  try {
-    const m = /cpu MHz\s*:\s*([\d.]+)/.exec(fs.readFileSync('/proc/cpuinfo', 'utf8'));
-    return m ? Math.round(Number(m[1]) * 1000) : undefined;
-  } catch {
-    return undefined;
-  }
-}
+export { checkFileServer, hostTscKhz, type QemuBackendOptions, type QemuRuntime, resolveQemuRuntime } from './runtime';
+export { lastLines, readExitPort, resolverMissing, usernetState } from './guest-report';
 
 export { fsGuardPath, netGuardPath } from './shipped';
 
-/** What the QEMU backend needs on the host, and the accelerator it will use (with the reason). */
-export interface QemuRuntime extends AccelDecision {
-  qemuPath: string;
-  virtiofsdPath: string;
-  guestInit: string;
-  /** microvm-fsguard.so, preloaded into every virtiofsd. */
-  fsGuard: string;
-}
-
-/**
- * Finds QEMU, virtiofsd and the guest init (errors name the package to install) and decides the
- * accelerator. `dataRoot` is where KVM verdicts for this host boot are recorded.
- */
-export function resolveQemuRuntime(options: QemuBackendOptions = {}, dataRoot?: string): QemuRuntime {
-  const qemuPath = options.qemuPath ?? onPath('qemu-system-x86_64');
-  if (!qemuPath || !fs.existsSync(qemuPath)) {
-    throw new MicrovmError(
-      'ERR_MICROVM_QEMU_NOT_FOUND',
-      'qemu-system-x86_64 was not found. Install it: `apt-get install qemu-system-x86` (Debian/Ubuntu) or `dnf install qemu-system-x86-core` (Fedora).',
-    );
-  }
-  const virtiofsdPath =
-    options.virtiofsdPath ??
-    ['/usr/libexec/virtiofsd', '/usr/lib/qemu/virtiofsd'].find((p) => fs.existsSync(p)) ??
-    onPath('virtiofsd');
-  if (!virtiofsdPath || !fs.existsSync(virtiofsdPath)) {
-    throw new MicrovmError(
-      'ERR_MICROVM_VIRTIOFSD_NOT_FOUND',
-      'virtiofsd was not found. Debian 12 ships it in qemu-system-common (/usr/lib/qemu/virtiofsd); newer distributions: `apt-get install virtiofsd` / `dnf install virtiofsd`.',
-    );
-  }
-  for (const tool of ['unshare', 'setpriv', 'mount']) {
-    if (!onPath(tool))
-      throw new MicrovmError(
-        'ERR_MICROVM_QEMU_NOT_FOUND',
-        `${tool} (util-linux) was not found; install util-linux and mount.`,
-      );
-  }
-  const requested = requestedAccel(options.accel);
-  const { probe, ...decision } = decideAccel(requested, { dataRoot, paths: options.hostProbe });
-  if (
-    decision.accel === 'kvm' &&
-    !decision.automatic &&
-    (probe.kind === 'absent' || probe.kind === 'no-access' || probe.kind === 'not-a-device')
-  ) {
-    throw new MicrovmError(
-      'ERR_MICROVM_KVM_UNAVAILABLE',
-      `accel 'kvm' was requested but ${probe.reason.split(':')[0]}. ${probe.remediation ?? ''} Or use accel 'tcg'/'auto'.`,
-    );
-  }
-  return { qemuPath, virtiofsdPath, guestInit: guestInitPath(), fsGuard: fsGuardPath(), ...decision };
-}
-
-/**
- * Starts the file server the way a boot does — virtiofsd with the guard preloaded, on a socket made
- * beforehand, in the namespaces the launcher uses (a user namespace when this process is not root)
- * — on an empty directory, and resolves once it waits for QEMU; rejects with its own last line when
- * it exits first, or after `timeoutMs`. What `microvm doctor` runs as the `file-server` check.
- */
-export async function checkFileServer(timeoutMs = 5000): Promise<void> {
-  const rt = resolveQemuRuntime({ accel: 'tcg' });
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'microvm-fscheck-'));
-  const root = process.getuid?.() === 0;
-  try {
-    fs.mkdirSync(path.join(dir, 'share'));
-    const child = spawn(
-      'unshare',
-      [
-        ...(root ? ['-m'] : ['-U', '-r', '-m']),
-        '--propagation',
-        'private',
-        '--',
-        resolveRunner(),
-        '--listen-unix',
-        path.join(dir, 'fs.sock'),
-        '--',
-        rt.virtiofsdPath,
-        '--fd=3',
-        '-o',
-        `source=${path.join(dir, 'share')}`,
-      ],
-      { stdio: ['ignore', 'ignore', 'pipe'], env: { PATH: process.env.PATH, LD_PRELOAD: rt.fsGuard } },
-    );
-    let err = '';
-    const outcome = await new Promise<string | undefined>((resolve) => {
-      const timer = setTimeout(() => resolve(`it did not start within ${timeoutMs} ms`), timeoutMs);
-      child.stderr.on('data', (d: Buffer) => {
-        err = (err + d.toString()).slice(-4000);
-        if (err.includes('Waiting for vhost-user socket connection')) {
-          clearTimeout(timer);
-          resolve(undefined);
-        }
-      });
-      child.once('exit', (code, signal) => {
-        clearTimeout(timer);
-        const last = err.trim().split('\n').pop() ?? '';
-        resolve(`it exited (${signal ?? `code ${String(code)}`})${last ? `: ${last}` : ''}`);
-      });
-    });
-    child.kill('SIGKILL');
-    if (outcome)
-      throw new MicrovmError('ERR_MICROVM_QEMU_VIRTIOFS', `virtiofsd cannot serve a VM's files here: ${outcome}`);
-  } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
-}
-
-/** The last `max` bytes of a file as text ('' when it cannot be read). */
-function tail(file: string, max = 4000): string {
-  return readTail(file, max)?.toString('utf8') ?? '';
-}
-
-/**
- * QEMU's and the console's telling lines, for an error message: the error lines first (a KVM
- * failure is followed by a register dump), then the last lines. Guest text is shown, never trusted.
- */
-export function lastLines(input: Pick<BackendStartInput, 'logPath' | 'consoleLogPath'>): string {
-  const lines = (t: string): string[] => guestLines(t, Infinity);
-  const show = (ls: string[]): string => ls.map((l) => `  ${l}`).join('\n');
-  const log = lines(tail(input.logPath, 16000));
-  const errors = log
-    .filter((l) => /error|Assertion|failed|panic|terminating/i.test(l) && !/^virtio_/.test(l))
-    .slice(-6);
-  const rest = log.slice(-8).filter((l) => !errors.includes(l));
-  const con = lines(tail(input.consoleLogPath, 2000)).slice(-8);
-  return `${log.length ? `\nQEMU (${input.logPath}):\n${show([...errors, ...(rest.length ? ['...', ...rest] : [])])}` : ''}${con.length ? `\nconsole (${input.consoleLogPath}):\n${show(con)}` : ''}`;
-}
-
 const SIGNAL_NAMES = new Map(Object.entries(os.constants.signals).map(([name, n]) => [n, name as NodeJS.Signals]));
-
-/** What the guest said on the microvm.exit port: "UP", then "EXIT <code>". Hostile input: capped, strict. */
-export function readExitPort(text: string): { up: boolean; code?: number } {
-  const lines = text.slice(0, 4096).split('\n');
-  const up = lines.includes(EXIT_LINE.up);
-  for (const l of lines) {
-    const m = l.startsWith(`${EXIT_LINE.exit} `) ? /^\S+ (\d{1,3})$/.exec(l) : null;
-    if (m && Number(m[1]) <= 255) return { up: true, code: Number(m[1]) };
-  }
-  return { up };
-}
-
-/**
- * Whether the cloned root has no /etc/resolv.conf, or an empty regular file there: the top layer
- * that has the entry decides. An /etc or resolv.conf that is a symlink (or anything but a directory
- * and a regular file) is the image's business: false. Nothing is followed.
- */
-export function resolverMissing(rootfs: { writableDir: string; sourceDir: string }): boolean {
-  const lstat = (p: string): fs.Stats | undefined => {
-    try {
-      return fs.lstatSync(p);
-    } catch {
-      return undefined;
-    }
-  };
-  for (const base of new Set([rootfs.writableDir, rootfs.sourceDir])) {
-    const etc = lstat(path.join(base, 'etc'));
-    if (!etc) continue;
-    if (!etc.isDirectory()) return false;
-    const file = lstat(path.join(base, 'etc', 'resolv.conf'));
-    if (!file) continue;
-    return file.isFile() && file.size === 0;
-  }
-  return true;
-}
 
 /** A failure before the guest init said UP: the start failed (and 'auto' may fall back to TCG). */
 class BootFailure extends MicrovmError {
@@ -750,21 +534,4 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       },
     };
   }
-}
-
-/**
- * The guest side of connections through the forward of `hostPort`, from QEMU's `info usernet`
- * table ("TCP[ESTABLISHED]  FD  127.0.0.1 HOST-PORT  10.0.2.15 GUEST-PORT ..."; slirp names each
- * forwarded connection by the forward's own address, not the client's): 'ESTABLISHED' when one
- * is, else the state of a pending one ('SYN_SENT', ...), else undefined.
- */
-export function usernetState(table: string, hostPort: number): string | undefined {
-  let pending: string | undefined;
-  for (const line of table.split('\n')) {
-    const m = /^\s*TCP\[([A-Z_0-9]+)\]\s+\d+\s+\S+\s+(\d+)\s/.exec(line);
-    if (!m || Number(m[2]) !== hostPort) continue;
-    if (m[1] === 'ESTABLISHED') return m[1];
-    if (m[1] !== 'HOST_FORWARD' && m[1] !== 'TIME_WAIT' && m[1] !== 'CLOSED') pending ??= m[1];
-  }
-  return pending;
 }
