@@ -1,19 +1,9 @@
 /**
- * lib/network/egress.ts's pieces without a VM: the policy kinds, the virtual addresses and the QEMU
+ * lib/network/egress.ts's and policy.ts's pieces without a VM: the policy kinds, the virtual addresses and the QEMU
  * forwards an allow-list becomes, and the paths a relay may not have.
  */
-import {
-  allowListOf,
-  describeEgress,
-  egressMode,
-  guardPolicy,
-  guestForwards,
-  needsGuard,
-  parseEgress,
-  relayRules,
-  parseResolver,
-  virtualHosts,
-} from '../lib/network/egress';
+import { guardPolicy, guestForwards, parseEgress, relayRules, parseResolver } from '../lib/network/egress';
+import { allowListOf, describeEgress, egressMode, needsGuard, planEgress, virtualHosts } from '../lib/network/policy';
 
 const rules = [
   { host: 'api.test', port: 443 },
@@ -120,4 +110,36 @@ test('rules beyond relayed names: normalized, and which need the filter in QEMU'
   expect(() => parseEgress({ allow: [{ host: 'a.test', cidr: '10.0.0.0/8' }] })).toThrow(
     /exactly one of host and cidr/,
   );
+});
+
+test('planEgress resolves a policy once: what relays serve, whether the filter is needed, the filter rules', () => {
+  const open = planEgress(undefined);
+  expect([open.mode, open.description, open.relayed, open.needsFilter, open.filterRules]).toEqual([
+    'allow',
+    'allow',
+    undefined,
+    false,
+    undefined,
+  ]);
+  const deny = planEgress('deny');
+  expect([deny.mode, deny.relayed, deny.needsFilter, deny.filterRules]).toEqual([
+    'deny',
+    undefined,
+    false,
+    { allow: [] },
+  ]);
+  const mixed = parseEgress({ allow: [...rules, { cidr: '203.0.113.0/24' }], deny: [{ host: 'bad.test' }] });
+  const plan = planEgress(mixed);
+  expect(plan.mode).toBe('allow-list');
+  expect(plan.description).toBe('rules(allow 4, deny 1)');
+  expect(plan.relayed).toEqual(rules);
+  expect(plan.virtualHosts).toEqual([
+    { host: 'api.test', ip: '10.0.2.100' },
+    { host: 'db.test', ip: '10.0.2.101' },
+  ]);
+  expect(plan.needsFilter).toBe(true);
+  expect(plan.filterRules).toBe(mixed);
+  expect(plan.addressOverride).toEqual({ host: 'db.test', port: 5432, address: '192.0.2.7' });
+  const relayedOnly = planEgress(parseEgress({ allow: [rules[0]] }));
+  expect([relayedOnly.needsFilter, relayedOnly.addressOverride]).toEqual([false, undefined]);
 });

@@ -1,6 +1,7 @@
 /**
- * The egress policy option: validation, and the pieces the QEMU backend enforces an allow-list
- * with (docs/security.md, "Network egress").
+ * The egress policy option: validation, and the files and arguments the backends enforce it with
+ * (docs/security.md, "Network egress"); what a policy means for enforcement is resolved once, in
+ * ./policy.ts.
  *
  * How an allow-list is enforced (QEMU user networking): the guest's network is `restrict=on`, so
  * nothing it sends leaves QEMU, whatever it does to its routes, resolver or MTU. Each allowed host
@@ -18,13 +19,13 @@
 import * as fs from 'node:fs';
 import { BlockList, isIP } from 'node:net';
 import * as path from 'node:path';
-import type { EgressMode, EgressPolicy, EgressRule } from '../backends/types';
+import type { EgressPolicy, EgressRule } from '../backends/types';
+import { isRelayed, virtualHosts } from './policy';
 import { MicrovmError } from '../errors';
 import * as v from '../validate';
 
 /** At most this many rules (each is one forward in QEMU), and distinct hosts (virtual addresses). */
 export const MAX_EGRESS_RULES = 64;
-const FIRST_VIRTUAL = 100; // 10.0.2.100: clear of QEMU's .2 (host), .3 (DNS), .15 (guest)
 
 /** Host names as DNS has them: letters, digits and hyphens in labels of 1-63, dots between. */
 const HOST_RE =
@@ -78,11 +79,6 @@ function parseRule(name: string, raw: unknown, verdict: 'allow' | 'deny'): Egres
   return out;
 }
 
-/** An allow rule served by a relay: an exact host name with a port, over TCP. */
-function isRelayed(r: EgressRule): boolean {
-  return r.host !== undefined && !r.host.startsWith('*.') && r.port !== undefined && r.protocol !== 'udp';
-}
-
 /** `IP` or `IP:PORT` (`[IPv6]:PORT`) of a resolver; undefined when it is not one. */
 export function parseResolver(value: string): { ip: string; port: number } | undefined {
   if (isIP(value)) return { ip: value, port: 53 };
@@ -131,26 +127,6 @@ export function parseEgress(value: unknown): EgressPolicy {
     if (addrs.size > 1) throw v.rangeError(`egress.allow: ${h} is given different addresses`);
   }
   return policy;
-}
-
-/** What kind of policy `p` is. */
-export function egressMode(p: EgressPolicy): EgressMode {
-  return typeof p === 'string' ? p : 'allow-list';
-}
-
-/** The allow rules served by relays (exact names with a port, TCP); undefined for 'allow'/'deny'/none. */
-export function allowListOf(p: EgressPolicy | undefined): readonly EgressRule[] | undefined {
-  return typeof p === 'object' ? (p.allow ?? []).filter(isRelayed) : undefined;
-}
-
-/**
- * Whether the policy needs the egress filter in QEMU (native/net_guard.cc): any rule that is not a
- * relayed name (addresses, wildcards, names by DNS, deny rules) or a resolver. Without it, QEMU's
- * restricted mode and the relays enforce the policy alone.
- */
-export function needsGuard(p: EgressPolicy | undefined): boolean {
-  if (typeof p !== 'object') return false;
-  return p.dns !== undefined || (p.deny ?? []).length > 0 || (p.allow ?? []).some((r) => !isRelayed(r));
 }
 
 /** QEMU's gateway, as the guest sees it, and where QEMU's user network takes it: the host itself. */
@@ -251,22 +227,6 @@ export function guardRefusal(files: GuardFiles): string | undefined {
     /* not loaded */
   }
   return said === 'ok\n' ? undefined : said.replace(/^error /, '').trim();
-}
-
-/** How a policy reads in a span attribute or a message: `allow`, `deny`, `allow-list(2)`, `rules(allow 2, deny 1)`. */
-export function describeEgress(p: EgressPolicy): string {
-  if (typeof p === 'string') return p;
-  if (p.deny === undefined && p.dns === undefined) return `allow-list(${(p.allow ?? []).length})`;
-  return `rules(allow ${p.allow === undefined ? 'all' : p.allow.length}, deny ${(p.deny ?? []).length}${p.dns ? `, dns ${p.dns}` : ''})`;
-}
-
-/** Each allowed host's virtual address in QEMU's network, in the order the rules name them. */
-export function virtualHosts(rules: readonly EgressRule[]): { host: string; ip: string }[] {
-  const out: { host: string; ip: string }[] = [];
-  for (const r of rules)
-    if (r.host !== undefined && !out.some((x) => x.host === r.host))
-      out.push({ host: r.host, ip: `10.0.2.${FIRST_VIRTUAL + out.length}` });
-  return out;
 }
 
 /**

@@ -27,7 +27,6 @@ import { freePort } from '../net';
 import { keepAlive } from '../keep-alive';
 import { localRootfs, pull, runtimeConfig, type PulledImage } from '../image/pull';
 import type { NetworkHandle } from '../network/start';
-import { describeEgress, egressMode } from '../network/egress';
 import { startEgressAudit } from '../network/egress-audit';
 import { runAllChecks } from '../preflight/run-all';
 import { cloneRootfs, type ClonedRootfs } from '../rootfs/clone';
@@ -146,7 +145,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
             o.cpus,
             o.memoryMiB,
             o.ports.map((p) => p.host),
-            o.egress,
+            o.egress.policy,
           ),
           ...o.preflightChecks,
         ],
@@ -223,7 +222,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
         initOverride: o.initOverride,
         env: o.env,
         workdir: o.workdir,
-        egress: o.egress,
+        egress: o.egress.policy,
         outputTimes: o.outputTimes,
         scope: inner,
         signal,
@@ -239,15 +238,15 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
         // No provider: libkrun's TSI, or QEMU's user networking (slirp).
         [ATTR.NETWORK_PROVIDER]: o.network?.name ?? o.backend.networkName ?? 'backend',
         [ATTR.NETWORK_PORTS]: o.ports.map((p) => `${p.host}:${p.guest}`),
-        [ATTR.NETWORK_EGRESS]: describeEgress(o.egress),
+        [ATTR.NETWORK_EGRESS]: o.egress.description,
       },
       async () => {
         signal?.throwIfAborted();
-        const mode = egressMode(o.egress);
+        const mode = o.egress.mode;
         if (mode !== 'allow' && (!(o.backend.egressPolicies ?? ['allow']).includes(mode) || o.network))
           throw new MicrovmError(
             'ERR_MICROVM_EGRESS_UNSUPPORTED',
-            `egress '${describeEgress(o.egress)}' cannot be enforced by backend ${o.backend.name}${o.network ? ` with network provider ${o.network.name}` : ''}; refusing to start with an open network (the QEMU and libkrun backends enforce policies when no network provider replaces their networking)`,
+            `egress '${o.egress.description}' cannot be enforced by backend ${o.backend.name}${o.network ? ` with network provider ${o.network.name}` : ''}; refusing to start with an open network (the QEMU and libkrun backends enforce policies when no network provider replaces their networking)`,
           );
         if (!o.network) return undefined;
         const n = await o.network.start({ vmId: o.id, dataDir: vmDir, ports: o.ports, signal });
@@ -278,7 +277,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
         memoryMiB: o.memoryMiB,
         ports: o.ports,
         virtiofs: o.virtiofs,
-        egress: o.egress,
+        egress: o.egress.policy,
         outputTimes: o.outputTimes,
         logMaxBytes: o.logMaxBytes,
         logLevel: o.logLevel,
@@ -321,7 +320,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
     });
 
     const onExit: Array<() => Promise<void>> = network ? [() => network.stop()] : [];
-    if (o.backend.egressLogged ? o.backend.egressLogged(o.egress) : typeof o.egress === 'object') {
+    if (o.backend.egressLogged ? o.backend.egressLogged(o.egress.policy) : o.egress.mode === 'allow-list') {
       // The policy's decisions (relays, the egress filter) become events of a span as long as the VM.
       const audit = startEgressAudit(
         vmFile(vmDir, 'egressLog'),

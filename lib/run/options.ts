@@ -13,6 +13,7 @@ import { normalizeWaitFor, type WaitStrategy } from '../wait-for';
 import { parsePullPolicy, type PullPolicy } from '../image/pull';
 import type { NetworkProvider } from '../network/start';
 import { parseEgress } from '../network/egress';
+import { planEgress } from '../network/policy';
 import {
   normalizeLogLevel,
   normalizePortMap,
@@ -443,7 +444,8 @@ export function normalize(image: string, options: RunOptions) {
     bootTimeoutMs,
     cloneStrategies: o.cloneStrategies as CloneStrategy[] | undefined,
     network: o.network as NetworkProvider | undefined,
-    egress: parseEgress(o.egress),
+    // Checked, and resolved once for enforcement (lib/network/policy.ts).
+    egress: planEgress(parseEgress(o.egress)),
     outputTimes: o.outputTimes === undefined ? true : v.boolean('outputTimes', o.outputTimes),
     logMaxBytes:
       o.logMaxBytes === undefined ? undefined : v.integer('logMaxBytes', o.logMaxBytes, 4096, Number.MAX_SAFE_INTEGER),

@@ -23,6 +23,7 @@ import { ATTR, SPAN } from '../../telemetry/attributes';
 import { inSpan } from '../../telemetry/tracer';
 import { guestConfig } from '../guest-config';
 import { type GuardFiles, guardRefusal, writeGuardPolicy } from '../../network/egress';
+import { planEgress } from '../../network/policy';
 import type { Backend, BackendHandle, BackendPrepareInput, BackendStartInput, VmExit } from '../types';
 import { STOP_SIGNALS } from '../types';
 import { AGENT_SOCKET, GUEST_INIT_PATH, injectGuestInit } from '../guest-init';
@@ -118,16 +119,14 @@ export function classifyRunnerExit(
  * undefined. 'deny' is a policy with no rules; an `address` override needs the QEMU backend's relays.
  */
 function egressGuard(input: BackendStartInput): GuardFiles | undefined {
-  const egress = input.egress;
-  if (egress === undefined || egress === 'allow') return undefined;
-  const rules = egress === 'deny' ? { allow: [] } : egress;
-  const overridden = (rules.allow ?? []).find((r) => r.address !== undefined);
+  const { filterRules, addressOverride: overridden } = planEgress(input.egress);
+  if (!filterRules) return undefined;
   if (overridden)
     throw new MicrovmError(
       'ERR_MICROVM_EGRESS_UNSUPPORTED',
       `egress rule for ${overridden.host ?? ''} gives an address: that needs the QEMU backend's relays (libkrun resolves names through the guest's DNS)`,
     );
-  return writeGuardPolicy(input.dataDir, rules, { relayHosts: false });
+  return writeGuardPolicy(input.dataDir, filterRules, { relayHosts: false });
 }
 
 /** Creates the libkrun backend. */
@@ -141,7 +140,7 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
     networkName: 'tsi',
     needsOverrideStat: true,
     // 'deny' too goes through the filter in the runner, which logs each refusal.
-    egressLogged: (policy) => policy !== 'allow',
+    egressLogged: (policy) => planEgress(policy).mode !== 'allow',
     preflightChecks: () => [
       kvmCheck(),
       probeCheck('libkrun', 'libkrun 1.x can be loaded', LIBKRUN_INSTALL_HINT, () => resolveRuntime()),

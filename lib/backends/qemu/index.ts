@@ -33,7 +33,8 @@ import * as path from 'node:path';
 import { trace } from '@opentelemetry/api';
 import { MicrovmError } from '../../errors';
 import { parseAccel, recordKvmVerdict } from '../../host/kvm';
-import { allowListOf, guardRefusal, needsGuard, virtualHosts, writeGuardPolicy } from '../../network/egress';
+import { guardRefusal, writeGuardPolicy } from '../../network/egress';
+import { planEgress } from '../../network/policy';
 import { resolveRunner } from '../../resolve/runtime';
 import { FIRMWARE_INSTALL_HINT, resolveFirmware } from '../../resolve/firmware';
 import { rootfsContext } from '../../rootfs/hooks';
@@ -85,7 +86,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     takesAccel: true,
     networkName: 'qemu-user',
     // 'deny' is restricted networking (nothing to log); rules go through relays or the filter.
-    egressLogged: (policy) => typeof policy === 'object',
+    egressLogged: (policy) => planEgress(policy).mode === 'allow-list',
     preflightChecks: ({ egress }) => [
       probeCheck(
         'qemu',
@@ -94,7 +95,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         async () => resolveQemuRuntime(),
       ),
       // Rules beyond relayed names need the egress filter in QEMU: without it, no start (never open).
-      ...(needsGuard(egress)
+      ...(planEgress(egress).needsFilter
         ? [
             probeCheck(
               'egress-filter',
@@ -113,7 +114,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     async prepareRootfs(input: BackendPrepareInput): Promise<void> {
       const ctx = rootfsContext(input.vmId, input.rootfs);
       // MicrovmPorts: the ports start() gives the guest, which its init waits for.
-      const allow = allowListOf(input.egress);
+      const hosts = planEgress(input.egress).virtualHosts;
       const config = {
         ...guestConfig(input),
         [CONFIG_KEY.ports]: [
@@ -124,7 +125,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         ],
         // An egress allow-list's names, at their virtual addresses (lib/network/egress.ts); the
         // init adds them to /etc/hosts.
-        ...(allow ? { [CONFIG_KEY.hosts]: virtualHosts(allow).map((h) => [h.ip, h.host]) } : {}),
+        ...(hosts ? { [CONFIG_KEY.hosts]: hosts.map((h) => [h.ip, h.host]) } : {}),
       };
       ctx.writeFile(GUEST_CONFIG_PATH, `${JSON.stringify(config)}\n`, { mode: 0o644 });
       injectGuestInit(ctx);
@@ -207,10 +208,9 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
   ): Promise<BackendHandle> {
     // Rules beyond relayed names: the egress filter, preloaded into QEMU, decides what leaves it
     // (native/net_guard.cc); its policy file, and the file where it says it loaded it.
+    const egress = planEgress(input.egress);
     const guard =
-      needsGuard(input.egress) && typeof input.egress === 'object'
-        ? writeGuardPolicy(input.dataDir, input.egress)
-        : undefined;
+      egress.needsFilter && egress.filterRules ? writeGuardPolicy(input.dataDir, egress.filterRules) : undefined;
     const hostEnv: Record<string, string> = { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin' };
     for (const k of ['MICROVM_FSGUARD_LOG', 'MICROVM_RELAY_MAX_CONNECTIONS', 'MICROVM_RELAY_IDLE_MS']) {
       const value = process.env[k];

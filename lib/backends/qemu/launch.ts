@@ -9,8 +9,9 @@ import { AGENT_SOCKET } from '../guest-init';
 import { GUEST_INIT_PATH, PORT } from '../../guest/protocol';
 import { OUTPUT_TIMES_FILE } from '../../log-times';
 import { DEFAULT_LOG_MAX_BYTES, OUTPUT_STATUS_FILE } from '../../output-status';
-import { allowListOf, guestForwards, relayRules } from '../../network/egress';
-import type { BackendStartInput, EgressRule } from '../types';
+import { guestForwards, relayRules } from '../../network/egress';
+import { planEgress } from '../../network/policy';
+import type { BackendStartInput } from '../types';
 
 /** What a start needs from the host, resolved by the backend. */
 export interface LaunchHost {
@@ -99,12 +100,13 @@ export interface QemuLaunch {
 /** QEMU's arguments and the launch plan for `input` on `host`. Pure: reads and writes nothing. */
 export function qemuLaunch(input: BackendStartInput, host: LaunchHost): QemuLaunch {
   const f = launchFiles(input.dataDir);
-  const relayed: readonly EgressRule[] | undefined = allowListOf(input.egress);
+  const egress = planEgress(input.egress);
+  const relayed = egress.relayed;
   const allow = relayed?.length ? relayed : undefined; // names the relay serves, if any
   // An allow-list: nothing leaves (restrict=on) but connections to the allowed names' virtual
   // addresses and ports, each handed to the VM's relay (lib/network/egress.ts). Rules beyond
   // relayed names need the egress filter in QEMU instead of restricted mode.
-  const restrict = input.egress !== undefined && input.egress !== 'allow' && !host.netGuard;
+  const restrict = egress.mode !== 'allow' && !host.netGuard;
   const hostfwd = input.ports.map((p) => `,hostfwd=tcp:127.0.0.1:${p.host}-:${p.guest}`).join('');
   const egressForwards = allow ? guestForwards(allow, { runner: host.runnerPath, socket: f.relaySocket }) : '';
 
