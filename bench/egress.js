@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // What egress policies cost (QEMU backend; TCG when there is no KVM), against 'allow', in the same
 // run: an allow-list of a relayed name, and a rule the filter in QEMU enforces (a CIDR,
-// native/net_guard.cc). Prints a table; asserts nothing.
+// native/preload/net_guard.cc). Prints a table; asserts nothing.
 //   1. run() start -> resolved (the agent's hello), N boots each, alternating;
 //   2. a 32 MB download from a server this script runs on the host (127.0.0.1), read by busybox nc
 //      in the guest: 'allow' reaches it as 10.0.2.2 (QEMU's NAT), the allow-list as svc.test

@@ -54,7 +54,7 @@ export function readGuestClock(file: string): number | undefined {
 const LINE = /^([12]) (\d{1,15}) (\d{1,19})$/;
 
 /**
- * The init notes a chunk's time at most every NOTE_EVERY_MS per stream (native/guest_init.cc): a
+ * The init notes a chunk's time at most every NOTE_EVERY_MS per stream (native/guest/init.cc): a
  * chunk without a note arrived less than that after the last note.
  */
 export const NOTE_EVERY_MS = 10;

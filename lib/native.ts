@@ -133,7 +133,7 @@ export interface TreeCopyResult {
   reflinked: number;
 }
 
-/** What a layer extractor was told (native/layer_extract.h). */
+/** What a layer extractor was told (native/addon/layer_extract.h). */
 export interface NativeExtractOptions {
   /** The input is gzip (else the tar itself, or zstd). */
   gzip: boolean;
@@ -169,7 +169,7 @@ export interface NativeExtractResult {
 
 /**
  * One layer, from its bytes to files under a root, on the addon's threads (gunzip + tar parsing
- * + the layer rules on one, filesystem calls on another; native/layer_extract.h). Failures carry
+ * + the layer rules on one, filesystem calls on another; native/addon/layer_extract.h). Failures carry
  * `code`: an ERR_MICROVM_IMAGE_* code for a refused layer, or an errno name with `path` (the entry)
  * when a filesystem call failed.
  */

@@ -1,6 +1,6 @@
 /**
  * What became of a VM's output (QEMU backend): its output ports go through a sink on the host
- * (native/runner.cc `--log-sink`) that bounds each file and reports, per stream, in the VM's
+ * (native/runner/runner.cc `--log-sink`) that bounds each file and reports, per stream, in the VM's
  * `output-status` file: the bytes written, and whether the rest was cut at the limit
  * (`truncated`, a marker line ends the file) or lost because the disk refused it (`lost`).
  */

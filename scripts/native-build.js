@@ -2,7 +2,7 @@
 // Builds the native addon and the runner, offline.
 //
 //   node scripts/native-build.js gyp       node-gyp rebuild          -> build/Release/
-//   node scripts/native-build.js cmake     cmake-js (same sources)   -> build-cmake/
+//   node scripts/native-build.js cmake [dir]  cmake-js (same sources) -> build-cmake/ (or dir)
 //   node scripts/native-build.js prebuild  prebuildify --napi --strip, plus the stripped runner
 //                                          -> prebuilds/<platform>-<arch>/
 //
@@ -88,8 +88,9 @@ if (mode === 'gyp') {
   console.log(`native-build: node-gyp build done in ${secs.toFixed(1)} s -> build/Release`);
 } else if (mode === 'cmake') {
   const cmakeJs = require.resolve('cmake-js/bin/cmake-js', { paths: [root] });
-  const secs = run(process.execPath, [cmakeJs, 'rebuild', '--out', 'build-cmake', '--parallel', jobs], env);
-  console.log(`native-build: cmake-js build done in ${secs.toFixed(1)} s -> build-cmake/`);
+  const out = process.argv[3] || 'build-cmake';
+  const secs = run(process.execPath, [cmakeJs, 'rebuild', '--out', out, '--parallel', jobs], env);
+  console.log(`native-build: cmake-js build done in ${secs.toFixed(1)} s -> ${out}/`);
 } else if (mode === 'prebuild') {
   const prebuildify = require.resolve('prebuildify/bin.js', { paths: [root] });
   const gyp = nodeGypScript();

@@ -1,5 +1,5 @@
 /**
- * The egress filter (native/net_guard.cc) on the host, preloaded into a Node process the way the
+ * The egress filter (native/preload/net_guard.cc) on the host, preloaded into a Node process the way the
  * QEMU backend preloads it into QEMU: real sockets on loopback addresses (127.0.0.0/8 is all local
  * on Linux), a real DNS server made here as the resolver. What libslirp calls (connect, sendto,
  * sendmsg, recvfrom, recvmsg) libuv calls too. The same filter inside real QEMU boots:

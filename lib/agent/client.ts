@@ -1,5 +1,5 @@
 /**
- * The host end of the guest agent's channel (lib/agent/protocol.ts, native/guest_agent.cc):
+ * The host end of the guest agent's channel (lib/agent/protocol.ts, native/guest/agent.cc):
  * processes in the guest with their streams kept apart, and file transfers, over one socket.
  *
  * Memory is bounded by the protocol, not by the guest's goodwill: the guest may send at most

@@ -1,5 +1,5 @@
 /**
- * The guest agent's wire format (docs/agent-protocol.md; the guest side is native/guest_agent.cc).
+ * The guest agent's wire format (docs/agent-protocol.md; the guest side is native/guest/agent.cc).
  *
  * A frame is a 9-byte header — u32 payload length, u8 type, u32 stream id, big-endian — and at most
  * {@link MAX_PAYLOAD} bytes of payload. Everything the guest sends is hostile input: the decoder

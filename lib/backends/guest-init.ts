@@ -1,5 +1,5 @@
 /**
- * Our guest init (native/guest_init.cc), which both backends put into the VM's root: PID 1 under
+ * Our guest init (native/guest/init.cc), which both backends put into the VM's root: PID 1 under
  * QEMU; under libkrun the command libkrun's init runs first, to start the guest agent. Where it
  * goes, the names it answers to, and the one place that writes it.
  */
@@ -14,7 +14,7 @@ export { GUEST_INIT_PATH, IDLE_COMMAND } from '../guest/protocol';
 /** The guest agent's socket, in the VM's directory. */
 export const AGENT_SOCKET = VM_FILE.agentSocket;
 
-/** The guest init binary (native/guest_init.cc). */
+/** The guest init binary (native/guest/init.cc). */
 export function guestInitPath(): string {
   return shippedFile('microvm-guest-init', 'ERR_MICROVM_GUEST_INIT_NOT_FOUND');
 }

@@ -1,5 +1,5 @@
 /**
- * The host <-> guest protocol of our guest init (native/guest_init.cc), in one place: where the init
+ * The host <-> guest protocol of our guest init (native/guest/init.cc), in one place: where the init
  * lives, how it is started, the configuration it reads, the virtio-serial ports it uses, the lines it
  * writes to the host and the console phrases the host looks for. native/guest/protocol.h holds the
  * same values for the C++ side; test/guest-protocol.test.ts checks that the two agree.

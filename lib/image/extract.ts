@@ -1,7 +1,7 @@
 /**
  * Applying image layers to a root directory. Layers are hostile input: the addon's LayerExtractor
- * (native/layer_extract.h) parses them and makes every filesystem change through root-scoped
- * primitives (native/extract.h), so whatever an archive holds — absolute paths, `..`, symlinked
+ * (native/addon/layer_extract.h) parses them and makes every filesystem change through root-scoped
+ * primitives (native/addon/extract.h), so whatever an archive holds — absolute paths, `..`, symlinked
  * parents, hardlinks or whiteouts aimed outside — nothing outside the root is created, changed or
  * removed. Paths with `..` are refused outright; device nodes are skipped (with a warning). Caps
  * on total bytes, entry count and decompression ratio stop decompression bombs. OCI whiteouts
@@ -154,7 +154,7 @@ function fromNative(err: unknown): unknown {
 /**
  * Extracts one layer into `root`. The JS thread only moves bytes: the addon's LayerExtractor
  * decompresses (zlib; libzstd, loaded at run time), parses and applies the layer rules on one
- * thread and makes the filesystem changes on another (native/layer_extract.h); without libzstd,
+ * thread and makes the filesystem changes on another (native/addon/layer_extract.h); without libzstd,
  * zstd layers go through the zstd binary first.
  * Rejects with ERR_MICROVM_IMAGE_LIMIT, ERR_MICROVM_IMAGE_UNSAFE_ENTRY or ERR_MICROVM_IMAGE_LAYER;
  * once it settles, nothing more is written.

@@ -1,6 +1,6 @@
 /**
  * An egress policy's decisions in the trace and the metrics: while the VM runs, the lines its
- * relays (lib/network/relay.ts) and the egress filter in QEMU (native/net_guard.cc: connects,
+ * relays (lib/network/relay.ts) and the egress filter in QEMU (native/preload/net_guard.cc: connects,
  * datagrams and DNS questions, each with the rule that decided) append to `egress.log` become `microvm.network.connection`
  * events on a `microvm.network.Egress` span (a child of microvm.Run that lives as long as the VM)
  * and a `microvm.network.connections` count by outcome. The log is ours but read as untrusted:
@@ -25,7 +25,7 @@ interface Entry {
   host: string;
   port: number;
   ok: boolean;
-  /** The egress filter's lines (native/net_guard.cc): what was decided, and by which rule. */
+  /** The egress filter's lines (native/preload/net_guard.cc): what was decided, and by which rule. */
   kind?: 'connect' | 'datagram' | 'dns';
   rule?: string;
   error?: string;

@@ -12,7 +12,7 @@
  * what a relay was started for.
  *
  * Rules that a relay cannot serve (address ranges, wildcard or port-less names, deny rules, a
- * resolver) need the egress filter (native/net_guard.cc): QEMU's network is then not restricted,
+ * resolver) need the egress filter (native/preload/net_guard.cc): QEMU's network is then not restricted,
  * and the filter, preloaded into QEMU, decides every connection, datagram and DNS question that
  * leaves it; relayed names keep their relays beside it.
  */
@@ -145,7 +145,7 @@ function cidrHolds(cidr: string, ip: string, family: 'ipv4' | 'ipv6'): boolean {
 }
 
 /**
- * The egress filter's policy file (its format: native/net_guard.cc). `relayHosts: false` (libkrun,
+ * The egress filter's policy file (its format: native/preload/net_guard.cc). `relayHosts: false` (libkrun,
  * which has no relays): exact names with a port are rules by DNS like the others. On QEMU
  * (`relayHosts`), a rule whose network holds QEMU's gateway (10.0.2.2, fec0::2) also holds the
  * host's loopback address it stands for: `deny 10.0.2.2` means the host (an allow, only when it

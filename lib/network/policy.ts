@@ -24,7 +24,7 @@ export function allowListOf(p: EgressPolicy | undefined): readonly EgressRule[] 
 }
 
 /**
- * Whether the policy needs the egress filter in QEMU (native/net_guard.cc): any rule that is not a
+ * Whether the policy needs the egress filter in QEMU (native/preload/net_guard.cc): any rule that is not a
  * relayed name (addresses, wildcards, names by DNS, deny rules) or a resolver. Without it, QEMU's
  * restricted mode and the relays enforce the policy alone.
  */

@@ -5,7 +5,7 @@
  *   node relay.js (SOCKET | --fd N) RULES LOG
  *
  * For each guest connection to an allowed name's virtual address and port, QEMU starts
- * `microvm-runner --relay-connect SOCKET N` (native/runner.cc), which says "N\n" — the index of the
+ * `microvm-runner --relay-connect SOCKET N` (native/runner/runner.cc), which says "N\n" — the index of the
  * rule in RULES, a JSON list of `{host, port, address}` — and then only copies bytes. The relay
  * connects to that rule's address (or host, resolved on the host) at its port, and nowhere else,
  * within 10 s, copies both ways until both sides are done, and appends one JSON line to LOG (0600)
@@ -51,7 +51,7 @@ function readRules(file: string): Rule[] {
 }
 
 function main(argv: string[]): void {
-  // `--fd N`: the launcher made the listening socket (native/qemu_launch.cc); else a path.
+  // `--fd N`: the launcher made the listening socket (native/runner/qemu_launch.cc); else a path.
   const listenFd = argv[0] === '--fd' ? Number(argv[1]) : undefined;
   const [socketPath, rulesFile, log] = listenFd === undefined ? argv : ['', argv[2], argv[3]];
   if (

@@ -47,7 +47,7 @@ export interface CloneOptions {
   /** Number of files copied at once by the copy strategy's Node engine. Default 16. */
   concurrency?: number;
   /**
-   * How the copy strategy copies: `native`, the addon's parallel copy (native/tree_copy.cc; faster
+   * How the copy strategy copies: `native`, the addon's parallel copy (native/addon/tree_copy.cc; faster
    * than `cp -a` on the trees we clone, `bench/pipeline.js` prints both), GNU `cp -a
    * --reflink=auto`, or the Node walk. Default: native, else cp when GNU cp is on PATH, else node.
    */

@@ -5,7 +5,7 @@
  * libkrun serves the rootfs with the host's owners, unless an entry carries the xattr
  * `user.containers.override_stat` ("uid:gid:0mode"), which its virtio-fs reports instead. An
  * unprivileged extraction writes that xattr on every image entry (the owner the layer says; see
- * native/extract.cc). What it misses is what this process made itself: the clone's root directory
+ * native/addon/extract.cc). What it misses is what this process made itself: the clone's root directory
  * and anything the rootfs hooks or the backend wrote. Owned by the host user, those would appear to
  * the guest as owned by uid 1000 (say), and `/` would not be root's. This stage gives each of them
  * "0:0:<its mode>".

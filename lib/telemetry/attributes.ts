@@ -89,7 +89,7 @@ export const ATTR = {
   NETWORK_EVENTS_DROPPED: 'microvm.network.events_dropped',
   /** On each microvm.network.connection event: connected | failed | refused | resolved. */
   NETWORK_OUTCOME: 'microvm.network.outcome',
-  /** On filter decisions (native/net_guard.cc): connect | datagram | dns, and the rule that decided. */
+  /** On filter decisions (native/preload/net_guard.cc): connect | datagram | dns, and the rule that decided. */
   NETWORK_KIND: 'microvm.network.kind',
   NETWORK_RULE: 'microvm.network.rule',
   NETWORK_BYTES_IN: 'microvm.network.bytes_in',

@@ -1,6 +1,6 @@
 /**
  * lib/backends/qemu/launch.ts without a boot: the guest kernel's command line, QEMU's arguments and
- * the launch plan native/qemu_launch.cc reads, for the inputs that change them.
+ * the launch plan native/runner/qemu_launch.cc reads, for the inputs that change them.
  */
 import { kernelCommandLine, launchFiles, qemuLaunch, type LaunchHost } from '../../lib/backends/qemu/launch';
 import type { BackendStartInput } from '../../lib/backends/types';

@@ -1,5 +1,5 @@
 /**
- * Egress rules enforced by the filter in QEMU (native/net_guard.cc) on real boots: CIDRs, wildcard
+ * Egress rules enforced by the filter in QEMU (native/preload/net_guard.cc) on real boots: CIDRs, wildcard
  * names learned from DNS, deny rules, the resolver, against test hosts this test makes in a network
  * namespace of its own (a veth pair; HTTP services on two addresses) and a resolver it runs on the
  * host's loopback, never any outside address. The filter's logic without a VM: test/net-guard.test.ts.

@@ -1,6 +1,6 @@
 /**
  * `microvm logs --since` on real QEMU boots: the guest init relays the command's output and notes
- * when each chunk arrived (native/guest_init.cc), the host maps the guest's clock
+ * when each chunk arrived (native/guest/init.cc), the host maps the guest's clock
  * (lib/log-times.ts). The command prints, waits for a file the test creates in a share after the
  * cut-off time, then prints again: what --since prints is decided by the guest's clock alone.
  */

@@ -2,7 +2,7 @@
  * The libkrun backend. BackendPrepare writes `/.krun_config.json` (read by libkrun's built-in guest
  * init: Cmd, Env, WorkingDir) into the VM's writable layer, and our guest init beside it: Cmd
  * becomes `/.microvm/init --agent-listen=vsock:PORT -- CMD...`, which starts the guest agent on that
- * vsock port and then becomes CMD (native/guest_init.cc). backend.Start resolves libkrun and the
+ * vsock port and then becomes CMD (native/guest/init.cc). backend.Start resolves libkrun and the
  * runner (microvm.backend.ResolveRuntime) and libkrunfw (microvm.backend.ResolveFirmware), builds
  * the launch plan (the agent's port bridged to `agent.sock` in the VM's directory, libkrun
  * listening), dry-runs it in-process against the real libkrun, and starts the runner, which
@@ -135,7 +135,7 @@ export function libkrunBackend(options: LibkrunBackendOptions = {}): Backend {
     name: 'libkrun',
     supportsOverlay: true,
     // TSI makes the guest's connections with the runner's own connect()/sendto(): the egress filter
-    // linked into the runner (native/net_guard.cc) decides them, with the policy start() writes.
+    // linked into the runner (native/preload/net_guard.cc) decides them, with the policy start() writes.
     egressPolicies: ['allow', 'deny', 'allow-list'],
     networkName: 'tsi',
     needsOverrideStat: true,

@@ -1,7 +1,7 @@
 /**
  * The launch plan: one JSON-serialisable description of a libkrun context's configuration.
  * It is validated here (TypeScript owns the rules and the messages), serialised, and applied by one
- * C++ function (native/plan.cc ApplyPlan) both in-process — {@link validateLaunchPlan}, which checks
+ * C++ function (native/common/plan.cc ApplyPlan) both in-process — {@link validateLaunchPlan}, which checks
  * a plan against the real libkrun without starting a VM — and in the runner, right before
  * `krun_start_enter`.
  *
@@ -111,7 +111,7 @@ export interface LaunchPlanInput {
   vsockPorts?: readonly VsockPortInput[];
 }
 
-/** The wire form (version 1) read by native/plan.cc. */
+/** The wire form (version 1) read by native/common/plan.cc. */
 export interface LaunchPlan {
   version: 1;
   libkrunPath: string;

@@ -1,6 +1,6 @@
 /**
  * Starting the native runner (`microvm-runner`), which applies a launch plan and then calls
- * `krun_start_enter` in its own process. See native/runner.cc for the protocol:
+ * `krun_start_enter` in its own process. See native/runner/runner.cc for the protocol:
  *
  * - the plan is written to the runner's fd 3 (a pipe), so no plan file lingers on disk;
  * - the runner writes one byte 'C' to fd 4 once every configuration call succeeded;
@@ -68,7 +68,7 @@ export interface RunnerHandle {
 
 interface RunnerErrorLine {
   stage?: string;
-  /** An errno name (with syscall) or an ERR_MICROVM_* code written by native/runner.cc. */
+  /** An errno name (with syscall) or an ERR_MICROVM_* code written by native/runner/runner.cc. */
   code?: string;
   message?: string;
   errno?: number;

@@ -4,13 +4,13 @@
  * (lib/host/kvm.ts tells it from a PVM or otherwise software /dev/kvm) and TCG (software emulation)
  * otherwise. So `run()` works on any Linux host, KVM or not.
  *
- * Processes: Node -> the native launcher (`microvm-runner --qemu-plan-fd`, native/qemu_launch.cc),
+ * Processes: Node -> the native launcher (`microvm-runner --qemu-plan-fd`, native/runner/qemu_launch.cc),
  * which reads a plan (lib/backends/qemu/launch.ts), enters a private mount namespace (and a user
  * namespace when not root), mounts the overlay root, makes every socket, starts virtiofsd, the
  * relay and the log sink on them and becomes QEMU. With a parent-death signal (unless detached)
  * they die with the Node process, even on `kill -9`, and share one process group for stop().
  *
- * The guest runs `microvm-guest-init` (native/guest_init.cc) as PID 1, which reads
+ * The guest runs `microvm-guest-init` (native/guest/init.cc) as PID 1, which reads
  * /.krun_config.json like libkrun's init, says "UP" on the virtio-serial port "microvm.exit" as soon
  * as it runs, gives the command the ports "microvm.stdout"/"microvm.stderr" as its stdout/stderr
  * (no tty: no CRLF, no kernel messages mixed in), and reports the command's exit status as
@@ -207,7 +207,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     input: BackendStartInput,
   ): Promise<BackendHandle> {
     // Rules beyond relayed names: the egress filter, preloaded into QEMU, decides what leaves it
-    // (native/net_guard.cc); its policy file, and the file where it says it loaded it.
+    // (native/preload/net_guard.cc); its policy file, and the file where it says it loaded it.
     const egress = planEgress(input.egress);
     const guard =
       egress.needsFilter && egress.filterRules ? writeGuardPolicy(input.dataDir, egress.filterRules) : undefined;
@@ -253,7 +253,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       fs.rmSync(f, { force: true });
     for (const m of launch.mountPoints) fs.mkdirSync(m, { recursive: true });
     if (launch.relayRules) fs.writeFileSync(launch.relayRules.path, launch.relayRules.text, { mode: 0o600 });
-    // The launcher (native/qemu_launch.cc) reads its plan on fd 3, then becomes QEMU: its pid is
+    // The launcher (native/runner/qemu_launch.cc) reads its plan on fd 3, then becomes QEMU: its pid is
     // QEMU's, its process group the VM's (with virtiofsd and the relay).
     const logFd = fs.openSync(input.logPath, 'a', 0o640);
     const child = spawn(

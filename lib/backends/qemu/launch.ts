@@ -1,6 +1,6 @@
 /**
  * What one QEMU start is made of, computed without side effects: the guest kernel's command line,
- * QEMU's arguments, and the launch plan `microvm-runner --qemu-plan-fd` reads (native/qemu_launch.cc:
+ * QEMU's arguments, and the launch plan `microvm-runner --qemu-plan-fd` reads (native/runner/qemu_launch.cc:
  * namespaces, the overlay root, the file servers, the relay and the log sink, then QEMU). The backend
  * (index.ts) writes the files this names and starts the runner; tests read these functions alone.
  */
@@ -168,7 +168,7 @@ export function qemuLaunch(input: BackendStartInput, host: LaunchHost): QemuLaun
     ...port('stderr', input.stderrPath, PORT.stderr),
     // When each chunk of the command's output arrived (the init relays it): for logs --since.
     ...(input.outputTimes === false ? [] : port('times', f.timesFile, PORT.logTimes, 16 * 2 ** 20)),
-    // The guest agent's channel (native/guest_agent.cc): QEMU listens; one host client at a time.
+    // The guest agent's channel (native/guest/agent.cc): QEMU listens; one host client at a time.
     '-chardev',
     `socket,id=agent,path=${f.agentSocket},server=on,wait=off`,
     '-device',

@@ -16,7 +16,7 @@ export function relayScript(): string {
 }
 
 /**
- * The file-server guard (native/fs_guard.cc), preloaded into virtiofsd so a guest's chmod/mknod can
+ * The file-server guard (native/preload/fs_guard.cc), preloaded into virtiofsd so a guest's chmod/mknod can
  * never give a host user a privilege.
  */
 export function fsGuardPath(): string {
@@ -24,7 +24,7 @@ export function fsGuardPath(): string {
 }
 
 /**
- * The egress filter (native/net_guard.cc), preloaded into QEMU when a policy has rules beyond
+ * The egress filter (native/preload/net_guard.cc), preloaded into QEMU when a policy has rules beyond
  * relayed names.
  */
 export function netGuardPath(): string {

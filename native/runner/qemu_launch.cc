@@ -1,5 +1,5 @@
 // The QEMU backend's launcher and helpers: see qemu_launch.h.
-#include "qemu_launch.h"
+#include "runner/qemu_launch.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "json.h"
+#include "common/json.h"
 
 namespace microvm {
 namespace {

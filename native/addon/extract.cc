@@ -1,5 +1,5 @@
-#include "extract.h"
-#include "fd.h"
+#include "addon/extract.h"
+#include "common/fd.h"
 
 #include <dirent.h>
 #include <fcntl.h>

@@ -1,5 +1,5 @@
-#include "beneath.h"
-#include "fd.h"
+#include "addon/beneath.h"
+#include "common/fd.h"
 
 #include <dirent.h>
 #include <fcntl.h>

@@ -1,4 +1,4 @@
-#include "krun_api.h"
+#include "common/krun_api.h"
 
 #include <dlfcn.h>
 #include <link.h>

@@ -1,4 +1,4 @@
-#include "zstd_api.h"
+#include "addon/zstd_api.h"
 
 #include <dlfcn.h>
 

@@ -31,11 +31,11 @@
 #include <cstring>
 #include <string>
 
-#include "errno_names.h"
-#include "json.h"
-#include "krun_api.h"
-#include "plan.h"
-#include "qemu_launch.h"
+#include "common/errno_names.h"
+#include "common/json.h"
+#include "common/krun_api.h"
+#include "common/plan.h"
+#include "runner/qemu_launch.h"
 
 namespace {
 
@@ -154,7 +154,7 @@ void MountOverlay(const microvm::OverlaySpec& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // The QEMU backend's modes (native/qemu_launch.cc).
+  // The QEMU backend's modes (native/runner/qemu_launch.cc).
   if (argc == 4 && std::strcmp(argv[1], "--relay-connect") == 0) return microvm::RelayConnect(argv[2], argv[3]);
   if (argc >= 2 && std::strcmp(argv[1], "--log-sink") == 0) return microvm::LogSink(argc, argv);
   if (argc >= 5 && std::strcmp(argv[1], "--listen-unix") == 0 && std::strcmp(argv[3], "--") == 0)

@@ -21,7 +21,7 @@
 #include <thread>
 #include <vector>
 
-#include "fd.h"
+#include "common/fd.h"
 
 namespace microvm {
 

@@ -1,6 +1,6 @@
-#include "layer_extract.h"
+#include "addon/layer_extract.h"
 
-#include "zstd_api.h"
+#include "addon/zstd_api.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>

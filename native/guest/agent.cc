@@ -5,7 +5,7 @@
 // length-checked, a stream the host overruns is ended, input is buffered only up to the window the
 // agent granted, and output is read from a child only while the host has granted room for it, so a
 // host that stops reading stops the child (its pipe fills) instead of growing this process.
-#include "guest_agent.h"
+#include "guest/agent.h"
 
 #include "guest/protocol.h"
 
@@ -33,8 +33,8 @@
 #include <string>
 #include <vector>
 
-#include "guest_util.h"
-#include "json.h"
+#include "common/json.h"
+#include "guest/util.h"
 
 namespace microvm {
 namespace agent {

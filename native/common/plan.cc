@@ -1,4 +1,4 @@
-#include "plan.h"
+#include "common/plan.h"
 
 #include <cerrno>
 #include <cmath>

@@ -31,7 +31,7 @@
 #include <thread>
 #include <vector>
 
-#include "extract.h"
+#include "addon/extract.h"
 
 namespace microvm {
 

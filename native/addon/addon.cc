@@ -28,15 +28,15 @@
 #include <string>
 #include <vector>
 
-#include "beneath.h"
-#include "errno_names.h"
-#include "extract.h"
-#include "firmware.h"
-#include "krun_api.h"
-#include "layer_extract.h"
-#include "plan.h"
-#include "tree_copy.h"
-#include "zstd_api.h"
+#include "addon/beneath.h"
+#include "addon/extract.h"
+#include "addon/firmware.h"
+#include "addon/layer_extract.h"
+#include "addon/tree_copy.h"
+#include "addon/zstd_api.h"
+#include "common/errno_names.h"
+#include "common/krun_api.h"
+#include "common/plan.h"
 
 namespace microvm {
 namespace {

@@ -15,7 +15,7 @@
 //      the command writes into pipes and this init copies each chunk to its port and notes on
 //      "microvm.logtimes" when it arrived, as "<1|2> <offset> <ns>\n" (stream, the chunk's offset
 //      in that stream, CLOCK_MONOTONIC): what `microvm logs --since` reads;
-//   6. serves the host on the port "microvm.agent" when there is one (native/guest_agent.cc);
+//   6. serves the host on the port "microvm.agent" when there is one (native/guest/agent.cc);
 //   7. reports the command's exit status on "microvm.exit" as "EXIT <code>\n" (125: setup failed,
 //      126: cannot execute, 127: not found, 128+N: killed by signal N), then powers off.
 // Milestones go on "microvm.exit" too, as "T <name> <ns>" on the guest's CLOCK_MONOTONIC (0 is the
@@ -60,10 +60,10 @@
 #include <string>
 #include <vector>
 
+#include "common/json.h"
+#include "guest/agent.h"
 #include "guest/protocol.h"
-#include "guest_agent.h"
-#include "guest_util.h"
-#include "json.h"
+#include "guest/util.h"
 
 namespace guest = microvm::guest;
 
@@ -250,7 +250,7 @@ bool ReadConfig(std::vector<std::string>* cmd, std::vector<std::string>* env, st
   return true;
 }
 
-// Forks the guest agent (native/guest_agent.cc), in a session of its own.
+// Forks the guest agent (native/guest/agent.cc), in a session of its own.
 pid_t StartAgent(const microvm::agent::Defaults& defaults) {
   pid_t pid = fork();
   if (pid == 0) {

@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "json.h"
-#include "krun_api.h"
+#include "common/json.h"
+#include "common/krun_api.h"
 
 namespace microvm {
 

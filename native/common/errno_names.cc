@@ -1,4 +1,4 @@
-#include "errno_names.h"
+#include "common/errno_names.h"
 
 #include <cerrno>
 

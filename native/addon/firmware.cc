@@ -1,4 +1,4 @@
-#include "firmware.h"
+#include "addon/firmware.h"
 
 #include <dlfcn.h>
 #include <link.h>

@@ -9,7 +9,7 @@
 // Why not `cp -a`: it copies one file at a time; on the rootfs trees we clone (tens of thousands of
 // small files) the time is per-file system calls, which several threads spread over the cores, and
 // where the new inodes go (see Walk: the top directory's FS_TOPDIR_FL).
-#include "tree_copy.h"
+#include "addon/tree_copy.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -28,8 +28,8 @@
 #include <utility>
 #include <vector>
 
-#include "beneath.h"
-#include "fd.h"
+#include "addon/beneath.h"
+#include "common/fd.h"
 
 namespace microvm {
 namespace {
