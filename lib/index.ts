@@ -1,9 +1,11 @@
 /**
- * node-microvm: turn an OCI image into a lightweight VM. This entry point exports the native core
- * (libkrun binding, firmware and runtime resolution, launch plans, the runner) — grouped under
- * {@link native} and also as named exports — and the error types.
+ * node-microvm: turn an OCI image into a lightweight VM. This entry point exports {@link run} and
+ * the {@link MicroVM} it returns, the image cache ({@link image}, {@link pull}), the two backends,
+ * the pipeline's pieces (rootfs clone and hooks, preflight, SSH, telemetry names), the native core
+ * (libkrun binding, firmware and runtime resolution, launch plans, the runner: grouped under
+ * {@link native} and also as named exports) and the error types with their codes.
  */
-import { errnoName } from './errno';
+import { errnoName } from './errors/errno';
 import { KrunContext, KrunFeature } from './backends/libkrun/context';
 import { addonPath } from './native';
 import { buildLaunchPlan, serializeLaunchPlan, validateLaunchPlan } from './backends/libkrun/plan';
@@ -12,8 +14,8 @@ import { resolveRunner, resolveRuntime } from './resolve/runtime';
 import { startRunner } from './backends/libkrun/runner';
 
 export { KrunError, MicrovmError, type ArgumentErrorCode, type ErrnoCode, type MicrovmErrorCode } from './errors';
-export { ERROR_CODES } from './error-codes';
-export { errnoName } from './errno';
+export { ERROR_CODES } from './errors/codes';
+export { errnoName } from './errors/errno';
 export { KrunContext, KrunFeature, type CreateContextOptions } from './backends/libkrun/context';
 export {
   buildLaunchPlan,

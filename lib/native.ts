@@ -8,7 +8,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import type { MicrovmErrorCode } from './error-codes';
+import type { MicrovmErrorCode } from './errors/codes';
 import { MicrovmError } from './errors';
 
 /** What the addon reports about a libkrunfw library it opened. */

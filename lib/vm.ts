@@ -31,22 +31,6 @@ export interface VmStatus {
   error?: MicrovmError;
 }
 
-/** Reads a backend's exit value; the older `{ code, signal }` shape still works. */
-export function toVmExit(r: Awaited<BackendHandle['exited']>): VmExit {
-  if ('reason' in r) return r;
-  if (r.code !== null) return { reason: 'exited', exitCode: r.code, signal: null };
-  if (r.signal) return { reason: 'stopped', exitCode: null, signal: r.signal };
-  return {
-    reason: 'failed',
-    exitCode: null,
-    signal: null,
-    error: new MicrovmError(
-      'ERR_MICROVM_HYPERVISOR_FAILED',
-      'The VM process ended with neither an exit code nor a signal',
-    ),
-  };
-}
-
 /** Fixed facts about a VM, set when it starts. */
 export interface MicroVMInfo {
   id: string;
@@ -155,8 +139,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
     this.stderrPath = handle.stderrPath;
     this.#handle = handle;
     this.#onExit = onExit;
-    this.#exited = handle.exited.then(async (raw) => {
-      const r = toVmExit(raw);
+    this.#exited = handle.exited.then(async (r) => {
       this.#result = r;
       this.#dropAgent();
       for (const fn of this.#onExit) await fn().catch(() => undefined);

@@ -21,7 +21,7 @@ function walk(dir: string, ext: RegExp): string[] {
 function sourceCodes(): Map<string, string> {
   const found = new Map<string, string>();
   const files = [...walk(path.join(root, 'lib'), /\.ts$/), ...walk(path.join(root, 'native'), /\.(cc|h)$/)].filter(
-    (f) => !f.endsWith('error-codes.ts'),
+    (f) => !f.endsWith(path.join('errors', 'codes.ts')),
   );
   for (const f of files) {
     for (const m of fs.readFileSync(f, 'utf8').matchAll(/ERR_MICROVM_[A-Z0-9_]*[A-Z0-9](?!_\*|[A-Z0-9_])/g)) {

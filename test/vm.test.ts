@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { MicrovmError } from '../lib/errors';
 import type { BackendHandle, VmExit } from '../lib/backends/types';
-import { describeExit, MicroVM, toVmExit } from '../lib/vm';
+import { describeExit, MicroVM } from '../lib/vm';
 import { scratch } from './helpers';
 
 let s: ReturnType<typeof scratch>;
@@ -17,8 +17,8 @@ afterEach(() => s.cleanup());
 
 /** A backend handle whose process ends when told (or on the signals it does not ignore). */
 function fakeHandle(ignore: NodeJS.Signals[] = []) {
-  let end!: (e: VmExit | { code: number | null; signal: NodeJS.Signals | null }) => void;
-  const exited = new Promise<VmExit | { code: number | null; signal: NodeJS.Signals | null }>((r) => (end = r));
+  let end!: (e: VmExit) => void;
+  const exited = new Promise<VmExit>((r) => (end = r));
   const sent: NodeJS.Signals[] = [];
   const handle: BackendHandle = {
     pid: 4242,
@@ -53,26 +53,7 @@ function vmWith(handle: BackendHandle, onExit: Array<() => Promise<void>> = []):
   );
 }
 
-describe('toVmExit and describeExit', () => {
-  test("the older { code, signal } shape: a code is 'exited', a signal 'stopped', neither a coded failure", () => {
-    expect(toVmExit({ code: 3, signal: null })).toEqual({ reason: 'exited', exitCode: 3, signal: null });
-    expect(toVmExit({ code: 0, signal: null })).toEqual({ reason: 'exited', exitCode: 0, signal: null });
-    expect(toVmExit({ code: null, signal: 'SIGTERM' })).toEqual({
-      reason: 'stopped',
-      exitCode: null,
-      signal: 'SIGTERM',
-    });
-    const failed = toVmExit({ code: null, signal: null });
-    expect(failed).toMatchObject({ reason: 'failed', exitCode: null, signal: null });
-    expect(failed.error).toBeInstanceOf(MicrovmError);
-    expect(failed.error).toMatchObject({
-      code: 'ERR_MICROVM_HYPERVISOR_FAILED',
-      message: 'The VM process ended with neither an exit code nor a signal',
-    });
-    const given: VmExit = { reason: 'stopped', exitCode: null, signal: 'SIGKILL' };
-    expect(toVmExit(given)).toBe(given);
-  });
-
+describe('describeExit', () => {
   test('describeExit: one line per reason', () => {
     expect(describeExit({ reason: 'exited', exitCode: 7, signal: null })).toBe('the guest command exited with code 7');
     expect(describeExit({ reason: 'stopped', exitCode: null, signal: 'SIGINT' })).toBe('the VM was stopped by SIGINT');
@@ -102,7 +83,7 @@ describe('MicroVM', () => {
       signal: null,
       error: undefined,
     });
-    end({ code: 0, signal: null });
+    end({ reason: 'exited', exitCode: 0, signal: null });
     expect(await vm.wait()).toEqual({ reason: 'exited', exitCode: 0, signal: null });
     expect(order).toEqual(['cleanup', 'exit exited']);
     expect(vm.status()).toMatchObject({ state: 'exited', reason: 'exited', exitCode: 0, signal: null });
@@ -124,7 +105,7 @@ describe('MicroVM', () => {
 
     const c = fakeHandle();
     const vmC = vmWith(c.handle);
-    c.end({ code: 1, signal: null });
+    c.end({ reason: 'exited', exitCode: 1, signal: null });
     await vmC.wait();
     await vmC.stop();
     expect(c.sent).toEqual([]);

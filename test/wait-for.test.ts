@@ -15,7 +15,7 @@ import {
 import { ROOT_CONTEXT } from '@opentelemetry/api';
 import { normalizeWaitFor, waitFor, type WaitTarget } from '../lib/wait-for';
 import { usernetState } from '../lib/backends/qemu';
-import { freePort } from '../lib/net';
+import { freePort } from '../lib/network/free-port';
 import { scratch } from './helpers';
 
 let s: ReturnType<typeof scratch>;

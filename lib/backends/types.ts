@@ -127,11 +127,8 @@ export interface BackendHandle {
   readonly pid: number;
   /** Path of the executable behind `pid`, for the PID-reuse guard. */
   readonly executable: string;
-  /**
-   * Settles with how the VM ended. Backends written for the older `{ code, signal }` shape still
-   * work: a number `code` counts as `exited`, a `signal` as `stopped`.
-   */
-  readonly exited: Promise<VmExit | { code: number | null; signal: NodeJS.Signals | null }>;
+  /** Settles with how the VM ended. */
+  readonly exited: Promise<VmExit>;
   /** Set when the backend wrote the guest command's stdout/stderr apart from the console. */
   readonly stdoutPath?: string;
   readonly stderrPath?: string;

@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { type CollectedSpan } from '../telemetry/collector';
 import { readExitPort } from '../backends/qemu';
-import type { MicrovmErrorCode } from '../error-codes';
+import type { MicrovmErrorCode } from '../errors/codes';
 
 export class UsageError extends Error {
   readonly code = 'ERR_MICROVM_USAGE';

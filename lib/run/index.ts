@@ -23,7 +23,7 @@ import { type Attributes, context, type Span, trace } from '@opentelemetry/api';
 import type { BackendHandle } from '../backends/types';
 import { asNoSpace, MicrovmError } from '../errors';
 import { RecordingTracer, writeFlightRecord } from '../telemetry/recorder';
-import { freePort } from '../net';
+import { freePort } from '../network/free-port';
 import { keepAlive } from '../keep-alive';
 import { localRootfs, pull, runtimeConfig, type PulledImage } from '../image/pull';
 import type { NetworkHandle } from '../network/start';

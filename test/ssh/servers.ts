@@ -19,7 +19,7 @@ export interface TestServer {
   close(): Promise<void>;
 }
 
-import { freePort } from '../../lib/net';
+import { freePort } from '../../lib/network/free-port';
 
 export { freePort };
 

@@ -54,7 +54,7 @@ import { sinkFinished } from '../../output-status';
 
 import { emitGuestSpans, parseMilestones } from '../../telemetry/guest';
 import { typeError } from '../../validate';
-import type { MicrovmErrorCode } from '../../error-codes';
+import type { MicrovmErrorCode } from '../../errors/codes';
 import { hostTscKhz, type QemuBackendOptions, type QemuRuntime, resolveQemuRuntime } from './runtime';
 import { lastLines, readExitPort, resolverMissing, tail, usernetState } from './guest-report';
 

@@ -4,9 +4,9 @@
  * and, where one exists, the original error as `cause`.
  */
 
-import type { ErrnoCode, MicrovmErrorCode } from './error-codes';
+import type { ErrnoCode, MicrovmErrorCode } from './codes';
 
-export type { ArgumentErrorCode, ErrnoCode, MicrovmErrorCode } from './error-codes';
+export type { ArgumentErrorCode, ErrnoCode, MicrovmErrorCode } from './codes';
 
 /** Base class of the package's coded errors. */
 export class MicrovmError extends Error {

@@ -1,5 +1,5 @@
-import { addon } from './native';
-import * as v from './validate';
+import { addon } from '../native';
+import * as v from '../validate';
 
 /**
  * The errno name the native side uses for an errno number (`22` or `-22` → `"EINVAL"`), the same
