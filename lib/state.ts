@@ -27,6 +27,8 @@ export interface VmState {
   imageDigest?: string;
   /** The agent's socket accepts before the agent listens (libkrun's vsock bridge): keep trying. */
   agentAcceptsLate?: boolean;
+  /** The backend's control socket (QEMU's second QMP monitor): `microvm pause`/`unpause` use it. */
+  controlSocket?: string;
 }
 
 /** Start time of a process (field 22 of /proc/PID/stat), or undefined when it is gone. */

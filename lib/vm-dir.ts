@@ -21,6 +21,10 @@ export const VM_FILE = {
   owner: 'owner.json',
   agentSocket: 'agent.sock',
   egressLog: 'egress.log',
+  /** QEMU's second QMP monitor, for control from any process (pause, resume); lib/pause.ts. */
+  control: 'control.sock',
+  /** Present while the VM is paused on purpose (lib/pause.ts): the watcher then leaves the pause alone. */
+  paused: 'paused',
 } as const;
 
 /** Where a data root keeps its VMs. */

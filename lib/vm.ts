@@ -17,10 +17,12 @@ import { copyIn, copyOut, type CopyOutLimits, readFile, writeFile } from './agen
 import { KeepAlive } from './keep-alive';
 import { type OutputStream, readOutputStatus, type StreamStatus } from './output-status';
 import * as v from './validate';
+import { isPaused, pausedError, pauseVm, resumeVm } from './pause';
 
 /** What {@link MicroVM.status} reports. */
 export interface VmStatus {
-  state: 'running' | 'exited';
+  /** 'paused' between `pause()` (or `microvm pause`) and `resume()`. */
+  state: 'running' | 'paused' | 'exited';
   backend: string;
   pid: number;
   /** How it ended (see {@link VmExit}); undefined while running. */
@@ -171,7 +173,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
 
   status(): VmStatus {
     return {
-      state: this.#result ? 'exited' : 'running',
+      state: this.#result ? 'exited' : isPaused(this.dataDir) ? 'paused' : 'running',
       backend: this.backend,
       pid: this.pid,
       reason: this.#result?.reason,
@@ -179,6 +181,47 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
       signal: this.#result?.signal ?? null,
       error: this.#result?.error,
     };
+  }
+
+  /**
+   * Stops the guest's vCPUs; its memory, devices, connections and processes stay as they are until
+   * {@link resume}. While paused, new exec, spawn, copies and file requests fail at once with
+   * ERR_MICROVM_VM_PAUSED (those under way wait); `stop()` still works. QEMU backend only
+   * (ERR_MICROVM_SNAPSHOT_UNSUPPORTED elsewhere); a span `microvm.Pause`.
+   */
+  pause(): Promise<void> {
+    return this.#keep.hold(this.#control(SPAN.PAUSE, pauseVm));
+  }
+
+  /** Lets a paused VM run again (a span `microvm.Resume`). */
+  resume(): Promise<void> {
+    return this.#keep.hold(this.#control(SPAN.RESUME, resumeVm));
+  }
+
+  async #control(name: string, act: typeof pauseVm): Promise<void> {
+    const tracer = this.#tracer ?? getTracer();
+    const span = tracer.startSpan(
+      name,
+      { attributes: { [ATTR.NAME]: this.name, [ATTR.BACKEND]: this.backend } },
+      context.active(),
+    );
+    try {
+      if (this.#result)
+        throw new MicrovmError(
+          'ERR_MICROVM_VM_NOT_RUNNING',
+          `${this.name} is not running (${describeExit(this.#result)})`,
+        );
+      await act({
+        name: this.name,
+        backend: this.backend,
+        dir: this.dataDir,
+        controlSocket: this.#handle.controlSocketPath,
+      });
+      endSpan(span);
+    } catch (err) {
+      endSpan(span, err);
+      throw err;
+    }
   }
 
   /**
@@ -374,6 +417,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
   /** The channel, connected (again) if it was let go; every lease is released once. */
   async #lease(): Promise<AgentClient> {
     if (this.#result || !this.#agentSocket) throw this.#noAgent();
+    if (isPaused(this.dataDir)) throw pausedError(this.name);
     const socketPath = this.#agentSocket;
     clearTimeout(this.#idle);
     this.#leases++;

@@ -109,6 +109,11 @@ const GUEST_SPANS: Record<string, [string, string[]]> = {
   'microvm.guest.Config': ['microvm.guest.Boot', []],
   'microvm.guest.Exec': ['microvm.guest.Boot', []],
 };
+/** Lifecycle calls on a running VM (checked on real boots in test/e2e/pause.test.ts): span -> keys. */
+const LIFECYCLE_SPANS: Record<string, string[]> = {
+  'microvm.Pause': ['microvm.name', 'microvm.backend'],
+  'microvm.Resume': ['microvm.name', 'microvm.backend'],
+};
 const EVENTS = { probeFailed: 'ssh.probe_failed', probeCount: 'ssh.probe_count', probeError: 'error' };
 const FAILURE_KEYS = ['error.type'];
 
@@ -148,6 +153,8 @@ describe('the telemetry contract', () => {
       ...Object.keys(IMAGE_SPANS),
       ...Object.keys(WAIT_SPANS),
       ...Object.keys(GUEST_SPANS),
+      ...Object.keys(LIFECYCLE_SPANS),
+      ...Object.values(LIFECYCLE_SPANS).flat(),
       ...Object.values(GUEST_SPANS).flatMap(([, k]) => k),
       'TRACEPARENT',
       ...Object.values(WAIT_SPANS).flatMap(([, k]) => k),

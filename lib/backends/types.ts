@@ -142,6 +142,11 @@ export interface BackendHandle {
    * means "not yet" (libkrun's vsock bridge): connecting keeps trying until the timeout or the VM's end.
    */
   readonly agentAcceptsLate?: boolean;
+  /**
+   * A control socket (QMP) any process may use to pause and resume the VM (lib/pause.ts); the
+   * backend's own watcher then leaves a requested pause alone. Undefined: the VM cannot be paused.
+   */
+  readonly controlSocketPath?: string;
   /** The accelerator the VM runs with, where the backend chooses one (QEMU: 'kvm' | 'tcg'). */
   readonly accel?: string;
   /** Signals the VM's process group. */

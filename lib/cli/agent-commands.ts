@@ -11,6 +11,7 @@ import { copyIn, copyOut } from '../agent/files';
 import { AGENT_SOCKET } from '../backends/guest-init';
 import { MicrovmError } from '../errors';
 import { SshClient } from '../ssh/client';
+import { isPaused, pausedError } from '../pause';
 import { isRecordedProcess, readState } from '../state';
 import { type CommandContext, UsageError, coded, signalNumber, untilInterrupted, vmDir } from './common';
 
@@ -137,6 +138,7 @@ export async function cmdExec(c: CommandContext): Promise<number> {
   const dir = vmDir(dataDir, name);
   const st = readState(dir);
   if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
+  if (isPaused(dir)) throw pausedError(name);
   const env = envFromArgs((values.env as string[] | undefined) ?? [], (m) => new UsageError(m));
   const agent = await connectVmAgent(dir, st.agentAcceptsLate === true);
   if (agent) {
@@ -217,6 +219,7 @@ export async function cmdCp(c: CommandContext): Promise<number> {
         const dir = vmDir(dataDir, name);
         const st = readState(dir);
         if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
+        if (isPaused(dir)) throw pausedError(name);
         const agent = await connectVmAgent(dir, st.agentAcceptsLate === true);
         if (!agent) throw coded('ERR_MICROVM_AGENT_UNAVAILABLE', `${name} has no guest agent`);
         return agent;

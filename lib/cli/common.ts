@@ -169,6 +169,8 @@ const COMMAND_OPTIONS: Record<
   port: {},
   stop: { time: { type: 'string', short: 't' } },
   rm: { force: { type: 'boolean', short: 'f' } },
+  pause: {},
+  unpause: {},
   exec: {
     interactive: { type: 'boolean', short: 'i' },
     tty: { type: 'boolean', short: 't' },

@@ -16,7 +16,7 @@ import { cmdDoctor, cmdSetup } from './doctor';
 import { cmdCache, cmdImages, cmdPrune, cmdPull } from './images';
 import { cmdRun } from './run';
 import { USAGE } from './usage';
-import { cmdInspect, cmdLogs, cmdPort, cmdPs, cmdStopOrRm } from './vms';
+import { cmdInspect, cmdLogs, cmdPauseOrUnpause, cmdPort, cmdPs, cmdStopOrRm } from './vms';
 
 /** Every command, by name; each resolves to the exit code. */
 const COMMANDS: Record<string, (c: CommandContext) => Promise<number>> = {
@@ -31,6 +31,8 @@ const COMMANDS: Record<string, (c: CommandContext) => Promise<number>> = {
   logs: cmdLogs,
   stop: cmdStopOrRm,
   rm: cmdStopOrRm,
+  pause: cmdPauseOrUnpause,
+  unpause: cmdPauseOrUnpause,
   exec: cmdExec,
   cp: cmdCp,
   doctor: cmdDoctor,

@@ -19,6 +19,7 @@ Commands:
   cp SRC DST              copy files or trees between a VM and the host (NAME:/path on one side)
   stop [-t S] NAME...     stop VMs
   rm [-f] NAME...         remove stopped VMs' data (-f: stop running ones first)
+  pause NAME...           stop VMs' vCPUs, keeping their state (QEMU backend); unpause NAME... resumes
   doctor                  check this machine and say how to fix what is missing
   setup                   fetch libkrunfw into the data dir when the system has none (Debian/Ubuntu)
   bench IMAGE [-n N] [--backend B] [-- CMD...]
@@ -129,6 +130,15 @@ SIGTERM to each VM, SIGKILL after -t SECONDS (5) (only if its PID still is that 
 
 Removes each VM's data directory (never the image cache). A running VM is refused
 (ERR_MICROVM_VM_RUNNING) unless -f, which stops it first. --json: an array of {name, stopped, removed}.`,
+  pause: `microvm pause NAME... [--data-dir DIR] [--json]
+
+Stops each VM's vCPUs; its memory, processes and connections stay as they are until
+\`microvm unpause\`. ps shows it as paused; exec, cp and file requests on it fail with
+ERR_MICROVM_VM_PAUSED; stop still works. QEMU backend (ERR_MICROVM_SNAPSHOT_UNSUPPORTED on libkrun).
+--json: an array of {name, paused[, error]}.`,
+  unpause: `microvm unpause NAME... [--data-dir DIR] [--json]
+
+Lets paused VMs run again. --json: an array of {name, paused[, error]}.`,
   exec: `microvm exec [-i] [-t] [-e KEY=VALUE]... [-w DIR] [-u USER] NAME [--data-dir DIR] [--json] -- CMD...
 
 Runs CMD (an argv, no shell) in a running VM through its guest agent (any image; no SSH server

@@ -1,4 +1,4 @@
-/** The commands about VMs by name: `ps`, `inspect`, `port`, `logs`, `stop`, `rm`. */
+/** The commands about VMs by name: `ps`, `inspect`, `port`, `logs`, `stop`, `rm`, `pause`, `unpause`. */
 import { VM_FILE, vmDir as vmDirOf, vmFile } from '../vm-dir';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -11,6 +11,7 @@ import {
   parseSince,
   readGuestClock,
 } from '../log-times';
+import { isPaused, pauseVm, resumeVm } from '../pause';
 import { isRecordedProcess, readState, sweepVms, terminateRecorded } from '../state';
 import { type CommandContext, UsageError, coded, table, vmNames, tailOffset, reportedExit, vmDir } from './common';
 
@@ -28,6 +29,7 @@ export async function cmdPs(c: CommandContext): Promise<number> {
       return {
         name,
         running,
+        paused: running && isPaused(dir),
         backend: st?.backend ?? null,
         pid: st?.pid ?? null,
         image: st?.image ?? null,
@@ -50,7 +52,7 @@ export async function cmdPs(c: CommandContext): Promise<number> {
       ['NAME', 'STATUS', 'BACKEND', 'PID', 'PORTS', 'IMAGE'],
       rows.map((r) => [
         r.name,
-        r.running ? 'running' : r.exitCode !== null ? `exited (${r.exitCode})` : 'stopped',
+        r.paused ? 'paused' : r.running ? 'running' : r.exitCode !== null ? `exited (${r.exitCode})` : 'stopped',
         r.backend ?? '',
         r.running ? String(r.pid) : '',
         r.ports.map((p) => `${p.host}->${p.guest}`).join(','),
@@ -78,6 +80,7 @@ export async function cmdInspect(c: CommandContext): Promise<number> {
     found.push({
       ...st,
       running: isRecordedProcess(st),
+      paused: isRecordedProcess(st) && isPaused(dir),
       dataDir: dir,
       files: {
         console: file(VM_FILE.console),
@@ -217,4 +220,28 @@ export async function cmdStopOrRm(c: CommandContext): Promise<number> {
   }
   if (json) out(results, '');
   return failed.length ? 1 : 0;
+}
+
+/** `microvm pause NAME...` and `microvm unpause NAME...`: through each VM's control socket (QEMU). */
+export async function cmdPauseOrUnpause(c: CommandContext): Promise<number> {
+  const { command, positional, dataDir, json, out } = c;
+  if (positional.length === 0) throw new UsageError(`${command} takes one or more NAMEs`);
+  const results: { name: string; paused: boolean; error?: { code?: string; message: string } }[] = [];
+  for (const name of positional) {
+    const dir = vmDir(dataDir, name);
+    try {
+      const st = readState(dir);
+      if (!st || !isRecordedProcess(st)) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no running VM named ${name}`);
+      const vm = { name, backend: st.backend, dir, controlSocket: st.controlSocket };
+      await (command === 'pause' ? pauseVm(vm) : resumeVm(vm));
+      results.push({ name, paused: command === 'pause' });
+      if (!json) process.stdout.write(`${name}\n`);
+    } catch (err) {
+      const e = err as Error & { code?: string };
+      results.push({ name, paused: isPaused(dir), error: { code: e.code, message: e.message } });
+      if (!json) process.stderr.write(`microvm: [${e.code ?? 'ERR_MICROVM_USAGE'}] ${e.message}\n`);
+    }
+  }
+  if (json) out(results, '');
+  return results.some((r) => r.error) ? 1 : 0;
 }

@@ -26,6 +26,11 @@ export const ERROR_CODES = {
   ERR_MICROVM_HYPERVISOR_FAILED: "the hypervisor failed after the start (`vm.wait()` → `{ reason: 'failed', error }`)",
   ERR_MICROVM_WAIT_TIMEOUT:
     'a `waitFor` condition (log line, TCP port, HTTP status) did not hold within its `timeoutMs`',
+  ERR_MICROVM_VM_PAUSED:
+    'the VM is paused (`vm.pause()`, `microvm pause`): resume it before exec, copies or file requests',
+  ERR_MICROVM_VM_NOT_RUNNING: 'the VM is not running (it ended), so it cannot be paused, resumed or snapshotted',
+  ERR_MICROVM_SNAPSHOT_UNSUPPORTED:
+    "the VM's backend cannot pause, resume or snapshot it (libkrun 1.19 has no API for it; the QEMU backend can)",
   ERR_MICROVM_VM_EXITED: 'the VM ended while `run()` still waited for it (readiness, post-boot hooks)',
   ERR_MICROVM_UNSAFE_PATH:
     "a path that goes into another program's option string (`dataDir`, `rootfsPath`, a share's `hostPath`) contains `,` (or `:`/white space where those separate too), or a share's `guestPath` has `.`, `..`, empty components or control characters",

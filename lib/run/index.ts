@@ -317,6 +317,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
       createdAt: new Date().toISOString(),
       ...(imageDigest ? { imageDigest } : {}),
       ...(started.agentAcceptsLate ? { agentAcceptsLate: true } : {}),
+      ...(started.controlSocketPath ? { controlSocket: started.controlSocketPath } : {}),
     });
 
     const onExit: Array<() => Promise<void>> = network ? [() => network.stop()] : [];

@@ -32,6 +32,9 @@ export const SPAN = {
   AGENT_WAIT_READY: 'microvm.AgentWaitReady',
   /** One `vm.exec()`/`vm.spawn()` through the agent, from start to exit (its W3C context goes to the command). */
   EXEC: 'microvm.Exec',
+  /** `vm.pause()` / `vm.resume()` (and `microvm pause`/`unpause`): the guest's vCPUs stopped / let run again. */
+  PAUSE: 'microvm.Pause',
+  RESUME: 'microvm.Resume',
   WAIT_FOR_LOG: 'microvm.WaitForLog',
   WAIT_FOR_TCP: 'microvm.WaitForTCP',
   WAIT_FOR_HTTP: 'microvm.WaitForHTTP',

@@ -25,7 +25,7 @@
  */
 import { netGuardPath, relayScript } from './shipped';
 import { probeCheck } from '../../preflight/checks';
-import { dataRootOf } from '../../vm-dir';
+import { dataRootOf, VM_FILE } from '../../vm-dir';
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -239,6 +239,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     for (const f of [
       files.rootSocket,
       qmpSock,
+      files.controlSocket,
+      path.join(input.dataDir, VM_FILE.paused),
       exitFile,
       agentSock,
       files.timesFile,
@@ -458,10 +460,12 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         fail(up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED', `The guest kernel panicked (${what}).`);
       else if (ev.event === 'STOP') {
         // A pause nobody asked for: a KVM internal error ("emulation failure") or someone's QMP
-        // `stop`. The guest would hang forever: end it.
+        // `stop`. The guest would hang forever: end it. A pause asked for (lib/pause.ts: its
+        // marker, and the status 'paused') is left alone.
         watch.execute('query-status').then(
           (st) => {
             const status = (st as { status?: unknown } | undefined)?.status;
+            if (status === 'paused' && fs.existsSync(path.join(input.dataDir, VM_FILE.paused))) return;
             if (status !== 'running' && status !== 'shutdown' && shutdownReason === undefined)
               fail(
                 up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED',
@@ -526,6 +530,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       stdoutPath: input.stdoutPath,
       stderrPath: input.stderrPath,
       agentSocketPath: agentSock,
+      controlSocketPath: files.controlSocket,
       accel,
       tcpForwardState: async (hostPort) => {
         if (!running) return undefined;

@@ -12,6 +12,7 @@ import { DEFAULT_LOG_MAX_BYTES, OUTPUT_STATUS_FILE } from '../../output-status';
 import { guestForwards, relayRules } from '../../network/egress';
 import { planEgress } from '../../network/policy';
 import type { BackendStartInput } from '../types';
+import { VM_FILE } from '../../vm-dir';
 
 /** What a start needs from the host, resolved by the backend. */
 export interface LaunchHost {
@@ -41,6 +42,7 @@ export function launchFiles(dataDir: string) {
   return {
     rootSocket: path.join(dataDir, 'virtiofs.sock'),
     qmpSocket: path.join(dataDir, 'qmp.sock'),
+    controlSocket: path.join(dataDir, VM_FILE.control),
     agentSocket: path.join(dataDir, AGENT_SOCKET),
     exitFile: path.join(dataDir, 'exit-status'),
     timesFile: path.join(dataDir, OUTPUT_TIMES_FILE),
@@ -153,6 +155,9 @@ export function qemuLaunch(input: BackendStartInput, host: LaunchHost): QemuLaun
     '-no-reboot',
     '-qmp',
     `unix:${f.qmpSocket},server=on,wait=off`,
+    // A second monitor for control from any process (lib/pause.ts): the first is the watcher's.
+    '-qmp',
+    `unix:${f.controlSocket},server=on,wait=off`,
     '-kernel',
     host.kernel,
     '-append',
