@@ -101,6 +101,11 @@ export function knownKeys(name: string, value: Record<string, unknown>, allowed:
   }
 }
 
+/** A value of the right type that is not allowed (as Node's own argument checks): `ERR_INVALID_ARG_VALUE`. */
+export function valueError(message: string): TypeError & { code: 'ERR_INVALID_ARG_VALUE' } {
+  return Object.assign(new TypeError(message), { code: 'ERR_INVALID_ARG_VALUE' as const });
+}
+
 /** `KEY=VALUE` environment entries; KEY must be a valid variable name. */
 export function envEntries(name: string, value: unknown): string[] {
   const items = stringArray(name, value);

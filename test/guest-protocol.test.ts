@@ -29,6 +29,7 @@ const EXPECTED: Record<string, string | number> = {
   kConfigMounts: p.CONFIG_KEY.mounts,
   kConfigPorts: p.CONFIG_KEY.ports,
   kConfigHosts: p.CONFIG_KEY.hosts,
+  kConfigUser: p.CONFIG_KEY.user,
   kArgIdle: p.INIT_ARG.idle,
   kArgAgentListen: p.INIT_ARG.agentListen,
   kPortExit: p.PORT.exit,

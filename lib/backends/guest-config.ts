@@ -15,6 +15,7 @@ export function guestConfig(input: BackendPrepareInput): {
   Env: string[];
   WorkingDir: string;
   MicrovmMounts?: { tag: string; target: string; readOnly: boolean }[];
+  MicrovmUser?: string;
 } {
   const cmd = input.initOverride ?? [...input.image.entrypoint, ...input.image.cmd];
   if (cmd.length === 0) {
@@ -32,6 +33,8 @@ export function guestConfig(input: BackendPrepareInput): {
     [CONFIG_KEY.env]: [...env.values()],
     [CONFIG_KEY.workingDir]: input.workdir ?? (input.image.workingDir || '/'),
   };
+  // Read by microvm-guest-init (QEMU backend) for the agent's exec.
+  if (input.image.user) config[CONFIG_KEY.user] = input.image.user;
   // Read by microvm-guest-init (QEMU backend); libkrun's own init ignores it (mount the tags yourself).
   if (input.mounts?.length)
     config[CONFIG_KEY.mounts] = input.mounts.map((m) => ({ tag: m.tag, target: m.guestPath, readOnly: m.readOnly }));

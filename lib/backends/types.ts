@@ -49,6 +49,8 @@ export interface ImageRuntimeConfig {
   cmd: string[];
   env: string[];
   workingDir: string;
+  /** The image's User (`name`, `uid` or `uid:gid`): the agent's exec runs as it unless a call says otherwise. */
+  user?: string;
 }
 
 /** Input of {@link Backend.prepareRootfs} (stage microvm.BackendPrepare). */

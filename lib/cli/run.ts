@@ -106,6 +106,7 @@ export async function cmdRun(c: CommandContext): Promise<number> {
       rm: { type: 'boolean' },
       ssh: { type: 'boolean' },
       detach: { type: 'boolean', short: 'd' },
+      idle: { type: 'boolean' },
       interactive: { type: 'boolean', short: 'i' },
       tty: { type: 'boolean', short: 't' },
       trace: { type: 'boolean' },
@@ -155,6 +156,8 @@ export async function cmdRun(c: CommandContext): Promise<number> {
   // -i/-t: the VM idles and CMD (default /bin/sh) runs through its agent, attached to this terminal.
   const attached = values.interactive === true || values.tty === true;
   if (attached && values.detach) throw new UsageError('-i/-t attach to the VM; -d detaches: use one');
+  if (values.idle && !attached && cmd.length)
+    throw new UsageError('--idle runs no command of its own: drop -- CMD (use microvm exec NAME -- CMD)');
   let pullPolicy: PullPolicy | undefined;
   try {
     pullPolicy = values.pull === undefined ? undefined : parsePullPolicy('--pull', values.pull);
@@ -230,7 +233,8 @@ export async function cmdRun(c: CommandContext): Promise<number> {
     timeouts: values['boot-timeout'] === undefined ? undefined : { boot: num('boot-timeout', values['boot-timeout']) },
     logMaxBytes: values['log-max-bytes'] === undefined ? undefined : num('log-max-bytes', values['log-max-bytes']),
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,
-    initOverride: attached ? [...IDLE_COMMAND] : cmd.length ? cmd : undefined,
+    initOverride: attached ? [...IDLE_COMMAND] : values.idle ? undefined : cmd.length ? cmd : undefined,
+    idle: !attached && values.idle === true ? true : undefined,
     ssh: values.ssh ? {} : undefined,
     egress,
     logLevel: values['log-level'] as RunOptions['logLevel'],

@@ -63,6 +63,9 @@ Options:
                       only deny rules, everything else is allowed
   --dns IP[:PORT]     the resolver DNS questions for allowed names go to
   -d, --detach        return once the VM started (print its name)
+  --idle              run no command: the VM serves exec and cp until stopped (the sandbox pattern:
+                      microvm run -d --idle --name box IMAGE; microvm exec box -- CMD); exec runs
+                      with the image's Env, WorkingDir and User
   -i, -t              interactive: run CMD (default /bin/sh) attached to this terminal (-i: stdin,
                       -t: a tty) through the guest agent, then stop the VM (QEMU backend)
   --trace             print the startup span tree to stderr

@@ -24,6 +24,8 @@ export const CONFIG_KEY = {
   ports: 'MicrovmPorts',
   /** [address, name] pairs the init adds to /etc/hosts (an egress allow-list's names). */
   hosts: 'MicrovmHosts',
+  /** The image's User: the agent's exec runs as it unless a request names a user (QEMU). */
+  user: 'MicrovmUser',
 } as const;
 
 /** The init's arguments. */

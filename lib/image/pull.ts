@@ -378,7 +378,13 @@ async function store(
 /** The runtime config run() needs from an image config file. */
 export function runtimeConfig(config: ImageConfigFile): ImageRuntimeConfig {
   const c = config.config ?? {};
-  return { entrypoint: c.Entrypoint ?? [], cmd: c.Cmd ?? [], env: c.Env ?? [], workingDir: c.WorkingDir ?? '' };
+  return {
+    entrypoint: c.Entrypoint ?? [],
+    cmd: c.Cmd ?? [],
+    env: c.Env ?? [],
+    workingDir: c.WorkingDir ?? '',
+    ...(c.User ? { user: c.User } : {}),
+  };
 }
 
 /** The result of the image stage: an unpacked root tree and its runtime config. */

@@ -14,6 +14,7 @@ import { parsePullPolicy, type PullPolicy } from '../image/pull';
 import type { NetworkProvider } from '../network/start';
 import { parseEgress } from '../network/egress';
 import { planEgress } from '../network/policy';
+import { IDLE_COMMAND } from '../guest/protocol';
 import {
   normalizeLogLevel,
   normalizePortMap,
@@ -47,6 +48,13 @@ export interface RunOptions {
   ports?: readonly { host: number; guest: number }[];
   /** Command replacing the image's Entrypoint+Cmd. */
   initOverride?: readonly string[];
+  /**
+   * Keep the VM up for `exec`/`spawn`/copies only: the guest runs no command of its own (not the
+   * image's Entrypoint/Cmd) and serves its agent until stopped; exec gets the image's Env,
+   * WorkingDir and User (QEMU backend). The sandbox pattern: `run(image, { idle: true })`, then
+   * `vm.exec(...)` as often as needed. Excludes `initOverride` and `agent: false`. Default false.
+   */
+  idle?: boolean;
   /** Extra guest environment: "K=V" list or record. */
   env?: readonly string[] | Record<string, string>;
   /** Guest working directory (the image's, else /). */
@@ -181,6 +189,7 @@ const RUN_OPTION_KEYS: Record<keyof RunOptions, true> = {
   memoryMiB: true,
   ports: true,
   initOverride: true,
+  idle: true,
   env: true,
   workdir: true,
   rootfsPath: true,
@@ -371,14 +380,20 @@ export function normalize(image: string, options: RunOptions) {
     v.knownKeys('agent', ao, ['timeoutMs']);
     if (ao.timeoutMs !== undefined) agent.timeoutMs = v.integer('agent.timeoutMs', ao.timeoutMs, 1, 3_600_000);
   }
+  const idle = o.idle === undefined ? false : v.boolean('idle', o.idle);
+  if (idle && o.initOverride !== undefined)
+    throw v.valueError('idle and initOverride exclude each other: an idle VM runs no command of its own');
+  if (idle && !agent)
+    throw v.valueError('idle needs the guest agent (agent: false was given): an idle VM is reached through it');
   return {
     id,
     name,
     cpus: o.cpus === undefined ? 1 : v.integer('cpus', o.cpus, 1, 255),
     memoryMiB: o.memoryMiB === undefined ? 512 : v.integer('memoryMiB', o.memoryMiB, 32, 4_194_304),
     ports,
-    initOverride:
-      o.initOverride === undefined
+    initOverride: idle
+      ? [...IDLE_COMMAND]
+      : o.initOverride === undefined
         ? undefined
         : v.stringArray('initOverride', o.initOverride, { allowEmptyItems: true }),
     env,

@@ -13,6 +13,7 @@ namespace agent {
 struct Defaults {
   std::vector<std::string> env;
   std::string workdir = "/";
+  std::string user;  // the image's User: exec runs as it unless a request names one ("": root)
 };
 
 // Opens the port and serves until the VM ends. Never returns; exits 1 when the port is missing.

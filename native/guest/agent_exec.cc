@@ -206,6 +206,7 @@ void StartExec(Agent& a, uint32_t id, const JsonValue& req) {
   std::string cwd = Str(req, "cwd");
   if (cwd.empty()) cwd = a.defaults.workdir;
   std::string user = Str(req, "user");
+  if (user.empty()) user = a.defaults.user;
   const JsonValue* tty = req.Get("tty");
   bool use_tty = tty != nullptr && tty->is_object();
   const JsonValue* want_stdin = req.Get("stdin");

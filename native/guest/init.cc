@@ -203,7 +203,7 @@ int main(int argc, char** argv) {
 
   // The agent serves the host's exec and file requests beside the command (when the host gave it
   // a port); it is restarted if it dies, a few times.
-  const microvm::agent::Defaults defaults{config.env, config.workdir};
+  const microvm::agent::Defaults defaults{config.env, config.workdir, config.user};
   const pid_t agent = config.Provides(guest::kPortAgent) ? StartAgent(defaults) : -1;
 
   // Idle: no command of its own; the VM serves the agent until it is stopped (`microvm run -it`).

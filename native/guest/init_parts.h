@@ -32,6 +32,7 @@ struct ShareMount {
 struct GuestConfig {
   std::vector<std::string> cmd, env;
   std::string workdir = "/";
+  std::string user;  // the image's User, for the agent's exec
   std::vector<ShareMount> mounts;
   std::vector<std::string> ports;  // the virtio ports the host provides (beside microvm.exit)
 

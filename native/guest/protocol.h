@@ -14,6 +14,7 @@ constexpr char kConfigWorkingDir[] = "WorkingDir";
 constexpr char kConfigMounts[] = "MicrovmMounts";
 constexpr char kConfigPorts[] = "MicrovmPorts";
 constexpr char kConfigHosts[] = "MicrovmHosts";
+constexpr char kConfigUser[] = "MicrovmUser";
 
 constexpr char kArgIdle[] = "--idle";
 constexpr char kArgAgentListen[] = "--agent-listen=";

@@ -192,6 +192,8 @@ bool ReadConfig(GuestConfig* config) {
           {tag->string_value(), target->string_value(), ro != nullptr && ro->is_bool() && ro->bool_value()});
     }
   }
+  const JsonValue* user = json.Get(guest::kConfigUser);
+  if (user != nullptr && user->is_string()) config->user = user->string_value();
   const JsonValue* wd = json.Get(guest::kConfigWorkingDir);
   if (wd != nullptr && wd->is_string() && !wd->string_value().empty()) config->workdir = wd->string_value();
   if (cmd->empty()) {
