@@ -44,6 +44,7 @@ const COMMON: Record<string, [string | null, string[]]> = {
   'microvm.RootfsHooks': ['microvm.Run', ['microvm.hook_count']],
   'microvm.BackendPrepare': ['microvm.Run', ['microvm.backend']],
   'microvm.NetworkStart': ['microvm.Run', ['microvm.network.provider', 'microvm.network.ports']],
+  'microvm.AdmissionWait': ['microvm.Run', ['microvm.admission.limit', 'microvm.admission.waited_ms']],
   'microvm.VMSpawn': ['microvm.Run', ['microvm.vm.pid']],
   'microvm.backend.Start': ['microvm.VMSpawn', ['microvm.backend', 'microvm.vm.pid']],
   'microvm.backend.ResolveRuntime': ['microvm.backend.Start', ['microvm.runtime.runner_path']],

@@ -24,6 +24,7 @@ import type { BackendHandle } from '../backends/types';
 import { asNoSpace, MicrovmError } from '../errors';
 import { RecordingTracer, writeFlightRecord } from '../telemetry/recorder';
 import { freePort } from '../network/free-port';
+import { admit, type AdmissionSlot } from './admission';
 import { keepAlive } from '../keep-alive';
 import { localRootfs, pull, runtimeConfig, type PulledImage } from '../image/pull';
 import type { NetworkHandle } from '../network/start';
@@ -132,6 +133,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
       throw err;
     }
   };
+  let admitted: AdmissionSlot | undefined;
   try {
     signal?.throwIfAborted();
 
@@ -267,6 +269,13 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
     const logPath = vmFile(vmDir, 'vmm');
     const stdoutPath = vmFile(vmDir, 'stdout');
     const stderrPath = vmFile(vmDir, 'stderr');
+    // At most maxConcurrentBoots VMs boot at once on this data root: a start beyond that waits
+    // here, before its hypervisor starts; the slot is freed once run() settles.
+    admitted = await stage(SPAN.ADMISSION_WAIT, { [ATTR.ADMISSION_LIMIT]: o.maxConcurrentBoots }, async (span) => {
+      const slot = await admit(o.dataRoot, o.maxConcurrentBoots, signal);
+      span.setAttribute(ATTR.ADMISSION_WAITED_MS, Math.round(slot.waitedMs));
+      return slot;
+    });
     const started: BackendHandle = await stage(SPAN.VM_SPAWN, undefined, async (spawnSpan, inner) => {
       const h = await o.backend.start({
         vmId: o.id,
@@ -415,5 +424,7 @@ async function boot(image: string, options: RunOptions): Promise<MicroVM> {
       Object.assign(err, { flightRecord: record });
     }
     throw err;
+  } finally {
+    admitted?.release();
   }
 }

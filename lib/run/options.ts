@@ -15,6 +15,7 @@ import type { NetworkProvider } from '../network/start';
 import { parseEgress } from '../network/egress';
 import { planEgress } from '../network/policy';
 import { IDLE_COMMAND } from '../guest/protocol';
+import { admissionLimit } from './admission';
 import {
   normalizeLogLevel,
   normalizePortMap,
@@ -55,6 +56,12 @@ export interface RunOptions {
    * `vm.exec(...)` as often as needed. Excludes `initOverride` and `agent: false`. Default false.
    */
   idle?: boolean;
+  /**
+   * How many VMs may boot at once on this data root, across processes (lib/run/admission.ts): a
+   * start beyond it waits for a slot before its hypervisor starts (span microvm.AdmissionWait;
+   * `signal` ends the wait). Default $MICROVM_MAX_BOOTS, else the host's cores (at least 2).
+   */
+  maxConcurrentBoots?: number;
   /** Extra guest environment: "K=V" list or record. */
   env?: readonly string[] | Record<string, string>;
   /** Guest working directory (the image's, else /). */
@@ -190,6 +197,7 @@ const RUN_OPTION_KEYS: Record<keyof RunOptions, true> = {
   ports: true,
   initOverride: true,
   idle: true,
+  maxConcurrentBoots: true,
   env: true,
   workdir: true,
   rootfsPath: true,
@@ -385,9 +393,13 @@ export function normalize(image: string, options: RunOptions) {
     throw v.valueError('idle and initOverride exclude each other: an idle VM runs no command of its own');
   if (idle && !agent)
     throw v.valueError('idle needs the guest agent (agent: false was given): an idle VM is reached through it');
+  const maxConcurrentBoots = admissionLimit(
+    o.maxConcurrentBoots === undefined ? undefined : v.integer('maxConcurrentBoots', o.maxConcurrentBoots, 1, 4096),
+  );
   return {
     id,
     name,
+    maxConcurrentBoots,
     cpus: o.cpus === undefined ? 1 : v.integer('cpus', o.cpus, 1, 255),
     memoryMiB: o.memoryMiB === undefined ? 512 : v.integer('memoryMiB', o.memoryMiB, 32, 4_194_304),
     ports,

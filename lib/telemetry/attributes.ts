@@ -22,6 +22,8 @@ export const SPAN = {
   NETWORK_EGRESS: 'microvm.network.Egress',
   /** libkrun as a user other than root, on a copied rootfs: owner overrides (lib/rootfs/override-stat.ts). */
   VIRTIOFS_OVERRIDE_STAT: 'microvm.VirtioFSOverrideStat',
+  /** Waiting for a boot slot (lib/run/admission.ts) before VMSpawn; ~0 when one is free. */
+  ADMISSION_WAIT: 'microvm.AdmissionWait',
   VM_SPAWN: 'microvm.VMSpawn',
   BACKEND_START: 'microvm.backend.Start',
   BACKEND_RESOLVE_RUNTIME: 'microvm.backend.ResolveRuntime',
@@ -55,6 +57,9 @@ export const ATTR = {
   // go-microvm's keys
   IMAGE: 'microvm.image',
   NAME: 'microvm.name',
+  /** On microvm.AdmissionWait: how many VMs may boot at once, and how long this start waited. */
+  ADMISSION_LIMIT: 'microvm.admission.limit',
+  ADMISSION_WAITED_MS: 'microvm.admission.waited_ms',
   CPUS: 'microvm.cpus',
   MEMORY: 'microvm.memory_mib',
   IMAGE_REF: 'microvm.image_ref',

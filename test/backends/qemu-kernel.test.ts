@@ -1,5 +1,5 @@
 /** The PVH ELF wrapper around libkrunfw's raw kernel, read back with readelf (binutils). */
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { buildPvhElf, findPvhEntry, readFirmwareKernel, resolveFirmware, resolveQemuRuntime } from '../../lib';
@@ -64,6 +64,34 @@ describe('PVH kernel', () => {
       s.cleanup();
     }
   });
+
+  test('concurrent first starts: 8 calls here and 3 other processes at once get one whole kernel, nothing left over', async () => {
+    const s = scratch();
+    try {
+      const fw = await resolveFirmware({ dir: firmwareDir(), systemDirs: [], loaderSearch: false });
+      // Other processes racing this one for the same file (through the compiled module).
+      const script = `const { pvhKernelFor } = require(${JSON.stringify(path.join(__dirname, '..', '..', 'dist', 'backends', 'qemu', 'kernel.js'))});
+        pvhKernelFor(JSON.parse(process.argv[1]), process.argv[2]).then((f) => process.stdout.write(f), (e) => { console.error(e); process.exit(1); });`;
+      const others = [0, 1, 2].map(
+        () =>
+          new Promise<string>((resolve, reject) =>
+            execFile(process.execPath, ['-e', script, JSON.stringify(fw), s.dir], (err, stdout, stderr) =>
+              err ? reject(new Error(`${err.message}: ${stderr}`)) : resolve(stdout),
+            ),
+          ),
+      );
+      const here = await Promise.all(Array.from({ length: 8 }, () => pvhKernelFor(fw, s.dir)));
+      const all = [...here, ...(await Promise.all(others))];
+      expect(new Set(all).size).toBe(1);
+      // One kernel, no temporary file or lock left behind, and a whole one (its size and entry).
+      expect(fs.readdirSync(s.dir)).toEqual([path.basename(all[0])]);
+      const elf = fs.readFileSync(all[0]);
+      expect(elf.length).toBeGreaterThan(fw.kernelSize);
+      expect(findPvhEntry(elf)).toBeDefined();
+    } finally {
+      s.cleanup();
+    }
+  }, 120_000);
 });
 
 describe('QEMU runtime resolution', () => {

@@ -401,12 +401,21 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     const aborted = (): boolean => input.signal?.aborted === true;
 
     // Up (1): QEMU created its QMP socket (it parsed its arguments); connect and watch it.
-    const deadline = Date.now() + (options.startTimeoutSeconds ?? 30) * 1000;
+    // Every wait of the start derives from the caller's boot deadline (timeouts.boot), unless the
+    // backend was given its own start deadline: a loaded host is slow, not broken.
+    const startMs =
+      options.startTimeoutSeconds !== undefined ? options.startTimeoutSeconds * 1000 : input.bootTimeoutMs;
+    const deadline = Date.now() + startMs;
+    const late = (): void =>
+      fail(
+        'ERR_MICROVM_BOOT_TIMEOUT',
+        `${what} did not get as far as answering on its control socket within ${startMs} ms (timeouts.boot).`,
+      );
     while (running && !fs.existsSync(qmpSock) && !aborted() && Date.now() < deadline)
       await new Promise((r) => setTimeout(r, 10));
     if (!running || aborted()) return settle();
     if (!fs.existsSync(qmpSock)) {
-      fail('ERR_MICROVM_BOOT_FAILED', `${what} did not start within ${options.startTimeoutSeconds ?? 30} s.`);
+      late();
       return settle();
     }
     if (guard) {
@@ -426,7 +435,10 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
     let lastErr: Error | undefined;
     while (!qmp && running && !aborted() && Date.now() < deadline) {
       try {
-        qmp = await Promise.race([QmpClient.connect(qmpSock, 5000), exited.then(() => undefined)]);
+        qmp = await Promise.race([
+          QmpClient.connect(qmpSock, Math.max(1, deadline - Date.now())),
+          exited.then(() => undefined),
+        ]);
       } catch (err) {
         lastErr = err as Error;
         const cause = (err as { cause?: NodeJS.ErrnoException }).cause;
@@ -439,7 +451,8 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       let grace: NodeJS.Timeout | undefined;
       await Promise.race([exited, new Promise((r) => (grace = setTimeout(r, 1000)))]);
       clearTimeout(grace);
-      if (running)
+      if (running && Date.now() >= deadline) late();
+      else if (running)
         fail(
           'ERR_MICROVM_BOOT_FAILED',
           `${what} started but its QMP socket did not answer: ${lastErr?.message ?? 'timed out'}.`,

@@ -10,6 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { MicrovmError } from '../../errors';
 import { readFirmwareKernel, type FirmwareInfo } from '../../resolve/firmware';
+import { withFileLock } from '../../state';
 
 const XEN_ELFNOTE_PHYS32_ENTRY = 18;
 
@@ -91,6 +92,24 @@ export function buildPvhElf(kernel: Buffer, loadAddress: number, pvhEntry: numbe
  * once (atomically) per libkrunfw path + version + size.
  */
 export async function pvhKernelFor(firmware: FirmwareInfo, cacheDir: string): Promise<string> {
+  const file = pvhKernelFile(firmware, cacheDir);
+  if (fs.existsSync(file)) return file;
+  // Built once however many starts ask at the same time: in this process one promise, across
+  // processes a lock file beside it (whoever waited finds the file made).
+  let building = BUILDING.get(file);
+  if (!building) {
+    building = (async () => {
+      fs.mkdirSync(cacheDir, { recursive: true, mode: 0o755 });
+      return withFileLock(`${file}.lock`, () => (fs.existsSync(file) ? file : buildPvhKernel(firmware, file)), 300_000);
+    })().finally(() => BUILDING.delete(file));
+    BUILDING.set(file, building);
+  }
+  return building;
+}
+
+const BUILDING = new Map<string, Promise<string>>();
+
+function pvhKernelFile(firmware: FirmwareInfo, cacheDir: string): string {
   let st: fs.Stats | undefined;
   try {
     st = fs.statSync(firmware.path);
@@ -101,8 +120,10 @@ export async function pvhKernelFor(firmware: FirmwareInfo, cacheDir: string): Pr
     .update(`${firmware.path}\0${firmware.abiVersion}\0${firmware.kernelSize}\0${st?.size ?? ''}\0${st?.mtimeMs ?? ''}`)
     .digest('hex')
     .slice(0, 16);
-  const file = path.join(cacheDir, `libkrunfw-${firmware.abiVersion}-${key}.elf`);
-  if (fs.existsSync(file)) return file;
+  return path.join(cacheDir, `libkrunfw-${firmware.abiVersion}-${key}.elf`);
+}
+
+async function buildPvhKernel(firmware: FirmwareInfo, file: string): Promise<string> {
   const { kernel, loadAddress } = await readFirmwareKernel(firmware.path);
   const entry = findPvhEntry(kernel);
   if (entry === undefined) {
@@ -111,7 +132,6 @@ export async function pvhKernelFor(firmware: FirmwareInfo, cacheDir: string): Pr
       `The kernel in ${firmware.path} has no Xen PVH entry note; QEMU cannot boot it`,
     );
   }
-  fs.mkdirSync(cacheDir, { recursive: true, mode: 0o755 });
   const tmp = `${file}.${process.pid}.tmp`;
   fs.writeFileSync(tmp, buildPvhElf(kernel, loadAddress, entry), { mode: 0o644 });
   fs.renameSync(tmp, file);

@@ -36,7 +36,10 @@ export interface QemuBackendOptions {
   firmware?: ResolveFirmwareOptions;
   /** Where bootable kernels are cached. Default: `<dataDir>/kernels`. */
   kernelCacheDir?: string;
-  /** Seconds QEMU may take to come up before start() fails. Default 30. */
+  /**
+   * Seconds QEMU may take to come up (its control socket answering) before start() fails with
+   * ERR_MICROVM_BOOT_TIMEOUT. Default: the run's boot deadline (`timeouts.boot`).
+   */
   startTimeoutSeconds?: number;
   /**
    * QEMU dies with this Node process (parent-death signal), even on kill -9. Default true; false
