@@ -34,6 +34,7 @@ const BENCHES: [string, string[], string | undefined][] = [
   ['output.js', ['1'], qemu],
   ['egress.js', ['1'], qemu],
   ['agent.js', ['1'], qemu],
+  ['load.js', ['2', '10'], qemu],
 ];
 
 test('every bench script is covered here', () => {

@@ -1,0 +1,127 @@
+#!/usr/bin/env node
+// A host under load (QEMU backend; TCG when there is no KVM). Prints tables; asserts nothing.
+//   1. N run() at once (idle VMs, the default admission limit), for each N given: how many became
+//      ready, the time each took from the burst to ready (p50/p90/max), an exec round trip
+//      (`true`) on each while all run (p50/p90), and the summed RSS of every VM's processes (QEMU,
+//      virtiofsd, helpers: the VM's process group). N=1 first: the baseline of the same run.
+//   2. Execs in one VM, one after another: the RSS of its processes after each batch, to show
+//      whether host memory grows with the work a guest does.
+//
+// Usage: node bench/load.js [sizes=8,24,40] [execs=500]     (after scripts/setup.sh)
+'use strict';
+const fs = require('node:fs');
+const path = require('node:path');
+
+const { setup, median, p90, pct, main, small } = require('./common');
+
+const sizes = (process.argv[2] || (small ? '2' : '8,24,40')).split(',').map(Number);
+const EXECS = Number(process.argv[3] || (small ? 20 : 500));
+const STEP = Math.max(1, Math.round(EXECS / 5));
+const { m, work, image, done } = setup('load');
+const base = (extra) => ({
+  rootfsPath: image,
+  backend: 'qemu',
+  dataDir: path.join(work, 'data'),
+  idle: true,
+  ...extra,
+});
+const fmt = (ms) => `${ms.toFixed(ms < 10 ? 1 : 0)} ms`;
+const mib = (bytes) => `${(bytes / 2 ** 20).toFixed(0)} MiB`;
+const PAGE = 4096;
+
+/** The RSS in bytes of every process in process group `pgid` (a VM's QEMU and its helpers). */
+function groupRss(pgid) {
+  let total = 0;
+  for (const pid of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (Number(fields[2]) !== pgid) continue; // field 5: pgrp
+      total += Number(fields[21]) * PAGE; // field 24: rss in pages
+    } catch {
+      /* gone meanwhile */
+    }
+  }
+  return total;
+}
+
+async function burst(n) {
+  const t0 = performance.now();
+  const ready = [];
+  const errors = new Map();
+  const vms = [];
+  await Promise.all(
+    Array.from({ length: n }, (_, i) =>
+      m.run('bench', base({ name: `l${n}-${i}` })).then(
+        (vm) => {
+          vms.push(vm);
+          ready.push(performance.now() - t0);
+        },
+        (err) => errors.set(err.code ?? err.message, (errors.get(err.code ?? err.message) ?? 0) + 1),
+      ),
+    ),
+  );
+  const execs = [];
+  try {
+    await Promise.all(
+      vms.map(async (vm) => {
+        for (let k = 0; k < 3; k++) {
+          const e0 = performance.now();
+          const r = await vm.exec(['true']);
+          if (r.exitCode !== 0) throw new Error(`exec in ${vm.name} exited ${r.exitCode}`);
+          execs.push(performance.now() - e0);
+        }
+      }),
+    );
+    const rss = vms.reduce((sum, vm) => sum + groupRss(vm.pid), 0);
+    return { n, ready, errors, execs, rss };
+  } finally {
+    await Promise.all(vms.map((vm) => vm.remove().catch(() => undefined)));
+  }
+}
+
+main(async () => {
+  const rows = [];
+  for (const n of [1, ...sizes]) rows.push(await burst(n));
+  const baseline = median(rows[0].ready, 'the baseline boot');
+  console.log(
+    `## VMs started at once (idle, QEMU, admission limit ${process.env.MICROVM_MAX_BOOTS ?? 'default: the cores'})\n`,
+  );
+  console.log(
+    '| VMs | ready | errors | ready p50 | ready p90 | ready max | p50 vs one VM | exec p50 | exec p90 | RSS, all | RSS per VM |',
+  );
+  console.log('|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|');
+  for (const r of rows) {
+    const errs = [...r.errors].map(([c, k]) => `${c} x${k}`).join(', ') || '-';
+    const ready = r.ready.length ? r.ready : [NaN];
+    const line = r.ready.length
+      ? `${fmt(median(ready, 'ready'))} | ${fmt(p90(ready, 'ready'))} | ${fmt(pct(ready, 1, 'ready'))} | ${(median(ready) / baseline).toFixed(1)}x | ${fmt(median(r.execs, 'exec'))} | ${fmt(p90(r.execs, 'exec'))}`
+      : '- | - | - | - | - | -';
+    console.log(
+      `| ${r.n} | ${r.ready.length}/${r.n} | ${errs} | ${line} | ${mib(r.rss)} | ${mib(r.rss / Math.max(1, r.ready.length))} |`,
+    );
+  }
+  if (rows.some((r) => r.ready.length === 0)) throw new Error('a burst had no VM ready');
+
+  // 2. Host memory against the guest's work.
+  const vm = await m.run('bench', base({ name: 'grow' }));
+  try {
+    console.log(`\n## RSS of one VM's processes (QEMU, virtiofsd) by execs done (memoryMiB ${512})\n`);
+    console.log('| execs | RSS | exec p50 in the batch |');
+    console.log('|---:|---:|---:|');
+    console.log(`| 0 | ${mib(groupRss(vm.pid))} | - |`);
+    for (let done = 0; done < EXECS;) {
+      const batch = [];
+      for (let k = 0; k < STEP && done < EXECS; k++, done++) {
+        const e0 = performance.now();
+        const r = await vm.exec(['sh', '-c', 'echo hi; ls / >/dev/null']);
+        if (r.exitCode !== 0) throw new Error(`exec exited ${r.exitCode}`);
+        batch.push(performance.now() - e0);
+      }
+      console.log(`| ${done} | ${mib(groupRss(vm.pid))} | ${fmt(median(batch, 'exec'))} |`);
+    }
+  } finally {
+    await vm.remove();
+  }
+}, done);
