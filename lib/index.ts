@@ -90,6 +90,7 @@ export type { CopyOutLimits } from './agent/files';
 export type { WaitStrategy } from './wait-for';
 export { defaultCacheDir, defaultDataRoot } from './paths';
 export { MicroVM, describeExit, type MicroVMEvents, type VmStatus } from './vm';
+export type { GuestStats, HostStats, VmStats } from './stats';
 export {
   probeKvm,
   decideAccel,

@@ -18,6 +18,15 @@ import { KeepAlive } from './keep-alive';
 import { type OutputStream, readOutputStatus, type StreamStatus } from './output-status';
 import * as v from './validate';
 import { isPaused, pausedError, pauseVm, resumeVm } from './pause';
+import {
+  dirUsage,
+  GUEST_STATS_COMMAND,
+  GUEST_STATS_MAX_BYTES,
+  type GuestStats,
+  hostStats,
+  parseGuestStats,
+  type VmStats,
+} from './stats';
 
 /** What {@link MicroVM.status} reports. */
 export interface VmStatus {
@@ -181,6 +190,36 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
       signal: this.#result?.signal ?? null,
       error: this.#result?.error,
     };
+  }
+
+  /**
+   * What the VM costs and uses now: CPU time and resident memory of its processes on the host
+   * (the hypervisor and its helpers), the bytes its directory takes, and the guest's own memory,
+   * load and network counters through the agent (`guest` is left out without an agent, while
+   * paused, or when the guest's answer does not parse). ERR_MICROVM_VM_NOT_RUNNING once it ended.
+   */
+  async stats(options: { signal?: AbortSignal } = {}): Promise<VmStats> {
+    if (this.#result)
+      throw new MicrovmError(
+        'ERR_MICROVM_VM_NOT_RUNNING',
+        `${this.name} is not running (${describeExit(this.#result)})`,
+      );
+    const host = hostStats(this.pid);
+    const disk = { usedBytes: dirUsage(this.dataDir), limitBytes: null };
+    let guest: GuestStats | undefined;
+    if (this.#agentSocket && !isPaused(this.dataDir)) {
+      try {
+        const r = await this.#withAgent(
+          (agent) => execBuffered(agent, GUEST_STATS_COMMAND, { maxBuffer: GUEST_STATS_MAX_BYTES, timeoutMs: 5000 }),
+          signalOption(options),
+        );
+        if (r.exitCode === 0) guest = parseGuestStats(r.stdout);
+      } catch (err) {
+        if (options.signal?.aborted) throw err;
+        /* no guest view this time */
+      }
+    }
+    return { host, disk, ...(guest ? { guest } : {}) };
   }
 
   /**

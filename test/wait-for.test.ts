@@ -27,7 +27,13 @@ beforeEach(() => {
   const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
   scope = { tracer: provider.getTracer('t'), ctx: ROOT_CONTEXT };
 });
-afterEach(() => s.cleanup());
+/** Writes a test schedules; cleared before the scratch dir goes (a wait that ended early must not leave one behind). */
+const timers: NodeJS.Timeout[] = [];
+const later = (ms: number, fn: () => void): void => void timers.push(setTimeout(fn, ms));
+afterEach(() => {
+  for (const t of timers.splice(0)) clearTimeout(t);
+  s.cleanup();
+});
 
 function target(ports: Record<number, number> = {}, extra: Partial<WaitTarget> = {}): WaitTarget {
   return {
@@ -72,8 +78,8 @@ describe('waitFor log', () => {
   test('a line written later, in pieces, without its newline yet: matched; earlier lines are not re-read', async () => {
     const file = path.join(s.dir, 'stdout.log');
     fs.writeFileSync(file, 'booting\nstill booting\n');
-    setTimeout(() => fs.appendFileSync(file, 'server re'), 100);
-    setTimeout(() => fs.appendFileSync(file, 'ady on :80'), 200);
+    later(100, () => fs.appendFileSync(file, 'server re'));
+    later(200, () => fs.appendFileSync(file, 'ady on :80'));
     const [w] = normalizeWaitFor({ log: /^server ready/, timeoutMs: 5000 });
     await waitFor(w, target(), scope, never);
     expect(span().attributes).toMatchObject({

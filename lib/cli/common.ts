@@ -171,6 +171,7 @@ const COMMAND_OPTIONS: Record<
   rm: { force: { type: 'boolean', short: 'f' } },
   pause: {},
   unpause: {},
+  stats: { 'no-stream': { type: 'boolean' } },
   exec: {
     interactive: { type: 'boolean', short: 'i' },
     tty: { type: 'boolean', short: 't' },

@@ -16,7 +16,7 @@ import { cmdDoctor, cmdSetup } from './doctor';
 import { cmdCache, cmdImages, cmdPrune, cmdPull } from './images';
 import { cmdRun } from './run';
 import { USAGE } from './usage';
-import { cmdInspect, cmdLogs, cmdPauseOrUnpause, cmdPort, cmdPs, cmdStopOrRm } from './vms';
+import { cmdInspect, cmdLogs, cmdPauseOrUnpause, cmdPort, cmdPs, cmdStats, cmdStopOrRm } from './vms';
 
 /** Every command, by name; each resolves to the exit code. */
 const COMMANDS: Record<string, (c: CommandContext) => Promise<number>> = {
@@ -33,6 +33,7 @@ const COMMANDS: Record<string, (c: CommandContext) => Promise<number>> = {
   rm: cmdStopOrRm,
   pause: cmdPauseOrUnpause,
   unpause: cmdPauseOrUnpause,
+  stats: cmdStats,
   exec: cmdExec,
   cp: cmdCp,
   doctor: cmdDoctor,

@@ -11,6 +11,7 @@ import {
   spansToOtlpJson,
 } from '../telemetry/collector';
 import { chooseBackend, run, type RunOptions } from '../run';
+import type { Backend } from '../backends/types';
 import { defaultDataRoot } from '../paths';
 import { parsePullPolicy, type PullPolicy } from '../image/pull';
 import { IDLE_COMMAND } from '../backends/guest-init';
@@ -55,19 +56,25 @@ function cidrRule(flag: string, spec: string): Record<string, unknown> {
   };
 }
 
-/** For --detach: the VM must not die with this CLI process. */
+/**
+ * For --detach: the VM must not die with this CLI process, so the backend is made here, with the
+ * accelerator when the choice takes one (`accelTaken`: run() must not get it again).
+ */
 async function detachedBackend(
   choice: string,
   accel: AccelChoice | undefined,
   dataRoot: string,
-): Promise<RunOptions['backend']> {
-  const b =
-    choice === 'qemu'
-      ? qemuBackend({ accel })
-      : choice === 'libkrun'
-        ? libkrunBackend()
-        : await chooseBackend({ accel, dataRoot });
-  return b.detached?.() ?? b;
+): Promise<{ backend: Backend; accelTaken: boolean }> {
+  // [make it, whether it took the accelerator]
+  const factories: Record<string, [() => Promise<Backend> | Backend, boolean]> = {
+    qemu: [() => qemuBackend({ accel }), true],
+    libkrun: [() => libkrunBackend(), false],
+    auto: [() => chooseBackend({ accel, dataRoot }), true],
+  };
+  const factory = Object.hasOwn(factories, choice) ? factories[choice] : undefined;
+  if (!factory) throw new UsageError(`--backend takes auto, libkrun or qemu, not ${JSON.stringify(choice)}`);
+  const b = await factory[0]();
+  return { backend: b.detached?.() ?? b, accelTaken: factory[1] };
 }
 
 /** A console stream with CRLF made LF (a CR held back until the next chunk shows what follows). */
@@ -209,6 +216,9 @@ export async function cmdRun(c: CommandContext): Promise<number> {
     if (!/^\d+$/.test(v)) throw new UsageError(`--${name} takes a whole number, not ${JSON.stringify(v)}`);
     return Number(v);
   };
+  const detached = values.detach ? await detachedBackend(values.backend ?? 'auto', accel, dataRoot) : undefined;
+  const backend: RunOptions['backend'] =
+    detached?.backend ?? (attached ? 'qemu' : ((values.backend ?? 'auto') as RunOptions['backend']));
   const opts: RunOptions = {
     name: values.name,
     cpus: num('cpus', values.cpus),
@@ -224,12 +234,10 @@ export async function cmdRun(c: CommandContext): Promise<number> {
       if (!m) throw new UsageError(`-v takes HOST:GUEST[:ro], not ${JSON.stringify(spec)}`);
       return { tag: `vol${i}`, hostPath: path.resolve(m[1]), guestPath: m[2], readOnly: m[3] === 'ro' };
     }),
-    backend: values.detach
-      ? await detachedBackend(values.backend ?? 'auto', accel, dataRoot)
-      : attached
-        ? 'qemu'
-        : ((values.backend ?? 'auto') as RunOptions['backend']),
-    accel: values.detach && (values.backend ?? 'auto') !== 'libkrun' ? undefined : accel,
+    backend,
+    // A detached backend was made with the accelerator already (libkrun takes none: run() gets it
+    // and refuses it with the reason).
+    accel: detached?.accelTaken ? undefined : accel,
     timeouts: values['boot-timeout'] === undefined ? undefined : { boot: num('boot-timeout', values['boot-timeout']) },
     logMaxBytes: values['log-max-bytes'] === undefined ? undefined : num('log-max-bytes', values['log-max-bytes']),
     dataDir: values['data-dir'] ? path.resolve(values['data-dir']) : undefined,

@@ -20,6 +20,7 @@ Commands:
   stop [-t S] NAME...     stop VMs
   rm [-f] NAME...         remove stopped VMs' data (-f: stop running ones first)
   pause NAME...           stop VMs' vCPUs, keeping their state (QEMU backend); unpause NAME... resumes
+  stats [NAME...]         CPU, memory, disk and network of running VMs (--no-stream: once)
   doctor                  check this machine and say how to fix what is missing
   setup                   fetch libkrunfw into the data dir when the system has none (Debian/Ubuntu)
   bench IMAGE [-n N] [--backend B] [-- CMD...]
@@ -139,6 +140,14 @@ Stops each VM's vCPUs; its memory, processes and connections stay as they are un
 \`microvm unpause\`. ps shows it as paused; exec, cp and file requests on it fail with
 ERR_MICROVM_VM_PAUSED; stop still works. QEMU backend (ERR_MICROVM_SNAPSHOT_UNSUPPORTED on libkrun).
 --json: an array of {name, paused[, error]}.`,
+  stats: `microvm stats [NAME...] [--no-stream] [--data-dir DIR] [--json]
+
+What each running VM (all of them when no NAME is given) costs and uses, refreshed every second
+until Ctrl-C (--no-stream, or --json: once, after a second for the CPU rate). Columns: CPU % of
+one core (the VM's processes on the host: hypervisor and helpers), MEM (HOST): their resident
+memory, GUEST MEM: used / total as the guest sees it, DISK: what the VM's directory takes,
+NET RX / TX: the guest's counters, PIDS: its host processes. The guest columns come through its
+agent ('-' without one, or while paused). --json: an array of {name, cpuPercent, host, disk, guest}.`,
   unpause: `microvm unpause NAME... [--data-dir DIR] [--json]
 
 Lets paused VMs run again. --json: an array of {name, paused[, error]}.`,

@@ -1,4 +1,4 @@
-/** The commands about VMs by name: `ps`, `inspect`, `port`, `logs`, `stop`, `rm`, `pause`, `unpause`. */
+/** The commands about VMs by name: `ps`, `inspect`, `port`, `logs`, `stop`, `rm`, `pause`, `unpause`, `stats`. */
 import { VM_FILE, vmDir as vmDirOf, vmFile } from '../vm-dir';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -12,8 +12,29 @@ import {
   readGuestClock,
 } from '../log-times';
 import { isPaused, pauseVm, resumeVm } from '../pause';
+import { execBuffered } from '../agent/exec';
+import {
+  dirUsage,
+  GUEST_STATS_COMMAND,
+  GUEST_STATS_MAX_BYTES,
+  hostStats,
+  parseGuestStats,
+  type VmStats,
+} from '../stats';
+import { connectVmAgent } from './agent-commands';
 import { isRecordedProcess, readState, sweepVms, terminateRecorded } from '../state';
-import { type CommandContext, UsageError, coded, table, vmNames, tailOffset, reportedExit, vmDir } from './common';
+import {
+  type CommandContext,
+  UsageError,
+  coded,
+  table,
+  vmNames,
+  tailOffset,
+  reportedExit,
+  vmDir,
+  untilInterrupted,
+  signalNumber,
+} from './common';
 
 /** `microvm ps [-a] [-q]`. */
 export async function cmdPs(c: CommandContext): Promise<number> {
@@ -244,4 +265,91 @@ export async function cmdPauseOrUnpause(c: CommandContext): Promise<number> {
   }
   if (json) out(results, '');
   return results.some((r) => r.error) ? 1 : 0;
+}
+
+/** One sample of a VM for `microvm stats`. */
+interface StatsSample {
+  name: string;
+  at: number;
+  stats: VmStats;
+}
+
+async function sampleVm(dataDir: string, name: string): Promise<StatsSample | undefined> {
+  const dir = vmDir(dataDir, name);
+  const st = readState(dir);
+  if (!st || !isRecordedProcess(st)) return undefined;
+  const stats: VmStats = { host: hostStats(st.pid), disk: { usedBytes: dirUsage(dir), limitBytes: null } };
+  if (!isPaused(dir)) {
+    const agent = await connectVmAgent(dir, st.agentAcceptsLate === true).catch(() => undefined);
+    if (agent) {
+      try {
+        const r = await execBuffered(agent, GUEST_STATS_COMMAND, { maxBuffer: GUEST_STATS_MAX_BYTES, timeoutMs: 5000 });
+        const guest = r.exitCode === 0 ? parseGuestStats(r.stdout) : undefined;
+        if (guest) stats.guest = guest;
+      } catch {
+        /* no guest view this time */
+      } finally {
+        agent.close();
+      }
+    }
+  }
+  return { name, at: performance.now(), stats };
+}
+
+const bytes = (n: number): string =>
+  n >= 2 ** 30
+    ? `${(n / 2 ** 30).toFixed(2)} GiB`
+    : n >= 2 ** 20
+      ? `${(n / 2 ** 20).toFixed(1)} MiB`
+      : `${(n / 1024).toFixed(0)} KiB`;
+
+/** `microvm stats [NAME...] [--no-stream]`: like `docker stats`, every running VM by default. */
+export async function cmdStats(c: CommandContext): Promise<number> {
+  const { values, positional, dataDir, json, out } = c;
+  const names = (): string[] => (positional.length ? positional : vmNames(dataDir));
+  for (const name of positional)
+    if (!fs.existsSync(vmDir(dataDir, name))) throw coded('ERR_MICROVM_VM_NOT_FOUND', `no VM named ${name}`);
+  const sampleAll = async (): Promise<Map<string, StatsSample>> => {
+    const all = await Promise.all(names().map((n) => sampleVm(dataDir, n)));
+    return new Map(all.filter((x): x is StatsSample => x !== undefined).map((x) => [x.name, x]));
+  };
+  const rows = (before: Map<string, StatsSample>, now: Map<string, StatsSample>) =>
+    [...now.values()].map((s) => {
+      const prev = before.get(s.name);
+      const cpuPercent =
+        prev && s.at > prev.at
+          ? ((s.stats.host.cpuSeconds - prev.stats.host.cpuSeconds) / ((s.at - prev.at) / 1000)) * 100
+          : 0;
+      return { name: s.name, cpuPercent: Math.max(0, Math.round(cpuPercent * 10) / 10), ...s.stats };
+    });
+  const render = (r: ReturnType<typeof rows>): string =>
+    table(
+      ['NAME', 'CPU %', 'MEM (HOST)', 'GUEST MEM', 'DISK', 'NET RX / TX', 'PIDS'],
+      r.map((x) => [
+        x.name,
+        x.cpuPercent.toFixed(1),
+        bytes(x.host.rssBytes),
+        x.guest ? `${bytes(x.guest.memoryUsedBytes)} / ${bytes(x.guest.memoryTotalBytes)}` : '-',
+        bytes(x.disk.usedBytes),
+        x.guest ? `${bytes(x.guest.rxBytes)} / ${bytes(x.guest.txBytes)}` : '-',
+        String(x.host.processes),
+      ]),
+    );
+  let before = await sampleAll();
+  if (values['no-stream'] || json) {
+    await new Promise((r) => setTimeout(r, 1000)); // CPU % is a rate: two samples a second apart
+    const r = rows(before, await sampleAll());
+    out(r, render(r));
+    return 0;
+  }
+  const ended = await untilInterrupted(async (signal) => {
+    while (!signal.aborted) {
+      await new Promise((r) => setTimeout(r, 1000));
+      const now = await sampleAll();
+      const text = render(rows(before, now));
+      process.stdout.write(process.stdout.isTTY ? `\x1b[H\x1b[2J${text}\n` : `${text}\n\n`);
+      before = now;
+    }
+  });
+  return 'interrupted' in ended ? 128 + signalNumber(ended.interrupted) : 0;
 }
