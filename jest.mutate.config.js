@@ -19,6 +19,8 @@ module.exports = {
     '<rootDir>/test/telemetry-contract.test.ts',
     '<rootDir>/test/validate.test.ts',
     '<rootDir>/test/vm.test.ts',
+    '<rootDir>/test/vm-agent.test.ts',
+    '<rootDir>/test/stats.test.ts',
     '<rootDir>/test/wait-for.test.ts',
   ],
 };

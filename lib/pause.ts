@@ -47,6 +47,9 @@ async function control(socket: string, command: 'stop' | 'cont'): Promise<void> 
     });
     try {
       await Promise.race([qmp.execute(command), late]);
+    } catch (err) {
+      if (err instanceof MicrovmError) throw err;
+      throw new MicrovmError('ERR_MICROVM_QMP', `QEMU refused ${command}: ${(err as Error).message}`, { cause: err });
     } finally {
       clearTimeout(timer);
     }

@@ -199,6 +199,7 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
    * paused, or when the guest's answer does not parse). ERR_MICROVM_VM_NOT_RUNNING once it ended.
    */
   async stats(options: { signal?: AbortSignal } = {}): Promise<VmStats> {
+    const signal = signalOption(options);
     if (this.#result)
       throw new MicrovmError(
         'ERR_MICROVM_VM_NOT_RUNNING',
@@ -211,11 +212,11 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
       try {
         const r = await this.#withAgent(
           (agent) => execBuffered(agent, GUEST_STATS_COMMAND, { maxBuffer: GUEST_STATS_MAX_BYTES, timeoutMs: 5000 }),
-          signalOption(options),
+          signal,
         );
         if (r.exitCode === 0) guest = parseGuestStats(r.stdout);
       } catch (err) {
-        if (options.signal?.aborted) throw err;
+        if (signal?.aborted) throw err;
         /* no guest view this time */
       }
     }

@@ -12,60 +12,10 @@ import { AgentClient } from '../../lib/agent/client';
 import { execBuffered } from '../../lib/agent/exec';
 import { copyOut, MAX_LISTING_NAME_BYTES, readFile } from '../../lib/agent/files';
 import { attach, copyBetween } from '../../lib/cli/agent-commands';
-import { FRAME, GUEST_PROTO, HEADER_BYTES, WINDOW } from '../../lib/agent/protocol';
+import { FRAME, GUEST_PROTO, WINDOW } from '../../lib/agent/protocol';
 import { MicroVM } from '../../lib/vm';
 import { scratch } from '../helpers';
-
-interface HostFrame {
-  type: number;
-  stream: number;
-  payload: Buffer;
-}
-
-/** The fake guest's end of one connection. */
-class FakeGuest {
-  frames: HostFrame[] = [];
-  #buf = Buffer.alloc(0);
-  #waiters: Array<() => void> = [];
-  constructor(readonly sock: net.Socket) {
-    sock.on('data', (d: Buffer) => {
-      this.#buf = Buffer.concat([this.#buf, d]);
-      while (this.#buf.length >= HEADER_BYTES) {
-        const len = this.#buf.readUInt32BE(0);
-        if (this.#buf.length < HEADER_BYTES + len) break;
-        this.frames.push({
-          type: this.#buf[4],
-          stream: this.#buf.readUInt32BE(5),
-          payload: this.#buf.subarray(HEADER_BYTES, HEADER_BYTES + len),
-        });
-        this.#buf = this.#buf.subarray(HEADER_BYTES + len);
-      }
-      for (const w of this.#waiters.splice(0)) w();
-    });
-    sock.on('error', () => undefined);
-  }
-  send(type: number, stream: number, payload: Buffer | string = Buffer.alloc(0)): void {
-    const body = typeof payload === 'string' ? Buffer.from(payload) : payload;
-    const head = Buffer.alloc(HEADER_BYTES);
-    head.writeUInt32BE(body.length, 0);
-    head[4] = type;
-    head.writeUInt32BE(stream, 5);
-    this.sock.write(Buffer.concat([head, body]));
-  }
-  /** The next host frame of `type` (waits for it). */
-  async next(type: number): Promise<HostFrame> {
-    for (;;) {
-      const i = this.frames.findIndex((f) => f.type === type);
-      if (i >= 0) return this.frames.splice(i, 1)[0];
-      await new Promise<void>((r) => this.#waiters.push(r));
-    }
-  }
-  granted(stream: number): number {
-    return this.frames
-      .filter((f) => f.type === FRAME.GRANT && f.stream === stream)
-      .reduce((n, f) => n + f.payload.readUInt32BE(0), 0);
-  }
-}
+import { FakeGuest } from './fake-guest';
 
 let s: ReturnType<typeof scratch>;
 let server: net.Server;

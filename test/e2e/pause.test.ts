@@ -28,6 +28,15 @@ async function until(what: string, check: () => boolean, ms = 60000): Promise<vo
   }
 }
 
+/** A VM on the QEMU backend whose command sleeps. */
+const sleeper = () =>
+  run('test-image', {
+    rootfsPath: process.env.MICROVM_TEST_IMAGE,
+    dataDir: path.join(s.dir, 'data'),
+    backend: 'qemu',
+    initOverride: ['/bin/sleep', '600'],
+  });
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** The numbers a counter printed so far (the last line may be cut). */
@@ -85,12 +94,7 @@ afterEach(() => s.cleanup());
   }, 180_000);
 
   test('stop on a paused VM ends it; pause on an ended VM is ERR_MICROVM_VM_NOT_RUNNING', async () => {
-    const vm = await run('test-image', {
-      rootfsPath: process.env.MICROVM_TEST_IMAGE,
-      dataDir: path.join(s.dir, 'data'),
-      backend: 'qemu',
-      initOverride: ['/bin/sleep', '600'],
-    });
+    const vm = await sleeper();
     try {
       await vm.pause();
       const started = Date.now();
@@ -106,12 +110,7 @@ afterEach(() => s.cleanup());
   }, 180_000);
 
   test('a guest stopped by someone else (QMP stop, no pause asked for) is still ended as a failure', async () => {
-    const vm = await run('test-image', {
-      rootfsPath: process.env.MICROVM_TEST_IMAGE,
-      dataDir: path.join(s.dir, 'data'),
-      backend: 'qemu',
-      initOverride: ['/bin/sleep', '600'],
-    });
+    const vm = await sleeper();
     try {
       const qmp = await QmpClient.connect(path.join(vm.dataDir, 'control.sock'));
       await qmp.execute('stop');
