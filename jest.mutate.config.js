@@ -20,6 +20,7 @@ module.exports = {
     '<rootDir>/test/validate.test.ts',
     '<rootDir>/test/vm.test.ts',
     '<rootDir>/test/vm-agent.test.ts',
+    '<rootDir>/test/agent/client.test.ts',
     '<rootDir>/test/stats.test.ts',
     '<rootDir>/test/wait-for.test.ts',
   ],

@@ -46,14 +46,17 @@ export interface VmStats {
   guest?: GuestStats;
 }
 
-/** The processes of process group `pgid` from /proc (the hypervisor leads its VM's group). */
-export function hostStats(pgid: number): HostStats {
+/**
+ * The processes of process group `pgid` from /proc (the hypervisor leads its VM's group).
+ * `procRoot` is for tests.
+ */
+export function hostStats(pgid: number, procRoot = '/proc'): HostStats {
   const out: HostStats = { cpuSeconds: 0, rssBytes: 0, processes: 0 };
-  for (const name of fs.readdirSync('/proc')) {
+  for (const name of fs.readdirSync(procRoot)) {
     if (!/^\d+$/.test(name)) continue;
     let stat: string;
     try {
-      stat = fs.readFileSync(`/proc/${name}/stat`, 'utf8');
+      stat = fs.readFileSync(path.join(procRoot, name, 'stat'), 'utf8');
     } catch {
       continue; // gone meanwhile
     }
@@ -67,12 +70,12 @@ export function hostStats(pgid: number): HostStats {
   return out;
 }
 
-/** Bytes allocated under `dir` (st_blocks, links not followed), counting at most 1,000,000 entries. */
-export function dirUsage(dir: string): number {
+/** Bytes allocated under `dir` (st_blocks, links not followed), counting at most `maxEntries` entries. */
+export function dirUsage(dir: string, maxEntries = MAX_DIR_ENTRIES): number {
   let bytes = 0;
   let seen = 0;
   const stack = [dir];
-  while (stack.length > 0 && seen < MAX_DIR_ENTRIES) {
+  while (stack.length > 0 && seen < maxEntries) {
     const d = stack.pop() as string;
     let entries: fs.Dirent[];
     try {
@@ -81,7 +84,7 @@ export function dirUsage(dir: string): number {
       continue; // unreadable (a guest-owned directory as non-root) or gone
     }
     for (const e of entries) {
-      if (++seen > MAX_DIR_ENTRIES) break;
+      if (++seen > maxEntries) break;
       const p = path.join(d, e.name);
       try {
         bytes += fs.lstatSync(p).blocks * 512;

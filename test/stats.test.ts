@@ -52,10 +52,78 @@ describe('the guest answer', () => {
     const big = NETDEV.replace('  eth0:    5000', `  eth0:    ${'9'.repeat(19)}`);
     expect(parseGuestStats(MEMINFO + LOADAVG + big)?.rxBytes).toBe(0);
     expect(parseGuestStats('')).toBeUndefined();
+    // Anchored, whole fields only: a prefix, a suffix or a longer number does not count.
+    expect(parseGuestStats(MEMINFO.replace('MemTotal', 'XMemTotal') + LOADAVG)).toBeUndefined();
+    expect(parseGuestStats(MEMINFO.replace('450000 kB', '450000 kBx') + LOADAVG)).toBeUndefined();
+    expect(parseGuestStats(MEMINFO + 'x' + LOADAVG)).toBeUndefined();
+    expect(parseGuestStats(MEMINFO + LOADAVG.replace('\n', ' x\n'))).toBeUndefined();
+    expect(parseGuestStats(MEMINFO + '1234567.00 0.10 0.03 1/45 123\n')).toBeUndefined();
+    expect(parseGuestStats(MEMINFO + '0.25 1234567.00 0.03 1/45 123\n')).toBeUndefined();
+    expect(parseGuestStats(MEMINFO + '0.25 0.10 1234567.00 1/45 123\n')).toBeUndefined();
+    expect(parseGuestStats(MEMINFO + '123456.25 12.10 0.03 1/45 123\n')?.load1).toBe(123456.25);
+    // All memory available (an idle guest rounding): used 0, not refused.
+    expect(parseGuestStats(MEMINFO.replace('450000', '492000') + LOADAVG)?.memoryUsedBytes).toBe(0);
+    // A net/dev line needs all 16 counters, whole; a prefix before the name or a cut line is skipped.
+    const short = NETDEV.replace(
+      '  eth0:    5000      20    0    0    0     0          0         0     7000      30    0    0    0     0       0          0',
+      '  eth0:    5000      20    0    0    0     0          0         0     7000      30    0    0    0     0       0',
+    );
+    expect(parseGuestStats(MEMINFO + LOADAVG + short)).toMatchObject({ rxBytes: 0, txBytes: 0 });
+    expect(parseGuestStats(MEMINFO + LOADAVG + NETDEV.replace('  eth0:', 'x eth0:'))).toMatchObject({ rxBytes: 0 });
+    expect(parseGuestStats(MEMINFO + LOADAVG + NETDEV.replace(/(eth0:.*)\n/, '$1x\n'))).toMatchObject({
+      rxBytes: 0,
+    });
+    expect(parseGuestStats(MEMINFO + LOADAVG + NETDEV.replace('eth0:    5000', 'eth0:    5a00'))).toMatchObject({
+      rxBytes: 0,
+    });
+    // Two interfaces add up.
+    const two =
+      NETDEV +
+      '  eth1:      10       1    0    0    0     0          0         0       20       2    0    0    0     0       0          0\n';
+    expect(parseGuestStats(MEMINFO + LOADAVG + two)).toMatchObject({ rxBytes: 5010, txBytes: 7020 });
   });
 });
 
+/** A /proc entry's stat line: pid (comm) state ppid pgrp ... utime(14) stime(15) ... rss(24). */
+function statLine(pid: number, comm: string, pgrp: number, utime: number, stime: number, rssPages: number): string {
+  const f = Array.from({ length: 50 }, () => '0');
+  f[0] = 'S';
+  f[1] = '1';
+  f[2] = String(pgrp);
+  f[11] = String(utime);
+  f[12] = String(stime);
+  f[21] = String(rssPages);
+  return `${pid} (${comm}) ${f.join(' ')}\n`;
+}
+
 describe('the host side', () => {
+  test('a fake /proc: only numeric entries of the group count; a comm with spaces and parentheses is read right', () => {
+    const proc = path.join(s.dir, 'proc');
+    const entry = (name: string, text: string): void => {
+      fs.mkdirSync(path.join(proc, name), { recursive: true });
+      fs.writeFileSync(path.join(proc, name, 'stat'), text);
+    };
+    entry('100', statLine(100, 'qemu-system-x86', 100, 250, 50, 1000));
+    entry('101', statLine(101, 'virtiofsd ) (x', 100, 100, 0, 24));
+    entry('102', statLine(102, 'other', 7, 9999, 9999, 9999)); // another group
+    entry('self', statLine(100, 'qemu-system-x86', 100, 1, 1, 1)); // not a pid
+    entry('1000x', statLine(100, 'qemu-system-x86', 100, 1, 1, 1));
+    fs.mkdirSync(path.join(proc, '103')); // gone meanwhile: no stat
+    expect(hostStats(100, proc)).toEqual({ cpuSeconds: 4, rssBytes: 1024 * 4096, processes: 2 });
+    expect(hostStats(5, proc)).toEqual({ cpuSeconds: 0, rssBytes: 0, processes: 0 });
+  });
+
+  test('a directory: at most maxEntries entries are counted', () => {
+    const d = path.join(s.dir, 'many');
+    fs.mkdirSync(d);
+    for (const n of ['a', 'b', 'c']) fs.writeFileSync(path.join(d, n), Buffer.alloc(64 * 1024, 1));
+    const all = dirUsage(d);
+    expect(all).toBeGreaterThanOrEqual(3 * 64 * 1024);
+    expect(dirUsage(d, 3)).toBe(all);
+    expect(dirUsage(d, 2)).toBe((all / 3) * 2);
+    expect(dirUsage(path.join(s.dir, 'missing'))).toBe(0);
+  });
+
   test("a process group's processes, CPU and memory; a directory's allocated bytes", async () => {
     const child = spawn('/bin/sh', ['-c', 'sleep 30 & sleep 30 & wait'], { detached: true, stdio: 'ignore' });
     try {

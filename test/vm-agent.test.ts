@@ -122,7 +122,19 @@ describe('exec and spawn', () => {
     guest().send(FRAME.EXIT, f.stream, '{"code":0}');
     expect(await proc.exited).toMatchObject({ exitCode: 0 });
     expect(out).toBe('streamed');
-    await expect(vm.spawn(['cat'], { stdin: 'yes' as never })).rejects.toMatchObject({ code: 'ERR_INVALID_ARG_TYPE' });
+    await expect(vm.spawn(['cat'], { stdin: 'yes' as never })).rejects.toMatchObject({
+      code: 'ERR_INVALID_ARG_TYPE',
+      message: expect.stringContaining('options.stdin'),
+    });
+    // With stdin: the request asks for it, and the exit code lands on the span.
+    const withStdin = await vm.spawn(['cat'], { stdin: true });
+    const f2 = await guest().next(FRAME.EXEC);
+    expect(JSON.parse(f2.payload.toString())).toMatchObject({ argv: ['cat'], stdin: true });
+    guest().send(FRAME.EXIT, f2.stream, '{"code":5}');
+    expect(await withStdin.exited).toMatchObject({ exitCode: 5 });
+    await new Promise((r) => setImmediate(r));
+    const codes = exporter.getFinishedSpans().map((x) => x.attributes['process.exit.code']);
+    expect(codes).toEqual([0, 5]);
   });
 
   test('without an agent: ERR_MICROVM_AGENT_UNAVAILABLE; over SSH only a string, and the agent-only options are named', async () => {
@@ -160,6 +172,24 @@ describe('exec and spawn', () => {
 });
 
 describe('files', () => {
+  test('readFile and writeFile go through the agent as get and put', async () => {
+    const { vm, guest } = await vmWith();
+    const reading = vm.readFile('/etc/hostname', { maxBytes: 100 });
+    const get = await guest().next(FRAME.OP);
+    expect(JSON.parse(get.payload.toString())).toMatchObject({ op: 'get', path: '/etc/hostname' });
+    guest().send(FRAME.STDOUT, get.stream, 'box\n');
+    guest().send(FRAME.EXIT, get.stream, '{"code":0}');
+    await expect(reading).resolves.toEqual(Buffer.from('box\n'));
+    const writing = vm.writeFile('/etc/motd', 'hello', { mode: 0o600 });
+    const put = await guest().next(FRAME.OP);
+    expect(JSON.parse(put.payload.toString())).toMatchObject({ op: 'put', path: '/etc/motd', mode: 0o600 });
+    const data = await guest().next(FRAME.DATA);
+    expect(data.payload.toString()).toBe('hello');
+    await guest().next(FRAME.EOF);
+    guest().send(FRAME.EXIT, put.stream, '{"code":0}');
+    await expect(writing).resolves.toBeUndefined();
+  });
+
   test('paths must be absolute; bad sizes and modes are refused before anything is sent', async () => {
     const { vm, guest } = await vmWith();
     await expect(vm.readFile('etc/hostname')).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
@@ -168,6 +198,22 @@ describe('files', () => {
     await expect(vm.copyIn('rel', '/x')).rejects.toMatchObject({ code: COPY_CODE });
     await expect(vm.copyOut('/x', 'rel')).rejects.toMatchObject({ code: COPY_CODE });
     expect(guest().frames.filter((f) => f.type === FRAME.OP)).toEqual([]);
+  });
+});
+
+describe('the handle', () => {
+  test('port() names what is forwarded; unref() and ref() reach the backend handle', async () => {
+    const calls: string[] = [];
+    const { vm } = await vmWith({ ref: () => calls.push('ref'), unref: () => calls.push('unref') });
+    expect(() => vm.port(80)).toThrow(
+      expect.objectContaining({
+        code: 'ERR_MICROVM_PORT_NOT_FORWARDED',
+        message: 'box forwards no host port to guest port 80 (forwarded: none)',
+      }),
+    );
+    expect(vm.unref()).toBe(vm);
+    expect(vm.ref()).toBe(vm);
+    expect(calls).toEqual(['unref', 'ref']);
   });
 });
 
@@ -227,20 +273,64 @@ describe('paused', () => {
     await new Promise<void>((r) => server.listen(control, r));
     closers.push(() => new Promise((r) => server.close(() => r())));
     const { vm } = await vmWith({ controlSocketPath: control });
+    await vm.resume(); // not paused: cont is harmless, and there is no marker to remove
+    commands.splice(0);
+    const before = Date.now();
     await vm.pause();
-    expect(fs.existsSync(path.join(s.dir, 'paused'))).toBe(true);
+    const marker = path.join(s.dir, 'paused');
+    expect(fs.statSync(marker).mode & 0o777).toBe(0o600);
+    const when = Date.parse(fs.readFileSync(marker, 'utf8').trim());
+    expect(when).toBeGreaterThanOrEqual(before - 1000);
+    expect(fs.readFileSync(marker, 'utf8')).toMatch(/^\d{4}-\d\d-\d\dT[\d:.]+Z\n$/);
     expect(vm.status().state).toBe('paused');
     await vm.pause(); // already paused: nothing sent
     await vm.resume();
     expect(fs.existsSync(path.join(s.dir, 'paused'))).toBe(false);
     expect(commands).toEqual(['qmp_capabilities', 'stop', 'qmp_capabilities', 'cont']);
     refuse = true;
-    await expect(vm.pause()).rejects.toMatchObject({ code: 'ERR_MICROVM_QMP' });
+    await expect(vm.pause()).rejects.toMatchObject({
+      code: 'ERR_MICROVM_QMP',
+      message: 'QEMU refused stop: GenericError: no',
+    });
     expect(fs.existsSync(path.join(s.dir, 'paused'))).toBe(false);
     const spans = exporter.getFinishedSpans().filter((x) => x.name === 'microvm.Pause' || x.name === 'microvm.Resume');
-    expect(spans.map((x) => x.name)).toEqual(['microvm.Pause', 'microvm.Pause', 'microvm.Resume', 'microvm.Pause']);
+    expect(spans.map((x) => x.name)).toEqual([
+      'microvm.Resume',
+      'microvm.Pause',
+      'microvm.Pause',
+      'microvm.Resume',
+      'microvm.Pause',
+    ]);
     expect(spans[0].attributes).toEqual({ 'microvm.name': 'box', 'microvm.backend': 'fake' });
   });
+
+  test('a control socket that never answers: ERR_MICROVM_QMP within its deadline, no marker left', async () => {
+    const control = path.join(s.dir, 'silent.sock');
+    // A FAKE QMP monitor (TEST DOUBLE) that greets and negotiates, then never answers a command.
+    const server = net.createServer((sock) => {
+      sock.write('{"QMP": {"version": {}, "capabilities": []}}\n');
+      let first = true;
+      sock.on('data', () => {
+        if (first) sock.write('{"return": {}}\n');
+        first = false;
+      });
+      sock.on('error', () => undefined);
+    });
+    await new Promise<void>((r) => server.listen(control, r));
+    closers.push(
+      () =>
+        new Promise((r) => {
+          server.close(() => r());
+          server.unref();
+        }),
+    );
+    const { vm } = await vmWith({ controlSocketPath: control });
+    await expect(vm.pause()).rejects.toMatchObject({
+      code: 'ERR_MICROVM_QMP',
+      message: 'QEMU did not answer stop within 5000 ms',
+    });
+    expect(fs.existsSync(path.join(s.dir, 'paused'))).toBe(false);
+  }, 20_000);
 
   test('after the end: pause, resume and stats are ERR_MICROVM_VM_NOT_RUNNING, saying how it ended', async () => {
     const { vm, end } = await vmWith({ controlSocketPath: path.join(s.dir, 'none.sock') });
