@@ -6,6 +6,8 @@
 //      virtiofsd, helpers: the VM's process group). N=1 first: the baseline of the same run.
 //   2. Execs in one VM, one after another: the RSS of its processes after each batch, to show
 //      whether host memory grows with the work a guest does.
+//   3. vCPUs under TCG: four CPU-bound execs at once in a VM with cpus 1 and with cpus 2 (each
+//      QEMU vCPU is a host thread), wall time of the four, alternating, medians.
 //
 // Usage: node bench/load.js [sizes=8,24,40] [execs=500]     (after scripts/setup.sh)
 'use strict';
@@ -103,6 +105,38 @@ main(async () => {
     );
   }
   if (rows.some((r) => r.ready.length === 0)) throw new Error('a burst had no VM ready');
+
+  // 3. vCPUs: the same parallel work with one and with two.
+  const LOOP = ['sh', '-c', `i=0; while [ $i -lt ${small ? 2000 : 20000} ]; do i=$((i+1)); done`];
+  const walls = { 1: [], 2: [] };
+  const cpuVms = {
+    1: await m.run('bench', base({ name: 'cpu1', cpus: 1 })),
+    2: await m.run('bench', base({ name: 'cpu2', cpus: 2 })),
+  };
+  try {
+    const guestCpus = {
+      1: (await cpuVms[1].exec(['nproc'])).stdout.trim(),
+      2: (await cpuVms[2].exec(['nproc'])).stdout.trim(),
+    };
+    for (let round = 0; round < (small ? 1 : 5); round++)
+      for (const n of round % 2 ? [2, 1] : [1, 2]) {
+        const t0 = performance.now();
+        const rs = await Promise.all([0, 1, 2, 3].map(() => cpuVms[n].exec(LOOP)));
+        if (rs.some((r) => r.exitCode !== 0)) throw new Error(`a loop in the cpus ${n} VM failed`);
+        walls[n].push(performance.now() - t0);
+      }
+    console.log('\n## Four CPU-bound execs at once in one VM, by vCPUs (TCG: one host thread per vCPU)\n');
+    console.log('| cpus | guest nproc | wall p50 | vs cpus 1 |');
+    console.log('|---:|---:|---:|---:|');
+    const one = median(walls[1], 'cpus 1');
+    for (const n of [1, 2])
+      console.log(
+        `| ${n} | ${guestCpus[n]} | ${fmt(median(walls[n], `cpus ${n}`))} | ${(median(walls[n]) / one).toFixed(2)}x |`,
+      );
+  } finally {
+    await cpuVms[1].remove();
+    await cpuVms[2].remove();
+  }
 
   // 2. Host memory against the guest's work.
   const vm = await m.run('bench', base({ name: 'grow' }));
