@@ -11,7 +11,6 @@
 //
 // Usage: node bench/load.js [sizes=8,24,40] [execs=500]     (after scripts/setup.sh)
 'use strict';
-const fs = require('node:fs');
 const path = require('node:path');
 
 const { setup, median, p90, pct, main, small } = require('./common');
@@ -19,7 +18,7 @@ const { setup, median, p90, pct, main, small } = require('./common');
 const sizes = (process.argv[2] || (small ? '2' : '8,24,40')).split(',').map(Number);
 const EXECS = Number(process.argv[3] || (small ? 20 : 500));
 const STEP = Math.max(1, Math.round(EXECS / 5));
-const { m, work, image, done } = setup('load');
+const { m, root, work, image, done } = setup('load');
 const base = (extra) => ({
   rootfsPath: image,
   backend: 'qemu',
@@ -29,24 +28,10 @@ const base = (extra) => ({
 });
 const fmt = (ms) => `${ms.toFixed(ms < 10 ? 1 : 0)} ms`;
 const mib = (bytes) => `${(bytes / 2 ** 20).toFixed(0)} MiB`;
-const PAGE = 4096;
 
-/** The RSS in bytes of every process in process group `pgid` (a VM's QEMU and its helpers). */
-function groupRss(pgid) {
-  let total = 0;
-  for (const pid of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(pid)) continue;
-    try {
-      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      if (Number(fields[2]) !== pgid) continue; // field 5: pgrp
-      total += Number(fields[21]) * PAGE; // field 24: rss in pages
-    } catch {
-      /* gone meanwhile */
-    }
-  }
-  return total;
-}
+// The RSS of every process in a VM's process group (QEMU and its helpers): what vm.stats() reports.
+const { hostStats } = require(path.join(root, 'dist', 'stats.js'));
+const groupRss = (pgid) => hostStats(pgid).rssBytes;
 
 async function burst(n) {
   const t0 = performance.now();

@@ -7,6 +7,8 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import type { AgentClient } from './agent/client';
+import { execBuffered } from './agent/exec';
 
 /** x86-64 Linux: /proc counts CPU time in USER_HZ (100 per second) and memory in 4 KiB pages. */
 const USER_HZ = 100;
@@ -139,4 +141,15 @@ export function parseGuestStats(text: string): GuestStats | undefined {
     rxBytes: rx,
     txBytes: tx,
   };
+}
+
+/** The host side of a VM's stats: its process group `pgid` and its directory `dir`. */
+export function hostSide(pgid: number, dir: string): Pick<VmStats, 'host' | 'disk'> {
+  return { host: hostStats(pgid), disk: { usedBytes: dirUsage(dir), limitBytes: null } };
+}
+
+/** Asks the guest through its agent; undefined when the command fails or its answer does not parse. */
+export async function askGuest(agent: AgentClient): Promise<GuestStats | undefined> {
+  const r = await execBuffered(agent, GUEST_STATS_COMMAND, { maxBuffer: GUEST_STATS_MAX_BYTES, timeoutMs: 5000 });
+  return r.exitCode === 0 ? parseGuestStats(r.stdout) : undefined;
 }

@@ -18,15 +18,7 @@ import { KeepAlive } from './keep-alive';
 import { type OutputStream, readOutputStatus, type StreamStatus } from './output-status';
 import * as v from './validate';
 import { isPaused, pausedError, pauseVm, resumeVm } from './pause';
-import {
-  dirUsage,
-  GUEST_STATS_COMMAND,
-  GUEST_STATS_MAX_BYTES,
-  type GuestStats,
-  hostStats,
-  parseGuestStats,
-  type VmStats,
-} from './stats';
+import { askGuest, type GuestStats, hostSide, type VmStats } from './stats';
 
 /** What {@link MicroVM.status} reports. */
 export interface VmStatus {
@@ -205,22 +197,17 @@ export class MicroVM extends EventEmitter<MicroVMEvents> implements AsyncDisposa
         'ERR_MICROVM_VM_NOT_RUNNING',
         `${this.name} is not running (${describeExit(this.#result)})`,
       );
-    const host = hostStats(this.pid);
-    const disk = { usedBytes: dirUsage(this.dataDir), limitBytes: null };
+    const side = hostSide(this.pid, this.dataDir);
     let guest: GuestStats | undefined;
     if (this.#agentSocket && !isPaused(this.dataDir)) {
       try {
-        const r = await this.#withAgent(
-          (agent) => execBuffered(agent, GUEST_STATS_COMMAND, { maxBuffer: GUEST_STATS_MAX_BYTES, timeoutMs: 5000 }),
-          signal,
-        );
-        if (r.exitCode === 0) guest = parseGuestStats(r.stdout);
+        guest = await this.#withAgent(askGuest, signal);
       } catch (err) {
         if (signal?.aborted) throw err;
         /* no guest view this time */
       }
     }
-    return { host, disk, ...(guest ? { guest } : {}) };
+    return { ...side, ...(guest ? { guest } : {}) };
   }
 
   /**

@@ -12,15 +12,7 @@ import {
   readGuestClock,
 } from '../log-times';
 import { isPaused, pauseVm, resumeVm } from '../pause';
-import { execBuffered } from '../agent/exec';
-import {
-  dirUsage,
-  GUEST_STATS_COMMAND,
-  GUEST_STATS_MAX_BYTES,
-  hostStats,
-  parseGuestStats,
-  type VmStats,
-} from '../stats';
+import { askGuest, hostSide, type VmStats } from '../stats';
 import { connectVmAgent } from './agent-commands';
 import { isRecordedProcess, readState, sweepVms, terminateRecorded } from '../state';
 import {
@@ -278,13 +270,12 @@ async function sampleVm(dataDir: string, name: string): Promise<StatsSample | un
   const dir = vmDir(dataDir, name);
   const st = readState(dir);
   if (!st || !isRecordedProcess(st)) return undefined;
-  const stats: VmStats = { host: hostStats(st.pid), disk: { usedBytes: dirUsage(dir), limitBytes: null } };
+  const stats: VmStats = hostSide(st.pid, dir);
   if (!isPaused(dir)) {
     const agent = await connectVmAgent(dir, st.agentAcceptsLate === true).catch(() => undefined);
     if (agent) {
       try {
-        const r = await execBuffered(agent, GUEST_STATS_COMMAND, { maxBuffer: GUEST_STATS_MAX_BYTES, timeoutMs: 5000 });
-        const guest = r.exitCode === 0 ? parseGuestStats(r.stdout) : undefined;
+        const guest = await askGuest(agent);
         if (guest) stats.guest = guest;
       } catch {
         /* no guest view this time */

@@ -25,7 +25,7 @@
  */
 import { netGuardPath, relayScript } from './shipped';
 import { probeCheck } from '../../preflight/checks';
-import { dataRootOf, VM_FILE } from '../../vm-dir';
+import { dataRootOf, vmFile } from '../../vm-dir';
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -240,7 +240,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
       files.rootSocket,
       qmpSock,
       files.controlSocket,
-      path.join(input.dataDir, VM_FILE.paused),
+      vmFile(input.dataDir, 'paused'),
       exitFile,
       agentSock,
       files.timesFile,
@@ -478,7 +478,7 @@ export function qemuBackend(options: QemuBackendOptions = {}): Backend {
         watch.execute('query-status').then(
           (st) => {
             const status = (st as { status?: unknown } | undefined)?.status;
-            if (status === 'paused' && fs.existsSync(path.join(input.dataDir, VM_FILE.paused))) return;
+            if (status === 'paused' && fs.existsSync(vmFile(input.dataDir, 'paused'))) return;
             if (status !== 'running' && status !== 'shutdown' && shutdownReason === undefined)
               fail(
                 up ? 'ERR_MICROVM_HYPERVISOR_FAILED' : 'ERR_MICROVM_BOOT_FAILED',
